@@ -1,0 +1,199 @@
+"""The ``pgsim`` command: argument parsing, progress bars and tables over the library."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from pgsim.errors import PgsimError
+
+SETUP_HINT = "Without --dsn or PGSIM_DSN, pgsim uses its embedded PostgreSQL under --data-dir (or PGSIM_HOME)."
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], max_width: int = 60) -> str:
+    """Rows as an aligned plain-text table; long cells are cut with an ellipsis."""
+
+    def cell(value: Any) -> str:
+        text = "" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+        text = " ".join(text.split())
+        return text if len(text) <= max_width else text[: max_width - 1] + "…"
+
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = "  ".join("-" * w for w in widths)
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), line]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    return "\n".join(out)
+
+
+def _connect(args: argparse.Namespace) -> Any:
+    from pgsim.database import connect
+
+    return connect(args.dsn, data_dir=args.data_dir)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pgsim.demo import TABLE, run_demo
+    from pgsim.encode import Encoder
+
+    started = time.perf_counter()
+    conn = _connect(args)
+    encoder = Encoder(args.model, warn_truncation=False)
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, unit="text", desc="encoding", file=sys.stderr)
+        bar.update(done - bar.n)
+
+    with conn:
+        report = run_demo(conn, encoder, progress=progress)
+    if bar is not None:
+        bar.close()
+    print(f"table {TABLE}: {report.loaded} rows loaded now; {report.encoded} embedded now", end="")
+    if report.encoded:
+        rate = report.encoded / report.encode_seconds if report.encode_seconds else 0.0
+        print(f" in {report.encode_seconds:.1f}s ({rate:.0f} texts/s, {report.truncated} truncated to "
+              f"{encoder.max_tokens} tokens)", end="")
+    print(f"; HNSW index {'built in %.1fs' % report.index_seconds if report.index_built else 'already there'}")
+    for result in report.results:
+        print(f"\nquery: {result.query.text!r}   filter: {result.query.filter_label}   "
+              f"{len(result.hits)} rows in {result.seconds * 1000:.1f} ms")
+        rows = [[hit.row["package"], hit.row["section"], hit.row["installed_size"], 1 - hit.distance, hit.row["synopsis"]]
+                for hit in result.hits]
+        print(format_table(["package", "section", "size KiB", "similarity", "synopsis"], rows))
+    print(f"\ndone in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from pgsim.install import install
+
+    with _connect(args) as conn:
+        report = install(conn)
+    if report.applied:
+        print(f"applied {', '.join(report.applied)}")
+    print(f"pgsim schema up to date ({len(report.applied) + len(report.already_applied)} SQL files applied in all)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pgsim.install import applied_files, package_version
+
+    if not (args.dsn or os.environ.get("PGSIM_DSN")):
+        from pgsim.server import EmbeddedServer
+
+        server = EmbeddedServer(args.data_dir)
+        running = server.running()
+        print(f"embedded server: {server.data_dir} - " + (f"running (pid {running.pid})" if running else "not running"))
+    with _connect(args) as conn:
+        info = conn.execute(
+            "SELECT current_database(), current_user, current_setting('server_version'), "
+            "(SELECT extversion FROM pg_extension WHERE extname = 'vector')"
+        ).fetchone()
+        assert info is not None
+        print(f"database: {info[0]} as {info[1]}, PostgreSQL {info[2]}, pgvector {info[3] or 'not installed'}")
+        files = applied_files(conn)
+        if files:
+            print(f"pgsim schema: {len(files)} SQL files applied, last by pgsim {files[-1][1]}; package {package_version()}")
+        else:
+            print("pgsim schema: not installed (run: pgsim install)")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from pgsim.search import search
+
+    where: dict[str, Any] = {}
+    for item in args.filter:
+        column, sep, value = item.partition("=")
+        if not sep:
+            raise PgsimError(f"--filter takes COLUMN=VALUE; got {item!r}.")
+        where.setdefault(column, []).append(value)
+    where = {column: values[0] if len(values) == 1 else values for column, values in where.items()}
+    with _connect(args) as conn:
+        started = time.perf_counter()
+        hits = search(conn, args.table, args.column, args.query, k=args.k, where=where, model=args.model)
+        seconds = time.perf_counter() - started
+    if not hits:
+        print("no rows match")
+        return 0
+    headers = [name for name in hits[0].row]
+    print(format_table(headers + ["distance"], [list(hit.row.values()) + [hit.distance] for hit in hits]))
+    print(f"{len(hits)} rows in {seconds * 1000:.1f} ms (including encoding the query)")
+    return 0
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    from pgsim.server import EmbeddedServer
+
+    server = EmbeddedServer(args.data_dir)
+    if args.action == "start":
+        running = server.start()
+        print(f"running (pid {running.pid}); connect with: {running.dsn()}")
+    elif args.action == "stop":
+        print("stopped" if server.stop() else "was not running")
+    else:
+        running = server.running()
+        print(f"running (pid {running.pid}): {running.dsn()}" if running else f"not running ({server.data_dir})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pgsim.encode import DEFAULT_MODEL
+
+    parser = argparse.ArgumentParser(prog="pgsim", description="Similarity search in PostgreSQL.", epilog=SETUP_HINT)
+    parser.add_argument("--dsn", help="PostgreSQL connection string (default: $PGSIM_DSN, else the embedded server)")
+    parser.add_argument("--data-dir", help="the embedded server's directory (default: $PGSIM_HOME or the user data dir)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what pgsim does")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="load Debian package descriptions, embed them, and run filtered searches")
+    demo.add_argument("--model", default=DEFAULT_MODEL)
+    demo.set_defaults(run=cmd_demo)
+
+    commands.add_parser("install", help="create or upgrade the pgsim schema").set_defaults(run=cmd_install)
+    commands.add_parser("status", help="server, pgvector and schema versions").set_defaults(run=cmd_status)
+
+    search = commands.add_parser("search", help="the k rows nearest to a text, with equality filters")
+    search.add_argument("query", help="text to search for")
+    search.add_argument("--table", default="pgsim_demo.packages")
+    search.add_argument("--column", default="embedding", help="the vector column")
+    search.add_argument("-k", type=int, default=10)
+    search.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE",
+                        help="keep rows where COLUMN = VALUE; repeat a column for IN")
+    search.add_argument("--model", default=DEFAULT_MODEL)
+    search.set_defaults(run=cmd_search)
+
+    server = commands.add_parser("server", help="start, stop or look at the embedded PostgreSQL")
+    server.add_argument("action", choices=["start", "stop", "status"])
+    server.set_defaults(run=cmd_server)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the model loads from disk; its bar is noise
+    try:
+        return int(args.run(args))
+    except PgsimError as exc:
+        print(f"pgsim: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("pgsim: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

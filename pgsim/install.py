@@ -1,0 +1,129 @@
+"""Install and upgrade pgsim's schema: apply the numbered SQL files once each, recorded in a ledger.
+
+Everything happens in one transaction under a transaction-scoped advisory lock, so two installers that
+start together run one after the other and the second finds nothing left to do. A file already applied
+whose text has changed since is refused: released files are append-only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg import errors, sql
+
+from pgsim.errors import ExtensionMissing, InstallError
+from pgsim.sqlfiles import SqlFile, sql_files
+
+# pg_advisory_xact_lock takes a bigint; this one is pgsim's ("pgsim" in ASCII).
+ADVISORY_LOCK_KEY = 0x7067_7369_6D
+LEDGER = """
+CREATE SCHEMA IF NOT EXISTS pgsim;
+CREATE TABLE IF NOT EXISTS pgsim.migration (
+    name text PRIMARY KEY,
+    sha256 text NOT NULL,
+    package_version text NOT NULL,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+
+@dataclass
+class InstallReport:
+    applied: list[str] = field(default_factory=list)
+    already_applied: list[str] = field(default_factory=list)
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.applied)
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("pgsim")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+def install(conn: psycopg.Connection[Any]) -> InstallReport:
+    """Create or upgrade schema ``pgsim`` in the connected database. Safe to run any number of times."""
+    files = sql_files()
+    with conn.transaction():
+        conn.execute("SELECT pg_advisory_xact_lock(%s)", [ADVISORY_LOCK_KEY])
+        vector_schema = _ensure_vector_extension(conn)
+        conn.execute(LEDGER.encode())
+        ledger = dict(conn.execute("SELECT name, sha256 FROM pgsim.migration").fetchall())
+        _check_ledger(ledger, files)
+        conn.execute(
+            sql.SQL("SET LOCAL search_path = pgsim, {}, pg_catalog").format(sql.Identifier(vector_schema))
+        )
+        report = InstallReport()
+        for file in files:
+            if file.name in ledger:
+                report.already_applied.append(file.name)
+                continue
+            _apply(conn, file)
+            report.applied.append(file.name)
+    return report
+
+
+def applied_files(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
+    """(name, package version) of every applied file; empty when pgsim is not installed."""
+    if conn.execute("SELECT to_regclass('pgsim.migration')").fetchone() == (None,):
+        return []
+    rows = conn.execute("SELECT name, package_version FROM pgsim.migration ORDER BY name").fetchall()
+    return [(name, version) for name, version in rows]
+
+
+def _ensure_vector_extension(conn: psycopg.Connection[Any]) -> str:
+    row = conn.execute("SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'vector'").fetchone()
+    if row is not None:
+        return str(row[0]).strip('"')
+    database, role = conn.execute("SELECT current_database(), current_user").fetchone() or ("?", "?")
+    try:
+        with conn.transaction():
+            conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    except errors.InsufficientPrivilege:
+        raise ExtensionMissing(
+            f"The pgvector extension is not installed in database {database!r}, and role {role!r} may not "
+            f"create it. Ask an administrator to run, in database {database!r}:  CREATE EXTENSION vector;  "
+            "then run pgsim install again."
+        ) from None
+    except (errors.UndefinedFile, errors.FeatureNotSupported) as exc:
+        raise ExtensionMissing(
+            f"This PostgreSQL server has no pgvector ({exc.diag.message_primary}). Install pgvector 0.8 or "
+            "newer on the server (https://github.com/pgvector/pgvector#installation), or use pgsim's "
+            "embedded server by leaving out --dsn."
+        ) from None
+    return _ensure_vector_extension(conn)
+
+
+def _check_ledger(ledger: dict[str, str], files: list[SqlFile]) -> None:
+    known = {file.name: file for file in files}
+    for name, digest in sorted(ledger.items()):
+        file = known.get(name)
+        if file is None:
+            raise InstallError(
+                f"This database has pgsim SQL file {name} applied, which this pgsim package does not ship: "
+                "it was installed by a newer pgsim. Upgrade the pgsim package (pip install -U pgsim)."
+            )
+        if file.sha256 != digest:
+            raise InstallError(
+                f"pgsim SQL file {name} was applied with sha256 {digest[:12]}…, but the packaged file now has "
+                f"{file.sha256[:12]}…. Applied files must never change: restore {name} as it was released and put "
+                "the change in a new numbered file."
+            )
+
+
+def _apply(conn: psycopg.Connection[Any], file: SqlFile) -> None:
+    try:
+        conn.execute(file.text.encode())
+    except psycopg.Error as exc:
+        raise InstallError(f"pgsim SQL file {file.name} failed: {exc}".strip()) from exc
+    conn.execute(
+        "INSERT INTO pgsim.migration (name, sha256, package_version) VALUES (%s, %s, %s)",
+        [file.name, file.sha256, package_version()],
+    )

@@ -26,8 +26,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], max_widt
     cells = [[cell(v) for v in row] for row in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = "  ".join("-" * w for w in widths)
-    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)), line]
-    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
+    out = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)), line]
+    out += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in cells]
     return "\n".join(out)
 
 
@@ -40,6 +40,7 @@ def _connect(args: argparse.Namespace) -> Any:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from pgsim.corpus import load_sample
     from pgsim.demo import TABLE, run_demo
     from pgsim.encode import Encoder
 
@@ -54,21 +55,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
             bar = tqdm(total=total, unit="text", desc="encoding", file=sys.stderr)
         bar.update(done - bar.n)
 
+    packages = load_sample()[: args.rows] if args.rows else None
     with conn:
-        report = run_demo(conn, encoder, progress=progress)
+        report = run_demo(conn, encoder, packages=packages, progress=progress)
     if bar is not None:
         bar.close()
     print(f"table {TABLE}: {report.loaded} rows loaded now; {report.encoded} embedded now", end="")
     if report.encoded:
         rate = report.encoded / report.encode_seconds if report.encode_seconds else 0.0
-        print(f" in {report.encode_seconds:.1f}s ({rate:.0f} texts/s, {report.truncated} truncated to "
-              f"{encoder.max_tokens} tokens)", end="")
-    print(f"; HNSW index {'built in %.1fs' % report.index_seconds if report.index_built else 'already there'}")
+        print(
+            f" in {report.encode_seconds:.1f}s ({rate:.0f} texts/s, {report.truncated} truncated to "
+            f"{encoder.max_tokens} tokens)",
+            end="",
+        )
+    index = f"built in {report.index_seconds:.1f}s" if report.index_built else "already there"
+    print(f"; HNSW index {index}")
     for result in report.results:
-        print(f"\nquery: {result.query.text!r}   filter: {result.query.filter_label}   "
-              f"{len(result.hits)} rows in {result.seconds * 1000:.1f} ms")
-        rows = [[hit.row["package"], hit.row["section"], hit.row["installed_size"], 1 - hit.distance, hit.row["synopsis"]]
-                for hit in result.hits]
+        print(
+            f"\nquery: {result.query.text!r}   filter: {result.query.filter_label}   "
+            f"{len(result.hits)} rows in {result.seconds * 1000:.1f} ms"
+        )
+        rows = [
+            [hit.row["package"], hit.row["section"], hit.row["installed_size"], 1 - hit.distance, hit.row["synopsis"]]
+            for hit in result.hits
+        ]
         print(format_table(["package", "section", "size KiB", "similarity", "synopsis"], rows))
     print(f"\ndone in {time.perf_counter() - started:.1f}s")
     return 0
@@ -103,7 +113,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"database: {info[0]} as {info[1]}, PostgreSQL {info[2]}, pgvector {info[3] or 'not installed'}")
         files = applied_files(conn)
         if files:
-            print(f"pgsim schema: {len(files)} SQL files applied, last by pgsim {files[-1][1]}; package {package_version()}")
+            last_version = files[-1][1]
+            print(f"pgsim schema: {len(files)} SQL files applied, last by pgsim {last_version}; ", end="")
+            print(f"package {package_version()}")
         else:
             print("pgsim schema: not installed (run: pgsim install)")
     return 0
@@ -137,8 +149,8 @@ def cmd_server(args: argparse.Namespace) -> int:
 
     server = EmbeddedServer(args.data_dir)
     if args.action == "start":
-        running = server.start()
-        print(f"running (pid {running.pid}); connect with: {running.dsn()}")
+        started = server.start()
+        print(f"running (pid {started.pid}); connect with: {started.dsn()}")
     elif args.action == "stop":
         print("stopped" if server.stop() else "was not running")
     else:
@@ -152,12 +164,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="pgsim", description="Similarity search in PostgreSQL.", epilog=SETUP_HINT)
     parser.add_argument("--dsn", help="PostgreSQL connection string (default: $PGSIM_DSN, else the embedded server)")
-    parser.add_argument("--data-dir", help="the embedded server's directory (default: $PGSIM_HOME or the user data dir)")
+    parser.add_argument(
+        "--data-dir", help="the embedded server's directory (default: $PGSIM_HOME or the user data dir)"
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what pgsim does")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     demo = commands.add_parser("demo", help="load Debian package descriptions, embed them, and run filtered searches")
     demo.add_argument("--model", default=DEFAULT_MODEL)
+    demo.add_argument("--rows", type=int, help="load only the first ROWS packages of the shipped sample (default: all)")
     demo.set_defaults(run=cmd_demo)
 
     commands.add_parser("install", help="create or upgrade the pgsim schema").set_defaults(run=cmd_install)
@@ -168,8 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--table", default="pgsim_demo.packages")
     search.add_argument("--column", default="embedding", help="the vector column")
     search.add_argument("-k", type=int, default=10)
-    search.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE",
-                        help="keep rows where COLUMN = VALUE; repeat a column for IN")
+    search.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="COLUMN=VALUE",
+        help="keep rows where COLUMN = VALUE; repeat a column for IN",
+    )
     search.add_argument("--model", default=DEFAULT_MODEL)
     search.set_defaults(run=cmd_search)
 
@@ -181,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
     if not args.verbose:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # the model loads from disk; its bar is noise

@@ -93,9 +93,7 @@ def read_apt(lists_dir: str = APT_LISTS) -> list[Package]:
     """Every package apt knows, with its long description where a Translation-en file has it."""
     translations = read_translations(lists_dir)
     if not translations:
-        raise SystemExit(
-            "apt has no Translation-en files: run `apt-get update -o Acquire::Languages=en` first."
-        )
+        raise SystemExit("apt has no Translation-en files: run `apt-get update -o Acquire::Languages=en` first.")
     dump = subprocess.run(["apt-cache", "dumpavail"], check=True, capture_output=True, text=True).stdout
     packages: dict[str, Package] = {}
     for stanza in parse_stanzas(dump.splitlines()):

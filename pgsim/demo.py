@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -34,8 +35,10 @@ CREATE TABLE IF NOT EXISTS pgsim_demo.packages (
     embedding vector(384)
 );
 """
-INDEX = "CREATE INDEX IF NOT EXISTS packages_embedding_hnsw ON pgsim_demo.packages USING hnsw (embedding vector_cosine_ops)"
-COLUMNS = ("package", "section", "priority", "installed_size", "source", "synopsis", "description")
+INDEX = (
+    "CREATE INDEX IF NOT EXISTS packages_embedding_hnsw ON pgsim_demo.packages USING hnsw (embedding vector_cosine_ops)"
+)
+COLUMNS = "package, section, priority, installed_size, source, synopsis, description"
 
 
 DISPLAY = ("package", "section", "installed_size", "synopsis")
@@ -56,7 +59,8 @@ def _describe(column: str, value: Any) -> str:
         return f"{column} IN ({', '.join(map(repr, value))})"
     if isinstance(value, Between):
         bounds = ([f"{column} >= {value.low!r}"] if value.low is not None else []) + (
-            [f"{column} < {value.high!r}"] if value.high is not None else [])
+            [f"{column} < {value.high!r}"] if value.high is not None else []
+        )
         return " AND ".join(bounds)
     return f"{column} = {value!r}"
 
@@ -66,8 +70,10 @@ QUERIES = (
     DemoQuery("parse JSON documents quickly", where={"section": "python"}),
     DemoQuery("play chess against the computer", where={"section": "games"}),
     DemoQuery("encrypt files with a password", where={"section": ["utils", "admin"]}),
-    DemoQuery("resize and convert images from the command line",
-              where={"section": "graphics", "installed_size": Between(high=2048)}),
+    DemoQuery(
+        "resize and convert images from the command line",
+        where={"section": "graphics", "installed_size": Between(high=2048)},
+    ),
 )
 
 
@@ -94,12 +100,14 @@ def load_rows(conn: psycopg.Connection[Any], packages: Sequence[Package]) -> int
     with conn.transaction():
         conn.execute("CREATE TEMP TABLE pgsim_demo_load (LIKE pgsim_demo.packages) ON COMMIT DROP")
         with conn.cursor() as cur:
-            with cur.copy(f"COPY pgsim_demo_load ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+            with cur.copy("COPY pgsim_demo_load (" + COLUMNS + ") FROM STDIN") as copy:
                 for p in packages:
-                    copy.write_row((p.package, p.section, p.priority, p.installed_size, p.source, p.synopsis, p.description))
+                    copy.write_row(
+                        (p.package, p.section, p.priority, p.installed_size, p.source, p.synopsis, p.description)
+                    )
             cur.execute(
-                f"INSERT INTO pgsim_demo.packages ({', '.join(COLUMNS)}) "
-                f"SELECT {', '.join(COLUMNS)} FROM pgsim_demo_load ON CONFLICT (package) DO NOTHING"
+                "INSERT INTO pgsim_demo.packages (" + COLUMNS + ") "  # noqa: S608 - a constant column list
+                "SELECT " + COLUMNS + " FROM pgsim_demo_load ON CONFLICT (package) DO NOTHING"
             )
             return cur.rowcount
 
@@ -111,7 +119,7 @@ def write_embeddings(conn: psycopg.Connection[Any], keys: Sequence[str], vectors
         with conn.cursor() as cur:
             with cur.copy("COPY pgsim_demo_vectors (package, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
                 copy.set_types(["text", "vector"])
-                for key, vector in zip(keys, vectors):
+                for key, vector in zip(keys, vectors, strict=True):
                     copy.write_row((key, vector))
             cur.execute(
                 "UPDATE pgsim_demo.packages p SET embedding = v.embedding FROM pgsim_demo_vectors v "
@@ -134,16 +142,16 @@ def run_demo(
     conn.execute(CREATE.encode())
     loaded = load_rows(conn, packages if packages is not None else load_sample())
     pending = conn.execute(
-        "SELECT package, synopsis || E'\\n\\n' || description FROM pgsim_demo.packages WHERE embedding IS NULL ORDER BY package"
+        "SELECT package, synopsis || E'\\n\\n' || description FROM pgsim_demo.packages "
+        "WHERE embedding IS NULL ORDER BY package"
     ).fetchall()
     started = time.perf_counter()
     truncated_before = encoder.stats.truncated
     for start in range(0, len(pending), chunk):
         rows = pending[start : start + chunk]
-        done_before = start
         vectors = encoder.encode(
             [text for _, text in rows],
-            progress=(lambda done: progress(done_before + done, len(pending))) if progress else None,
+            progress=partial(_report, progress, start, len(pending)) if progress else None,
         )
         write_embeddings(conn, [key for key, _ in rows], vectors)
     encode_seconds = time.perf_counter() - started
@@ -163,6 +171,10 @@ def run_demo(
         index_built=index_built,
         results=results,
     )
+
+
+def _report(progress: Callable[[int, int], None], offset: int, total: int, done: int) -> None:
+    progress(offset + done, total)
 
 
 def run_query(conn: psycopg.Connection[Any], encoder: Encoder, query: DemoQuery, k: int = 5) -> SearchResult:

@@ -124,7 +124,8 @@ def _load(name: str, location: str, device: str) -> SentenceTransformer:
 def check_vector(values: Any, dimension: int | None = None) -> Vector:
     """``values`` as a 1-D float32 array, or :class:`InvalidInput` saying what is wrong with it."""
     try:
-        array = np.asarray(values, dtype=np.float32)
+        with np.errstate(over="ignore"):  # an overflow becomes inf, reported below with its position
+            array = np.asarray(values, dtype=np.float32)
     except (TypeError, ValueError) as exc:
         raise InvalidInput(f"Not a vector of numbers: {exc}. Pass a list of floats or a 1-D numpy array.") from None
     if array.ndim != 1 or array.size == 0:
@@ -181,7 +182,9 @@ class Encoder:
 
     @property
     def max_tokens(self) -> int:
-        return int(self.model.max_seq_length)
+        limit = self.model.max_seq_length
+        assert limit is not None, f"model {self.model_name!r} declares no maximum sequence length"
+        return int(limit)
 
     def encode_query(self, text: str) -> Vector:
         """One query's vector. Blank text is an error: nothing can be ranked against it."""
@@ -219,7 +222,7 @@ class Encoder:
             for start in range(0, len(order), self.batch_size):
                 batch = [unique[i] for i in order[start : start + self.batch_size]]
                 vectors = self._encode_batch(batch)
-                for text, vector in zip(batch, vectors):
+                for text, vector in zip(batch, vectors, strict=True):
                     for position in positions[text]:
                         results[position] = vector
                     done += len(positions[text])
@@ -230,7 +233,10 @@ class Encoder:
         if truncated and self.warn_truncation:
             log.warning(
                 "%d of %d texts were longer than %s's limit of %d tokens and were truncated to it",
-                truncated, len(unique), self.model_name, self.max_tokens,
+                truncated,
+                len(unique),
+                self.model_name,
+                self.max_tokens,
             )
         self.stats.texts += len(texts)
         self.stats.encoded += len(unique)

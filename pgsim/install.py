@@ -57,9 +57,7 @@ def install(conn: psycopg.Connection[Any]) -> InstallReport:
         conn.execute(LEDGER.encode())
         ledger = dict(conn.execute("SELECT name, sha256 FROM pgsim.migration").fetchall())
         _check_ledger(ledger, files)
-        conn.execute(
-            sql.SQL("SET LOCAL search_path = pgsim, {}, pg_catalog").format(sql.Identifier(vector_schema))
-        )
+        conn.execute(sql.SQL("SET LOCAL search_path = pgsim, {}, pg_catalog").format(sql.Identifier(vector_schema)))
         report = InstallReport()
         for file in files:
             if file.name in ledger:

@@ -41,7 +41,7 @@ class Text:
 
     def __init__(self, text: str, model: str | None = None) -> None:
         if not isinstance(text, str) or not text.strip():
-            raise InvalidInput("pgsim.Text needs non-empty query text; got %r." % (text,))
+            raise InvalidInput(f"pgsim.Text needs non-empty query text; got {text!r}.")
         self.text = text
         self.model = model
         self._vectors: dict[str, Vector] = {}
@@ -89,16 +89,17 @@ def _register_dumpers(conn: psycopg.BaseConnection[Any], info: TypeInfo | None, 
     from pgvector import Vector as PgVector
 
     assert info is not None
+    vector_oid = info.oid
 
     class TextDumper(Dumper):
-        oid = info.oid
+        oid = vector_oid
         format = Format.BINARY
 
         def dump(self, obj: Text) -> bytes:
             return PgVector(obj.vector(model)).to_binary()
 
     class CheckedVectorDumper(Dumper):
-        oid = info.oid
+        oid = vector_oid
         format = Format.BINARY
 
         def dump(self, obj: Any) -> bytes:

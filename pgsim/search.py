@@ -91,9 +91,7 @@ def search(
     else:
         vector = check_vector(query, dimension)
     if vector.shape[0] != dimension:
-        raise InvalidInput(
-            f"Model {model!r} gives {vector.shape[0]} dimensions; {table}.{column} holds {dimension}."
-        )
+        raise InvalidInput(f"Model {model!r} gives {vector.shape[0]} dimensions; {table}.{column} holds {dimension}.")
     select = sql.SQL(", ").join(sql.Identifier(c) for c in columns) if columns else sql.SQL("*")
     filters, params = _filters(where or {})
     statement = sql.SQL(
@@ -122,8 +120,11 @@ def _filters(where: Mapping[str, Any]) -> tuple[sql.Composable, dict[str, Any]]:
         elif isinstance(value, Between):
             for bound, operator, given in (("lo", ">=", value.low), ("hi", "<", value.high)):
                 if given is not None:
-                    clauses.append(sql.SQL("{} " + operator + " {}").format(
-                        sql.Identifier(name), sql.Placeholder(f"f{position}{bound}")))
+                    clauses.append(
+                        sql.SQL("{} " + operator + " {}").format(
+                            sql.Identifier(name), sql.Placeholder(f"f{position}{bound}")
+                        )
+                    )
                     params[f"f{position}{bound}"] = given
         elif value is None:
             clauses.append(sql.SQL("{} IS NULL").format(sql.Identifier(name)))
@@ -135,7 +136,9 @@ def _filters(where: Mapping[str, Any]) -> tuple[sql.Composable, dict[str, Any]]:
     return sql.SQL("WHERE ") + sql.SQL(" AND ").join(clauses), params
 
 
-def _run(conn: psycopg.Connection[Any], statement: sql.Composed, params: dict[str, Any], exact: bool) -> list[dict[str, Any]]:
+def _run(
+    conn: psycopg.Connection[Any], statement: sql.Composed, params: dict[str, Any], exact: bool
+) -> list[dict[str, Any]]:
     k = int(params["k"])
     # The block ends in a rollback: the search only reads, and rolling back undoes the SET LOCALs even
     # when this runs as a savepoint inside the caller's open transaction (where a release would not).

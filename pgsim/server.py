@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote
 
 from pgsim.errors import ServerError
@@ -223,10 +224,18 @@ class EmbeddedServer:
 
 
 def _run(args: list[str], user: str | None = None) -> None:
+    # Drop root's groups too: a directory's group bits would otherwise apply to the service user.
+    identity: dict[str, Any] = {"user": user, "group": user, "extra_groups": []} if user else {}
     try:
         subprocess.run(
-            args, user=user, check=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            text=True, timeout=300,
+            args,
+            **identity,
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=300,
         )
     except subprocess.CalledProcessError as exc:
         raise ServerError(f"{Path(args[0]).name} failed with exit code {exc.returncode}:\n{exc.stdout}") from None

@@ -1,0 +1,31 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+export HF_HUB_OFFLINE := 1
+
+.PHONY: demo test check bench-encode clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, pinned: 2.13.0 resolves to the CPU build; anything else pulls a multi-GB CUDA build.
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(BIN)/.installed
+	$(BIN)/pgsim demo
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+check: $(BIN)/.installed
+	$(BIN)/ruff check pgsim tests bench
+	$(BIN)/mypy
+
+bench-encode: $(BIN)/.installed
+	$(BIN)/python bench/encode.py
+
+clean:
+	rm -rf $(VENV) dist build *.egg-info

@@ -1,0 +1,86 @@
+"""The pgsim command, run as a user runs it (a subprocess), against the test database."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from pgsim.cli import format_table
+
+
+def pgsim(*args: str, dsn: str | None = None, home: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ)
+    env.pop("PGSIM_DSN", None)
+    if home is not None:
+        env["PGSIM_HOME"] = str(home)
+    command = [sys.executable, "-m", "pgsim.cli"] + (["--dsn", dsn] if dsn else []) + list(args)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_demo_loads_encodes_indexes_searches_then_reuses(database: str) -> None:
+    first = pgsim("demo", "--rows", "150", dsn=database)
+    assert first.returncode == 0, first.stderr
+    assert "150 rows loaded now; 150 embedded now" in first.stdout
+    assert "HNSW index built" in first.stdout
+    assert "filter: section = 'games'" in first.stdout
+    assert "encoding" in first.stderr  # the progress bar
+    second = pgsim("demo", "--rows", "150", dsn=database)
+    assert second.returncode == 0, second.stderr
+    assert "0 rows loaded now; 0 embedded now; HNSW index already there" in second.stdout
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*), count(embedding) FROM pgsim_demo.packages").fetchone() == (150, 150)
+        assert conn.execute("SELECT to_regclass('pgsim_demo.packages_embedding_hnsw')").fetchone() is not None
+
+
+def test_install_status_search(database: str) -> None:
+    assert pgsim("demo", "--rows", "150", dsn=database).returncode == 0
+    installed = pgsim("install", dsn=database)
+    assert installed.returncode == 0 and "pgsim schema up to date" in installed.stdout
+    assert installed.stdout.startswith("pgsim schema up to date")  # nothing new to apply
+    status = pgsim("status", dsn=database)
+    assert status.returncode == 0, status.stderr
+    assert "pgvector 0.8" in status.stdout and "SQL files applied" in status.stdout
+    with psycopg.connect(database) as conn:
+        section, count = conn.execute(
+            "SELECT section, count(*) FROM pgsim_demo.packages GROUP BY 1 ORDER BY 2 DESC, 1 LIMIT 1"
+        ).fetchone()  # type: ignore[misc]
+    assert count >= 3
+    found = pgsim("search", "a small utility", "-k", "3", "--filter", f"section={section}", dsn=database)
+    assert found.returncode == 0, found.stderr
+    *table, trailer = found.stdout.strip().splitlines()
+    assert trailer.startswith("3 rows in")
+    assert len(table) == 5 and all(f" {section} " in line for line in table[2:])
+
+
+def test_errors_are_one_line_with_what_to_do(database: str) -> None:
+    bad = pgsim("search", "x", "--filter", "nosuchcolumn=1", dsn=database)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("pgsim: ") and "check the column names" in bad.stderr
+    unreachable = pgsim("status", dsn="postgresql://nobody@/none?host=/nonexistent-socket-dir")
+    assert unreachable.returncode == 2 and "Cannot connect to PostgreSQL" in unreachable.stderr
+
+
+def test_embedded_server_is_the_default(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    try:
+        started = pgsim("server", "start", home=home)
+        assert started.returncode == 0, started.stderr
+        status = pgsim("status", home=home)
+        assert status.returncode == 0, status.stderr
+        assert f"embedded server: {home} - running" in status.stdout
+        assert "PostgreSQL 18" in status.stdout
+    finally:
+        stopped = pgsim("server", "stop", home=home)
+    assert stopped.stdout.strip() == "stopped"
+    assert pgsim("server", "status", home=home).stdout.startswith("not running")
+
+
+@pytest.mark.parametrize(
+    ("cell", "shown"), [(0.123456, "0.1235"), (None, ""), ("a\nb", "a b"), ("x" * 70, "x" * 59 + "…")]
+)
+def test_format_table_cells(cell: object, shown: str) -> None:
+    lines = format_table(["h"], [[cell]]).splitlines()
+    assert lines[2].rstrip() == shown

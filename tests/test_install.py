@@ -1,0 +1,113 @@
+"""The SQL installer against a real server: idempotent, concurrent-safe, strict about changed files, and
+usable by a non-superuser who owns the database."""
+
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from fixtures.database import dsn_for
+from psycopg import sql
+
+from pgsim.errors import ExtensionMissing, InstallError
+from pgsim.install import install, package_version
+from pgsim.sqlfiles import sql_files
+
+
+@pytest.fixture
+def empty_db(server_dsn: str) -> Iterator[str]:
+    name = f"pgsim_install_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield dsn_for(server_dsn, dbname=name)
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+def ledger(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
+    return [(n, s) for n, s in conn.execute("SELECT name, sha256 FROM pgsim.migration ORDER BY name").fetchall()]
+
+
+def test_install_twice_applies_once(empty_db: str) -> None:
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        first = install(conn)
+        second = install(conn)
+        files = sql_files()
+        assert first.applied == [f.name for f in files]
+        assert second.applied == [] and second.already_applied == first.applied
+        assert ledger(conn) == [(f.name, f.sha256) for f in files]
+        assert conn.execute("SELECT pgsim.version()").fetchone() == (package_version(),)
+        assert conn.execute("SELECT pgsim.cosine_similarity('[1,0]', '[1,1]')").fetchone()[0] == pytest.approx(2**-0.5)
+
+
+def test_two_installs_at_once_do_not_collide(empty_db: str) -> None:
+    barrier = threading.Barrier(2)
+    reports, failures = [], []
+
+    def run() -> None:
+        try:
+            with psycopg.connect(empty_db, autocommit=True) as conn:
+                barrier.wait()
+                reports.append(install(conn))
+        except Exception as exc:  # collected and asserted below
+            failures.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == []
+    assert sorted(len(r.applied) for r in reports) == [0, len(sql_files())]
+    with psycopg.connect(empty_db) as conn:
+        assert len(ledger(conn)) == len(sql_files())
+
+
+def test_changed_applied_file_is_refused_by_name(empty_db: str) -> None:
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        install(conn)
+        name = sql_files()[0].name
+        conn.execute("UPDATE pgsim.migration SET sha256 = repeat('0', 64) WHERE name = %s", [name])
+        with pytest.raises(InstallError, match=f"{name} was applied with sha256 000000000000.*must never change"):
+            install(conn)
+
+
+def test_file_unknown_to_this_package_asks_for_an_upgrade(empty_db: str) -> None:
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        install(conn)
+        conn.execute(
+            "INSERT INTO pgsim.migration (name, sha256, package_version) VALUES ('9999_future.sql', 'x', '9.9')"
+        )
+        with pytest.raises(InstallError, match="9999_future.sql.*newer pgsim.*pip install -U pgsim"):
+            install(conn)
+
+
+def test_non_superuser_owner_needs_extension_then_installs(server_dsn: str) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    role, db = f"pgsim_owner_{suffix}", f"pgsim_owned_{suffix}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'owner-pw'").format(sql.Identifier(role)))
+        admin.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), sql.Identifier(role)))
+    owner_dsn = dsn_for(server_dsn, dbname=db, user=role, password="owner-pw")
+    admin_db_dsn = dsn_for(server_dsn, dbname=db)
+    try:
+        with psycopg.connect(owner_dsn, autocommit=True) as conn:
+            with pytest.raises(
+                ExtensionMissing, match=f"Ask an administrator to run, in database '{db}':  CREATE EXTENSION vector;"
+            ):
+                install(conn)
+            assert conn.execute("SELECT to_regnamespace('pgsim')").fetchone() == (None,)
+        with psycopg.connect(admin_db_dsn, autocommit=True) as admin:
+            admin.execute("CREATE EXTENSION vector")
+        with psycopg.connect(owner_dsn, autocommit=True) as conn:
+            assert install(conn).applied == [f.name for f in sql_files()]
+            assert conn.execute(
+                "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'pgsim'"
+            ).fetchone() == (role,)
+            assert conn.execute("SELECT pgsim.version()").fetchone() == (package_version(),)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
+            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

@@ -1,0 +1,54 @@
+"""The wheel carries sql/, migrations/, the sample corpus and py.typed; importing pgsim stays light."""
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from pgsim._optional import require
+from pgsim.errors import MissingDependency
+from pgsim.sqlfiles import sql_files
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_ships_sql_migrations_and_data(tmp_path: Path) -> None:
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(tmp_path), str(ROOT)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("pgsim-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for sql_file in (ROOT / "sql").glob("*.sql"):
+        assert f"pgsim/sql/{sql_file.name}" in names
+    for migration in (ROOT / "migrations").rglob("*"):
+        if migration.is_file() and "__pycache__" not in migration.parts:
+            assert f"pgsim/migrations/{migration.relative_to(ROOT / 'migrations')}" in names
+    assert "pgsim/py.typed" in names
+    assert "pgsim/data/debian-sample.jsonl.gz" in names
+    assert "pgsim/cli.py" in names
+
+
+def test_sql_files_are_numbered_and_found() -> None:
+    files = sql_files()
+    assert [f.name for f in files] == sorted(p.name for p in (ROOT / "sql").glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    assert files and files[0].name.startswith("0001_")
+
+
+def test_import_pulls_in_no_optional_or_heavy_module() -> None:
+    code = (
+        "import sys, pgsim; "
+        "print(','.join(m for m in ('sqlalchemy', 'alembic', 'testcontainers', 'torch', 'sentence_transformers') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.strip() == ""
+
+
+def test_missing_optional_dependency_names_the_extra() -> None:
+    with pytest.raises(MissingDependency, match=r"pip install 'pgsim\[sqlalchemy\]'"):
+        require("pgsim_no_such_module.sub", "sqlalchemy")
+    assert require("json", "none").__name__ == "json"

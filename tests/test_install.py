@@ -8,8 +8,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from fixtures.database import dsn_for
+from fixtures.database import scratch_database
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsim.errors import ExtensionMissing, InstallError
 from pgsim.install import install, package_version
@@ -18,12 +19,8 @@ from pgsim.sqlfiles import sql_files
 
 @pytest.fixture
 def empty_db(server_dsn: str) -> Iterator[str]:
-    name = f"pgsim_install_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    yield dsn_for(server_dsn, dbname=name)
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+    with scratch_database(server_dsn, "install") as dsn:
+        yield dsn
 
 
 def ledger(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
@@ -85,29 +82,25 @@ def test_file_unknown_to_this_package_asks_for_an_upgrade(empty_db: str) -> None
 
 
 def test_non_superuser_owner_needs_extension_then_installs(server_dsn: str) -> None:
-    suffix = uuid.uuid4().hex[:8]
-    role, db = f"pgsim_owner_{suffix}", f"pgsim_owned_{suffix}"
+    role = f"pgsim_owner_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(server_dsn, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'owner-pw'").format(sql.Identifier(role)))
-        admin.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(db), sql.Identifier(role)))
-    owner_dsn = dsn_for(server_dsn, dbname=db, user=role, password="owner-pw")
-    admin_db_dsn = dsn_for(server_dsn, dbname=db)
     try:
-        with psycopg.connect(owner_dsn, autocommit=True) as conn:
-            with pytest.raises(
-                ExtensionMissing, match=f"Ask an administrator to run, in database '{db}':  CREATE EXTENSION vector;"
-            ):
-                install(conn)
-            assert conn.execute("SELECT to_regnamespace('pgsim')").fetchone() == (None,)
-        with psycopg.connect(admin_db_dsn, autocommit=True) as admin:
-            admin.execute("CREATE EXTENSION vector")
-        with psycopg.connect(owner_dsn, autocommit=True) as conn:
-            assert install(conn).applied == [f.name for f in sql_files()]
-            assert conn.execute(
-                "SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'pgsim'"
-            ).fetchone() == (role,)
-            assert conn.execute("SELECT pgsim.version()").fetchone() == (package_version(),)
+        with scratch_database(server_dsn, "owned", owner=role) as admin_db_dsn:
+            db = conninfo_to_dict(admin_db_dsn)["dbname"]
+            owner_dsn = make_conninfo(admin_db_dsn, user=role, password="owner-pw")
+            with psycopg.connect(owner_dsn, autocommit=True) as conn:
+                expected = f"Ask an administrator to run, in database '{db}':  CREATE EXTENSION vector;"
+                with pytest.raises(ExtensionMissing, match=expected):
+                    install(conn)
+                assert conn.execute("SELECT to_regnamespace('pgsim')").fetchone() == (None,)
+            with psycopg.connect(admin_db_dsn, autocommit=True) as admin:
+                admin.execute("CREATE EXTENSION vector")
+            with psycopg.connect(owner_dsn, autocommit=True) as conn:
+                assert install(conn).applied == [f.name for f in sql_files()]
+                owner = conn.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'pgsim'")
+                assert owner.fetchone() == (role,)
+                assert conn.execute("SELECT pgsim.version()").fetchone() == (package_version(),)
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as admin:
-            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(db)))
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))

@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+from fixtures.database import scratch_database
 from fixtures.model import exact_top_k, load_packages_table
 
 from pgsim import InvalidInput, Text, install, register, register_async
@@ -86,16 +87,7 @@ def test_blank_text_is_refused() -> None:
         Text(" ")
 
 
-def test_register_without_pgvector_says_what_to_run(server_dsn: str, database: str) -> None:
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute("DROP DATABASE IF EXISTS pgsim_no_vector")
-        admin.execute("CREATE DATABASE pgsim_no_vector")
-    try:
-        from fixtures.database import dsn_for
-
-        with psycopg.connect(dsn_for(server_dsn, dbname="pgsim_no_vector")) as conn:
-            with pytest.raises(InstallError, match="pgsim install"):
-                register(conn)
-    finally:
-        with psycopg.connect(server_dsn, autocommit=True) as admin:
-            admin.execute("DROP DATABASE pgsim_no_vector WITH (FORCE)")
+def test_register_without_pgvector_says_what_to_run(server_dsn: str) -> None:
+    with scratch_database(server_dsn, "no_vector") as dsn, psycopg.connect(dsn) as conn:
+        with pytest.raises(InstallError, match="pgsim install"):
+            register(conn)

@@ -121,16 +121,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_search(args: argparse.Namespace) -> int:
-    from pgsim.search import search
-
-    where: dict[str, Any] = {}
-    for item in args.filter:
+def _filters(items: Sequence[str]) -> dict[str, Any]:
+    """--filter COLUMN=VALUE items as a where dict; a column given twice means IN."""
+    where: dict[str, list[str]] = {}
+    for item in items:
         column, sep, value = item.partition("=")
         if not sep:
             raise PgsimError(f"--filter takes COLUMN=VALUE; got {item!r}.")
         where.setdefault(column, []).append(value)
-    where = {column: values[0] if len(values) == 1 else values for column, values in where.items()}
+    return {column: values[0] if len(values) == 1 else values for column, values in where.items()}
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from pgsim.search import search
+
+    where = _filters(args.filter)
     with _connect(args) as conn:
         started = time.perf_counter()
         hits = search(conn, args.table, args.column, args.query, k=args.k, where=where, model=args.model)
@@ -141,6 +146,31 @@ def cmd_search(args: argparse.Namespace) -> int:
     headers = [name for name in hits[0].row]
     print(format_table(headers + ["distance"], [list(hit.row.values()) + [hit.distance] for hit in hits]))
     print(f"{len(hits)} rows in {seconds * 1000:.1f} ms (including encoding the query)")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pgsim.search import explain
+
+    with _connect(args) as conn:
+        plan, analyzed = explain(
+            conn, args.table, args.column, args.query, k=args.k, where=_filters(args.filter), model=args.model
+        )
+    print(f"path: {plan.path}" + (f" using index {plan.index_name}" if plan.path == "hnsw" else ""))
+    print(f"why: {plan.reason}")
+    print(f"estimated rows passing the filter: {plan.estimated_rows:.0f}", end="")
+    if plan.indexed_rows is not None:
+        print(f" of {plan.indexed_rows:.0f} indexed (selectivity {plan.selectivity:.4%})", end="")
+    print()
+    if plan.path == "hnsw":
+        print(
+            f"settings (SET LOCAL): hnsw.iterative_scan = relaxed_order, hnsw.ef_search = {plan.ef_search}, "
+            f"hnsw.max_scan_tuples = {plan.max_scan_tuples}; rows re-sorted by distance"
+        )
+    else:
+        print("settings (SET LOCAL): enable_indexscan = off (the filter runs first, then distances)")
+    print("\nEXPLAIN ANALYZE:")
+    print(analyzed)
     return 0
 
 
@@ -192,6 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     search.add_argument("--model", default=DEFAULT_MODEL)
     search.set_defaults(run=cmd_search)
+
+    doctor = commands.add_parser("doctor", help="which path a filtered search takes, why, and its EXPLAIN ANALYZE")
+    doctor.add_argument("query", help="text to search for")
+    doctor.add_argument("--table", default="pgsim_demo.packages")
+    doctor.add_argument("--column", default="embedding", help="the vector column")
+    doctor.add_argument("-k", type=int, default=10)
+    doctor.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE")
+    doctor.add_argument("--model", default=DEFAULT_MODEL)
+    doctor.set_defaults(run=cmd_doctor)
 
     server = commands.add_parser("server", help="start, stop or look at the embedded PostgreSQL")
     server.add_argument("action", choices=["start", "stop", "status"])

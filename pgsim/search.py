@@ -1,15 +1,21 @@
-"""k-nearest-neighbour search with equality filters, in one SQL statement per attempt.
+"""Filtered k-nearest-neighbour search that returns k rows when k rows match.
 
-This is the foundation's search: an HNSW scan in pgvector's ``strict_order`` iterative mode (so filtered
-rows do not cut the result short and the order is exact), and, if the scan still gives up before k rows
-(``hnsw.max_scan_tuples``), the same statement once more as an exact scan. When at least k rows pass the
-filter, k rows come back.
+One transaction per search, always rolled back (it only reads), so its settings never reach the caller:
+1. ``pgsim.prepare_knn`` (sql/0002) estimates how many rows pass the filter and picks a path: ``exact``
+   (filter first, then distances of the matching rows) or ``hnsw`` (iterative scan in relaxed order with
+   ``ef_search`` and ``max_scan_tuples`` sized from the estimate), applied with SET LOCAL semantics;
+2. the search itself, one SQL statement; on the hnsw path its k rows are re-sorted by distance;
+3. if the hnsw path still returns fewer than k rows, the same statement once more on the exact path,
+   so an estimate that was off costs time, never rows.
 """
 
 from __future__ import annotations
 
+import logging
+import re
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
@@ -20,8 +26,11 @@ from pgsim.encode import DEFAULT_MODEL, check_vector
 from pgsim.errors import InvalidInput
 from pgsim.psycopg import Text
 
+log = logging.getLogger(__name__)
+
 MAX_K = 10_000
-EF_SEARCH_MAX = 1000  # pgvector's upper bound for hnsw.ef_search
+DISTANCE = "_pgsim_distance"
+QUERY_LITERAL = re.compile(r"'\[[^\]]*\]'::(?:vector|halfvec)")
 
 
 @dataclass(frozen=True)
@@ -38,6 +47,33 @@ class Hit:
     distance: float
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What ``pgsim.knn_plan`` decided, and whether the exact fallback ran."""
+
+    path: str
+    index_name: str | None
+    estimated_rows: float
+    indexed_rows: float | None
+    selectivity: float | None
+    ef_search: int | None
+    max_scan_tuples: int | None
+    reason: str
+    fell_back: bool = False
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The planner's thresholds (defaults measured by bench/filtered.py; see README)."""
+
+    exact_below_rows: float = 1000
+    min_ef_search: int = 100
+    max_visits: float = 50_000
+
+
+Where = Mapping[str, Any] | sql.Composable | None
+
+
 def table_identifier(name: str) -> sql.Identifier:
     """``schema.table`` or ``table`` as a quoted identifier; each part is quoted, never interpolated."""
     parts = name.split(".")
@@ -46,27 +82,87 @@ def table_identifier(name: str) -> sql.Identifier:
     return sql.Identifier(*parts)
 
 
-def column_dimension(conn: psycopg.Connection[Any], table: str, column: str) -> int:
-    """The declared dimension of a vector column, with a clear error when the table or column is missing."""
+@dataclass(frozen=True)
+class VectorColumn:
+    table: str
+    column: str
+    type_name: str  # vector or halfvec
+    dimension: int
+    other_columns: tuple[str, ...]
+
+
+def vector_column(conn: psycopg.Connection[Any], table: str, column: str) -> VectorColumn:
+    """The vector column's dimension and the table's other columns, with a clear error when missing."""
     ident = table_identifier(table).as_string(conn)
-    row = conn.execute(
+    rows = conn.execute(
         """
-        SELECT a.atttypmod, format_type(a.atttypid, NULL)
+        SELECT a.attname, a.atttypmod, format_type(a.atttypid, NULL)
         FROM pg_attribute a
-        WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND a.attnum > 0 AND NOT a.attisdropped
+        WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY a.attnum
         """,
-        [ident, column],
-    ).fetchone()
-    if row is None:
-        if conn.execute("SELECT to_regclass(%s)", [ident]).fetchone() == (None,):
-            raise InvalidInput(f"Table {table!r} does not exist (or is not on the search_path).")
-        raise InvalidInput(f"Table {table!r} has no column {column!r}.")
-    typmod, type_name = row
+        [ident],
+    ).fetchall()
+    if not rows:
+        raise InvalidInput(f"Table {table!r} does not exist (or is not on the search_path).")
+    found = {name: (typmod, type_name) for name, typmod, type_name in rows}
+    if column not in found:
+        raise InvalidInput(f"Table {table!r} has no column {column!r}; its columns are {', '.join(found)}.")
+    typmod, type_name = found[column]
     if type_name not in ("vector", "halfvec"):
         raise InvalidInput(f"Column {table}.{column} is {type_name}, not a pgvector vector column.")
     if typmod < 1:
         raise InvalidInput(f"Column {table}.{column} has no declared dimension; declare it as vector(n).")
-    return int(typmod)
+    return VectorColumn(table, column, type_name, int(typmod), tuple(name for name in found if name != column))
+
+
+def column_dimension(conn: psycopg.Connection[Any], table: str, column: str) -> int:
+    return vector_column(conn, table, column).dimension
+
+
+def filter_sql(where: Where) -> sql.Composable:
+    """A WHERE condition with its values as literals (psycopg quotes them); identifiers always quoted."""
+    if where is None:
+        return sql.SQL("TRUE")
+    if isinstance(where, sql.Composable):
+        return where
+    clauses: list[sql.Composable] = []
+    for name, value in where.items():
+        column = sql.Identifier(name)
+        if isinstance(value, (list, tuple, set, frozenset)):
+            values = list(value)
+            if not values:
+                clauses.append(sql.SQL("FALSE"))
+            else:
+                clauses.append(sql.SQL("{} IN ({})").format(column, sql.SQL(", ").join(map(sql.Literal, values))))
+        elif isinstance(value, Between):
+            if value.low is not None:
+                clauses.append(sql.SQL("{} >= {}").format(column, sql.Literal(value.low)))
+            if value.high is not None:
+                clauses.append(sql.SQL("{} < {}").format(column, sql.Literal(value.high)))
+        elif value is None:
+            clauses.append(sql.SQL("{} IS NULL").format(column))
+        else:
+            clauses.append(sql.SQL("{} = {}").format(column, sql.Literal(value)))
+    return sql.SQL(" AND ").join(clauses) if clauses else sql.SQL("TRUE")
+
+
+def plan(
+    conn: psycopg.Connection[Any],
+    table: str,
+    column: str,
+    *,
+    k: int = 10,
+    where: Where = None,
+    tuning: Tuning = Tuning(),
+) -> Plan:
+    """The path a search would take, without running it (``pgsim doctor`` prints this)."""
+    _check_k(k)
+    vector_column(conn, table, column)
+    with conn.transaction() as tx:
+        chosen = _prepare(conn, table, column, k, filter_sql(where), tuning, apply=False)
+        raise psycopg.Rollback(tx)
+    return chosen
 
 
 def search(
@@ -76,82 +172,160 @@ def search(
     query: str | Sequence[float] | Any,
     *,
     k: int = 10,
-    where: Mapping[str, Any] | None = None,
+    where: Where = None,
     columns: Sequence[str] | None = None,
     model: str = DEFAULT_MODEL,
+    tuning: Tuning = Tuning(),
 ) -> list[Hit]:
     """The k rows of ``table`` nearest to ``query`` (text, encoded with ``model``, or a vector) that pass
-    ``where`` ({column: value} for equality, {column: [values]} for IN, {column: Between(low, high)} for a
-    range), nearest first."""
+    ``where``, nearest first. ``where`` is a ``psycopg.sql.Composable`` condition, or a dict: {column: value}
+    for equality, {column: [values]} for IN, {column: Between(low, high)} for a range."""
+    return search_with_plan(conn, table, column, query, k=k, where=where, columns=columns, model=model, tuning=tuning)[
+        0
+    ]
+
+
+def search_with_plan(
+    conn: psycopg.Connection[Any],
+    table: str,
+    column: str,
+    query: str | Sequence[float] | Any,
+    *,
+    k: int = 10,
+    where: Where = None,
+    columns: Sequence[str] | None = None,
+    model: str = DEFAULT_MODEL,
+    tuning: Tuning = Tuning(),
+) -> tuple[list[Hit], Plan]:
+    """:func:`search`, and the plan it followed."""
+    _check_k(k)
+    target = vector_column(conn, table, column)
+    vector = Text(query).vector(model) if isinstance(query, str) else check_vector(query, target.dimension)
+    if vector.shape[0] != target.dimension:
+        raise InvalidInput(
+            f"Model {model!r} gives {vector.shape[0]} dimensions; {table}.{column} holds {target.dimension}."
+        )
+    statements = _Statements.build(target, filter_sql(where), columns)
+    params = {"q": vector, "k": k}
+    with conn.transaction() as tx, conn.cursor(row_factory=dict_row) as cur:
+        chosen = _prepare(conn, table, column, k, statements.condition, tuning, apply=True)
+        rows = _execute(cur, statements.for_path(chosen.path), params)
+        if len(rows) < k and chosen.path == "hnsw":
+            log.info("hnsw path gave %d of %d rows; exact scan instead", len(rows), k)
+            cur.execute("SELECT set_config('enable_indexscan', 'off', true)")
+            rows = _execute(cur, statements.exact, params)
+            chosen = replace(chosen, fell_back=True)
+        raise psycopg.Rollback(tx)
+    if chosen.index_name is None:
+        warnings.warn(
+            f"{table}.{column} has no HNSW index for cosine distance, so every search scans the table. Create one: "
+            f"CREATE INDEX ON {table} USING hnsw ({column} {target.type_name}_cosine_ops)",
+            NoIndexWarning,
+            stacklevel=3,
+        )
+    return [Hit(row=row, distance=float(row.pop(DISTANCE))) for row in rows], chosen
+
+
+def explain(
+    conn: psycopg.Connection[Any],
+    table: str,
+    column: str,
+    query: str | Sequence[float] | Any,
+    *,
+    k: int = 10,
+    where: Where = None,
+    model: str = DEFAULT_MODEL,
+    tuning: Tuning = Tuning(),
+) -> tuple[Plan, str]:
+    """The plan a search takes and PostgreSQL's EXPLAIN ANALYZE of its statement under the plan's settings."""
+    _check_k(k)
+    target = vector_column(conn, table, column)
+    vector = Text(query).vector(model) if isinstance(query, str) else check_vector(query, target.dimension)
+    statements = _Statements.build(target, filter_sql(where), None)
+    with conn.transaction() as tx:
+        chosen = _prepare(conn, table, column, k, statements.condition, tuning, apply=True)
+        analyzed = sql.SQL("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) ") + statements.for_path(chosen.path)
+        lines = [str(line) for (line,) in conn.execute(analyzed, {"q": vector, "k": k}).fetchall()]
+        raise psycopg.Rollback(tx)
+    return chosen, "\n".join(QUERY_LITERAL.sub("<query vector>", line) for line in lines)
+
+
+class NoIndexWarning(UserWarning):
+    """A search ran as an exact scan because its column has no usable HNSW index."""
+
+
+@dataclass(frozen=True)
+class _Statements:
+    condition: sql.Composable
+    exact: sql.Composed  # filter, then ORDER BY distance LIMIT k
+    hnsw: sql.Composed  # the same under a re-sort, for the relaxed order of an iterative scan
+
+    @classmethod
+    def build(cls, target: VectorColumn, condition: sql.Composable, columns: Sequence[str] | None) -> _Statements:
+        query = sql.SQL("%(q)s::halfvec") if target.type_name == "halfvec" else sql.SQL("%(q)s")
+        exact = sql.SQL(
+            "SELECT {selected}, {col} <=> {q} AS {distance} FROM {table} WHERE {condition} "
+            "ORDER BY {col} <=> {q} LIMIT %(k)s"
+        ).format(
+            selected=sql.SQL(", ").join(sql.Identifier(c) for c in (columns or target.other_columns)),
+            col=sql.Identifier(target.column),
+            q=query,
+            distance=sql.Identifier(DISTANCE),
+            table=table_identifier(target.table),
+            condition=condition,
+        )
+        hnsw = sql.SQL("WITH relaxed AS MATERIALIZED ({}) SELECT * FROM relaxed ORDER BY {}").format(
+            exact, sql.Identifier(DISTANCE)
+        )
+        return cls(condition, exact, hnsw)
+
+    def for_path(self, path: str) -> sql.Composed:
+        return self.hnsw if path == "hnsw" else self.exact
+
+
+def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise InvalidInput(f"k must be a whole number from 1 to {MAX_K}; got {k!r}.")
-    dimension = column_dimension(conn, table, column)
-    if isinstance(query, str):
-        vector = Text(query).vector(model)
-    else:
-        vector = check_vector(query, dimension)
-    if vector.shape[0] != dimension:
-        raise InvalidInput(f"Model {model!r} gives {vector.shape[0]} dimensions; {table}.{column} holds {dimension}.")
-    select = sql.SQL(", ").join(sql.Identifier(c) for c in columns) if columns else sql.SQL("*")
-    filters, params = _filters(where or {})
-    statement = sql.SQL(
-        "SELECT {select}, {col} <=> %(q)s AS _pgsim_distance FROM {table} {where} ORDER BY {col} <=> %(q)s LIMIT %(k)s"
-    ).format(select=select, col=sql.Identifier(column), table=table_identifier(table), where=filters)
-    params.update(q=vector, k=k)
-    rows = _run(conn, statement, params, exact=False)
-    if len(rows) < k:
-        rows = _run(conn, statement, params, exact=True)
-    hits = []
-    for row in rows:
-        distance = row.pop("_pgsim_distance")
-        row.pop(column, None)
-        hits.append(Hit(row=row, distance=float(distance)))
-    return hits
 
 
-def _filters(where: Mapping[str, Any]) -> tuple[sql.Composable, dict[str, Any]]:
-    clauses: list[sql.Composable] = []
-    params: dict[str, Any] = {}
-    for position, (name, value) in enumerate(where.items()):
-        placeholder = sql.Placeholder(f"f{position}")
-        if isinstance(value, (list, tuple, set, frozenset)):
-            clauses.append(sql.SQL("{} = ANY({})").format(sql.Identifier(name), placeholder))
-            params[f"f{position}"] = list(value)
-        elif isinstance(value, Between):
-            for bound, operator, given in (("lo", ">=", value.low), ("hi", "<", value.high)):
-                if given is not None:
-                    clauses.append(
-                        sql.SQL("{} " + operator + " {}").format(
-                            sql.Identifier(name), sql.Placeholder(f"f{position}{bound}")
-                        )
-                    )
-                    params[f"f{position}{bound}"] = given
-        elif value is None:
-            clauses.append(sql.SQL("{} IS NULL").format(sql.Identifier(name)))
-        else:
-            clauses.append(sql.SQL("{} = {}").format(sql.Identifier(name), placeholder))
-            params[f"f{position}"] = value
-    if not clauses:
-        return sql.SQL(""), params
-    return sql.SQL("WHERE ") + sql.SQL(" AND ").join(clauses), params
+def _prepare(
+    conn: psycopg.Connection[Any],
+    table: str,
+    column: str,
+    k: int,
+    condition: sql.Composable,
+    tuning: Tuning,
+    *,
+    apply: bool,
+) -> Plan:
+    function = sql.SQL("pgsim.prepare_knn" if apply else "pgsim.knn_plan")
+    statement = sql.SQL("SELECT (p).* FROM (SELECT {}(%s::regclass, %s, %s, %s, %s, %s, %s) AS p) AS planned").format(
+        function
+    )
+    params = [
+        table_identifier(table).as_string(conn),
+        column,
+        k,
+        condition.as_string(conn),
+        tuning.exact_below_rows,
+        tuning.min_ef_search,
+        tuning.max_visits,
+    ]
+    try:
+        row = conn.execute(statement, params).fetchone()
+    except psycopg.errors.UndefinedFunction:
+        raise InvalidInput("Schema pgsim is missing or out of date here: run `pgsim install` first.") from None
+    except (psycopg.errors.UndefinedColumn, psycopg.errors.SyntaxError) as exc:
+        raise InvalidInput(f"The filter is not valid here: {exc.diag.message_primary}.") from None
+    assert row is not None
+    return Plan(*row)
 
 
-def _run(
-    conn: psycopg.Connection[Any], statement: sql.Composed, params: dict[str, Any], exact: bool
+def _execute(
+    cur: psycopg.Cursor[dict[str, Any]], statement: sql.Composed, params: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    k = int(params["k"])
-    # The block ends in a rollback: the search only reads, and rolling back undoes the SET LOCALs even
-    # when this runs as a savepoint inside the caller's open transaction (where a release would not).
-    with conn.transaction() as tx, conn.cursor(row_factory=dict_row) as cur:
-        if exact:
-            cur.execute("SET LOCAL enable_indexscan = off")
-        else:
-            cur.execute("SET LOCAL hnsw.iterative_scan = strict_order")
-            cur.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(min(max(40, k), EF_SEARCH_MAX))))
-        try:
-            cur.execute(statement, params)
-        except psycopg.errors.UndefinedColumn as exc:
-            raise InvalidInput(f"{exc.diag.message_primary}: check the column names in the filter.") from None
-        rows = cur.fetchall()
-        raise psycopg.Rollback(tx)
-    return rows
+    try:
+        cur.execute(statement, params)
+    except psycopg.errors.UndefinedColumn as exc:
+        raise InvalidInput(f"{exc.diag.message_primary}: check the column names in the filter.") from None
+    return cur.fetchall()

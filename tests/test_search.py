@@ -6,11 +6,12 @@ import numpy as np
 import psycopg
 import pytest
 from fixtures.model import exact_top_k, load_packages_table
+from psycopg import sql
 
 from pgsim import InvalidInput, install
 from pgsim.corpus import Package
 from pgsim.encode import Encoder
-from pgsim.search import Between, search
+from pgsim.search import Between, NoIndexWarning, Tuning, explain, plan, search, search_with_plan
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +119,133 @@ def test_settings_do_not_leak_into_the_callers_transaction(db: str) -> None:
         search(conn, "packages", "embedding", "x", k=3, where={"section": "libs"})
         assert conn.execute("SHOW hnsw.iterative_scan").fetchone() == ("off",)
         assert conn.execute("SHOW enable_indexscan").fetchone() == ("on",)
+
+
+# -- the planner: each path keeps the contract ---------------------------------------------------------------
+
+HNSW_ALWAYS = Tuning(exact_below_rows=0, max_visits=1e12)
+EXACT_ALWAYS = Tuning(exact_below_rows=1e12)
+
+
+@pytest.mark.parametrize("tuning", [HNSW_ALWAYS, EXACT_ALWAYS], ids=["hnsw", "exact"])
+def test_each_path_returns_the_exact_top_k(
+    conn: Any, tuning: Tuning, encoder: Encoder, packages: list[Package], package_vectors: np.ndarray[Any, Any]
+) -> None:
+    section = sections(packages)[0][0]
+    for text in ("parse json", "a font", "backup tool"):
+        hits, chosen = search_with_plan(
+            conn, "packages", "embedding", text, k=10, where={"section": section}, tuning=tuning
+        )
+        assert chosen.path == ("hnsw" if tuning is HNSW_ALWAYS else "exact")
+        expected = exact_top_k(
+            encoder.encode_query(text), package_vectors, packages, 10, lambda p: p.section == section
+        )
+        assert [h.row["package"] for h in hits] == expected
+
+
+def test_plan_sizes_the_hnsw_scan_from_the_filter(conn: Any, packages: list[Package]) -> None:
+    section, count = sections(packages)[0]
+    chosen = plan(conn, "packages", "embedding", k=10, where={"section": section}, tuning=HNSW_ALWAYS)
+    assert chosen.path == "hnsw" and chosen.index_name == "packages_embedding_idx"
+    assert chosen.indexed_rows == len(packages)
+    assert chosen.selectivity == pytest.approx(count / len(packages), rel=0.5)
+    assert chosen.ef_search == 100 and chosen.max_scan_tuples >= 20000
+    default = plan(conn, "packages", "embedding", k=10, where={"section": section})
+    assert default.path == "exact" and "rows pass the filter" in default.reason  # 400 rows: below the threshold
+    rare = plan(
+        conn,
+        "packages",
+        "embedding",
+        k=10,
+        where={"section": section},
+        tuning=Tuning(exact_below_rows=0, max_visits=20),
+    )
+    assert rare.path == "exact" and "would visit about" in rare.reason
+
+
+def test_hnsw_path_falls_back_to_exact_when_short(conn: Any) -> None:
+    hits, chosen = search_with_plan(
+        conn, "packages", "embedding", "x", k=5, where={"section": "none such"}, tuning=HNSW_ALWAYS
+    )
+    assert hits == [] and chosen.path == "hnsw" and chosen.fell_back
+
+
+def test_partial_index_serves_its_filter_value(db: str, packages: list[Package]) -> None:
+    section = sections(packages)[1][0]
+    with psycopg.connect(db, autocommit=True) as admin:
+        create = (
+            "CREATE INDEX packages_partial_hnsw ON packages USING hnsw (embedding vector_cosine_ops) WHERE section = {}"
+        )
+        admin.execute(sql.SQL(create).format(sql.Literal(section)))
+        admin.execute("ANALYZE packages")
+    try:
+        from pgsim import connect
+
+        with connect(db) as conn:
+            served = plan(conn, "packages", "embedding", where={"section": section}, tuning=HNSW_ALWAYS)
+            assert served.index_name == "packages_partial_hnsw" and served.selectivity == pytest.approx(1, rel=0.3)
+            other = plan(conn, "packages", "embedding", where={"section": sections(packages)[0][0]}, tuning=HNSW_ALWAYS)
+            assert other.index_name == "packages_embedding_idx"
+            assert conn.execute("SHOW enable_seqscan").fetchone() == ("on",)
+    finally:
+        with psycopg.connect(db, autocommit=True) as admin:
+            admin.execute("DROP INDEX packages_partial_hnsw")
+
+
+def test_composable_filter(
+    conn: Any, encoder: Encoder, packages: list[Package], package_vectors: np.ndarray[Any, Any]
+) -> None:
+    where = sql.SQL("{} < {} AND {} <> {}").format(
+        sql.Identifier("installed_size"), sql.Literal(500), sql.Identifier("section"), sql.Literal("libs")
+    )
+    hits = search(conn, "packages", "embedding", "image viewer", k=8, where=where, tuning=HNSW_ALWAYS)
+    keep = lambda p: p.installed_size < 500 and p.section != "libs"  # noqa: E731
+    assert [h.row["package"] for h in hits] == exact_top_k(
+        encoder.encode_query("image viewer"), package_vectors, packages, 8, keep
+    )
+
+
+def test_sql_recipe_for_sql_users(
+    db: str, encoder: Encoder, packages: list[Package], package_vectors: np.ndarray[Any, Any]
+) -> None:
+    """The recipe the README gives SQL users, run as written: prepare_knn, then the re-sorted query."""
+    section = sections(packages)[0][0]
+    query = encoder.encode_query("parse json")
+    from pgsim import register
+
+    with psycopg.connect(db) as conn:
+        register(conn)
+        with conn.transaction():
+            (path,) = conn.execute(
+                "SELECT path FROM pgsim.prepare_knn('packages', 'embedding', 10, %s, exact_below_rows => 0)",
+                [f"section = '{section}'"],
+            ).fetchone()  # type: ignore[misc]
+            rows = conn.execute(
+                "WITH r AS MATERIALIZED (SELECT package, embedding <=> %(q)s AS distance FROM packages "
+                "WHERE section = %(s)s ORDER BY embedding <=> %(q)s LIMIT 10) SELECT package FROM r ORDER BY distance",
+                {"q": query, "s": section},
+            ).fetchall()
+        assert path == "hnsw"
+        assert conn.execute("SHOW hnsw.iterative_scan").fetchone() == ("off",)  # ended with the transaction
+    assert [r[0] for r in rows] == exact_top_k(query, package_vectors, packages, 10, lambda p: p.section == section)
+
+
+def test_no_index_means_exact_scan_and_a_warning(db: str, packages: list[Package]) -> None:
+    from pgsim import connect
+
+    with connect(db) as conn:
+        conn.execute("CREATE TABLE IF NOT EXISTS unindexed AS SELECT package, section, embedding FROM packages")
+        with pytest.warns(NoIndexWarning, match="CREATE INDEX ON unindexed USING hnsw"):
+            hits, chosen = search_with_plan(conn, "unindexed", "embedding", "editor", k=3)
+        assert chosen.path == "exact" and "no valid HNSW index" in chosen.reason and len(hits) == 3
+
+
+def test_doctor_explains(db: str, packages: list[Package]) -> None:
+    from pgsim import connect
+
+    with connect(db) as conn:
+        chosen, analyzed = explain(
+            conn, "packages", "embedding", "editor", k=3, where={"section": "libs"}, tuning=EXACT_ALWAYS
+        )
+    assert chosen.path == "exact"
+    assert "actual time" in analyzed and "<query vector>" in analyzed and "Limit" in analyzed

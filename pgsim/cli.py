@@ -174,6 +174,37 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_advise(args: argparse.Namespace) -> int:
+    import json
+
+    from pgsim.advise import advise, create
+
+    source = sys.stdin if args.workload == "-" else open(args.workload, encoding="utf-8")
+    with source:
+        workload = [json.loads(line) for line in source if line.strip()]
+    if not all(isinstance(item, dict) for item in workload):
+        raise PgsimError('--workload holds one JSON object per line, the filter of one search: {"section": "libs"}')
+    with _connect(args) as conn:
+        advice = advise(conn, args.table, args.column, workload, k=args.k, min_share=args.min_share)
+        if not advice:
+            print(f"no partial index advised for {len(workload)} searches (min share {args.min_share:.0%})")
+            return 0
+        rows = [
+            [a.column, a.value, f"{a.share:.0%}", a.current.path, f"{a.current.estimated_rows:.0f}", a.current.reason]
+            for a in advice
+        ]
+        print(format_table(["filter column", "value", "share", "path now", "rows", "why"], rows, max_width=70))
+        for item in advice:
+            statement = item.statement.as_string(conn)
+            if args.create:
+                started = time.perf_counter()
+                create(conn, item)
+                print(f"created in {time.perf_counter() - started:.1f}s: {statement}")
+            else:
+                print(statement + ";")
+    return 0
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from pgsim.server import EmbeddedServer
 
@@ -231,6 +262,15 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE")
     doctor.add_argument("--model", default=DEFAULT_MODEL)
     doctor.set_defaults(run=cmd_doctor)
+
+    advise = commands.add_parser("index-advise", help="partial HNSW indexes for a workload's frequent filter values")
+    advise.add_argument("--workload", required=True, help="JSON lines, one search's filter per line ('-' for stdin)")
+    advise.add_argument("--table", default="pgsim_demo.packages")
+    advise.add_argument("--column", default="embedding", help="the vector column")
+    advise.add_argument("-k", type=int, default=10)
+    advise.add_argument("--min-share", type=float, default=0.05, help="advise values used by at least this share")
+    advise.add_argument("--create", action="store_true", help="build the indexes (CONCURRENTLY) instead of printing")
+    advise.set_defaults(run=cmd_index_advise)
 
     server = commands.add_parser("server", help="start, stop or look at the embedded PostgreSQL")
     server.add_argument("action", choices=["start", "stop", "status"])

@@ -71,6 +71,7 @@ class Tuning:
     max_visits: float = 50_000
 
 
+DEFAULT_TUNING = Tuning()
 Where = Mapping[str, Any] | sql.Composable | None
 
 
@@ -154,7 +155,7 @@ def plan(
     *,
     k: int = 10,
     where: Where = None,
-    tuning: Tuning = Tuning(),
+    tuning: Tuning = DEFAULT_TUNING,
 ) -> Plan:
     """The path a search would take, without running it (``pgsim doctor`` prints this)."""
     _check_k(k)
@@ -175,7 +176,7 @@ def search(
     where: Where = None,
     columns: Sequence[str] | None = None,
     model: str = DEFAULT_MODEL,
-    tuning: Tuning = Tuning(),
+    tuning: Tuning = DEFAULT_TUNING,
 ) -> list[Hit]:
     """The k rows of ``table`` nearest to ``query`` (text, encoded with ``model``, or a vector) that pass
     ``where``, nearest first. ``where`` is a ``psycopg.sql.Composable`` condition, or a dict: {column: value}
@@ -195,7 +196,7 @@ def search_with_plan(
     where: Where = None,
     columns: Sequence[str] | None = None,
     model: str = DEFAULT_MODEL,
-    tuning: Tuning = Tuning(),
+    tuning: Tuning = DEFAULT_TUNING,
 ) -> tuple[list[Hit], Plan]:
     """:func:`search`, and the plan it followed."""
     _check_k(k)
@@ -235,7 +236,7 @@ def explain(
     k: int = 10,
     where: Where = None,
     model: str = DEFAULT_MODEL,
-    tuning: Tuning = Tuning(),
+    tuning: Tuning = DEFAULT_TUNING,
 ) -> tuple[Plan, str]:
     """The plan a search takes and PostgreSQL's EXPLAIN ANALYZE of its statement under the plan's settings."""
     _check_k(k)

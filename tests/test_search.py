@@ -249,3 +249,37 @@ def test_doctor_explains(db: str, packages: list[Package]) -> None:
         )
     assert chosen.path == "exact"
     assert "actual time" in analyzed and "<query vector>" in analyzed and "Limit" in analyzed
+
+
+def test_halfvec_column(
+    db: str, encoder: Encoder, packages: list[Package], package_vectors: np.ndarray[Any, Any]
+) -> None:
+    from pgsim import connect
+
+    with connect(db) as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS packages_half AS SELECT package, section, embedding::halfvec(384) AS embedding "
+            "FROM packages"
+        )
+        conn.execute(
+            "CREATE INDEX IF NOT EXISTS packages_half_hnsw ON packages_half USING hnsw (embedding halfvec_cosine_ops)"
+        )
+        conn.execute("ANALYZE packages_half")
+        section = sections(packages)[0][0]
+        for text in ("parse json", "a font"):
+            by_path = [
+                [
+                    h.row["package"]
+                    for h in search(
+                        conn, "packages_half", "embedding", text, k=10, where={"section": section}, tuning=t
+                    )
+                ]
+                for t in (HNSW_ALWAYS, EXACT_ALWAYS)
+            ]
+            assert by_path[0] == by_path[1]
+            full = exact_top_k(
+                encoder.encode_query(text), package_vectors, packages, 10, lambda p: p.section == section
+            )
+            assert len(set(by_path[0]) & set(full)) >= 9  # half precision may swap a near tie at the edge
+        chosen = plan(conn, "packages_half", "embedding", where={"section": section}, tuning=HNSW_ALWAYS)
+        assert chosen.index_name == "packages_half_hnsw"

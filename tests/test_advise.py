@@ -13,7 +13,7 @@ from pgsim.advise import advise, create, index_name
 from pgsim.corpus import Package
 from pgsim.search import Tuning, plan
 
-HNSW_FROM_ONE_ROW = Tuning(exact_below_rows=0, max_visits=1e12)
+HNSW_FROM_ONE_ROW = Tuning(exact_below_rows=0, min_hnsw_selectivity=0)
 
 
 @pytest.fixture(scope="module")

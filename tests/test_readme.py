@@ -28,3 +28,26 @@ def test_psycopg_example_runs_as_written(database: str) -> None:
             "Indexing JSONB columns for fast lookups",
             "Tuning Postgres for write-heavy workloads",
         ]
+
+
+def test_search_example_runs_as_written(tmp_path: Path) -> None:
+    """Against the demo's table, as the README says; the embedded server in a fresh home."""
+    env = dict(os.environ, PGSIM_HOME=str(tmp_path / "home"))
+    env.pop("PGSIM_DSN", None)
+    try:
+        demo = subprocess.run(
+            [sys.executable, "-m", "pgsim.cli", "demo", "--rows", "400"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert demo.returncode == 0, demo.stderr
+        out = subprocess.run(
+            [sys.executable, "-c", example("search")], env=env, capture_output=True, text=True, timeout=300
+        )
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.strip().splitlines()
+        assert 1 <= len(lines) <= 5 and all(": " in line for line in lines)
+    finally:
+        subprocess.run([sys.executable, "-m", "pgsim.cli", "server", "stop"], env=env, capture_output=True, timeout=120)

@@ -123,7 +123,7 @@ def test_settings_do_not_leak_into_the_callers_transaction(db: str) -> None:
 
 # -- the planner: each path keeps the contract ---------------------------------------------------------------
 
-HNSW_ALWAYS = Tuning(exact_below_rows=0, max_visits=1e12)
+HNSW_ALWAYS = Tuning(exact_below_rows=0, min_hnsw_selectivity=0)
 EXACT_ALWAYS = Tuning(exact_below_rows=1e12)
 
 
@@ -149,7 +149,7 @@ def test_plan_sizes_the_hnsw_scan_from_the_filter(conn: Any, packages: list[Pack
     assert chosen.path == "hnsw" and chosen.index_name == "packages_embedding_idx"
     assert chosen.indexed_rows == len(packages)
     assert chosen.selectivity == pytest.approx(count / len(packages), rel=0.5)
-    assert chosen.ef_search == 100 and chosen.max_scan_tuples >= 20000
+    assert chosen.ef_search == 200 and chosen.max_scan_tuples >= 20000
     default = plan(conn, "packages", "embedding", k=10, where={"section": section})
     assert default.path == "exact" and "rows pass the filter" in default.reason  # 400 rows: below the threshold
     rare = plan(
@@ -158,9 +158,9 @@ def test_plan_sizes_the_hnsw_scan_from_the_filter(conn: Any, packages: list[Pack
         "embedding",
         k=10,
         where={"section": section},
-        tuning=Tuning(exact_below_rows=0, max_visits=20),
+        tuning=Tuning(exact_below_rows=0, min_hnsw_selectivity=0.99),
     )
-    assert rare.path == "exact" and "would visit about" in rare.reason
+    assert rare.path == "exact" and "pgsim index-advise" in rare.reason
 
 
 def test_hnsw_path_falls_back_to_exact_when_short(conn: Any) -> None:
@@ -205,10 +205,15 @@ def test_composable_filter(
     )
 
 
-def test_sql_recipe_for_sql_users(
-    db: str, encoder: Encoder, packages: list[Package], package_vectors: np.ndarray[Any, Any]
+@pytest.mark.parametrize("min_hnsw_selectivity", [0.0, 0.5], ids=["hnsw", "exact"])
+def test_sql_function_for_sql_users(
+    db: str,
+    min_hnsw_selectivity: float,
+    encoder: Encoder,
+    packages: list[Package],
+    package_vectors: np.ndarray[Any, Any],
 ) -> None:
-    """The recipe the README gives SQL users, run as written: prepare_knn, then the re-sorted query."""
+    """pgsim.knn as the README shows it: one statement, typed rows back through jsonb_populate_record."""
     section = sections(packages)[0][0]
     query = encoder.encode_query("parse json")
     from pgsim import register
@@ -216,18 +221,37 @@ def test_sql_recipe_for_sql_users(
     with psycopg.connect(db) as conn:
         register(conn)
         with conn.transaction():
-            (path,) = conn.execute(
-                "SELECT path FROM pgsim.prepare_knn('packages', 'embedding', 10, %s, exact_below_rows => 0)",
-                [f"section = '{section}'"],
-            ).fetchone()  # type: ignore[misc]
             rows = conn.execute(
-                "WITH r AS MATERIALIZED (SELECT package, embedding <=> %(q)s AS distance FROM packages "
-                "WHERE section = %(s)s ORDER BY embedding <=> %(q)s LIMIT 10) SELECT package FROM r ORDER BY distance",
-                {"q": query, "s": section},
+                "SELECT p.package, p.section, r.distance "
+                "FROM pgsim.knn('packages', 'embedding', %s, 10, %s, exact_below_rows => 0, "
+                "min_hnsw_selectivity => %s) AS r, jsonb_populate_record(NULL::packages, r.row) AS p",
+                [query, f"section = '{section}'", min_hnsw_selectivity],
             ).fetchall()
-        assert path == "hnsw"
-        assert conn.execute("SHOW hnsw.iterative_scan").fetchone() == ("off",)  # ended with the transaction
+            # the settings it changed are restored before it returns, inside the same transaction
+            assert conn.execute("SHOW hnsw.iterative_scan").fetchone() == ("off",)
+            assert conn.execute("SHOW enable_indexscan").fetchone() == ("on",)
     assert [r[0] for r in rows] == exact_top_k(query, package_vectors, packages, 10, lambda p: p.section == section)
+    assert all(r[1] == section for r in rows) and [r[2] for r in rows] == sorted(r[2] for r in rows)
+
+
+def test_sql_function_falls_back_when_short(db: str, package_vectors: np.ndarray[Any, Any]) -> None:
+    from pgsim import register
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        register(conn)
+        rows = conn.execute(
+            "SELECT count(*) FROM pgsim.knn('packages', 'embedding', %s, 10, $$section = 'none such'$$, "
+            "exact_below_rows => 0, min_hnsw_selectivity => 0)",
+            [package_vectors[0]],
+        ).fetchone()
+        assert rows == (0,)
+        three = [p for (p,) in conn.execute("SELECT package FROM packages ORDER BY package LIMIT 3").fetchall()]
+        found = conn.execute(
+            "SELECT r.row->>'package' FROM pgsim.knn('packages', 'embedding', %s, 10, %s, exact_below_rows => 0, "
+            "min_hnsw_selectivity => 0) AS r",
+            [package_vectors[0], "package IN (" + ", ".join(f"'{p}'" for p in three) + ")"],
+        ).fetchall()
+        assert sorted(p for (p,) in found) == three
 
 
 def test_no_index_means_exact_scan_and_a_warning(db: str, packages: list[Package]) -> None:

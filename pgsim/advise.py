@@ -19,7 +19,7 @@ import psycopg
 from psycopg import sql
 
 from pgsim.errors import InvalidInput
-from pgsim.search import DEFAULT_TUNING, Plan, Tuning, plan, table_identifier, vector_column
+from pgsim.search import DEFAULT_TUNING, Plan, Tuning, forget_plans, plan, table_identifier, vector_column
 
 MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1
 
@@ -97,3 +97,4 @@ def create(conn: psycopg.Connection[Any], advice: Advice) -> None:
         raise InvalidInput("CREATE INDEX CONCURRENTLY needs an autocommit connection (psycopg: autocommit=True).")
     conn.execute(advice.statement)
     conn.execute(sql.SQL("ANALYZE {}").format(table_identifier(advice.table)))
+    forget_plans()  # searches cached a plan that did not know this index

@@ -58,7 +58,7 @@ def test_install_status_search(database: str) -> None:
 def test_errors_are_one_line_with_what_to_do(database: str) -> None:
     bad = pgsim("search", "x", "--filter", "nosuchcolumn=1", dsn=database)
     assert bad.returncode == 2
-    assert bad.stderr.startswith("pgsim: ") and "check the column names" in bad.stderr
+    assert bad.stderr.startswith("pgsim: ") and "check its column names" in bad.stderr
     unreachable = pgsim("status", dsn="postgresql://nobody@/none?host=/nonexistent-socket-dir")
     assert unreachable.returncode == 2 and "Cannot connect to PostgreSQL" in unreachable.stderr
 

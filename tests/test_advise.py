@@ -1,27 +1,15 @@
 """index-advise: partial HNSW indexes for a workload's frequent filter values, built and then used."""
 
 from collections import Counter
-from typing import Any
 
-import numpy as np
-import psycopg
 import pytest
-from fixtures.model import load_packages_table
 
-from pgsim import InvalidInput, connect, install
+from pgsim import InvalidInput, connect
 from pgsim.advise import advise, create, index_name
 from pgsim.corpus import Package
 from pgsim.search import Tuning, plan
 
 HNSW_FROM_ONE_ROW = Tuning(exact_below_rows=0, min_hnsw_selectivity=0)
-
-
-@pytest.fixture(scope="module")
-def db(database: str, packages: list[Package], package_vectors: np.ndarray[Any, Any]) -> str:
-    with psycopg.connect(database, autocommit=True) as conn:
-        install(conn)
-        load_packages_table(conn, packages, package_vectors, index=True)
-    return database
 
 
 def test_frequent_narrow_filter_gets_a_partial_index_that_search_then_uses(db: str, packages: list[Package]) -> None:

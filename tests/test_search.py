@@ -5,21 +5,13 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-from fixtures.model import exact_top_k, load_packages_table
+from fixtures.model import exact_top_k
 from psycopg import sql
 
-from pgsim import InvalidInput, install
+from pgsim import InvalidInput
 from pgsim.corpus import Package
 from pgsim.encode import Encoder
 from pgsim.search import Between, NoIndexWarning, Tuning, explain, plan, search, search_with_plan
-
-
-@pytest.fixture(scope="module")
-def db(database: str, packages: list[Package], package_vectors: np.ndarray[Any, Any]) -> str:
-    with psycopg.connect(database, autocommit=True) as conn:
-        install(conn)
-        load_packages_table(conn, packages, package_vectors, index=True)
-    return database
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import time
 import warnings
 from collections import OrderedDict
@@ -25,7 +26,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from pgsim.encode import DEFAULT_MODEL, check_vector
+from pgsim.encode import DEFAULT_MODEL, Vector, check_vector
 from pgsim.errors import InvalidInput
 from pgsim.psycopg import Text
 
@@ -104,23 +105,27 @@ class _TtlCache(Generic[K, V]):
         self.seconds = seconds
         self.size = size
         self.entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self.lock = threading.Lock()
 
     def get(self, key: K) -> V | None:
-        entry = self.entries.get(key)
-        if entry is None or time.monotonic() - entry[0] > self.seconds:
-            self.entries.pop(key, None)
-            return None
-        return entry[1]
+        with self.lock:
+            entry = self.entries.get(key)
+            if entry is None or time.monotonic() - entry[0] > self.seconds:
+                self.entries.pop(key, None)
+                return None
+            return entry[1]
 
     def put(self, key: K, value: V) -> V:
-        self.entries[key] = (time.monotonic(), value)
-        self.entries.move_to_end(key)
-        while len(self.entries) > self.size:
-            self.entries.popitem(last=False)
+        with self.lock:
+            self.entries[key] = (time.monotonic(), value)
+            self.entries.move_to_end(key)
+            while len(self.entries) > self.size:
+                self.entries.popitem(last=False)
         return value
 
     def clear(self) -> None:
-        self.entries.clear()
+        with self.lock:
+            self.entries.clear()
 
 
 # Plans are reused for PLAN_SECONDS per (database, table, column, k, filter, tuning): the planner's estimate
@@ -230,11 +235,7 @@ def plan(
     _check_k(k)
     target = vector_column(conn, table, column)
     with _clear_errors(), conn.transaction() as tx:
-        row = conn.execute(
-            _prepare_statement(apply=False), _prepare_params(conn, target, k, filter_sql(where), tuning)
-        ).fetchone()
-        assert row is not None
-        chosen = Plan(*row)
+        chosen = _run_plan(conn, _prepare_params(conn, target, k, filter_sql(where), tuning), apply=False)
         raise psycopg.Rollback(tx)
     return chosen
 
@@ -273,12 +274,7 @@ def search_with_plan(
 ) -> tuple[list[Hit], Plan]:
     """:func:`search`, and the plan it followed."""
     _check_k(k)
-    target = vector_column(conn, table, column)
-    vector = Text(query).vector(model) if isinstance(query, str) else check_vector(query, target.dimension)
-    if vector.shape[0] != target.dimension:
-        raise InvalidInput(
-            f"Model {model!r} gives {vector.shape[0]} dimensions; {table}.{column} holds {target.dimension}."
-        )
+    target, vector = _target_and_vector(conn, table, column, query, model)
     condition = filter_sql(where)
     plan_params = _prepare_params(conn, target, k, condition, tuning)
     plan_key = (_database_key(conn), *plan_params)
@@ -289,19 +285,13 @@ def search_with_plan(
     params = {"q": vector, "k": k}
     # BEGIN; the plan (pgsim.prepare_knn applies its settings) or a cached plan's settings; the search;
     # ROLLBACK. Measured: plain round trips beat psycopg's pipeline mode here (0.68 vs 0.93 ms a search).
-    cached = _plans.get(plan_key)
+    chosen = _plans.get(plan_key)
     with _clear_errors(), conn.transaction() as tx, conn.cursor(row_factory=dict_row) as cur:
-        if cached is None:
-            planned = conn.execute(_prepare_statement(apply=True), plan_params)
+        if chosen is None:
+            chosen = _plans.put(plan_key, _run_plan(conn, plan_params, apply=True))
         else:
-            conn.execute(_settings_statement(cached))
+            conn.execute(_settings_statement(chosen))
         cur.execute(statement, params, prepare=False)
-        if cached is None:
-            plan_row = planned.fetchone()
-            assert plan_row is not None
-            chosen = _plans.put(plan_key, Plan(*plan_row))
-        else:
-            chosen = cached
         rows = cur.fetchall()
         if len(rows) < k and chosen.path == "hnsw":
             log.info("hnsw path gave %d of %d rows; exact scan instead", len(rows), k)
@@ -333,15 +323,11 @@ def explain(
 ) -> tuple[Plan, str]:
     """The plan a search takes and PostgreSQL's EXPLAIN ANALYZE of its statement under the plan's settings."""
     _check_k(k)
-    target = vector_column(conn, table, column)
-    vector = Text(query).vector(model) if isinstance(query, str) else check_vector(query, target.dimension)
-    statement = _statement(target, filter_sql(where), None)
+    target, vector = _target_and_vector(conn, table, column, query, model)
+    condition = filter_sql(where)
+    statement = _statement(target, condition, None)
     with _clear_errors(), conn.transaction() as tx:
-        row = conn.execute(
-            _prepare_statement(apply=True), _prepare_params(conn, target, k, filter_sql(where), tuning)
-        ).fetchone()
-        assert row is not None
-        chosen = Plan(*row)
+        chosen = _run_plan(conn, _prepare_params(conn, target, k, condition, tuning), apply=True)
         analyzed = sql.SQL("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) ") + statement
         lines = [str(line) for (line,) in conn.execute(analyzed, {"q": vector, "k": k}, prepare=False).fetchall()]
         raise psycopg.Rollback(tx)
@@ -377,11 +363,26 @@ def _check_k(k: int) -> None:
         raise InvalidInput(f"k must be a whole number from 1 to {MAX_K}; got {k!r}.")
 
 
-def _prepare_statement(*, apply: bool) -> sql.Composed:
+def _target_and_vector(
+    conn: psycopg.Connection[Any], table: str, column: str, query: Any, model: str
+) -> tuple[VectorColumn, Vector]:
+    """The column searched, and the query as a vector of its dimension (text is encoded with ``model``)."""
+    target = vector_column(conn, table, column)
+    vector = Text(query).vector(model) if isinstance(query, str) else check_vector(query, target.dimension)
+    if vector.shape[0] != target.dimension:
+        raise InvalidInput(
+            f"Model {model!r} gives {vector.shape[0]} dimensions; {table}.{column} holds {target.dimension}."
+        )
+    return target, vector
+
+
+def _run_plan(conn: psycopg.Connection[Any], params: list[Any], *, apply: bool) -> Plan:
+    """pgsim.prepare_knn (which also applies the settings) or pgsim.knn_plan (which only tells)."""
     function = sql.SQL("pgsim.prepare_knn" if apply else "pgsim.knn_plan")
-    return sql.SQL("SELECT (p).* FROM (SELECT {}(%s::regclass, %s, %s, %s, %s, %s, %s) AS p) AS planned").format(
-        function
-    )
+    statement = sql.SQL("SELECT (p).* FROM (SELECT {}(%s::regclass, %s, %s, %s, %s, %s, %s) AS p) AS planned")
+    row = conn.execute(statement.format(function), params).fetchone()
+    assert row is not None
+    return Plan(*row)
 
 
 def _prepare_params(

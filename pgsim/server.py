@@ -125,9 +125,9 @@ class EmbeddedServer:
     def _make_data_dir(self) -> None:
         try:
             self.data_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.data_dir / ".write-test"
-            probe.write_text("")
-            probe.unlink()
+            # a private probe file: two processes starting at once must not trip over each other's
+            with tempfile.NamedTemporaryFile(dir=self.data_dir, prefix=".write-test-"):
+                pass
         except OSError as exc:
             raise ServerError(
                 f"Cannot use {self.data_dir} as pgsim's data directory ({exc.strerror or exc}). "

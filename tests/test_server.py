@@ -18,9 +18,8 @@ START_IN_SUBPROCESS = (
 
 
 def _start_in_subprocess(data_dir: Path) -> int:
-    out = subprocess.run(
-        [sys.executable, "-c", START_IN_SUBPROCESS, str(data_dir)], check=True, capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-c", START_IN_SUBPROCESS, str(data_dir)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
     return int(out.stdout.strip())
 
 

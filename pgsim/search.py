@@ -416,7 +416,7 @@ def _clear_errors() -> Iterator[None]:
     """The database's complaints about a search, as InvalidInput that says what to do."""
     try:
         yield
-    except psycopg.errors.UndefinedFunction:
+    except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName):
         raise InvalidInput("Schema pgsim is missing or out of date here: run `pgsim install` first.") from None
     except (psycopg.errors.UndefinedColumn, psycopg.errors.SyntaxError) as exc:
         raise InvalidInput(

@@ -299,3 +299,16 @@ def test_halfvec_column(
             assert len(set(by_path[0]) & set(full)) >= 9  # half precision may swap a near tie at the edge
         chosen = plan(conn, "packages_half", "embedding", where={"section": section}, tuning=HNSW_ALWAYS)
         assert chosen.index_name == "packages_half_hnsw"
+
+
+def test_search_without_pgsim_schema_says_to_install(server_dsn: str) -> None:
+    from fixtures.database import scratch_database
+
+    from pgsim import register
+
+    with scratch_database(server_dsn, "no_schema") as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION vector")
+        conn.execute("CREATE TABLE docs (id int PRIMARY KEY, embedding vector(3))")
+        register(conn)
+        with pytest.raises(InvalidInput, match="run `pgsim install` first"):
+            search(conn, "docs", "embedding", [0.1, 0.2, 0.3])

@@ -289,20 +289,14 @@ def search_with_plan(
     chosen = _plans.get(plan_key)
     with _clear_errors(), conn.cursor(row_factory=dict_row) as cur:
         if chosen is None:
-            chosen = _plans.put(plan_key, _run_plan(conn, plan_params, apply=False))
-        if chosen.path == "exact":
+            chosen = _plans.put(plan_key, _checked_plan(conn, _run_plan(conn, plan_params, apply=False), hnsw, params))
+        rows = [] if chosen.path == "exact" else _run_hnsw(conn, cur, chosen, hnsw, params)
+        if chosen.path == "hnsw" and len(rows) < k:
+            log.info("hnsw path gave %d of %d rows; exact scan instead", len(rows), k)
+            chosen = replace(chosen, fell_back=True)
+        if chosen.path == "exact" or chosen.fell_back:
             # no setting needed: the statement orders by an expression no index serves; one round trip
             rows = cur.execute(exact, params, prepare=False).fetchall()
-        else:
-            # the settings live in a transaction that is rolled back (a savepoint inside the caller's)
-            with conn.transaction() as tx:
-                conn.execute(_settings_statement(chosen))
-                rows = cur.execute(hnsw, params, prepare=False).fetchall()
-                raise psycopg.Rollback(tx)
-            if len(rows) < k:
-                log.info("hnsw path gave %d of %d rows; exact scan instead", len(rows), k)
-                rows = cur.execute(exact, params, prepare=False).fetchall()
-                chosen = replace(chosen, fell_back=True)
     if chosen.index_name is None:
         warnings.warn(
             f"{table}.{column} has no HNSW index for cosine distance, so every search scans the table. Create one: "
@@ -373,6 +367,61 @@ def _statement(
 def _check_k(k: int) -> None:
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
         raise InvalidInput(f"k must be a whole number from 1 to {MAX_K}; got {k!r}.")
+
+
+def _run_hnsw(
+    conn: psycopg.Connection[Any],
+    cur: psycopg.Cursor[dict[str, Any]],
+    chosen: Plan,
+    hnsw: bytes,
+    params: dict[str, Any],
+) -> list[dict[str, Any]]:
+    """The hnsw path, its settings in a transaction that is rolled back (a savepoint inside the caller's)."""
+    with conn.transaction() as tx:
+        conn.execute(_settings_statement(chosen))
+        rows = cur.execute(hnsw, params, prepare=False).fetchall()
+        raise psycopg.Rollback(tx)
+    return rows
+
+
+def _checked_plan(conn: psycopg.Connection[Any], chosen: Plan, hnsw: bytes, params: dict[str, Any]) -> Plan:
+    """``chosen``, or the exact path if PostgreSQL would scan a different HNSW index than the one planned for.
+
+    knn_plan's selectivity is relative to the index it expects (a partial one, say), but the planner picks
+    the index when the search runs, and pgvector's costs move with ef_search: a higher ef_search can make
+    it prefer the full index, where the same filter is narrow and the walk loses recall. So the search
+    statement itself is explained once, under the hnsw settings, before the plan is cached."""
+    if chosen.path != "hnsw" or chosen.index_name is None:
+        return chosen
+    with conn.transaction() as tx:
+        conn.execute(_settings_statement(chosen))
+        row = conn.execute(b"EXPLAIN (FORMAT JSON) " + hnsw, params, prepare=False).fetchone()
+        raise psycopg.Rollback(tx)
+    assert row is not None
+    ordering = set(_ordering_indexes(row[0]))
+    if not ordering or chosen.index_name.split(".")[-1].strip('"') in ordering:
+        return chosen  # the planned index, or no index ordering at all (then the rows are exact anyway)
+    return replace(
+        chosen,
+        path="exact",
+        ef_search=None,
+        max_scan_tuples=None,
+        reason=f"planned for index {chosen.index_name}, but at these settings PostgreSQL would scan "
+        f"{', '.join(sorted(ordering))} instead: an exact scan keeps the recall",
+    )
+
+
+def _ordering_indexes(node: Any) -> Iterator[str]:
+    """Names of the indexes that produce an ORDER BY (HNSW scans) anywhere in an EXPLAIN (FORMAT JSON) tree."""
+    if isinstance(node, list):
+        for item in node:
+            yield from _ordering_indexes(item)
+    elif isinstance(node, dict):
+        if "Order By" in node and "Index Name" in node:
+            yield str(node["Index Name"])
+        for value in node.values():
+            if isinstance(value, (list, dict)):
+                yield from _ordering_indexes(value)
 
 
 def _target_and_vector(

@@ -312,3 +312,25 @@ def test_search_without_pgsim_schema_says_to_install(server_dsn: str) -> None:
         register(conn)
         with pytest.raises(InvalidInput, match="run `pgsim install` first"):
             search(conn, "docs", "embedding", [0.1, 0.2, 0.3])
+
+
+def test_plan_is_checked_against_the_index_postgres_would_scan(
+    conn: Any, package_vectors: np.ndarray[Any, Any]
+) -> None:
+    """A plan made for one index is turned into the exact path when the search would scan another."""
+    from pgsim.search import PATHS, Plan, _checked_plan, _statement, filter_sql, vector_column
+
+    target = vector_column(conn, "packages", "embedding")
+    hnsw = _statement(target, filter_sql(None), ["package"], PATHS[1]).as_bytes(conn)
+    params = {"q": package_vectors[0], "k": 10}
+    planned = Plan("hnsw", "packages_embedding_idx", 400.0, 400.0, 1.0, 200, 20000, "iterative HNSW scan")
+    elsewhere = Plan("hnsw", "some_partial_hnsw", 40.0, 40.0, 1.0, 200, 20000, "iterative HNSW scan")
+    # 400 rows: PostgreSQL sorts them rather than walk the graph, and sorted rows are exact: plan kept
+    assert _checked_plan(conn, elsewhere, hnsw, params) == elsewhere
+    conn.execute("SET enable_sort = off")  # now only the HNSW index can produce the order
+    try:
+        assert _checked_plan(conn, planned, hnsw, params) == planned
+        checked = _checked_plan(conn, elsewhere, hnsw, params)
+    finally:
+        conn.execute("RESET enable_sort")
+    assert checked.path == "exact" and "would scan packages_embedding_idx instead" in checked.reason

@@ -213,14 +213,29 @@ DECLARE
     vector_schema text := (SELECT quote_ident(n.nspname) FROM pg_extension e
                            JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector');
     search text;
+    explained json;
     hits pgsim.knn_hit[];
 BEGIN
+    -- The k nearest by ctid first, then their rows as jsonb: to_jsonb on every candidate of a top-N sort
+    -- cost 10x the search itself.
     search := format(
-        'SELECT array_agg((j, distance)::pgsim.knn_hit ORDER BY distance) FROM ('
-        'SELECT to_jsonb(t) - %L AS j, t.%I OPERATOR(%s.<=>) $1::%s AS distance FROM %s AS t WHERE %s '
-        'ORDER BY t.%I OPERATOR(%s.<=>) $1::%s LIMIT $2) AS found',
+        'SELECT array_agg((to_jsonb(t) - %L, found.distance)::pgsim.knn_hit ORDER BY found.distance) FROM ('
+        'SELECT s.ctid AS id, s.%I OPERATOR(%s.<=>) $1::%s AS distance FROM %s AS s WHERE %s '
+        'ORDER BY s.%I OPERATOR(%s.<=>) $1::%s LIMIT $2) AS found JOIN %s AS t ON t.ctid = found.id',
         col, col, vector_schema, column_type, tbl, coalesce(nullif(filter, ''), 'true'),
-        col, vector_schema, column_type);
+        col, vector_schema, column_type, tbl);
+    IF plan.path = 'hnsw' THEN
+        -- The planner picks the index when the search runs; if it would order the rows by another HNSW
+        -- index than the one planned for (pgvector's costs move with ef_search), the filter may be narrow
+        -- there and the walk lose recall: scan exactly instead.
+        EXECUTE 'EXPLAIN (FORMAT JSON) ' || search INTO explained USING query, k;
+        IF position('"Order By"' IN explained::text) > 0
+           AND position(('"Index Name": ' || to_json(split_part(plan.index_name, '.', -1))::text) IN explained::text) = 0
+        THEN
+            plan.path := 'exact';
+            PERFORM set_config('enable_indexscan', 'off', true);
+        END IF;
+    END IF;
     EXECUTE search INTO hits USING query, k;
     IF coalesce(array_length(hits, 1), 0) < k AND plan.path = 'hnsw' THEN
         PERFORM set_config('enable_indexscan', 'off', true);

@@ -34,6 +34,12 @@ $$;
 COMMENT ON FUNCTION pgsim.estimate_rows(regclass, text) IS
     'The planner''s estimate of the rows of tbl that pass filter (an SQL boolean expression over tbl).';
 
+-- An index built for pgsim (pgsim index-advise) carries the ef_search it was measured to need in its
+-- comment, 'pgsim: ef_search=N'; other indexes get the caller's default.
+CREATE FUNCTION pgsim.index_ef_search(index regclass, default_ef integer) RETURNS integer
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN coalesce(substring(obj_description(index, 'pg_class') FROM 'pgsim: ef_search=([0-9]+)')::integer, default_ef);
+
 CREATE FUNCTION pgsim.knn_plan(
     tbl regclass,
     col name,
@@ -93,7 +99,9 @@ BEGIN
                        current_setting('hnsw.ef_search', true)];
         PERFORM set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
                 set_config('enable_sort', 'off', true), set_config('enable_incremental_sort', 'off', true),
-                set_config('hnsw.ef_search', least(greatest(hnsw_ef_search, 2 * k), 1000)::text, true);
+                set_config('hnsw.ef_search', least(greatest(
+                    (SELECT min(pgsim.index_ef_search(name::regclass, hnsw_ef_search)) FROM unnest(partial_names) AS name),
+                    2 * k), 1000)::text, true);
         -- any vector will do for planning; NULL would not (the planner folds ORDER BY NULL away)
         EXECUTE format('EXPLAIN (FORMAT JSON) SELECT 1 FROM %s WHERE %s ORDER BY %I OPERATOR(%s.<=>) '
                        'array_fill(1::real, ARRAY[%s])::%s LIMIT %s',
@@ -140,7 +148,7 @@ BEGIN
     ELSE
         visits := k / result.selectivity;
         result.path := 'hnsw';
-        result.ef_search := least(greatest(hnsw_ef_search, 2 * k), 1000);
+        result.ef_search := least(greatest(pgsim.index_ef_search(result.index_name::regclass, hnsw_ef_search), 2 * k), 1000);
         result.max_scan_tuples := least(greatest(20000, ceil(visits * 20)), 2000000000)::integer;
         result.reason := format('the filter keeps %s%% of the rows %s indexes: iterative HNSW scan',
                                 round((result.selectivity * 100)::numeric, 2), result.index_name);

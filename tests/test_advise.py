@@ -25,6 +25,8 @@ def test_frequent_narrow_filter_gets_a_partial_index_that_search_then_uses(db: s
         create(conn, advice[0])
         now = plan(conn, "packages", "embedding", where={"section": common}, tuning=HNSW_FROM_ONE_ROW)
         assert now.index_name == advice[0].index_name
+        assert now.ef_search == 64  # from the index's comment, written by create()
+        assert "WITH (m = 24, ef_construction = 200)" in statement
         again = advise(conn, "packages", "embedding", workload, min_share=0.25, tuning=HNSW_FROM_ONE_ROW)
         assert [(a.column, a.value) for a in again] == [("section", second)]
 

@@ -16,25 +16,32 @@ from pgsim.errors import (
 )
 from pgsim.install import InstallReport, install
 from pgsim.psycopg import Text, register, register_async
+from pgsim.search import Between, Hit, NoIndexWarning, Plan, Tuning, search
 from pgsim.server import EmbeddedServer
 
 __all__ = [
+    "Between",
     "DEFAULT_MODEL",
     "EmbeddedServer",
     "Encoder",
     "ExtensionMissing",
+    "Hit",
     "InstallError",
     "InstallReport",
     "InvalidInput",
     "MissingDependency",
     "ModelNotFound",
+    "NoIndexWarning",
     "PgsimError",
+    "Plan",
     "ServerError",
     "Text",
+    "Tuning",
     "check_vector",
     "connect",
     "install",
     "register",
     "register_async",
     "resolve_dsn",
+    "search",
 ]

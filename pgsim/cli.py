@@ -168,7 +168,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             f"hnsw.max_scan_tuples = {plan.max_scan_tuples}; rows re-sorted by distance"
         )
     else:
-        print("settings (SET LOCAL): enable_indexscan = off (the filter runs first, then distances)")
+        print("settings: none (the filter runs first, then distances; no index can serve the ordering)")
     print("\nEXPLAIN ANALYZE:")
     print(analyzed)
     return 0

@@ -191,10 +191,6 @@ def _read_vector_column(conn: psycopg.Connection[Any], table: str, column: str) 
     return VectorColumn(table, column, type_name, int(typmod), tuple(name for name in found if name != column))
 
 
-def column_dimension(conn: psycopg.Connection[Any], table: str, column: str) -> int:
-    return vector_column(conn, table, column).dimension
-
-
 def filter_sql(where: Where) -> sql.Composable:
     """A WHERE condition with its values as literals (psycopg quotes them); identifiers always quoted."""
     if where is None:
@@ -231,7 +227,8 @@ def plan(
     where: Where = None,
     tuning: Tuning = DEFAULT_TUNING,
 ) -> Plan:
-    """The path a search would take, without running it (``pgsim doctor`` prints this)."""
+    """What ``pgsim.knn_plan`` decides for such a search, without running it. (A search also checks that
+    PostgreSQL would scan the planned index; :func:`explain` shows the plan after that check.)"""
     _check_k(k)
     target = vector_column(conn, table, column)
     with _clear_errors(), conn.transaction() as tx:
@@ -290,7 +287,7 @@ def search_with_plan(
     with _clear_errors(), conn.cursor(row_factory=dict_row) as cur:
         if chosen is None:
             chosen = _plans.put(plan_key, _checked_plan(conn, _run_plan(conn, plan_params, apply=False), hnsw, params))
-        rows = [] if chosen.path == "exact" else _run_hnsw(conn, cur, chosen, hnsw, params)
+        rows = [] if chosen.path == "exact" else _under_hnsw_settings(conn, cur, chosen, hnsw, params)
         if chosen.path == "hnsw" and len(rows) < k:
             log.info("hnsw path gave %d of %d rows; exact scan instead", len(rows), k)
             chosen = replace(chosen, fell_back=True)
@@ -318,17 +315,21 @@ def explain(
     model: str = DEFAULT_MODEL,
     tuning: Tuning = DEFAULT_TUNING,
 ) -> tuple[Plan, str]:
-    """The plan a search takes and PostgreSQL's EXPLAIN ANALYZE of its statement under the plan's settings."""
+    """The plan a search takes and PostgreSQL's EXPLAIN ANALYZE of the statement it runs, as it runs it."""
     _check_k(k)
     target, vector = _target_and_vector(conn, table, column, query, model)
     condition = filter_sql(where)
-    with _clear_errors(), conn.transaction() as tx:
-        chosen = _run_plan(conn, _prepare_params(conn, target, k, condition, tuning), apply=True)
-        statement = _statement(target, condition, None, chosen.path)
-        analyzed = sql.SQL("EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) ") + statement
-        lines = [str(line) for (line,) in conn.execute(analyzed, {"q": vector, "k": k}, prepare=False).fetchall()]
-        raise psycopg.Rollback(tx)
-    return chosen, "\n".join(QUERY_LITERAL.sub("<query vector>", line) for line in lines)
+    params = {"q": vector, "k": k}
+    exact, hnsw = (_statement(target, condition, None, path).as_bytes(conn) for path in PATHS)
+    with _clear_errors(), conn.cursor() as cur:
+        chosen = _run_plan(conn, _prepare_params(conn, target, k, condition, tuning), apply=False)
+        chosen = _checked_plan(conn, chosen, hnsw, params)
+        analyze = b"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) "
+        if chosen.path == "hnsw":
+            lines = _under_hnsw_settings(conn, cur, chosen, analyze + hnsw, params)
+        else:
+            lines = cur.execute(analyze + exact, params, prepare=False).fetchall()
+    return chosen, "\n".join(QUERY_LITERAL.sub("<query vector>", str(line)) for (line,) in lines)
 
 
 class NoIndexWarning(UserWarning):
@@ -369,17 +370,14 @@ def _check_k(k: int) -> None:
         raise InvalidInput(f"k must be a whole number from 1 to {MAX_K}; got {k!r}.")
 
 
-def _run_hnsw(
-    conn: psycopg.Connection[Any],
-    cur: psycopg.Cursor[dict[str, Any]],
-    chosen: Plan,
-    hnsw: bytes,
-    params: dict[str, Any],
-) -> list[dict[str, Any]]:
-    """The hnsw path, its settings in a transaction that is rolled back (a savepoint inside the caller's)."""
+def _under_hnsw_settings(
+    conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], chosen: Plan, statement: bytes, params: dict[str, Any]
+) -> list[Any]:
+    """``statement``'s rows under the hnsw path's settings, in a transaction that is rolled back (a savepoint
+    inside the caller's), so the settings never outlive it."""
     with conn.transaction() as tx:
         conn.execute(_settings_statement(chosen))
-        rows = cur.execute(hnsw, params, prepare=False).fetchall()
+        rows = cur.execute(statement, params, prepare=False).fetchall()
         raise psycopg.Rollback(tx)
     return rows
 
@@ -393,12 +391,9 @@ def _checked_plan(conn: psycopg.Connection[Any], chosen: Plan, hnsw: bytes, para
     statement itself is explained once, under the hnsw settings, before the plan is cached."""
     if chosen.path != "hnsw" or chosen.index_name is None:
         return chosen
-    with conn.transaction() as tx:
-        conn.execute(_settings_statement(chosen))
-        row = conn.execute(b"EXPLAIN (FORMAT JSON) " + hnsw, params, prepare=False).fetchone()
-        raise psycopg.Rollback(tx)
-    assert row is not None
-    ordering = set(_ordering_indexes(row[0]))
+    with conn.cursor() as cur:
+        ((explained,),) = _under_hnsw_settings(conn, cur, chosen, b"EXPLAIN (FORMAT JSON) " + hnsw, params)
+    ordering = set(_ordering_indexes(explained))
     if not ordering or chosen.index_name.split(".")[-1].strip('"') in ordering:
         return chosen  # the planned index, or no index ordering at all (then the rows are exact anyway)
     return replace(

@@ -19,7 +19,8 @@ import psycopg
 from psycopg import sql
 
 from pgsim.errors import InvalidInput
-from pgsim.search import DEFAULT_TUNING, Plan, Tuning, forget_plans, plan, table_identifier, vector_column
+from pgsim.names import table_identifier
+from pgsim.search import DEFAULT_TUNING, Plan, Tuning, forget_plans, plan, vector_column
 
 MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1
 # Build parameters of advised indexes and the ef_search they need. Measured on the 6,693 'libs' rows of the

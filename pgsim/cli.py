@@ -118,6 +118,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"package {package_version()}")
         else:
             print("pgsim schema: not installed (run: pgsim install)")
+        if conn.execute("SELECT to_regclass('pgsim.sync_status')").fetchone() != (None,):
+            rows = conn.execute(
+                "SELECT table_name || '.' || column_name, model, coalesce('replaces #' || replaces, ''), queued, "
+                "retrying, dead_letters, coalesce(round(extract(epoch FROM lag)::numeric, 1) || ' s', '') "
+                "FROM pgsim.sync_status ORDER BY id"
+            ).fetchall()
+            if rows:
+                print("\nembedding columns (lag: age of the oldest queued row):")
+                headers = ["column", "model", "model change", "queued", "retrying", "dead letters", "lag"]
+                print(format_table(headers, rows))
     return 0
 
 
@@ -205,6 +215,128 @@ def cmd_index_advise(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_add_embedding(args: argparse.Namespace) -> int:
+    from pgsim.index import HNSW
+    from pgsim.install import install
+    from pgsim.registry import add_embedding
+
+    source: Any = args.source if len(args.source) > 1 else args.source[0]
+    index = None if args.no_index else HNSW(args.m, args.ef_construction)
+    with _connect(args) as conn:
+        install(conn)
+        registration = add_embedding(
+            conn,
+            args.table,
+            args.column,
+            source=source,
+            model=args.model,
+            dtype=args.dtype,
+            index=index,
+            concurrently=args.concurrently,
+        )
+        queued = conn.execute("SELECT count(*) FROM pgsim.queue WHERE embedding_id = %s", [registration.id]).fetchone()
+    print(
+        f"{registration.table}.{registration.column}: {registration.dtype}({registration.dimension}) of "
+        f"{registration.source} by {registration.model}; "
+        + (f"index {registration.index_name}; " if registration.index_name else "no index; ")
+        + f"{queued[0] if queued else 0} existing rows queued. Embed them: pgsim backfill (or run pgsim worker)"
+    )
+    return 0
+
+
+def cmd_remove_embedding(args: argparse.Namespace) -> int:
+    from pgsim.registry import remove_embedding
+
+    with _connect(args) as conn:
+        remove_embedding(conn, args.table, args.column, drop_column=not args.keep_column)
+    print(f"{args.table}.{args.column}: triggers, queue, index and registration removed")
+    return 0
+
+
+def cmd_change_model(args: argparse.Namespace) -> int:
+    from pgsim.registry import change_model
+
+    with _connect(args) as conn:
+        new = change_model(conn, args.table, args.column, args.model)
+    print(
+        f"filling {new.table}.{new.column} with {new.model} ({new.dimension} dimensions); searches keep using "
+        f"{args.column} until it is full. Run pgsim backfill (or pgsim worker): it switches over when done."
+    )
+    return 0
+
+
+def _sync_bar(description: str) -> tuple[Any, Any]:
+    """A tqdm bar (with rate and ETA) and the sync progress callback that moves it."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=0, unit="row", desc=description, file=sys.stderr)
+
+    def progress(report: Any, total: int) -> None:
+        if bar.total != total:
+            bar.total = total
+        bar.update(report.done - bar.n)
+        bar.set_postfix(failed=report.failed, stale=report.stale, refresh=False)
+
+    return bar, progress
+
+
+def cmd_backfill(args: argparse.Namespace) -> int:
+    from pgsim.sync import backfill
+
+    with _connect(args) as conn:
+        bar, progress = _sync_bar("embedding")
+        try:
+            report = backfill(conn, args.table, args.column, batch_size=args.batch_size, progress=progress)
+        finally:
+            bar.close()
+    print(_sync_summary(report))
+    return 0 if not report.failed and not report.dead else 1
+
+
+def _sync_summary(report: Any) -> str:
+    rate = report.embedded / report.encode_seconds if report.encode_seconds else 0.0
+    text = (
+        f"{report.embedded} rows embedded ({rate:.0f} texts/s while encoding; writing took "
+        f"{report.write_seconds:.1f}s of {report.seconds:.1f}s), {report.emptied} without text, "
+        f"{report.missing} deleted meanwhile, {report.failed} failed (to be retried), {report.dead} dead letters"
+    )
+    if report.switched:
+        text += f"; {report.switched} model change(s) completed"
+    return text
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+
+    from pgsim.sync import Worker
+
+    worker = Worker(
+        args.dsn,
+        table=args.table,
+        column=args.column,
+        batch_size=args.batch_size,
+        poll_interval=args.poll_interval,
+    )
+
+    def on_batch(report: Any, total: int) -> None:
+        print(
+            f"{time.strftime('%H:%M:%S')} embedded {report.embedded} rows so far "
+            f"({report.failed} failed, {report.dead} dead letters)",
+            flush=True,
+        )
+
+    worker.on_batch = on_batch
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop.set())
+    print("pgsim worker: waiting for rows (LISTEN pgsim); Ctrl-C stops", flush=True)
+    try:
+        report = worker.run(until_empty=args.once)
+    except KeyboardInterrupt:
+        worker.stop.set()
+        report = worker.report
+    print(_sync_summary(report))
+    return 0
+
+
 def cmd_server(args: argparse.Namespace) -> int:
     from pgsim.server import EmbeddedServer
 
@@ -237,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     commands.add_parser("install", help="create or upgrade the pgsim schema").set_defaults(run=cmd_install)
-    commands.add_parser("status", help="server, pgvector and schema versions").set_defaults(run=cmd_status)
+    commands.add_parser(
+        "status", help="server, pgvector and schema versions; queue depth, dead letters and lag per embedding column"
+    ).set_defaults(run=cmd_status)
 
     search = commands.add_parser("search", help="the k rows nearest to a text, with equality filters")
     search.add_argument("query", help="text to search for")
@@ -251,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="COLUMN=VALUE",
         help="keep rows where COLUMN = VALUE; repeat a column for IN",
     )
-    search.add_argument("--model", default=DEFAULT_MODEL)
+    search.add_argument("--model", help="the query's model (default: the column's registered model, else all-MiniLM)")
     search.set_defaults(run=cmd_search)
 
     doctor = commands.add_parser("doctor", help="which path a filtered search takes, why, and its EXPLAIN ANALYZE")
@@ -260,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--column", default="embedding", help="the vector column")
     doctor.add_argument("-k", type=int, default=10)
     doctor.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE")
-    doctor.add_argument("--model", default=DEFAULT_MODEL)
+    doctor.add_argument("--model", help="the query's model (default: the column's registered model, else all-MiniLM)")
     doctor.set_defaults(run=cmd_doctor)
 
     advise = commands.add_parser("index-advise", help="partial HNSW indexes for a workload's frequent filter values")
@@ -271,6 +405,52 @@ def build_parser() -> argparse.ArgumentParser:
     advise.add_argument("--min-share", type=float, default=0.05, help="advise values used by at least this share")
     advise.add_argument("--create", action="store_true", help="build the indexes (CONCURRENTLY) instead of printing")
     advise.set_defaults(run=cmd_index_advise)
+
+    add = commands.add_parser(
+        "add-embedding", help="add an embedding column kept in sync with its source text by triggers and workers"
+    )
+    add.add_argument("table", help="table (schema.table) with a primary key")
+    add.add_argument("column", help="the embedding column to add (or adopt, if it exists with the model's type)")
+    add.add_argument(
+        "--source",
+        required=True,
+        nargs="+",
+        help="the column(s) holding the text, or an SQL expression over the table's columns",
+    )
+    add.add_argument("--model", default=DEFAULT_MODEL)
+    add.add_argument("--dtype", choices=["vector", "halfvec"], default="vector")
+    add.add_argument("--m", type=int, default=16, help="HNSW m (default 16)")
+    add.add_argument("--ef-construction", type=int, default=64, help="HNSW ef_construction (default 64)")
+    add.add_argument("--no-index", action="store_true", help="no HNSW index")
+    add.add_argument("--concurrently", action="store_true", help="build the index without blocking writes")
+    add.set_defaults(run=cmd_add_embedding)
+
+    remove = commands.add_parser("remove-embedding", help="undo add-embedding: triggers, queue, index, column")
+    remove.add_argument("table")
+    remove.add_argument("column")
+    remove.add_argument("--keep-column", action="store_true", help="keep the column and its vectors")
+    remove.set_defaults(run=cmd_remove_embedding)
+
+    change = commands.add_parser(
+        "change-model", help="re-embed a column with another model in the background, then switch over at once"
+    )
+    change.add_argument("table")
+    change.add_argument("column")
+    change.add_argument("--model", required=True)
+    change.set_defaults(run=cmd_change_model)
+
+    for name, run, text in (
+        ("backfill", cmd_backfill, "embed the rows that lack an embedding, with a progress bar; resumable"),
+        ("worker", cmd_worker, "keep registered columns in sync: LISTEN for changes, encode them in batches"),
+    ):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("table", nargs="?", help="only this table (default: every registered column)")
+        command.add_argument("column", nargs="?", help="only this column")
+        command.add_argument("--batch-size", type=int, default=64, help="rows per batch, one transaction each")
+        command.set_defaults(run=run)
+        if name == "worker":
+            command.add_argument("--poll-interval", type=float, default=5.0, help="seconds between polls")
+            command.add_argument("--once", action="store_true", help="drain the queue once, then exit")
 
     server = commands.add_parser("server", help="start, stop or look at the embedded PostgreSQL")
     server.add_argument("action", choices=["start", "stop", "status"])

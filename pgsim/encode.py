@@ -14,6 +14,7 @@ Policies (each has a test):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -48,8 +49,13 @@ MAX_CHARS = 100_000
 Vector = npt.NDArray[np.float32]
 Kind = Literal["document", "query"]
 
+# Files that decide what a model computes; exported copies (onnx/, openvino/) are left out.
+REVISION_FILES = ("*.safetensors", "pytorch_model.bin", "modules.json", "config.json", "sentence_bert_config.json")
+REVISION_SKIP_DIRS = {"onnx", "openvino"}
+
 _models: dict[tuple[str, str], SentenceTransformer] = {}
 _models_lock = threading.Lock()
+_revisions: dict[str, str] = {}
 
 
 @dataclass
@@ -121,6 +127,35 @@ def _load(name: str, location: str, device: str) -> SentenceTransformer:
     return model
 
 
+def model_revision(name: str) -> str:
+    """A digest of the files that decide what ``name`` computes: the same name with other weights is
+    another model, and the registry keeps vectors of two models apart by it."""
+    location = resolve_model(name)
+    known = _revisions.get(location)
+    if known is not None:
+        return known
+    directory = Path(location)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(location, local_files_only=True))
+        except Exception:  # not cached: loading it fails with ModelNotFound anyway
+            raise ModelNotFound(f"Model {name!r} is not a packaged model, a local directory or cached.") from None
+    digest = hashlib.sha256()
+    files = sorted(
+        {path for pattern in REVISION_FILES for path in directory.rglob(pattern)}
+        - {path for path in directory.rglob("*") if REVISION_SKIP_DIRS & set(path.relative_to(directory).parts)}
+    )
+    for path in files:
+        digest.update(str(path.relative_to(directory)).encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    _revisions[location] = revision = digest.hexdigest()[:16]
+    return revision
+
+
 def check_vector(values: Any, dimension: int | None = None) -> Vector:
     """``values`` as a 1-D float32 array, or :class:`InvalidInput` saying what is wrong with it."""
     try:
@@ -179,6 +214,10 @@ class Encoder:
         dimension = self.model.get_embedding_dimension()
         assert dimension is not None
         return int(dimension)
+
+    @property
+    def revision(self) -> str:
+        return model_revision(self.model_name)
 
     @property
     def max_tokens(self) -> int:

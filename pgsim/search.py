@@ -28,9 +28,11 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from pgsim.encode import DEFAULT_MODEL, Vector, check_vector
+from pgsim.encode import DEFAULT_MODEL, check_vector
 from pgsim.errors import InvalidInput
-from pgsim.psycopg import Text
+from pgsim.names import table_identifier
+from pgsim.psycopg import Text, encoder_for
+from pgsim.registry import Registration, get_registration
 
 log = logging.getLogger(__name__)
 K = TypeVar("K")
@@ -83,14 +85,6 @@ DEFAULT_TUNING = Tuning()
 Where = Mapping[str, Any] | sql.Composable | None
 
 
-def table_identifier(name: str) -> sql.Identifier:
-    """``schema.table`` or ``table`` as a quoted identifier; each part is quoted, never interpolated."""
-    parts = name.split(".")
-    if not 1 <= len(parts) <= 2 or not all(parts):
-        raise InvalidInput(f"Table name {name!r} must be 'table' or 'schema.table'.")
-    return sql.Identifier(*parts)
-
-
 @dataclass(frozen=True)
 class VectorColumn:
     table: str
@@ -98,6 +92,11 @@ class VectorColumn:
     type_name: str  # vector or halfvec
     dimension: int
     other_columns: tuple[str, ...]
+    registration: Registration | None = None  # set when pgsim keeps this column in sync (pgsim.add_embedding)
+
+
+class _ModelChanged(Exception):
+    """The registry names another model for the column than the one the query was encoded with."""
 
 
 class _TtlCache(Generic[K, V]):
@@ -188,7 +187,14 @@ def _read_vector_column(conn: psycopg.Connection[Any], table: str, column: str) 
         raise InvalidInput(f"Column {table}.{column} is {type_name}, not a pgvector vector column.")
     if typmod < 1:
         raise InvalidInput(f"Column {table}.{column} has no declared dimension; declare it as vector(n).")
-    return VectorColumn(table, column, type_name, int(typmod), tuple(name for name in found if name != column))
+    return VectorColumn(
+        table,
+        column,
+        type_name,
+        int(typmod),
+        tuple(name for name in found if name != column),
+        get_registration(conn, table, column),
+    )
 
 
 def filter_sql(where: Where) -> sql.Composable:
@@ -246,12 +252,13 @@ def search(
     k: int = 10,
     where: Where = None,
     columns: Sequence[str] | None = None,
-    model: str = DEFAULT_MODEL,
+    model: str | None = None,
     tuning: Tuning = DEFAULT_TUNING,
 ) -> list[Hit]:
-    """The k rows of ``table`` nearest to ``query`` (text, encoded with ``model``, or a vector) that pass
-    ``where``, nearest first. ``where`` is a ``psycopg.sql.Composable`` condition, or a dict: {column: value}
-    for equality, {column: [values]} for IN, {column: Between(low, high)} for a range."""
+    """The k rows of ``table`` nearest to ``query`` that pass ``where``, nearest first. ``query`` is a vector,
+    or text encoded with the column's registered model (``model`` may name it; another model is an error),
+    else with ``model`` or all-MiniLM-L6-v2. ``where`` is a ``psycopg.sql.Composable`` condition, or a dict:
+    {column: value} for equality, {column: [values]} for IN, {column: Between(low, high)} for a range."""
     return search_with_plan(conn, table, column, query, k=k, where=where, columns=columns, model=model, tuning=tuning)[
         0
     ]
@@ -266,23 +273,45 @@ def search_with_plan(
     k: int = 10,
     where: Where = None,
     columns: Sequence[str] | None = None,
-    model: str = DEFAULT_MODEL,
+    model: str | None = None,
     tuning: Tuning = DEFAULT_TUNING,
 ) -> tuple[list[Hit], Plan]:
     """:func:`search`, and the plan it followed."""
     _check_k(k)
-    target, vector = _target_and_vector(conn, table, column, query, model)
+    try:
+        return _search(conn, table, column, query, k, where, columns, model, tuning)
+    except _ModelChanged:  # a model change completed since this column's registration was cached
+        forget_plans()
+    try:
+        return _search(conn, table, column, query, k, where, columns, model, tuning)
+    except _ModelChanged as exc:
+        raise InvalidInput(str(exc)) from None
+
+
+def _search(
+    conn: psycopg.Connection[Any],
+    table: str,
+    column: str,
+    query: Any,
+    k: int,
+    where: Where,
+    columns: Sequence[str] | None,
+    model: str | None,
+    tuning: Tuning,
+) -> tuple[list[Hit], Plan]:
+    target, params = _target_and_params(conn, table, column, query, model)
+    params["k"] = k
     condition = filter_sql(where)
     plan_params = _prepare_params(conn, target, k, condition, tuning)
     plan_key = (_database_key(conn), *plan_params)
-    statement_key = (*plan_key[:3], plan_key[4], tuple(columns or ()))  # database, table, column, filter
+    # database, table, column, filter, selected columns, guarded by the registry
+    statement_key = (*plan_key[:3], plan_key[4], tuple(columns or ()), target.registration is not None)
     statements = _statements.get(statement_key)
     if statements is None:
         statements = _statements.put(
             statement_key, tuple(_statement(target, condition, columns, path).as_bytes(conn) for path in PATHS)
         )
     exact, hnsw = statements
-    params = {"q": vector, "k": k}
     chosen = _plans.get(plan_key)
     with _clear_errors(), conn.cursor(row_factory=dict_row) as cur:
         if chosen is None:
@@ -299,7 +328,7 @@ def search_with_plan(
             f"{table}.{column} has no HNSW index for cosine distance, so every search scans the table. Create one: "
             f"CREATE INDEX ON {table} USING hnsw ({column} {target.type_name}_cosine_ops)",
             NoIndexWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     return [Hit(row=row, distance=float(row.pop(DISTANCE))) for row in rows], chosen
 
@@ -312,14 +341,14 @@ def explain(
     *,
     k: int = 10,
     where: Where = None,
-    model: str = DEFAULT_MODEL,
+    model: str | None = None,
     tuning: Tuning = DEFAULT_TUNING,
 ) -> tuple[Plan, str]:
     """The plan a search takes and PostgreSQL's EXPLAIN ANALYZE of the statement it runs, as it runs it."""
     _check_k(k)
-    target, vector = _target_and_vector(conn, table, column, query, model)
+    target, params = _target_and_params(conn, table, column, query, model)
+    params["k"] = k
     condition = filter_sql(where)
-    params = {"q": vector, "k": k}
     exact, hnsw = (_statement(target, condition, None, path).as_bytes(conn) for path in PATHS)
     with _clear_errors(), conn.cursor() as cur:
         chosen = _run_plan(conn, _prepare_params(conn, target, k, condition, tuning), apply=False)
@@ -355,7 +384,7 @@ def _statement(
         q=query,
         distance=sql.Identifier(DISTANCE),
         table=table_identifier(target.table),
-        condition=condition,
+        condition=_guarded(target, condition),
         order=order,
     )
     if path == "exact":
@@ -363,6 +392,16 @@ def _statement(
     return sql.SQL("WITH relaxed AS MATERIALIZED ({}) SELECT * FROM relaxed ORDER BY {}").format(
         nearest, sql.Identifier(DISTANCE)
     )
+
+
+def _guarded(target: VectorColumn, condition: sql.Composable) -> sql.Composable:
+    """For a registered column, the filter behind a check that the query's model is the column's: a constant
+    condition, which PostgreSQL evaluates once, before the scan."""
+    if target.registration is None:
+        return condition
+    return sql.SQL(
+        "pgsim.expect_model(%(g_schema)s, %(g_table)s, %(g_column)s, %(g_model)s, %(g_revision)s) AND ({})"
+    ).format(condition)
 
 
 def _check_k(k: int) -> None:
@@ -419,17 +458,46 @@ def _ordering_indexes(node: Any) -> Iterator[str]:
                 yield from _ordering_indexes(value)
 
 
-def _target_and_vector(
-    conn: psycopg.Connection[Any], table: str, column: str, query: Any, model: str
-) -> tuple[VectorColumn, Vector]:
-    """The column searched, and the query as a vector of its dimension (text is encoded with ``model``)."""
+def _target_and_params(
+    conn: psycopg.Connection[Any], table: str, column: str, query: Any, model: str | None
+) -> tuple[VectorColumn, dict[str, Any]]:
+    """The column searched, and the statement's parameters: the query as a vector of the column's dimension
+    (text is encoded with the column's registered model) and, for a registered column, what
+    ``pgsim.expect_model`` checks in the statement itself."""
     target = vector_column(conn, table, column)
-    vector = Text(query).vector(model) if isinstance(query, str) else check_vector(query, target.dimension)
+    registration = target.registration
+    revision = None
+    if isinstance(query, str):
+        if registration is not None and model not in (None, registration.model):
+            raise InvalidInput(
+                f"{table}.{column} holds embeddings of model {registration.model!r}; a query encoded with "
+                f"{model!r} cannot be compared with them. Leave out the model to use the column's."
+            )
+        model = registration.model if registration else (model or DEFAULT_MODEL)
+        vector = Text(query).vector(model)
+        if registration is not None:
+            revision = encoder_for(model).revision
+            if revision != registration.model_revision:
+                raise InvalidInput(
+                    f"Model {model!r} here (revision {revision}) is not the one {table}.{column} holds (revision "
+                    f"{registration.model_revision}); install that model, or re-embed: pgsim change-model."
+                )
+    else:
+        vector, model = check_vector(query, target.dimension), None
     if vector.shape[0] != target.dimension:
         raise InvalidInput(
             f"Model {model!r} gives {vector.shape[0]} dimensions; {table}.{column} holds {target.dimension}."
         )
-    return target, vector
+    params: dict[str, Any] = {"q": vector}
+    if registration is not None:
+        params.update(
+            g_schema=registration.schema,
+            g_table=registration.table_name,
+            g_column=registration.column,
+            g_model=model,
+            g_revision=revision,
+        )
+    return target, params
 
 
 def _run_plan(conn: psycopg.Connection[Any], params: list[Any], *, apply: bool) -> Plan:
@@ -460,6 +528,10 @@ def _clear_errors() -> Iterator[None]:
     """The database's complaints about a search, as InvalidInput that says what to do."""
     try:
         yield
+    except psycopg.errors.DataException as exc:
+        if (exc.diag.message_primary or "").startswith("pgsim:"):
+            raise _ModelChanged(exc.diag.message_primary) from None
+        raise
     except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName):
         raise InvalidInput("Schema pgsim is missing or out of date here: run `pgsim install` first.") from None
     except (psycopg.errors.UndefinedColumn, psycopg.errors.SyntaxError) as exc:

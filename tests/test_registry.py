@@ -117,7 +117,7 @@ def test_halfvec_column(docs: Any) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"source": "bodyy"}, "column \"bodyy\" does not exist. The columns of public.docs are"),
+        ({"source": "bodyy"}, 'column "bodyy" does not exist. The columns of public.docs are'),
         ({"source": ["title", "bodyy"]}, "no column 'bodyy'"),
         ({"source": "body); DROP TABLE docs; --"}, "not an SQL expression"),
         ({"source": "body || (SELECT 1)::text; DROP TABLE docs"}, "not an SQL expression"),

@@ -53,7 +53,9 @@ def queued(conn: psycopg.Connection[Any]) -> int:
     return int(conn.execute("SELECT count(*) FROM pgsim.queue").fetchone()[0])  # type: ignore[index]
 
 
-def assert_matches_encoder(conn: psycopg.Connection[Any], packages: list[Package], vectors: np.ndarray[Any, Any]) -> None:
+def assert_matches_encoder(
+    conn: psycopg.Connection[Any], packages: list[Package], vectors: np.ndarray[Any, Any]
+) -> None:
     """Every row holds exactly the vector the encoder gives for its text."""
     rows = stored(conn)
     expected = {p.package: v for p, v in zip(packages, vectors, strict=True) if p.package in rows}
@@ -130,7 +132,9 @@ def test_a_row_changed_while_its_batch_encodes_ends_with_its_new_texts_vector(
         thread = threading.Thread(target=lambda: reports.append(sync(worker_conn, batch_size=ROWS)))
         thread.start()
         wait_for(lambda: encoding_backend(pkgs, "racing sync") is not None)
-        pkgs.execute("UPDATE pkgs SET synopsis = 'a completely new text about chess engines' WHERE package = %s", [target])
+        pkgs.execute(
+            "UPDATE pkgs SET synopsis = 'a completely new text about chess engines' WHERE package = %s", [target]
+        )
         still_encoding = encoding_backend(pkgs, "racing sync") is not None
         thread.join()
     # the writer's UPDATE returned while the worker still held its batch: writers never wait for workers

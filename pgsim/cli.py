@@ -38,38 +38,27 @@ def _connect(args: argparse.Namespace) -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from pgsim.corpus import load_sample
     from pgsim.demo import TABLE, run_demo
-    from pgsim.encode import Encoder
 
     started = time.perf_counter()
     conn = _connect(args)
-    encoder = Encoder(args.model, warn_truncation=False)
-    bar: Any = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if bar is None:
-            bar = tqdm(total=total, unit="text", desc="encoding", file=sys.stderr)
-        bar.update(done - bar.n)
-
+    bar, progress = _sync_bar("embedding")
     packages = load_sample()[: args.rows] if args.rows else None
     with conn:
-        report = run_demo(conn, encoder, packages=packages, progress=progress)
-    if bar is not None:
-        bar.close()
+        try:
+            report = run_demo(conn, model=args.model, packages=packages, progress=progress)
+        finally:
+            bar.close()
     print(f"table {TABLE}: {report.loaded} rows loaded now; {report.encoded} embedded now", end="")
     if report.encoded:
         rate = report.encoded / report.encode_seconds if report.encode_seconds else 0.0
         print(
-            f" in {report.encode_seconds:.1f}s ({rate:.0f} texts/s, {report.truncated} truncated to "
-            f"{encoder.max_tokens} tokens)",
+            f" in {report.seconds:.1f}s ({rate:.0f} texts/s while encoding, {report.truncated} truncated to the "
+            "model's limit)",
             end="",
         )
-    index = f"built in {report.index_seconds:.1f}s" if report.index_built else "already there"
-    print(f"; HNSW index {index}")
+    print("; HNSW index " + ("built" if report.index_built else "already there"))
     for result in report.results:
         print(
             f"\nquery: {result.query.text!r}   filter: {result.query.filter_label}   "
@@ -446,7 +435,9 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("table", nargs="?", help="only this table (default: every registered column)")
         command.add_argument("column", nargs="?", help="only this column")
-        command.add_argument("--batch-size", type=int, default=64, help="rows per batch, one transaction each")
+        command.add_argument(
+            "--batch-size", type=int, default=256, help="at most this many rows per batch (one transaction)"
+        )
         command.set_defaults(run=run)
         if name == "worker":
             command.add_argument("--poll-interval", type=float, default=5.0, help="seconds between polls")

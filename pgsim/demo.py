@@ -1,7 +1,9 @@
 """``pgsim demo``: Debian package descriptions, embedded and searched with filters in one SQL query.
 
-Idempotent: rows already loaded are kept, only rows without an embedding are encoded, and the index is
-built once, so a second run finishes in seconds.
+The demo uses pgsim as an application would: it registers ``pgsim_demo.packages.embedding`` (column,
+triggers, HNSW index), loads rows with plain COPY (the triggers queue them), and drains the queue with
+:func:`pgsim.sync.backfill`. Idempotent: rows already loaded are kept and nothing is encoded twice, so a
+second run finishes in seconds. Rows inserted later, from any client, are embedded by ``pgsim worker``.
 """
 
 from __future__ import annotations
@@ -9,16 +11,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import psycopg
 
 from pgsim.corpus import Package, load_sample
-from pgsim.encode import Encoder, Vector
+from pgsim.encode import DEFAULT_MODEL, Encoder
+from pgsim.index import HNSW
 from pgsim.install import install
-from pgsim.psycopg import register
+from pgsim.psycopg import encoder_for, register
+from pgsim.registry import add_embedding, get_registration
 from pgsim.search import Between, Hit, search
+from pgsim.sync import SyncReport, backfill
 
 SCHEMA = "pgsim_demo"
 TABLE = f"{SCHEMA}.packages"
@@ -31,13 +35,11 @@ CREATE TABLE IF NOT EXISTS pgsim_demo.packages (
     installed_size integer NOT NULL,
     source text NOT NULL,
     synopsis text NOT NULL,
-    description text NOT NULL,
-    embedding vector(384)
+    description text NOT NULL
 );
 """
-INDEX = (
-    "CREATE INDEX IF NOT EXISTS packages_embedding_hnsw ON pgsim_demo.packages USING hnsw (embedding vector_cosine_ops)"
-)
+# What is embedded: the synopsis, then the long description when there is one (corpus.Package.text).
+SOURCE = "concat_ws(E'\\n\\n', synopsis, nullif(description, ''))"
 COLUMNS = "package, section, priority, installed_size, source, synopsis, description"
 
 
@@ -89,8 +91,8 @@ class DemoReport:
     loaded: int
     encoded: int
     encode_seconds: float
+    seconds: float  # of the backfill: encoding, reading and writing
     truncated: int
-    index_seconds: float
     index_built: bool
     results: list[SearchResult]
 
@@ -112,69 +114,40 @@ def load_rows(conn: psycopg.Connection[Any], packages: Sequence[Package]) -> int
             return cur.rowcount
 
 
-def write_embeddings(conn: psycopg.Connection[Any], keys: Sequence[str], vectors: Sequence[Vector | None]) -> None:
-    """Binary COPY of (key, vector) into a temp table, then one UPDATE … FROM."""
-    with conn.transaction():
-        conn.execute("CREATE TEMP TABLE pgsim_demo_vectors (package text, embedding vector(384)) ON COMMIT DROP")
-        with conn.cursor() as cur:
-            with cur.copy("COPY pgsim_demo_vectors (package, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
-                copy.set_types(["text", "vector"])
-                for key, vector in zip(keys, vectors, strict=True):
-                    copy.write_row((key, vector))
-            cur.execute(
-                "UPDATE pgsim_demo.packages p SET embedding = v.embedding FROM pgsim_demo_vectors v "
-                "WHERE p.package = v.package"
-            )
-
-
 def run_demo(
     conn: psycopg.Connection[Any],
-    encoder: Encoder,
     *,
+    model: str = DEFAULT_MODEL,
     packages: Sequence[Package] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[SyncReport, int], None] | None = None,
     queries: Sequence[DemoQuery] = QUERIES,
-    chunk: int = 256,
 ) -> DemoReport:
-    """Load, encode what lacks an embedding, index, and search. ``progress(done, total)`` while encoding."""
+    """Register, load, embed what is queued, and search. ``progress(report, total)`` after each batch."""
     install(conn)
     register(conn)  # the vector type may have been created just now by install
-    conn.execute(CREATE.encode())
+    if get_registration(conn, TABLE, "embedding") is None:
+        conn.execute("DROP SCHEMA IF EXISTS pgsim_demo CASCADE")  # a demo table from before registration
+        conn.execute(CREATE.encode())
+        add_embedding(conn, TABLE, "embedding", source=SOURCE, model=model, index=HNSW())
+        index_built = True
+    else:
+        index_built = False
     loaded = load_rows(conn, packages if packages is not None else load_sample())
-    pending = conn.execute(
-        "SELECT package, synopsis || E'\\n\\n' || description FROM pgsim_demo.packages "
-        "WHERE embedding IS NULL ORDER BY package"
-    ).fetchall()
-    started = time.perf_counter()
+    encoder = encoder_for(model)
     truncated_before = encoder.stats.truncated
-    for start in range(0, len(pending), chunk):
-        rows = pending[start : start + chunk]
-        vectors = encoder.encode(
-            [text for _, text in rows],
-            progress=partial(_report, progress, start, len(pending)) if progress else None,
-        )
-        write_embeddings(conn, [key for key, _ in rows], vectors)
-    encode_seconds = time.perf_counter() - started
-    index_built = conn.execute("SELECT to_regclass('pgsim_demo.packages_embedding_hnsw')").fetchone() == (None,)
-    started = time.perf_counter()
-    if index_built:
-        conn.execute(INDEX)
+    synced = backfill(conn, TABLE, "embedding", progress=progress)
+    if synced.embedded:
         conn.execute("ANALYZE pgsim_demo.packages")
-    index_seconds = time.perf_counter() - started
     results = [run_query(conn, encoder, query) for query in queries]
     return DemoReport(
         loaded=loaded,
-        encoded=len(pending),
-        encode_seconds=encode_seconds,
+        encoded=synced.embedded,
+        encode_seconds=synced.encode_seconds,
+        seconds=synced.seconds,
         truncated=encoder.stats.truncated - truncated_before,
-        index_seconds=index_seconds,
         index_built=index_built,
         results=results,
     )
-
-
-def _report(progress: Callable[[int, int], None], offset: int, total: int, done: int) -> None:
-    progress(offset + done, total)
 
 
 def run_query(conn: psycopg.Connection[Any], encoder: Encoder, query: DemoQuery, k: int = 5) -> SearchResult:

@@ -45,6 +45,10 @@ PREFIXES = {"e5-": ("query: ", "passage: ")}
 # Characters looked at when counting a text's tokens; far past any model's limit, so counts stay exact
 # where it matters (is it over the limit?) while a pathological multi-megabyte text stays cheap.
 MAX_CHARS = 100_000
+# Token positions per forward pass (texts x longest text, padding included). Measured on 1,536 Debian
+# descriptions here: 1,024-2,048 gives the best throughput on CPU for every call size (64 texts: 65-70
+# texts/s against 39 for fixed batches of 32; all at once: 80 against 76); larger budgets are slower.
+DEFAULT_TOKEN_BUDGET = 1536
 
 Vector = npt.NDArray[np.float32]
 Kind = Literal["document", "query"]
@@ -187,16 +191,18 @@ class Encoder:
         model: str = DEFAULT_MODEL,
         *,
         device: str = "cpu",
-        batch_size: int = 32,
+        batch_size: int = 128,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
         query_prefix: str | None = None,
         document_prefix: str | None = None,
         warn_truncation: bool = True,
     ) -> None:
-        if batch_size < 1:
-            raise InvalidInput(f"batch_size must be at least 1, got {batch_size}.")
+        if batch_size < 1 or token_budget < 1:
+            raise InvalidInput(f"batch_size and token_budget must be at least 1; got {batch_size}, {token_budget}.")
         self.model_name = model
         self.device = device
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # at most this many texts in one forward pass
+        self.token_budget = token_budget  # and at most this many token positions, padding included
         default_query, default_document = next(
             (prefixes for marker, prefixes in PREFIXES.items() if marker in model.lower()), ("", "")
         )
@@ -256,10 +262,9 @@ class Encoder:
         if unique:
             lengths = self._token_counts(unique)
             truncated = int((lengths > self.max_tokens).sum())
-            order = np.argsort(-lengths, kind="stable")
             done = empty
-            for start in range(0, len(order), self.batch_size):
-                batch = [unique[i] for i in order[start : start + self.batch_size]]
+            for members in self._batches(np.minimum(lengths, self.max_tokens)):
+                batch = [unique[i] for i in members]
                 vectors = self._encode_batch(batch)
                 for text, vector in zip(batch, vectors, strict=True):
                     for position in positions[text]:
@@ -284,6 +289,21 @@ class Encoder:
         self.stats.truncated += truncated
         self.stats.seconds += time.perf_counter() - started
         return results
+
+    def _batches(self, lengths: npt.NDArray[np.int64]) -> list[list[int]]:
+        """Positions grouped longest first into forward passes of at most ``token_budget`` token positions
+        (every text padded to the batch's longest) and ``batch_size`` texts: padding stays small even when a
+        call holds few texts of very different lengths."""
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        for position in np.argsort(-lengths, kind="stable").tolist():
+            if batch and (len(batch) >= self.batch_size or (len(batch) + 1) * lengths[batch[0]] > self.token_budget):
+                batches.append(batch)
+                batch = []
+            batch.append(position)
+        if batch:
+            batches.append(batch)
+        return batches
 
     def _token_counts(self, texts: list[str]) -> npt.NDArray[np.int64]:
         encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)

@@ -281,6 +281,7 @@ def search_with_plan(
     try:
         return _search(conn, table, column, query, k, where, columns, model, tuning)
     except _ModelChanged:  # a model change completed since this column's registration was cached
+        log.info("the model of %s.%s changed; searching again", table, column)
         forget_plans()
     try:
         return _search(conn, table, column, query, k, where, columns, model, tuning)

@@ -35,7 +35,7 @@ from pgsim.registry import Registration, key_match, queue_rows, registrations, s
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 64
+DEFAULT_BATCH_SIZE = 256  # rows per claim; fewer when fewer are queued (measured: see README, bench/ingest.py)
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_RETRY_DELAY = 1.0  # seconds before the first retry; doubles with each attempt
 MAX_RETRY_DELAY = 300.0

@@ -26,7 +26,7 @@ def test_demo_loads_encodes_indexes_searches_then_reuses(database: str) -> None:
     assert "150 rows loaded now; 150 embedded now" in first.stdout
     assert "HNSW index built" in first.stdout
     assert "filter: section = 'games'" in first.stdout
-    assert "encoding" in first.stderr  # the progress bar
+    assert "embedding: 100%" in first.stderr and "150/150" in first.stderr  # the progress bar
     second = pgsim("demo", "--rows", "150", dsn=database)
     assert second.returncode == 0, second.stderr
     assert "0 rows loaded now; 0 embedded now; HNSW index already there" in second.stdout
@@ -53,6 +53,36 @@ def test_install_status_search(database: str) -> None:
     *table, trailer = found.stdout.strip().splitlines()
     assert trailer.startswith("3 rows in")
     assert len(table) == 5 and all(f" {section} " in line for line in table[2:])
+
+
+def test_add_embedding_backfill_worker_status_remove(database: str) -> None:
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, title text, body text)")
+        conn.execute("INSERT INTO notes VALUES (1, 'json', 'parse JSON fast'), (2, 'chess', 'play chess')")
+    added = pgsim("add-embedding", "notes", "embedding", "--source", "title", "body", "--m", "8", dsn=database)
+    assert added.returncode == 0, added.stderr
+    assert "public.notes.embedding: vector(384)" in added.stdout and "2 existing rows queued" in added.stdout
+    status = pgsim("status", dsn=database)
+    assert status.returncode == 0, status.stderr
+    line = next(line for line in status.stdout.splitlines() if line.startswith("public.notes.embedding"))
+    assert line.split()[1:5] == ["all-MiniLM-L6-v2", "2", "0", "0"]  # queued, retrying, dead letters
+    filled = pgsim("backfill", dsn=database)
+    assert filled.returncode == 0, filled.stderr
+    assert "2 rows embedded" in filled.stdout and "2/2" in filled.stderr  # summary, and the bar with its rate
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("INSERT INTO notes VALUES (3, 'images', 'resize images')")
+    worker = pgsim("worker", "notes", "--once", dsn=database)
+    assert worker.returncode == 0, worker.stderr
+    assert worker.stdout.strip().splitlines()[-1].startswith("1 rows embedded")
+    removed = pgsim("remove-embedding", "notes", "embedding", dsn=database)
+    assert removed.returncode == 0, removed.stderr
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsim.embedding WHERE table_name = 'notes'").fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM information_schema.columns WHERE table_name = 'notes'"
+        ).fetchone() == (3,)
+    again = pgsim("remove-embedding", "notes", "embedding", dsn=database)
+    assert again.returncode == 2 and "is not a registered embedding column" in again.stderr
 
 
 def test_errors_are_one_line_with_what_to_do(database: str) -> None:

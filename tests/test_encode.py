@@ -113,3 +113,11 @@ def test_vector_of_wrong_dimension_is_rejected() -> None:
 def test_bad_batch_size() -> None:
     with pytest.raises(InvalidInput, match="batch_size"):
         Encoder(batch_size=0)
+
+
+def test_batches_fill_a_token_budget_longest_first() -> None:
+    encoder = Encoder(batch_size=3, token_budget=600)  # no model is loaded for this
+    lengths = np.array([256, 10, 10, 200, 10, 10, 10])
+    # 256 and 200 fit (2 x 256 <= 600), a third would not; short texts go three at a time (batch_size)
+    assert encoder._batches(lengths) == [[0, 3], [1, 2, 4], [5, 6]]
+    assert encoder._batches(np.array([700, 5])) == [[0], [1]]  # one text over the budget still goes alone

@@ -1,0 +1,344 @@
+"""Write paths on the Debian corpus: naive row-by-row vs pgsim.ingest vs trigger + worker, sync lag, HNSW builds.
+
+    python bench/ingest.py [--dsn DSN] [--rows 2000] [--lag-seconds 60] [--overload-seconds 20]
+
+1. Throughput, on ROWS packages (long descriptions), each mode into a fresh table with an HNSW index:
+   - encoder alone: ``pgsim.Encoder().encode(all texts)``, the reference (1.00x);
+   - naive: what a user writes by hand: ``model.encode(text)``, one INSERT, one commit, per row;
+   - ``pgsim.ingest(conn, table, rows)``;
+   - trigger + worker: plain COPY into a registered table (the triggers queue the rows), then the worker
+     drains the queue (``pgsim.sync``, the loop ``pgsim worker`` runs).
+   Each is split into encode time and write time (everything else: reading, COPY, UPDATE, index inserts).
+2. Sync lag with one worker (``pgsim.Worker`` in a thread, woken by NOTIFY): one row committed every 1/R
+   seconds at R = half the encoder's measured throughput; lag = commit -> embedding visible (polled every
+   20 ms). Then R = 1.5x the throughput for a while: lag grows; the queue drains after; nothing is lost.
+3. HNSW build on all ~63k rows (cached embeddings): PostgreSQL's defaults, hand-tuned settings, and
+   pgsim's sized build (``pgsim.index.create_hnsw_index``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corpus_cache import debian_packages, embeddings  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from pgsim.cli import format_table  # noqa: E402
+from pgsim.corpus import Package  # noqa: E402
+from pgsim.database import connect, resolve_dsn  # noqa: E402
+from pgsim.encode import Encoder  # noqa: E402
+from pgsim.index import HNSW, create_hnsw_index  # noqa: E402
+from pgsim.ingest import ingest  # noqa: E402
+from pgsim.install import install  # noqa: E402
+from pgsim.psycopg import encoder_for, register  # noqa: E402
+from pgsim.registry import add_embedding, registrations, remove_embedding  # noqa: E402
+from pgsim.sync import Worker, sync  # noqa: E402
+
+SCHEMA = "bench_ingest"
+SOURCE = "concat_ws(E'\\n\\n', synopsis, nullif(description, ''))"  # = Package.text
+COLUMNS = ("package", "section", "priority", "installed_size", "source", "synopsis", "description")
+
+
+def fresh_table(conn: psycopg.Connection[Any], name: str, *, registered: bool) -> str:
+    """bench_ingest.<name>: the corpus columns; registered (column, triggers, HNSW index) or with a plain
+    vector column and the same HNSW index."""
+    table = f"{SCHEMA}.{name}"
+    for registration in registrations(conn):
+        if registration.table == table:
+            remove_embedding(conn, table, registration.column)
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(SCHEMA, name)))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE {} (package text PRIMARY KEY, section text, priority text, installed_size int, "
+            "source text, synopsis text, description text)"
+        ).format(sql.Identifier(SCHEMA, name))
+    )
+    if registered:
+        add_embedding(conn, table, "embedding", source=SOURCE, index=HNSW())
+    else:
+        conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN embedding vector(384)").format(sql.Identifier(SCHEMA, name)))
+        conn.execute(
+            sql.SQL("CREATE INDEX ON {} USING hnsw (embedding vector_cosine_ops)").format(sql.Identifier(SCHEMA, name))
+        )
+    return table
+
+
+def row_of(p: Package) -> dict[str, Any]:
+    return {name: getattr(p, name) for name in COLUMNS}
+
+
+def measure_encoder(packages: list[Package]) -> dict[str, Any]:
+    encoder = Encoder(warn_truncation=False)
+    bar = tqdm(total=len(packages), desc="encoder alone", unit="row", file=sys.stderr)
+    started = time.perf_counter()
+    encoder.encode([p.text for p in packages], progress=lambda done: bar.update(done - bar.n))
+    seconds = time.perf_counter() - started
+    bar.close()
+    return {
+        "mode": "encoder alone (reference)",
+        "rows": len(packages),
+        "seconds": seconds,
+        "encode": seconds,
+        "write": 0.0,
+    }
+
+
+def measure_naive(conn: psycopg.Connection[Any], packages: list[Package]) -> dict[str, Any]:
+    table = fresh_table(conn, "naive", registered=False)
+    model = encoder_for("all-MiniLM-L6-v2").model  # the sentence-transformers model, as a user holds it
+    insert = sql.SQL("INSERT INTO {} ({}, embedding) VALUES ({}, %s)").format(
+        sql.Identifier(*table.split(".")),
+        sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+        sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
+    )
+    encode = write = 0.0
+    started = time.perf_counter()
+    for p in tqdm(packages, desc="naive row by row", unit="row", file=sys.stderr):
+        t0 = time.perf_counter()
+        vector = model.encode(p.text, normalize_embeddings=True)
+        t1 = time.perf_counter()
+        conn.execute(insert, [*(getattr(p, name) for name in COLUMNS), np.asarray(vector, dtype=np.float32)])
+        write += time.perf_counter() - t1  # autocommit: one commit per row
+        encode += t1 - t0
+    return {"mode": "naive: encode, INSERT, commit per row", "rows": len(packages),
+            "seconds": time.perf_counter() - started, "encode": encode, "write": write}  # fmt: skip
+
+
+def measure_ingest(conn: psycopg.Connection[Any], packages: list[Package]) -> dict[str, Any]:
+    table = fresh_table(conn, "ingested", registered=True)
+    bar = tqdm(total=len(packages), desc="pgsim.ingest", unit="row", file=sys.stderr)
+    report = ingest(conn, table, [row_of(p) for p in packages], progress=lambda r: bar.update(r.rows - bar.n))
+    bar.close()
+    assert report.rows == len(packages)
+    return {"mode": "pgsim.ingest", "rows": report.rows, "seconds": report.seconds,
+            "encode": report.encode_seconds, "write": report.seconds - report.encode_seconds}  # fmt: skip
+
+
+def measure_worker(conn: psycopg.Connection[Any], packages: list[Package]) -> dict[str, Any]:
+    table = fresh_table(conn, "synced", registered=True)
+    started = time.perf_counter()
+    with (
+        conn.cursor() as cur,
+        cur.copy(
+            sql.SQL("COPY {} ({}) FROM STDIN").format(
+                sql.Identifier(*table.split(".")), sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+            )
+        ) as copy,
+    ):
+        for p in packages:
+            copy.write_row([getattr(p, name) for name in COLUMNS])
+    bar = tqdm(total=len(packages), desc="trigger + worker", unit="row", file=sys.stderr)
+    report = sync(conn, table=table, column="embedding", progress=lambda r, _: bar.update(r.done - bar.n))
+    bar.close()
+    seconds = time.perf_counter() - started
+    assert report.embedded == len(packages), report
+    return {"mode": "COPY, then trigger + worker", "rows": report.embedded, "seconds": seconds,
+            "encode": report.encode_seconds, "write": seconds - report.encode_seconds}  # fmt: skip
+
+
+def measure_lag(
+    dsn: str, conn: psycopg.Connection[Any], packages: list[Package], rate: float, seconds: float, label: str
+) -> dict[str, Any]:
+    """Insert at ``rate`` rows/s for ``seconds`` with one worker running; lag of every row."""
+    table = f"{SCHEMA}.lagged"
+    worker = Worker(dsn, table=table, column="embedding", poll_interval=5.0)
+    thread = threading.Thread(target=worker.run, daemon=True)
+    thread.start()
+    committed: dict[str, float] = {}
+    seen: dict[str, float] = {}
+    insert = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+        sql.Identifier(*table.split(".")),
+        sql.SQL(", ").join(map(sql.Identifier, COLUMNS)),
+        sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS)),
+    )
+    stop_polling = threading.Event()
+
+    def poll() -> None:
+        with psycopg.connect(dsn, autocommit=True) as poller:
+            while not stop_polling.is_set() or len(seen) < len(committed):
+                pending = [key for key in committed if key not in seen]
+                if pending:
+                    rows = poller.execute(
+                        sql.SQL("SELECT package FROM {} WHERE package = ANY(%s) AND embedding IS NOT NULL").format(
+                            sql.Identifier(*table.split("."))
+                        ),
+                        [pending],
+                    ).fetchall()
+                    now = time.monotonic()
+                    for (key,) in rows:
+                        seen[key] = now
+                time.sleep(0.02)
+
+    poller = threading.Thread(target=poll, daemon=True)
+    poller.start()
+    started = time.monotonic()
+    count = int(rate * seconds)
+    for i, p in enumerate(tqdm(packages[:count], desc=f"lag at {rate:.0f} rows/s", unit="row", file=sys.stderr)):
+        due = started + i / rate
+        if due > time.monotonic():
+            time.sleep(due - time.monotonic())
+        conn.execute(insert, [getattr(p, name) for name in COLUMNS])
+        committed[p.package] = time.monotonic()
+    inserted_for = time.monotonic() - started
+    stop_polling.set()
+    poller.join(timeout=600)
+    drained = time.monotonic() - started - inserted_for
+    worker.stop.set()
+    thread.join(timeout=60)
+    lags = sorted(seen[key] - committed[key] for key in committed)
+    lost = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE embedding IS NULL").format(sql.Identifier(*table.split(".")))
+    ).fetchone()
+    return {
+        "phase": label,
+        "rate": f"{count / inserted_for:.1f}",
+        "rows": count,
+        "p50": statistics.median(lags),
+        "p95": lags[int(0.95 * (len(lags) - 1))],
+        "max": lags[-1],
+        "drain after": drained,
+        "unembedded": lost[0] if lost else None,
+        "reconnects": worker.reconnects,
+    }
+
+
+def measure_builds(
+    conn: psycopg.Connection[Any], packages: list[Package], vectors: np.ndarray[Any, Any]
+) -> list[list[Any]]:
+    conn.execute(f"DROP TABLE IF EXISTS {SCHEMA}.full_corpus")
+    conn.execute(f"CREATE TABLE {SCHEMA}.full_corpus (package text PRIMARY KEY, embedding vector(384))")
+    with (
+        conn.cursor() as cur,
+        cur.copy(
+            f"COPY {SCHEMA}.full_corpus FROM STDIN WITH (FORMAT BINARY)"  # noqa: S608 - constant names
+        ) as copy,
+    ):
+        copy.set_types(["text", "vector"])
+        for p, vector in zip(packages, vectors, strict=True):
+            copy.write_row((p.package, vector))
+    conn.execute(f"VACUUM ANALYZE {SCHEMA}.full_corpus")
+    create = f"CREATE INDEX build_test ON {SCHEMA}.full_corpus USING hnsw (embedding vector_cosine_ops)"
+    results = []
+    for label, memory, workers in (
+        ("PostgreSQL defaults", None, None),
+        ("hand-tuned: 1 GB, 0 workers", "1GB", 0),
+        ("hand-tuned: 1 GB, 1 worker", "1GB", 1),
+        ("hand-tuned: 1 GB, 2 workers", "1GB", 2),
+        ("pgsim (sized)", "pgsim", None),
+    ):
+        conn.execute(f"DROP INDEX IF EXISTS {SCHEMA}.build_test")
+        conn.execute("RESET maintenance_work_mem")
+        conn.execute("RESET max_parallel_maintenance_workers")
+        started = time.perf_counter()
+        if memory == "pgsim":
+            report = create_hnsw_index(conn, f"{SCHEMA}.full_corpus", "embedding", "build_test", HNSW())
+            setting = f"{report.settings.maintenance_work_mem_mb} MB, {report.settings.parallel_workers} workers"
+        else:
+            if memory:
+                conn.execute(f"SET maintenance_work_mem = '{memory}'")
+                conn.execute(f"SET max_parallel_maintenance_workers = {workers}")
+            conn.execute(create)
+            setting = conn.execute(
+                "SELECT current_setting('maintenance_work_mem') || ', ' || "
+                "current_setting('max_parallel_maintenance_workers') || ' workers'"
+            ).fetchone()[0]  # type: ignore[index]
+        seconds = time.perf_counter() - started
+        print(f"  {label}: {seconds:.1f}s ({setting})", file=sys.stderr, flush=True)
+        results.append([label, setting, seconds])
+    conn.execute("RESET maintenance_work_mem")
+    conn.execute("RESET max_parallel_maintenance_workers")
+    best = min(seconds for label, _, seconds in results if label.startswith("hand-tuned"))
+    return [[label, setting, f"{seconds:.1f}", f"{seconds / best:.2f}x"] for label, setting, seconds in results]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dsn", help="default: $PGSIM_DSN, else the embedded server")
+    parser.add_argument("--rows", type=int, default=2000, help="packages per throughput mode")
+    parser.add_argument("--lag-seconds", type=float, default=60.0)
+    parser.add_argument("--overload-seconds", type=float, default=20.0)
+    parser.add_argument("--skip-builds", action="store_true")
+    args = parser.parse_args()
+
+    packages = [p for p in debian_packages() if p.description]
+    dsn = resolve_dsn(args.dsn)
+    conn = connect(dsn)
+    install(conn)
+    register(conn)
+    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+    chosen = packages[: args.rows]
+    encoder_for("all-MiniLM-L6-v2").encode(["warm up"])
+
+    throughput = [
+        measure_encoder(chosen),
+        measure_naive(conn, chosen),
+        measure_ingest(conn, chosen),
+        measure_worker(conn, chosen),
+    ]
+    reference = throughput[0]["rows"] / throughput[0]["seconds"]
+    print(f"\nThroughput: {args.rows} Debian packages (synopsis + long description), HNSW index present\n")
+    print(
+        format_table(
+            ["mode", "rows", "seconds", "rows/s", "vs encoder", "encode s", "write s", "write share"],
+            [
+                [
+                    t["mode"],
+                    t["rows"],
+                    f"{t['seconds']:.1f}",
+                    f"{t['rows'] / t['seconds']:.1f}",
+                    f"{t['rows'] / t['seconds'] / reference:.2f}x",
+                    f"{t['encode']:.1f}",
+                    f"{t['write']:.2f}",
+                    f"{t['write'] / t['seconds']:.1%}",
+                ]
+                for t in throughput
+            ],  # fmt: skip
+            max_width=40,
+        )
+    )
+
+    lag_rows = packages[args.rows :]
+    fresh_table(conn, "lagged", registered=True)
+    half = measure_lag(dsn, conn, lag_rows, reference / 2, args.lag_seconds, "0.5x encoder throughput")
+    over = measure_lag(
+        dsn, conn, lag_rows[int(reference / 2 * args.lag_seconds) :], reference * 1.5, args.overload_seconds,
+        "1.5x encoder throughput",
+    )  # fmt: skip
+    print("\nSync lag, one worker (commit -> embedding visible, seconds)\n")
+    lag_table = [
+        [r["phase"], r["rate"], r["rows"], f"{r['p50']:.2f}", f"{r['p95']:.2f}", f"{r['max']:.2f}",
+         f"{r['drain after']:.1f}", r["unembedded"]]
+        for r in (half, over)
+    ]  # fmt: skip
+    print(
+        format_table(
+            ["insert rate", "rows/s", "rows", "p50", "p95", "max", "drained after s", "left unembedded"], lag_table
+        )
+    )
+
+    if not args.skip_builds:
+        print("\nHNSW build (m=16, ef_construction=64) on the whole corpus; building ...", file=sys.stderr)
+        every = debian_packages()
+        vectors = embeddings([p.text for p in every])
+        builds = measure_builds(conn, every, vectors)
+        print(f"\nHNSW build on {len(every)} x 384 (vs the best hand-tuned)\n")
+        print(format_table(["settings", "as set", "seconds", "vs best hand-tuned"], builds))
+
+
+if __name__ == "__main__":
+    main()

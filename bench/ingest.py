@@ -201,6 +201,10 @@ def measure_lag(
     worker.stop.set()
     thread.join(timeout=60)
     lags = sorted(seen[key] - committed[key] for key in committed)
+    window = 5.0  # mean lag of the rows committed in each 5-second window: how lag grows over time
+    buckets: dict[int, list[float]] = {}
+    for key, at in committed.items():
+        buckets.setdefault(int((at - started) // window), []).append(seen[key] - at)
     lost = conn.execute(
         sql.SQL("SELECT count(*) FROM {} WHERE embedding IS NULL").format(sql.Identifier(*table.split(".")))
     ).fetchone()
@@ -214,6 +218,7 @@ def measure_lag(
         "drain after": drained,
         "unembedded": lost[0] if lost else None,
         "reconnects": worker.reconnects,
+        "over time": " ".join(f"{statistics.mean(buckets[b]):.1f}" for b in sorted(buckets)),
     }
 
 
@@ -330,6 +335,8 @@ def main() -> None:
             ["insert rate", "rows/s", "rows", "p50", "p95", "max", "drained after s", "left unembedded"], lag_table
         )
     )
+    for r in (half, over):
+        print(f"mean lag of the rows committed in each 5 s, at {r['phase']}: {r['over time']}")
 
     if not args.skip_builds:
         print("\nHNSW build (m=16, ef_construction=64) on the whole corpus; building ...", file=sys.stderr)

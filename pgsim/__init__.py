@@ -14,12 +14,17 @@ from pgsim.errors import (
     PgsimError,
     ServerError,
 )
+from pgsim.index import HNSW
+from pgsim.ingest import IngestReport, ingest
 from pgsim.install import InstallReport, install
 from pgsim.psycopg import Text, register, register_async
+from pgsim.registry import Registration, add_embedding, change_model, get_registration, remove_embedding
 from pgsim.search import Between, Hit, NoIndexWarning, Plan, Tuning, search
 from pgsim.server import EmbeddedServer
+from pgsim.sync import SyncReport, Worker, backfill, sync
 
 __all__ = [
+    "HNSW",
     "Between",
     "DEFAULT_MODEL",
     "EmbeddedServer",
@@ -27,6 +32,7 @@ __all__ = [
     "ExtensionMissing",
     "Hit",
     "InstallError",
+    "IngestReport",
     "InstallReport",
     "InvalidInput",
     "MissingDependency",
@@ -34,14 +40,24 @@ __all__ = [
     "NoIndexWarning",
     "PgsimError",
     "Plan",
+    "Registration",
     "ServerError",
+    "SyncReport",
     "Text",
     "Tuning",
+    "Worker",
+    "add_embedding",
+    "backfill",
+    "change_model",
     "check_vector",
     "connect",
+    "get_registration",
+    "ingest",
     "install",
     "register",
     "register_async",
+    "remove_embedding",
     "resolve_dsn",
     "search",
+    "sync",
 ]

@@ -297,10 +297,11 @@ def _sync_summary(report: Any) -> str:
 def cmd_worker(args: argparse.Namespace) -> int:
     import signal
 
+    from pgsim.database import resolve_dsn
     from pgsim.sync import Worker
 
     worker = Worker(
-        args.dsn,
+        resolve_dsn(args.dsn, args.data_dir),
         table=args.table,
         column=args.column,
         batch_size=args.batch_size,

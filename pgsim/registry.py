@@ -182,6 +182,7 @@ def add_embedding(
     dimension, revision = encoder.dimension, encoder.revision  # an unknown model fails here, before any change
     with conn.transaction():
         target = _read_table(conn, table)
+        forget_dropped(conn)
         if get_registration(conn, target.qualified, column) is not None:
             raise InvalidInput(
                 f"{target.qualified}.{column} is already registered; remove it first (pgsim remove-embedding)."
@@ -270,6 +271,30 @@ def _remove(conn: psycopg.Connection[Any], registration: Registration, *, drop_c
     conn.execute("DELETE FROM pgsim.queue WHERE embedding_id = %s", [registration.id])
     conn.execute("DELETE FROM pgsim.dead_letter WHERE embedding_id = %s", [registration.id])
     conn.execute("DELETE FROM pgsim.embedding WHERE id = %s", [registration.id])
+
+
+def forget_dropped(conn: psycopg.Connection[Any]) -> list[int]:
+    """Delete the registrations (and their queue entries and dead letters) of tables that were dropped, or
+    dropped and created again: their insert trigger is gone. Returns their ids."""
+    if conn.execute("SELECT to_regclass('pgsim.embedding')").fetchone() == (None,):
+        return []
+    with conn.transaction():
+        gone = [
+            registration_id
+            for (registration_id,) in conn.execute(
+                """
+                DELETE FROM pgsim.embedding e WHERE NOT EXISTS (
+                    SELECT 1 FROM pg_trigger t
+                    WHERE t.tgrelid = to_regclass(format('%I.%I', e.table_schema, e.table_name))
+                      AND t.tgname = format('pgsim_%s_insert', e.id))
+                RETURNING id
+                """
+            ).fetchall()
+        ]
+        if gone:
+            conn.execute("DELETE FROM pgsim.queue WHERE embedding_id = ANY(%s)", [gone])
+            conn.execute("DELETE FROM pgsim.dead_letter WHERE embedding_id = ANY(%s)", [gone])
+    return gone
 
 
 def trigger_names(registration: Registration) -> tuple[str, str]:

@@ -31,7 +31,7 @@ from psycopg.types.json import Jsonb
 from pgsim.encode import Encoder
 from pgsim.errors import InvalidInput, PgsimError, ServerError
 from pgsim.psycopg import encoder_for, register
-from pgsim.registry import Registration, key_match, queue_rows, registrations, switch_over
+from pgsim.registry import Registration, forget_dropped, key_match, queue_rows, registrations, switch_over
 
 log = logging.getLogger(__name__)
 
@@ -174,6 +174,7 @@ def checked_encoder(registration: Registration) -> Encoder:
 
 
 def _targets(conn: psycopg.Connection[Any], table: str | None, column: str | None) -> list[Registration]:
+    forget_dropped(conn)
     every = registrations(conn)
     if table is None:
         return every

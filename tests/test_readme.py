@@ -30,6 +30,18 @@ def test_psycopg_example_runs_as_written(database: str) -> None:
         ]
 
 
+def test_sync_example_runs_as_written(database: str) -> None:
+    code = example("sync")
+    assert len(code.strip().splitlines()) <= 16
+    env = dict(os.environ, PGSIM_DSN=database)
+    for _ in range(2):  # it starts from a dropped table each time
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        embedded, titles = out.stdout.strip().splitlines()
+        assert embedded == "2"  # the inserted row and the updated one; ingested rows came embedded
+        assert sorted(ast.literal_eval(titles)) == ["Ragù", "Sauce"]
+
+
 def test_search_example_runs_as_written(tmp_path: Path) -> None:
     """Against the demo's table, as the README says; the embedded server in a fresh home."""
     env = dict(os.environ, PGSIM_HOME=str(tmp_path / "home"))

@@ -96,6 +96,11 @@ def test_triggers_queue_source_changes_only(docs: Any) -> None:
     assert queued_keys(docs) == [2, 4]  # the writer supplied the embedding both times
     reasons = docs.execute("SELECT reason FROM pgsim.queue ORDER BY id").fetchall()
     assert reasons == [("update",), ("insert",)]
+    with pytest.raises(RuntimeError), docs.transaction():  # the entry is part of the writer's transaction
+        docs.execute("INSERT INTO docs (id, body) VALUES (6, 'rolled back')")
+        assert queued_keys(docs) == [2, 4, 6]
+        raise RuntimeError
+    assert queued_keys(docs) == [2, 4]
 
 
 def test_source_expression_reads_its_columns(docs: Any) -> None:
@@ -184,3 +189,13 @@ def test_manual_write_of_a_wrong_dimension_is_refused_by_the_column(docs: Any) -
     add_embedding(docs, "docs", "embedding", source="body")
     with pytest.raises(psycopg.errors.DataException, match="expected 384 dimensions"):
         docs.execute("UPDATE docs SET embedding = '[1, 2, 3]' WHERE id = 1")
+
+
+def test_a_dropped_table_leaves_no_registration_behind(docs: Any) -> None:
+    add_embedding(docs, "docs", "embedding", source="body")
+    assert docs.execute("SELECT count(*) FROM pgsim.queue").fetchone() == (2,)
+    docs.execute("DROP TABLE docs")
+    docs.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")  # the same name, a new table
+    registration = add_embedding(docs, "docs", "embedding", source="body")
+    assert [r.id for r in registrations(docs)] == [registration.id]
+    assert docs.execute("SELECT count(*) FROM pgsim.queue").fetchone() == (0,)  # the old entries went too

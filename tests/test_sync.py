@@ -266,3 +266,35 @@ def test_worker_reconnects_when_the_database_drops_its_connection_mid_batch(pkgs
     assert worker.reconnects >= 1
     assert worker.report.embedded >= 1
     assert all(vector is not None for vector in stored(pkgs).values())
+
+
+def test_worker_wakes_on_notify_and_polls_for_what_it_missed(pkgs: Any, database: str) -> None:
+    sync(pkgs)
+    listening = Worker(database, poll_interval=600)  # only a NOTIFY can wake it within the test's time
+    thread = threading.Thread(target=listening.run)
+    thread.start()
+    try:
+        wait_for(
+            lambda: pkgs.execute("SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN pgsim'").fetchone()[0]
+        )
+        pkgs.execute("INSERT INTO pkgs (package, synopsis) VALUES ('notified', 'woken by the trigger')")
+        wait_for(lambda: stored(pkgs)["notified"] is not None, timeout=60)
+    finally:
+        listening.stop.set()
+        thread.join(timeout=30)
+    # an entry that arrives without a notification (queued by hand here) is found by the poll
+    pkgs.execute("ALTER TABLE pkgs DISABLE TRIGGER USER")
+    pkgs.execute("INSERT INTO pkgs (package, synopsis) VALUES ('unannounced', 'no trigger, no NOTIFY')")
+    pkgs.execute("ALTER TABLE pkgs ENABLE TRIGGER USER")
+    pkgs.execute(
+        "INSERT INTO pgsim.queue (embedding_id, key, reason) SELECT id, '{\"package\": \"unannounced\"}', 'test' "
+        "FROM pgsim.embedding"
+    )
+    polling = Worker(database, poll_interval=0.3)
+    thread = threading.Thread(target=polling.run)
+    thread.start()
+    try:
+        wait_for(lambda: stored(pkgs)["unannounced"] is not None, timeout=60)
+    finally:
+        polling.stop.set()
+        thread.join(timeout=30)

@@ -110,6 +110,7 @@ def _ingest_chunk(
     vector_columns = [sql.Identifier(f"_pgsim_v{i}") for i in range(len(targets))]
     write_started = time.perf_counter()
     with conn.transaction():
+        _check_registrations(conn, targets)
         conn.execute(
             sql.SQL("CREATE TEMP TABLE pgsim_ingest ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
                 names, table
@@ -171,6 +172,21 @@ def _ingest_chunk(
         write_seconds += time.perf_counter() - started
     report.write_seconds += write_seconds
     report.rows += len(chunk)
+
+
+def _check_registrations(conn: psycopg.Connection[Any], targets: list[Registration]) -> None:
+    """The registrations are still those the encoders were chosen for (a model change may have completed
+    since the ingest began); FOR SHARE keeps them so until this chunk commits."""
+    current = conn.execute(
+        "SELECT id, column_name, model, model_revision FROM pgsim.embedding WHERE id = ANY(%s) ORDER BY id FOR SHARE",
+        [[target.id for target in targets]],
+    ).fetchall()
+    expected = sorted((t.id, t.column, t.model, t.model_revision) for t in targets)
+    if [tuple(row) for row in current] != expected:
+        raise InvalidInput(
+            "The embedding columns of the table changed while ingesting (a model change completed?): the rows "
+            "written so far are committed; ingest the rest again."
+        )
 
 
 def _source_texts(conn: psycopg.Connection[Any], target: Registration, count: int) -> list[str | None]:

@@ -231,10 +231,13 @@ def add_embedding(
         _create_triggers(conn, registration)
         if index is not None and not concurrently:
             _build_index(conn, registration, concurrently=False)
-        if queue_existing:
+        if queue_existing and not concurrently:
             queue_rows(conn, registration)
-    if index is not None and concurrently:
-        _build_index(conn, registration, concurrently=True)
+    if concurrently:  # outside the transaction that locked the table for ADD COLUMN and the triggers
+        if queue_existing:
+            queue_rows(conn, registration)  # rows written meanwhile were queued by the triggers
+        if index is not None:
+            _build_index(conn, registration, concurrently=True)
     return registration
 
 
@@ -274,19 +277,25 @@ def _remove(conn: psycopg.Connection[Any], registration: Registration, *, drop_c
 
 
 def forget_dropped(conn: psycopg.Connection[Any]) -> list[int]:
-    """Delete the registrations (and their queue entries and dead letters) of tables that were dropped, or
-    dropped and created again: their insert trigger is gone. Returns their ids."""
+    """Follow renamed tables (their triggers carry the registration id) and forget the registrations of
+    dropped ones, with their queue entries and dead letters. Returns the forgotten ids."""
     if conn.execute("SELECT to_regclass('pgsim.embedding')").fetchone() == (None,):
         return []
     with conn.transaction():
+        conn.execute(
+            """
+            UPDATE pgsim.embedding e SET table_schema = n.nspname, table_name = c.relname
+            FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE t.tgname = format('pgsim_%s_insert', e.id)
+              AND (n.nspname, c.relname) <> (e.table_schema, e.table_name)
+            """
+        )
         gone = [
             registration_id
             for (registration_id,) in conn.execute(
                 """
-                DELETE FROM pgsim.embedding e WHERE NOT EXISTS (
-                    SELECT 1 FROM pg_trigger t
-                    WHERE t.tgrelid = to_regclass(format('%I.%I', e.table_schema, e.table_name))
-                      AND t.tgname = format('pgsim_%s_insert', e.id))
+                DELETE FROM pgsim.embedding e
+                WHERE NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgname = format('pgsim_%s_insert', e.id))
                 RETURNING id
                 """
             ).fetchall()
@@ -477,7 +486,9 @@ def _relation_exists(conn: psycopg.Connection[Any], schema: str, name: str) -> b
 
 def _create_triggers(conn: psycopg.Connection[Any], registration: Registration) -> None:
     """AFTER INSERT of a row without an embedding; AFTER UPDATE that changes a source column, unless the same
-    statement writes the embedding too (then the writer supplied it)."""
+    statement writes the embedding too (then the writer supplied it); and AFTER UPDATE that leaves a row
+    without an embedding (a writer set it to NULL, or moved a queued row to another key). The worker's own
+    NULL for a blank text fires it too, and adds nothing: the row's entry is still there."""
     insert_trigger, update_trigger = trigger_names(registration)
     column = sql.Identifier(registration.column)
     arguments = sql.SQL(", ").join(sql.Literal(str(value)) for value in (registration.id, *registration.key_columns))
@@ -488,17 +499,24 @@ def _create_triggers(conn: psycopg.Connection[Any], registration: Registration) 
         ).format(name=sql.Identifier(insert_trigger), table=registration.table_sql, column=column, arguments=arguments)
     )
     sources = [sql.Identifier(name) for name in registration.source_columns]
+    keys = [sql.Identifier(name) for name in registration.key_columns]
+    watched = list(dict.fromkeys([*registration.source_columns, *registration.key_columns, registration.column]))
     conn.execute(
         sql.SQL(
-            "CREATE TRIGGER {name} AFTER UPDATE OF {sources} ON {table} FOR EACH ROW "
-            "WHEN (ROW({old}) IS DISTINCT FROM ROW({new}) AND NEW.{column} IS NOT DISTINCT FROM OLD.{column}) "
-            "EXECUTE FUNCTION pgsim.enqueue({arguments})"
+            "CREATE TRIGGER {name} AFTER UPDATE OF {watched} ON {table} FOR EACH ROW WHEN ("
+            "(ROW({old_sources}) IS DISTINCT FROM ROW({new_sources})"
+            " AND NEW.{column} IS NOT DISTINCT FROM OLD.{column})"
+            " OR (NEW.{column} IS NULL"
+            " AND (OLD.{column} IS NOT NULL OR ROW({old_keys}) IS DISTINCT FROM ROW({new_keys})))"
+            ") EXECUTE FUNCTION pgsim.enqueue({arguments})"
         ).format(
             name=sql.Identifier(update_trigger),
-            sources=sql.SQL(", ").join(sources),
+            watched=sql.SQL(", ").join(map(sql.Identifier, watched)),
             table=registration.table_sql,
-            old=sql.SQL(", ").join(sql.SQL("OLD.{}").format(name) for name in sources),
-            new=sql.SQL(", ").join(sql.SQL("NEW.{}").format(name) for name in sources),
+            old_sources=sql.SQL(", ").join(sql.SQL("OLD.{}").format(name) for name in sources),
+            new_sources=sql.SQL(", ").join(sql.SQL("NEW.{}").format(name) for name in sources),
+            old_keys=sql.SQL(", ").join(sql.SQL("OLD.{}").format(name) for name in keys),
+            new_keys=sql.SQL(", ").join(sql.SQL("NEW.{}").format(name) for name in keys),
             column=column,
             arguments=arguments,
         )
@@ -543,14 +561,20 @@ def change_model(
     encoder = Encoder(model)
     if model == old.model and encoder.revision == old.model_revision:
         raise InvalidInput(f"{old.table}.{old.column} already holds embeddings of {model!r}.")
+    next_column = derived_name(old.column, suffix="next")
+    if next_column in _read_table(conn, old.table).columns:
+        raise InvalidInput(
+            f"Column {old.table}.{next_column} exists already (left by a cancelled change?); its vectors cannot be "
+            "trusted to be the new model's. Drop it, then change the model again."
+        )
     return add_embedding(
         conn,
         old.table,
-        derived_name(old.column, suffix="next"),
+        next_column,
         source=sql.SQL(old.source),
         model=model,
         dtype=dtype or old.dtype,
-        index=None,  # built once the column is full: one bulk build beats one insert per row
+        index=None,  # the old column serves searches meanwhile: one bulk build at the switch beats row inserts
         queue_existing=True,
         replaces=old.id,
         planned_index=index or old.index,
@@ -558,59 +582,88 @@ def change_model(
 
 
 def switch_over(conn: psycopg.Connection[Any], new: Registration) -> bool:
-    """Complete a model change whose new column has no queued row: build its index (sized, without blocking
-    writes where the connection allows), then in one transaction drop the old column, its index and triggers
-    and give the new column and index the old names. False (and nothing changed) while rows are queued."""
+    """Complete a model change whose new column has no queued row and no dead letter: build its index (sized,
+    without blocking writes where the connection allows), then in one transaction drop the old column, its
+    index and triggers and give the new column and index the old names. False (and nothing changed) while
+    rows are queued or failed, when the change was cancelled meanwhile, or when the table stays locked."""
     assert new.replaces is not None
     old = registration_by_id(conn, new.replaces)
-    if old is None:
-        raise InvalidInput(f"Registration {new.replaces}, which {new.table}.{new.column} replaces, is gone.")
-    if _queued(conn, new.id):
+    if old is None or _pending(conn, new.id):
         return False
     index = new.index or old.index
     staged_index = derived_name(new.table_name, new.column, suffix="hnsw") if index else None
-    if index and staged_index and not _relation_exists(conn, new.schema, staged_index):
+    if index and staged_index and not _valid_index_exists(conn, new.schema, staged_index):
+        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(new.schema, staged_index)))
         create_hnsw_index(
             conn, new.table, new.column, staged_index, index, opclass=new.opclass, concurrently=conn.autocommit
         )
-    with conn.transaction():
-        # Writers wait from here to the commit (readers only for the ALTERs): nothing can be queued meanwhile.
-        conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(new.table_sql))
-        if _queued(conn, new.id):
-            return False
-        _remove(conn, old, drop_column=False)
-        conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(new.table_sql, sql.Identifier(old.column)))
-        conn.execute(
-            sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
-                new.table_sql, sql.Identifier(new.column), sql.Identifier(old.column)
-            )
-        )
-        final_index = old.index_name or (derived_name(new.table_name, old.column, suffix="hnsw") if index else None)
-        if staged_index and final_index:
-            conn.execute(
-                sql.SQL("ALTER INDEX {} RENAME TO {}").format(
-                    sql.Identifier(new.schema, staged_index), sql.Identifier(final_index)
-                )
-            )
-        conn.execute(
-            """
-            UPDATE pgsim.embedding SET column_name = %s, replaces = NULL, created_column = %s, index_name = %s,
-                index_m = %s, index_ef_construction = %s
-            WHERE id = %s
-            """,
-            [
-                old.column,
-                old.created_column,
-                final_index,
-                index.m if index else None,
-                index.ef_construction if index else None,
-                new.id,
-            ],  # fmt: skip
-        )
-        conn.execute(sql.SQL("ANALYZE {}").format(new.table_sql))
+    try:
+        with conn.transaction():
+            # Writers wait from here to the commit (readers only for the ALTERs): nothing can be queued meanwhile.
+            # A worker that holds rows of this table keeps its batch; this switch gives up and comes back.
+            conn.execute("SET LOCAL lock_timeout = '2s'")
+            conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(new.table_sql))
+            current = conn.execute(
+                "SELECT replaces, column_name FROM pgsim.embedding WHERE id = %s FOR UPDATE", [new.id]
+            ).fetchone()
+            if current != (old.id, new.column) or registration_by_id(conn, old.id) != old or _pending(conn, new.id):
+                return False  # cancelled, switched by another worker, or rows arrived
+            _switch(conn, old, new, index, staged_index)
+    except psycopg.errors.LockNotAvailable:
+        return False
     return True
 
 
-def _queued(conn: psycopg.Connection[Any], registration_id: int) -> int:
-    row = conn.execute("SELECT count(*) FROM pgsim.queue WHERE embedding_id = %s", [registration_id]).fetchone()
-    return int(row[0]) if row else 0
+def _switch(
+    conn: psycopg.Connection[Any], old: Registration, new: Registration, index: HNSW | None, staged_index: str | None
+) -> None:
+    _remove(conn, old, drop_column=False)
+    conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(new.table_sql, sql.Identifier(old.column)))
+    conn.execute(
+        sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
+            new.table_sql, sql.Identifier(new.column), sql.Identifier(old.column)
+        )
+    )
+    final_index = old.index_name or (derived_name(new.table_name, old.column, suffix="hnsw") if index else None)
+    if staged_index and final_index:
+        conn.execute(
+            sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                sql.Identifier(new.schema, staged_index), sql.Identifier(final_index)
+            )
+        )
+    updated = conn.execute(
+        """
+        UPDATE pgsim.embedding SET column_name = %s, replaces = NULL, created_column = %s, index_name = %s,
+            index_m = %s, index_ef_construction = %s
+        WHERE id = %s
+        """,
+        [
+            old.column,
+            old.created_column,
+            final_index,
+            index.m if index else None,
+            index.ef_construction if index else None,
+            new.id,
+        ],  # fmt: skip
+    )
+    assert updated.rowcount == 1
+    conn.execute(sql.SQL("ANALYZE {}").format(new.table_sql))
+
+
+def _pending(conn: psycopg.Connection[Any], registration_id: int) -> bool:
+    """Rows still queued or dead-lettered: switching now would drop their old embeddings for nothing."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pgsim.queue WHERE embedding_id = %(id)s) "
+        "OR EXISTS (SELECT 1 FROM pgsim.dead_letter WHERE embedding_id = %(id)s)",
+        {"id": registration_id},
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _valid_index_exists(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:
+    """An index of that name that is valid (a failed CONCURRENTLY build leaves an invalid one behind)."""
+    row = conn.execute(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+        [sql.Identifier(schema, name).as_string(conn)],
+    ).fetchone()
+    return bool(row and row[0])

@@ -280,9 +280,11 @@ def search_with_plan(
     _check_k(k)
     try:
         return _search(conn, table, column, query, k, where, columns, model, tuning)
-    except _ModelChanged:  # a model change completed since this column's registration was cached
-        log.info("the model of %s.%s changed; searching again", table, column)
+    except _ModelChanged as exc:  # a model change completed since this column's registration was cached
         forget_plans()
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            raise InvalidInput(f"{exc} Roll back the transaction and search again.") from None
+        log.info("the model of %s.%s changed; searching again", table, column)
     try:
         return _search(conn, table, column, query, k, where, columns, model, tuning)
     except _ModelChanged as exc:
@@ -351,7 +353,7 @@ def explain(
     params["k"] = k
     condition = filter_sql(where)
     exact, hnsw = (_statement(target, condition, None, path).as_bytes(conn) for path in PATHS)
-    with _clear_errors(), conn.cursor() as cur:
+    with _model_change_as_input_error(), _clear_errors(), conn.cursor() as cur:
         chosen = _run_plan(conn, _prepare_params(conn, target, k, condition, tuning), apply=False)
         chosen = _checked_plan(conn, chosen, hnsw, params)
         analyze = b"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) "
@@ -522,6 +524,15 @@ def _prepare_params(
         tuning.hnsw_ef_search,
         tuning.min_hnsw_selectivity,
     ]
+
+
+@contextmanager
+def _model_change_as_input_error() -> Iterator[None]:
+    try:
+        yield
+    except _ModelChanged as exc:
+        forget_plans()
+        raise InvalidInput(f"{exc} Run it again.") from None
 
 
 @contextmanager

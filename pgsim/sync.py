@@ -39,7 +39,15 @@ DEFAULT_BATCH_SIZE = 256  # rows per claim; fewer when fewer are queued (measure
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_RETRY_DELAY = 1.0  # seconds before the first retry; doubles with each attempt
 MAX_RETRY_DELAY = 300.0
+MAX_IDLE_BATCHES = 3  # batches in a row that finish no entry (every row changed meanwhile) end a drain
 WORKER_APPLICATION_NAME = "pgsim worker"
+# Errors that say nothing about the rows (a deadlock, a lock or statement timeout, an interrupted query).
+TRANSIENT = (
+    psycopg.errors.TransactionRollback,
+    psycopg.errors.QueryCanceled,
+    psycopg.errors.LockNotAvailable,
+    MemoryError,
+)
 
 CLAIM = """
 SELECT id, key FROM pgsim.queue
@@ -110,11 +118,15 @@ def sync(
     stop: threading.Event | None = None,
 ) -> SyncReport:
     """Drain the queue of every registered column (or of ``table.column``) until no entry is ready, then
-    complete model changes whose new column is full. ``conn`` must not be inside a transaction."""
+    complete model changes whose new column is full. ``conn`` must be an autocommit connection outside a
+    transaction: each batch is its own transaction."""
     if batch_size < 1 or max_attempts < 1 or retry_delay < 0:
         raise InvalidInput("batch_size and max_attempts must be at least 1, retry_delay at least 0.")
-    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-        raise InvalidInput("pgsim.sync commits each batch: call it outside a transaction (autocommit is best).")
+    if not conn.autocommit or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise InvalidInput(
+            "pgsim.sync commits each batch on its own: pass an autocommit connection outside a transaction "
+            "(psycopg.connect(..., autocommit=True); pgsim.connect() gives one)."
+        )
     register(conn)
     report = SyncReport()
     started = time.perf_counter()
@@ -122,12 +134,16 @@ def sync(
     total = _queued(conn, [target.id for target in targets]) if progress else 0
     for registration in targets:
         encoder = checked_encoder(registration)
-        while stop is None or not stop.is_set():
+        idle_batches = 0
+        while (stop is None or not stop.is_set()) and idle_batches < MAX_IDLE_BATCHES:
             batch = _batch(conn, registration, encoder, batch_size, retried=False, max_attempts=max_attempts,
                            retry_delay=retry_delay) or _batch(conn, registration, encoder, 1, retried=True,
                            max_attempts=max_attempts, retry_delay=retry_delay)  # fmt: skip
             if batch is None:
                 break
+            # Rows that change under every batch (a source that is not a function of the row, such as one
+            # calling random()) would keep a drain busy for ever; they stay queued for the next one.
+            idle_batches = idle_batches + 1 if batch.done + batch.failed == 0 else 0
             report.add(batch)
             report.seconds = time.perf_counter() - started
             if progress:
@@ -217,14 +233,15 @@ def _batch(
             with conn.transaction():
                 done = _encode_and_write(conn, registration, encoder, claimed, report)
         except Exception as exc:
-            if conn.broken:
-                raise  # the connection is gone: the transaction is too, and the entries with it
+            if conn.broken or isinstance(exc, TRANSIENT):
+                raise  # not the rows' fault: the batch rolls back and its entries are claimed again, unchanged
             message = _describe_failure(registration, exc)
             log.warning("batch of %d rows of %s.%s failed: %s", len(ids), registration.table,
                         registration.column, message)  # fmt: skip
-            conn.execute(
-                RECORD_FAILURE, {"error": message, "delay": retry_delay, "max_delay": MAX_RETRY_DELAY, "ids": ids}
-            )
+            # Which row of a failed batch is at fault is unknown: each is retried alone at once, and only a
+            # row that fails alone waits before its next attempt.
+            delay = retry_delay if len(ids) == 1 else 0.0
+            conn.execute(RECORD_FAILURE, {"error": message, "delay": delay, "max_delay": MAX_RETRY_DELAY, "ids": ids})
             buried = conn.execute(BURY, {"ids": ids, "max_attempts": max_attempts}).rowcount
             report.dead, report.failed = buried, len(ids) - buried
         else:
@@ -382,8 +399,10 @@ class Worker:
                         stop=self.stop,
                     )
                 )
-            except PgsimError as exc:
-                log.error("%s", exc)
+            except (PgsimError, psycopg.Error) as exc:
+                if conn.broken:
+                    raise  # reconnect
+                log.error("%s.%s: %s", registration.table, registration.column, exc)
         return report
 
     def _wait(self, listen: psycopg.Connection[Any]) -> None:

@@ -94,3 +94,15 @@ def test_a_failing_chunk_rolls_back_alone(pkgs: Any, packages: list[Package]) ->
     with pytest.raises(psycopg.errors.UniqueViolation):
         ingest(pkgs, "pkgs", rows, chunk_size=30)
     assert pkgs.execute("SELECT count(*), count(embedding) FROM pkgs").fetchone() == (30, 30)
+
+
+def test_a_model_change_during_an_ingest_stops_it_between_chunks(
+    pkgs: Any, packages: list[Package], database: str
+) -> None:
+    def change_the_registry(report: IngestReport) -> None:
+        with psycopg.connect(database, autocommit=True) as other:
+            other.execute("UPDATE pgsim.embedding SET model_revision = 'switched' WHERE column_name = 'embedding'")
+
+    with pytest.raises(InvalidInput, match="changed while ingesting"):
+        ingest(pkgs, "pkgs", rows_of(packages[:20]), chunk_size=10, progress=change_the_registry)
+    assert pkgs.execute("SELECT count(*) FROM pkgs").fetchone() == (10,)  # the first chunk, before the change

@@ -115,3 +115,25 @@ def test_change_model_refuses_what_cannot_work(pkgs: Any, small_model: str) -> N
     remove_embedding(pkgs, "pkgs", "embedding")  # takes the change under way with it
     assert registrations(pkgs) == [] and "embedding_next" not in column_types(pkgs)
     assert new.id not in [r for (r,) in pkgs.execute("SELECT embedding_id FROM pgsim.queue").fetchall()]
+
+
+def test_no_switch_while_rows_of_the_new_model_are_dead_letters(pkgs: Any, small_model: str) -> None:
+    new = change_model(pkgs, "pkgs", "embedding", small_model)
+    pkgs.execute(
+        "INSERT INTO pgsim.dead_letter (embedding_id, key, reason, attempts, last_error, enqueued_at) "
+        "VALUES (%s, '{\"package\": \"x\"}', 'test', 5, 'failed', now())",
+        [new.id],
+    )
+    report = sync(pkgs)
+    assert report.switched == 0 and report.embedded == ROWS
+    assert "embedding_next" in column_types(pkgs) and column_types(pkgs)["embedding"] == "vector(384)"
+    pkgs.execute("DELETE FROM pgsim.dead_letter")
+    assert sync(pkgs).switched == 1
+
+
+def test_a_cancelled_change_is_not_switched_and_its_column_not_reused(pkgs: Any, small_model: str) -> None:
+    change_model(pkgs, "pkgs", "embedding", small_model)
+    remove_embedding(pkgs, "pkgs", "embedding_next", drop_column=False)
+    assert sync(pkgs).switched == 0 and column_types(pkgs)["embedding"] == "vector(384)"
+    with pytest.raises(InvalidInput, match="exists already"):
+        change_model(pkgs, "pkgs", "embedding", small_model)

@@ -18,6 +18,7 @@ import pytest
 
 from pgsim.corpus import Package
 from pgsim.encode import DEFAULT_MODEL, Encoder
+from pgsim.errors import InvalidInput
 from pgsim.install import install
 from pgsim.psycopg import encoder_for, register
 from pgsim.registry import add_embedding, registrations, remove_embedding
@@ -181,7 +182,7 @@ def test_one_bad_row_does_not_take_its_batch_to_the_dead_letters(pkgs: Any) -> N
     remove_embedding(pkgs, "pkgs", "embedding")
     add_embedding(pkgs, "pkgs", "embedding", source="fussy(synopsis)", queue_existing=False)
     pkgs.execute("INSERT INTO pkgs (package, synopsis) VALUES ('a', 'fine'), ('b', 'poison'), ('c', 'also fine')")
-    report = sync(pkgs, max_attempts=2, retry_delay=0)
+    report = sync(pkgs, max_attempts=2, retry_delay=60)  # the healthy rows are retried at once, alone
     assert (report.embedded, report.dead) == (2, 1)
     dead = pkgs.execute("SELECT key, last_error FROM pgsim.dead_letter").fetchone()
     assert dead[0] == {"package": "b"} and "cannot read poison" in dead[1]
@@ -298,3 +299,32 @@ def test_worker_wakes_on_notify_and_polls_for_what_it_missed(pkgs: Any, database
     finally:
         polling.stop.set()
         thread.join(timeout=30)
+
+
+def test_sync_needs_an_autocommit_connection(pkgs: Any, database: str) -> None:
+    with psycopg.connect(database) as conn, pytest.raises(InvalidInput, match="autocommit"):
+        sync(conn)
+
+
+def test_a_writer_that_clears_the_embedding_or_moves_a_queued_row_requeues_it(pkgs: Any) -> None:
+    sync(pkgs)
+    target = first(pkgs)
+    pkgs.execute("UPDATE pkgs SET embedding = NULL WHERE package = %s", [target])
+    pkgs.execute("INSERT INTO pkgs (package, synopsis) VALUES ('before-move', 'queued, then renamed')")
+    pkgs.execute("UPDATE pkgs SET package = 'after-move' WHERE package = 'before-move'")
+    keys = sorted(key["package"] for (key,) in pkgs.execute("SELECT key FROM pgsim.queue").fetchall())
+    assert keys == sorted(["after-move", "before-move", target])
+    report = sync(pkgs)
+    assert (report.embedded, report.missing) == (2, 1)
+    assert stored(pkgs)[target] is not None and stored(pkgs)["after-move"] is not None
+
+
+def test_a_renamed_table_keeps_its_registration(pkgs: Any) -> None:
+    sync(pkgs)
+    pkgs.execute("ALTER TABLE pkgs RENAME TO packages_renamed")
+    try:
+        pkgs.execute("INSERT INTO packages_renamed (package, synopsis) VALUES ('renamed', 'still in sync')")
+        assert sync(pkgs).embedded == 1
+        assert [r.table for r in registrations(pkgs)] == ["public.packages_renamed"]
+    finally:
+        pkgs.execute("ALTER TABLE packages_renamed RENAME TO pkgs")

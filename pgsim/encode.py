@@ -160,6 +160,31 @@ def model_revision(name: str) -> str:
     return revision
 
 
+def model_dimension(name: str) -> int:
+    """The dimension of ``name``'s vectors, read from its sentence-transformers files (the last Dense layer,
+    else the pooling layer) without loading it; loads it only when the files do not say."""
+    import json
+
+    directory = Path(resolve_model(name))
+    modules_file = directory / "modules.json"
+    if modules_file.is_file():
+        dimension = None
+        for module in json.loads(modules_file.read_text()):
+            config = directory / module.get("path", "") / "config.json"
+            kind = str(module.get("type", ""))
+            if not config.is_file():
+                continue
+            settings = json.loads(config.read_text())
+            if kind.endswith("Dense"):
+                dimension = int(settings["out_features"])
+            elif kind.endswith("Pooling"):
+                modes = sum(1 for key, on in settings.items() if key.startswith("pooling_mode_") and on is True)
+                dimension = int(settings["word_embedding_dimension"]) * max(modes, 1)
+        if dimension is not None:
+            return dimension
+    return Encoder(name).dimension
+
+
 def check_vector(values: Any, dimension: int | None = None) -> Vector:
     """``values`` as a 1-D float32 array, or :class:`InvalidInput` saying what is wrong with it."""
     try:

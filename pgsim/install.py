@@ -57,6 +57,8 @@ def install(conn: psycopg.Connection[Any]) -> InstallReport:
         conn.execute(LEDGER.encode())
         ledger = dict(conn.execute("SELECT name, sha256 FROM pgsim.migration").fetchall())
         _check_ledger(ledger, files)
+        # SET LOCAL outlives a savepoint until the caller's transaction ends: put the caller's path back after.
+        saved = conn.execute("SELECT current_setting('search_path')").fetchone()
         conn.execute(sql.SQL("SET LOCAL search_path = pgsim, {}, pg_catalog").format(sql.Identifier(vector_schema)))
         report = InstallReport()
         for file in files:
@@ -65,6 +67,7 @@ def install(conn: psycopg.Connection[Any]) -> InstallReport:
                 continue
             _apply(conn, file)
             report.applied.append(file.name)
+        conn.execute("SELECT set_config('search_path', %s, true)", [saved[0] if saved else ""])
     return report
 
 

@@ -192,7 +192,8 @@ def add_embedding(
         created_column = _ensure_column(conn, target, column, dtype, dimension, model)
         index_name = derived_name(target.name, column, suffix="hnsw") if index is not None else None
         recorded = index or planned_index
-        if index_name is not None and _relation_exists(conn, target.schema, index_name):
+        adopt_index = index_name is not None and _relation_exists(conn, target.schema, index_name)
+        if adopt_index and not _is_hnsw_index_on(conn, target, index_name, column):  # type: ignore[arg-type]
             raise InvalidInput(
                 f"An index or table named {target.schema}.{index_name} already exists; drop or rename it."
             )
@@ -229,6 +230,8 @@ def add_embedding(
         registration = registration_by_id(conn, row[0])
         assert registration is not None
         _create_triggers(conn, registration)
+        if index is not None and adopt_index:
+            index = None  # the HNSW index of that name is there already (declared by the ORM, say)
         if index is not None and not concurrently:
             _build_index(conn, registration, concurrently=False)
         if queue_existing and not concurrently:
@@ -478,6 +481,19 @@ def _ensure_column(
             "column name, or a model of that dimension."
         )
     return False
+
+
+def _is_hnsw_index_on(conn: psycopg.Connection[Any], target: _Table, index_name: str, column: str) -> bool:
+    row = conn.execute(
+        """
+        SELECT am.amname = 'hnsw' AND i.indnatts = 1 AND a.attname = %s
+        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+        WHERE i.indexrelid = to_regclass(%s) AND i.indrelid = to_regclass(%s)
+        """,
+        [column, sql.Identifier(target.schema, index_name).as_string(conn), target.identifier.as_string(conn)],
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _relation_exists(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:

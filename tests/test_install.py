@@ -104,3 +104,12 @@ def test_non_superuser_owner_needs_extension_then_installs(server_dsn: str) -> N
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as admin:
             admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_install_inside_a_transaction_leaves_its_search_path_alone(conn: psycopg.Connection[Any]) -> None:
+    from pgsim.install import install as install_schema
+
+    with conn.transaction():
+        conn.execute("SET LOCAL search_path = public")
+        install_schema(conn)
+        assert conn.execute("SHOW search_path").fetchone() == ("public",)

@@ -1,0 +1,29 @@
+"""SQLAlchemy 2.x integration: embedding columns, k-NN comparators that combine with filters in one query,
+encode-on-flush. Needs ``pip install 'pgsim[sqlalchemy]'`` and the psycopg driver (postgresql+psycopg://)."""
+
+from pgsim._optional import require
+
+require("sqlalchemy", "sqlalchemy")
+
+from pgsim.sqlalchemy import functions  # noqa: E402
+from pgsim.sqlalchemy.columns import (  # noqa: E402
+    EmbeddingSpec,
+    embedding_column,
+    encode_on_flush,
+    hnsw_index,
+    register_embeddings,
+    register_embeddings_sync,
+)
+from pgsim.sqlalchemy.types import Embedding, HalfEmbedding  # noqa: E402
+
+__all__ = [
+    "Embedding",
+    "EmbeddingSpec",
+    "HalfEmbedding",
+    "embedding_column",
+    "encode_on_flush",
+    "functions",
+    "hnsw_index",
+    "register_embeddings",
+    "register_embeddings_sync",
+]

@@ -1,0 +1,251 @@
+"""``embedding_column``: an ORM column that holds embeddings of other columns, and the hooks that fill it.
+
+    class Doc(Base):
+        __tablename__ = "docs"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        section: Mapped[str]
+        description: Mapped[str]
+        embedding = embedding_column(source="description", index=HNSW(m=16))
+
+- The column is ``vector(d)`` (or ``halfvec(d)``) with ``d`` read from the model's files (nothing loads).
+- ``index`` adds an HNSW index to the table, so ``create_all`` and Alembic see it.
+- ``sync="flush"``: one ``before_flush`` hook encodes every new object, and every changed object whose
+  source changed, in one batch per model. ``sync="worker"``: the database's triggers queue the rows and
+  ``pgsim worker`` embeds them (any SQL expression can be the source then).
+- ``create_all`` installs pgsim first (``CREATE EXTENSION vector`` and schema ``pgsim``); after it, on a
+  psycopg connection, the column is registered in ``pgsim.embedding`` (with its
+  triggers), so rows written by other clients are embedded too; see :func:`register_embeddings`.
+- Assigning a vector of the wrong dimension (or with NaN) to the attribute is an error at once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Column, Index, Table, event
+from sqlalchemy.orm import MappedColumn, Mapper, Session, mapped_column
+
+from pgsim.encode import DEFAULT_MODEL, check_vector, model_dimension
+from pgsim.errors import InvalidInput
+from pgsim.index import HNSW
+from pgsim.names import derived_name
+from pgsim.registry import DEFAULT_HNSW
+from pgsim.sqlalchemy.types import Embedding, HalfEmbedding
+
+SYNC_MODES = ("flush", "worker")
+
+
+@dataclass(frozen=True)
+class EmbeddingSpec:
+    """What ``embedding_column`` declared; kept in the column's ``info["pgsim"]``."""
+
+    source: tuple[str, ...] | str  # column names, or an SQL expression (sync="worker" only)
+    model: str
+    dtype: str
+    index: HNSW | None
+    sync: str
+
+    @property
+    def source_sql(self) -> Any:
+        return self.source if isinstance(self.source, str) else list(self.source)
+
+
+def embedding_column(
+    *,
+    source: str | Sequence[str],
+    model: str = DEFAULT_MODEL,
+    dtype: str = "vector",
+    index: HNSW | None = DEFAULT_HNSW,
+    sync: str = "flush",
+    dimension: int | None = None,
+) -> MappedColumn[Any]:
+    """A nullable embedding column filled from ``source`` (a column name, several, or with
+    ``sync="worker"`` an SQL expression over the table's columns) by ``model``."""
+    if sync not in SYNC_MODES:
+        raise InvalidInput(f"sync must be one of {', '.join(SYNC_MODES)}; got {sync!r}.")
+    if dtype not in ("vector", "halfvec"):
+        raise InvalidInput(f"dtype must be 'vector' or 'halfvec'; got {dtype!r}.")
+    names = (source,) if isinstance(source, str) else tuple(source)
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise InvalidInput(f"source must name the column(s) holding the text; got {source!r}.")
+    expression = len(names) == 1 and not names[0].isidentifier()
+    if expression and sync == "flush":
+        raise InvalidInput(
+            f"source {names[0]!r} is an SQL expression, which only the database can evaluate: use sync='worker', "
+            "or name the columns that hold the text."
+        )
+    spec = EmbeddingSpec(names[0] if expression else names, model, dtype, index, sync)
+    size = dimension or model_dimension(model)  # an unknown model fails here, when the class is defined
+    kind = Embedding if dtype == "vector" else HalfEmbedding
+    mapped = mapped_column(kind(size, model), nullable=True, info={"pgsim": spec})
+    event.listen(mapped.column, "after_parent_attach", _attached)
+    _install_hooks()
+    return mapped
+
+
+def hnsw_index(column: Any, *, name: str | None = None, m: int = 16, ef_construction: int = 64) -> Index:
+    """An HNSW index (cosine) on an embedding column, for ``__table_args__`` or a Table."""
+    hnsw = HNSW(m, ef_construction)
+    target: Column[Any] = getattr(column, "column", column)  # a MappedColumn or a Column
+    kind = "halfvec" if isinstance(target.type, HalfEmbedding) else "vector"
+    return Index(
+        name or derived_name(target.table.name, target.name, suffix="hnsw"),
+        target,
+        postgresql_using="hnsw",
+        postgresql_with={"m": hnsw.m, "ef_construction": hnsw.ef_construction},
+        postgresql_ops={target.name: f"{kind}_cosine_ops"},
+    )
+
+
+def embedding_specs(table: Table) -> list[tuple[Column[Any], EmbeddingSpec]]:
+    return [(column, column.info["pgsim"]) for column in table.columns if "pgsim" in column.info]
+
+
+def register_embeddings(connection: Any, tables: Sequence[Table]) -> None:
+    """Register the embedding columns of ``tables`` in ``pgsim.embedding`` (installing pgsim's schema if
+    needed), with their triggers; the ORM-declared HNSW indexes are adopted. ``connection`` is a SQLAlchemy
+    Connection on the psycopg driver. Idempotent. Run by ``create_all`` for you."""
+    import psycopg
+
+    from pgsim.install import install
+    from pgsim.registry import add_embedding, get_registration
+
+    raw = connection.connection.driver_connection
+    if not isinstance(raw, psycopg.Connection):
+        raise InvalidInput(
+            "Registering embedding columns needs a synchronous psycopg connection (postgresql+psycopg://). With "
+            "an async engine, call pgsim.sqlalchemy.register_embeddings_sync(url, metadata) after create_all."
+        )
+    pending = [(table, column, spec) for table in tables for column, spec in embedding_specs(table)]
+    if not pending:
+        return
+    install(raw)
+    for table, column, spec in pending:
+        name = f"{table.schema or _search_schema(raw)}.{table.name}"
+        if get_registration(raw, name, column.name) is None:
+            add_embedding(raw, name, column.name, source=spec.source_sql, model=spec.model, dtype=spec.dtype,
+                          index=spec.index, queue_existing=spec.sync == "worker")  # fmt: skip
+
+
+def register_embeddings_sync(url: str, metadata: Any) -> None:
+    """:func:`register_embeddings` for every table of ``metadata``, on a new connection to ``url`` (for async
+    engines: the tables must exist, committed)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    sync_url = make_url(url).set(drivername="postgresql+psycopg")
+    engine = create_engine(sync_url)
+    try:
+        with engine.begin() as connection:
+            register_embeddings(connection, list(metadata.sorted_tables))
+    finally:
+        engine.dispose()
+
+
+def _search_schema(raw: Any) -> str:
+    row = raw.execute("SELECT current_schema()").fetchone()
+    return str(row[0]) if row else "public"
+
+
+def _attached(column: Column[Any], table: Any) -> None:
+    if not isinstance(table, Table):
+        return
+    spec: EmbeddingSpec = column.info["pgsim"]
+    if spec.index is not None and not any(column in index.columns.values() for index in table.indexes):
+        hnsw_index(column, m=spec.index.m, ef_construction=spec.index.ef_construction)
+    if not event.contains(table, "after_create", _after_create):
+        event.listen(table, "before_create", _before_create)
+        event.listen(table, "after_create", _after_create)
+
+
+def _before_create(table: Table, connection: Any, **_: Any) -> None:
+    """pgvector's types must exist before the table: install pgsim (CREATE EXTENSION vector + schema)."""
+    import psycopg
+
+    from pgsim.install import install
+
+    raw = connection.connection.driver_connection
+    if isinstance(raw, psycopg.Connection):
+        install(raw)
+    else:
+        connection.exec_driver_sql("CREATE EXTENSION IF NOT EXISTS vector")
+
+
+def _after_create(table: Table, connection: Any, **_: Any) -> None:
+    import psycopg
+
+    if isinstance(connection.connection.driver_connection, psycopg.Connection):
+        register_embeddings(connection, [table])
+
+
+_hooks_lock = threading.Lock()
+_hooks_installed = False
+
+
+def _install_hooks() -> None:
+    """Session and mapper hooks, once per process, when the first embedding column is declared."""
+    global _hooks_installed
+    with _hooks_lock:
+        if _hooks_installed:
+            return
+        from pgsim.sqlalchemy.knn import filtered_knn
+
+        event.listen(Session, "before_flush", encode_on_flush)
+        event.listen(Session, "do_orm_execute", filtered_knn)
+        event.listen(Mapper, "mapper_configured", _check_assignments)
+        _hooks_installed = True
+
+
+def _flush_specs(mapper: Mapper[Any]) -> list[tuple[str, EmbeddingSpec, list[str]]]:
+    """(attribute, spec, source attributes) for each sync='flush' embedding column of ``mapper``."""
+    found = []
+    for prop in mapper.column_attrs:
+        spec = prop.columns[0].info.get("pgsim")
+        if spec is None or spec.sync != "flush":
+            continue
+        table = prop.columns[0].table
+        assert table is not None
+        sources = [mapper.get_property_by_column(table.c[name]).key for name in spec.source]
+        found.append((prop.key, spec, sources))
+    return found
+
+
+def encode_on_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    """``before_flush``: encode, in one batch per model, the new objects and those whose source changed;
+    an embedding the application assigned itself is kept."""
+    from sqlalchemy import inspect
+
+    from pgsim.psycopg import encoder_for
+
+    work: dict[str, list[tuple[Any, str, str | None]]] = {}
+    for obj in [*session.new, *session.dirty]:
+        state = inspect(obj)
+        for key, spec, sources in _flush_specs(state.mapper):
+            if state.attrs[key].history.added:
+                continue
+            if state.key is not None and not any(state.attrs[name].history.has_changes() for name in sources):
+                continue
+            parts = [getattr(obj, name) for name in sources]
+            text = "\n\n".join(str(part) for part in parts if part is not None)  # concat_ws, as the triggers see it
+            work.setdefault(spec.model, []).append((obj, key, text))
+    for model, items in work.items():
+        vectors = encoder_for(model).encode([text for _, _, text in items])
+        for (obj, key, _), vector in zip(items, vectors, strict=True):
+            setattr(obj, key, vector)
+
+
+def _check_assignments(mapper: Mapper[Any], class_: type) -> None:
+    for prop in mapper.column_attrs:
+        column_type = prop.columns[0].type
+        if isinstance(column_type, (Embedding, HalfEmbedding)):
+            event.listen(getattr(class_, prop.key), "set", _checker(column_type.dim), retval=True)
+
+
+def _checker(dimension: int | None) -> Any:
+    def check(target: Any, value: Any, oldvalue: Any, initiator: Any) -> Any:
+        return None if value is None else check_vector(value, dimension)
+
+    return check

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 
-.PHONY: demo test check bench-encode bench-filtered bench-ingest clean
+.PHONY: demo test check bench-encode bench-filtered bench-ingest bench-orm clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench-filtered: $(BIN)/.installed
 # (uses the embeddings bench-filtered caches; about 10 minutes here).
 bench-ingest: $(BIN)/.installed
 	$(BIN)/python bench/ingest.py
+
+# 10,000 ORM objects: encode-on-flush vs one encode call per object (about 6 minutes here).
+bench-orm: $(BIN)/.installed
+	$(BIN)/python bench/orm.py
 
 clean:
 	rm -rf $(VENV) dist build *.egg-info

@@ -42,6 +42,15 @@ def test_sync_example_runs_as_written(database: str) -> None:
         assert sorted(ast.literal_eval(titles)) == ["Ragù", "Sauce"]
 
 
+def test_sqlalchemy_example_runs_as_written(database: str) -> None:
+    code = example("sqlalchemy")
+    env = dict(os.environ, PGSIM_DSN=database)
+    for _ in range(2):  # it drops and creates its table each time
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        assert ast.literal_eval(out.stdout.strip()) == ["Fast JSON parser for C"]
+
+
 def test_search_example_runs_as_written(tmp_path: Path) -> None:
     """Against the demo's table, as the README says; the embedded server in a fresh home."""
     env = dict(os.environ, PGSIM_HOME=str(tmp_path / "home"))

@@ -193,6 +193,62 @@ def test_nearest_under_a_filter_returns_k_exact_rows_and_leaves_no_setting_behin
             assert session.execute(text("SHOW hnsw.iterative_scan")).scalar() == "off"
 
 
+def test_the_hnsw_path_returns_k_rows_under_its_settings_and_restores_them(
+    engine: Engine, packages: list[Package], package_vectors: Any, encoder: Encoder, caplog: pytest.LogCaptureFixture
+) -> None:
+    from pgsim.search import Tuning
+
+    with Session(engine) as session:
+        session.add_all(rows_of(packages))
+        session.commit()
+        session.execute(text("ANALYZE orm_packages"))
+        session.execute(text("SET hnsw.ef_search = 17"))  # the session's own setting, to be kept
+        query = "tools for parsing text files"
+        statement = (
+            select(Package_.package)
+            .where(Package_.section != "no-such-section")
+            .order_by(Package_.embedding.nearest(query))
+            .limit(10)
+            .execution_options(pgsim_tuning=Tuning(exact_below_rows=10))
+        )
+        with caplog.at_level("INFO", logger="pgsim.sqlalchemy.knn"):
+            found = session.scalars(statement).all()
+        assert "hnsw path" in caplog.text
+        expected = exact_top_k(encoder.encode_query(query), package_vectors, packages, 10)
+        assert len(found) == 10 and len(set(found) & set(expected)) >= 9
+        assert session.execute(text("SHOW hnsw.ef_search")).scalar() == "17"
+        assert session.execute(text("SHOW hnsw.iterative_scan")).scalar() == "off"
+
+
+def test_sync_worker_columns_are_filled_by_the_worker(database: str) -> None:
+    from pgsim.sync import sync
+
+    class WorkerBase(DeclarativeBase):
+        pass
+
+    class Note(WorkerBase):
+        __tablename__ = "orm_notes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        body: Mapped[str]
+        embedding = embedding_column(source="upper(body)", sync="worker", index=None)
+
+    sync_engine = create_engine(sqlalchemy_url(database))
+    try:
+        WorkerBase.metadata.drop_all(sync_engine)
+        WorkerBase.metadata.create_all(sync_engine)
+        with Session(sync_engine) as session:
+            session.add_all([Note(id=1, body="a chess engine"), Note(id=2, body="a json parser")])
+            session.commit()
+            assert session.scalars(select(Note.embedding)).all() == [None, None]  # not encoded on flush
+        with psycopg.connect(database, autocommit=True) as conn:
+            assert sync(conn).embedded == 2
+        with Session(sync_engine) as session:
+            assert all(vector is not None for vector in session.scalars(select(Note.embedding)))
+    finally:
+        WorkerBase.metadata.drop_all(sync_engine)
+        sync_engine.dispose()
+
+
 def test_async_session_encodes_on_flush_and_searches(database: str, engine: Engine, packages: list[Package]) -> None:
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
@@ -213,3 +269,35 @@ def test_async_session_encodes_on_flush_and_searches(database: str, engine: Engi
     assert len(found) == 3
     with engine.connect() as conn:
         assert conn.execute(text("SELECT count(embedding) FROM orm_packages")).scalar() == 30
+
+
+def test_an_async_engine_creates_the_table_and_the_column_is_registered_after(database: str) -> None:
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    from pgsim.sqlalchemy import register_embeddings_sync
+
+    class AsyncBase(DeclarativeBase):
+        pass
+
+    class Memo(AsyncBase):
+        __tablename__ = "orm_memos"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        body: Mapped[str]
+        embedding = embedding_column(source="body", index=None)
+
+    url = sqlalchemy_url(database)
+
+    async def create() -> None:
+        async_engine = create_async_engine(url)
+        try:
+            async with async_engine.begin() as conn:
+                await conn.run_sync(AsyncBase.metadata.drop_all)
+                await conn.run_sync(AsyncBase.metadata.create_all)
+        finally:
+            await async_engine.dispose()
+
+    asyncio.run(create())
+    register_embeddings_sync(url.render_as_string(hide_password=False), AsyncBase.metadata)
+    register_embeddings_sync(url.render_as_string(hide_password=False), AsyncBase.metadata)  # idempotent
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT count(*) FROM pgsim.embedding WHERE table_name = 'orm_memos'").fetchone() == (1,)

@@ -15,11 +15,13 @@ from pgsim.sqlalchemy.columns import (  # noqa: E402
     register_embeddings_sync,
 )
 from pgsim.sqlalchemy.types import Embedding, HalfEmbedding  # noqa: E402
+from pgsim.sqlalchemy.url import database_url  # noqa: E402
 
 __all__ = [
     "Embedding",
     "EmbeddingSpec",
     "HalfEmbedding",
+    "database_url",
     "embedding_column",
     "encode_on_flush",
     "functions",

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from pgsim.names import derived_name
 from pgsim.registry import DEFAULT_HNSW
 from pgsim.sqlalchemy.types import Embedding, HalfEmbedding
 
+log = logging.getLogger(__name__)
 SYNC_MODES = ("flush", "worker")
 
 
@@ -199,8 +201,18 @@ def _install_hooks() -> None:
         _hooks_installed = True
 
 
+_flush_specs_by_mapper: dict[Mapper[Any], list[tuple[str, EmbeddingSpec, list[str]]]] = {}
+
+
 def _flush_specs(mapper: Mapper[Any]) -> list[tuple[str, EmbeddingSpec, list[str]]]:
     """(attribute, spec, source attributes) for each sync='flush' embedding column of ``mapper``."""
+    known = _flush_specs_by_mapper.get(mapper)
+    if known is None:
+        known = _flush_specs_by_mapper[mapper] = _read_flush_specs(mapper)
+    return known
+
+
+def _read_flush_specs(mapper: Mapper[Any]) -> list[tuple[str, EmbeddingSpec, list[str]]]:
     found = []
     for prop in mapper.column_attrs:
         spec = prop.columns[0].info.get("pgsim")
@@ -232,6 +244,7 @@ def encode_on_flush(session: Session, flush_context: Any, instances: Any) -> Non
             text = "\n\n".join(str(part) for part in parts if part is not None)  # concat_ws, as the triggers see it
             work.setdefault(spec.model, []).append((obj, key, text))
     for model, items in work.items():
+        log.info("encoding %d texts with %s for the flush", len(items), model)
         vectors = encoder_for(model).encode([text for _, _, text in items])
         for (obj, key, _), vector in zip(items, vectors, strict=True):
             setattr(obj, key, vector)

@@ -7,7 +7,8 @@ that a ``do_orm_execute`` hook asks ``pgsim.knn_plan`` (sql/0002) which path the
   ``max_scan_tuples`` sized for the filter, set with ``set_config(..., is_local)`` just before it and set
   back just after it, so no other statement of the session sees them; if it still returns fewer than k
   rows, the exact statement runs.
-A filter that reads other tables, or does not compile to literal SQL, takes the exact path.
+A filter that reads other tables, or does not compile to literal SQL, takes the exact path. The
+thresholds are pgsim.search's; ``.execution_options(pgsim_tuning=Tuning(...))`` changes them per query.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from sqlalchemy.exc import CompileError
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.sql.util import find_tables
 
-from pgsim.search import DEFAULT_TUNING
+from pgsim.search import DEFAULT_TUNING, Tuning
 from pgsim.sqlalchemy.types import NEAREST
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,9 @@ def filtered_knn(state: ORMExecuteState) -> Any:
     )
     column = nearest._annotations[NEAREST]
     connection = state.session.connection(bind_arguments=state.bind_arguments)
-    chosen = _plan(connection, column, limit, statement)
+    tuning = state.execution_options.get("pgsim_tuning", DEFAULT_TUNING)
+    chosen = _plan(connection, column, limit, statement, tuning)
+    log.info("k-NN on %s: %s path", column, chosen[0] if chosen else "exact (filter not plannable)")
     if chosen is None or chosen[0] == "exact":
         return state.invoke_statement(statement=exact)
     _, ef_search, max_scan_tuples = chosen
@@ -77,7 +80,7 @@ def filtered_knn(state: ORMExecuteState) -> Any:
     return frozen()
 
 
-def _plan(connection: Any, column: Any, k: int, statement: Select[Any]) -> tuple[str, int, int] | None:
+def _plan(connection: Any, column: Any, k: int, statement: Select[Any], tuning: Tuning) -> tuple[str, int, int] | None:
     """(path, ef_search, max_scan_tuples) from pgsim.knn_plan, or None when the filter cannot be planned."""
     table = getattr(column, "table", None)
     where = statement.whereclause
@@ -98,9 +101,9 @@ def _plan(connection: Any, column: Any, k: int, statement: Select[Any]) -> tuple
             "column": column.name,
             "k": k,
             "filter": condition,
-            "exact_below_rows": DEFAULT_TUNING.exact_below_rows,
-            "hnsw_ef_search": DEFAULT_TUNING.hnsw_ef_search,
-            "min_hnsw_selectivity": DEFAULT_TUNING.min_hnsw_selectivity,
+            "exact_below_rows": tuning.exact_below_rows,
+            "hnsw_ef_search": tuning.hnsw_ef_search,
+            "min_hnsw_selectivity": tuning.min_hnsw_selectivity,
         },
     ).one()
     return str(row[0]), row[1], row[2]

@@ -48,9 +48,10 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def install(conn: psycopg.Connection[Any]) -> InstallReport:
-    """Create or upgrade schema ``pgsim`` in the connected database. Safe to run any number of times."""
-    files = sql_files()
+def install(conn: psycopg.Connection[Any], *, upto: str | None = None) -> InstallReport:
+    """Create or upgrade schema ``pgsim`` in the connected database. Safe to run any number of times.
+    ``upto`` (a file name, or its number such as ``"0002"``) stops after that file."""
+    files = files_upto(upto)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [ADVISORY_LOCK_KEY])
         vector_schema = _ensure_vector_extension(conn)
@@ -69,6 +70,48 @@ def install(conn: psycopg.Connection[Any]) -> InstallReport:
             report.applied.append(file.name)
         conn.execute("SELECT set_config('search_path', %s, true)", [saved[0] if saved else ""])
     return report
+
+
+def files_upto(upto: str | None = None) -> list[SqlFile]:
+    """The SQL files in order, up to and including ``upto`` (a name or its four-digit number)."""
+    files = sql_files()
+    if upto is None:
+        return files
+    chosen = [file for file in files if file.name == upto or file.name.split("_", 1)[0] == upto]
+    if not chosen:
+        raise InstallError(f"No pgsim SQL file {upto!r}; the files are {', '.join(f.name for f in files)}.")
+    return files[: files.index(chosen[0]) + 1]
+
+
+def install_script(upto: str | None = None, vector_schema: str = "public") -> str:
+    """The install as one SQL script, for offline migrations (``alembic upgrade --sql``): each file runs only
+    where the ledger does not list it yet, so the script and ``pgsim install`` share the ledger."""
+    parts = [
+        "CREATE EXTENSION IF NOT EXISTS vector;",
+        LEDGER.strip(),
+        f"SELECT pg_advisory_xact_lock({ADVISORY_LOCK_KEY});",
+    ]
+    guarded = sql.SQL(
+        "DO $pgsim$\nDECLARE\n    saved text := current_setting('search_path');\nBEGIN\n"
+        "    IF NOT EXISTS (SELECT 1 FROM pgsim.migration WHERE name = {name}) THEN\n"
+        "        PERFORM set_config('search_path', {path}, true);\n"
+        "        EXECUTE {text};\n"
+        "        INSERT INTO pgsim.migration (name, sha256, package_version) VALUES ({name}, {sha256}, {version});\n"
+        "        PERFORM set_config('search_path', saved, true);\n"
+        "    END IF;\nEND\n$pgsim$;"
+    )
+    for file in files_upto(upto):
+        if "$pgsim$" in file.text:
+            raise InstallError(f"pgsim SQL file {file.name} contains $pgsim$, which the offline script quotes with.")
+        statement = guarded.format(
+            name=sql.Literal(file.name),
+            path=sql.Literal(f"pgsim, {sql.Identifier(vector_schema).as_string()}, pg_catalog"),
+            text=sql.Literal(file.text),
+            sha256=sql.Literal(file.sha256),
+            version=sql.Literal(package_version()),
+        )
+        parts.append(statement.as_string())
+    return "\n\n".join(parts) + "\n"
 
 
 def applied_files(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:

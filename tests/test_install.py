@@ -113,3 +113,27 @@ def test_install_inside_a_transaction_leaves_its_search_path_alone(conn: psycopg
         conn.execute("SET LOCAL search_path = public")
         install_schema(conn)
         assert conn.execute("SHOW search_path").fetchone() == ("public",)
+
+
+def test_the_offline_script_and_install_share_the_ledger(server_dsn: str) -> None:
+    from pgsim.install import install_script
+
+    with scratch_database(server_dsn, "offline") as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        with conn.transaction():
+            conn.execute(install_script(upto="0002").encode())
+            assert conn.execute("SHOW search_path").fetchone() == ('"$user", public',)  # left as it was
+        applied = conn.execute("SELECT name FROM pgsim.migration ORDER BY name").fetchall()
+        assert applied == [("0001_schema.sql",), ("0002_knn_plan.sql",)]
+        report = install(conn)
+        names = [file.name for file in sql_files()]
+        assert report.already_applied == names[:2] and report.applied == names[2:]
+        conn.execute(install_script().encode())  # everything is in the ledger: the script does nothing
+        assert conn.execute("SELECT count(*) FROM pgsim.migration").fetchone() == (len(names),)
+
+
+def test_install_upto_names_a_file_or_its_number(server_dsn: str) -> None:
+    with scratch_database(server_dsn, "upto") as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        assert install(conn, upto="0001").applied == ["0001_schema.sql"]
+        assert install(conn, upto="0002_knn_plan.sql").applied == ["0002_knn_plan.sql"]
+        with pytest.raises(InstallError, match="No pgsim SQL file '0009'"):
+            install(conn, upto="0009")

@@ -69,15 +69,25 @@ def filtered_knn(state: ORMExecuteState) -> Any:
         return state.invoke_statement(statement=exact)
     _, ef_search, max_scan_tuples = chosen
     saved = connection.execute(SWAP, {"ef_search": str(ef_search), "max_scan_tuples": str(max_scan_tuples)}).one()
+    restore = {key: value or DEFAULTS[key] for key, value in zip(DEFAULTS, saved[:3], strict=True)}
     try:
         frozen = state.invoke_statement().freeze()
-    finally:
-        restore = {key: value or DEFAULTS[key] for key, value in zip(DEFAULTS, saved[:3], strict=True)}
-        connection.execute(RESTORE, restore)
+    except Exception:
+        if not _failed(connection):  # a failed transaction's rollback takes the settings with it
+            connection.execute(RESTORE, restore)
+        raise
+    connection.execute(RESTORE, restore)
     if len(frozen.data) < limit:
         log.info("hnsw path gave %d of %d rows; exact scan instead", len(frozen.data), limit)
         return state.invoke_statement(statement=exact)
     return frozen()
+
+
+def _failed(connection: Any) -> bool:
+    import psycopg
+
+    info = getattr(connection.connection.driver_connection, "info", None)
+    return info is not None and info.transaction_status == psycopg.pq.TransactionStatus.INERROR
 
 
 def _plan(connection: Any, column: Any, k: int, statement: Select[Any], tuning: Tuning) -> tuple[str, int, int] | None:

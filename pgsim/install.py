@@ -51,7 +51,8 @@ def package_version() -> str:
 def install(conn: psycopg.Connection[Any], *, upto: str | None = None) -> InstallReport:
     """Create or upgrade schema ``pgsim`` in the connected database. Safe to run any number of times.
     ``upto`` (a file name, or its number such as ``"0002"``) stops after that file."""
-    files = files_upto(upto)
+    files = sql_files()
+    chosen = files_upto(upto)
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [ADVISORY_LOCK_KEY])
         vector_schema = _ensure_vector_extension(conn)
@@ -62,7 +63,7 @@ def install(conn: psycopg.Connection[Any], *, upto: str | None = None) -> Instal
         saved = conn.execute("SELECT current_setting('search_path')").fetchone()
         conn.execute(sql.SQL("SET LOCAL search_path = pgsim, {}, pg_catalog").format(sql.Identifier(vector_schema)))
         report = InstallReport()
-        for file in files:
+        for file in chosen:
             if file.name in ledger:
                 report.already_applied.append(file.name)
                 continue
@@ -83,9 +84,10 @@ def files_upto(upto: str | None = None) -> list[SqlFile]:
     return files[: files.index(chosen[0]) + 1]
 
 
-def install_script(upto: str | None = None, vector_schema: str = "public") -> str:
+def install_script(upto: str | None = None, vector_schema: str = "public", *, only_last: bool = False) -> str:
     """The install as one SQL script, for offline migrations (``alembic upgrade --sql``): each file runs only
-    where the ledger does not list it yet, so the script and ``pgsim install`` share the ledger."""
+    where the ledger does not list it yet, so the script and ``pgsim install`` share the ledger.
+    ``only_last`` renders the file ``upto`` names alone (an Alembic revision's own file)."""
     parts = [
         "CREATE EXTENSION IF NOT EXISTS vector;",
         LEDGER.strip(),
@@ -100,7 +102,8 @@ def install_script(upto: str | None = None, vector_schema: str = "public") -> st
         "        PERFORM set_config('search_path', saved, true);\n"
         "    END IF;\nEND\n$pgsim$;"
     )
-    for file in files_upto(upto):
+    chosen = files_upto(upto)
+    for file in chosen[-1:] if only_last else chosen:
         if "$pgsim$" in file.text:
             raise InstallError(f"pgsim SQL file {file.name} contains $pgsim$, which the offline script quotes with.")
         statement = guarded.format(

@@ -1,0 +1,22 @@
+"""pgsim 0001: schema pgsim, its ledger, pgsim.version() and pgsim.cosine_similarity().
+
+Revision ID: pgsim_0001
+Revises:
+"""
+
+from pgsim.alembic.branch import upgrade_to
+
+revision = "pgsim_0001"
+down_revision = None
+branch_labels = ("pgsim",)
+depends_on = None
+
+
+def upgrade() -> None:
+    upgrade_to("0001")
+
+
+def downgrade() -> None:
+    from alembic import op
+
+    op.execute("DROP SCHEMA pgsim CASCADE")  # the vector extension stays: other tables may use it

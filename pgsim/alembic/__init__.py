@@ -1,0 +1,10 @@
+"""Alembic integration: pgsim's schema as the ``pgsim`` branch (``version_location()``). Needs
+``pip install 'pgsim[alembic]'``."""
+
+from pgsim._optional import require
+
+require("alembic", "alembic")
+
+from pgsim.alembic.branch import upgrade_to, version_location  # noqa: E402
+
+__all__ = ["upgrade_to", "version_location"]

@@ -83,3 +83,75 @@ def test_offline_upgrade_renders_guarded_sql(
         with psycopg.connect(dsn, autocommit=True) as conn:  # the rendered SQL runs as rendered
             conn.execute(script.encode())
         assert ledger(dsn) == [file.name for file in sql_files()]
+
+
+APP_REVISION = '''
+"""app: a table with a vector column and two HNSW indexes"""
+import pgsim.alembic  # registers pgsim's operations
+from alembic import op
+
+revision = "app_0001"
+down_revision = None
+branch_labels = ("app",)
+depends_on = None
+
+
+def upgrade():
+    op.install_pgsim()
+    op.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, embedding vector(3))")
+    op.create_hnsw_index("docs_embedding_hnsw", "docs", "embedding", m=8, ef_construction=32)
+    op.create_hnsw_index("docs_embedding_hnsw_online", "docs", "embedding", concurrently=True)
+
+
+def downgrade():
+    op.drop_hnsw_index("docs_embedding_hnsw_online", concurrently=True)
+    op.drop_hnsw_index("docs_embedding_hnsw")
+    op.execute("DROP TABLE docs")
+'''
+
+
+def indexes(dsn: str) -> dict[str, str]:
+    with psycopg.connect(dsn) as conn:
+        return dict(conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'docs'").fetchall())
+
+
+def test_hnsw_operations_upgrade_downgrade_and_render_offline(
+    server_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with scratch_database(server_dsn, "alembic_ops") as dsn:
+        config = alembic_config(tmp_path / "alembic", dsn)
+        (tmp_path / "alembic" / "versions" / "app_0001.py").write_text(APP_REVISION)
+        capsys.readouterr()
+        command.upgrade(config, "app@head", sql=True)
+        script = capsys.readouterr().out
+        assert "COMMIT;\n\nCREATE INDEX CONCURRENTLY docs_embedding_hnsw_online" in script.replace('"', "")
+        command.upgrade(config, "app@head")
+        found = indexes(dsn)
+        assert "m='8'" in found["docs_embedding_hnsw"] and "ef_construction='32'" in found["docs_embedding_hnsw"]
+        assert "hnsw (embedding vector_cosine_ops)" in found["docs_embedding_hnsw_online"]
+        assert ledger(dsn) == [file.name for file in sql_files()]  # install_pgsim
+        command.downgrade(config, "app@base")
+        assert indexes(dsn) == {}
+
+
+def test_bad_index_operations_fail_clearly_and_change_nothing(server_dsn: str, tmp_path: Path) -> None:
+    from pgsim.alembic.ops import CreateHnswIndexOp
+    from pgsim.errors import InvalidInput
+
+    with pytest.raises(InvalidInput, match="PostgreSQL keeps 63"):
+        CreateHnswIndexOp("x" * 64, "docs", "embedding")
+    with pytest.raises(InvalidInput, match="plain name"):
+        CreateHnswIndexOp('docs_hnsw"; DROP TABLE docs; --', "docs", "embedding")
+    with pytest.raises(InvalidInput, match="ops must be"):
+        CreateHnswIndexOp("docs_hnsw", "docs", "embedding", ops="text_ops")
+    revision = APP_REVISION.replace(
+        'op.create_hnsw_index("docs_embedding_hnsw", "docs", "embedding", m=8, ef_construction=32)',
+        'op.create_hnsw_index("docs_body_hnsw", "docs", "body")',
+    )
+    with scratch_database(server_dsn, "alembic_bad") as dsn:
+        config = alembic_config(tmp_path / "alembic", dsn)
+        (tmp_path / "alembic" / "versions" / "app_0001.py").write_text(revision)
+        with pytest.raises(InvalidInput, match="docs.body is text, and an HNSW index with vector_cosine_ops"):
+            command.upgrade(config, "app@head")
+        with psycopg.connect(dsn) as conn:  # the migration's transaction rolled back: no table, no index
+            assert conn.execute("SELECT to_regclass('docs')").fetchone() == (None,)

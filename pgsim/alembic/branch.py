@@ -23,15 +23,15 @@ def version_location() -> str:
     return str(Path(__file__).resolve().parent.parent.parent / "migrations" / "versions")
 
 
-def upgrade_to(file_number: str) -> None:
-    """Apply pgsim's SQL files up to ``file_number`` (``"0002"``) in the running migration."""
+def upgrade_to(file_number: str | None) -> None:
+    """Apply pgsim's SQL files up to ``file_number`` (``"0002"``; None: all) in the running migration."""
     import psycopg
     from alembic import context, op
 
     from pgsim.install import install, install_script
 
     if context.is_offline_mode():
-        op.execute(install_script(upto=file_number, only_last=True))
+        op.execute(install_script(upto=file_number, only_last=file_number is not None))
         return
     raw: Any = op.get_bind().connection.driver_connection
     if isinstance(raw, psycopg.Connection):

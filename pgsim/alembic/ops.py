@@ -1,0 +1,213 @@
+"""pgsim's Alembic operations: ``op.install_pgsim()``, ``op.create_hnsw_index(...)`` / ``op.drop_hnsw_index(...)``.
+
+Registered with ``Operations.register_operation`` when this module is imported; each has a ``reverse()`` so
+autogenerate can render downgrades. Names are checked before anything runs (PostgreSQL would cut a long
+one silently) and quoted in the SQL; online, the column is checked to be a pgvector column first, so a bad
+migration fails with a clear message and leaves the database as it was. ``concurrently=True`` runs in
+Alembic's autocommit block, online and in ``--sql`` output alike.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alembic.operations import MigrateOperation, Operations
+from psycopg import sql
+
+from pgsim.errors import InvalidInput
+from pgsim.index import HNSW
+from pgsim.names import MAX_IDENTIFIER_BYTES
+
+OPCLASSES = ("vector_cosine_ops", "halfvec_cosine_ops", "vector_l2_ops", "halfvec_l2_ops", "vector_ip_ops")
+
+
+def _check_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise InvalidInput(f"The {kind} name must be a non-empty string; got {name!r}.")
+    if any(char in name for char in '";\\') or not name.isprintable():
+        raise InvalidInput(
+            f"The {kind} name {name!r} holds quotes, semicolons or control characters; use a plain name."
+        )
+    if len(name.encode()) > MAX_IDENTIFIER_BYTES:
+        raise InvalidInput(
+            f"The {kind} name {name!r} is {len(name.encode())} bytes; PostgreSQL keeps {MAX_IDENTIFIER_BYTES} "
+            "and would cut it silently. Choose a shorter name."
+        )
+    return name
+
+
+@Operations.register_operation("install_pgsim")
+class InstallPgsimOp(MigrateOperation):
+    """Apply every pgsim SQL file not yet in the ledger (what ``pgsim install`` does)."""
+
+    @classmethod
+    def install_pgsim(cls, operations: Operations) -> Any:
+        return operations.invoke(cls())
+
+    def reverse(self) -> MigrateOperation:
+        return UninstallPgsimOp()
+
+
+@Operations.register_operation("uninstall_pgsim")
+class UninstallPgsimOp(MigrateOperation):
+    """Drop schema pgsim (its registry, queue and functions; not the vector extension)."""
+
+    @classmethod
+    def uninstall_pgsim(cls, operations: Operations) -> Any:
+        return operations.invoke(cls())
+
+    def reverse(self) -> MigrateOperation:
+        return InstallPgsimOp()
+
+
+@Operations.register_operation("create_hnsw_index")
+class CreateHnswIndexOp(MigrateOperation):
+    def __init__(
+        self,
+        index_name: str,
+        table_name: str,
+        column_name: str,
+        *,
+        m: int = 16,
+        ef_construction: int = 64,
+        ops: str = "vector_cosine_ops",
+        schema: str | None = None,
+        concurrently: bool = False,
+    ) -> None:
+        self.index_name = _check_name("index", index_name)
+        self.table_name = _check_name("table", table_name)
+        self.column_name = _check_name("column", column_name)
+        self.hnsw = HNSW(m, ef_construction)
+        if ops not in OPCLASSES:
+            raise InvalidInput(f"ops must be one of {', '.join(OPCLASSES)}; got {ops!r}.")
+        self.ops = ops
+        self.schema = schema
+        self.concurrently = concurrently
+
+    @classmethod
+    def create_hnsw_index(cls, operations: Operations, index_name: str, table_name: str, column_name: str,
+                          **kwargs: Any) -> Any:  # fmt: skip
+        return operations.invoke(cls(index_name, table_name, column_name, **kwargs))
+
+    def reverse(self) -> MigrateOperation:
+        return DropHnswIndexOp(
+            self.index_name, self.table_name, schema=self.schema, concurrently=self.concurrently,
+            column_name=self.column_name, m=self.hnsw.m, ef_construction=self.hnsw.ef_construction, ops=self.ops,
+        )  # fmt: skip
+
+    def statement(self) -> sql.Composed:
+        table = sql.Identifier(self.schema, self.table_name) if self.schema else sql.Identifier(self.table_name)
+        return sql.SQL(
+            "CREATE INDEX {concurrently}{index} ON {table} USING hnsw ({column} {ops}) "
+            "WITH (m = {m}, ef_construction = {ef_construction})"
+        ).format(
+            concurrently=sql.SQL("CONCURRENTLY " if self.concurrently else ""),
+            index=sql.Identifier(self.index_name),
+            table=table,
+            column=sql.Identifier(self.column_name),
+            ops=sql.SQL(self.ops),
+            m=sql.Literal(self.hnsw.m),
+            ef_construction=sql.Literal(self.hnsw.ef_construction),
+        )
+
+
+@Operations.register_operation("drop_hnsw_index")
+class DropHnswIndexOp(MigrateOperation):
+    def __init__(
+        self,
+        index_name: str,
+        table_name: str | None = None,
+        *,
+        schema: str | None = None,
+        concurrently: bool = False,
+        column_name: str | None = None,
+        m: int = 16,
+        ef_construction: int = 64,
+        ops: str = "vector_cosine_ops",
+    ) -> None:
+        self.index_name = _check_name("index", index_name)
+        self.table_name = table_name
+        self.schema = schema
+        self.concurrently = concurrently
+        self.column_name, self.m, self.ef_construction, self.ops = column_name, m, ef_construction, ops
+
+    @classmethod
+    def drop_hnsw_index(cls, operations: Operations, index_name: str, table_name: str | None = None,
+                        **kwargs: Any) -> Any:  # fmt: skip
+        return operations.invoke(cls(index_name, table_name, **kwargs))
+
+    def reverse(self) -> MigrateOperation:
+        if self.table_name is None or self.column_name is None:
+            raise InvalidInput("drop_hnsw_index needs table_name and column_name to be reversed.")
+        return CreateHnswIndexOp(
+            self.index_name, self.table_name, self.column_name, m=self.m, ef_construction=self.ef_construction,
+            ops=self.ops, schema=self.schema, concurrently=self.concurrently,
+        )  # fmt: skip
+
+    def statement(self) -> sql.Composed:
+        index = sql.Identifier(self.schema, self.index_name) if self.schema else sql.Identifier(self.index_name)
+        return sql.SQL("DROP INDEX {concurrently}{index}").format(
+            concurrently=sql.SQL("CONCURRENTLY " if self.concurrently else ""), index=index
+        )
+
+
+@Operations.implementation_for(InstallPgsimOp)
+def _install_pgsim(operations: Operations, operation: InstallPgsimOp) -> None:
+    from pgsim.alembic.branch import upgrade_to
+
+    upgrade_to(None)
+
+
+@Operations.implementation_for(UninstallPgsimOp)
+def _uninstall_pgsim(operations: Operations, operation: UninstallPgsimOp) -> None:
+    operations.execute("DROP SCHEMA IF EXISTS pgsim CASCADE")
+
+
+@Operations.implementation_for(CreateHnswIndexOp)
+def _create_hnsw_index(operations: Operations, operation: CreateHnswIndexOp) -> None:
+    _check_vector_column(operations, operation)
+    _run(operations, operation.statement().as_string(), operation.concurrently)
+
+
+@Operations.implementation_for(DropHnswIndexOp)
+def _drop_hnsw_index(operations: Operations, operation: DropHnswIndexOp) -> None:
+    _run(operations, operation.statement().as_string(), operation.concurrently)
+
+
+def _run(operations: Operations, statement: str, concurrently: bool) -> None:
+    if concurrently:  # CREATE/DROP INDEX CONCURRENTLY cannot run inside a transaction block
+        with operations.get_context().autocommit_block():
+            operations.execute(statement)
+    else:
+        operations.execute(statement)
+
+
+def _check_vector_column(operations: Operations, operation: CreateHnswIndexOp) -> None:
+    """Online: the column must exist and be a pgvector type matching ``ops``; offline there is nothing to ask."""
+    from alembic import context
+
+    if context.is_offline_mode():
+        return
+    from sqlalchemy import text
+
+    parts = (operation.schema, operation.table_name) if operation.schema else (operation.table_name,)
+    table = sql.Identifier(*parts).as_string()
+    found = (
+        operations.get_bind()
+        .execute(
+            text(
+                "SELECT format_type(atttypid, NULL) FROM pg_attribute "
+                "WHERE attrelid = to_regclass(:table) AND attname = :column AND NOT attisdropped"
+            ),
+            {"table": table, "column": operation.column_name},
+        )
+        .scalar()
+    )
+    if found is None:
+        raise InvalidInput(f"{operation.table_name}.{operation.column_name} does not exist.")
+    wanted = operation.ops.split("_", 1)[0]
+    if found != wanted:
+        raise InvalidInput(
+            f"{operation.table_name}.{operation.column_name} is {found}, and an HNSW index with {operation.ops} "
+            f"needs a {wanted} column."
+        )

@@ -269,11 +269,18 @@ def _remove(conn: psycopg.Connection[Any], registration: Registration, *, drop_c
                 sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(registration.schema, registration.index_name))
             )
         if registration.created_column and drop_column:
-            conn.execute(
-                sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(
-                    registration.table_sql, sql.Identifier(registration.column)
-                )
-            )
+            try:
+                with conn.transaction():
+                    conn.execute(
+                        sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(
+                            registration.table_sql, sql.Identifier(registration.column)
+                        )
+                    )
+            except psycopg.errors.DependentObjectsStillExist as exc:
+                raise InvalidInput(
+                    f"Cannot drop {registration.table}.{registration.column}: {exc.diag.message_detail or exc}. "
+                    "Drop or change those objects first (nothing was removed)."
+                ) from None
     conn.execute("DELETE FROM pgsim.queue WHERE embedding_id = %s", [registration.id])
     conn.execute("DELETE FROM pgsim.dead_letter WHERE embedding_id = %s", [registration.id])
     conn.execute("DELETE FROM pgsim.embedding WHERE id = %s", [registration.id])

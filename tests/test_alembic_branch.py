@@ -155,3 +155,49 @@ def test_bad_index_operations_fail_clearly_and_change_nothing(server_dsn: str, t
             command.upgrade(config, "app@head")
         with psycopg.connect(dsn) as conn:  # the migration's transaction rolled back: no table, no index
             assert conn.execute("SELECT to_regclass('docs')").fetchone() == (None,)
+
+
+EMBEDDING_REVISION = '''
+"""app: notes with an embedding column kept in sync"""
+import pgsim.alembic
+from alembic import op
+
+revision = "app_0001"
+down_revision = None
+branch_labels = ("app",)
+depends_on = None
+
+
+def upgrade():
+    op.install_pgsim()
+    op.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+    op.create_embedding("notes", "embedding", source="body", m=8, ef_construction=32)
+
+
+def downgrade():
+    op.drop_embedding("notes", "embedding")
+    op.execute("DROP TABLE notes")
+'''
+
+
+def test_create_and_drop_embedding(server_dsn: str, tmp_path: Path) -> None:
+    from pgsim.errors import InvalidInput
+
+    with scratch_database(server_dsn, "alembic_embedding") as dsn:
+        config = alembic_config(tmp_path / "alembic", dsn)
+        (tmp_path / "alembic" / "versions" / "app_0001.py").write_text(EMBEDDING_REVISION)
+        command.upgrade(config, "app@head")
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            assert conn.execute("SELECT column_name, index_m FROM pgsim.embedding").fetchall() == [("embedding", 8)]
+            assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'notes'::regclass").fetchone() == (2,)
+            conn.execute("CREATE VIEW note_vectors AS SELECT id, embedding FROM notes")
+        with pytest.raises(InvalidInput, match="Cannot drop public.notes.embedding: .*view note_vectors"):
+            command.downgrade(config, "app@base")
+        with psycopg.connect(dsn, autocommit=True) as conn:  # unchanged: still registered, triggers in place
+            assert conn.execute("SELECT count(*) FROM pgsim.embedding").fetchone() == (1,)
+            assert conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'notes'::regclass").fetchone() == (2,)
+            conn.execute("DROP VIEW note_vectors")
+        command.downgrade(config, "app@base")
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT count(*) FROM pgsim.embedding").fetchone() == (0,)
+            assert conn.execute("SELECT to_regclass('notes')").fetchone() == (None,)

@@ -211,3 +211,110 @@ def _check_vector_column(operations: Operations, operation: CreateHnswIndexOp) -
             f"{operation.table_name}.{operation.column_name} is {found}, and an HNSW index with {operation.ops} "
             f"needs a {wanted} column."
         )
+
+
+@Operations.register_operation("create_embedding")
+class CreateEmbeddingOp(MigrateOperation):
+    """Add an embedding column kept in sync: column, registry row, triggers, HNSW index
+    (:func:`pgsim.add_embedding`)."""
+
+    def __init__(
+        self,
+        table_name: str,
+        column_name: str,
+        *,
+        source: str | list[str],
+        model: str = "all-MiniLM-L6-v2",
+        dtype: str = "vector",
+        m: int | None = 16,
+        ef_construction: int = 64,
+        schema: str | None = None,
+    ) -> None:
+        self.table_name = _check_name("table", table_name)
+        self.column_name = _check_name("column", column_name)
+        self.source, self.model, self.dtype, self.schema = source, model, dtype, schema
+        self.index = HNSW(m, ef_construction) if m is not None else None
+
+    @classmethod
+    def create_embedding(cls, operations: Operations, table_name: str, column_name: str, **kwargs: Any) -> Any:
+        return operations.invoke(cls(table_name, column_name, **kwargs))
+
+    def reverse(self) -> MigrateOperation:
+        return DropEmbeddingOp(
+            self.table_name, self.column_name, schema=self.schema, source=self.source, model=self.model,
+            dtype=self.dtype, m=self.index.m if self.index else None,
+            ef_construction=self.index.ef_construction if self.index else 64,
+        )  # fmt: skip
+
+    @property
+    def qualified_table(self) -> str:
+        return f"{self.schema}.{self.table_name}" if self.schema else self.table_name
+
+
+@Operations.register_operation("drop_embedding")
+class DropEmbeddingOp(MigrateOperation):
+    """Undo :class:`CreateEmbeddingOp` (:func:`pgsim.remove_embedding`): triggers, queue, index, column."""
+
+    def __init__(
+        self,
+        table_name: str,
+        column_name: str,
+        *,
+        schema: str | None = None,
+        source: str | list[str] | None = None,
+        model: str = "all-MiniLM-L6-v2",
+        dtype: str = "vector",
+        m: int | None = 16,
+        ef_construction: int = 64,
+    ) -> None:
+        self.table_name = _check_name("table", table_name)
+        self.column_name = _check_name("column", column_name)
+        self.schema, self.source, self.model, self.dtype = schema, source, model, dtype
+        self.m, self.ef_construction = m, ef_construction
+
+    @classmethod
+    def drop_embedding(cls, operations: Operations, table_name: str, column_name: str, **kwargs: Any) -> Any:
+        return operations.invoke(cls(table_name, column_name, **kwargs))
+
+    def reverse(self) -> MigrateOperation:
+        if self.source is None:
+            raise InvalidInput("drop_embedding needs source= (and model=) to be reversed.")
+        return CreateEmbeddingOp(
+            self.table_name, self.column_name, source=self.source, model=self.model, dtype=self.dtype, m=self.m,
+            ef_construction=self.ef_construction, schema=self.schema,
+        )  # fmt: skip
+
+
+def _psycopg_connection(operations: Operations, what: str) -> Any:
+    import psycopg
+    from alembic import context
+
+    if context.is_offline_mode():
+        raise InvalidInput(
+            f"{what} needs a database connection (the model's registry row and its triggers are made together); "
+            "run this migration online."
+        )
+    raw = operations.get_bind().connection.driver_connection
+    if not isinstance(raw, psycopg.Connection):
+        raise InvalidInput(f"{what} needs the synchronous psycopg driver (postgresql+psycopg://).")
+    return raw
+
+
+@Operations.implementation_for(CreateEmbeddingOp)
+def _create_embedding(operations: Operations, operation: CreateEmbeddingOp) -> None:
+    from pgsim.install import install
+    from pgsim.registry import add_embedding
+
+    raw = _psycopg_connection(operations, "create_embedding")
+    install(raw)
+    add_embedding(raw, operation.qualified_table, operation.column_name, source=operation.source,
+                  model=operation.model, dtype=operation.dtype, index=operation.index)  # fmt: skip
+
+
+@Operations.implementation_for(DropEmbeddingOp)
+def _drop_embedding(operations: Operations, operation: DropEmbeddingOp) -> None:
+    from pgsim.registry import remove_embedding
+
+    raw = _psycopg_connection(operations, "drop_embedding")
+    table = f"{operation.schema}.{operation.table_name}" if operation.schema else operation.table_name
+    remove_embedding(raw, table, operation.column_name)

@@ -189,6 +189,14 @@ def test_nearest_under_a_filter_returns_k_exact_rows_and_leaves_no_setting_behin
                 encoder.encode_query(query), package_vectors, packages, 10, lambda p, s=section: p.section == s
             )
             assert list(found) == expected
+            second_page = session.scalars(
+                select(Package_.package)
+                .where(Package_.section == section)
+                .order_by(Package_.embedding.nearest(query))
+                .limit(5)
+                .offset(5)
+            ).all()
+            assert list(second_page) == expected[5:10]
             assert session.execute(text("SHOW hnsw.ef_search")).scalar() == "40"
             assert session.execute(text("SHOW hnsw.iterative_scan")).scalar() == "off"
 

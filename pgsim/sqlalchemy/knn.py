@@ -63,7 +63,10 @@ def filtered_knn(state: ORMExecuteState) -> Any:
     column = nearest._annotations[NEAREST]
     connection = state.session.connection(bind_arguments=state.bind_arguments)
     tuning = state.execution_options.get("pgsim_tuning", DEFAULT_TUNING)
-    chosen = _plan(connection, column, limit, statement, tuning)
+    offset = statement._offset
+    if offset is not None and not isinstance(offset, int):
+        return state.invoke_statement(statement=exact)  # an OFFSET given as a parameter: plan nothing
+    chosen = _plan(connection, column, limit + (offset or 0), statement, tuning)  # the scan must reach them all
     log.info("k-NN on %s: %s path", column, chosen[0] if chosen else "exact (filter not plannable)")
     if chosen is None or chosen[0] == "exact":
         return state.invoke_statement(statement=exact)

@@ -7,21 +7,19 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+from fixtures.database import installed_without_registrations
 
 from pgsim.corpus import Package
 from pgsim.errors import InvalidInput
 from pgsim.ingest import IngestReport, ingest
-from pgsim.install import install
-from pgsim.registry import add_embedding, registrations, remove_embedding
+from pgsim.registry import add_embedding
 
 ROWS = 100
 
 
 @pytest.fixture
 def pkgs(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
-    install(conn)
-    for registration in registrations(conn):
-        remove_embedding(conn, registration.table, registration.column)
+    installed_without_registrations(conn)
     conn.execute("DROP TABLE IF EXISTS pkgs, plain")
     conn.execute(
         "CREATE TABLE pkgs (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY, package text UNIQUE, "

@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+from fixtures.database import installed_without_registrations, packages_table
 
 from pgsim.corpus import Package
 from pgsim.encode import Encoder
 from pgsim.errors import InvalidInput
-from pgsim.install import install
 from pgsim.registry import add_embedding, change_model, get_registration, registrations, remove_embedding
 from pgsim.search import search
 from pgsim.sync import sync
@@ -24,14 +24,8 @@ ROWS = 60
 @pytest.fixture
 def pkgs(conn: psycopg.Connection[Any], packages: list[Package]) -> psycopg.Connection[Any]:
     """``pkgs`` with ROWS packages embedded by all-MiniLM-L6-v2 and an HNSW index."""
-    install(conn)
-    for registration in registrations(conn):
-        remove_embedding(conn, registration.table, registration.column)
-    conn.execute("DROP TABLE IF EXISTS pkgs")
-    conn.execute("CREATE TABLE pkgs (package text PRIMARY KEY, section text, synopsis text)")
-    with conn.cursor() as cur, cur.copy("COPY pkgs FROM STDIN") as copy:
-        for p in packages[:ROWS]:
-            copy.write_row((p.package, p.section, p.synopsis))
+    installed_without_registrations(conn)
+    packages_table(conn, packages[:ROWS], ("section", "synopsis"))
     add_embedding(conn, "pkgs", "embedding", source="synopsis")
     sync(conn)
     return conn

@@ -7,20 +7,18 @@ from typing import Any
 
 import psycopg
 import pytest
+from fixtures.database import installed_without_registrations
 from psycopg import sql
 
 from pgsim.errors import InvalidInput, ModelNotFound
 from pgsim.index import HNSW
-from pgsim.install import install
 from pgsim.registry import add_embedding, get_registration, registrations, remove_embedding
 
 
 @pytest.fixture
 def docs(conn: psycopg.Connection[Any]) -> psycopg.Connection[Any]:
     """A fresh table ``docs`` with three rows (one without text) in an installed database."""
-    install(conn)
-    for registration in registrations(conn):
-        remove_embedding(conn, registration.table, registration.column)
+    installed_without_registrations(conn)
     conn.execute("DROP TABLE IF EXISTS docs, nokey CASCADE")
     conn.execute("CREATE TABLE docs (id int PRIMARY KEY, title text, body text, section text)")
     conn.execute(

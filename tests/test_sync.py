@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+from fixtures.database import installed_without_registrations, packages_table
 
 from pgsim.corpus import Package
 from pgsim.encode import DEFAULT_MODEL, Encoder
 from pgsim.errors import InvalidInput
-from pgsim.install import install
 from pgsim.psycopg import encoder_for, register
 from pgsim.registry import add_embedding, registrations, remove_embedding
 from pgsim.sync import WORKER_APPLICATION_NAME, SyncReport, Worker, backfill, sync
@@ -31,14 +31,8 @@ ROWS = 120
 @pytest.fixture
 def pkgs(conn: psycopg.Connection[Any], packages: list[Package]) -> psycopg.Connection[Any]:
     """Table ``pkgs`` with the first ROWS sample packages, registered, every row queued, nothing embedded."""
-    install(conn)
-    for registration in registrations(conn):
-        remove_embedding(conn, registration.table, registration.column)
-    conn.execute("DROP TABLE IF EXISTS pkgs")
-    conn.execute("CREATE TABLE pkgs (package text PRIMARY KEY, section text, synopsis text, description text)")
-    with conn.cursor() as cur, cur.copy("COPY pkgs FROM STDIN") as copy:
-        for p in packages[:ROWS]:
-            copy.write_row((p.package, p.section, p.synopsis, p.description))
+    installed_without_registrations(conn)
+    packages_table(conn, packages[:ROWS], ("section", "synopsis", "description"))
     add_embedding(conn, "pkgs", "embedding", source=SOURCE)
     register(conn)
     return conn

@@ -309,3 +309,13 @@ def test_an_async_engine_creates_the_table_and_the_column_is_registered_after(da
     register_embeddings_sync(url.render_as_string(hide_password=False), AsyncBase.metadata)  # idempotent
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT count(*) FROM pgsim.embedding WHERE table_name = 'orm_memos'").fetchone() == (1,)
+
+
+def test_a_limit_given_as_a_parameter_runs_as_written(engine: Engine) -> None:
+    from sqlalchemy import bindparam
+
+    with Session(engine) as session:
+        plain = select(Package_.package).limit(bindparam("n"))
+        assert session.scalars(plain, {"n": 3}).all() == []
+        nearest = select(Package_.package).order_by(Package_.embedding.nearest("x")).limit(bindparam("n"))
+        assert session.scalars(nearest, {"n": 3}).all() == []

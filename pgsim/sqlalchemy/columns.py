@@ -113,7 +113,7 @@ def register_embeddings(connection: Any, tables: Sequence[Table]) -> None:
     import psycopg
 
     from pgsim.install import install
-    from pgsim.registry import add_embedding, get_registration
+    from pgsim.registry import add_embedding, forget_dropped, get_registration
 
     raw = connection.connection.driver_connection
     if not isinstance(raw, psycopg.Connection):
@@ -125,6 +125,7 @@ def register_embeddings(connection: Any, tables: Sequence[Table]) -> None:
     if not pending:
         return
     install(raw)
+    forget_dropped(raw)  # a table dropped and created again must not keep its old registration
     for table, column, spec in pending:
         name = f"{table.schema or _search_schema(raw)}.{table.name}"
         if get_registration(raw, name, column.name) is None:

@@ -53,8 +53,13 @@ def filtered_knn(state: ORMExecuteState) -> Any:
         return None
     order = list(statement._order_by_clauses)
     nearest = next((term for term in order if NEAREST in getattr(term, "_annotations", {})), None)
-    limit = statement._limit
-    if nearest is None or not isinstance(limit, int):
+    if nearest is None:
+        return None
+    try:
+        limit = statement._limit
+    except CompileError:  # a LIMIT given as a parameter: nothing to plan for, run as written
+        return None
+    if not isinstance(limit, int):
         return None
     # no index can order by distance + 0: the filter runs first, then the distances of the rows that pass
     exact = statement.order_by(None).order_by(
@@ -63,7 +68,10 @@ def filtered_knn(state: ORMExecuteState) -> Any:
     column = nearest._annotations[NEAREST]
     connection = state.session.connection(bind_arguments=state.bind_arguments)
     tuning = state.execution_options.get("pgsim_tuning", DEFAULT_TUNING)
-    offset = statement._offset
+    try:
+        offset = statement._offset
+    except CompileError:
+        return state.invoke_statement(statement=exact)  # an OFFSET given as a parameter: plan nothing
     if offset is not None and not isinstance(offset, int):
         return state.invoke_statement(statement=exact)  # an OFFSET given as a parameter: plan nothing
     chosen = _plan(connection, column, limit + (offset or 0), statement, tuning)  # the scan must reach them all

@@ -161,11 +161,14 @@ def model_revision(name: str) -> str:
 
 
 def model_dimension(name: str) -> int:
-    """The dimension of ``name``'s vectors, read from its sentence-transformers files (the last Dense layer,
-    else the pooling layer) without loading it; loads it only when the files do not say."""
+    """The dimension of ``name``'s vectors, read from its files without loading it: sentence-transformers'
+    (the last Dense layer, else the pooling layer), else a plain transformer's hidden size (which
+    sentence-transformers mean-pools); loads the model only when the files do not say."""
     import json
 
     directory = Path(resolve_model(name))
+    if not directory.is_dir():
+        directory = _cached_snapshot(name) or directory
     modules_file = directory / "modules.json"
     if modules_file.is_file():
         dimension = None
@@ -182,7 +185,21 @@ def model_dimension(name: str) -> int:
                 dimension = int(settings["word_embedding_dimension"]) * max(modes, 1)
         if dimension is not None:
             return dimension
+    elif (directory / "config.json").is_file():
+        hidden_size = json.loads((directory / "config.json").read_text()).get("hidden_size")
+        if isinstance(hidden_size, int):
+            return hidden_size
     return Encoder(name).dimension
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    """The Hugging Face cache's copy of model ``name``, without going online; None when it has none."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not a hub id, not cached, no huggingface_hub: the caller loads the model instead
+        return None
 
 
 def check_vector(values: Any, dimension: int | None = None) -> Vector:

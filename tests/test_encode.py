@@ -1,6 +1,7 @@
 """The encoder with the real all-MiniLM-L6-v2 from its wheel, offline."""
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -121,3 +122,10 @@ def test_batches_fill_a_token_budget_longest_first() -> None:
     # 256 and 200 fit (2 x 256 <= 600), a third would not; short texts go three at a time (batch_size)
     assert encoder._batches(lengths) == [[0, 3], [1, 2, 4], [5, 6]]
     assert encoder._batches(np.array([700, 5])) == [[0], [1]]  # one text over the budget still goes alone
+
+
+def test_the_dimension_of_a_plain_transformer_directory_is_read_from_its_config(tmp_path: Path) -> None:
+    from pgsim.encode import model_dimension
+
+    (tmp_path / "config.json").write_text('{"hidden_size": 512, "model_type": "bert"}')
+    assert model_dimension(str(tmp_path)) == 512  # nothing loaded: the directory holds no weights

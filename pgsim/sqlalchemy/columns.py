@@ -22,22 +22,29 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
+from pgvector.sqlalchemy import HALFVEC, VECTOR
 from sqlalchemy import Column, Index, Table, event
-from sqlalchemy.orm import MappedColumn, Mapper, Session, mapped_column
+from sqlalchemy.orm import MappedColumn, Mapper, ORMExecuteState, Session, mapped_column
+from sqlalchemy.sql.elements import quoted_name
 
-from pgsim.encode import DEFAULT_MODEL, check_vector, model_dimension
+from pgsim.encode import DEFAULT_MODEL, Vector, check_vector, model_dimension
 from pgsim.errors import InvalidInput
 from pgsim.index import HNSW
 from pgsim.names import derived_name
 from pgsim.registry import DEFAULT_HNSW
+from pgsim.sqlalchemy.offload import off_event_loop
 from pgsim.sqlalchemy.types import Embedding, HalfEmbedding
 
 log = logging.getLogger(__name__)
 SYNC_MODES = ("flush", "worker")
+HNSW_INFO = "pgsim_hnsw"  # Index.info key: the HNSW parameters of an index made by hnsw_index()
+DEFAULT_INDEX = "pgsim_default_index"  # Index.info key: the index embedding_column added by itself
 
 
 @dataclass(frozen=True)
@@ -88,18 +95,39 @@ def embedding_column(
     return mapped
 
 
-def hnsw_index(column: Any, *, name: str | None = None, m: int = 16, ef_construction: int = 64) -> Index:
-    """An HNSW index (cosine) on an embedding column, for ``__table_args__`` or a Table."""
+def hnsw_index(
+    column: str | Column[Any] | MappedColumn[Any], *, name: str | None = None, m: int = 16, ef_construction: int = 64
+) -> Index:
+    """An HNSW index (cosine) on an embedding column, for ``__table_args__`` or a Table. ``column`` is the
+    column, its ``mapped_column``, or its name; the name defaults to ``<table>_<column>_hnsw``. It takes
+    the place of the index ``embedding_column`` would add."""
     hnsw = HNSW(m, ef_construction)
-    target: Column[Any] = getattr(column, "column", column)  # a MappedColumn or a Column
-    kind = "halfvec" if isinstance(target.type, HalfEmbedding) else "vector"
-    return Index(
-        name or derived_name(target.table.name, target.name, suffix="hnsw"),
+    target = getattr(column, "column", column)  # a MappedColumn's Column
+    index = Index(
+        name,
         target,
         postgresql_using="hnsw",
         postgresql_with={"m": hnsw.m, "ef_construction": hnsw.ef_construction},
-        postgresql_ops={target.name: f"{kind}_cosine_ops"},
+        info={HNSW_INFO: hnsw},
     )
+
+    def complete(index: Index, table: Any) -> None:
+        """Name and operator class, once the column (and so its table and type) is known."""
+        (indexed,) = index.columns
+        if not isinstance(indexed.type, (VECTOR, HALFVEC)):
+            raise InvalidInput(
+                f"hnsw_index: column {indexed.name!r} is {indexed.type}, not a vector: index an embedding column."
+            )
+        if name is None:
+            index.name = quoted_name(derived_name(table.name, indexed.name, suffix="hnsw"), None)
+        kind = "halfvec" if isinstance(indexed.type, HALFVEC) else "vector"
+        index.dialect_options["postgresql"]["ops"] = {indexed.name: f"{kind}_cosine_ops"}
+
+    if index.table is not None:
+        complete(index, index.table)
+    else:
+        event.listen(index, "after_parent_attach", complete)
+    return index
 
 
 def embedding_specs(table: Table) -> list[tuple[Column[Any], EmbeddingSpec]]:
@@ -158,7 +186,8 @@ def _attached(column: Column[Any], table: Any) -> None:
         return
     spec: EmbeddingSpec = column.info["pgsim"]
     if spec.index is not None and not any(column in index.columns.values() for index in table.indexes):
-        hnsw_index(column, m=spec.index.m, ef_construction=spec.index.ef_construction)
+        default = hnsw_index(column, m=spec.index.m, ef_construction=spec.index.ef_construction)
+        default.info[DEFAULT_INDEX] = True
     if not event.contains(table, "after_create", _after_create):
         event.listen(table, "before_create", _before_create)
         event.listen(table, "after_create", _after_create)
@@ -182,6 +211,24 @@ def _after_create(table: Table, connection: Any, **_: Any) -> None:
 
     if isinstance(connection.connection.driver_connection, psycopg.Connection):
         register_embeddings(connection, [table])
+    else:
+        log.warning(
+            "%s was created on %s connection, where pgsim cannot register its embedding columns (so no trigger "
+            "queues rows other clients write): call pgsim.sqlalchemy.register_embeddings_sync(url, metadata) once "
+            "the table is committed.",
+            table.name,
+            "an async" if connection.dialect.is_async else f"a {connection.dialect.driver}",
+        )
+
+
+def _replace_default_index(index: Index, table: Any) -> None:
+    """An HNSW index declared on an embedding column replaces the one ``embedding_column`` added."""
+    options = index.dialect_options["postgresql"]
+    if index.info.get(DEFAULT_INDEX) or options["using"] != "hnsw" or not isinstance(table, Table):
+        return
+    for default in [other for other in table.indexes if other.info.get(DEFAULT_INDEX)]:
+        if set(default.columns) & set(index.columns):
+            table.indexes.discard(default)
 
 
 _hooks_lock = threading.Lock()
@@ -198,11 +245,15 @@ def _install_hooks() -> None:
 
         event.listen(Session, "before_flush", encode_on_flush)
         event.listen(Session, "do_orm_execute", filtered_knn)
+        event.listen(Session, "do_orm_execute", encode_bulk_insert)
         event.listen(Mapper, "mapper_configured", _check_assignments)
+        event.listen(Index, "after_parent_attach", _replace_default_index)
         _hooks_installed = True
 
 
-_flush_specs_by_mapper: dict[Mapper[Any], list[tuple[str, EmbeddingSpec, list[str]]]] = {}
+_flush_specs_by_mapper: weakref.WeakKeyDictionary[Mapper[Any], list[tuple[str, EmbeddingSpec, list[str]]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _flush_specs(mapper: Mapper[Any]) -> list[tuple[str, EmbeddingSpec, list[str]]]:
@@ -231,9 +282,7 @@ def encode_on_flush(session: Session, flush_context: Any, instances: Any) -> Non
     an embedding the application assigned itself is kept."""
     from sqlalchemy import inspect
 
-    from pgsim.psycopg import encoder_for
-
-    work: dict[str, list[tuple[Any, str, str | None]]] = {}
+    work: list[tuple[Any, str, EmbeddingSpec, str]] = []
     for obj in [*session.new, *session.dirty]:
         state = inspect(obj)
         for key, spec, sources in _flush_specs(state.mapper):
@@ -241,14 +290,55 @@ def encode_on_flush(session: Session, flush_context: Any, instances: Any) -> Non
                 continue
             if state.key is not None and not any(state.attrs[name].history.has_changes() for name in sources):
                 continue
-            parts = [getattr(obj, name) for name in sources]
-            text = "\n\n".join(str(part) for part in parts if part is not None)  # concat_ws, as the triggers see it
-            work.setdefault(spec.model, []).append((obj, key, text))
-    for model, items in work.items():
-        log.info("encoding %d texts with %s for the flush", len(items), model)
-        vectors = encoder_for(model).encode([text for _, _, text in items])
-        for (obj, key, _), vector in zip(items, vectors, strict=True):
-            setattr(obj, key, vector)
+            work.append((obj, key, spec, _source_text([getattr(obj, name) for name in sources])))
+    for (obj, key, _, _), vector in zip(work, _encode(work), strict=True):
+        setattr(obj, key, vector)
+
+
+def encode_bulk_insert(state: ORMExecuteState) -> Any:
+    """``do_orm_execute``: ``session.execute(insert(Doc), [{...}, ...])`` never flushes, so its rows are
+    encoded here, in one batch per model; a row that names the embedding keeps what it gives. (Bulk
+    UPDATEs and ``insert().values()`` are left to the database's triggers and ``pgsim worker``.)"""
+    if not state.is_insert or not state.is_executemany or state.bind_mapper is None:
+        return None
+    specs = _flush_specs(state.bind_mapper)
+    rows: list[dict[str, Any]] = state.parameters  # type: ignore[assignment]
+    work = [
+        (number, key, spec, _source_text([row.get(name) for name in sources]))
+        for number, row in enumerate(rows)
+        for key, spec, sources in specs
+        if key not in row
+    ]
+    if not work:
+        return None
+    additions: list[dict[str, Any]] = [{} for _ in rows]
+    for (number, key, _, _), vector in zip(work, _encode(work), strict=True):
+        additions[number][key] = vector
+    return state.invoke_statement(params=additions)
+
+
+def _encode_with(model: str, texts: list[str]) -> list[Vector | None]:
+    from pgsim.psycopg import encoder_for
+
+    return encoder_for(model).encode(texts)
+
+
+def _source_text(parts: Sequence[Any]) -> str:
+    return "\n\n".join(str(part) for part in parts if part is not None)  # concat_ws, as the triggers see it
+
+
+def _encode(work: Sequence[tuple[Any, str, EmbeddingSpec, str]]) -> list[Vector | None]:
+    """The vectors of ``work``'s texts, in order: one encoder call per model, off an asyncio event loop."""
+    vectors: list[Vector | None] = [None] * len(work)
+    models = {spec.model for _, _, spec, _ in work}
+    for model in sorted(models):
+        numbers = [number for number, (_, _, spec, _) in enumerate(work) if spec.model == model]
+        texts = [work[number][3] for number in numbers]
+        log.info("encoding %d texts with %s", len(texts), model)
+        encoded = off_event_loop(partial(_encode_with, model, texts))  # loading the model blocks too
+        for number, vector in zip(numbers, encoded, strict=True):
+            vectors[number] = vector
+    return vectors
 
 
 def _check_assignments(mapper: Mapper[Any], class_: type) -> None:

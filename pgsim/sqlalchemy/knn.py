@@ -4,23 +4,28 @@ A ``select(...).where(...).order_by(Doc.embedding.nearest(q)).limit(k)`` runs as
 that a ``do_orm_execute`` hook asks ``pgsim.knn_plan`` (sql/0002) which path the filter needs:
 - exact: the same statement ordered by ``distance + 0``, which no index serves, so the filter runs first;
 - hnsw: the statement under pgvector's iterative scan (strict order) with ``ef_search`` and
-  ``max_scan_tuples`` sized for the filter, set with ``set_config(..., is_local)`` just before it and set
-  back just after it, so no other statement of the session sees them; if it still returns fewer than k
-  rows, the exact statement runs.
-A filter that reads other tables, or does not compile to literal SQL, takes the exact path. The
-thresholds are pgsim.search's; ``.execution_options(pgsim_tuning=Tuning(...))`` changes them per query.
+  ``max_scan_tuples`` sized for the filter, set with ``set_config`` just before it and set back just after
+  it (in a ``finally``), so no other statement of the session sees them; in a transaction they are local
+  to it besides. If the hnsw path still returns fewer than k rows, the exact statement runs.
+A statement that reads other tables (joins, aliases, joined inheritance, subqueries), a filter that does
+not compile to literal SQL, and a database without pgsim's schema (a warning says so) take the exact
+path; the plan runs in a savepoint, so its failure never aborts the caller's transaction. The thresholds
+are pgsim.search's; ``.execution_options(pgsim_tuning=Tuning(...))`` changes them per query.
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
+from contextlib import nullcontext
 from typing import Any
 
-from sqlalchemy import Float, Select, literal, text
-from sqlalchemy.exc import CompileError
+from sqlalchemy import Float, Select, Table, literal, text
+from sqlalchemy.exc import CompileError, DBAPIError
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.sql.util import find_tables
 
+from pgsim.errors import InvalidInput
 from pgsim.search import DEFAULT_TUNING, Tuning
 from pgsim.sqlalchemy.types import NEAREST
 
@@ -34,12 +39,12 @@ PLAN = text(
 DEFAULTS = {"iterative_scan": "off", "ef_search": "40", "max_scan_tuples": "20000"}
 SWAP = text(
     "SELECT current_setting('hnsw.iterative_scan', true), current_setting('hnsw.ef_search', true), "
-    "current_setting('hnsw.max_scan_tuples', true), set_config('hnsw.iterative_scan', 'strict_order', true), "
-    "set_config('hnsw.ef_search', :ef_search, true), set_config('hnsw.max_scan_tuples', :max_scan_tuples, true)"
+    "current_setting('hnsw.max_scan_tuples', true), set_config('hnsw.iterative_scan', 'strict_order', :local), "
+    "set_config('hnsw.ef_search', :ef_search, :local), set_config('hnsw.max_scan_tuples', :max_scan_tuples, :local)"
 )
 RESTORE = text(
-    "SELECT set_config('hnsw.iterative_scan', :iterative_scan, true), set_config('hnsw.ef_search', :ef_search, true), "
-    "set_config('hnsw.max_scan_tuples', :max_scan_tuples, true)"
+    "SELECT set_config('hnsw.iterative_scan', :iterative_scan, :local), "
+    "set_config('hnsw.ef_search', :ef_search, :local), set_config('hnsw.max_scan_tuples', :max_scan_tuples, :local)"
 )
 
 
@@ -79,52 +84,79 @@ def filtered_knn(state: ORMExecuteState) -> Any:
     if chosen is None or chosen[0] == "exact":
         return state.invoke_statement(statement=exact)
     _, ef_search, max_scan_tuples = chosen
-    saved = connection.execute(SWAP, {"ef_search": str(ef_search), "max_scan_tuples": str(max_scan_tuples)}).one()
+    local = local_transaction(connection)  # else set, and set back, for the session
+    swap = {"ef_search": str(ef_search), "max_scan_tuples": str(max_scan_tuples), "local": local}
+    saved = connection.execute(SWAP, swap).one()
     restore = {key: value or DEFAULTS[key] for key, value in zip(DEFAULTS, saved[:3], strict=True)}
     try:
         frozen = state.invoke_statement().freeze()
-    except Exception:
-        if not _failed(connection):  # a failed transaction's rollback takes the settings with it
-            connection.execute(RESTORE, restore)
-        raise
-    connection.execute(RESTORE, restore)
+    finally:
+        # after an error (or a cancel) the transaction's rollback takes local settings with it, and a
+        # connection still busy with the query takes no more statements
+        if _idle(connection):
+            connection.execute(RESTORE, {**restore, "local": local})
     if len(frozen.data) < limit:
         log.info("hnsw path gave %d of %d rows; exact scan instead", len(frozen.data), limit)
         return state.invoke_statement(statement=exact)
     return frozen()
 
 
-def _failed(connection: Any) -> bool:
-    import psycopg
+def _idle(connection: Any) -> bool:
+    """Whether the connection can take a statement: idle, in a transaction that has not failed."""
+    from psycopg.pq import TransactionStatus
 
     info = getattr(connection.connection.driver_connection, "info", None)
-    return info is not None and info.transaction_status == psycopg.pq.TransactionStatus.INERROR
+    if info is None:
+        return True
+    return info.transaction_status in (TransactionStatus.IDLE, TransactionStatus.INTRANS)
+
+
+def _tables(element: Any) -> set[Any]:
+    """The tables (and aliases) ``element`` reads, without the ORM's annotations."""
+    found = find_tables(element, check_columns=True, include_aliases=True, include_joins=False)
+    return {table._deannotate() for table in found}
 
 
 def _plan(connection: Any, column: Any, k: int, statement: Select[Any], tuning: Tuning) -> tuple[str, int, int] | None:
     """(path, ef_search, max_scan_tuples) from pgsim.knn_plan, or None when the filter cannot be planned."""
     table = getattr(column, "table", None)
-    where = statement.whereclause
-    if table is None or (where is not None and set(find_tables(where)) - {table}):
+    table = table._deannotate() if table is not None else None
+    # knn_plan estimates the filter on the column's table alone: joins, aliases, inheritance and subqueries
+    # that read other tables are not plannable
+    if not isinstance(table, Table) or _tables(statement) != {table}:
         return None
+    where = statement.whereclause
     try:
         condition = (
             None
             if where is None
             else str(where.compile(dialect=connection.dialect, compile_kwargs={"literal_binds": True}))
         )
-    except CompileError:
+    except (CompileError, ValueError, TypeError, InvalidInput):  # e.g. a bound query text, a custom type
         return None
-    row = connection.execute(
-        PLAN,
-        {
-            "table": connection.dialect.identifier_preparer.format_table(table),  # quoted as the statement has it
-            "column": column.name,
-            "k": k,
-            "filter": condition,
-            "exact_below_rows": tuning.exact_below_rows,
-            "hnsw_ef_search": tuning.hnsw_ef_search,
-            "min_hnsw_selectivity": tuning.min_hnsw_selectivity,
-        },
-    ).one()
+    parameters = {
+        "table": connection.dialect.identifier_preparer.format_table(table),  # quoted as the statement has it
+        "column": column.name,
+        "k": k,
+        "filter": condition,
+        "exact_below_rows": tuning.exact_below_rows,
+        "hnsw_ef_search": tuning.hnsw_ef_search,
+        "min_hnsw_selectivity": tuning.min_hnsw_selectivity,
+    }
+    try:
+        with nullcontext() if not local_transaction(connection) else connection.begin_nested():
+            row = connection.execute(PLAN, parameters).one()
+    except DBAPIError as exc:  # e.g. pgsim's schema missing (tables made by Alembic or an async engine)
+        warnings.warn(
+            f"pgsim.knn_plan failed ({type(exc.orig).__name__}), so k-NN queries on {table.name} scan exactly: "
+            "run `pgsim install` (or create_all on a psycopg engine) for index-served filtered search.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
     return str(row[0]), row[1], row[2]
+
+
+def local_transaction(connection: Any) -> bool:
+    """Whether statements on ``connection`` run in a transaction (not autocommit)."""
+    return not getattr(connection.connection.driver_connection, "autocommit", False)

@@ -18,6 +18,7 @@ from sqlalchemy.types import TypeEngine
 
 from pgsim.encode import check_vector
 from pgsim.errors import InvalidInput
+from pgsim.sqlalchemy.offload import query_vector
 
 NEAREST = "pgsim_nearest"  # annotation that marks an ORDER BY term as pgsim's k-NN ordering
 
@@ -102,7 +103,8 @@ class HalfEmbedding(_EmbeddingMixin, HALFVEC):
 
 
 class QueryText(VECTOR):
-    """A bound query text, encoded with ``model`` when the statement runs (once per execution)."""
+    """A bound query text, encoded with ``model`` when the statement runs (a recent query is not encoded
+    again; under ``AsyncSession`` the model runs off the event loop)."""
 
     cache_ok = True
 
@@ -115,9 +117,7 @@ class QueryText(VECTOR):
         model, dimension = self.model, self.dim
 
         def process(value: Any) -> Any:
-            from pgsim.psycopg import Text
-
-            vector = Text(value).vector(model) if isinstance(value, str) else value
+            vector = query_vector(model, value) if isinstance(value, str) else value
             return parent(check_vector(vector, dimension))
 
         return process

@@ -13,7 +13,9 @@ def database_url(dsn: str | None = None, *, data_dir: str | None = None) -> URL:
     from pgsim.database import resolve_dsn
 
     params = conninfo_to_dict(resolve_dsn(dsn, data_dir))
-    query = {key: str(params[key]) for key in ("host", "port", "sslmode") if params.get(key)}
+    # every other libpq parameter (host, port, sslmode, sslrootcert, options, connect_timeout, ...) rides in
+    # the query string, which SQLAlchemy's psycopg dialect hands to psycopg.connect as it is
+    query = {key: str(value) for key, value in params.items() if key not in ("user", "password", "dbname") and value}
     return URL.create(
         "postgresql+psycopg",
         username=str(params["user"]) if params.get("user") else None,

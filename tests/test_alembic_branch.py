@@ -2,40 +2,17 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from alembic import command
-from alembic.config import Config
+from fixtures.alembic_project import alembic_config
 from fixtures.database import scratch_database
-from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy.engine import URL
 
 from pgsim.install import install
 from pgsim.sqlfiles import sql_files
-
-
-def alembic_config(project: Path, dsn: str) -> Config:
-    if not (project / "env.py").exists():
-        command.init(Config(str(project.parent / "alembic.ini")), str(project))
-    from pgsim.alembic import version_location
-
-    params = conninfo_to_dict(dsn)
-    url = URL.create(
-        "postgresql+psycopg",
-        username=str(params["user"]),
-        database=str(params["dbname"]),
-        query={"host": str(params["host"]), "port": str(params.get("port", 5432))},
-    )
-    config = Config()
-    config.set_main_option("script_location", str(project))
-    config.set_main_option("path_separator", "os")
-    config.set_main_option("version_locations", os.pathsep.join([str(project / "versions"), version_location()]))
-    config.set_main_option("sqlalchemy.url", url.render_as_string(hide_password=False).replace("%", "%%"))
-    return config
 
 
 def ledger(dsn: str) -> list[str]:

@@ -30,6 +30,19 @@ def test_wheel_ships_sql_migrations_and_data(tmp_path: Path) -> None:
     assert "pgsim/py.typed" in names
     assert "pgsim/data/debian-sample.jsonl.gz" in names
     assert "pgsim/cli.py" in names
+    (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
+    declared = zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "[alembic.plugins]\npgsim = pgsim.alembic_plugin" in declared
+
+
+def test_alembic_loads_the_plugin_without_importing_pgsim_alembic() -> None:
+    """Alembic imports every alembic.plugins entry point while it is itself being imported."""
+    code = (
+        "import sys, alembic.runtime.plugins as plugins; "
+        "print('pgsim' in plugins._all_plugins, 'pgsim.alembic' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert out.split() == ["True", "False"]
 
 
 def test_sql_files_are_numbered_and_found() -> None:

@@ -1,11 +1,14 @@
-"""Alembic integration: pgsim's schema as the ``pgsim`` branch (``version_location()``). Needs
-``pip install 'pgsim[alembic]'``."""
+"""Alembic integration: pgsim's operations (``op.create_embedding``, ``op.create_hnsw_index``, ...),
+autogenerate for embedding columns and HNSW indexes, and pgsim's schema as the ``pgsim`` branch
+(``version_location()``). Needs ``pip install 'pgsim[alembic]'``."""
 
 from pgsim._optional import require
 
 require("alembic", "alembic")
 
-from pgsim.alembic import ops  # noqa: E402 - registers op.install_pgsim, op.create_hnsw_index, ...
+# importing them registers op.create_embedding, op.create_hnsw_index, ... and the autogenerate comparator
+from pgsim.alembic import autogenerate, ops  # noqa: E402
 from pgsim.alembic.branch import upgrade_to, version_location  # noqa: E402
+from pgsim.alembic.config import ini_url  # noqa: E402
 
-__all__ = ["ops", "upgrade_to", "version_location"]
+__all__ = ["autogenerate", "ini_url", "ops", "upgrade_to", "version_location"]

@@ -19,6 +19,12 @@ from pgsim.index import HNSW
 from pgsim.names import MAX_IDENTIFIER_BYTES
 
 OPCLASSES = ("vector_cosine_ops", "halfvec_cosine_ops", "vector_l2_ops", "halfvec_l2_ops", "vector_ip_ops")
+REGISTRY_UPDATE = """DO $pgsim$ BEGIN
+IF to_regclass('pgsim.embedding') IS NOT NULL THEN
+    UPDATE pgsim.embedding SET index_m = {m}, index_ef_construction = {ef_construction}
+    WHERE index_name = {index} AND table_name = {table} AND table_schema = coalesce({schema}, current_schema());
+END IF;
+END $pgsim$"""
 
 
 def _check_name(kind: str, name: str) -> str:
@@ -95,6 +101,17 @@ class CreateHnswIndexOp(MigrateOperation):
             column_name=self.column_name, m=self.hnsw.m, ef_construction=self.hnsw.ef_construction, ops=self.ops,
         )  # fmt: skip
 
+    def registry_update(self) -> sql.Composed:
+        """A rebuilt index of a registered column: the registry keeps its parameters (model switches build
+        their index with them). A guarded block, so it runs offline and without pgsim alike."""
+        return sql.SQL(REGISTRY_UPDATE).format(
+            m=sql.Literal(self.hnsw.m),
+            ef_construction=sql.Literal(self.hnsw.ef_construction),
+            index=sql.Literal(self.index_name),
+            table=sql.Literal(self.table_name),
+            schema=sql.Literal(self.schema),
+        )
+
     def statement(self) -> sql.Composed:
         table = sql.Identifier(self.schema, self.table_name) if self.schema else sql.Identifier(self.table_name)
         return sql.SQL(
@@ -167,6 +184,7 @@ def _uninstall_pgsim(operations: Operations, operation: UninstallPgsimOp) -> Non
 def _create_hnsw_index(operations: Operations, operation: CreateHnswIndexOp) -> None:
     _check_vector_column(operations, operation)
     _run(operations, operation.statement().as_string(), operation.concurrently)
+    operations.execute(operation.registry_update().as_string())
 
 
 @Operations.implementation_for(DropHnswIndexOp)

@@ -1,0 +1,421 @@
+"""Autogenerate for pgsim: embedding columns and HNSW indexes as pgsim's operations.
+
+Alembic's own comparison finds new and dropped columns and indexes; this comparator runs after it and
+turns them into pgsim's operations, and adds what Alembic does not see:
+- a new ``embedding_column`` becomes ``op.create_embedding(...)`` (column, registry row, triggers, index);
+  on a new table it follows ``op.create_table``, which keeps the column;
+- a dropped column that pgsim registered becomes ``op.drop_embedding(...)`` (a plain DROP COLUMN would be
+  refused by its triggers), with what it needs to be reversed;
+- HNSW indexes become ``op.create_hnsw_index`` / ``op.drop_hnsw_index``; a change of ``m``,
+  ``ef_construction`` or operator class, which Alembic does not compare, becomes a drop and a create;
+- pgsim's own tables (``include_schemas=True``) are never dropped; a database without pgsim gets
+  ``op.install_pgsim()`` first when the migration needs pgvector's types or pgsim's operations;
+- the generated file imports what it uses (``pgsim.alembic``, and the modules of pgsim's and pgvector's
+  column types, which Alembic names but does not import).
+Active after ``import pgsim.alembic`` (env.py, or the models' module), or with
+``autogenerate_plugins=["alembic.autogenerate.*", "pgsim"]`` through the ``alembic.plugins`` entry point
+(``pgsim.alembic_plugin``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from alembic.autogenerate import comparators, renderers
+from alembic.autogenerate.api import AutogenContext
+from alembic.operations import ops as alembic_ops
+from alembic.util import DispatchPriority, PriorityDispatchResult
+from psycopg import sql
+from sqlalchemy import Column, Index, Table, text
+
+from pgsim.alembic.ops import (
+    CreateEmbeddingOp,
+    CreateHnswIndexOp,
+    DropEmbeddingOp,
+    DropHnswIndexOp,
+    InstallPgsimOp,
+    UninstallPgsimOp,
+)
+from pgsim.names import derived_name
+from pgsim.registry import COLUMN_SEPARATOR
+
+log = logging.getLogger(__name__)
+DONE = "pgsim_compared"  # AutogenContext attribute: the comparator ran already (plugin and import both active)
+
+
+@dataclass(frozen=True)
+class _Hnsw:
+    """An HNSW index's parameters as the database or the models have them."""
+
+    column: str
+    m: int
+    ef_construction: int
+    ops: str
+
+    @classmethod
+    def of(cls, column: str, options: dict[str, Any], default_ops: str) -> _Hnsw:
+        settings = options.get("postgresql_with") or {}
+        ops = (options.get("postgresql_ops") or {}).get(column, default_ops)
+        return cls(column, int(settings.get("m", 16)), int(settings.get("ef_construction", 64)), ops)
+
+
+def compare(autogen_context: AutogenContext, upgrade_ops: alembic_ops.UpgradeOps) -> PriorityDispatchResult:
+    """The ``autogenerate`` comparator (after Alembic's own): rewrites and adds operations in place."""
+    if getattr(autogen_context, DONE, False) or autogen_context.dialect.name != "postgresql":
+        return PriorityDispatchResult.CONTINUE
+    setattr(autogen_context, DONE, True)
+    tables = _metadata_tables(autogen_context)
+    registered = _registrations(autogen_context)
+    new_tables = {(op.schema, op.table_name) for op in upgrade_ops.ops if isinstance(op, alembic_ops.CreateTableOp)}
+    upgrade_ops.ops[:] = [
+        rewritten for op in upgrade_ops.ops for rewritten in _rewrite(op, tables, registered, new_tables)
+    ]
+    _rebuild_changed_indexes(autogen_context, upgrade_ops, tables)
+    _warn_about_changed_embeddings(tables, registered)
+    if _needs_install(autogen_context, upgrade_ops):
+        upgrade_ops.ops.insert(0, InstallPgsimOp())
+    return PriorityDispatchResult.CONTINUE
+
+
+def _metadata_tables(autogen_context: AutogenContext) -> dict[tuple[str | None, str], Table]:
+    default_schema = autogen_context.dialect.default_schema_name
+    return {
+        (table.schema if table.schema != default_schema else None, table.name): table
+        for table in autogen_context.sorted_tables
+    }
+
+
+def _registrations(autogen_context: AutogenContext) -> dict[tuple[str | None, str, str], Any]:
+    """pgsim.embedding's rows by (schema or None for the default one, table, column)."""
+    connection = autogen_context.connection
+    if connection is None or connection.execute(text("SELECT to_regclass('pgsim.embedding')")).scalar() is None:
+        return {}
+    default_schema = autogen_context.dialect.default_schema_name
+    rows = connection.execute(
+        text(
+            "SELECT table_schema, table_name, column_name, source, source_columns, model, dtype, index_name, "
+            "index_m, index_ef_construction FROM pgsim.embedding WHERE replaces IS NULL"
+        )
+    ).all()
+    return {(row[0] if row[0] != default_schema else None, row[1], row[2]): row for row in rows}
+
+
+def _embedding_spec(table: Table | None, column: str) -> Any:
+    if table is None or column not in table.c:
+        return None
+    return table.c[column].info.get("pgsim")
+
+
+def _is_hnsw(index: Index) -> bool:
+    return str(index.dialect_options["postgresql"]["using"] or "").lower() == "hnsw"
+
+
+def _index_params(index: Index) -> _Hnsw | None:
+    """An HNSW index's parameters, or None for another index (or one on an expression)."""
+    if not _is_hnsw(index) or len(index.expressions) != 1 or not isinstance(index.expressions[0], Column):
+        return None
+    column = index.expressions[0]
+    kind = "halfvec" if "HALFVEC" in str(column.type).upper() else "vector"
+    options = index.dialect_options["postgresql"]
+    return _Hnsw.of(
+        column.name,
+        {"postgresql_with": options["with"], "postgresql_ops": options["ops"]},
+        f"{kind}_cosine_ops",
+    )
+
+
+Tables = dict[tuple[str | None, str], Table]
+Registered = dict[tuple[str | None, str, str], Any]
+
+
+def _rewrite(op: Any, tables: Tables, registered: Registered, new_tables: set[tuple[str | None, str]]) -> list[Any]:
+    """``op`` as pgsim's operations (a list: a new table is followed by its embeddings)."""
+    if isinstance(op, alembic_ops.DropTableOp) and op.schema == "pgsim":
+        return []  # pgsim's own tables, seen with include_schemas=True
+    if isinstance(op, alembic_ops.CreateTableOp):
+        table = tables.get((op.schema, op.table_name))
+        embeddings = [
+            _create_embedding(op.table_name, column.name, column.info["pgsim"], op.schema, table)
+            for column in op.columns
+            if isinstance(column, Column) and "pgsim" in column.info
+        ]
+        return [op, *embeddings]
+    if isinstance(op, alembic_ops.CreateIndexOp):
+        return [_create_hnsw(op, tables, set(), new_tables)]
+    if isinstance(op, alembic_ops.ModifyTableOps):
+        op.ops[:] = _rewrite_table_ops(op, tables, registered, new_tables)
+        return [op] if op.ops else []
+    return [op]
+
+
+def _rewrite_table_ops(
+    modify: alembic_ops.ModifyTableOps, tables: Tables, registered: Registered, new_tables: set[tuple[str | None, str]]
+) -> list[Any]:
+    table = tables.get((modify.schema, modify.table_name))
+    new_embeddings = {
+        op.column.name for op in modify.ops if isinstance(op, alembic_ops.AddColumnOp) and "pgsim" in op.column.info
+    }
+    dropped_embeddings = {
+        op.column_name
+        for op in modify.ops
+        if isinstance(op, alembic_ops.DropColumnOp) and (modify.schema, modify.table_name, op.column_name) in registered
+    }
+    result: list[Any] = []
+    for op in modify.ops:
+        if isinstance(op, alembic_ops.AddColumnOp) and op.column.name in new_embeddings:
+            result.append(
+                _create_embedding(modify.table_name, op.column.name, op.column.info["pgsim"], modify.schema, table)
+            )
+        elif isinstance(op, alembic_ops.DropColumnOp) and op.column_name in dropped_embeddings:
+            result.append(
+                _drop_embedding(registered[(modify.schema, modify.table_name, op.column_name)], modify.schema)
+            )
+        elif isinstance(op, alembic_ops.CreateIndexOp):
+            result.append(_create_hnsw(op, tables, new_embeddings, new_tables))
+        elif isinstance(op, alembic_ops.DropIndexOp):
+            result.append(_drop_hnsw(op, dropped_embeddings))
+        else:
+            result.append(op)
+    return [op for op in result if op is not None]
+
+
+def _default_index(table: Table | None, column: str) -> Index | None:
+    """The HNSW index the models put on ``column`` under create_embedding's own name, if any."""
+    if table is None:
+        return None
+    name = derived_name(table.name, column, suffix="hnsw")
+    return next((index for index in table.indexes if index.name == name and _is_hnsw(index)), None)
+
+
+def _create_embedding(table_name: str, column: str, spec: Any, schema: str | None, table: Table | None) -> Any:
+    """create_embedding for an ``embedding_column``; it builds the index under the default name itself."""
+    index = _default_index(table, column)
+    params = _index_params(index) if index is not None else None
+    source = spec.source if isinstance(spec.source, str) else list(spec.source)
+    return CreateEmbeddingOp(
+        table_name,
+        column,
+        source=source,
+        model=spec.model,
+        dtype=spec.dtype,
+        m=params.m if params else None,
+        ef_construction=params.ef_construction if params else 64,
+        schema=schema,
+    )
+
+
+def _create_hnsw(
+    op: alembic_ops.CreateIndexOp, tables: Tables, new_embeddings: set[str], new_tables: set[tuple[str | None, str]]
+) -> Any:
+    index = op.to_index()
+    params = _index_params(index)
+    if params is None:
+        return op
+    table = tables.get((op.schema, op.table_name))
+    spec = _embedding_spec(table, params.column)
+    default = _default_index(table, params.column)
+    new = params.column in new_embeddings or (op.schema, op.table_name) in new_tables
+    if new and spec is not None and default is not None and default.name == op.index_name:
+        return None  # create_embedding builds it
+    return CreateHnswIndexOp(
+        str(op.index_name), op.table_name, params.column, m=params.m, ef_construction=params.ef_construction,
+        ops=params.ops, schema=op.schema,
+    )  # fmt: skip
+
+
+def _drop_hnsw(op: alembic_ops.DropIndexOp, dropped_embeddings: set[str]) -> Any:
+    index = op.to_index()
+    params = _index_params(index)
+    if params is None:
+        return op
+    if params.column in dropped_embeddings:
+        return None  # drop_embedding drops it
+    return DropHnswIndexOp(
+        str(op.index_name), op.table_name, schema=op.schema, column_name=params.column, m=params.m,
+        ef_construction=params.ef_construction, ops=params.ops,
+    )  # fmt: skip
+
+
+def _drop_embedding(row: Any, schema: str | None) -> DropEmbeddingOp:
+    _, table_name, column, source, source_columns, model, dtype, _, m, ef_construction = row
+    return DropEmbeddingOp(
+        table_name, column, schema=schema, source=_source_argument(source, list(source_columns or [])), model=model,
+        dtype=dtype, m=m, ef_construction=ef_construction or 64,
+    )  # fmt: skip
+
+
+def _source_argument(source: str, columns: list[str]) -> str | list[str]:
+    """The registry's source expression as create_embedding's ``source``: the column list when that is what
+    it was made from."""
+    if columns and source == _columns_expression(columns):
+        return columns
+    return source
+
+
+def _columns_expression(columns: list[str]) -> str:
+    names = [sql.Identifier(name).as_string(None) for name in columns]
+    if len(names) == 1:
+        return names[0]
+    return f"concat_ws({sql.Literal(COLUMN_SEPARATOR).as_string(None)}, {', '.join(names)})"
+
+
+def _needs_install(autogen_context: AutogenContext, upgrade_ops: alembic_ops.UpgradeOps) -> bool:
+    """Whether the migration uses pgvector's types or pgsim's operations on a database without pgsim."""
+    connection = autogen_context.connection
+    if connection is None or connection.execute(text("SELECT to_regclass('pgsim.migration')")).scalar() is not None:
+        return False
+    for op in _all_ops(upgrade_ops.ops):
+        if isinstance(op, (CreateEmbeddingOp, CreateHnswIndexOp)):
+            return True
+        columns = op.columns if isinstance(op, alembic_ops.CreateTableOp) else [getattr(op, "column", None)]
+        if any(
+            type(getattr(column, "type", None)).__module__.startswith(("pgsim.", "pgvector.")) for column in columns
+        ):
+            return True
+    return False
+
+
+def _is_vector_type(column_type: Any) -> bool:
+    return type(column_type).__module__.startswith(("pgsim.", "pgvector."))
+
+
+def _all_ops(ops: list[Any]) -> list[Any]:
+    flat: list[Any] = []
+    for op in ops:
+        flat.extend(_all_ops(op.ops) if isinstance(op, alembic_ops.ModifyTableOps) else [op])
+    return flat
+
+
+def _warn_about_changed_embeddings(tables: Tables, registered: Registered) -> None:
+    """A registered column whose model or source the models changed needs re-embedding, which is no schema
+    change: say how, render nothing."""
+    for (schema, name), table in tables.items():
+        for column in table.columns:
+            spec = column.info.get("pgsim")
+            row = registered.get((schema, name, column.name))
+            if spec is None or row is None:
+                continue
+            source = spec.source if isinstance(spec.source, str) else _columns_expression(list(spec.source))
+            if row[5] != spec.model or row[3] != source:
+                log.warning(
+                    "%s.%s is registered with model %s and source %s, the models say %s and %s: autogenerate "
+                    "renders no change for that; run `pgsim change-model` (or remove and re-add the embedding).",
+                    name, column.name, row[5], row[3], spec.model, source,
+                )  # fmt: skip
+
+
+def _rebuild_changed_indexes(
+    autogen_context: AutogenContext, upgrade_ops: alembic_ops.UpgradeOps, tables: Tables
+) -> None:
+    """Drop and create the HNSW indexes whose m, ef_construction or operator class the models changed."""
+    inspector = autogen_context.inspector
+    new_tables = {(op.schema, op.table_name) for op in upgrade_ops.ops if isinstance(op, alembic_ops.CreateTableOp)}
+    for (schema, name), table in tables.items():
+        if (schema, name) in new_tables or not inspector.has_table(name, schema=schema):
+            continue
+        existing = {
+            found["name"]: found
+            for found in inspector.get_indexes(name, schema=schema)
+            if str(found.get("dialect_options", {}).get("postgresql_using", "")).lower() == "hnsw"
+        }
+        for index in table.indexes:
+            wanted = _index_params(index)
+            found = existing.get(str(index.name))
+            if wanted is None or found is None or found.get("column_names") != [wanted.column]:
+                continue
+            kind_ops = wanted.ops.split("_", 1)[0] + "_cosine_ops"
+            current = _Hnsw.of(wanted.column, found["dialect_options"], kind_ops)
+            if current == wanted:
+                continue
+            log.info("HNSW index %s changed (%s -> %s): rebuilding it", index.name, current, wanted)
+            rebuild = [
+                DropHnswIndexOp(str(index.name), name, schema=schema, column_name=current.column, m=current.m,
+                                ef_construction=current.ef_construction, ops=current.ops),
+                CreateHnswIndexOp(str(index.name), name, wanted.column, m=wanted.m,
+                                  ef_construction=wanted.ef_construction, ops=wanted.ops, schema=schema),
+            ]  # fmt: skip
+            _table_ops(upgrade_ops, name, schema).ops.extend(rebuild)
+
+
+def _table_ops(upgrade_ops: alembic_ops.UpgradeOps, name: str, schema: str | None) -> alembic_ops.ModifyTableOps:
+    for op in upgrade_ops.ops:
+        if isinstance(op, alembic_ops.ModifyTableOps) and (op.schema, op.table_name) == (schema, name):
+            return op
+    modify = alembic_ops.ModifyTableOps(name, [], schema=schema)
+    upgrade_ops.ops.append(modify)
+    return modify
+
+
+def _with_type_imports(render: Any) -> Any:
+    """Alembic's renderer for ``op.create_table`` / ``op.add_column``, adding the import of each pgsim or
+    pgvector column type it names (Alembic writes ``pgsim.sqlalchemy.types.Embedding(...)`` but imports only
+    SQLAlchemy's own modules)."""
+
+    def render_with_imports(autogen_context: AutogenContext, op: Any) -> Any:
+        columns = op.columns if isinstance(op, alembic_ops.CreateTableOp) else [op.column]
+        for column in columns:
+            column_type = getattr(column, "type", None)
+            if _is_vector_type(column_type):
+                autogen_context.imports.add(f"import {type(column_type).__module__}")
+        return render(autogen_context, op)
+
+    return render_with_imports
+
+
+def _render(autogen_context: AutogenContext, name: str, *args: Any, **kwargs: Any) -> str:
+    autogen_context.imports.add("import pgsim.alembic  # registers op.create_embedding, op.create_hnsw_index, ...")
+    rendered = [repr(arg) for arg in args]
+    rendered += [f"{key}={value!r}" for key, value in kwargs.items() if value is not None or key == "m"]
+    return f"op.{name}({', '.join(rendered)})"
+
+
+@renderers.dispatch_for(InstallPgsimOp)
+def _render_install_pgsim(autogen_context: AutogenContext, op: InstallPgsimOp) -> str:
+    return _render(autogen_context, "install_pgsim")
+
+
+@renderers.dispatch_for(UninstallPgsimOp)
+def _render_uninstall_pgsim(autogen_context: AutogenContext, op: UninstallPgsimOp) -> str:
+    return _render(autogen_context, "uninstall_pgsim")
+
+
+@renderers.dispatch_for(CreateEmbeddingOp)
+def _render_create_embedding(autogen_context: AutogenContext, op: CreateEmbeddingOp) -> str:
+    return _render(
+        autogen_context, "create_embedding", op.table_name, op.column_name, source=op.source, model=op.model,
+        dtype=op.dtype, m=op.index.m if op.index else None,
+        ef_construction=op.index.ef_construction if op.index else None, schema=op.schema,
+    )  # fmt: skip
+
+
+@renderers.dispatch_for(DropEmbeddingOp)
+def _render_drop_embedding(autogen_context: AutogenContext, op: DropEmbeddingOp) -> str:
+    return _render(
+        autogen_context, "drop_embedding", op.table_name, op.column_name, source=op.source, model=op.model,
+        dtype=op.dtype, m=op.m, ef_construction=op.ef_construction if op.m else None, schema=op.schema,
+    )  # fmt: skip
+
+
+@renderers.dispatch_for(CreateHnswIndexOp)
+def _render_create_hnsw_index(autogen_context: AutogenContext, op: CreateHnswIndexOp) -> str:
+    return _render(
+        autogen_context, "create_hnsw_index", op.index_name, op.table_name, op.column_name, m=op.hnsw.m,
+        ef_construction=op.hnsw.ef_construction, ops=op.ops, schema=op.schema,
+        concurrently=op.concurrently or None,
+    )  # fmt: skip
+
+
+@renderers.dispatch_for(DropHnswIndexOp)
+def _render_drop_hnsw_index(autogen_context: AutogenContext, op: DropHnswIndexOp) -> str:
+    return _render(
+        autogen_context, "drop_hnsw_index", op.index_name, op.table_name, schema=op.schema,
+        column_name=op.column_name, m=op.m, ef_construction=op.ef_construction, ops=op.ops,
+        concurrently=op.concurrently or None,
+    )  # fmt: skip
+
+
+comparators.dispatch_for("autogenerate", priority=DispatchPriority.LAST)(compare)
+for _op in (alembic_ops.CreateTableOp, alembic_ops.AddColumnOp):
+    renderers.dispatch_for(_op, replace=True)(_with_type_imports(renderers.dispatch(_op)))

@@ -189,7 +189,7 @@ def add_embedding(
             )
         expression = _source_expression(conn, target, source)
         source_columns = _source_columns(conn, target, expression)
-        created_column = _ensure_column(conn, target, column, dtype, dimension, model)
+        _check_column(target, column, dtype, dimension, model)
         index_name = derived_name(target.name, column, suffix="hnsw") if index is not None else None
         recorded = index or planned_index
         adopt_index = index_name is not None and _relation_exists(conn, target.schema, index_name)
@@ -200,19 +200,14 @@ def add_embedding(
         try:
             row = conn.execute(
                 """
-                INSERT INTO pgsim.embedding (table_schema, table_name, column_name, source, source_columns,
-                    key_columns, model, model_revision, dimension, dtype, index_name, index_m,
-                    index_ef_construction, created_column, replaces)
-                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-                RETURNING id
+                SELECT pgsim.register_embedding(target => %s::regclass, column_name => %s, source => %s,
+                    model => %s, model_revision => %s, dimension => %s, dtype => %s, index_name => %s,
+                    index_m => %s, index_ef_construction => %s, source_columns => %s::name[], replaces => %s)
                 """,
                 [
-                    target.schema,
-                    target.name,
+                    target.identifier.as_string(conn),
                     column,
                     expression,
-                    list(source_columns),
-                    list(target.key_columns),
                     model,
                     revision,
                     dimension,
@@ -220,16 +215,15 @@ def add_embedding(
                     index_name,
                     recorded.m if recorded else None,
                     recorded.ef_construction if recorded else None,
-                    created_column,
+                    list(source_columns),
                     replaces,
                 ],  # fmt: skip
             ).fetchone()
-        except psycopg.errors.UndefinedTable:
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction):
             raise InvalidInput("pgsim's schema is missing or out of date here: run `pgsim install` first.") from None
         assert row is not None
         registration = registration_by_id(conn, row[0])
         assert registration is not None
-        _create_triggers(conn, registration)
         if index is not None and adopt_index:
             index = None  # the HNSW index of that name is there already (declared by the ORM, say)
         if index is not None and not concurrently:
@@ -258,32 +252,15 @@ def remove_embedding(conn: psycopg.Connection[Any], table: str, column: str, *, 
 
 
 def _remove(conn: psycopg.Connection[Any], registration: Registration, *, drop_column: bool) -> None:
-    exists = conn.execute("SELECT to_regclass(%s)", [registration.table_sql.as_string(conn)]).fetchone() != (None,)
-    if exists:
-        for trigger in trigger_names(registration):
-            conn.execute(
-                sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(sql.Identifier(trigger), registration.table_sql)
-            )
-        if registration.index_name:
-            conn.execute(
-                sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(registration.schema, registration.index_name))
-            )
-        if registration.created_column and drop_column:
-            try:
-                with conn.transaction():
-                    conn.execute(
-                        sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(
-                            registration.table_sql, sql.Identifier(registration.column)
-                        )
-                    )
-            except psycopg.errors.DependentObjectsStillExist as exc:
-                raise InvalidInput(
-                    f"Cannot drop {registration.table}.{registration.column}: {exc.diag.message_detail or exc}. "
-                    "Drop or change those objects first (nothing was removed)."
-                ) from None
-    conn.execute("DELETE FROM pgsim.queue WHERE embedding_id = %s", [registration.id])
-    conn.execute("DELETE FROM pgsim.dead_letter WHERE embedding_id = %s", [registration.id])
-    conn.execute("DELETE FROM pgsim.embedding WHERE id = %s", [registration.id])
+    """pgsim.unregister_embedding, with a clear error when other objects depend on the column."""
+    try:
+        with conn.transaction():
+            conn.execute("SELECT pgsim.unregister_embedding(%s, %s)", [registration.id, drop_column])
+    except psycopg.errors.DependentObjectsStillExist as exc:
+        raise InvalidInput(
+            f"Cannot drop {registration.table}.{registration.column}: {exc.diag.message_detail or exc}. "
+            "Drop or change those objects first (nothing was removed)."
+        ) from None
 
 
 def forget_dropped(conn: psycopg.Connection[Any]) -> list[int]:
@@ -316,19 +293,6 @@ def forget_dropped(conn: psycopg.Connection[Any]) -> list[int]:
     return gone
 
 
-def trigger_names(registration: Registration) -> tuple[str, str]:
-    return (f"pgsim_{registration.id}_insert", f"pgsim_{registration.id}_update")
-
-
-def key_object(registration: Registration, row: str | None = None) -> sql.Composed:
-    """``jsonb_build_object('k', k, ...)`` of the primary key, as the trigger builds it (columns of ``row``)."""
-    parts: list[sql.Composable] = []
-    for name in registration.key_columns:
-        value = sql.Identifier(row, name) if row else sql.Identifier(name)
-        parts += [sql.Literal(name), value]
-    return sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(parts))
-
-
 def key_match(registration: Registration, key: sql.Composable) -> sql.Composed:
     """``table.k = (jsonb_populate_record(NULL::table, key)).k AND ...``: the row a queued key names,
     compared in the key columns' own types, so the primary key index serves it."""
@@ -341,23 +305,10 @@ def key_match(registration: Registration, key: sql.Composable) -> sql.Composed:
 
 def queue_rows(conn: psycopg.Connection[Any], registration: Registration, *, only_missing: bool = True) -> int:
     """Queue the rows whose embedding is missing (or all rows with text) and wake the workers; returns how many
-    entries were added."""
-    missing = sql.SQL("{} IS NULL AND ").format(sql.Identifier(registration.column)) if only_missing else sql.SQL("")
-    with conn.transaction():
-        cursor = conn.execute(
-            sql.SQL(
-                "INSERT INTO pgsim.queue (embedding_id, key, reason) SELECT {id}, {key}, 'backfill' FROM {table} "
-                "WHERE {missing} nullif(btrim({source}), '') IS NOT NULL ON CONFLICT (embedding_id, key) DO NOTHING"
-            ).format(
-                id=sql.Literal(registration.id),
-                key=key_object(registration),
-                table=registration.table_sql,
-                missing=missing,
-                source=registration.source_sql,
-            )
-        )
-        conn.execute("SELECT pg_notify('pgsim', %s)", [str(registration.id)])
-    return cursor.rowcount
+    entries were added (pgsim.queue_rows)."""
+    row = conn.execute("SELECT pgsim.queue_rows(%s, %s)", [registration.id, only_missing]).fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def _read_table(conn: psycopg.Connection[Any], table: str) -> _Table:
@@ -422,12 +373,17 @@ def _source_expression(
             f"Table {target.qualified} has no column {', '.join(map(repr, unknown))}; its columns are "
             f"{', '.join(target.columns)}."
         )
+    return columns_expression(names)
+
+
+def columns_expression(names: Sequence[str]) -> str:
+    """The source expression of a list of columns: the column, or ``concat_ws`` with a blank line."""
     if len(names) == 1:
-        return sql.Identifier(names[0]).as_string(conn)
+        return sql.Identifier(names[0]).as_string(None)
     return (
         sql.SQL("concat_ws({}, {})")
         .format(sql.Literal(COLUMN_SEPARATOR), sql.SQL(", ").join(map(sql.Identifier, names)))
-        .as_string(conn)
+        .as_string(None)
     )
 
 
@@ -469,25 +425,15 @@ def _source_columns(conn: psycopg.Connection[Any], target: _Table, expression: s
     return columns
 
 
-def _ensure_column(
-    conn: psycopg.Connection[Any], target: _Table, column: str, dtype: str, dimension: int, model: str
-) -> bool:
-    """Add ``column`` as ``dtype(dimension)``; adopt it if it exists with that type. True when added."""
+def _check_column(target: _Table, column: str, dtype: str, dimension: int, model: str) -> None:
+    """An existing ``column`` must have the type the model gives (pgsim.register_embedding adopts it)."""
     wanted = f"{dtype}({dimension})"
     existing = target.columns.get(column)
-    if existing is None:
-        conn.execute(
-            sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
-                target.identifier, sql.Identifier(column), sql.SQL(wanted)
-            )
-        )
-        return True
-    if existing != wanted:
+    if existing is not None and existing != wanted:
         raise InvalidInput(
             f"Column {target.qualified}.{column} exists as {existing}, but model {model!r} gives {wanted}. Use another "
             "column name, or a model of that dimension."
         )
-    return False
 
 
 def _is_hnsw_index_on(conn: psycopg.Connection[Any], target: _Table, index_name: str, column: str) -> bool:
@@ -505,45 +451,6 @@ def _is_hnsw_index_on(conn: psycopg.Connection[Any], target: _Table, index_name:
 
 def _relation_exists(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:
     return conn.execute("SELECT to_regclass(%s)", [sql.Identifier(schema, name).as_string(conn)]).fetchone() != (None,)
-
-
-def _create_triggers(conn: psycopg.Connection[Any], registration: Registration) -> None:
-    """AFTER INSERT of a row without an embedding; AFTER UPDATE that changes a source column, unless the same
-    statement writes the embedding too (then the writer supplied it); and AFTER UPDATE that leaves a row
-    without an embedding (a writer set it to NULL, or moved a queued row to another key). The worker's own
-    NULL for a blank text fires it too, and adds nothing: the row's entry is still there."""
-    insert_trigger, update_trigger = trigger_names(registration)
-    column = sql.Identifier(registration.column)
-    arguments = sql.SQL(", ").join(sql.Literal(str(value)) for value in (registration.id, *registration.key_columns))
-    conn.execute(
-        sql.SQL(
-            "CREATE TRIGGER {name} AFTER INSERT ON {table} FOR EACH ROW WHEN (NEW.{column} IS NULL) "
-            "EXECUTE FUNCTION pgsim.enqueue({arguments})"
-        ).format(name=sql.Identifier(insert_trigger), table=registration.table_sql, column=column, arguments=arguments)
-    )
-    sources = [sql.Identifier(name) for name in registration.source_columns]
-    keys = [sql.Identifier(name) for name in registration.key_columns]
-    watched = list(dict.fromkeys([*registration.source_columns, *registration.key_columns, registration.column]))
-    conn.execute(
-        sql.SQL(
-            "CREATE TRIGGER {name} AFTER UPDATE OF {watched} ON {table} FOR EACH ROW WHEN ("
-            "(ROW({old_sources}) IS DISTINCT FROM ROW({new_sources})"
-            " AND NEW.{column} IS NOT DISTINCT FROM OLD.{column})"
-            " OR (NEW.{column} IS NULL"
-            " AND (OLD.{column} IS NOT NULL OR ROW({old_keys}) IS DISTINCT FROM ROW({new_keys})))"
-            ") EXECUTE FUNCTION pgsim.enqueue({arguments})"
-        ).format(
-            name=sql.Identifier(update_trigger),
-            watched=sql.SQL(", ").join(map(sql.Identifier, watched)),
-            table=registration.table_sql,
-            old_sources=sql.SQL(", ").join(sql.SQL("OLD.{}").format(name) for name in sources),
-            new_sources=sql.SQL(", ").join(sql.SQL("NEW.{}").format(name) for name in sources),
-            old_keys=sql.SQL(", ").join(sql.SQL("OLD.{}").format(name) for name in keys),
-            new_keys=sql.SQL(", ").join(sql.SQL("NEW.{}").format(name) for name in keys),
-            column=column,
-            arguments=arguments,
-        )
-    )
 
 
 def _build_index(conn: psycopg.Connection[Any], registration: Registration, *, concurrently: bool) -> None:

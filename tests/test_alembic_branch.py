@@ -87,6 +87,15 @@ def downgrade():
 '''
 
 
+def offline_upgrade(tmp_path: Path, dsn: str, revision: str, capsys: pytest.CaptureFixture[str]) -> tuple[Any, str]:
+    """A project whose app branch is ``revision``, and the SQL `alembic upgrade app@head --sql` prints."""
+    config = alembic_config(tmp_path / "alembic", dsn)
+    (tmp_path / "alembic" / "versions" / "app_0001.py").write_text(revision)
+    capsys.readouterr()  # what `alembic init` printed
+    command.upgrade(config, "app@head", sql=True)
+    return config, capsys.readouterr().out
+
+
 def indexes(dsn: str) -> dict[str, str]:
     with psycopg.connect(dsn) as conn:
         return dict(conn.execute("SELECT indexname, indexdef FROM pg_indexes WHERE tablename = 'docs'").fetchall())
@@ -96,11 +105,7 @@ def test_hnsw_operations_upgrade_downgrade_and_render_offline(
     server_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with scratch_database(server_dsn, "alembic_ops") as dsn:
-        config = alembic_config(tmp_path / "alembic", dsn)
-        (tmp_path / "alembic" / "versions" / "app_0001.py").write_text(APP_REVISION)
-        capsys.readouterr()
-        command.upgrade(config, "app@head", sql=True)
-        script = capsys.readouterr().out
+        config, script = offline_upgrade(tmp_path, dsn, APP_REVISION, capsys)
         assert "COMMIT;\n\nCREATE INDEX CONCURRENTLY docs_embedding_hnsw_online" in script.replace('"', "")
         command.upgrade(config, "app@head")
         found = indexes(dsn)
@@ -177,4 +182,32 @@ def test_create_and_drop_embedding(server_dsn: str, tmp_path: Path) -> None:
         command.downgrade(config, "app@base")
         with psycopg.connect(dsn) as conn:
             assert conn.execute("SELECT count(*) FROM pgsim.embedding").fetchone() == (0,)
+            assert conn.execute("SELECT to_regclass('notes')").fetchone() == (None,)
+
+
+def test_create_and_drop_embedding_render_offline_sql_that_runs(
+    server_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with scratch_database(server_dsn, "alembic_embedding_offline") as dsn:
+        config, upgrade = offline_upgrade(tmp_path, dsn, EMBEDDING_REVISION, capsys)
+        assert "SELECT pgsim.register_embedding(target => '\"notes\"'::regclass, column_name => 'embedding'" in upgrade
+        assert "CREATE INDEX notes_embedding_hnsw ON notes USING hnsw" in upgrade.replace('"', "")
+        with psycopg.connect(dsn, autocommit=True) as conn:  # the rendered SQL runs as rendered, on its own
+            conn.execute(upgrade.encode())
+            registered = conn.execute(
+                "SELECT column_name, source, key_columns, index_m, dimension FROM pgsim.embedding"
+            )
+            assert registered.fetchall() == [("embedding", '"body"', ["id"], 8, 384)]
+            triggers = conn.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'notes'::regclass")
+            assert triggers.fetchone() == (2,)
+            conn.execute("INSERT INTO notes VALUES (1, 'a chess engine')")  # queued by the trigger
+            assert conn.execute("SELECT count(*) FROM pgsim.queue").fetchone() == (1,)
+        capsys.readouterr()
+        command.downgrade(config, "app@head:base", sql=True)
+        downgrade = capsys.readouterr().out
+        assert "SELECT pgsim.remove_embedding('\"notes\"'::regclass, 'embedding')" in downgrade
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(downgrade.encode())
+            assert conn.execute("SELECT count(*) FROM pgsim.embedding").fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM pgsim.queue").fetchone() == (0,)
             assert conn.execute("SELECT to_regclass('notes')").fetchone() == (None,)

@@ -27,7 +27,6 @@ from alembic.autogenerate import comparators, renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import ops as alembic_ops
 from alembic.util import DispatchPriority, PriorityDispatchResult
-from psycopg import sql
 from sqlalchemy import Column, Index, Table, text
 
 from pgsim.alembic.ops import (
@@ -39,7 +38,7 @@ from pgsim.alembic.ops import (
     UninstallPgsimOp,
 )
 from pgsim.names import derived_name
-from pgsim.registry import COLUMN_SEPARATOR
+from pgsim.registry import columns_expression
 
 log = logging.getLogger(__name__)
 DONE = "pgsim_compared"  # AutogenContext attribute: the comparator ran already (plugin and import both active)
@@ -249,16 +248,9 @@ def _drop_embedding(row: Any, schema: str | None) -> DropEmbeddingOp:
 def _source_argument(source: str, columns: list[str]) -> str | list[str]:
     """The registry's source expression as create_embedding's ``source``: the column list when that is what
     it was made from."""
-    if columns and source == _columns_expression(columns):
+    if columns and source == columns_expression(columns):
         return columns
     return source
-
-
-def _columns_expression(columns: list[str]) -> str:
-    names = [sql.Identifier(name).as_string(None) for name in columns]
-    if len(names) == 1:
-        return names[0]
-    return f"concat_ws({sql.Literal(COLUMN_SEPARATOR).as_string(None)}, {', '.join(names)})"
 
 
 def _needs_install(autogen_context: AutogenContext, upgrade_ops: alembic_ops.UpgradeOps) -> bool:
@@ -297,7 +289,7 @@ def _warn_about_changed_embeddings(tables: Tables, registered: Registered) -> No
             row = registered.get((schema, name, column.name))
             if spec is None or row is None:
                 continue
-            source = spec.source if isinstance(spec.source, str) else _columns_expression(list(spec.source))
+            source = spec.source if isinstance(spec.source, str) else columns_expression(list(spec.source))
             if row[5] != spec.model or row[3] != source:
                 log.warning(
                     "%s.%s is registered with model %s and source %s, the models say %s and %s: autogenerate "

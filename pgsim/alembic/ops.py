@@ -16,7 +16,7 @@ from psycopg import sql
 
 from pgsim.errors import InvalidInput
 from pgsim.index import HNSW
-from pgsim.names import MAX_IDENTIFIER_BYTES
+from pgsim.names import MAX_IDENTIFIER_BYTES, derived_name
 
 OPCLASSES = ("vector_cosine_ops", "halfvec_cosine_ops", "vector_l2_ops", "halfvec_l2_ops", "vector_ip_ops")
 REGISTRY_UPDATE = """DO $pgsim$ BEGIN
@@ -113,7 +113,7 @@ class CreateHnswIndexOp(MigrateOperation):
         )
 
     def statement(self) -> sql.Composed:
-        table = sql.Identifier(self.schema, self.table_name) if self.schema else sql.Identifier(self.table_name)
+        table = _table_identifier(self.table_name, self.schema)
         return sql.SQL(
             "CREATE INDEX {concurrently}{index} ON {table} USING hnsw ({column} {ops}) "
             "WITH (m = {m}, ef_construction = {ef_construction})"
@@ -162,7 +162,7 @@ class DropHnswIndexOp(MigrateOperation):
         )  # fmt: skip
 
     def statement(self) -> sql.Composed:
-        index = sql.Identifier(self.schema, self.index_name) if self.schema else sql.Identifier(self.index_name)
+        index = _table_identifier(self.index_name, self.schema)  # an index lives in its table's schema
         return sql.SQL("DROP INDEX {concurrently}{index}").format(
             concurrently=sql.SQL("CONCURRENTLY " if self.concurrently else ""), index=index
         )
@@ -202,14 +202,11 @@ def _run(operations: Operations, statement: str, concurrently: bool) -> None:
 
 def _check_vector_column(operations: Operations, operation: CreateHnswIndexOp) -> None:
     """Online: the column must exist and be a pgvector type matching ``ops``; offline there is nothing to ask."""
-    from alembic import context
-
-    if context.is_offline_mode():
+    if _offline():
         return
     from sqlalchemy import text
 
-    parts = (operation.schema, operation.table_name) if operation.schema else (operation.table_name,)
-    table = sql.Identifier(*parts).as_string()
+    table = _table_identifier(operation.table_name, operation.schema).as_string()
     found = (
         operations.get_bind()
         .execute(
@@ -268,6 +265,44 @@ class CreateEmbeddingOp(MigrateOperation):
     def qualified_table(self) -> str:
         return f"{self.schema}.{self.table_name}" if self.schema else self.table_name
 
+    def offline_statements(self) -> list[sql.Composed]:
+        """The SQL that registers the column without asking the database anything beforehand:
+        pgsim.register_embedding (with the model's dimension and revision read here), then the index."""
+        from pgsim.encode import model_dimension, model_revision
+        from pgsim.registry import columns_expression
+
+        if isinstance(self.source, str):
+            expression = sql.Identifier(self.source).as_string(None) if self.source.isidentifier() else self.source
+            columns = [self.source] if self.source.isidentifier() else None
+        else:
+            expression, columns = columns_expression(self.source), list(self.source)
+        index_name = derived_name(self.table_name, self.column_name, suffix="hnsw") if self.index else None
+        register = sql.SQL(
+            "SELECT pgsim.register_embedding(target => {table}::regclass, column_name => {column}, source => {source}, "
+            "model => {model}, model_revision => {revision}, dimension => {dimension}, dtype => {dtype}, "
+            "index_name => {index_name}, index_m => {m}, index_ef_construction => {ef_construction}, "
+            "source_columns => {columns}::name[], queue_existing => true)"
+        ).format(
+            table=sql.Literal(_table_identifier(self.table_name, self.schema).as_string(None)),
+            column=sql.Literal(self.column_name),
+            source=sql.Literal(expression),
+            model=sql.Literal(self.model),
+            revision=sql.Literal(model_revision(self.model)),
+            dimension=sql.Literal(model_dimension(self.model)),
+            dtype=sql.Literal(self.dtype),
+            index_name=sql.Literal(index_name),
+            m=sql.Literal(self.index.m if self.index else None),
+            ef_construction=sql.Literal(self.index.ef_construction if self.index else None),
+            columns=sql.Literal(columns),
+        )
+        if self.index is None or index_name is None:
+            return [register]
+        build = CreateHnswIndexOp(
+            index_name, self.table_name, self.column_name, m=self.index.m,
+            ef_construction=self.index.ef_construction, ops=f"{self.dtype}_cosine_ops", schema=self.schema,
+        )  # fmt: skip
+        return [register, build.statement()]
+
 
 @Operations.register_operation("drop_embedding")
 class DropEmbeddingOp(MigrateOperation):
@@ -294,6 +329,12 @@ class DropEmbeddingOp(MigrateOperation):
     def drop_embedding(cls, operations: Operations, table_name: str, column_name: str, **kwargs: Any) -> Any:
         return operations.invoke(cls(table_name, column_name, **kwargs))
 
+    def offline_statement(self) -> sql.Composed:
+        return sql.SQL("SELECT pgsim.remove_embedding({table}::regclass, {column})").format(
+            table=sql.Literal(_table_identifier(self.table_name, self.schema).as_string(None)),
+            column=sql.Literal(self.column_name),
+        )
+
     def reverse(self) -> MigrateOperation:
         if self.source is None:
             raise InvalidInput("drop_embedding needs source= (and model=) to be reversed.")
@@ -303,15 +344,19 @@ class DropEmbeddingOp(MigrateOperation):
         )  # fmt: skip
 
 
-def _psycopg_connection(operations: Operations, what: str) -> Any:
-    import psycopg
+def _table_identifier(table_name: str, schema: str | None) -> sql.Identifier:
+    return sql.Identifier(schema, table_name) if schema else sql.Identifier(table_name)
+
+
+def _offline() -> bool:
     from alembic import context
 
-    if context.is_offline_mode():
-        raise InvalidInput(
-            f"{what} needs a database connection (the model's registry row and its triggers are made together); "
-            "run this migration online."
-        )
+    return bool(context.is_offline_mode())
+
+
+def _psycopg_connection(operations: Operations, what: str) -> Any:
+    import psycopg
+
     raw = operations.get_bind().connection.driver_connection
     if not isinstance(raw, psycopg.Connection):
         raise InvalidInput(f"{what} needs the synchronous psycopg driver (postgresql+psycopg://).")
@@ -323,6 +368,10 @@ def _create_embedding(operations: Operations, operation: CreateEmbeddingOp) -> N
     from pgsim.install import install
     from pgsim.registry import add_embedding
 
+    if _offline():
+        for statement in operation.offline_statements():
+            operations.execute(statement.as_string(None))
+        return
     raw = _psycopg_connection(operations, "create_embedding")
     install(raw)
     add_embedding(raw, operation.qualified_table, operation.column_name, source=operation.source,
@@ -333,6 +382,9 @@ def _create_embedding(operations: Operations, operation: CreateEmbeddingOp) -> N
 def _drop_embedding(operations: Operations, operation: DropEmbeddingOp) -> None:
     from pgsim.registry import remove_embedding
 
+    if _offline():
+        operations.execute(operation.offline_statement().as_string(None))
+        return
     raw = _psycopg_connection(operations, "drop_embedding")
     table = f"{operation.schema}.{operation.table_name}" if operation.schema else operation.table_name
     remove_embedding(raw, table, operation.column_name)

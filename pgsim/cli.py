@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from pgsim.encode import DEFAULT_MODEL
 from pgsim.errors import PgsimError
 
 SETUP_HINT = "Without --dsn or PGSIM_DSN, pgsim uses its embedded PostgreSQL under --data-dir (or PGSIM_HOME)."
@@ -149,12 +150,18 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    from pgsim.psycopg import encoder_for
+    from pgsim.registry import get_registration
     from pgsim.search import explain
 
     with _connect(args) as conn:
         plan, analyzed = explain(
             conn, args.table, args.column, args.query, k=args.k, where=_filters(args.filter), model=args.model
         )
+        registration = get_registration(conn, args.table, args.column)
+    model = args.model or (registration.model if registration else DEFAULT_MODEL)
+    backend = encoder_for(model).backend
+    print(f"encoder: {model} on backend {backend.name} ({backend.reason})")
     print(f"path: {plan.path}" + (f" using index {plan.index_name}" if plan.path == "hnsw" else ""))
     print(f"why: {plan.reason}")
     print(f"estimated rows passing the filter: {plan.estimated_rows:.0f}", end="")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,8 @@ from pgsim.errors import InvalidInput, ModelNotFound
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+    from pgsim.backends import Backend
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,8 @@ REVISION_SKIP_DIRS = {"onnx", "openvino"}
 
 _models: dict[tuple[str, str], SentenceTransformer] = {}
 _models_lock = threading.Lock()
+_backends: dict[tuple[str, str, str], Backend] = {}
+_backends_lock = threading.Lock()
 _revisions: dict[str, str] = {}
 
 
@@ -106,6 +111,33 @@ def load_model(name: str, device: str = "cpu") -> SentenceTransformer:
             model = _load(name, location, device)
             _models[key] = model
     return model
+
+
+def load_backend(name: str, device: str = "cpu", requested: str = "auto") -> Backend:
+    """The process-wide backend ``requested`` (or chosen, for "auto") for model ``name`` on ``device``."""
+    from pgsim import backends
+
+    key = (resolve_model(name), device, requested)
+    with _backends_lock:
+        backend = _backends.get(key)
+        if backend is None:
+            model = load_model(name, device)
+            if requested == "auto" and device != "cpu":
+                backend = backends.build("torch", model, name, "")  # the CPU backends are for CPUs
+            elif requested == "auto":
+                backend = backends.choose(model, name, model_revision(name), _calibration_texts())
+            else:
+                backend = backends.build(requested, model, name, model_revision(name))
+            _backends[key] = backend
+    return backend
+
+
+def _calibration_texts() -> list[str]:
+    from pgsim.backends import CALIBRATION_TEXTS
+    from pgsim.corpus import load_sample
+
+    described = [package.text for package in load_sample() if package.description]
+    return described[:CALIBRATION_TEXTS]
 
 
 def _load(name: str, location: str, device: str) -> SentenceTransformer:
@@ -238,7 +270,14 @@ class Encoder:
         query_prefix: str | None = None,
         document_prefix: str | None = None,
         warn_truncation: bool = True,
+        backend: str | None = None,
     ) -> None:
+        from pgsim.backends import BACKEND_ENV, BACKENDS
+
+        requested = backend or os.environ.get(BACKEND_ENV) or "auto"
+        if requested not in ("auto", *BACKENDS):
+            raise InvalidInput(f"Unknown encoder backend {requested!r}; choose auto, {', '.join(BACKENDS)}.")
+        self.requested_backend = requested  # "auto" measures the candidates once and keeps the fastest
         if batch_size < 1 or token_budget < 1:
             raise InvalidInput(f"batch_size and token_budget must be at least 1; got {batch_size}, {token_budget}.")
         self.model_name = model
@@ -256,6 +295,11 @@ class Encoder:
     @property
     def model(self) -> SentenceTransformer:
         return load_model(self.model_name, self.device)
+
+    @property
+    def backend(self) -> Backend:
+        """The forward pass in use (see :mod:`pgsim.backends`), resolved on first use."""
+        return load_backend(self.model_name, self.device, self.requested_backend)
 
     @property
     def dimension(self) -> int:
@@ -352,10 +396,7 @@ class Encoder:
         return np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
 
     def _encode_batch(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        vectors = self.model.encode(
-            texts, batch_size=len(texts), normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False
-        )
-        vectors = np.asarray(vectors, dtype=np.float32)
+        vectors = self.backend.embed(texts)
         if not np.isfinite(vectors).all():
             raise InvalidInput(f"Model {self.model_name!r} produced NaN or infinite values; it cannot be used as is.")
         return vectors

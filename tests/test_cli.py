@@ -53,6 +53,9 @@ def test_install_status_search(database: str) -> None:
     *table, trailer = found.stdout.strip().splitlines()
     assert trailer.startswith("3 rows in")
     assert len(table) == 5 and all(f" {section} " in line for line in table[2:])
+    doctor = pgsim("doctor", "a small utility", "--filter", f"section={section}", dsn=database)
+    assert doctor.returncode == 0, doctor.stderr
+    assert doctor.stdout.startswith("encoder: all-MiniLM-L6-v2 on backend torch (requested)\npath: ")  # PGSIM_BACKEND
 
 
 def test_add_embedding_backfill_worker_status_remove(database: str) -> None:

@@ -1,0 +1,122 @@
+"""Encoder backends against the real model: each keeps float32's vectors and truncation; ONNX exports are
+cached, checked and rebuilt; "auto" measures, chooses, remembers; what cannot run says why."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pgsim import backends
+from pgsim.backends import BACKENDS, BackendUnavailable, build, choose
+from pgsim.corpus import Package
+from pgsim.encode import Encoder, load_model, model_revision
+from pgsim.errors import InvalidInput
+
+MODEL = "all-MiniLM-L6-v2"
+
+
+@pytest.fixture(autouse=True)
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Exports and choices in a directory of this test's own."""
+    monkeypatch.setenv("PGSIM_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_every_backend_keeps_float32_vectors_and_truncation(name: str, packages: list[Package]) -> None:
+    texts = [p.text for p in packages[:40]]
+    long_text = " ".join(p.text for p in packages[:60])  # thousands of words: past the 256-token limit
+    float32 = Encoder(MODEL, backend="torch", warn_truncation=False)
+    reference = float32.encode([*texts, long_text])
+    encoder = Encoder(MODEL, backend=name, warn_truncation=False)
+    vectors = encoder.encode([*texts, long_text, long_text + " and then some more words at the very end"])
+    assert encoder.backend.name == name
+    cosines = [float(np.dot(ours, theirs)) for ours, theirs in zip(vectors, reference, strict=False)]  # type: ignore[arg-type]
+    assert min(cosines) >= 0.999
+    assert float(np.dot(vectors[-1], vectors[-2])) >= 0.99999  # words past the limit change nothing  # type: ignore[arg-type]
+    assert encoder.stats.truncated == float32.stats.truncated + 1  # the same texts count as cut
+
+
+def test_an_onnx_export_is_cached_and_a_corrupted_or_stale_one_is_rebuilt(cache: Path) -> None:
+    model, revision = load_model(MODEL), model_revision(MODEL)
+    probe = ["a chess engine with a graphical board"]
+    first = build("onnx", model, MODEL, revision)
+    (exported,) = cache.glob("onnx/*/model.onnx")
+    written = exported.stat().st_mtime_ns
+    build("onnx", model, MODEL, revision)
+    assert exported.stat().st_mtime_ns == written  # reused, not exported again
+
+    exported.write_bytes(b"not an onnx model")
+    with pytest.warns(UserWarning, match="unusable .*exporting again"):
+        rebuilt = build("onnx", model, MODEL, revision)
+    assert float(np.dot(rebuilt.embed(probe)[0], first.embed(probe)[0])) >= 0.99999
+
+    meta = exported.parent / "export.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 0}))  # written by an older pgsim
+    written = exported.stat().st_mtime_ns
+    build("onnx", model, MODEL, revision)
+    assert exported.stat().st_mtime_ns != written and json.loads(meta.read_text())["format"] == backends.EXPORT_FORMAT
+
+
+def test_a_missing_onnxruntime_names_the_extra_and_auto_goes_on_without_it(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an environment without the package sees
+    model, revision = load_model(MODEL), model_revision(MODEL)
+    with pytest.raises(BackendUnavailable, match=r"pip install 'pgsim\[onnx\]'"):
+        build("onnx", model, MODEL, revision)
+    with caplog.at_level(logging.INFO, logger="pgsim.backends"):
+        chosen = choose(model, MODEL, revision, calibration_texts())
+    assert chosen.name in ("torch", "torch-bf16")
+    assert "onnx is not a candidate here" in caplog.text and "encoder backend" in caplog.text
+
+
+def test_a_failed_export_falls_back_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    def broken_export(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("unsupported operator aten::something")
+
+    monkeypatch.setattr(torch.onnx, "export", broken_export)  # an exporter that fails on this model
+    model, revision = load_model(MODEL), model_revision(MODEL)
+    with pytest.raises(BackendUnavailable, match="Exporting the model to ONNX failed: RuntimeError"):
+        build("onnx", model, MODEL, revision)
+    with caplog.at_level(logging.WARNING, logger="pgsim.backends"):
+        assert choose(model, MODEL, revision, calibration_texts()).name in ("torch", "torch-bf16")
+    assert "onnx is not a candidate here: Exporting the model to ONNX failed" in caplog.text
+
+
+def test_a_model_onnx_cannot_reproduce_is_refused_clearly(small_model: str) -> None:
+    with pytest.raises(BackendUnavailable, match=r"Transformer \+ Pooling \(\+ Normalize\) models; this one is"):
+        Encoder(small_model, backend="onnx").encode(["text"])
+
+
+def test_auto_measures_once_says_which_and_remembers(cache: Path, caplog: pytest.LogCaptureFixture) -> None:
+    model, revision = load_model(MODEL), model_revision(MODEL)
+    with caplog.at_level(logging.INFO, logger="pgsim.backends"):
+        first = choose(model, MODEL, revision, calibration_texts())
+    assert f"encoder backend {first.name} (measured torch" in caplog.text
+    (remembered,) = json.loads((cache / "backend-choices.json").read_text()).values()
+    assert remembered["backend"] == first.name
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="pgsim.backends"):
+        again = choose(model, MODEL, revision, calibration_texts())
+    assert again.name == first.name and "chosen earlier" in caplog.text and "measured torch" in caplog.text
+
+
+def test_an_unknown_backend_is_an_error() -> None:
+    with pytest.raises(InvalidInput, match="Unknown encoder backend 'gpu'; choose auto, torch, torch-bf16, onnx"):
+        Encoder(MODEL, backend="gpu")
+
+
+def calibration_texts() -> list[str]:
+    from pgsim.encode import _calibration_texts
+
+    return _calibration_texts()[:24]  # enough to compare; keeps the test quick

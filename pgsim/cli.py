@@ -32,6 +32,13 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], max_widt
     return "\n".join(out)
 
 
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1; got {number}")
+    return number
+
+
 def _connect(args: argparse.Namespace) -> Any:
     from pgsim.database import connect
 
@@ -279,6 +286,8 @@ def _sync_bar(description: str) -> tuple[Any, Any]:
 def cmd_backfill(args: argparse.Namespace) -> int:
     from pgsim.sync import backfill
 
+    if args.processes > 1:
+        return _backfill_in_processes(args)
     with _connect(args) as conn:
         bar, progress = _sync_bar("embedding")
         try:
@@ -287,6 +296,36 @@ def cmd_backfill(args: argparse.Namespace) -> int:
             bar.close()
     print(_sync_summary(report))
     return 0 if not report.failed and not report.dead else 1
+
+
+def _backfill_in_processes(args: argparse.Namespace) -> int:
+    """Queue the rows, then let ``args.processes`` workers drain the queue; the bar follows the queue."""
+    from tqdm import tqdm
+
+    from pgsim.database import resolve_dsn
+    from pgsim.pool import run_processes, worker_command
+    from pgsim.sync import queue_backfill
+
+    dsn = resolve_dsn(args.dsn, args.data_dir)
+    with _connect(args) as conn:
+        ids = [registration.id for registration in queue_backfill(conn, args.table, args.column)]
+        remaining = _queued(conn, ids)
+        bar = tqdm(total=remaining, unit="row", desc=f"embedding ({args.processes} processes)", file=sys.stderr)
+        started = time.perf_counter()
+        command = worker_command(dsn, args.table, args.column, args.batch_size, once=True, poll_interval=1.0)
+        code = run_processes(command, args.processes, tick=lambda: bar.update(remaining - _queued(conn, ids) - bar.n))
+        bar.close()
+        left = _queued(conn, ids)
+    seconds = time.perf_counter() - started
+    done = remaining - left
+    rate = done / seconds if seconds else 0.0
+    print(f"{done} queued rows done by {args.processes} processes in {seconds:.1f}s ({rate:.1f} rows/s); {left} left")
+    return code
+
+
+def _queued(conn: Any, ids: list[int]) -> int:
+    row = conn.execute("SELECT count(*) FROM pgsim.queue WHERE embedding_id = ANY(%s)", [ids]).fetchone()
+    return int(row[0])
 
 
 def _sync_summary(report: Any) -> str:
@@ -306,6 +345,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from pgsim.database import resolve_dsn
     from pgsim.sync import Worker
+
+    if args.processes > 1:
+        from pgsim.pool import run_processes, worker_command
+
+        command = worker_command(
+            resolve_dsn(args.dsn, args.data_dir), args.table, args.column, args.batch_size, once=args.once,
+            poll_interval=args.poll_interval,
+        )  # fmt: skip
+        return run_processes(command, args.processes)
 
     worker = Worker(
         resolve_dsn(args.dsn, args.data_dir),
@@ -445,6 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("column", nargs="?", help="only this column")
         command.add_argument(
             "--batch-size", type=int, default=256, help="at most this many rows per batch (one transaction)"
+        )
+        command.add_argument(
+            "--processes",
+            type=_positive,
+            default=1,
+            help="worker processes sharing the queue (each gets cores/N threads)",
         )
         command.set_defaults(run=run)
         if name == "worker":

@@ -165,9 +165,17 @@ def backfill(
 ) -> SyncReport:
     """Queue every row that has text but no embedding, then drain the queue. Interrupted, it resumes where it
     stopped: the queue is in the database, and each batch commits on its own."""
-    for registration in _targets(conn, table, column):
-        queue_rows(conn, registration)
+    queue_backfill(conn, table, column)
     return sync(conn, table=table, column=column, batch_size=batch_size, progress=progress, stop=stop)
+
+
+def queue_backfill(conn: psycopg.Connection[Any], table: str | None, column: str | None) -> list[Registration]:
+    """Queue the rows of ``table.column`` (or of every registered column) that have text but no embedding;
+    the registrations, for whoever drains the queue."""
+    targets = _targets(conn, table, column)
+    for registration in targets:
+        queue_rows(conn, registration)
+    return targets
 
 
 def checked_encoder(registration: Registration) -> Encoder:

@@ -12,7 +12,8 @@
 2. Sync lag with one worker (``pgsim.Worker`` in a thread, woken by NOTIFY): one row committed every 1/R
    seconds at R = half the encoder's measured throughput; lag = commit -> embedding visible (polled every
    20 ms). Then R = 1.5x the throughput for a while: lag grows; the queue drains after; nothing is lost.
-3. HNSW build on all ~63k rows (cached embeddings): PostgreSQL's defaults, hand-tuned settings, and
+3. ``--parts processes``: ``pgsim backfill --processes 1`` and ``2`` on ROWS rows queued by COPY.
+4. HNSW build on all ~63k rows (cached embeddings): PostgreSQL's defaults, hand-tuned settings, and
    pgsim's sized build (``pgsim.index.create_hnsw_index``).
 """
 
@@ -129,9 +130,7 @@ def measure_ingest(conn: psycopg.Connection[Any], packages: list[Package]) -> di
             "encode": report.encode_seconds, "write": report.seconds - report.encode_seconds}  # fmt: skip
 
 
-def measure_worker(conn: psycopg.Connection[Any], packages: list[Package]) -> dict[str, Any]:
-    table = fresh_table(conn, "synced", registered=True)
-    started = time.perf_counter()
+def copy_packages(conn: psycopg.Connection[Any], table: str, packages: list[Package]) -> None:
     with (
         conn.cursor() as cur,
         cur.copy(
@@ -142,6 +141,12 @@ def measure_worker(conn: psycopg.Connection[Any], packages: list[Package]) -> di
     ):
         for p in packages:
             copy.write_row([getattr(p, name) for name in COLUMNS])
+
+
+def measure_worker(conn: psycopg.Connection[Any], packages: list[Package]) -> dict[str, Any]:
+    table = fresh_table(conn, "synced", registered=True)
+    started = time.perf_counter()
+    copy_packages(conn, table, packages)
     bar = tqdm(total=len(packages), desc="trigger + worker", unit="row", file=sys.stderr)
     report = sync(conn, table=table, column="embedding", progress=lambda r, _: bar.update(r.done - bar.n))
     bar.close()
@@ -149,6 +154,39 @@ def measure_worker(conn: psycopg.Connection[Any], packages: list[Package]) -> di
     assert report.embedded == len(packages), report
     return {"mode": "COPY, then trigger + worker", "rows": report.embedded, "seconds": seconds,
             "encode": report.encode_seconds, "write": seconds - report.encode_seconds}  # fmt: skip
+
+
+def measure_processes(dsn: str, conn: psycopg.Connection[Any], packages: list[Package]) -> list[list[object]]:
+    """`pgsim backfill --processes P` (a subprocess, as a user runs it) on rows queued by COPY; the steady rate
+    runs from the first embedded row to the last, so model loading is left out of it."""
+    import subprocess
+
+    rows: list[list[object]] = []
+    for processes in (1, 2):
+        table = fresh_table(conn, f"pooled{processes}", registered=True)
+        copy_packages(conn, table, packages)
+        command = [sys.executable, "-m", "pgsim.cli", "--dsn", dsn, "backfill", table, "embedding"]
+        started = time.perf_counter()
+        child = subprocess.Popen([*command, "--processes", str(processes)], stdout=subprocess.DEVNULL)
+        first = last = None
+        count = sql.SQL("SELECT count(embedding) FROM {}").format(sql.Identifier(*table.split(".")))
+        while child.poll() is None or last is None:
+            done = conn.execute(count).fetchone()[0]  # type: ignore[index]
+            now = time.perf_counter()
+            if done and first is None:
+                first = (now, done)
+            if done == len(packages):
+                last = now
+                break
+            time.sleep(0.05)
+        child.wait()
+        total = time.perf_counter() - started
+        assert first is not None and last is not None
+        steady = (len(packages) - first[1]) / (last - first[0])
+        rows.append([processes, len(packages), f"{total:.1f}", f"{len(packages) / total:.1f}", f"{steady:.1f}"])
+    for row in rows:
+        row.append(f"{float(row[4]) / float(rows[0][4]):.2f}x")
+    return rows
 
 
 def measure_lag(
@@ -278,7 +316,7 @@ def main() -> None:
     parser.add_argument("--lag-seconds", type=float, default=60.0)
     parser.add_argument("--overload-seconds", type=float, default=20.0)
     parser.add_argument(
-        "--parts", default="throughput,lag,builds", help="comma-separated subset of throughput, lag, builds"
+        "--parts", default="throughput,lag,builds", help="comma-separated subset of throughput, lag, builds, processes"
     )
     args = parser.parse_args()
 
@@ -293,6 +331,10 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if "throughput" in parts or "lag" in parts:
         measure_write_paths(dsn, conn, packages, chosen, args, parts)
+    if "processes" in parts:
+        pooled = measure_processes(dsn, conn, chosen)
+        print(f"\npgsim backfill --processes P on {len(chosen)} queued rows ({os.cpu_count()} cores)\n")
+        print(format_table(["processes", "rows", "seconds", "rows/s", "steady rows/s", "vs 1 process"], pooled))
     if "builds" in parts:
         print("\nHNSW build (m=16, ef_construction=64) on the whole corpus; building ...", file=sys.stderr)
         every = debian_packages()

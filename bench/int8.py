@@ -1,0 +1,95 @@
+"""Why pgsim offers no int8 backend: ONNX Runtime's dynamic int8 quantisation in several forms, against
+float32, on Debian long descriptions.
+
+    python bench/int8.py [--texts 1200] [--queries 200]
+
+Each variant quantises pgsim's cached ONNX export (see pgsim/backends.py) with
+``onnxruntime.quantization.quantize_dynamic`` and encodes the same texts through pgsim's ONNX backend;
+texts/s against sentence-transformers' default ``model.encode(texts)`` and top-10 neighbour agreement
+with float32 (texts as queries over all texts) decide. pgsim's bar is agreement >= 0.99.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corpus_cache import debian_packages  # noqa: E402
+from encode import agreement, top10  # noqa: E402
+
+from pgsim.backends import OnnxBackend, _session, cache_dir  # noqa: E402
+from pgsim.cli import format_table  # noqa: E402
+from pgsim.encode import Encoder, load_model, model_revision  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--texts", type=int, default=1200)
+    parser.add_argument("--queries", type=int, default=200)
+    args = parser.parse_args()
+    import onnxruntime
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    described = [p for p in debian_packages() if p.description]
+    texts = [p.text for p in random.Random(11).sample(described, args.texts)]
+    model = load_model("all-MiniLM-L6-v2")
+    model.encode(texts[:32])
+    started = time.perf_counter()
+    model.encode(texts, normalize_embeddings=True)
+    raw_rate = len(texts) / (time.perf_counter() - started)
+    reference = np.stack(Encoder(backend="torch", warn_truncation=False).encode(texts))  # type: ignore[arg-type]
+    truth = top10(reference[: args.queries], reference)
+
+    onnx = OnnxBackend(model, "all-MiniLM-L6-v2", model_revision("all-MiniLM-L6-v2"))
+    (exported,) = cache_dir().glob("onnx/all-MiniLM-L6-v2-*/model.onnx")
+    import onnx as onnx_package
+
+    matmuls = [n.name for n in onnx_package.load(str(exported)).graph.node if n.op_type == "MatMul"]
+    qkv = [n for n in matmuls if any(part in n for part in ("/query/", "/key/", "/value/"))]
+    ffn_out = [n for n in matmuls if "/output/dense/" in n and "/attention/" not in n]
+    variants = {
+        "float32 (no quantisation)": None,
+        "int8, per tensor": {},
+        "int8, per channel": {"per_channel": True},
+        "int8, per channel, MatMul only": {"per_channel": True, "op_types_to_quantize": ["MatMul"]},
+        "int8, feed-forward outputs kept float32": {
+            "per_channel": True, "op_types_to_quantize": ["MatMul"], "nodes_to_exclude": ffn_out,
+        },
+        "int8, only Q/K/V quantised": {
+            "per_channel": True, "op_types_to_quantize": ["MatMul"],
+            "nodes_to_exclude": [n for n in matmuls if n not in qkv],
+        },
+    }  # fmt: skip
+    rows = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for label, options in variants.items():
+            path = exported
+            if options is not None:
+                path = Path(scratch) / "int8.onnx"
+                quantize_dynamic(str(exported), str(path), weight_type=QuantType.QInt8, **options)
+            session = _session(onnxruntime, path)
+            encoder = Encoder(backend="torch", warn_truncation=False)
+            encoder._encode_batch = lambda batch, session=session: onnx.run(session, batch)  # type: ignore[method-assign]
+            encoder.encode(texts[:32])
+            started = time.perf_counter()
+            vectors = np.stack(encoder.encode(texts))  # type: ignore[arg-type]
+            rate = len(texts) / (time.perf_counter() - started)
+            found = top10(vectors[: args.queries], vectors)
+            cosine = float(np.min(np.sum(vectors * reference, axis=1)))
+            rows.append([label, f"{rate:.1f}", f"{rate / raw_rate:.2f}x", agreement(truth, found), f"{cosine:.4f}"])
+    print(f"{len(texts)} texts; sentence-transformers' default: {raw_rate:.1f} texts/s")
+    print(format_table(["variant", "texts/s", "vs raw", "top-10 agreement", "min cosine"], rows))
+
+
+if __name__ == "__main__":
+    main()

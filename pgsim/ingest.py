@@ -1,10 +1,13 @@
 """Bulk ingest from Python: rows in, rows with their embeddings out, written with COPY.
 
-Each chunk is one transaction: the rows go into a temp table shaped like the target's columns (COPY),
-PostgreSQL computes each registered column's source text there (so a source expression means what it
-means for the triggers), the texts are encoded in one call per column, the vectors follow by binary COPY,
-and one INSERT … SELECT writes rows and vectors together. Rows arrive with their embeddings, so the
-triggers queue none of them (a row whose text is empty gets NULL and is queued, then dropped by a worker).
+Each chunk is staged, encoded, then written. Staging: the rows go into a session temp table shaped like
+the target's columns (COPY), and PostgreSQL computes each registered column's source text there (so a
+source expression means what it means for the triggers). Encoding runs in a thread of its own, one call
+per column, while this connection writes the previous chunk and stages the next: the model never waits
+for the database, nor the database for the model. Writing is one transaction per chunk: the vectors
+follow by binary COPY, and one INSERT … SELECT writes rows and vectors together. Rows arrive with their
+embeddings, so the triggers queue none of them (a row whose text is empty gets NULL and is queued, then
+dropped by a worker).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +27,9 @@ from pgsim.psycopg import register
 from pgsim.registry import Registration, registrations
 from pgsim.sync import checked_encoder
 
-DEFAULT_CHUNK_SIZE = 2048
+# Rows per chunk. Measured on 2,000 Debian packages with the bf16 encoder here: 512 runs at 0.94x the
+# encoder alone (one chunk is written while the next encodes), 2,048 at 0.87-0.92x, 256 at 0.88x.
+DEFAULT_CHUNK_SIZE = 512
 
 
 @dataclass
@@ -57,15 +63,66 @@ def ingest(
     started = time.perf_counter()
     iterator = iter(rows)
     columns: list[str] | None = None
-    while chunk := list(itertools.islice(iterator, chunk_size)):
-        if columns is None:
-            columns = _columns_of(chunk[0], targets)
-        _ingest_chunk(conn, targets, encoders, columns, chunk, report)
+    pending: tuple[_Staged, Future[list[_Encoded]]] | None = None
+    unwritten: set[str] = set()
+
+    def write(staged: _Staged, encoded: Future[list[_Encoded]]) -> None:
+        _write(conn, targets, columns or [], staged, encoded, report)
+        unwritten.discard(staged.name)
         report.seconds = time.perf_counter() - started
         if progress:
             progress(report)
+
+    try:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgsim-ingest") as encoding:
+            for number in itertools.count():
+                chunk = list(itertools.islice(iterator, chunk_size))
+                if not chunk:
+                    break
+                try:
+                    if columns is None:
+                        columns = _columns_of(chunk[0], targets)
+                    staged = _stage(conn, targets, columns, chunk, report, number, first_row=number * chunk_size)
+                except Exception:
+                    if pending is not None:  # the chunks before a bad one are written, as the docs promise
+                        write(*pending)
+                    raise
+                unwritten.add(staged.name)
+                following = (staged, encoding.submit(_encode, encoders, staged.texts))
+                if pending is not None:  # written while the model encodes the chunk just staged
+                    write(*pending)
+                pending = following
+            if pending is not None:
+                write(*pending)
+    finally:
+        _drop_staged(conn, sorted(unwritten))
     report.seconds = time.perf_counter() - started
     return report
+
+
+@dataclass
+class _Staged:
+    name: str  # the session temp table holding the chunk's rows, numbered by _pgsim_row
+    rows: int
+    texts: list[list[str | None]]  # per registered column, the rows' source texts
+
+
+@dataclass
+class _Encoded:
+    vectors: list[Any]
+    seconds: float
+    truncated: int
+
+
+def _encode(encoders: list[Any], texts: list[list[str | None]]) -> list[_Encoded]:
+    """In the encoding thread: one call per registered column."""
+    results = []
+    for encoder, column_texts in zip(encoders, texts, strict=True):
+        before = encoder.stats.truncated
+        started = time.perf_counter()
+        vectors = encoder.encode(column_texts)
+        results.append(_Encoded(vectors, time.perf_counter() - started, encoder.stats.truncated - before))
+    return results
 
 
 def _targets(conn: psycopg.Connection[Any], table: str) -> list[Registration]:
@@ -97,49 +154,57 @@ def _columns_of(first: Mapping[str, Any], targets: list[Registration]) -> list[s
     return columns
 
 
-def _ingest_chunk(
+def _stage(
     conn: psycopg.Connection[Any],
     targets: list[Registration],
-    encoders: list[Any],
     columns: list[str],
     chunk: list[Mapping[str, Any]],
     report: IngestReport,
-) -> None:
-    table = targets[0].table_sql
+    number: int,
+    *,
+    first_row: int,
+) -> _Staged:
+    """COPY the chunk into a session temp table and read each registered column's source text from it."""
+    name = f"pgsim_ingest_{number}"
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
-    vector_columns = [sql.Identifier(f"_pgsim_v{i}") for i in range(len(targets))]
-    write_started = time.perf_counter()
+    started = time.perf_counter()
     with conn.transaction():
-        _check_registrations(conn, targets)
         conn.execute(
-            sql.SQL("CREATE TEMP TABLE pgsim_ingest ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA").format(
-                names, table
+            sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
+                sql.Identifier(name), names, targets[0].table_sql
             )
         )
-        conn.execute("ALTER TABLE pgsim_ingest ADD COLUMN _pgsim_row bigint")
+        conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN _pgsim_row bigint").format(sql.Identifier(name)))
         with conn.cursor() as cur:
-            with cur.copy(sql.SQL("COPY pgsim_ingest ({}, _pgsim_row) FROM STDIN").format(names)) as copy:
-                for number, row in enumerate(chunk):
-                    if len(row) != len(columns) or any(name not in row for name in columns):
+            statement = sql.SQL("COPY {} ({}, _pgsim_row) FROM STDIN").format(sql.Identifier(name), names)
+            with cur.copy(statement) as copy:
+                for row_number, row in enumerate(chunk):
+                    if len(row) != len(columns) or any(column not in row for column in columns):
                         raise InvalidInput(
-                            f"Row {report.rows + number} has columns {sorted(row)}; "
+                            f"Row {first_row + row_number} has columns {sorted(row)}; "
                             f"the first row had {sorted(columns)}."
                         )
-                    copy.write_row([row[name] for name in columns] + [number])
-        write_seconds = time.perf_counter() - write_started
-        vectors = []
-        for target, encoder in zip(targets, encoders, strict=True):
-            started = time.perf_counter()
-            texts = _source_texts(conn, target, len(chunk))
-            write_seconds += time.perf_counter() - started
-            before = encoder.stats.truncated
-            started = time.perf_counter()
-            vectors.append(encoder.encode(texts))
-            report.encode_seconds += time.perf_counter() - started
-            report.truncated += encoder.stats.truncated - before
-            report.empty += sum(1 for text in texts if text is None or not text.strip())
-            report.encoded += sum(1 for text in texts if text is not None and text.strip())
-        started = time.perf_counter()
+                    copy.write_row([row[column] for column in columns] + [row_number])
+        texts = [_source_texts(conn, target, name, len(chunk)) for target in targets]
+    report.write_seconds += time.perf_counter() - started
+    return _Staged(name, len(chunk), texts)
+
+
+def _write(
+    conn: psycopg.Connection[Any],
+    targets: list[Registration],
+    columns: list[str],
+    staged: _Staged,
+    encoded: Future[list[_Encoded]],
+    report: IngestReport,
+) -> None:
+    """One transaction: the chunk's vectors by binary COPY, then its rows and vectors by INSERT … SELECT."""
+    results = encoded.result()
+    started = time.perf_counter()
+    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    vector_columns = [sql.Identifier(f"_pgsim_v{i}") for i in range(len(targets))]
+    with conn.transaction():
+        _check_registrations(conn, targets)
         conn.execute(
             sql.SQL("CREATE TEMP TABLE pgsim_ingest_vectors (_pgsim_row bigint, {}) ON COMMIT DROP").format(
                 sql.SQL(", ").join(sql.SQL("{} vector").format(name) for name in vector_columns)
@@ -152,26 +217,43 @@ def _ingest_chunk(
                 )
             ) as copy:
                 copy.set_types(["int8"] + ["vector"] * len(targets))
-                for number in range(len(chunk)):
-                    copy.write_row([number] + [column_vectors[number] for column_vectors in vectors])
+                for number in range(staged.rows):
+                    copy.write_row([number] + [result.vectors[number] for result in results])
             cur.execute(
                 sql.SQL(
                     "INSERT INTO {table} ({names}, {embedding_columns}) SELECT {source_names}, {vectors} "
-                    "FROM pgsim_ingest JOIN pgsim_ingest_vectors USING (_pgsim_row) ORDER BY _pgsim_row"
+                    "FROM {staged} JOIN pgsim_ingest_vectors USING (_pgsim_row) ORDER BY _pgsim_row"
                 ).format(
-                    table=table,
+                    table=targets[0].table_sql,
                     names=names,
                     embedding_columns=sql.SQL(", ").join(sql.Identifier(t.column) for t in targets),
-                    source_names=sql.SQL(", ").join(sql.Identifier("pgsim_ingest", name) for name in columns),
+                    source_names=sql.SQL(", ").join(sql.Identifier(staged.name, name) for name in columns),
+                    staged=sql.Identifier(staged.name),
                     vectors=sql.SQL(", ").join(
                         sql.SQL("{}{}").format(name, sql.SQL("::halfvec" if t.dtype == "halfvec" else ""))
                         for name, t in zip(vector_columns, targets, strict=True)
                     ),
                 )
             )
-        write_seconds += time.perf_counter() - started
-    report.write_seconds += write_seconds
-    report.rows += len(chunk)
+        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(staged.name)))
+    report.write_seconds += time.perf_counter() - started
+    for result, texts in zip(results, staged.texts, strict=True):
+        report.encode_seconds += result.seconds
+        report.truncated += result.truncated
+        report.empty += sum(1 for text in texts if text is None or not text.strip())
+        report.encoded += sum(1 for text in texts if text is not None and text.strip())
+    report.rows += staged.rows
+
+
+def _drop_staged(conn: psycopg.Connection[Any], names: list[str]) -> None:
+    """The chunks staged but not written (after an error): their temp tables, if the connection still works."""
+    if conn.closed or conn.info.transaction_status not in (
+        psycopg.pq.TransactionStatus.IDLE,
+        psycopg.pq.TransactionStatus.INTRANS,
+    ):
+        return
+    for name in names:
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 def _check_registrations(conn: psycopg.Connection[Any], targets: list[Registration]) -> None:
@@ -189,12 +271,12 @@ def _check_registrations(conn: psycopg.Connection[Any], targets: list[Registrati
         )
 
 
-def _source_texts(conn: psycopg.Connection[Any], target: Registration, count: int) -> list[str | None]:
+def _source_texts(conn: psycopg.Connection[Any], target: Registration, staged: str, count: int) -> list[str | None]:
     """Each staged row's source text, computed by PostgreSQL as the triggers' workers would."""
     try:
         with conn.transaction():
             fetched = conn.execute(
-                sql.SQL("SELECT {} FROM pgsim_ingest ORDER BY _pgsim_row").format(target.source_sql)
+                sql.SQL("SELECT {} FROM {} ORDER BY _pgsim_row").format(target.source_sql, sql.Identifier(staged))
             ).fetchall()
     except psycopg.errors.UndefinedColumn as exc:
         raise InvalidInput(

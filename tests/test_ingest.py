@@ -94,6 +94,16 @@ def test_a_failing_chunk_rolls_back_alone(pkgs: Any, packages: list[Package]) ->
     assert pkgs.execute("SELECT count(*), count(embedding) FROM pkgs").fetchone() == (30, 30)
 
 
+def test_a_bad_row_stops_the_ingest_after_the_chunks_before_it_are_written(pkgs: Any, packages: list[Package]) -> None:
+    rows = rows_of(packages[:45])
+    del rows[40]["section"]  # the third chunk's first row lacks a column
+    with pytest.raises(InvalidInput, match="Row 40 has columns"):
+        ingest(pkgs, "pkgs", rows, chunk_size=20)
+    assert pkgs.execute("SELECT count(*), count(embedding) FROM pkgs").fetchone() == (40, 40)
+    staged = pkgs.execute("SELECT count(*) FROM pg_class WHERE relname LIKE 'pgsim_ingest%' AND relpersistence = 't'")
+    assert staged.fetchone() == (0,)  # no staged chunk left behind
+
+
 def test_a_model_change_during_an_ingest_stops_it_between_chunks(
     pkgs: Any, packages: list[Package], database: str
 ) -> None:

@@ -102,7 +102,7 @@ def test_auto_measures_once_says_which_and_remembers(cache: Path, caplog: pytest
     model, revision = load_model(MODEL), model_revision(MODEL)
     with caplog.at_level(logging.INFO, logger="pgsim.backends"):
         first = choose(model, MODEL, revision, calibration_texts())
-    assert f"encoder backend {first.name} (measured torch" in caplog.text
+    assert f"encoder backend {first.name} (auto: measured torch" in caplog.text
     (remembered,) = json.loads((cache / "backend-choices.json").read_text()).values()
     assert remembered["backend"] == first.name
     caplog.clear()

@@ -192,7 +192,9 @@ def _load_or_export(
 def _session(onnxruntime: Any, path: Path) -> Any:
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = os.cpu_count() or 1
+    import torch
+
+    options.intra_op_num_threads = torch.get_num_threads()  # as many as torch: OMP_NUM_THREADS when a pool set it
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
@@ -291,7 +293,9 @@ def choose(model: SentenceTransformer, model_name: str, revision: str, calibrati
         known[hashlib.sha256(key.encode()).hexdigest()[:16]] = {"backend": backend.name, "why": why}
         try:
             choices_path.parent.mkdir(parents=True, exist_ok=True)
-            choices_path.write_text(json.dumps(known, indent=1))
+            partial = choices_path.with_suffix(f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(known, indent=1))
+            partial.replace(choices_path)  # whole or not at all, for another process reading it
         except OSError as exc:  # a read-only home: measure again next time
             log.info("cannot remember the backend choice in %s: %s", choices_path, exc)
         log.info("encoder backend %s (%s)", backend.name, backend.reason)

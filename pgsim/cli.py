@@ -291,7 +291,9 @@ def cmd_backfill(args: argparse.Namespace) -> int:
     with _connect(args) as conn:
         bar, progress = _sync_bar("embedding")
         try:
-            report = backfill(conn, args.table, args.column, batch_size=args.batch_size, progress=progress)
+            report = backfill(
+                conn, args.table, args.column, batch_size=args.batch_size, progress=progress, cache=args.cache
+            )
         finally:
             bar.close()
     print(_sync_summary(report))
@@ -312,7 +314,9 @@ def _backfill_in_processes(args: argparse.Namespace) -> int:
         remaining = _queued(conn, ids)
         bar = tqdm(total=remaining, unit="row", desc=f"embedding ({args.processes} processes)", file=sys.stderr)
         started = time.perf_counter()
-        command = worker_command(dsn, args.table, args.column, args.batch_size, once=True, poll_interval=1.0)
+        command = worker_command(
+            dsn, args.table, args.column, args.batch_size, once=True, poll_interval=1.0, cache=args.cache
+        )
         code = run_processes(command, args.processes, tick=lambda: bar.update(remaining - _queued(conn, ids) - bar.n))
         bar.close()
         left = _queued(conn, ids)
@@ -335,6 +339,8 @@ def _sync_summary(report: Any) -> str:
         f"{report.write_seconds:.1f}s of {report.seconds:.1f}s), {report.emptied} without text, "
         f"{report.missing} deleted meanwhile, {report.failed} failed (to be retried), {report.dead} dead letters"
     )
+    if report.cached:
+        text += f"; {report.cached} texts came from the cache instead of the model"
     if report.switched:
         text += f"; {report.switched} model change(s) completed"
     return text
@@ -351,7 +357,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         command = worker_command(
             resolve_dsn(args.dsn, args.data_dir), args.table, args.column, args.batch_size, once=args.once,
-            poll_interval=args.poll_interval,
+            poll_interval=args.poll_interval, cache=args.cache,
         )  # fmt: skip
         return run_processes(command, args.processes)
 
@@ -361,6 +367,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         column=args.column,
         batch_size=args.batch_size,
         poll_interval=args.poll_interval,
+        cache=args.cache,
     )
 
     def on_batch(report: Any, total: int) -> None:
@@ -499,6 +506,11 @@ def build_parser() -> argparse.ArgumentParser:
             type=_positive,
             default=1,
             help="worker processes sharing the queue (each gets cores/N threads)",
+        )
+        command.add_argument(
+            "--cache",
+            action="store_true",
+            help="look texts up in pgsim.embedding_cache before encoding them, and add what is encoded",
         )
         command.set_defaults(run=run)
         if name == "worker":

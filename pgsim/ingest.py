@@ -22,6 +22,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgsim.cache import Found, lookup, merged, missing, store
+from pgsim.encode import Encoder
 from pgsim.errors import InvalidInput
 from pgsim.psycopg import register
 from pgsim.registry import Registration, registrations
@@ -38,6 +40,7 @@ class IngestReport:
     encoded: int = 0  # texts encoded (rows times registered columns, less empty texts)
     empty: int = 0
     truncated: int = 0
+    cached: int = 0  # texts found in pgsim.embedding_cache instead of encoded (with cache=True)
     seconds: float = 0.0
     encode_seconds: float = 0.0
     write_seconds: float = 0.0
@@ -50,10 +53,13 @@ def ingest(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     progress: Callable[[IngestReport], None] | None = None,
+    cache: bool = False,
 ) -> IngestReport:
     """Insert ``rows`` (mappings of column name to value, alike in their keys) into ``table`` with every
     registered embedding column filled. Each chunk of ``chunk_size`` rows commits on its own (inside the
-    caller's transaction, it is a savepoint). The rows must hold the columns the sources read."""
+    caller's transaction, it is a savepoint). The rows must hold the columns the sources read. With
+    ``cache``, text already in pgsim.embedding_cache is not encoded again, and what is encoded is added to it
+    (:mod:`pgsim.cache`)."""
     if chunk_size < 1:
         raise InvalidInput(f"chunk_size must be at least 1; got {chunk_size}.")
     targets = _targets(conn, table)
@@ -67,7 +73,7 @@ def ingest(
     unwritten: set[str] = set()
 
     def write(staged: _Staged, encoded: Future[list[_Encoded]]) -> None:
-        _write(conn, targets, columns or [], staged, encoded, report)
+        _write(conn, targets, encoders if cache else None, columns or [], staged, encoded, report)
         unwritten.discard(staged.name)
         report.seconds = time.perf_counter() - started
         if progress:
@@ -88,7 +94,9 @@ def ingest(
                         write(*pending)
                     raise
                 unwritten.add(staged.name)
-                following = (staged, encoding.submit(_encode, encoders, staged.texts))
+                if cache:  # looked up while the model encodes the chunk before
+                    staged.found = [lookup(conn, e, texts) for e, texts in zip(encoders, staged.texts, strict=True)]
+                following = (staged, encoding.submit(_encode, encoders, staged.to_encode))
                 if pending is not None:  # written while the model encodes the chunk just staged
                     write(*pending)
                 pending = following
@@ -105,6 +113,11 @@ class _Staged:
     name: str  # the session temp table holding the chunk's rows, numbered by _pgsim_row
     rows: int
     texts: list[list[str | None]]  # per registered column, the rows' source texts
+    found: list[Found]  # per registered column, vectors from the cache (empty when it is off)
+
+    @property
+    def to_encode(self) -> list[list[str | None]]:
+        return [missing(texts, found) for texts, found in zip(self.texts, self.found, strict=True)]
 
 
 @dataclass
@@ -187,19 +200,23 @@ def _stage(
                     copy.write_row([row[column] for column in columns] + [row_number])
         texts = [_source_texts(conn, target, name, len(chunk)) for target in targets]
     report.write_seconds += time.perf_counter() - started
-    return _Staged(name, len(chunk), texts)
+    return _Staged(name, len(chunk), texts, [{} for _ in texts])
 
 
 def _write(
     conn: psycopg.Connection[Any],
     targets: list[Registration],
+    caching: list[Encoder] | None,
     columns: list[str],
     staged: _Staged,
     encoded: Future[list[_Encoded]],
     report: IngestReport,
 ) -> None:
-    """One transaction: the chunk's vectors by binary COPY, then its rows and vectors by INSERT … SELECT."""
+    """One transaction: the chunk's vectors by binary COPY, then its rows and vectors by INSERT … SELECT; the
+    vectors just encoded go into the cache too (``caching``: the encoders, when the cache is on)."""
     results = encoded.result()
+    to_encode = staged.to_encode
+    vectors = [merged(t, r.vectors, f) for t, r, f in zip(staged.texts, results, staged.found, strict=True)]
     started = time.perf_counter()
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
     vector_columns = [sql.Identifier(f"_pgsim_v{i}") for i in range(len(targets))]
@@ -218,7 +235,7 @@ def _write(
             ) as copy:
                 copy.set_types(["int8"] + ["vector"] * len(targets))
                 for number in range(staged.rows):
-                    copy.write_row([number] + [result.vectors[number] for result in results])
+                    copy.write_row([number] + [column[number] for column in vectors])
             cur.execute(
                 sql.SQL(
                     "INSERT INTO {table} ({names}, {embedding_columns}) SELECT {source_names}, {vectors} "
@@ -235,13 +252,17 @@ def _write(
                     ),
                 )
             )
+        for encoder, texts, result in zip(caching or [], to_encode, results, strict=False):
+            store(conn, encoder, texts, result.vectors)
         conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(staged.name)))
     report.write_seconds += time.perf_counter() - started
-    for result, texts in zip(results, staged.texts, strict=True):
+    for result, texts, left in zip(results, staged.texts, to_encode, strict=True):
         report.encode_seconds += result.seconds
         report.truncated += result.truncated
         report.empty += sum(1 for text in texts if text is None or not text.strip())
-        report.encoded += sum(1 for text in texts if text is not None and text.strip())
+        report.encoded += sum(1 for text in left if text is not None and text.strip())
+        report.cached += sum(1 for text, rest in zip(texts, left, strict=True) if rest is None and text is not None
+                             and text.strip())  # fmt: skip
     report.rows += staged.rows
 
 

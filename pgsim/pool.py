@@ -21,12 +21,19 @@ def threads_per_process(processes: int) -> int:
 
 
 def worker_command(
-    dsn: str, table: str | None, column: str | None, batch_size: int, *, once: bool, poll_interval: float
+    dsn: str,
+    table: str | None,
+    column: str | None,
+    batch_size: int,
+    *,
+    once: bool,
+    poll_interval: float,
+    cache: bool = False,
 ) -> list[str]:
     command = [sys.executable, "-m", "pgsim.cli", "--dsn", dsn, "worker"]
     command += [name for name in (table, column) if name]
     command += ["--batch-size", str(batch_size), "--poll-interval", str(poll_interval)]
-    return command + (["--once"] if once else [])
+    return command + (["--once"] if once else []) + (["--cache"] if cache else [])
 
 
 def run_processes(

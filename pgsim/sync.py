@@ -28,6 +28,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from pgsim.cache import lookup, merged, missing, store
 from pgsim.encode import Encoder
 from pgsim.errors import InvalidInput, PgsimError, ServerError
 from pgsim.psycopg import encoder_for, register
@@ -90,6 +91,7 @@ class SyncReport:
     dead: int = 0  # entries moved to pgsim.dead_letter
     batches: int = 0
     switched: int = 0  # model changes completed
+    cached: int = 0  # texts found in pgsim.embedding_cache instead of encoded (with cache=True)
     encode_seconds: float = 0.0
     write_seconds: float = 0.0
     seconds: float = 0.0
@@ -116,10 +118,12 @@ def sync(
     retry_delay: float = DEFAULT_RETRY_DELAY,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    cache: bool = False,
 ) -> SyncReport:
     """Drain the queue of every registered column (or of ``table.column``) until no entry is ready, then
     complete model changes whose new column is full. ``conn`` must be an autocommit connection outside a
-    transaction: each batch is its own transaction."""
+    transaction: each batch is its own transaction. With ``cache``, text already in pgsim.embedding_cache is
+    not encoded again, and what is encoded is added to it (:mod:`pgsim.cache`)."""
     if batch_size < 1 or max_attempts < 1 or retry_delay < 0:
         raise InvalidInput("batch_size and max_attempts must be at least 1, retry_delay at least 0.")
     if not conn.autocommit or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
@@ -137,8 +141,8 @@ def sync(
         idle_batches = 0
         while (stop is None or not stop.is_set()) and idle_batches < MAX_IDLE_BATCHES:
             batch = _batch(conn, registration, encoder, batch_size, retried=False, max_attempts=max_attempts,
-                           retry_delay=retry_delay) or _batch(conn, registration, encoder, 1, retried=True,
-                           max_attempts=max_attempts, retry_delay=retry_delay)  # fmt: skip
+                           retry_delay=retry_delay, cache=cache) or _batch(conn, registration, encoder, 1,
+                           retried=True, max_attempts=max_attempts, retry_delay=retry_delay, cache=cache)  # fmt: skip
             if batch is None:
                 break
             # Rows that change under every batch (a source that is not a function of the row, such as one
@@ -162,11 +166,12 @@ def backfill(
     batch_size: int = DEFAULT_BATCH_SIZE,
     progress: Progress | None = None,
     stop: threading.Event | None = None,
+    cache: bool = False,
 ) -> SyncReport:
     """Queue every row that has text but no embedding, then drain the queue. Interrupted, it resumes where it
-    stopped: the queue is in the database, and each batch commits on its own."""
+    stopped: the queue is in the database, and each batch commits on its own. ``cache`` as for :func:`sync`."""
     queue_backfill(conn, table, column)
-    return sync(conn, table=table, column=column, batch_size=batch_size, progress=progress, stop=stop)
+    return sync(conn, table=table, column=column, batch_size=batch_size, progress=progress, stop=stop, cache=cache)
 
 
 def queue_backfill(conn: psycopg.Connection[Any], table: str | None, column: str | None) -> list[Registration]:
@@ -227,6 +232,7 @@ def _batch(
     retried: bool,
     max_attempts: int,
     retry_delay: float,
+    cache: bool,
 ) -> SyncReport | None:
     """Claim, encode and write one batch in one transaction; None when nothing is ready."""
     report = SyncReport(batches=1)
@@ -239,7 +245,7 @@ def _batch(
         ids = [entry_id for entry_id, _ in claimed]
         try:
             with conn.transaction():
-                done = _encode_and_write(conn, registration, encoder, claimed, report)
+                done = _encode_and_write(conn, registration, encoder, claimed, report, cache=cache)
         except Exception as exc:
             if conn.broken or isinstance(exc, TRANSIENT):
                 raise  # not the rows' fault: the batch rolls back and its entries are claimed again, unchanged
@@ -263,6 +269,8 @@ def _encode_and_write(
     encoder: Encoder,
     claimed: list[tuple[int, Any]],
     report: SyncReport,
+    *,
+    cache: bool,
 ) -> list[int]:
     """Encode the claimed rows' current text and write it where the text is unchanged; the ids of the
     entries that are done (written, emptied, or whose row is gone)."""
@@ -281,9 +289,16 @@ def _encode_and_write(
     ).fetchall()
     present = [row for row in rows if row[2]]
     gone = [row[0] for row in rows if not row[2]]
+    texts = [row[3] for row in present]
+    found = lookup(conn, encoder, texts) if cache else {}
+    to_encode = missing(texts, found)
     started = time.perf_counter()
-    vectors = encoder.encode([row[3] for row in present])
+    encoded = encoder.encode(to_encode)
     report.encode_seconds += time.perf_counter() - started
+    if cache:
+        store(conn, encoder, to_encode, encoded)
+        report.cached += sum(1 for text in texts if text in found)
+    vectors = merged(texts, encoded, found)
     started = time.perf_counter()
     conn.execute(TEMP_TABLE)
     with conn.cursor() as cur:
@@ -345,6 +360,7 @@ class Worker:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         retry_delay: float = DEFAULT_RETRY_DELAY,
         reconnect_delay: float = 1.0,
+        cache: bool = False,
     ) -> None:
         self.dsn = dsn
         self.table, self.column = table, column
@@ -353,6 +369,7 @@ class Worker:
         self.max_attempts = max_attempts
         self.retry_delay = retry_delay
         self.reconnect_delay = reconnect_delay
+        self.cache = cache
         self.report = SyncReport()
         self.reconnects = 0
         self.stop = threading.Event()
@@ -405,6 +422,7 @@ class Worker:
                         retry_delay=self.retry_delay,
                         progress=self.on_batch,
                         stop=self.stop,
+                        cache=self.cache,
                     )
                 )
             except (PgsimError, psycopg.Error) as exc:

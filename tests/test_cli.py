@@ -80,10 +80,16 @@ def test_add_embedding_backfill_worker_status_remove(database: str) -> None:
     with psycopg.connect(database, autocommit=True) as conn:  # 40 rows for two worker processes
         conn.execute("UPDATE notes SET embedding = NULL")
         conn.execute("INSERT INTO notes SELECT n, 'topic ' || n, 'note number ' || n FROM generate_series(4, 40) n")
-    pooled = pgsim("backfill", "notes", "embedding", "--processes", "2", "--batch-size", "8", dsn=database)
+    pooled = pgsim("backfill", "notes", "embedding", "--processes", "2", "--batch-size", "8", "--cache", dsn=database)
     assert pooled.returncode == 0, pooled.stderr
     assert "40 queued rows done by 2 processes" in pooled.stdout and "40/40" in pooled.stderr
     assert pooled.stdout.count("rows embedded") == 2  # each worker's own summary
+    with psycopg.connect(database, autocommit=True) as conn:  # the workers filled the cache: nothing to encode
+        assert conn.execute("SELECT count(*) FROM pgsim.embedding_cache").fetchone() == (40,)
+        conn.execute("UPDATE notes SET embedding = NULL")
+    cached = pgsim("backfill", "notes", "--cache", dsn=database)
+    assert cached.returncode == 0, cached.stderr
+    assert "40 rows embedded" in cached.stdout and "40 texts came from the cache" in cached.stdout
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT count(*) FROM notes WHERE embedding IS NULL").fetchone() == (0,)
     assert pgsim("worker", "--processes", "0", dsn=database).returncode == 2

@@ -162,11 +162,11 @@ def vector_column(conn: psycopg.Connection[Any], table: str, column: str) -> Vec
     key = (_database_key(conn), table, column)
     known = _columns.get(key)
     if known is None:
-        known = _columns.put(key, _read_vector_column(conn, table, column))
+        known = _columns.put(key, read_vector_column(conn, table, column))
     return known
 
 
-def _read_vector_column(conn: psycopg.Connection[Any], table: str, column: str) -> VectorColumn:
+def read_vector_column(conn: psycopg.Connection[Any], table: str, column: str) -> VectorColumn:
     ident = table_identifier(table).as_string(conn)
     rows = conn.execute(
         """

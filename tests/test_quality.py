@@ -1,0 +1,160 @@
+"""Search quality beyond nearest neighbours, on the real sample and model: near-duplicate groups, zero-shot
+labels, maximal marginal relevance, rank fusion. Each result is checked against numpy on the same vectors."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+
+from pgsim.corpus import Package
+from pgsim.diversity import diverse_search, mmr_order
+from pgsim.duplicates import near_duplicates
+from pgsim.encode import Encoder
+from pgsim.errors import InvalidInput
+from pgsim.labels import label_rows
+from pgsim.psycopg import register
+from pgsim.search import search
+
+pytestmark = pytest.mark.usefixtures("db")
+
+
+@pytest.fixture
+def conn(db: str) -> Any:
+    with psycopg.connect(db, autocommit=True) as connection:
+        register(connection)
+        yield connection
+
+
+def components(vectors: np.ndarray[Any, Any], names: list[str], threshold: float) -> list[set[str]]:
+    """Connected components of the all-pairs graph at ``threshold``, in numpy: the ground truth."""
+    parent = list(range(len(names)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    similar = vectors @ vectors.T
+    for a, b in zip(*np.nonzero(np.triu(similar >= threshold, k=1)), strict=True):
+        parent[root(int(a))] = root(int(b))
+    groups: dict[int, set[str]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(root(i), set()).add(name)
+    return [group for group in groups.values() if len(group) > 1]
+
+
+@pytest.mark.parametrize("threshold", [0.8, 0.95])
+def test_near_duplicate_groups_match_the_all_pairs_components(
+    conn: Any, packages: list[Package], package_vectors: Any, threshold: float
+) -> None:
+    groups = near_duplicates(conn, "packages", "embedding", threshold=threshold, neighbours=30)
+    found = sorted(sorted(row["package"] for row in group) for group in groups)
+    truth = sorted(sorted(group) for group in components(package_vectors, [p.package for p in packages], threshold))
+    assert found == truth and len(found) > 0
+    assert [len(g) for g in groups] == sorted((len(g) for g in groups), reverse=True)  # largest first
+
+
+def test_near_duplicates_refuses_bad_input(conn: Any) -> None:
+    for threshold in (0, -0.5, 1.01, float("nan"), True):
+        with pytest.raises(InvalidInput, match="threshold"):
+            near_duplicates(conn, "packages", "embedding", threshold=threshold)
+    with pytest.raises(InvalidInput, match="neighbours"):
+        near_duplicates(conn, "packages", "embedding", neighbours=0)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="threshold"):
+        conn.execute("SELECT * FROM pgsim.near_duplicates('packages', 'embedding', 2)")
+    with pytest.raises(InvalidInput, match="does not exist"):
+        near_duplicates(conn, 'packages"; DROP TABLE packages; --', "embedding")
+    with pytest.raises(InvalidInput, match="no column"):
+        near_duplicates(conn, "packages", "embedding; DROP TABLE packages")
+    with pytest.raises(InvalidInput, match="not a pgvector vector column"):
+        near_duplicates(conn, "packages", "section")
+    conn.execute("CREATE TABLE IF NOT EXISTS unindexed (id int PRIMARY KEY, embedding vector(3))")
+    with pytest.raises(InvalidInput, match=r"no HNSW index .* CREATE INDEX ON unindexed USING hnsw"):
+        near_duplicates(conn, "unindexed", "embedding")
+    conn.execute("CREATE TABLE IF NOT EXISTS keyless (embedding vector(3))")
+    conn.execute("CREATE INDEX IF NOT EXISTS keyless_hnsw ON keyless USING hnsw (embedding vector_cosine_ops)")
+    with pytest.raises(InvalidInput, match="no primary key"):
+        near_duplicates(conn, "keyless", "embedding")
+    assert conn.execute("SELECT count(*) FROM packages").fetchone() == (400,)
+
+
+def test_zero_shot_labels_are_the_nearest_descriptions(
+    conn: Any, packages: list[Package], package_vectors: Any, encoder: Encoder
+) -> None:
+    labels = {
+        "libs": "a shared library that other programs link against",
+        "doc": "documentation, manuals and examples",
+        "games": "a game to play",
+        "python": "a Python module",
+    }
+    conn.execute("ALTER TABLE packages ADD COLUMN IF NOT EXISTS guess text")
+    counts = label_rows(conn, "packages", "embedding", labels, into="guess")
+    assert sum(counts.values()) == len(packages) and set(counts) <= set(labels)
+    label_vectors = np.stack(encoder.encode(list(labels.values()), kind="query"))  # type: ignore[arg-type]
+    expected = np.array(list(labels))[np.argmax(package_vectors @ label_vectors.T, axis=1)]
+    stored = dict(conn.execute("SELECT package, guess FROM packages").fetchall())
+    agree = np.mean([stored[p.package] == label for p, label in zip(packages, expected, strict=True)])
+    assert agree >= 0.99  # float32 here, float32 in PostgreSQL: only near-ties may differ
+    python_rows = [p for p in packages if p.section == "python"]
+    assert np.mean([stored[p.package] == "python" for p in python_rows]) > 0.5  # it means something
+    filtered = label_rows(
+        conn, "packages", "embedding", {"games": "a game to play"}, into="guess", where={"section": "games"}
+    )
+    assert sum(filtered.values()) == sum(p.section == "games" for p in packages)
+    for bad, message in (({}, "labels is empty"), ({"x": " "}, "is empty")):
+        with pytest.raises(InvalidInput, match=message):
+            label_rows(conn, "packages", "embedding", bad, into="guess")
+    with pytest.raises(InvalidInput, match="no column 'nope'"):
+        label_rows(conn, "packages", "embedding", labels, into="nope")
+
+
+def test_mmr_at_lambda_one_is_the_search_order_and_lower_lambda_varies_the_rows(conn: Any, encoder: Encoder) -> None:
+    query = "a library to parse JSON"
+    plain = search(conn, "packages", "embedding", query, k=10)
+    same = diverse_search(conn, "packages", "embedding", query, k=10, lambda_mult=1.0)
+    assert [h.row["package"] for h in same] == [h.row["package"] for h in plain]
+    assert "embedding" not in same[0].row
+    varied = diverse_search(
+        conn, "packages", "embedding", query, k=10, lambda_mult=0.3, candidates=40, columns=["package", "embedding"]
+    )
+    vectors = np.stack([h.row["embedding"].to_numpy() for h in varied])
+
+    def intra_list_similarity(v: np.ndarray[Any, Any]) -> float:
+        similar = v @ v.T
+        return float((similar.sum() - np.trace(similar)) / (len(v) * (len(v) - 1)))
+
+    plain_vectors = np.stack(
+        [
+            h.row["embedding"].to_numpy()
+            for h in search(conn, "packages", "embedding", query, k=10, columns=["embedding"])
+        ]
+    )
+    assert intra_list_similarity(vectors) < intra_list_similarity(plain_vectors)
+    # the SQL function picks the same rows in the same order from the same candidates
+    pool = search(conn, "packages", "embedding", query, k=40, columns=["package", "embedding"])
+    q = encoder.encode_query(query)
+    (positions,) = conn.execute(
+        "SELECT pgsim.mmr(%s, %s, 10, 0.3)", [q, [h.row["embedding"].to_numpy() for h in pool]]
+    ).fetchone()
+    assert [pool[i - 1].row["package"] for i in positions] == [h.row["package"] for h in varied]
+    relevance = 1 - np.array([h.distance for h in pool])
+    pool_vectors = np.stack([h.row["embedding"].to_numpy() for h in pool])
+    assert mmr_order(relevance, pool_vectors, 10, 0.3) == [i - 1 for i in positions]
+
+
+def test_mmr_refuses_lambda_outside_zero_to_one(conn: Any) -> None:
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(InvalidInput, match="lambda_mult"):
+            diverse_search(conn, "packages", "embedding", "json", lambda_mult=bad)
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="lambda"):
+            conn.execute("SELECT pgsim.mmr('[1,0]', ARRAY['[1,0]'::vector], 1, %s)", [bad])
+    with pytest.raises(InvalidInput, match="candidates"):
+        diverse_search(conn, "packages", "embedding", "json", k=10, candidates=5)
+
+
+def test_rrf_terms(conn: Any) -> None:
+    assert conn.execute("SELECT pgsim.rrf(1), pgsim.rrf(NULL), pgsim.rrf(3, 10)").fetchone() == (1 / 61, 0.0, 1 / 13)

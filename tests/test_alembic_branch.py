@@ -211,3 +211,22 @@ def test_create_and_drop_embedding_render_offline_sql_that_runs(
             assert conn.execute("SELECT count(*) FROM pgsim.embedding").fetchone() == (0,)
             assert conn.execute("SELECT count(*) FROM pgsim.queue").fetchone() == (0,)
             assert conn.execute("SELECT to_regclass('notes')").fetchone() == (None,)
+
+
+def test_register_embedding_forgets_the_registrations_of_dropped_tables(server_dsn: str) -> None:
+    """A table dropped with plain DROP TABLE and made again: registering its column again works in SQL too
+    (as an offline migration does), and the old row goes."""
+    register = (
+        "SELECT pgsim.register_embedding('notes'::regclass, 'embedding', 'body', 'some-model', 'r1', 3, "
+        "source_columns => '{body}')"
+    )
+    with scratch_database(server_dsn, "alembic_forget_dropped") as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        install(conn)
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        conn.execute(register)
+        conn.execute("INSERT INTO notes VALUES (1, 'queued')")
+        conn.execute("DROP TABLE notes")
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        (registration,) = conn.execute(register).fetchone()  # type: ignore[misc]
+        assert conn.execute("SELECT id FROM pgsim.embedding").fetchall() == [(registration,)]
+        assert conn.execute("SELECT count(*) FROM pgsim.queue").fetchone() == (0,)

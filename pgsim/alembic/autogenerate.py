@@ -5,11 +5,18 @@ turns them into pgsim's operations, and adds what Alembic does not see:
 - a new ``embedding_column`` becomes ``op.create_embedding(...)`` (column, registry row, triggers, index);
   on a new table it follows ``op.create_table``, which keeps the column;
 - a dropped column that pgsim registered becomes ``op.drop_embedding(...)`` (a plain DROP COLUMN would be
-  refused by its triggers), with what it needs to be reversed;
+  refused by its triggers), with what it needs to be reversed, followed by Alembic's ``op.drop_column``
+  when the column was there before pgsim registered it (pgsim drops only the columns it added);
+- a dropped table with registered columns is preceded by ``op.drop_embedding(..., drop_column=False)`` for
+  each (the registry forgets them; the downgrade registers them again on the re-created table);
+- a registered column whose type the models changed (dtype, or the dimension of another model) is removed
+  and registered again: ``op.drop_embedding``, ``op.create_embedding`` (ALTER COLUMN TYPE would be refused
+  by its triggers, and the registry would keep the old type);
 - HNSW indexes become ``op.create_hnsw_index`` / ``op.drop_hnsw_index``; a change of ``m``,
   ``ef_construction`` or operator class, which Alembic does not compare, becomes a drop and a create;
-- pgsim's own tables (``include_schemas=True``) are never dropped; a database without pgsim gets
-  ``op.install_pgsim()`` first when the migration needs pgvector's types or pgsim's operations;
+- nothing in schema ``pgsim`` (pgsim's own tables and indexes, seen with ``include_schemas=True``) is
+  touched; a database without pgsim gets ``op.install_pgsim()`` first when the migration needs pgvector's
+  types or pgsim's operations;
 - the generated file imports what it uses (``pgsim.alembic``, and the modules of pgsim's and pgvector's
   column types, which Alembic names but does not import).
 Active after ``import pgsim.alembic`` (env.py, or the models' module), or with
@@ -20,7 +27,7 @@ Active after ``import pgsim.alembic`` (env.py, or the models' module), or with
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from alembic.autogenerate import comparators, renderers
@@ -68,11 +75,11 @@ def compare(autogen_context: AutogenContext, upgrade_ops: alembic_ops.UpgradeOps
     tables = _metadata_tables(autogen_context)
     registered = _registrations(autogen_context)
     new_tables = {(op.schema, op.table_name) for op in upgrade_ops.ops if isinstance(op, alembic_ops.CreateTableOp)}
-    upgrade_ops.ops[:] = [
-        rewritten for op in upgrade_ops.ops for rewritten in _rewrite(op, tables, registered, new_tables)
-    ]
-    _rebuild_changed_indexes(autogen_context, upgrade_ops, tables)
-    _warn_about_changed_embeddings(tables, registered)
+    dropped_tables = {(op.schema, op.table_name) for op in upgrade_ops.ops if isinstance(op, alembic_ops.DropTableOp)}
+    changes = _Changes(tables, registered, new_tables, dropped_tables)
+    upgrade_ops.ops[:] = [rewritten for op in upgrade_ops.ops for rewritten in _rewrite(op, changes)]
+    _rebuild_changed_indexes(autogen_context, upgrade_ops, tables, changes.recreated)
+    _warn_about_changed_embeddings(tables, registered, changes.recreated)
     if _needs_install(autogen_context, upgrade_ops):
         upgrade_ops.ops.insert(0, InstallPgsimOp())
     return PriorityDispatchResult.CONTINUE
@@ -95,7 +102,7 @@ def _registrations(autogen_context: AutogenContext) -> dict[tuple[str | None, st
     rows = connection.execute(
         text(
             "SELECT table_schema, table_name, column_name, source, source_columns, model, dtype, index_name, "
-            "index_m, index_ef_construction FROM pgsim.embedding WHERE replaces IS NULL"
+            "index_m, index_ef_construction, created_column FROM pgsim.embedding WHERE replaces IS NULL"
         )
     ).all()
     return {(row[0] if row[0] != default_schema else None, row[1], row[2]): row for row in rows}
@@ -116,68 +123,131 @@ def _index_params(index: Index) -> _Hnsw | None:
     if not _is_hnsw(index) or len(index.expressions) != 1 or not isinstance(index.expressions[0], Column):
         return None
     column = index.expressions[0]
-    kind = "halfvec" if "HALFVEC" in str(column.type).upper() else "vector"
     options = index.dialect_options["postgresql"]
     return _Hnsw.of(
         column.name,
         {"postgresql_with": options["with"], "postgresql_ops": options["ops"]},
-        f"{kind}_cosine_ops",
+        _default_ops(column.type),
     )
+
+
+def _default_ops(column_type: Any) -> str:
+    """The operator class assumed for an HNSW index that names none (pgvector has no default one; pgsim's
+    indexes are cosine): by the column's type, not taking sparsevec or bit for vector."""
+    name = str(column_type).upper() if column_type is not None else ""
+    for kind in ("HALFVEC", "SPARSEVEC"):
+        if name.startswith(kind):
+            return f"{kind.lower()}_cosine_ops"
+    if name.startswith("BIT"):
+        return "bit_hamming_ops"
+    return "vector_cosine_ops"
 
 
 Tables = dict[tuple[str | None, str], Table]
 Registered = dict[tuple[str | None, str, str], Any]
+TableKey = tuple[str | None, str]
 
 
-def _rewrite(op: Any, tables: Tables, registered: Registered, new_tables: set[tuple[str | None, str]]) -> list[Any]:
+@dataclass
+class _Changes:
+    """What the rewrite knows of the whole comparison; ``recreated`` collects the registered columns it
+    removes and registers again (their index rebuilds and warnings are left out)."""
+
+    tables: Tables
+    registered: Registered
+    new_tables: set[TableKey]
+    dropped_tables: set[TableKey]
+    recreated: set[tuple[str | None, str, str]] = field(default_factory=set)
+
+    def registered_on(self, schema: str | None, table_name: str) -> list[Any]:
+        return [row for key, row in self.registered.items() if key[:2] == (schema, table_name)]
+
+
+def _rewrite(op: Any, changes: _Changes) -> list[Any]:
     """``op`` as pgsim's operations (a list: a new table is followed by its embeddings)."""
-    if isinstance(op, alembic_ops.DropTableOp) and op.schema == "pgsim":
-        return []  # pgsim's own tables, seen with include_schemas=True
+    if getattr(op, "schema", None) == "pgsim":
+        return []  # pgsim's own tables and indexes, seen with include_schemas=True
     if isinstance(op, alembic_ops.CreateTableOp):
-        table = tables.get((op.schema, op.table_name))
+        table = changes.tables.get((op.schema, op.table_name))
         embeddings = [
             _create_embedding(op.table_name, column.name, column.info["pgsim"], op.schema, table)
             for column in op.columns
             if isinstance(column, Column) and "pgsim" in column.info
         ]
         return [op, *embeddings]
+    if isinstance(op, alembic_ops.DropTableOp):
+        # the registry forgets the table's columns first (the downgrade registers them on the re-created table)
+        rows = changes.registered_on(op.schema, op.table_name)
+        return [*(_drop_embedding(row, op.schema, drop_column=False) for row in rows), op]
     if isinstance(op, alembic_ops.CreateIndexOp):
-        return [_create_hnsw(op, tables, set(), new_tables)]
+        return [_create_hnsw(op, changes.tables, set(), changes.new_tables)]
     if isinstance(op, alembic_ops.ModifyTableOps):
-        op.ops[:] = _rewrite_table_ops(op, tables, registered, new_tables)
+        op.ops[:] = _rewrite_table_ops(op, changes)
         return [op] if op.ops else []
     return [op]
 
 
-def _rewrite_table_ops(
-    modify: alembic_ops.ModifyTableOps, tables: Tables, registered: Registered, new_tables: set[tuple[str | None, str]]
-) -> list[Any]:
-    table = tables.get((modify.schema, modify.table_name))
+def _rewrite_table_ops(modify: alembic_ops.ModifyTableOps, changes: _Changes) -> list[Any]:
+    schema, name = modify.schema, modify.table_name
+    table, registered = changes.tables.get((schema, name)), changes.registered
     new_embeddings = {
         op.column.name for op in modify.ops if isinstance(op, alembic_ops.AddColumnOp) and "pgsim" in op.column.info
     }
     dropped_embeddings = {
         op.column_name
         for op in modify.ops
-        if isinstance(op, alembic_ops.DropColumnOp) and (modify.schema, modify.table_name, op.column_name) in registered
+        if isinstance(op, alembic_ops.DropColumnOp) and (schema, name, op.column_name) in registered
+    }
+    retyped = {
+        op.column_name
+        for op in modify.ops
+        if isinstance(op, alembic_ops.AlterColumnOp)
+        and op.modify_type is not None
+        and (schema, name, op.column_name) in registered
+        and _embedding_spec(table, op.column_name) is not None
+    }
+    changes.recreated.update((schema, name, column) for column in retyped)
+    covered_indexes = {  # dropped with the registrations of a dropped table
+        row.index_name for row in changes.registered_on(schema, name) if (schema, name) in changes.dropped_tables
     }
     result: list[Any] = []
     for op in modify.ops:
         if isinstance(op, alembic_ops.AddColumnOp) and op.column.name in new_embeddings:
-            result.append(
-                _create_embedding(modify.table_name, op.column.name, op.column.info["pgsim"], modify.schema, table)
-            )
+            result.append(_create_embedding(name, op.column.name, op.column.info["pgsim"], schema, table))
         elif isinstance(op, alembic_ops.DropColumnOp) and op.column_name in dropped_embeddings:
-            result.append(
-                _drop_embedding(registered[(modify.schema, modify.table_name, op.column_name)], modify.schema)
-            )
+            row = registered[(schema, name, op.column_name)]
+            # unregistering drops the column only when pgsim added it; Alembic's drop_column drops the others
+            result.extend([_drop_embedding(row, schema), None if row.created_column else op])
+        elif isinstance(op, alembic_ops.AlterColumnOp) and op.column_name in retyped:
+            result.extend(_recreate_embedding(op, registered[(schema, name, op.column_name)], table))
         elif isinstance(op, alembic_ops.CreateIndexOp):
-            result.append(_create_hnsw(op, tables, new_embeddings, new_tables))
+            result.append(_create_hnsw(op, changes.tables, new_embeddings | retyped, changes.new_tables))
         elif isinstance(op, alembic_ops.DropIndexOp):
-            result.append(_drop_hnsw(op, dropped_embeddings))
+            result.append(None if op.index_name in covered_indexes else _drop_hnsw(op, dropped_embeddings | retyped))
         else:
             result.append(op)
     return [op for op in result if op is not None]
+
+
+def _recreate_embedding(op: alembic_ops.AlterColumnOp, row: Any, table: Table | None) -> list[Any]:
+    """A registered column of another type: removed and registered again, its rows queued to be embedded.
+    A column pgsim did not add is dropped in between (unregistering keeps it); the downgrade adds it back
+    with its old type (the reverse of that drop_column) before registering it again."""
+    log.info("%s.%s changes type (%s -> %s): removing and registering it again", op.table_name, op.column_name,
+             op.existing_type, op.modify_type)  # fmt: skip
+    assert table is not None
+    result: list[Any] = [_drop_embedding(row, op.schema)]
+    if not row.created_column:
+        old = Column(op.column_name, op.existing_type, nullable=op.existing_nullable is not False)
+        result.append(
+            alembic_ops.DropColumnOp(
+                op.table_name, op.column_name, schema=op.schema,
+                _reverse=alembic_ops.AddColumnOp(op.table_name, old, schema=op.schema),
+            )
+        )  # fmt: skip
+    result.append(_create_embedding(op.table_name, op.column_name, table.c[op.column_name].info["pgsim"], op.schema,
+                                    table))  # fmt: skip
+    return result
 
 
 def _default_index(table: Table | None, column: str) -> Index | None:
@@ -237,11 +307,12 @@ def _drop_hnsw(op: alembic_ops.DropIndexOp, dropped_embeddings: set[str]) -> Any
     )  # fmt: skip
 
 
-def _drop_embedding(row: Any, schema: str | None) -> DropEmbeddingOp:
-    _, table_name, column, source, source_columns, model, dtype, _, m, ef_construction = row
+def _drop_embedding(row: Any, schema: str | None, *, drop_column: bool = True) -> DropEmbeddingOp:
     return DropEmbeddingOp(
-        table_name, column, schema=schema, source=_source_argument(source, list(source_columns or [])), model=model,
-        dtype=dtype, m=m, ef_construction=ef_construction or 64,
+        row.table_name, row.column_name, schema=schema,
+        source=_source_argument(row.source, list(row.source_columns or [])), model=row.model, dtype=row.dtype,
+        m=row.index_m if row.index_name is not None else None, ef_construction=row.index_ef_construction or 64,
+        drop_column=drop_column,
     )  # fmt: skip
 
 
@@ -280,14 +351,16 @@ def _all_ops(ops: list[Any]) -> list[Any]:
     return flat
 
 
-def _warn_about_changed_embeddings(tables: Tables, registered: Registered) -> None:
-    """A registered column whose model or source the models changed needs re-embedding, which is no schema
-    change: say how, render nothing."""
+def _warn_about_changed_embeddings(
+    tables: Tables, registered: Registered, recreated: set[tuple[str | None, str, str]]
+) -> None:
+    """A registered column whose model or source the models changed (keeping its type: the others are
+    registered again) needs re-embedding, which is no schema change: say how, render nothing."""
     for (schema, name), table in tables.items():
         for column in table.columns:
             spec = column.info.get("pgsim")
             row = registered.get((schema, name, column.name))
-            if spec is None or row is None:
+            if spec is None or row is None or (schema, name, column.name) in recreated:
                 continue
             source = spec.source if isinstance(spec.source, str) else columns_expression(list(spec.source))
             if row[5] != spec.model or row[3] != source:
@@ -299,9 +372,13 @@ def _warn_about_changed_embeddings(tables: Tables, registered: Registered) -> No
 
 
 def _rebuild_changed_indexes(
-    autogen_context: AutogenContext, upgrade_ops: alembic_ops.UpgradeOps, tables: Tables
+    autogen_context: AutogenContext,
+    upgrade_ops: alembic_ops.UpgradeOps,
+    tables: Tables,
+    recreated: set[tuple[str | None, str, str]],
 ) -> None:
-    """Drop and create the HNSW indexes whose m, ef_construction or operator class the models changed."""
+    """Drop and create the HNSW indexes whose m, ef_construction or operator class the models changed
+    (not those of a column registered again: create_embedding builds its index)."""
     inspector = autogen_context.inspector
     new_tables = {(op.schema, op.table_name) for op in upgrade_ops.ops if isinstance(op, alembic_ops.CreateTableOp)}
     for (schema, name), table in tables.items():
@@ -316,6 +393,8 @@ def _rebuild_changed_indexes(
             wanted = _index_params(index)
             found = existing.get(str(index.name))
             if wanted is None or found is None or found.get("column_names") != [wanted.column]:
+                continue
+            if (schema, name, wanted.column) in recreated:
                 continue
             kind_ops = wanted.ops.split("_", 1)[0] + "_cosine_ops"
             current = _Hnsw.of(wanted.column, found["dialect_options"], kind_ops)
@@ -341,14 +420,18 @@ def _table_ops(upgrade_ops: alembic_ops.UpgradeOps, name: str, schema: str | Non
 
 
 def _with_type_imports(render: Any) -> Any:
-    """Alembic's renderer for ``op.create_table`` / ``op.add_column``, adding the import of each pgsim or
-    pgvector column type it names (Alembic writes ``pgsim.sqlalchemy.types.Embedding(...)`` but imports only
-    SQLAlchemy's own modules)."""
+    """Alembic's renderer for ``op.create_table`` / ``op.add_column`` / ``op.alter_column``, adding the import
+    of each pgsim or pgvector column type it names (Alembic writes ``pgsim.sqlalchemy.types.Embedding(...)``
+    but imports only SQLAlchemy's own modules)."""
 
     def render_with_imports(autogen_context: AutogenContext, op: Any) -> Any:
-        columns = op.columns if isinstance(op, alembic_ops.CreateTableOp) else [op.column]
-        for column in columns:
-            column_type = getattr(column, "type", None)
+        if isinstance(op, alembic_ops.CreateTableOp):
+            types = [getattr(column, "type", None) for column in op.columns]
+        elif isinstance(op, alembic_ops.AlterColumnOp):
+            types = [op.existing_type, op.modify_type]
+        else:
+            types = [op.column.type]
+        for column_type in types:
             if _is_vector_type(column_type):
                 autogen_context.imports.add(f"import {type(column_type).__module__}")
         return render(autogen_context, op)
@@ -387,6 +470,7 @@ def _render_drop_embedding(autogen_context: AutogenContext, op: DropEmbeddingOp)
     return _render(
         autogen_context, "drop_embedding", op.table_name, op.column_name, source=op.source, model=op.model,
         dtype=op.dtype, m=op.m, ef_construction=op.ef_construction if op.m else None, schema=op.schema,
+        drop_column=None if op.drop_column else False,
     )  # fmt: skip
 
 
@@ -409,5 +493,5 @@ def _render_drop_hnsw_index(autogen_context: AutogenContext, op: DropHnswIndexOp
 
 
 comparators.dispatch_for("autogenerate", priority=DispatchPriority.LAST)(compare)
-for _op in (alembic_ops.CreateTableOp, alembic_ops.AddColumnOp):
+for _op in (alembic_ops.CreateTableOp, alembic_ops.AddColumnOp, alembic_ops.AlterColumnOp):
     renderers.dispatch_for(_op, replace=True)(_with_type_imports(renderers.dispatch(_op)))

@@ -18,11 +18,26 @@ from pgsim.errors import InvalidInput
 from pgsim.index import HNSW
 from pgsim.names import MAX_IDENTIFIER_BYTES, derived_name
 
-OPCLASSES = ("vector_cosine_ops", "halfvec_cosine_ops", "vector_l2_ops", "halfvec_l2_ops", "vector_ip_ops")
+# pgvector's HNSW operator classes (none is the default: an index names one); the prefix is the column type.
+OPCLASSES = (
+    *(f"{kind}_{metric}_ops" for kind in ("vector", "halfvec", "sparsevec") for metric in ("cosine", "l2", "ip", "l1")),
+    "bit_hamming_ops",
+    "bit_jaccard_ops",
+)
+# A built index of a registered column: the registry keeps its parameters (model switches build their index
+# with them), and records it when the column had none. Guarded, so it runs offline and without pgsim alike.
 REGISTRY_UPDATE = """DO $pgsim$ BEGIN
 IF to_regclass('pgsim.embedding') IS NOT NULL THEN
-    UPDATE pgsim.embedding SET index_m = {m}, index_ef_construction = {ef_construction}
-    WHERE index_name = {index} AND table_name = {table} AND table_schema = coalesce({schema}, current_schema());
+    UPDATE pgsim.embedding SET index_name = {index}, index_m = {m}, index_ef_construction = {ef_construction}
+    WHERE table_name = {table} AND table_schema = coalesce({schema}, current_schema())
+      AND (index_name = {index} OR (index_name IS NULL AND column_name = {column} AND replaces IS NULL));
+END IF;
+END $pgsim$"""
+# A dropped index that a registration recorded: it has no index any more (remove and model switches skip it).
+REGISTRY_FORGET_INDEX = """DO $pgsim$ BEGIN
+IF to_regclass('pgsim.embedding') IS NOT NULL THEN
+    UPDATE pgsim.embedding SET index_name = NULL, index_m = NULL, index_ef_construction = NULL
+    WHERE index_name = {index} AND table_schema = coalesce({schema}, current_schema());
 END IF;
 END $pgsim$"""
 
@@ -40,6 +55,10 @@ def _check_name(kind: str, name: str) -> str:
             "and would cut it silently. Choose a shorter name."
         )
     return name
+
+
+def _check_schema(schema: str | None) -> str | None:
+    return None if schema is None else _check_name("schema", schema)
 
 
 @Operations.register_operation("install_pgsim")
@@ -87,7 +106,7 @@ class CreateHnswIndexOp(MigrateOperation):
         if ops not in OPCLASSES:
             raise InvalidInput(f"ops must be one of {', '.join(OPCLASSES)}; got {ops!r}.")
         self.ops = ops
-        self.schema = schema
+        self.schema = _check_schema(schema)
         self.concurrently = concurrently
 
     @classmethod
@@ -102,13 +121,13 @@ class CreateHnswIndexOp(MigrateOperation):
         )  # fmt: skip
 
     def registry_update(self) -> sql.Composed:
-        """A rebuilt index of a registered column: the registry keeps its parameters (model switches build
-        their index with them). A guarded block, so it runs offline and without pgsim alike."""
+        """The registry's record of the index (see REGISTRY_UPDATE)."""
         return sql.SQL(REGISTRY_UPDATE).format(
             m=sql.Literal(self.hnsw.m),
             ef_construction=sql.Literal(self.hnsw.ef_construction),
             index=sql.Literal(self.index_name),
             table=sql.Literal(self.table_name),
+            column=sql.Literal(self.column_name),
             schema=sql.Literal(self.schema),
         )
 
@@ -143,8 +162,8 @@ class DropHnswIndexOp(MigrateOperation):
         ops: str = "vector_cosine_ops",
     ) -> None:
         self.index_name = _check_name("index", index_name)
-        self.table_name = table_name
-        self.schema = schema
+        self.table_name = table_name if table_name is None else _check_name("table", table_name)
+        self.schema = _check_schema(schema)
         self.concurrently = concurrently
         self.column_name, self.m, self.ef_construction, self.ops = column_name, m, ef_construction, ops
 
@@ -160,6 +179,12 @@ class DropHnswIndexOp(MigrateOperation):
             self.index_name, self.table_name, self.column_name, m=self.m, ef_construction=self.ef_construction,
             ops=self.ops, schema=self.schema, concurrently=self.concurrently,
         )  # fmt: skip
+
+    def registry_update(self) -> sql.Composed:
+        """The registry forgets the index if it recorded it (see REGISTRY_FORGET_INDEX)."""
+        return sql.SQL(REGISTRY_FORGET_INDEX).format(
+            index=sql.Literal(self.index_name), schema=sql.Literal(self.schema)
+        )
 
     def statement(self) -> sql.Composed:
         index = _table_identifier(self.index_name, self.schema)  # an index lives in its table's schema
@@ -190,6 +215,7 @@ def _create_hnsw_index(operations: Operations, operation: CreateHnswIndexOp) -> 
 @Operations.implementation_for(DropHnswIndexOp)
 def _drop_hnsw_index(operations: Operations, operation: DropHnswIndexOp) -> None:
     _run(operations, operation.statement().as_string(), operation.concurrently)
+    operations.execute(operation.registry_update().as_string())
 
 
 def _run(operations: Operations, statement: str, concurrently: bool) -> None:
@@ -247,7 +273,7 @@ class CreateEmbeddingOp(MigrateOperation):
     ) -> None:
         self.table_name = _check_name("table", table_name)
         self.column_name = _check_name("column", column_name)
-        self.source, self.model, self.dtype, self.schema = source, model, dtype, schema
+        self.source, self.model, self.dtype, self.schema = source, model, dtype, _check_schema(schema)
         self.index = HNSW(m, ef_construction) if m is not None else None
 
     @classmethod
@@ -306,7 +332,8 @@ class CreateEmbeddingOp(MigrateOperation):
 
 @Operations.register_operation("drop_embedding")
 class DropEmbeddingOp(MigrateOperation):
-    """Undo :class:`CreateEmbeddingOp` (:func:`pgsim.remove_embedding`): triggers, queue, index, column."""
+    """Undo :class:`CreateEmbeddingOp` (:func:`pgsim.remove_embedding`): triggers, queue, index, and the
+    column if pgsim added it (``drop_column=False`` keeps it: the table is dropped next, say)."""
 
     def __init__(
         self,
@@ -319,20 +346,22 @@ class DropEmbeddingOp(MigrateOperation):
         dtype: str = "vector",
         m: int | None = 16,
         ef_construction: int = 64,
+        drop_column: bool = True,
     ) -> None:
         self.table_name = _check_name("table", table_name)
         self.column_name = _check_name("column", column_name)
-        self.schema, self.source, self.model, self.dtype = schema, source, model, dtype
-        self.m, self.ef_construction = m, ef_construction
+        self.schema, self.source, self.model, self.dtype = _check_schema(schema), source, model, dtype
+        self.m, self.ef_construction, self.drop_column = m, ef_construction, drop_column
 
     @classmethod
     def drop_embedding(cls, operations: Operations, table_name: str, column_name: str, **kwargs: Any) -> Any:
         return operations.invoke(cls(table_name, column_name, **kwargs))
 
     def offline_statement(self) -> sql.Composed:
-        return sql.SQL("SELECT pgsim.remove_embedding({table}::regclass, {column})").format(
+        return sql.SQL("SELECT pgsim.remove_embedding({table}::regclass, {column}{keep})").format(
             table=sql.Literal(_table_identifier(self.table_name, self.schema).as_string(None)),
             column=sql.Literal(self.column_name),
+            keep=sql.SQL("" if self.drop_column else ", drop_column => false"),
         )
 
     def reverse(self) -> MigrateOperation:
@@ -387,4 +416,4 @@ def _drop_embedding(operations: Operations, operation: DropEmbeddingOp) -> None:
         return
     raw = _psycopg_connection(operations, "drop_embedding")
     table = f"{operation.schema}.{operation.table_name}" if operation.schema else operation.table_name
-    remove_embedding(raw, table, operation.column_name)
+    remove_embedding(raw, table, operation.column_name, drop_column=operation.drop_column)

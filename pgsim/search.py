@@ -372,7 +372,7 @@ PATHS = ("exact", "hnsw")
 
 
 def _statement(
-    target: VectorColumn, condition: sql.Composable, columns: Sequence[str] | None, path: str
+    target: VectorColumn, condition: sql.Composable, columns: Sequence[str] | None, path: str, limit: str = "k"
 ) -> sql.Composed:
     """The search on one path. Exact: ordered by the distance plus zero, an expression no index can serve,
     so no setting is needed to keep the HNSW index out. HNSW: ordered by the indexed operator, and re-sorted
@@ -380,8 +380,9 @@ def _statement(
     query = sql.SQL("%(q)s::halfvec") if target.type_name == "halfvec" else sql.SQL("%(q)s")
     order = sql.SQL("({} <=> {}) + 0" if path == "exact" else "{} <=> {}").format(sql.Identifier(target.column), query)
     nearest = sql.SQL(
-        "SELECT {selected}, {col} <=> {q} AS {distance} FROM {table} WHERE {condition} ORDER BY {order} LIMIT %(k)s"
+        "SELECT {selected}, {col} <=> {q} AS {distance} FROM {table} WHERE {condition} ORDER BY {order} LIMIT {limit}"
     ).format(
+        limit=sql.Placeholder(limit),
         selected=sql.SQL(", ").join(sql.Identifier(c) for c in (columns or target.other_columns)),
         col=sql.Identifier(target.column),
         q=query,

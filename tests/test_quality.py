@@ -14,6 +14,7 @@ from pgsim.diversity import diverse_search, mmr_order
 from pgsim.duplicates import near_duplicates
 from pgsim.encode import Encoder
 from pgsim.errors import InvalidInput
+from pgsim.hybrid import hybrid_search
 from pgsim.labels import label_rows
 from pgsim.psycopg import register
 from pgsim.search import search
@@ -158,3 +159,58 @@ def test_mmr_refuses_lambda_outside_zero_to_one(conn: Any) -> None:
 
 def test_rrf_terms(conn: Any) -> None:
     assert conn.execute("SELECT pgsim.rrf(1), pgsim.rrf(NULL), pgsim.rrf(3, 10)").fetchone() == (1 / 61, 0.0, 1 / 13)
+
+
+@pytest.fixture
+def fulltext(conn: Any) -> Any:
+    conn.execute(
+        "ALTER TABLE packages ADD COLUMN IF NOT EXISTS fts tsvector GENERATED ALWAYS AS "
+        "(to_tsvector('english', coalesce(synopsis, '') || ' ' || coalesce(description, ''))) STORED"
+    )
+    conn.execute("CREATE INDEX IF NOT EXISTS packages_fts ON packages USING gin (fts)")
+    return conn
+
+
+@pytest.mark.parametrize("where", [None, {"section": "libs"}])
+def test_hybrid_search_fuses_the_exact_vector_ranks_and_the_text_ranks(
+    fulltext: Any, packages: list[Package], package_vectors: Any, encoder: Encoder, where: Any
+) -> None:
+    query = "library for parsing XML documents"
+    keep = [i for i, p in enumerate(packages) if where is None or p.section == where["section"]]
+    distances = 1 - package_vectors[keep] @ encoder.encode_query(query)
+    vector_ranks = {packages[keep[i]].package: r for r, i in enumerate(np.argsort(distances, kind="stable")[:20], 1)}
+    text_rows = fulltext.execute(
+        "SELECT package FROM packages, to_tsquery('english', 'librari | pars | xml | document') q "
+        "WHERE fts @@ q AND (%s::text IS NULL OR section = %s) ORDER BY ts_rank_cd(fts, q) DESC, ctid LIMIT 20",
+        [where and where["section"]] * 2,
+    ).fetchall()
+    text_ranks = {name: r for r, (name,) in enumerate(text_rows, 1)}
+    assert len(text_ranks) > 5
+    assert where is not None or set(text_ranks) - set(vector_ranks)  # the text list adds rows
+    fused = {n: 1 / (60 + vector_ranks.get(n, np.inf)) + 1 / (60 + text_ranks.get(n, np.inf))
+             for n in set(vector_ranks) | set(text_ranks)}  # fmt: skip
+    hits = hybrid_search(fulltext, "packages", "embedding", query, k=10, candidates=20, where=where)
+    assert len(hits) == 10
+    assert [h.score for h in hits] == pytest.approx(sorted(fused.values(), reverse=True)[:10])
+    for hit in hits:
+        name = hit.row["package"]
+        assert hit.score == pytest.approx(fused[name])
+        assert (hit.vector_rank, hit.text_rank) == (vector_ranks.get(name), text_ranks.get(name))
+        assert where is None or hit.row["section"] == "libs"
+        assert "embedding" not in hit.row and 0 <= hit.distance <= 2
+
+
+def test_hybrid_search_refuses_bad_input(fulltext: Any) -> None:
+    with pytest.raises(InvalidInput, match="query text is empty"):
+        hybrid_search(fulltext, "packages", "embedding", "  ")
+    with pytest.raises(InvalidInput, match="candidates"):
+        hybrid_search(fulltext, "packages", "embedding", "json", k=10, candidates=5)
+    with pytest.raises(InvalidInput, match="rrf_k"):
+        hybrid_search(fulltext, "packages", "embedding", "json", rrf_k=0)
+    with pytest.raises(InvalidInput, match="no tsvector column 'synopsis'"):
+        hybrid_search(fulltext, "packages", "embedding", "json", text_column="synopsis")
+    with pytest.raises(InvalidInput, match="no text search configuration"):
+        hybrid_search(fulltext, "packages", "embedding", "json", text_config="klingon")
+    fulltext.execute("CREATE TABLE IF NOT EXISTS plain (id int PRIMARY KEY, embedding vector(384))")
+    with pytest.raises(InvalidInput, match="needs a full-text column; plain has no tsvector column"):
+        hybrid_search(fulltext, "plain", "embedding", "json")

@@ -1,0 +1,25 @@
+"""pgsim 0007: search quality functions (rank fusion, MMR, zero-shot labels, near-duplicate groups).
+
+Revision ID: pgsim_0007
+Revises: pgsim_0006
+"""
+
+from pgsim.alembic.branch import upgrade_to
+
+revision = "pgsim_0007"
+down_revision = "pgsim_0006"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    upgrade_to("0007")
+
+
+def downgrade() -> None:
+    from alembic import op
+
+    op.execute(
+        "DROP FUNCTION pgsim.near_duplicates, pgsim.mmr, pgsim.nearest_label, pgsim.rrf; "
+        "DELETE FROM pgsim.migration WHERE name = '0007_quality.sql'"
+    )

@@ -163,6 +163,7 @@ def add_embedding(
     queue_existing: bool = True,
     replaces: int | None = None,
     planned_index: HNSW | None = None,
+    index_name: str | None = None,
 ) -> Registration:
     """Register ``table.column`` as the embedding of ``source`` under ``model``.
 
@@ -171,6 +172,8 @@ def add_embedding(
     The column is added as ``vector(d)`` or ``halfvec(d)`` with the model's dimension ``d``; an existing
     column of that type is adopted. Existing rows are queued for the workers unless ``queue_existing`` is
     false. ``concurrently`` builds the index without blocking writes (needs an autocommit connection).
+    ``index_name`` names the index (default ``<table>_<column>_hnsw``); an HNSW index of that name on the
+    column that exists already is adopted, not built again.
     (``replaces`` and ``planned_index`` are for :func:`change_model`: the index is recorded, built later.)"""
     if dtype not in DTYPES:
         raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
@@ -190,7 +193,7 @@ def add_embedding(
         expression = _source_expression(conn, target, source)
         source_columns = _source_columns(conn, target, expression)
         _check_column(target, column, dtype, dimension, model)
-        index_name = derived_name(target.name, column, suffix="hnsw") if index is not None else None
+        index_name = (index_name or derived_name(target.name, column, suffix="hnsw")) if index is not None else None
         recorded = index or planned_index
         adopt_index = index_name is not None and _relation_exists(conn, target.schema, index_name)
         if adopt_index and not _is_hnsw_index_on(conn, target, index_name, column):  # type: ignore[arg-type]

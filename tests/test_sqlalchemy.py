@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import URL, Engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column, relationship
 from sqlalchemy.schema import CreateIndex, CreateTable
 
 from pgsim.corpus import Package
@@ -52,12 +52,31 @@ class Package_(Base):
     synopsis: Mapped[str] = mapped_column(String)
     description: Mapped[str | None] = mapped_column(String, nullable=True)
     embedding = embedding_column(source=["synopsis", "description"], index=HNSW(m=16, ef_construction=64))
+    tags: Mapped[list[Tag]] = relationship(viewonly=True)
 
 
 class Tag(Base):
     __tablename__ = "orm_tags"
     package: Mapped[str] = mapped_column(ForeignKey("orm_packages.package"), primary_key=True)
     tag: Mapped[str] = mapped_column(String, primary_key=True)
+
+
+class KindBase(DeclarativeBase):
+    pass
+
+
+class Kinded(KindBase):
+    """orm_packages again, with single-table inheritance on its section (for the criteria the ORM adds)."""
+
+    __tablename__ = "orm_packages"
+    package: Mapped[str] = mapped_column(String, primary_key=True)
+    section: Mapped[str] = mapped_column(String)
+    embedding = mapped_column(Embedding(384, "all-MiniLM-L6-v2"))
+    __mapper_args__ = {"polymorphic_on": "section", "polymorphic_identity": "any"}
+
+
+class Libs(Kinded):
+    __mapper_args__ = {"polymorphic_identity": "libs"}
 
 
 def compiled(statement: Any) -> str:
@@ -119,6 +138,9 @@ def test_bad_input_is_refused_before_any_round_trip() -> None:
         Table("plain", MetaData(), Column("e", Embedding(384))).c.e.nearest("text")
     with pytest.raises(ModelNotFound):
         embedding_column(source="body", model="/nonexistent/model")
+    with pytest.raises(InvalidInput, match="dimension=32, but all-MiniLM-L6-v2 makes vectors of 384 dimensions"):
+        embedding_column(source="body", dimension=32)
+    assert embedding_column(source="body", dimension=384, index=None).column.type.dim == 384
     with pytest.raises(InvalidInput, match="sync='worker'"):
         embedding_column(source="title || body")
 
@@ -351,17 +373,115 @@ def test_an_async_engine_creates_the_table_and_the_column_is_registered_after(
         assert conn.execute("SELECT count(*) FROM pgsim.embedding WHERE table_name = 'orm_memos'").fetchone() == (1,)
 
 
-def test_a_limit_given_as_a_parameter_runs_as_written(engine: Engine) -> None:
+QUERY = "tools for parsing text files"
+
+
+def load_rows(session: Session, packages: list[Package], vectors: Any) -> None:
+    """The sample with the vectors the model gave it (nothing encodes), analyzed for knn_plan's estimates."""
+    rows = [
+        {"package": p.package, "section": p.section, "synopsis": p.synopsis, "description": p.description or None,
+         "embedding": vector}
+        for p, vector in zip(packages, vectors, strict=True)
+    ]  # fmt: skip
+    session.execute(insert(Package_), rows)
+    session.commit()
+    session.execute(text("ANALYZE orm_packages"))
+
+
+def index_scans_only(session: Session) -> None:
+    """The planner takes the HNSW index whenever it can, and pgvector's iterative scan gives up after a few
+    dozen tuples (work_mem 64kB): what a large table does to a selective filter, on a small one."""
+    session.execute(text("SET enable_seqscan = off"))
+    session.execute(text("SET work_mem = '64kB'"))
+    session.execute(text("SET hnsw.scan_mem_multiplier = 1"))
+
+
+def test_a_limit_given_as_a_parameter_or_a_fetch_keeps_the_k_rows_contract(
+    engine: Engine, packages: list[Package], package_vectors: Any, encoder: Encoder, caplog: pytest.LogCaptureFixture
+) -> None:
     from sqlalchemy import bindparam
 
+    expected = exact_top_k(encoder.encode_query(QUERY), package_vectors, packages, 10, lambda p: p.section == "games")
     with Session(engine) as session:
         plain = select(Package_.package).limit(bindparam("n"))
         assert session.scalars(plain, {"n": 3}).all() == []
-        nearest = select(Package_.package).order_by(Package_.embedding.nearest("x")).limit(bindparam("n"))
-        assert session.scalars(nearest, {"n": 3}).all() == []
+        load_rows(session, packages, package_vectors)
+        index_scans_only(session)
+        base = select(Package_.package).where(Package_.section == "games").order_by(Package_.embedding.nearest(QUERY))
+        assert len(session.scalars(base.limit(10).order_by(None).order_by(Package_.embedding.op("<=>")(
+            Package_.embedding.type.query_parameter(QUERY)))).all()) < 10  # fmt: skip
+        with caplog.at_level("INFO", logger="pgsim.sqlalchemy.knn"):
+            assert list(session.scalars(base.limit(bindparam("n")), {"n": 10})) == expected
+            assert list(session.scalars(base.fetch(10))) == expected
+            assert (
+                list(session.scalars(base.limit(bindparam("n")).offset(bindparam("o")), {"n": 5, "o": 5}))
+                == (expected[5:])
+            )
+        assert caplog.text.count("exact path") == 2  # the bound LIMITs were planned with their values
 
 
-QUERY = "tools for parsing text files"
+def test_filters_the_orm_adds_itself_are_planned(
+    engine: Engine, packages: list[Package], package_vectors: Any, encoder: Encoder, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sqlalchemy import event
+    from sqlalchemy.orm import ORMExecuteState, with_loader_criteria
+
+    from pgsim.search import Tuning
+
+    query_vector = encoder.encode_query(QUERY)
+    libs = exact_top_k(query_vector, package_vectors, packages, 10, lambda p: p.section == "libs")
+    games = exact_top_k(query_vector, package_vectors, packages, 10, lambda p: p.section == "games")
+    assert sum(p.section == "libs" for p in packages) < len(packages) / 2  # below min_hnsw_selectivity
+    tuning = Tuning(exact_below_rows=0)  # the path rests on the filter's selectivity alone
+
+    def games_only(state: ORMExecuteState) -> None:  # an application's hook, registered after pgsim's
+        if state.is_select:
+            state.statement = state.statement.options(with_loader_criteria(Kinded, Kinded.section == "games"))
+
+    with Session(engine) as session:
+        load_rows(session, packages, package_vectors)
+        with caplog.at_level("INFO", logger="pgsim.sqlalchemy.knn"):
+            sti = select(Libs.package).order_by(Libs.embedding.nearest(QUERY)).limit(10)
+            assert list(session.scalars(sti.execution_options(pgsim_tuning=tuning))) == libs
+            criteria = select(Kinded.package).options(with_loader_criteria(Kinded, Kinded.section == "libs"))
+            nearest = criteria.order_by(Kinded.embedding.nearest(QUERY)).limit(10)
+            assert list(session.scalars(nearest.execution_options(pgsim_tuning=tuning))) == libs
+        assert caplog.text.count("exact path") == 2 and "hnsw path" not in caplog.text
+        caplog.clear()
+        event.listen(session, "do_orm_execute", games_only)
+        with caplog.at_level("INFO", logger="pgsim.sqlalchemy.knn"):
+            unfiltered = select(Kinded.package).order_by(Kinded.embedding.nearest(QUERY)).limit(10)
+            assert list(session.scalars(unfiltered.execution_options(pgsim_tuning=tuning))) == games
+        assert "1 conditions, 0 were planned; exact scan instead" in caplog.text
+
+
+def test_a_joined_eager_collection_does_not_count_as_rows(
+    engine: Engine, packages: list[Package], package_vectors: Any, encoder: Encoder, caplog: pytest.LogCaptureFixture
+) -> None:
+    from sqlalchemy.orm import joinedload
+
+    from pgsim.search import Tuning
+
+    sound = [p for p in packages if p.section == "sound"]
+    assert len(sound) < 10  # the hnsw path returns fewer than k objects: the fallback must run
+    expected = exact_top_k(encoder.encode_query(QUERY), package_vectors, packages, 10, lambda p: p.section == "sound")
+    with Session(engine) as session:
+        load_rows(session, packages, package_vectors)
+        session.add_all(Tag(package=p.package, tag=f"t{n}") for p in sound for n in range(4))  # 4 joined rows each
+        session.commit()
+        statement = (
+            select(Package_)
+            .where(Package_.section == "sound")
+            .order_by(Package_.embedding.nearest(QUERY))
+            .limit(10)
+            .options(joinedload(Package_.tags))
+            .execution_options(pgsim_tuning=Tuning(exact_below_rows=0, min_hnsw_selectivity=0.001))
+        )
+        with caplog.at_level("INFO", logger="pgsim.sqlalchemy.knn"):
+            found = session.scalars(statement).unique().all()
+        assert f"hnsw path gave {len(sound)} of 10 rows; exact scan instead" in caplog.text
+        assert [p.package for p in found] == expected
+        assert all(len(p.tags) == 4 for p in found)
 
 
 def test_joins_aliases_and_query_text_in_the_filter_take_the_exact_path(
@@ -613,3 +733,180 @@ def test_flush_specs_do_not_keep_dropped_mappers_alive() -> None:
     mapper = declare()
     gc.collect()
     assert mapper() is None
+
+
+def test_merge_and_an_explicit_none_encode_and_an_unchanged_source_does_not(
+    engine: Engine, encoder: Encoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = encoder_for("all-MiniLM-L6-v2")
+    calls: list[list[str]] = []
+    real_encode = model.encode
+    monkeypatch.setattr(model, "encode", lambda texts, **kw: calls.append(list(texts)) or real_encode(texts, **kw))
+
+    def stored(session: Session, package: str) -> Any:
+        return session.scalar(select(Package_.embedding).where(Package_.package == package))
+
+    def encoded(words: str) -> Any:
+        return np.asarray(encoder.encode([words])[0])
+
+    with Session(engine) as session:
+        session.add(Package_(package="a", section="s", synopsis="a json parser", embedding=None))  # Doc(**payload)
+        session.add(Package_(package="b", section="s", synopsis="a chess engine"))
+        session.commit()
+        assert float(np.abs(np.asarray(stored(session, "a")) - encoded("a json parser")).max()) < 1e-5
+        detached = session.get(Package_, "b")
+        session.expunge(detached)  # type: ignore[arg-type]
+    detached.synopsis = "an image decoding library"  # type: ignore[union-attr]
+    with Session(engine) as session:
+        session.merge(detached)  # copies the loaded embedding back too: not an assignment
+        session.commit()
+        assert float(np.abs(np.asarray(stored(session, "b")) - encoded("an image decoding library")).max()) < 1e-5
+        calls.clear()
+        again = session.get(Package_, "b")
+        session.commit()  # expires it
+        again.synopsis = "an image decoding library"  # type: ignore[union-attr]  # the value it has
+        session.commit()
+        assert calls == []
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT count(*) FROM pgsim.queue")).scalar() == 0
+
+
+def test_a_declared_hnsw_index_is_the_one_registered(database: str) -> None:
+    class IndexBase(DeclarativeBase):
+        pass
+
+    class Custom(IndexBase):
+        __tablename__ = "idx_custom"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        body: Mapped[str]
+        embedding = embedding_column(source="body")
+        __table_args__ = (hnsw_index(embedding, name="idx_custom_graph", m=32, ef_construction=128),)
+
+    class Named(IndexBase):
+        __tablename__ = "idx_named"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        body: Mapped[str]
+        embedding = embedding_column(source="body")
+        __table_args__ = (hnsw_index("embedding", m=32, ef_construction=128),)
+
+    class Bare(IndexBase):
+        __tablename__ = "idx_bare"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        body: Mapped[str]
+        embedding = embedding_column(source="body", index=None)
+        __table_args__ = (hnsw_index("embedding", m=24, ef_construction=100),)
+
+    sync_engine = create_engine(sqlalchemy_url(database))
+    try:
+        IndexBase.metadata.drop_all(sync_engine)
+        IndexBase.metadata.create_all(sync_engine)
+        with sync_engine.connect() as conn:
+            indexes = conn.execute(
+                text(
+                    "SELECT tablename, indexname FROM pg_indexes WHERE tablename LIKE 'idx\\_%' AND indexdef LIKE "
+                    "'%USING hnsw%' ORDER BY 1, 2"
+                )  # fmt: skip
+            ).all()
+            registered = conn.execute(
+                text(
+                    "SELECT table_name, index_name, index_m, index_ef_construction FROM pgsim.embedding "
+                    "WHERE table_name LIKE 'idx\\_%' ORDER BY 1"
+                )  # fmt: skip
+            ).all()
+        assert indexes == [
+            ("idx_bare", "idx_bare_embedding_hnsw"),
+            ("idx_custom", "idx_custom_graph"),
+            ("idx_named", "idx_named_embedding_hnsw"),
+        ]
+        assert registered == [
+            ("idx_bare", "idx_bare_embedding_hnsw", 24, 100),
+            ("idx_custom", "idx_custom_graph", 32, 128),
+            ("idx_named", "idx_named_embedding_hnsw", 32, 128),
+        ]
+    finally:
+        IndexBase.metadata.drop_all(sync_engine)
+        sync_engine.dispose()
+
+
+def test_a_lost_connection_or_a_cancel_surfaces_as_itself(
+    database: str, engine: Engine, packages: list[Package], package_vectors: Any
+) -> None:
+    from sqlalchemy.exc import OperationalError
+    from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
+
+    from pgsim.search import Tuning
+
+    hnsw = Tuning(exact_below_rows=0)
+    nearest = Package_.embedding.nearest(QUERY)
+    with Session(engine) as session:
+        load_rows(session, packages, package_vectors)
+        killed = select(Package_.package, func.pg_terminate_backend(func.pg_backend_pid()))
+        with pytest.raises(OperationalError, match="terminat"):
+            session.execute(killed.order_by(nearest).limit(10).execution_options(pgsim_tuning=hnsw)).all()
+
+    async def cancelled(isolation_level: str) -> None:
+        async_engine = create_async_engine(sqlalchemy_url(database), isolation_level=isolation_level)
+        try:
+            async with AsyncSession(async_engine) as session:
+                slow = select(Package_.package, func.pg_sleep(0.2)).order_by(nearest).limit(10)
+                with pytest.raises(TimeoutError):
+                    await asyncio.wait_for(session.execute(slow.execution_options(pgsim_tuning=hnsw)), 0.5)
+        finally:
+            await async_engine.dispose()
+
+    for isolation_level in ("READ COMMITTED", "AUTOCOMMIT"):
+        asyncio.run(cancelled(isolation_level))
+
+
+def test_a_percent_in_the_filter_is_planned_as_written_and_limit_0_returns_nothing(
+    engine: Engine, packages: list[Package], package_vectors: Any, encoder: Encoder, caplog: pytest.LogCaptureFixture
+) -> None:
+    import warnings
+
+    from pgsim.search import Tuning
+
+    even = func.length(Package_.package) % 2 == 0
+    expected = exact_top_k(
+        encoder.encode_query(QUERY), package_vectors, packages, 10, lambda p: len(p.package) % 2 == 0
+    )
+    statement = (
+        select(Package_.package)
+        .where(even)
+        .order_by(Package_.embedding.nearest(QUERY))
+        .execution_options(pgsim_tuning=Tuning(exact_below_rows=0, min_hnsw_selectivity=0.001))
+    )
+    with Session(engine) as session, warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "run `pgsim install`"
+        load_rows(session, packages, package_vectors)
+        with caplog.at_level("INFO", logger="pgsim.sqlalchemy.knn"):
+            found = list(session.scalars(statement.limit(10)))
+            assert session.scalars(statement.limit(0)).all() == []
+        assert "hnsw path" in caplog.text and "could not plan" not in caplog.text
+        assert len(found) == 10 and len(set(found) & set(expected)) >= 9
+    from pgsim.sqlalchemy.knn import _literal_sql  # what knn_plan is given: a percent sign is one
+
+    assert _literal_sql(Package_.section != "50%", DIALECT) == "orm_packages.section != '50%'"
+
+
+def test_a_flush_source_outside_the_embeddings_table_is_a_clear_error() -> None:
+    class JoinedBase(DeclarativeBase):
+        pass
+
+    class Entry(JoinedBase):
+        __tablename__ = "orm_entries"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        kind: Mapped[str]
+        title: Mapped[str]
+        __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "entry"}
+
+    class Article(Entry):
+        __tablename__ = "orm_articles"
+        id: Mapped[int] = mapped_column(ForeignKey("orm_entries.id"), primary_key=True)
+        embedding = embedding_column(source="title", index=None)
+        __mapper_args__ = {"polymorphic_identity": "article"}
+
+    with pytest.raises(
+        InvalidInput, match="'title' of orm_articles.embedding is not in orm_articles .it is in orm_entries"
+    ):
+        JoinedBase.registry.configure()
+    assert Article.__tablename__ == "orm_articles"

@@ -87,12 +87,34 @@ def embedding_column(
             "or name the columns that hold the text."
         )
     spec = EmbeddingSpec(names[0] if expression else names, model, dtype, index, sync)
+    if dimension is not None:
+        known = _local_model_dimension(model)
+        if known is not None and known != dimension:
+            raise InvalidInput(
+                f"dimension={dimension}, but {model} makes vectors of {known} dimensions: leave dimension out "
+                "(it is read from the model), or name the model that makes them."
+            )
     size = dimension or model_dimension(model)  # an unknown model fails here, when the class is defined
     kind = Embedding if dtype == "vector" else HalfEmbedding
     mapped = mapped_column(kind(size, model), nullable=True, info={"pgsim": spec})
     event.listen(mapped.column, "after_parent_attach", _attached)
     _install_hooks()
     return mapped
+
+
+def _local_model_dimension(model: str) -> int | None:
+    """The dimension of ``model`` if its files are on this machine (nothing downloads or loads), else None."""
+    from pathlib import Path
+
+    from pgsim.encode import _cached_snapshot, resolve_model
+
+    try:
+        if not (Path(resolve_model(model)).is_dir() or _cached_snapshot(model)):
+            return None
+        return model_dimension(model)
+    except Exception:  # an unknown or broken model: the dimension given is all there is
+        log.debug("could not read the dimension of %s", model, exc_info=True)
+        return None
 
 
 def hnsw_index(
@@ -157,8 +179,26 @@ def register_embeddings(connection: Any, tables: Sequence[Table]) -> None:
     for table, column, spec in pending:
         name = f"{table.schema or _search_schema(raw)}.{table.name}"
         if get_registration(raw, name, column.name) is None:
+            index_name, index = _declared_hnsw(table, column)
             add_embedding(raw, name, column.name, source=spec.source_sql, model=spec.model, dtype=spec.dtype,
-                          index=spec.index, queue_existing=spec.sync == "worker")  # fmt: skip
+                          index=index, index_name=index_name, queue_existing=spec.sync == "worker")  # fmt: skip
+
+
+def _declared_hnsw(table: Table, column: Column[Any]) -> tuple[str | None, HNSW | None]:
+    """The name and parameters of the HNSW index ``table`` declares on ``column`` (``embedding_column``'s
+    own, or one from ``hnsw_index``/``Index(..., postgresql_using="hnsw")``), or (None, None)."""
+    for index in sorted(table.indexes, key=lambda index: str(index.name)):
+        options = index.dialect_options["postgresql"]
+        if options["using"] != "hnsw" or list(index.columns) != [column] or index.name is None:
+            continue
+        hnsw = index.info.get(HNSW_INFO)
+        if not isinstance(hnsw, HNSW):
+            given = options["with"] or {}
+            hnsw = HNSW(
+                int(given.get("m", DEFAULT_HNSW.m)), int(given.get("ef_construction", DEFAULT_HNSW.ef_construction))
+            )
+        return str(index.name), hnsw
+    return None, None
 
 
 def register_embeddings_sync(url: str, metadata: Any) -> None:
@@ -272,9 +312,29 @@ def _read_flush_specs(mapper: Mapper[Any]) -> list[tuple[str, EmbeddingSpec, lis
             continue
         table = prop.columns[0].table
         assert table is not None
-        sources = [mapper.get_property_by_column(table.c[name]).key for name in spec.source]
+        sources = []
+        for name in spec.source:
+            if name not in table.c:
+                elsewhere = [str(getattr(other, "name", other)) for other in mapper.tables if name in other.c]
+                where = f" (it is in {', '.join(elsewhere)}, a table of another class of the hierarchy)"
+                owner = str(getattr(table, "name", table))
+                raise InvalidInput(
+                    f"The source column {name!r} of {owner}.{prop.columns[0].name} is not in {owner}"
+                    f"{where if elsewhere else ''}: the source must be columns of the embedding's own table, which "
+                    "the database's triggers read too. Add the text column to that table."
+                )
+            sources.append(mapper.get_property_by_column(table.c[name]).key)
         found.append((prop.key, spec, sources))
     return found
+
+
+def _assigned(history: Any, column_type: Any) -> bool:
+    """Whether the application gave the embedding a vector of its own: a value, not None, that differs
+    from the one stored (``merge()`` copies the stored vector back, which is not an assignment)."""
+    added = [value for value in history.added if value is not None]
+    if not added:
+        return False
+    return not any(column_type.compare_values(added[-1], stored) for stored in history.deleted)
 
 
 def encode_on_flush(session: Session, flush_context: Any, instances: Any) -> None:
@@ -286,7 +346,7 @@ def encode_on_flush(session: Session, flush_context: Any, instances: Any) -> Non
     for obj in [*session.new, *session.dirty]:
         state = inspect(obj)
         for key, spec, sources in _flush_specs(state.mapper):
-            if state.attrs[key].history.added:
+            if _assigned(state.attrs[key].history, state.mapper.columns[key].type):
                 continue
             if state.key is not None and not any(state.attrs[name].history.has_changes() for name in sources):
                 continue
@@ -346,6 +406,17 @@ def _check_assignments(mapper: Mapper[Any], class_: type) -> None:
         column_type = prop.columns[0].type
         if isinstance(column_type, (Embedding, HalfEmbedding)):
             event.listen(getattr(class_, prop.key), "set", _checker(column_type.dim), retval=True)
+    # a source set to the value it has (after a commit expired it, say) is no change: load the old value
+    # when it is set, so that the history compares the two
+    for _, _, sources in _flush_specs(mapper):
+        for name in sources:
+            attribute = getattr(class_, name)
+            if not attribute.impl.active_history:
+                event.listen(attribute, "set", _unchanged, retval=True, active_history=True)
+
+
+def _unchanged(target: Any, value: Any, oldvalue: Any, initiator: Any) -> Any:
+    return value
 
 
 def _checker(dimension: int | None) -> Any:

@@ -5,24 +5,34 @@ that a ``do_orm_execute`` hook asks ``pgsim.knn_plan`` (sql/0002) which path the
 - exact: the same statement ordered by ``distance + 0``, which no index serves, so the filter runs first;
 - hnsw: the statement under pgvector's iterative scan (strict order) with ``ef_search`` and
   ``max_scan_tuples`` sized for the filter, set with ``set_config`` just before it and set back just after
-  it (in a ``finally``), so no other statement of the session sees them; in a transaction they are local
-  to it besides. If the hnsw path still returns fewer than k rows, the exact statement runs.
-A statement that reads other tables (joins, aliases, joined inheritance, subqueries), a filter that does
-not compile to literal SQL, and a database without pgsim's schema (a warning says so) take the exact
-path; the plan runs in a savepoint, so its failure never aborts the caller's transaction. The thresholds
-are pgsim.search's; ``.execution_options(pgsim_tuning=Tuning(...))`` changes them per query.
+  it, so no other statement of the session sees them; in a transaction they are local to it besides.
+  If the hnsw path still returns fewer than k rows (ORM objects counted once, however many rows a joined
+  eager load gave them), or ran with more conditions than were planned (a ``do_orm_execute`` hook after
+  pgsim's added some), the exact statement runs.
+The filter planned is the WHERE clause the ORM compiles: with the criteria it adds itself (single-table
+inheritance, ``with_loader_criteria``). A LIMIT given as a bound parameter is planned with its value;
+FETCH, or a LIMIT/OFFSET that is an expression, takes the exact path. A statement that reads other
+tables (joins, aliases, joined inheritance, subqueries), a filter that does not compile to literal SQL,
+and a database without pgsim's schema (a warning says so) take the exact path too; the plan runs in a
+savepoint, so its failure never aborts the caller's transaction. The thresholds are pgsim.search's;
+``.execution_options(pgsim_tuning=Tuning(...))`` changes them per query. Only ORM execution (a Session)
+runs this hook: Core's ``Connection.execute`` runs the statement as written.
 """
 
 from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Mapping
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Float, Select, Table, literal, text
+from sqlalchemy import Float, Select, Table, and_, inspect, literal, text
 from sqlalchemy.exc import CompileError, DBAPIError
 from sqlalchemy.orm import ORMExecuteState
+from sqlalchemy.orm.util import LoaderCriteriaOption
+from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.util import find_tables
 
 from pgsim.errors import InvalidInput
@@ -58,47 +68,96 @@ def filtered_knn(state: ORMExecuteState) -> Any:
         return None
     order = list(statement._order_by_clauses)
     nearest = next((term for term in order if NEAREST in getattr(term, "_annotations", {})), None)
-    if nearest is None:
-        return None
-    try:
-        limit = statement._limit
-    except CompileError:  # a LIMIT given as a parameter: nothing to plan for, run as written
-        return None
-    if not isinstance(limit, int):
-        return None
+    if nearest is None or statement._limit_clause is None and statement._fetch_clause is None:
+        return None  # no k to keep
     # no index can order by distance + 0: the filter runs first, then the distances of the rows that pass
     exact = statement.order_by(None).order_by(
         *[term + literal(0, Float) if term is nearest else term for term in order]
     )
+    if statement._fetch_clause is not None:  # FETCH FIRST (maybe PERCENT or WITH TIES): no k to plan for
+        return state.invoke_statement(statement=exact)
+    parameters = state.parameters if isinstance(state.parameters, Mapping) else {}
+    limit = _bound_int(statement._limit_clause, parameters)
+    offset = 0 if statement._offset_clause is None else _bound_int(statement._offset_clause, parameters)
+    if limit is None or offset is None:  # not a number known here (an expression, say): plan nothing
+        return state.invoke_statement(statement=exact)
+    if limit <= 0:
+        return None  # LIMIT 0 returns no row on any path (a negative one is the server's error to give)
     column = nearest._annotations[NEAREST]
     connection = state.session.connection(bind_arguments=state.bind_arguments)
     tuning = state.execution_options.get("pgsim_tuning", DEFAULT_TUNING)
-    try:
-        offset = statement._offset
-    except CompileError:
-        return state.invoke_statement(statement=exact)  # an OFFSET given as a parameter: plan nothing
-    if offset is not None and not isinstance(offset, int):
-        return state.invoke_statement(statement=exact)  # an OFFSET given as a parameter: plan nothing
-    chosen = _plan(connection, column, limit + (offset or 0), statement, tuning)  # the scan must reach them all
-    log.info("k-NN on %s: %s path", column, chosen[0] if chosen else "exact (filter not plannable)")
-    if chosen is None or chosen[0] == "exact":
+    plan = _plan(connection, column, limit + max(offset, 0), statement, tuning)  # the scan must reach them all
+    log.info("k-NN on %s: %s path", column, plan.path if plan else "exact (filter not plannable)")
+    if plan is None or plan.path == "exact":
         return state.invoke_statement(statement=exact)
-    _, ef_search, max_scan_tuples = chosen
     local = local_transaction(connection)  # else set, and set back, for the session
-    swap = {"ef_search": str(ef_search), "max_scan_tuples": str(max_scan_tuples), "local": local}
+    swap = {"ef_search": str(plan.ef_search), "max_scan_tuples": str(plan.max_scan_tuples), "local": local}
     saved = connection.execute(SWAP, swap).one()
     restore = {key: value or DEFAULTS[key] for key, value in zip(DEFAULTS, saved[:3], strict=True)}
     try:
-        frozen = state.invoke_statement().freeze()
-    finally:
-        # after an error (or a cancel) the transaction's rollback takes local settings with it, and a
-        # connection still busy with the query takes no more statements
-        if _idle(connection):
-            connection.execute(RESTORE, {**restore, "local": local})
-    if len(frozen.data) < limit:
-        log.info("hnsw path gave %d of %d rows; exact scan instead", len(frozen.data), limit)
+        result = state.invoke_statement()
+        criteria = _executed_criteria(result)
+        frozen = result.freeze()
+    except BaseException as exc:
+        # after an error the transaction's rollback takes local settings with it; a lost connection, or a
+        # cancel (KeyboardInterrupt, asyncio's CancelledError) that may leave it busy, takes no statement:
+        # the caller sees the original exception in every case
+        if isinstance(exc, Exception):
+            _restore(connection, restore, local, quiet=True)
+        raise
+    _restore(connection, restore, local, quiet=False)
+    if criteria is not None and criteria != plan.criteria:
+        # a do_orm_execute hook that ran after pgsim's added conditions knn_plan did not see
+        log.info("the statement run had %d conditions, %d were planned; exact scan instead", criteria, plan.criteria)
+        return state.invoke_statement(statement=exact)
+    found = _count(frozen)
+    if found < limit:
+        log.info("hnsw path gave %d of %d rows; exact scan instead", found, limit)
         return state.invoke_statement(statement=exact)
     return frozen()
+
+
+@dataclass(frozen=True)
+class _Plan:
+    path: str
+    ef_search: int
+    max_scan_tuples: int
+    criteria: int  # how many WHERE conditions the compiled statement had (the ORM's own included)
+
+
+def _bound_int(clause: Any, parameters: Mapping[str, Any]) -> int | None:
+    """The integer a LIMIT/OFFSET clause stands for: a literal, or a bound parameter given a value in
+    ``parameters``; None when it is not known before the statement runs."""
+    if not isinstance(clause, BindParameter):
+        return None
+    if clause.key in parameters:
+        value = parameters[clause.key]
+    elif clause.callable is not None:
+        value = clause.callable()
+    else:
+        value = clause.value
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _count(frozen: Any) -> int:
+    """Rows of a frozen result, counting an ORM object once however many rows it took (a joined eager
+    load of a collection repeats it)."""
+    rows = [(row,) for row in frozen.data] if frozen._source_supports_scalars else [tuple(row) for row in frozen.data]
+    if not any(hasattr(value, "_sa_instance_state") for row in rows[:1] for value in row):
+        return len(rows)
+    return len({tuple(id(value) for value in row if hasattr(value, "_sa_instance_state")) for row in rows})
+
+
+def _restore(connection: Any, restore: dict[str, str], local: bool, *, quiet: bool) -> None:
+    """Set pgvector's settings back, if the connection can take a statement. ``quiet``: an exception is
+    on its way already, so a failure here is logged, not raised."""
+    try:
+        if not connection.invalidated and _idle(connection):
+            connection.execute(RESTORE, {**restore, "local": local})
+    except Exception:
+        if not quiet:
+            raise
+        log.debug("could not set pgvector's settings back after a failed k-NN query", exc_info=True)
 
 
 def _idle(connection: Any) -> bool:
@@ -117,21 +176,63 @@ def _tables(element: Any) -> set[Any]:
     return {table._deannotate() for table in found}
 
 
-def _plan(connection: Any, column: Any, k: int, statement: Select[Any], tuning: Tuning) -> tuple[str, int, int] | None:
-    """(path, ef_search, max_scan_tuples) from pgsim.knn_plan, or None when the filter cannot be planned."""
+def _where_criteria(statement: Select[Any], dialect: Any) -> tuple[Any, ...] | None:
+    """The WHERE conditions of ``statement`` as the ORM compiles it: the user's, with the criteria the ORM
+    adds itself (single-table inheritance, ``with_loader_criteria``). None if they cannot be read."""
+    try:
+        compile_state = statement.compile(dialect=dialect).compile_state
+        criteria = getattr(compile_state, "_where_criteria", None)
+    except Exception:  # e.g. an ORM construct this version compiles differently
+        log.debug("could not compile %s to read its WHERE criteria", statement, exc_info=True)
+        return None
+    return tuple(criteria) if criteria is not None else None
+
+
+def _executed_criteria(result: Any) -> int | None:
+    """How many WHERE conditions the statement ``result`` comes from had, or None if that is unknown."""
+    compiled = getattr(getattr(getattr(result, "raw", None), "context", None), "compiled", None)
+    criteria = getattr(getattr(compiled, "compile_state", None), "_where_criteria", None)
+    return len(criteria) if criteria is not None else None
+
+
+def _orm_adds_criteria(statement: Select[Any]) -> bool:
+    """Whether the ORM may add WHERE criteria of its own: loader criteria, a single-table-inheritance entity."""
+    if any(isinstance(option, LoaderCriteriaOption) for option in statement._with_options):
+        return True
+    for description in statement.column_descriptions:
+        entity = description.get("entity")
+        mapper = getattr(inspect(entity, raiseerr=False), "mapper", None) if entity is not None else None
+        if mapper is not None and mapper._single_table_criterion is not None:
+            return True
+    return False
+
+
+def _literal_sql(condition: Any, dialect: Any) -> str:
+    """``condition`` as literal SQL, as the server sees it: with a paramstyle that does not double ``%``."""
+    literal_dialect = _LITERAL_DIALECTS.get(type(dialect))
+    if literal_dialect is None:
+        literal_dialect = _LITERAL_DIALECTS[type(dialect)] = type(dialect)(paramstyle="named")
+    return str(condition.compile(dialect=literal_dialect, compile_kwargs={"literal_binds": True}))
+
+
+_LITERAL_DIALECTS: dict[type, Any] = {}
+
+
+def _plan(connection: Any, column: Any, k: int, statement: Select[Any], tuning: Tuning) -> _Plan | None:
+    """The path pgsim.knn_plan picks (with its settings), or None when the filter cannot be planned."""
     table = getattr(column, "table", None)
     table = table._deannotate() if table is not None else None
     # knn_plan estimates the filter on the column's table alone: joins, aliases, inheritance and subqueries
     # that read other tables are not plannable
     if not isinstance(table, Table) or _tables(statement) != {table}:
         return None
-    where = statement.whereclause
+    criteria = _where_criteria(statement, connection.dialect)
+    if criteria is None:
+        if _orm_adds_criteria(statement):
+            return None  # conditions the plan would not see
+        criteria = tuple(statement._where_criteria)
     try:
-        condition = (
-            None
-            if where is None
-            else str(where.compile(dialect=connection.dialect, compile_kwargs={"literal_binds": True}))
-        )
+        condition = _literal_sql(and_(*criteria), connection.dialect) if criteria else None
     except (CompileError, ValueError, TypeError, InvalidInput):  # e.g. a bound query text, a custom type
         return None
     parameters = {
@@ -146,15 +247,32 @@ def _plan(connection: Any, column: Any, k: int, statement: Select[Any], tuning: 
     try:
         with nullcontext() if not local_transaction(connection) else connection.begin_nested():
             row = connection.execute(PLAN, parameters).one()
-    except DBAPIError as exc:  # e.g. pgsim's schema missing (tables made by Alembic or an async engine)
-        warnings.warn(
-            f"pgsim.knn_plan failed ({type(exc.orig).__name__}), so k-NN queries on {table.name} scan exactly: "
-            "run `pgsim install` (or create_all on a psycopg engine) for index-served filtered search.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    except DBAPIError as exc:
+        if _missing_knn_plan(exc.orig):  # pgsim's schema missing (tables made by Alembic or an async engine)
+            warnings.warn(
+                f"pgsim.knn_plan failed ({type(exc.orig).__name__}), so k-NN queries on {table.name} scan exactly: "
+                "run `pgsim install` (or create_all on a psycopg engine) for index-served filtered search.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        else:
+            reason = (str(exc.orig).strip() or type(exc.orig).__name__).splitlines()[0]
+            log.warning("pgsim.knn_plan could not plan the filter %r (%s): this query scans exactly", condition, reason)
         return None
-    return str(row[0]), row[1], row[2]
+    return _Plan(str(row[0]), row[1], row[2], len(criteria))
+
+
+def _missing_knn_plan(error: Any) -> bool:
+    """Whether ``error`` says pgsim.knn_plan itself (or the schema it lives in) is missing or out of date,
+    not that something failed inside it (a filter, say)."""
+    from psycopg import errors
+
+    if not isinstance(error, (errors.UndefinedFunction, errors.UndefinedTable, errors.InvalidSchemaName)):
+        return False
+    diag = getattr(error, "diag", None)
+    if getattr(diag, "context", None):  # raised while knn_plan ran: its EXECUTE of the filter, say
+        return False
+    return "pgsim" in (getattr(diag, "message_primary", None) or str(error))
 
 
 def local_transaction(connection: Any) -> bool:

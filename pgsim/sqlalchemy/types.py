@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 from pgvector.sqlalchemy import HALFVEC, VECTOR
 from sqlalchemy import Float, literal
 from sqlalchemy.sql import ColumnElement
@@ -63,6 +64,16 @@ class _EmbeddingMixin:
             return BindParameter(None, query, type_=QueryText(self.dim, self.model), unique=True)
         return BindParameter(None, check_vector(query, self.dim), type_=self, unique=True)  # type: ignore[arg-type]
 
+    def compare_values(self, x: Any, y: Any) -> bool:
+        """Equal vectors, whatever holds them (numpy arrays, lists, pgvector's HalfVector): the ORM's
+        change tracking compares with this, and ``==`` on arrays is no answer."""
+        if x is None or y is None:
+            return x is y
+        try:
+            return bool(np.array_equal(_as_array(x), _as_array(y)))
+        except (TypeError, ValueError):
+            return bool(x == y)
+
     def bind_processor(self, dialect: Any) -> Any:
         parent = super().bind_processor(dialect)  # type: ignore[misc]
         dimension = self.dim
@@ -78,6 +89,11 @@ class _EmbeddingMixin:
             return parent(check_vector(value, dimension))
 
         return process
+
+
+def _as_array(value: Any) -> Any:
+    to_numpy = getattr(value, "to_numpy", None)  # pgvector's Vector/HalfVector
+    return np.asarray(to_numpy() if callable(to_numpy) else value, dtype=np.float32)  # as stored, as checked
 
 
 class Embedding(_EmbeddingMixin, VECTOR):

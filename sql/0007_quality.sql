@@ -164,3 +164,60 @@ END
 $$;
 COMMENT ON FUNCTION pgsim.near_duplicates(regclass, name, double precision, integer) IS
     'Groups of near-duplicate rows: HNSW k-NN self-join at a cosine threshold, then connected components.';
+
+-- Calibrated relevance: a sample of each searched column's vectors, against which a query's similarities are
+-- put in proportion. A raw cosine means different things for different queries (a generic query is close
+-- to everything); the number of standard deviations above the query's mean similarity to the corpus means
+-- the same for all of them, so one threshold serves every query.
+CREATE TABLE pgsim.score_sample (
+    table_schema name NOT NULL,
+    table_name name NOT NULL,
+    column_name name NOT NULL,
+    embedding vector NOT NULL
+);
+CREATE INDEX score_sample_column ON pgsim.score_sample (table_schema, table_name, column_name);
+COMMENT ON TABLE pgsim.score_sample IS
+    'Random vectors of a searched column (pgsim.sample_scores), the background of calibrated relevance.';
+
+-- Replace the stored sample of target.column_name with up to sample_size random non-NULL vectors.
+CREATE FUNCTION pgsim.sample_scores(target regclass, column_name name, sample_size integer DEFAULT 1000)
+RETURNS integer
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    schema_name name;
+    relation_name name;
+    stored integer;
+BEGIN
+    IF sample_size IS NULL OR sample_size < 30 OR sample_size > 100000 THEN
+        RAISE EXCEPTION 'sample_size must be between 30 and 100000; got %', sample_size
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT n.nspname, c.relname INTO STRICT schema_name, relation_name
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = target;
+    DELETE FROM pgsim.score_sample s
+    WHERE (s.table_schema, s.table_name, s.column_name) = (schema_name, relation_name, sample_scores.column_name);
+    EXECUTE format(
+        'INSERT INTO pgsim.score_sample SELECT %L, %L, %L, %I::vector FROM %s WHERE %I IS NOT NULL '
+        'ORDER BY random() LIMIT %s',
+        schema_name, relation_name, column_name, column_name, target, column_name, sample_size
+    );
+    GET DIAGNOSTICS stored = ROW_COUNT;
+    RETURN stored;
+END
+$$;
+COMMENT ON FUNCTION pgsim.sample_scores(regclass, name, integer) IS
+    'Store a random sample of a vector column for calibrated relevance; returns how many vectors it kept.';
+
+-- The mean and standard deviation of `query`'s cosine similarity to the stored sample of target.column_name
+-- (NULLs when there is no sample).
+CREATE FUNCTION pgsim.score_background(target regclass, column_name name, query vector,
+                                       OUT mean double precision, OUT stddev double precision, OUT sampled bigint)
+LANGUAGE sql STABLE PARALLEL SAFE
+RETURN (
+    SELECT ROW(avg(1 - (s.embedding <=> query)), stddev_pop(1 - (s.embedding <=> query)), count(*))
+    FROM pgsim.score_sample s JOIN pg_class c ON c.oid = target JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE (s.table_schema, s.table_name, s.column_name) = (n.nspname, c.relname, score_background.column_name)
+);
+COMMENT ON FUNCTION pgsim.score_background(regclass, name, vector) IS
+    'A query''s mean and standard deviation of similarity to the stored sample: the calibration of its scores.';

@@ -17,6 +17,7 @@ from pgsim.errors import InvalidInput
 from pgsim.hybrid import hybrid_search
 from pgsim.labels import label_rows
 from pgsim.psycopg import register
+from pgsim.relevance import calibrate, relevant_search
 from pgsim.search import search
 
 pytestmark = pytest.mark.usefixtures("db")
@@ -214,3 +215,42 @@ def test_hybrid_search_refuses_bad_input(fulltext: Any) -> None:
     fulltext.execute("CREATE TABLE IF NOT EXISTS plain (id int PRIMARY KEY, embedding vector(384))")
     with pytest.raises(InvalidInput, match="needs a full-text column; plain has no tsvector column"):
         hybrid_search(fulltext, "plain", "embedding", "json")
+
+
+def test_calibrated_scores_put_each_querys_similarities_against_the_columns_sample(
+    conn: Any, packages: list[Package], encoder: Encoder
+) -> None:
+    assert calibrate(conn, "packages", "embedding", sample=200) == 200
+    sample = np.stack(
+        [
+            v.to_numpy()
+            for (v,) in conn.execute("SELECT embedding FROM pgsim.score_sample WHERE table_name = 'packages'")
+        ]
+    )
+    assert sample.shape == (200, 384)
+    query = packages[7].synopsis
+    background = sample @ encoder.encode_query(query)
+    hits = relevant_search(conn, "packages", "embedding", query, k=5, min_score=-10)
+    assert len(hits) == 5 and hits[0].row["package"] == packages[7].package
+    for hit in hits:
+        expected = (1 - hit.distance - background.mean()) / background.std()
+        assert hit.score == pytest.approx(expected, rel=1e-4)
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    cut = (hits[1].score + hits[2].score) / 2
+    assert [h.row["package"] for h in relevant_search(conn, "packages", "embedding", query, k=5, min_score=cut)] == [
+        h.row["package"] for h in hits[:2]
+    ]
+    assert relevant_search(conn, "packages", "embedding", query, k=5, min_score=hits[0].score + 0.01) == []
+
+
+def test_calibrated_search_draws_its_sample_on_first_use_and_refuses_bad_input(conn: Any) -> None:
+    conn.execute("DELETE FROM pgsim.score_sample")
+    assert relevant_search(conn, "packages", "embedding", "a JSON parser", min_score=0)
+    assert conn.execute("SELECT count(*) FROM pgsim.score_sample").fetchone() == (400,)  # all 400 < 1000
+    for bad in (float("nan"), 51, True, "5"):
+        with pytest.raises(InvalidInput, match="min_score"):
+            relevant_search(conn, "packages", "embedding", "json", min_score=bad)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="sample"):
+        calibrate(conn, "packages", "embedding", sample=10)
+    with pytest.raises(InvalidInput, match="non-empty query text"):
+        relevant_search(conn, "packages", "embedding", " ")

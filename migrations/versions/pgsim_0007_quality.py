@@ -1,4 +1,4 @@
-"""pgsim 0007: search quality functions (rank fusion, MMR, zero-shot labels, near-duplicate groups).
+"""pgsim 0007: search quality (rank fusion, MMR, zero-shot labels, near-duplicate groups, calibration).
 
 Revision ID: pgsim_0007
 Revises: pgsim_0006
@@ -20,6 +20,7 @@ def downgrade() -> None:
     from alembic import op
 
     op.execute(
-        "DROP FUNCTION pgsim.near_duplicates, pgsim.mmr, pgsim.nearest_label, pgsim.rrf; "
+        "DROP FUNCTION pgsim.score_background, pgsim.sample_scores, pgsim.near_duplicates, pgsim.mmr, "
+        "pgsim.nearest_label, pgsim.rrf; DROP TABLE pgsim.score_sample; "
         "DELETE FROM pgsim.migration WHERE name = '0007_quality.sql'"
     )

@@ -181,8 +181,8 @@ def test_hybrid_search_fuses_the_exact_vector_ranks_and_the_text_ranks(
     distances = 1 - package_vectors[keep] @ encoder.encode_query(query)
     vector_ranks = {packages[keep[i]].package: r for r, i in enumerate(np.argsort(distances, kind="stable")[:20], 1)}
     text_rows = fulltext.execute(
-        "SELECT package FROM packages, to_tsquery('english', 'librari | pars | xml | document') q "
-        "WHERE fts @@ q AND (%s::text IS NULL OR section = %s) ORDER BY ts_rank_cd(fts, q) DESC, ctid LIMIT 20",
+        "SELECT package FROM packages, CAST('librari | pars | xml | document' AS tsquery) q "
+        "WHERE fts @@ q AND (%s::text IS NULL OR section = %s) ORDER BY ts_rank(fts, q, 1) DESC, ctid LIMIT 20",
         [where and where["section"]] * 2,
     ).fetchall()
     text_ranks = {name: r for r, (name,) in enumerate(text_rows, 1)}

@@ -221,3 +221,16 @@ RETURN (
 );
 COMMENT ON FUNCTION pgsim.score_background(regclass, name, vector) IS
     'A query''s mean and standard deviation of similarity to the stored sample: the calibration of its scores.';
+
+-- Hubness correction: a bank of typical queries per searched column (pgsim.hubness.set_query_bank). A "hub"
+-- row is near many queries whatever they ask; its similarity to a query is discounted by its mean
+-- similarity to its nearest bank queries (cross-domain similarity local scaling, with the bank as the
+-- query side's neighbourhood).
+CREATE TABLE pgsim.query_bank (
+    table_schema name NOT NULL,
+    table_name name NOT NULL,
+    column_name name NOT NULL,
+    embedding vector NOT NULL
+);
+CREATE INDEX query_bank_column ON pgsim.query_bank (table_schema, table_name, column_name);
+COMMENT ON TABLE pgsim.query_bank IS 'Typical queries of a searched column, encoded: the reference of hubness correction.';

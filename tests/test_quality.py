@@ -14,6 +14,7 @@ from pgsim.diversity import diverse_search, mmr_order
 from pgsim.duplicates import near_duplicates
 from pgsim.encode import Encoder
 from pgsim.errors import InvalidInput
+from pgsim.hubness import corrected_search, forget_banks, set_query_bank
 from pgsim.hybrid import hybrid_search
 from pgsim.labels import label_rows
 from pgsim.psycopg import register
@@ -254,3 +255,33 @@ def test_calibrated_search_draws_its_sample_on_first_use_and_refuses_bad_input(c
         calibrate(conn, "packages", "embedding", sample=10)
     with pytest.raises(InvalidInput, match="non-empty query text"):
         relevant_search(conn, "packages", "embedding", " ")
+
+
+def test_hubness_correction_reranks_by_similarity_less_mean_similarity_to_the_nearest_bank_queries(
+    conn: Any, packages: list[Package], package_vectors: Any, encoder: Encoder
+) -> None:
+    bank_texts = [p.synopsis for p in packages[200:]]
+    assert set_query_bank(conn, "packages", "embedding", bank_texts + ["", bank_texts[0]]) == len(set(bank_texts))
+    query = "a tool to compress files"
+    hits = corrected_search(conn, "packages", "embedding", query, k=10, weight=0.5, candidates=40)
+    bank = np.stack(encoder.encode(sorted(set(bank_texts)), kind="query"))  # type: ignore[arg-type]
+    similar = package_vectors @ encoder.encode_query(query)
+    hubness = np.sort(package_vectors @ bank.T, axis=1)[:, -10:].mean(axis=1)
+    pool = np.argsort(-similar, kind="stable")[:40]
+    expected = sorted(pool, key=lambda i: -(similar[i] - 0.5 * hubness[i]))[:10]
+    assert [h.row["package"] for h in hits] == [packages[i].package for i in expected]
+    for hit, i in zip(hits, expected, strict=True):
+        assert hit.score == pytest.approx(similar[i] - 0.5 * hubness[i], abs=1e-4)
+    plain = corrected_search(conn, "packages", "embedding", query, k=10, weight=0)
+    assert [h.row["package"] for h in plain] == [h.row["package"] for h in search(conn, "packages", "embedding", query)]
+
+
+def test_hubness_correction_refuses_bad_input(conn: Any) -> None:
+    with pytest.raises(InvalidInput, match="weight"):
+        corrected_search(conn, "packages", "embedding", "zip", weight=1.5)
+    with pytest.raises(InvalidInput, match="at least 10 distinct queries"):
+        set_query_bank(conn, "packages", "embedding", ["one", "one", " "])
+    conn.execute("DELETE FROM pgsim.query_bank")
+    forget_banks()
+    with pytest.raises(InvalidInput, match="no query bank: set one with"):
+        corrected_search(conn, "packages", "embedding", "zip")

@@ -1,4 +1,4 @@
-"""pgsim 0007: search quality (rank fusion, MMR, zero-shot labels, near-duplicate groups, calibration).
+"""pgsim 0007: search quality (rank fusion, MMR, zero-shot labels, near-duplicate groups, calibration, query banks).
 
 Revision ID: pgsim_0007
 Revises: pgsim_0006
@@ -21,6 +21,6 @@ def downgrade() -> None:
 
     op.execute(
         "DROP FUNCTION pgsim.score_background, pgsim.sample_scores, pgsim.near_duplicates, pgsim.mmr, "
-        "pgsim.nearest_label, pgsim.rrf; DROP TABLE pgsim.score_sample; "
+        "pgsim.nearest_label, pgsim.rrf; DROP TABLE pgsim.score_sample, pgsim.query_bank; "
         "DELETE FROM pgsim.migration WHERE name = '0007_quality.sql'"
     )

@@ -109,6 +109,11 @@ def test_distance_and_similarity_compile_to_the_cosine_operator() -> None:
         "SELECT pgsim.cosine_similarity(orm_packages.embedding, orm_packages.embedding) AS cosine_similarity_1 "
         "\nFROM orm_packages"
     )
+    assert compiled(select(func.pgsim.rrf(3, 60), func.pgsim.nearest_label(Package_.embedding, ["a"], [vector]))) == (
+        "SELECT pgsim.rrf(%(rrf_2)s::INTEGER, %(rrf_3)s::INTEGER) AS rrf_1, "
+        "pgsim.nearest_label(orm_packages.embedding, %(nearest_label_2)s, %(nearest_label_3)s) AS nearest_label_1 "
+        "\nFROM orm_packages"
+    )
 
 
 def test_the_column_its_index_and_the_hnsw_index_helper_render_as_ddl() -> None:

@@ -45,3 +45,19 @@ class expect_model(_PgsimFunction[bool]):  # noqa: N801 - SQL's name
     type = Boolean()
     package = "pgsim"
     inherit_cache = True
+
+
+class rrf(_PgsimFunction[float]):  # noqa: N801 - SQL's name
+    """``pgsim.rrf(rank, k=60)``: one list's reciprocal-rank-fusion term, 1 / (k + rank); 0 for a NULL rank."""
+
+    type = Float()
+    package = "pgsim"
+    inherit_cache = True
+
+
+class nearest_label(_PgsimFunction[str]):  # noqa: N801 - SQL's name
+    """``pgsim.nearest_label(embedding, labels, label_vectors)``: the label whose vector is nearest."""
+
+    type = Text()
+    package = "pgsim"
+    inherit_cache = True

@@ -26,7 +26,6 @@ from pgsim.search import (
     DEFAULT_TUNING,
     DISTANCE,
     PATHS,
-    Plan,
     Tuning,
     VectorColumn,
     Where,
@@ -185,4 +184,3 @@ def _text_column(conn: psycopg.Connection[Any], table: str, name: str | None, co
     return TextColumn(name, config)
 
 
-__all__ = ["FusedHit", "Plan", "hybrid_search"]

@@ -125,3 +125,15 @@ def alembic_walkthrough(database: str, tmp_path: Path) -> None:
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT to_regclass('memos')").fetchone() == (None,)
         assert conn.execute("SELECT to_regclass('pgsim.embedding')").fetchone() == (None,)  # uninstall_pgsim
+
+
+def test_quality_example_runs_as_written(database: str) -> None:
+    code = example("quality")
+    env = dict(os.environ, PGSIM_DSN=database)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    hybrid, relevant, diverse, duplicates, labels = out.stdout.strip().splitlines()
+    assert len(ast.literal_eval(hybrid)) == 3 and len(ast.literal_eval(diverse)) == 3
+    assert ast.literal_eval(relevant) == []  # nothing in 300 Debian packages is a cake recipe
+    assert len(ast.literal_eval(duplicates)) >= 2
+    assert sum(ast.literal_eval(labels.removeprefix("Counter(").removesuffix(")")).values()) == 300

@@ -1,0 +1,762 @@
+"""Search quality on the Debian corpus: prototypes of hybrid search, a calibrated relevance threshold, MMR
+diversity, hubness correction, near-duplicate grouping and zero-shot labelling, each beside its baseline.
+
+    python bench/quality.py [--dsn DSN] [--queries 1000] [--bank 10000] [--hub-queries 5000] [--subset 5000]
+
+Every package with a long description is a row of ``bench_quality.docs``: its long description only, as
+a generated ``tsvector`` (english, GIN index) and as an all-MiniLM-L6-v2 vector (HNSW, cosine). The
+evaluation sets and metrics are in quality_data.py: known-item search (a package's synopsis finds its
+description; identical descriptions count as relevant), Source groups as entities, Section as label. The
+query bank (QB-Norm, calibration) and the hubness probe are synopses of other packages, disjoint from the
+test queries. Each technique is a function of the connection and the data that returns table rows, so the
+prototypes here (SQL where it is about the query, numpy where that is simpler) can be swapped for
+product calls. Embeddings are cached in bench/.cache/ (see corpus_cache.py); one table is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corpus_cache import debian_packages, embeddings  # noqa: E402
+from quality_data import (  # noqa: E402
+    SECTION_DESCRIPTIONS,
+    KnownItem,
+    Matrix,
+    accuracy_macro_f1,
+    auc,
+    best_threshold,
+    components,
+    intra_list_similarity,
+    known_items,
+    mrr_recall,
+    pairwise_prf,
+    skewness,
+    threshold_prf,
+    twin_groups,
+)
+
+from pgsim.cli import format_table  # noqa: E402
+from pgsim.corpus import Package  # noqa: E402
+from pgsim.database import connect  # noqa: E402
+from pgsim.psycopg import register  # noqa: E402
+
+SCHEMA = "bench_quality"
+DOCS = sql.Identifier(SCHEMA, "docs")
+SAMPLE = sql.Identifier(SCHEMA, "sample")
+SUBSET = sql.Identifier(SCHEMA, "subset")
+LABELS = sql.Identifier(SCHEMA, "labels")
+K = 10
+CANDIDATES = 100  # vector candidates fetched per query (plus the query's twins, for the held-out runs)
+EF_SEARCH = 400  # >= CANDIDATES + the largest twin group (168), so the candidate lists are near exact
+SAMPLE_ROWS = 1000  # random rows a query's score distribution is measured against (calibration)
+
+COLUMNS = ["technique", "setting", "MRR@10", "R@10", "P", "R", "F1", "acc", "macro-F1", "ILS@10", "N10 skew", "time"]
+KEYS = ["mrr", "recall", "p", "r", "f1", "acc", "macro_f1", "ils", "skew", "time"]
+Row = list[Any]
+
+
+def row(technique: str, setting: str, **metrics: Any) -> Row:
+    unknown = set(metrics) - set(KEYS)
+    assert not unknown, unknown
+    return [technique, setting, *(metrics.get(key) for key in KEYS)]
+
+
+@dataclass
+class Data:
+    docs: list[Package]
+    vectors: Matrix  # unit description vectors, row i = table id i
+    twins: list[frozenset[int]]
+    items: list[KnownItem]
+    query_vectors: Matrix  # unit synopsis vectors of the items
+    bank: list[int]  # doc ids whose synopses form the query bank
+    bank_vectors: Matrix
+    probe_vectors: Matrix  # synopses of other packages, to measure hubness
+    args: argparse.Namespace
+
+
+@dataclass
+class Candidates:
+    """What the server returned per known-item query, collected once and shared by the techniques."""
+
+    vector_ids: list[np.ndarray[Any, Any]] = field(default_factory=list)  # top CANDIDATES + twins, by cosine
+    vector_cos: list[np.ndarray[Any, Any]] = field(default_factory=list)
+    hnsw_default: list[list[int]] = field(default_factory=list)  # LIMIT 10 at pgvector's default ef_search
+    text: dict[str, list[list[int]]] = field(default_factory=dict)  # full-text variant -> top CANDIDATES
+    sample_stats: list[tuple[float, float]] = field(default_factory=list)  # mean, sd of cosine to SAMPLE rows
+    seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+
+
+def unit(matrix: Matrix) -> Matrix:
+    norms = np.linalg.norm(matrix, axis=1, keepdims=True)
+    return (matrix / np.where(norms == 0, 1, norms)).astype(np.float32)
+
+
+# --- the table -----------------------------------------------------------------------------------------
+
+
+def load_table(conn: psycopg.Connection[Any], docs: list[Package], vectors: Matrix) -> None:
+    digest = hashlib.sha256("\x00".join(f"{p.package}\x01{p.description}" for p in docs).encode()).hexdigest()[:16]
+    tag = f"{len(docs)} {digest} v1"
+    if conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [f"{SCHEMA}.docs"]).fetchone() == (tag,):
+        print(f"{SCHEMA}.docs: reusing {len(docs)} rows", flush=True)
+        return
+    conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(SCHEMA)))
+    conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE {} (id int PRIMARY KEY, package text NOT NULL, section text, source text, "
+            "description text NOT NULL, "
+            "tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', description)) STORED, "
+            "embedding vector(384))"
+        ).format(DOCS)
+    )
+    started = time.perf_counter()
+    copy_sql = sql.SQL("COPY {} (id, package, section, source, description, embedding) FROM STDIN (FORMAT BINARY)")
+    with conn.cursor() as cur, cur.copy(copy_sql.format(DOCS)) as copy:
+        copy.set_types(["int4", "text", "text", "text", "text", "vector"])
+        for i, (p, vector) in enumerate(zip(docs, vectors, strict=True)):
+            copy.write_row((i, p.package, p.section, p.source, p.description, vector))
+    print(f"{SCHEMA}.docs: {len(docs)} rows copied (tsvector generated) in {time.perf_counter() - started:.1f}s")
+    started = time.perf_counter()
+    with conn.transaction():
+        conn.execute("SET LOCAL maintenance_work_mem = '1GB'")
+        conn.execute("SET LOCAL max_parallel_maintenance_workers = 2")
+        conn.execute(sql.SQL("CREATE INDEX ON {} USING hnsw (embedding vector_cosine_ops)").format(DOCS))
+    conn.execute(sql.SQL("CREATE INDEX ON {} USING gin (tsv)").format(DOCS))
+    sample = sorted(random.Random(11).sample(range(len(docs)), min(SAMPLE_ROWS, len(docs))))
+    conn.execute(
+        sql.SQL("CREATE TABLE {} AS SELECT id, embedding FROM {} WHERE id = ANY(%s)").format(SAMPLE, DOCS), [sample]
+    )
+    conn.execute(sql.SQL("ANALYZE {}").format(DOCS))
+    conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(DOCS, sql.Literal(tag)))
+    print(f"HNSW and GIN indexes built in {time.perf_counter() - started:.1f}s", flush=True)
+
+
+# --- the searches a product would offer (prototypes) --------------------------------------------------
+
+VECTOR_TOP = sql.SQL("SELECT id, 1 - (embedding <=> %(q)s) FROM {} ORDER BY embedding <=> %(q)s LIMIT %(n)s").format(
+    DOCS
+)
+SAMPLE_STATS = sql.SQL("SELECT avg(s), stddev_samp(s) FROM (SELECT 1 - (embedding <=> %(q)s) AS s FROM {}) t").format(
+    SAMPLE
+)
+
+# tsquery constructions over the synopsis; OR: plainto_tsquery's lexemes (stemmed, stop words gone) with
+# every & and phrase operator (<->, <N>) replaced by | in its text form, which quotes the lexemes safely
+TSQUERIES = {
+    "plainto (AND)": sql.SQL("plainto_tsquery('english', %(text)s)"),
+    "websearch": sql.SQL("websearch_to_tsquery('english', %(text)s)"),
+    "OR of lexemes": sql.SQL(
+        "CAST(regexp_replace(plainto_tsquery('english', %(text)s)::text, ' (&|<->|<[0-9]+>) ', ' | ', 'g') AS tsquery)"
+    ),
+}
+RANKS = {
+    "ts_rank_cd": sql.SQL("ts_rank_cd(tsv, query)"),
+    "ts_rank": sql.SQL("ts_rank(tsv, query)"),
+    "ts_rank norm 1": sql.SQL("ts_rank(tsv, query, 1)"),  # divided by 1 + log(document length)
+}
+TEXT_VARIANTS = [
+    ("plainto (AND)", "ts_rank_cd"),
+    ("websearch", "ts_rank_cd"),
+    ("OR of lexemes", "ts_rank_cd"),
+    ("OR of lexemes", "ts_rank"),
+    ("OR of lexemes", "ts_rank norm 1"),
+]
+
+
+def text_query(tsquery: str, rank: str) -> sql.Composed:
+    return sql.SQL(
+        "SELECT id FROM {docs}, {tsquery} AS query WHERE tsv @@ query ORDER BY {rank} DESC, id LIMIT %(n)s"
+    ).format(docs=DOCS, tsquery=TSQUERIES[tsquery], rank=RANKS[rank])
+
+
+def hybrid_query(tsquery: str, rank: str) -> sql.Composed:
+    """Reciprocal rank fusion in one statement: top-n by vector (HNSW) and top-n by full-text rank (GIN),
+    score = sum of weight / (k_rrf + rank) over the lists a row is in."""
+    return sql.SQL(
+        """
+        WITH v AS (
+            SELECT id, row_number() OVER (ORDER BY d) AS r FROM (
+                SELECT id, embedding <=> %(q)s AS d FROM {docs} ORDER BY embedding <=> %(q)s LIMIT %(n)s) s),
+        t AS (
+            SELECT id, row_number() OVER (ORDER BY score DESC, id) AS r FROM (
+                SELECT id, {rank} AS score FROM {docs}, {tsquery} AS query WHERE tsv @@ query
+                ORDER BY score DESC, id LIMIT %(n)s) s)
+        SELECT id FROM (
+            SELECT id, %(wv)s / (%(k)s + r) AS s FROM v
+            UNION ALL
+            SELECT id, %(wt)s / (%(k)s + r) FROM t) u
+        GROUP BY id ORDER BY sum(s) DESC, id LIMIT %(limit)s
+        """
+    ).format(docs=DOCS, tsquery=TSQUERIES[tsquery], rank=RANKS[rank])
+
+
+def collect(conn: psycopg.Connection[Any], data: Data) -> Candidates:
+    """One pass over the known-item queries: vector candidates, full-text candidates per variant and the
+    query's score distribution over SAMPLE rows; timed per kind."""
+    from tqdm import tqdm
+
+    found = Candidates()
+    text_sql = {f"{tsq}, {rank}": text_query(tsq, rank) for tsq, rank in TEXT_VARIANTS}
+    found.text = {name: [] for name in text_sql}
+    conn.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(EF_SEARCH)))
+    for item, vector in tqdm(
+        list(zip(data.items, data.query_vectors, strict=True)), desc="known-item queries", file=sys.stderr
+    ):
+        started = time.perf_counter()
+        rows = conn.execute(VECTOR_TOP, {"q": vector, "n": CANDIDATES + len(item.relevant)}).fetchall()
+        found.seconds["vector"] += time.perf_counter() - started
+        found.vector_ids.append(np.array([r[0] for r in rows], dtype=np.int64))
+        found.vector_cos.append(np.array([r[1] for r in rows], dtype=np.float64))
+        with conn.transaction():
+            conn.execute("SET LOCAL hnsw.ef_search = 40")
+            started = time.perf_counter()
+            found.hnsw_default.append([r[0] for r in conn.execute(VECTOR_TOP, {"q": vector, "n": K})])
+            found.seconds["hnsw default"] += time.perf_counter() - started
+        for name, query in text_sql.items():
+            started = time.perf_counter()
+            found.text[name].append([r[0] for r in conn.execute(query, {"text": item.text, "n": CANDIDATES})])
+            found.seconds[name] += time.perf_counter() - started
+        started = time.perf_counter()
+        mean, sd = conn.execute(SAMPLE_STATS, {"q": vector}).fetchone()  # type: ignore[misc]
+        found.seconds["sample stats"] += time.perf_counter() - started
+        found.sample_stats.append((float(mean), float(sd)))
+    conn.execute("RESET hnsw.ef_search")
+    return found
+
+
+def rrf(lists: Sequence[tuple[Sequence[int], float]], k_rrf: float, n: int) -> list[int]:
+    scores: dict[int, float] = defaultdict(float)
+    for ranked, weight in lists:
+        for rank, doc in enumerate(ranked[:n], start=1):
+            scores[doc] += weight / (k_rrf + rank)
+    return sorted(scores, key=lambda doc: (-scores[doc], doc))[:K]
+
+
+def ms(seconds: float, count: int) -> str:
+    return f"{seconds / count * 1000:.1f} ms/q"
+
+
+# --- 1. hybrid search ----------------------------------------------------------------------------------
+
+
+def hybrid_search(conn: psycopg.Connection[Any], data: Data, found: Candidates) -> list[Row]:
+    items, n_q = data.items, len(data.items)
+    rows = []
+    exact = [np.argsort(-(data.vectors @ v), kind="stable")[:K].tolist() for v in data.query_vectors]
+    mrr, rec = mrr_recall(exact, items)
+    rows.append(row("baseline: vector only", "exact cosine (numpy), description vectors", mrr=mrr, recall=rec))
+    mrr, rec = mrr_recall(found.hnsw_default, items)
+    rows.append(
+        row(
+            "baseline: vector only",
+            "HNSW, ef_search 40, LIMIT 10",
+            mrr=mrr,
+            recall=rec,
+            time=ms(found.seconds["hnsw default"], n_q),
+        )
+    )
+    vector_lists = [ids.tolist() for ids in found.vector_ids]
+    mrr, rec = mrr_recall(vector_lists, items)
+    rows.append(
+        row(
+            "baseline: vector only",
+            f"HNSW, ef_search {EF_SEARCH}, LIMIT {CANDIDATES}+",
+            mrr=mrr,
+            recall=rec,
+            time=ms(found.seconds["vector"], n_q),
+        )
+    )
+    text_mrr = {}
+    for name, lists in found.text.items():
+        mrr, rec = mrr_recall(lists, items)
+        text_mrr[name] = mrr
+        empty = sum(1 for ranked in lists if not ranked) / n_q
+        rows.append(
+            row(
+                "full-text only",
+                f"{name} ({empty:.0%} of queries match nothing)",
+                mrr=mrr,
+                recall=rec,
+                time=ms(found.seconds[name], n_q),
+            )
+        )
+    best = max(text_mrr, key=lambda name: text_mrr[name])
+    grid = [(60, n, 1.0, 1.0) for n in (20, 50, 100)] + [(10, 50, 1.0, 1.0), (60, 50, 1.0, 0.5), (60, 50, 0.5, 1.0)]
+    for k_rrf, n, w_vec, w_text in grid:
+        fused = [rrf([(v, w_vec), (t, w_text)], k_rrf, n) for v, t in zip(vector_lists, found.text[best], strict=True)]
+        mrr, rec = mrr_recall(fused, items)
+        rows.append(
+            row(
+                "hybrid RRF (fusion in Python)",
+                f"{best}; k_rrf {k_rrf}, N {n}, w_vec {w_vec}, w_text {w_text}",
+                mrr=mrr,
+                recall=rec,
+            )
+        )
+    strict = "plainto (AND), ts_rank_cd"
+    fused = [rrf([(v, 1.0), (t, 1.0)], 60, 50) for v, t in zip(vector_lists, found.text[strict], strict=True)]
+    mrr, rec = mrr_recall(fused, items)
+    rows.append(row("hybrid RRF (fusion in Python)", f"{strict}; k_rrf 60, N 50", mrr=mrr, recall=rec))
+
+    # the same fusion as one SQL statement, at pgvector's default ef_search raised to N
+    tsq, rank = best.split(", ")
+    statement = hybrid_query(tsq, rank)
+    from tqdm import tqdm
+
+    results, seconds = [], 0.0
+    for item, vector in tqdm(
+        list(zip(items, data.query_vectors, strict=True)), desc="hybrid, one SQL statement", file=sys.stderr
+    ):
+        with conn.transaction():
+            conn.execute("SET LOCAL hnsw.ef_search = 100")
+            started = time.perf_counter()
+            params = {"q": vector, "text": item.text, "n": 50, "k": 60.0, "wv": 1.0, "wt": 1.0, "limit": K}
+            results.append([r[0] for r in conn.execute(statement, params)])
+            seconds += time.perf_counter() - started
+    mrr, rec = mrr_recall(results, items)
+    rows.append(
+        row(
+            "hybrid RRF (one SQL statement)",
+            f"{best}; k_rrf 60, N 50, ef_search 100",
+            mrr=mrr,
+            recall=rec,
+            time=ms(seconds, n_q),
+        )
+    )
+    return rows
+
+
+# --- 2. relevance threshold ----------------------------------------------------------------------------
+
+
+def relevance_threshold(
+    data: Data, found: Candidates, doc_stats: dict[str, np.ndarray[Any, Any]], siblings: bool = False
+) -> list[Row]:
+    """Half the queries (fixed seed) have their target and its twins (and, with ``siblings``, every package
+    of the target's Source, whose descriptions often share paragraphs with it) removed from consideration:
+    nothing relevant is left for them. A query "returns" its top-10 results scoring >= t; precision is the share of
+    returning queries that returned something relevant, recall the share of answerable queries that did.
+    t is tuned (for F1, or for recall at precision >= 0.6) on one half of the queries (the tuning split) and
+    evaluated on the other. AUC: the chance that a query whose target is present has a higher best score
+    than one whose target is held out (threshold-free; 0.5 means the score cannot tell them apart)."""
+    rng = random.Random(13)
+    n_q = len(data.items)
+    held_out = set(rng.sample(range(n_q), n_q // 2))
+    tuning = set(rng.sample(range(n_q), n_q // 2))
+    raw: list[np.ndarray[Any, Any]] = []
+    ids: list[np.ndarray[Any, Any]] = []
+    stats: list[tuple[float, float]] = []
+    flags: list[np.ndarray[Any, Any]] = []
+    answerable: list[bool] = []
+    by_source: dict[str, set[int]] = defaultdict(set)
+    for doc, package in enumerate(data.docs):
+        by_source[package.source].add(doc)
+    for position, item in enumerate(data.items):
+        keep = np.ones(len(found.vector_ids[position]), dtype=bool)
+        if position in held_out:
+            removed = item.relevant | by_source[data.docs[item.doc].source] if siblings else item.relevant
+            keep = np.array([doc not in removed for doc in found.vector_ids[position]], dtype=bool)
+        doc_ids, cos = found.vector_ids[position][keep][:CANDIDATES], found.vector_cos[position][keep][:CANDIDATES]
+        ids.append(doc_ids[:K])
+        raw.append(cos[:K])
+        stats.append((float(cos.mean()), float(cos.std())))
+        flags.append(np.array([doc in item.relevant for doc in doc_ids[:K]], dtype=bool))
+        answerable.append(position not in held_out)
+    scores = {
+        "raw cosine": raw,
+        "z: query vs 1000 random rows": [
+            (s - mean) / sd for s, (mean, sd) in zip(raw, found.sample_stats, strict=True)
+        ],
+        "z: query vs its own top 100": [(s - mean) / sd for s, (mean, sd) in zip(raw, stats, strict=True)],
+        "z: row vs bank queries": [
+            (s - doc_stats["mean"][d]) / doc_stats["sd"][d] for s, d in zip(raw, ids, strict=True)
+        ],
+        "mean of z random rows, z bank": [
+            0.5 * ((s - mean) / sd + (s - doc_stats["mean"][d]) / doc_stats["sd"][d])
+            for s, (mean, sd), d in zip(raw, found.sample_stats, ids, strict=True)
+        ],
+    }
+    rows = []
+    for name, values in scores.items():
+
+        def split(part: set[int], values: list[np.ndarray[Any, Any]] = values) -> tuple[list[Any], ...]:
+            chosen = [i for i in range(n_q) if i in part]
+            return [values[i] for i in chosen], [flags[i] for i in chosen], [answerable[i] for i in chosen]
+
+        # threshold-free: does a query's best score separate "the table holds its target" from "it does not"?
+        best = [float(v.max()) if len(v) else -np.inf for v in values]
+        separation = auc(
+            [b for b, a in zip(best, answerable, strict=True) if a],
+            [b for b, a in zip(best, answerable, strict=True) if not a],
+        )
+        label = "baseline: relevance threshold" if name == "raw cosine" else "relevance threshold"
+        test = set(range(n_q)) - tuning
+        held = "held out: +Source siblings" if siblings else "held out: target+twins"
+        for target in (None, 0.6) if siblings else (None,):
+            t = best_threshold(*split(tuning), min_precision=target)
+            p, r, f1 = threshold_prf(*split(test), t)
+            goal = "best F1" if target is None else f"P>={target}"
+            rows.append(
+                row(
+                    label,
+                    f"{held}; {name} >= {t:.3f} (tuned {goal}); AUC {separation:.3f}",
+                    p=p,
+                    r=r,
+                    f1=f1,
+                )
+            )
+    return rows
+
+
+# --- 3. diversity --------------------------------------------------------------------------------------
+
+
+def mmr(query_sims: np.ndarray[Any, Any], vectors: Matrix, lam: float, k: int) -> list[int]:
+    """Maximal marginal relevance: positions picked greedily by lam * sim(q, d) - (1 - lam) * max sim(d, S)."""
+    chosen: list[int] = []
+    redundancy = np.zeros(len(query_sims))
+    for _ in range(min(k, len(query_sims))):
+        score = lam * query_sims - (1 - lam) * redundancy
+        score[chosen] = -np.inf
+        pick = int(np.argmax(score))
+        chosen.append(pick)
+        sims = vectors @ vectors[pick]
+        redundancy = sims if len(chosen) == 1 else np.maximum(redundancy, sims)
+    return chosen
+
+
+def diversity(data: Data, found: Candidates, pool: int = 50) -> list[Row]:
+    rows = []
+    for lam in (1.0, 0.7, 0.5, 0.3):
+        rankings, ils, distinct = [], [], []
+        for ids, cos in zip(found.vector_ids, found.vector_cos, strict=True):
+            ids, cos = ids[:pool], cos[:pool]
+            picked = mmr(cos, data.vectors[ids], lam, K)
+            top = ids[picked]
+            rankings.append(top.tolist())
+            ils.append(intra_list_similarity(data.vectors[top]))
+            distinct.append(len({data.docs[d].description for d in top}))
+        mrr, rec = mrr_recall(rankings, data.items)
+        label = "baseline: no diversity" if lam == 1.0 else "diversity MMR"
+        rows.append(
+            row(
+                label,
+                f"lambda {lam}, top {pool} candidates; {np.mean(distinct):.1f} distinct descriptions in 10",
+                mrr=mrr,
+                recall=rec,
+                ils=float(np.mean(ils)),
+            )
+        )
+    return rows
+
+
+# --- 4. hubness ----------------------------------------------------------------------------------------
+
+
+def bank_statistics(data: Data, k: int = 10, betas: Sequence[float] = (10.0, 20.0)) -> dict[str, np.ndarray[Any, Any]]:
+    """Per row, against the bank of queries (a row's own synopsis and its twins' are left out): mean of its
+    top-k cosines (CSLS-style hub score), log-sum-exp of beta * cosine (QB-Norm's inverted softmax), mean and
+    sd. Each is one number per row: a product would store it in a column and refresh it with the bank."""
+    from tqdm import tqdm
+
+    group_of = {}
+    for doc, twins in enumerate(data.twins):
+        group_of[doc] = min(twins)
+    row_groups = np.array([group_of[d] for d in range(len(data.docs))])
+    bank_groups = np.array([group_of[d] for d in data.bank])
+    out = {name: np.zeros(len(data.docs)) for name in ("topk", "mean", "sd", *(f"lse{b:g}" for b in betas))}
+    step = 2048
+    for start in tqdm(range(0, len(data.docs), step), desc="row statistics over the query bank", file=sys.stderr):
+        sims = data.vectors[start : start + step] @ data.bank_vectors.T
+        own = row_groups[start : start + step, None] == bank_groups[None, :]
+        counts = len(data.bank) - own.sum(axis=1)
+        sims[own] = 0.0
+        out["mean"][start : start + step] = sims.sum(axis=1) / counts
+        out["sd"][start : start + step] = np.sqrt(
+            np.maximum((sims**2).sum(axis=1) / counts - out["mean"][start : start + step] ** 2, 1e-12)
+        )
+        sims[own] = -np.inf
+        out["topk"][start : start + step] = np.sort(np.partition(sims, -k, axis=1)[:, -k:], axis=1).mean(axis=1)
+        for beta in betas:
+            scaled = beta * sims.astype(np.float64)
+            top = scaled.max(axis=1, keepdims=True)
+            out[f"lse{beta:g}"][start : start + step] = top[:, 0] + np.log(np.exp(scaled - top).sum(axis=1))
+    return out
+
+
+def hubness(data: Data, found: Candidates, doc_stats: dict[str, np.ndarray[Any, Any]]) -> list[Row]:
+    """Re-rank the top-100 vector candidates by cosine minus a per-row penalty learnt from the query bank;
+    MRR on the known-item queries, and the skewness of N10 (how often each row is in a probe query's top 10)."""
+    from tqdm import tqdm
+
+    penalties: dict[str, np.ndarray[Any, Any] | None] = {
+        "none": None,
+        "CSLS-style: cos - 0.5 * mean top-10 bank cos": 0.5 * doc_stats["topk"],
+        "CSLS-style: cos - 1.0 * mean top-10 bank cos": doc_stats["topk"],
+        "QB-Norm inverted softmax, beta 10": doc_stats["lse10"] / 10,
+        "QB-Norm inverted softmax, beta 20": doc_stats["lse20"] / 20,
+    }
+    # exact top-100 of every probe query, then the same re-ranking: N10 before and after
+    probe_ids, probe_cos = [], []
+    for start in tqdm(range(0, len(data.probe_vectors), 500), desc="hubness probe queries", file=sys.stderr):
+        sims = data.probe_vectors[start : start + 500] @ data.vectors.T
+        top = np.argpartition(-sims, CANDIDATES, axis=1)[:, :CANDIDATES]
+        probe_ids.append(top)
+        probe_cos.append(np.take_along_axis(sims, top, axis=1))
+    all_ids, all_cos = np.concatenate(probe_ids), np.concatenate(probe_cos)
+    rows = []
+    for name, penalty in penalties.items():
+        rankings = []
+        for ids, cos in zip(found.vector_ids, found.vector_cos, strict=True):
+            ids, cos = ids[:CANDIDATES], cos[:CANDIDATES]
+            score = cos if penalty is None else cos - penalty[ids]
+            rankings.append(ids[np.argsort(-score, kind="stable")[:K]].tolist())
+        mrr, rec = mrr_recall(rankings, data.items)
+        score = all_cos if penalty is None else all_cos - penalty[all_ids]
+        top10 = np.take_along_axis(all_ids, np.argsort(-score, axis=1)[:, :K], axis=1)
+        n10 = np.bincount(top10.ravel(), minlength=len(data.docs))
+        label = "baseline: no hubness correction" if penalty is None else "hubness correction"
+        rows.append(
+            row(
+                label,
+                f"{name}; max N10 {n10.max()}, {np.mean(n10 == 0):.0%} rows never in a top 10",
+                mrr=mrr,
+                recall=rec,
+                skew=skewness(n10),
+            )
+        )
+    return rows
+
+
+# --- 5. near-duplicates --------------------------------------------------------------------------------
+
+KNN_PAIRS = sql.SQL(
+    """
+    SELECT a.id, b.id, 1 - b.d FROM {t} a CROSS JOIN LATERAL (
+        SELECT s.id, s.embedding <=> a.embedding AS d FROM {t} s ORDER BY s.embedding <=> a.embedding LIMIT %(k)s
+    ) b WHERE b.id <> a.id AND b.d <= %(d)s
+    """
+).format(t=SUBSET)
+ALL_PAIRS = sql.SQL(
+    "SELECT a.id, b.id, 1 - (a.embedding <=> b.embedding) FROM {t} a JOIN {t} b ON a.id < b.id "
+    "WHERE a.embedding <=> b.embedding <= %(d)s"
+).format(t=SUBSET)
+
+
+def near_duplicates(conn: psycopg.Connection[Any], data: Data, size: int, k: int = 10) -> list[Row]:
+    """Whole Source groups (at most 50 packages each: the gcc cross-toolchain sources have hundreds) drawn at
+    random until ``size`` rows, in their own table with its own HNSW index; pairs with cosine >= threshold
+    by a k-NN self-join served by the index and by an all-pairs join, then connected components."""
+    by_source: dict[str, list[int]] = defaultdict(list)
+    for doc, package in enumerate(data.docs):
+        by_source[package.source].append(doc)
+    sources = sorted(s for s, members in by_source.items() if len(members) <= 50)
+    random.Random(17).shuffle(sources)
+    chosen: list[int] = []
+    for source in sources:
+        if len(chosen) >= size:
+            break
+        chosen += by_source[source]
+    chosen.sort()
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(SUBSET))
+    conn.execute(
+        sql.SQL("CREATE TABLE {} AS SELECT id, embedding FROM {} WHERE id = ANY(%s)").format(SUBSET, DOCS), [chosen]
+    )
+    with conn.transaction():
+        conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
+        started = time.perf_counter()
+        conn.execute(sql.SQL("CREATE INDEX ON {} USING hnsw (embedding vector_cosine_ops)").format(SUBSET))
+        index_seconds = time.perf_counter() - started
+    conn.execute(sql.SQL("ANALYZE {}").format(SUBSET))
+    thresholds = (0.70, 0.80, 0.90, 0.95)
+    lowest = 1 - min(thresholds)
+    plan = "\n".join(r[0] for r in conn.execute(sql.SQL("EXPLAIN {}").format(KNN_PAIRS), {"k": k + 1, "d": lowest}))
+    served = "index-served" if "Index Scan" in plan else "NOT index-served"
+    started = time.perf_counter()
+    knn = conn.execute(KNN_PAIRS, {"k": k + 1, "d": lowest}).fetchall()
+    knn_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    every = conn.execute(ALL_PAIRS, {"d": lowest}).fetchall()
+    all_seconds = time.perf_counter() - started
+    position = {doc: i for i, doc in enumerate(chosen)}
+    truth = [data.docs[d].source for d in chosen]
+    n, full = len(chosen), len(data.docs)
+    sources_in = len(set(truth))
+    rows = []
+    p, r, f1 = pairwise_prf([data.docs[d].description for d in chosen], truth)
+    rows.append(
+        row("baseline: near-duplicates", f"identical description ({n} rows, {sources_in} sources)", p=p, r=r, f1=f1)
+    )
+    p, r, f1 = pairwise_prf(list(range(n)), truth)
+    rows.append(row("baseline: near-duplicates", "every row alone", p=p, r=r, f1=f1))
+    for threshold in thresholds:
+        for name, pairs, seconds, scale in (
+            (f"k-NN self-join (HNSW, k {k}, {served})", knn, knn_seconds + index_seconds, full / n),
+            ("all-pairs join", every, all_seconds, (full / n) ** 2),
+        ):
+            edges = [(position[a], position[b]) for a, b, cos in pairs if cos >= threshold]
+            p, r, f1 = pairwise_prf(components(n, edges), truth)
+            rows.append(
+                row(
+                    "near-duplicates",
+                    f"{name}, cos >= {threshold}, components",
+                    p=p,
+                    r=r,
+                    f1=f1,
+                    time=f"{seconds:.1f}s; ~{seconds * scale / 60:.1f} min at {full}",
+                )
+            )
+    return rows
+
+
+# --- 6. zero-shot labelling ----------------------------------------------------------------------------
+
+NEAREST_LABEL = sql.SQL(
+    "SELECT d.id, (SELECT l.section FROM {labels} l WHERE l.variant = %(v)s "
+    "ORDER BY l.embedding <=> d.embedding LIMIT 1) FROM {docs} d ORDER BY d.id"
+).format(labels=LABELS, docs=DOCS)
+
+
+def zero_shot_labels(conn: psycopg.Connection[Any], data: Data, examples: int = 10) -> list[Row]:
+    """Each row gets the Section whose reference vector is nearest (one SQL statement per variant)."""
+    sections = sorted({p.section for p in data.docs})
+    truth = [p.section for p in data.docs]
+    majority = Counter(truth).most_common(1)[0][0]
+    rows = []
+    acc, f1 = accuracy_macro_f1([majority] * len(truth), truth)
+    rows.append(row("baseline: labels", f"majority class ({majority!r})", acc=acc, macro_f1=f1))
+    texts = {
+        "section name": sections,
+        "written description": [SECTION_DESCRIPTIONS.get(s, s) for s in sections],
+        "name: written description": [f"{s}: {SECTION_DESCRIPTIONS.get(s, s)}" for s in sections],
+    }
+    references: dict[str, Matrix] = {name: unit(embeddings(t)) for name, t in texts.items()}
+    rng = random.Random(19)
+    by_section: dict[str, list[int]] = defaultdict(list)
+    for doc, package in enumerate(data.docs):
+        by_section[package.section].append(doc)
+    used: set[int] = set()
+    centroids = []
+    for section in sections:
+        members = by_section[section]
+        picked = rng.sample(members, min(examples, max(1, len(members) // 2)))
+        used.update(picked)
+        centroids.append(data.vectors[picked].mean(axis=0))
+    centroid_name = f"centroid of {examples} labelled rows (NOT zero-shot)"
+    references[centroid_name] = unit(np.array(centroids, dtype=np.float32))
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(LABELS))
+    conn.execute(sql.SQL("CREATE TABLE {} (variant text, section text, embedding vector(384))").format(LABELS))
+    with conn.cursor() as cur, cur.copy(sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(LABELS)) as copy:
+        copy.set_types(["text", "text", "vector"])
+        for name, matrix in references.items():
+            for section, vector in zip(sections, matrix, strict=True):
+                copy.write_row((name, section, vector))
+    from tqdm import tqdm
+
+    for name in tqdm(references, desc="zero-shot labelling", file=sys.stderr):
+        started = time.perf_counter()
+        predicted = dict(conn.execute(NEAREST_LABEL, {"v": name}).fetchall())
+        seconds = time.perf_counter() - started
+        keep = [d for d in range(len(data.docs)) if name != centroid_name or d not in used]
+        acc, f1 = accuracy_macro_f1([predicted[d] for d in keep], [truth[d] for d in keep])
+        rows.append(
+            row("zero-shot labels", f"nearest {name} ({len(keep)} rows)", acc=acc, macro_f1=f1, time=f"{seconds:.1f}s")
+        )
+    return rows
+
+
+# --- main ----------------------------------------------------------------------------------------------
+
+
+def prepare(args: argparse.Namespace) -> Data:
+    corpus = debian_packages()
+    description_vectors = embeddings([p.description for p in corpus])
+    docs_at = [i for i, p in enumerate(corpus) if p.description.strip()]
+    if args.docs:
+        docs_at = docs_at[: args.docs]
+    docs = [corpus[i] for i in docs_at]
+    vectors = unit(description_vectors[docs_at])
+    twins = twin_groups(docs)
+    items = known_items(docs, twins, args.queries, seed=7)
+    rng = random.Random(23)
+    others = sorted(set(range(len(docs))) - {q.doc for q in items})
+    sampled = rng.sample(others, min(len(others), args.bank + args.hub_queries))
+    bank, probes = sorted(sampled[: args.bank]), sorted(sampled[args.bank :])
+    wanted = [q.doc for q in items] + bank + probes
+    synopsis_vectors = unit(embeddings([docs[d].synopsis for d in wanted]))
+    n_q, n_b = len(items), len(bank)
+    return Data(
+        docs=docs,
+        vectors=vectors,
+        twins=twins,
+        items=items,
+        query_vectors=synopsis_vectors[:n_q],
+        bank=bank,
+        bank_vectors=synopsis_vectors[n_q : n_q + n_b],
+        probe_vectors=synopsis_vectors[n_q + n_b :],
+        args=args,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dsn")
+    parser.add_argument("--queries", type=int, default=1000, help="known-item queries (fixed-seed sample)")
+    parser.add_argument("--bank", type=int, default=10000, help="query-bank synopses (QB-Norm, calibration)")
+    parser.add_argument("--hub-queries", type=int, default=5000, help="probe synopses for hubness (N10)")
+    parser.add_argument("--subset", type=int, default=5000, help="rows for the near-duplicate joins")
+    parser.add_argument("--docs", type=int, default=0, help="only the first N documents (0: all; for a quick run)")
+    args = parser.parse_args()
+    started = time.perf_counter()
+
+    data = prepare(args)
+    conn = connect(args.dsn)
+    conn.execute("CREATE EXTENSION IF NOT EXISTS vector")  # only pgvector: the prototypes need no pgsim SQL
+    register(conn)
+    load_table(conn, data.docs, data.vectors)
+    stage = time.perf_counter()
+
+    def timed(name: str, rows: list[Row]) -> list[Row]:
+        nonlocal stage
+        print(f"{name}: {time.perf_counter() - stage:.0f}s", file=sys.stderr, flush=True)
+        stage = time.perf_counter()
+        return rows
+
+    found = collect(conn, data)
+    doc_stats = bank_statistics(data)
+    timed("candidates and bank statistics", [])
+    rows = timed("1. hybrid", hybrid_search(conn, data, found))
+    rows += timed("2. threshold", relevance_threshold(data, found, doc_stats))
+    rows += timed("2. threshold, Source held out", relevance_threshold(data, found, doc_stats, siblings=True))
+    rows += timed("3. diversity", diversity(data, found))
+    rows += timed("4. hubness", hubness(data, found, doc_stats))
+    rows += timed("5. near-duplicates", near_duplicates(conn, data, args.subset))
+    rows += timed("6. labels", zero_shot_labels(conn, data))
+    print(
+        f"\n{len(data.docs)} rows (long descriptions), {len(data.items)} known-item queries (synopses), "
+        f"bank {len(data.bank)}, hubness probe {len(data.probe_vectors)}; {time.perf_counter() - started:.0f}s"
+    )
+    print(format_table(COLUMNS, rows, max_width=110))
+
+
+if __name__ == "__main__":
+    main()

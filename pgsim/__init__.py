@@ -24,7 +24,6 @@ from pgsim.install import InstallReport, install
 from pgsim.labels import label_rows
 from pgsim.psycopg import Text, register, register_async
 from pgsim.registry import Registration, add_embedding, change_model, get_registration, remove_embedding
-from pgsim.relevance import ScoredHit, calibrate, relevant_search
 from pgsim.search import Between, Hit, NoIndexWarning, Plan, Tuning, search
 from pgsim.server import EmbeddedServer
 from pgsim.sync import SyncReport, Worker, backfill, sync
@@ -49,7 +48,6 @@ __all__ = [
     "PgsimError",
     "Plan",
     "Registration",
-    "ScoredHit",
     "ServerError",
     "SyncReport",
     "Text",
@@ -57,7 +55,6 @@ __all__ = [
     "Worker",
     "add_embedding",
     "backfill",
-    "calibrate",
     "change_model",
     "check_vector",
     "connect",
@@ -71,7 +68,6 @@ __all__ = [
     "near_duplicates",
     "register",
     "register_async",
-    "relevant_search",
     "remove_embedding",
     "resolve_dsn",
     "search",

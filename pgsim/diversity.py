@@ -9,10 +9,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from pgsim.candidates import nearest_candidates
 from pgsim.errors import InvalidInput
-from pgsim.search import DEFAULT_TUNING, Hit, Tuning, Where, search, vector_column
-
-CANDIDATES_PER_ROW = 5  # candidates fetched per row returned, by default
+from pgsim.search import DEFAULT_TUNING, Hit, Tuning, Where
 
 
 def diverse_search(
@@ -35,19 +34,10 @@ def diverse_search(
     Goldstein; LangChain's name). 1 is the plain nearest-first order, lower values trade relevance for
     variety. ``Hit.distance`` stays the row's distance to the query."""
     check_lambda(lambda_mult)
-    pool = CANDIDATES_PER_ROW * k if candidates is None else candidates
-    if isinstance(pool, bool) or not isinstance(pool, int) or pool < k:
-        raise InvalidInput(f"candidates must be an integer of at least k ({k}); got {candidates!r}.")
-    target = vector_column(conn, table, column)
-    wanted = list(columns or target.other_columns)
-    hits = search(conn, table, column, query, k=pool, where=where, columns=[*wanted, column], model=model,
-                  tuning=tuning)  # fmt: skip
-    if not hits:
-        return []
-    vectors = np.stack([np.asarray(_values(hit.row[column]), dtype=np.float32) for hit in hits])
-    order = mmr_order(1.0 - np.array([hit.distance for hit in hits]), vectors, k, lambda_mult)
-    keep = column in wanted
-    return [Hit({n: v for n, v in hits[i].row.items() if keep or n != column}, hits[i].distance) for i in order]
+    found = nearest_candidates(conn, table, column, query, k=k, candidates=candidates, where=where, columns=columns,
+                               model=model, tuning=tuning)  # fmt: skip
+    order = mmr_order(found.similarities, found.vectors, k, lambda_mult) if found.hits else []
+    return [Hit(found.row(i), found.hits[i].distance) for i in order]
 
 
 def mmr_order(relevance: npt.NDArray[Any], vectors: npt.NDArray[np.float32], k: int, weight: float) -> list[int]:
@@ -69,7 +59,3 @@ def mmr_order(relevance: npt.NDArray[Any], vectors: npt.NDArray[np.float32], k: 
 def check_lambda(lambda_mult: float) -> None:
     if isinstance(lambda_mult, bool) or not isinstance(lambda_mult, (int, float)) or not 0 <= lambda_mult <= 1:
         raise InvalidInput(f"lambda_mult must be between 0 (most varied) and 1 (most relevant); got {lambda_mult!r}.")
-
-
-def _values(vector: Any) -> Any:
-    return vector.to_numpy() if hasattr(vector, "to_numpy") else vector

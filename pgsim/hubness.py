@@ -18,15 +18,15 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 
+from pgsim.candidates import nearest_candidates
 from pgsim.encode import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
 from pgsim.names import table_identifier
 from pgsim.psycopg import encoder_for, register
-from pgsim.search import DEFAULT_TUNING, Tuning, Where, _database_key, _TtlCache, search, vector_column
+from pgsim.search import DEFAULT_TUNING, Tuning, Where, _database_key, _TtlCache, vector_column
 
 DEFAULT_WEIGHT = 0.5
 DEFAULT_NEIGHBOURS = 10
-CANDIDATES_PER_ROW = 5
 BANK_SECONDS = 60.0  # a bank read from the database is reused this long in this process
 _banks: _TtlCache[tuple[Any, ...], npt.NDArray[np.float32]] = _TtlCache(BANK_SECONDS, size=16)
 
@@ -87,25 +87,16 @@ def corrected_search(
     ``similarity - weight * hubness`` (see the module's text); the best ``k``."""
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
         raise InvalidInput(f"weight must be between 0 (no correction) and 1; got {weight!r}.")
-    pool = CANDIDATES_PER_ROW * k if candidates is None else candidates
-    if isinstance(pool, bool) or not isinstance(pool, int) or pool < k:
-        raise InvalidInput(f"candidates must be an integer of at least k ({k}); got {candidates!r}.")
     bank = _bank(conn, table, column)
     if isinstance(neighbours, bool) or not isinstance(neighbours, int) or not 1 <= neighbours <= len(bank):
         raise InvalidInput(f"neighbours must be a whole number from 1 to the bank's {len(bank)}; got {neighbours!r}.")
-    target = vector_column(conn, table, column)
-    wanted = list(columns or target.other_columns)
-    hits = search(conn, table, column, query, k=pool, where=where, columns=[*wanted, column], model=model,
-                  tuning=tuning)  # fmt: skip
-    if not hits:
+    found = nearest_candidates(conn, table, column, query, k=k, candidates=candidates, where=where, columns=columns,
+                               model=model, tuning=tuning)  # fmt: skip
+    if not found.hits:
         return []
-    vectors = np.stack([np.asarray(_values(hit.row[column]), dtype=np.float32) for hit in hits])
-    hubness = hubness_of(vectors, bank, neighbours)
-    scores = 1.0 - np.array([hit.distance for hit in hits]) - weight * hubness
-    keep = column in wanted
-    ranked = sorted(range(len(hits)), key=lambda i: -scores[i])[:k]
-    return [CorrectedHit({n: v for n, v in hits[i].row.items() if keep or n != column}, hits[i].distance,
-                         float(scores[i])) for i in ranked]  # fmt: skip
+    scores = found.similarities - weight * hubness_of(found.vectors, bank, neighbours)
+    ranked = sorted(range(len(found.hits)), key=lambda i: -scores[i])[:k]
+    return [CorrectedHit(found.row(i), found.hits[i].distance, float(scores[i])) for i in ranked]
 
 
 def forget_banks() -> None:
@@ -136,7 +127,7 @@ def _bank(conn: psycopg.Connection[Any], table: str, column: str) -> npt.NDArray
                 f"{table}.{column} has no query bank: set one with pgsim.hubness.set_query_bank(conn, "
                 f"{table!r}, {column!r}, queries), from a query log or typical questions."
             )
-        matrix = np.stack([np.asarray(_values(vector), dtype=np.float32) for (vector,) in rows])
+        matrix = np.stack([vector.to_numpy().astype(np.float32) for (vector,) in rows])
         bank = _banks.put(key, matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12))
     return bank
 
@@ -150,7 +141,3 @@ def _names(conn: psycopg.Connection[Any], table: str) -> tuple[str, str]:
     if row is None:
         raise InvalidInput(f"Table {table!r} does not exist (or is not on the search_path).")
     return str(row[0]), str(row[1])
-
-
-def _values(vector: Any) -> Any:
-    return vector.to_numpy() if hasattr(vector, "to_numpy") else vector

@@ -1,5 +1,6 @@
-"""Search quality on the Debian corpus: prototypes of hybrid search, a calibrated relevance threshold, MMR
-diversity, hubness correction, near-duplicate grouping and zero-shot labelling, each beside its baseline.
+"""Search quality on the Debian corpus: hybrid search, a calibrated relevance threshold, MMR diversity,
+hubness correction, near-duplicate grouping and zero-shot labelling, each as pgsim's API does it (the
+rows whose technique is a ``pgsim.`` call) beside its baseline and the prototypes it was chosen from.
 
     python bench/quality.py [--dsn DSN] [--queries 1000] [--bank 10000] [--hub-queries 5000] [--subset 5000]
 
@@ -8,9 +9,10 @@ a generated ``tsvector`` (english, GIN index) and as an all-MiniLM-L6-v2 vector 
 evaluation sets and metrics are in quality_data.py: known-item search (a package's synopsis finds its
 description; identical descriptions count as relevant), Source groups as entities, Section as label. The
 query bank (QB-Norm, calibration) and the hubness probe are synopses of other packages, disjoint from the
-test queries. Each technique is a function of the connection and the data that returns table rows, so the
-prototypes here (SQL where it is about the query, numpy where that is simpler) can be swapped for
-product calls. Embeddings are cached in bench/.cache/ (see corpus_cache.py); one table is printed.
+test queries. Each technique is a function of the connection and the data that returns table rows: the
+prototypes (SQL where it is about the query, numpy where that is simpler), the baselines, and the product
+call's own output measured the same way. The database gets pgsim's schema (pgsim.install). Embeddings are
+cached in bench/.cache/ (see corpus_cache.py); one table is printed.
 """
 
 from __future__ import annotations
@@ -53,6 +55,8 @@ from quality_data import (  # noqa: E402
     twin_groups,
 )
 
+import pgsim  # noqa: E402
+import pgsim.relevance  # noqa: E402  (not exported by pgsim: the module's own API)
 from pgsim.cli import format_table  # noqa: E402
 from pgsim.corpus import Package  # noqa: E402
 from pgsim.database import connect  # noqa: E402
@@ -63,6 +67,8 @@ DOCS = sql.Identifier(SCHEMA, "docs")
 SAMPLE = sql.Identifier(SCHEMA, "sample")
 SUBSET = sql.Identifier(SCHEMA, "subset")
 LABELS = sql.Identifier(SCHEMA, "labels")
+LABELLED = sql.Identifier(SCHEMA, "labelled")
+TABLE = f"{SCHEMA}.docs"  # the same table, named as pgsim's API takes it
 K = 10
 CANDIDATES = 100  # vector candidates fetched per query (plus the query's twins, for the held-out runs)
 EF_SEARCH = 400  # >= CANDIDATES + the largest twin group (168), so the candidate lists are near exact
@@ -255,6 +261,22 @@ def ms(seconds: float, count: int) -> str:
     return f"{seconds / count * 1000:.1f} ms/q"
 
 
+def timed_calls(desc: str, inputs: Sequence[Any], call: Any) -> tuple[list[Any], float]:
+    """``call(x)`` for each input, under a progress bar; the results and the seconds spent in the calls."""
+    from tqdm import tqdm
+
+    results, seconds = [], 0.0
+    for x in tqdm(inputs, desc=desc, file=sys.stderr):
+        started = time.perf_counter()
+        results.append(call(x))
+        seconds += time.perf_counter() - started
+    return results, seconds
+
+
+def hit_ids(hits: Sequence[Any]) -> list[int]:
+    return [int(hit.row["id"]) for hit in hits]
+
+
 # --- 1. hybrid search ----------------------------------------------------------------------------------
 
 
@@ -342,14 +364,49 @@ def hybrid_search(conn: psycopg.Connection[Any], data: Data, found: Candidates) 
             time=ms(seconds, n_q),
         )
     )
+    rows.append(product_hybrid(conn, data))
     return rows
+
+
+def product_hybrid(conn: psycopg.Connection[Any], data: Data) -> Row:
+    """pgsim.hybrid_search on the same table: it takes the query as text, so each call also encodes it (timed
+    apart here, with the same encoder, to tell the two costs apart)."""
+    from pgsim.psycopg import encoder_for
+
+    encoder = encoder_for(pgsim.DEFAULT_MODEL)
+    texts = [item.text for item in data.items]
+    encoder.encode_query(texts[0])  # loads the model outside the timings
+    encoded, encode_seconds = timed_calls("encoding the query texts alone", texts, encoder.encode_query)
+    agree = float(np.mean((unit(np.array(encoded)) * data.query_vectors).sum(axis=1)))
+    print(f"query texts encoded in the call vs the bench's query vectors: mean cosine {agree:.5f}", file=sys.stderr)
+
+    def call(text: str) -> list[int]:
+        hits = pgsim.hybrid_search(
+            conn, TABLE, "embedding", text, k=K, text_column="tsv", columns=["id"], candidates=50, rrf_k=60
+        )
+        return hit_ids(hits)
+
+    results, seconds = timed_calls("pgsim.hybrid_search", texts, call)
+    mrr, rec = mrr_recall(results, data.items)
+    n_q = len(texts)
+    return row(
+        "pgsim.hybrid_search",
+        "k 10, candidates 50, rrf_k 60, text_column tsv (ORed lexemes, ts_rank norm 1); encodes the query text",
+        mrr=mrr,
+        recall=rec,
+        time=f"{ms(seconds, n_q)}, of it {encode_seconds / n_q * 1000:.1f} encoding",
+    )
 
 
 # --- 2. relevance threshold ----------------------------------------------------------------------------
 
 
 def relevance_threshold(
-    data: Data, found: Candidates, doc_stats: dict[str, np.ndarray[Any, Any]], siblings: bool = False
+    conn: psycopg.Connection[Any],
+    data: Data,
+    found: Candidates,
+    doc_stats: dict[str, np.ndarray[Any, Any]],
+    siblings: bool = False,
 ) -> list[Row]:
     """Half the queries (fixed seed) have their target and its twins (and, with ``siblings``, every package
     of the target's Source, whose descriptions often share paragraphs with it) removed from consideration:
@@ -357,7 +414,9 @@ def relevance_threshold(
     returning queries that returned something relevant, recall the share of answerable queries that did.
     t is tuned (for F1, or for recall at precision >= 0.6) on one half of the queries (the tuning split) and
     evaluated on the other. AUC: the chance that a query whose target is present has a higher best score
-    than one whose target is held out (threshold-free; 0.5 means the score cannot tell them apart)."""
+    than one whose target is held out (threshold-free; 0.5 means the score cannot tell them apart).
+    The product row is pgsim.relevance.relevant_search's own top 10 and scores, the removed rows kept out by its
+    ``where``."""
     rng = random.Random(13)
     n_q = len(data.items)
     held_out = set(rng.sample(range(n_q), n_q // 2))
@@ -367,14 +426,16 @@ def relevance_threshold(
     stats: list[tuple[float, float]] = []
     flags: list[np.ndarray[Any, Any]] = []
     answerable: list[bool] = []
+    removed_per_query: list[frozenset[int]] = []
     by_source: dict[str, set[int]] = defaultdict(set)
     for doc, package in enumerate(data.docs):
         by_source[package.source].add(doc)
     for position, item in enumerate(data.items):
-        keep = np.ones(len(found.vector_ids[position]), dtype=bool)
+        removed: frozenset[int] = frozenset()
         if position in held_out:
             removed = item.relevant | by_source[data.docs[item.doc].source] if siblings else item.relevant
-            keep = np.array([doc not in removed for doc in found.vector_ids[position]], dtype=bool)
+        removed_per_query.append(removed)
+        keep = np.array([doc not in removed for doc in found.vector_ids[position]], dtype=bool)
         doc_ids, cos = found.vector_ids[position][keep][:CANDIDATES], found.vector_cos[position][keep][:CANDIDATES]
         ids.append(doc_ids[:K])
         raw.append(cos[:K])
@@ -395,12 +456,19 @@ def relevance_threshold(
             for s, (mean, sd), d in zip(raw, found.sample_stats, ids, strict=True)
         ],
     }
+    variants = {name: (values, flags) for name, values in scores.items()}
+    product, seconds = product_relevance(conn, data, removed_per_query)
+    variants[PRODUCT_RELEVANCE] = product
+    test = set(range(n_q)) - tuning
+    held = "held out: +Source siblings" if siblings else "held out: target+twins"
     rows = []
-    for name, values in scores.items():
+    for name, (values, hits) in variants.items():
 
-        def split(part: set[int], values: list[np.ndarray[Any, Any]] = values) -> tuple[list[Any], ...]:
+        def split(
+            part: set[int], values: list[np.ndarray[Any, Any]] = values, hits: list[np.ndarray[Any, Any]] = hits
+        ) -> tuple[list[Any], ...]:
             chosen = [i for i in range(n_q) if i in part]
-            return [values[i] for i in chosen], [flags[i] for i in chosen], [answerable[i] for i in chosen]
+            return [values[i] for i in chosen], [hits[i] for i in chosen], [answerable[i] for i in chosen]
 
         # threshold-free: does a query's best score separate "the table holds its target" from "it does not"?
         best = [float(v.max()) if len(v) else -np.inf for v in values]
@@ -408,23 +476,52 @@ def relevance_threshold(
             [b for b, a in zip(best, answerable, strict=True) if a],
             [b for b, a in zip(best, answerable, strict=True) if not a],
         )
-        label = "baseline: relevance threshold" if name == "raw cosine" else "relevance threshold"
-        test = set(range(n_q)) - tuning
-        held = "held out: +Source siblings" if siblings else "held out: target+twins"
+        if name == PRODUCT_RELEVANCE:
+            label, extra = "pgsim.relevance.relevant_search", {"time": ms(seconds, n_q)}
+        else:
+            label, extra = ("baseline: relevance threshold" if name == "raw cosine" else "relevance threshold"), {}
         for target in (None, 0.6) if siblings else (None,):
             t = best_threshold(*split(tuning), min_precision=target)
             p, r, f1 = threshold_prf(*split(test), t)
             goal = "best F1" if target is None else f"P>={target}"
             rows.append(
-                row(
-                    label,
-                    f"{held}; {name} >= {t:.3f} (tuned {goal}); AUC {separation:.3f}",
-                    p=p,
-                    r=r,
-                    f1=f1,
-                )
+                row(label, f"{held}; {name} >= {t:.3f} (tuned {goal}); AUC {separation:.3f}", p=p, r=r, f1=f1, **extra)
             )
+        if name == PRODUCT_RELEVANCE:
+            default = pgsim.relevance.DEFAULT_MIN_SCORE
+            p, r, f1 = threshold_prf(*split(test), default)
+            rows.append(row(label, f"{held}; {name} >= {default} (the product's default min_score)", p=p, r=r, f1=f1))
     return rows
+
+
+PRODUCT_RELEVANCE = "score (z vs calibrate's 1000 random rows)"
+
+
+def calibrate_product(conn: psycopg.Connection[Any], data: Data) -> None:
+    """pgsim.relevance.calibrate's random sample of 1000 rows, drawn with a fixed seed (random() in this session)."""
+    conn.execute("SELECT setseed(0.11)")
+    assert pgsim.relevance.calibrate(conn, TABLE, "embedding", sample=SAMPLE_ROWS) == min(SAMPLE_ROWS, len(data.docs))
+
+
+def product_relevance(
+    conn: psycopg.Connection[Any], data: Data, removed_per_query: Sequence[frozenset[int]]
+) -> tuple[tuple[list[np.ndarray[Any, Any]], list[np.ndarray[Any, Any]]], float]:
+    """pgsim.relevance.relevant_search's top 10 per query with every score (min_score -10, the lowest it takes), the
+    query's removed rows excluded by ``where``: the scores, the relevance flags and the seconds spent."""
+
+    def call(position: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        removed = removed_per_query[position]
+        where = sql.SQL("NOT (id = ANY({}))").format(sql.Literal(sorted(removed))) if removed else None
+        hits = pgsim.relevance.relevant_search(
+            conn, TABLE, "embedding", data.query_vectors[position], k=K, min_score=-10, where=where, columns=["id"]
+        )
+        relevant = data.items[position].relevant
+        found_ids = hit_ids(hits)
+        assert not removed & set(found_ids)
+        return np.array([hit.score for hit in hits]), np.array([d in relevant for d in found_ids], dtype=bool)
+
+    results, seconds = timed_calls("pgsim.relevance.relevant_search", range(len(data.items)), call)
+    return ([scores for scores, _ in results], [flags for _, flags in results]), seconds
 
 
 # --- 3. diversity --------------------------------------------------------------------------------------
@@ -444,7 +541,7 @@ def mmr(query_sims: np.ndarray[Any, Any], vectors: Matrix, lam: float, k: int) -
     return chosen
 
 
-def diversity(data: Data, found: Candidates, pool: int = 50) -> list[Row]:
+def diversity(conn: psycopg.Connection[Any], data: Data, found: Candidates, pool: int = 50) -> list[Row]:
     rows = []
     for lam in (1.0, 0.7, 0.5, 0.3):
         rankings, ils, distinct = [], [], []
@@ -466,6 +563,27 @@ def diversity(data: Data, found: Candidates, pool: int = 50) -> list[Row]:
                 ils=float(np.mean(ils)),
             )
         )
+    for lam in (0.7, 0.5):
+
+        def call(vector: np.ndarray[Any, Any], lam: float = lam) -> list[int]:
+            hits = pgsim.diverse_search(
+                conn, TABLE, "embedding", vector, k=K, lambda_mult=lam, candidates=pool, columns=["id"]
+            )
+            return hit_ids(hits)
+
+        rankings, seconds = timed_calls(f"pgsim.diverse_search, lambda {lam}", list(data.query_vectors), call)
+        mrr, rec = mrr_recall(rankings, data.items)
+        distinct = np.mean([len({data.docs[d].description for d in top}) for top in rankings])
+        rows.append(
+            row(
+                "pgsim.diverse_search",
+                f"lambda_mult {lam}, candidates {pool}; {distinct:.1f} distinct descriptions in 10",
+                mrr=mrr,
+                recall=rec,
+                ils=float(np.mean([intra_list_similarity(data.vectors[top]) for top in rankings])),
+                time=ms(seconds, len(rankings)),
+            )
+        )
     return rows
 
 
@@ -483,10 +601,12 @@ def bank_statistics(data: Data, k: int = 10, betas: Sequence[float] = (10.0, 20.
         group_of[doc] = min(twins)
     row_groups = np.array([group_of[d] for d in range(len(data.docs))])
     bank_groups = np.array([group_of[d] for d in data.bank])
-    out = {name: np.zeros(len(data.docs)) for name in ("topk", "mean", "sd", *(f"lse{b:g}" for b in betas))}
+    names = ("topk", "topk_unmasked", "mean", "sd", *(f"lse{b:g}" for b in betas))
+    out = {name: np.zeros(len(data.docs)) for name in names}
     step = 2048
     for start in tqdm(range(0, len(data.docs), step), desc="row statistics over the query bank", file=sys.stderr):
         sims = data.vectors[start : start + step] @ data.bank_vectors.T
+        out["topk_unmasked"][start : start + step] = np.partition(sims, -k, axis=1)[:, -k:].mean(axis=1)
         own = row_groups[start : start + step, None] == bank_groups[None, :]
         counts = len(data.bank) - own.sum(axis=1)
         sims[own] = 0.0
@@ -503,14 +623,20 @@ def bank_statistics(data: Data, k: int = 10, betas: Sequence[float] = (10.0, 20.
     return out
 
 
-def hubness(data: Data, found: Candidates, doc_stats: dict[str, np.ndarray[Any, Any]]) -> list[Row]:
+def hubness(
+    conn: psycopg.Connection[Any], data: Data, found: Candidates, doc_stats: dict[str, np.ndarray[Any, Any]]
+) -> list[Row]:
     """Re-rank the top-100 vector candidates by cosine minus a per-row penalty learnt from the query bank;
-    MRR on the known-item queries, and the skewness of N10 (how often each row is in a probe query's top 10)."""
+    MRR on the known-item queries, and the skewness of N10 (how often each row is in a probe query's top 10).
+    The bank's synopses are of packages in the table, so a bank package's own synopsis is among its row's
+    nearest bank queries: the prototypes leave each row's own and its twins' synopses out, pgsim cannot (a
+    bank is just texts); "unmasked" is the prototype as pgsim sees the bank."""
     from tqdm import tqdm
 
     penalties: dict[str, np.ndarray[Any, Any] | None] = {
         "none": None,
         "CSLS-style: cos - 0.5 * mean top-10 bank cos": 0.5 * doc_stats["topk"],
+        "CSLS-style: cos - 0.5 * mean top-10 bank cos, bank unmasked": 0.5 * doc_stats["topk_unmasked"],
         "CSLS-style: cos - 1.0 * mean top-10 bank cos": doc_stats["topk"],
         "QB-Norm inverted softmax, beta 10": doc_stats["lse10"] / 10,
         "QB-Norm inverted softmax, beta 20": doc_stats["lse20"] / 20,
@@ -544,7 +670,45 @@ def hubness(data: Data, found: Candidates, doc_stats: dict[str, np.ndarray[Any, 
                 skew=skewness(n10),
             )
         )
+    rows.append(product_hubness(conn, data))
     return rows
+
+
+def product_hubness(conn: psycopg.Connection[Any], data: Data, candidates: int = 50) -> Row:
+    """pgsim.set_query_bank with the bench's bank synopses (less any equal to a test query's text), then
+    pgsim.corrected_search per known-item query and per probe query (for N10)."""
+    tested = {item.text for item in data.items}
+    texts = [data.docs[d].synopsis for d in data.bank]
+    kept = [text for text in texts if text not in tested]
+    started = time.perf_counter()
+    banked = pgsim.set_query_bank(conn, TABLE, "embedding", kept)
+    bank_seconds = time.perf_counter() - started
+    print(
+        f"query bank: {len(texts)} synopses, {len(texts) - len(kept)} equal to a test query's left out, {banked} "
+        "distinct kept",
+        file=sys.stderr,
+    )
+
+    def call(vector: np.ndarray[Any, Any]) -> list[int]:
+        hits = pgsim.corrected_search(
+            conn, TABLE, "embedding", vector, k=K, weight=0.5, neighbours=10, candidates=candidates, columns=["id"]
+        )
+        return hit_ids(hits)
+
+    rankings, seconds = timed_calls("pgsim.corrected_search", list(data.query_vectors), call)
+    mrr, rec = mrr_recall(rankings, data.items)
+    probes, _ = timed_calls("pgsim.corrected_search, hubness probe", list(data.probe_vectors), call)
+    n10 = np.bincount(np.array([d for top in probes for d in top], dtype=np.int64), minlength=len(data.docs))
+    print(f"pgsim.corrected_search: {np.mean(n10 == 0):.0%} rows never in a probe's top 10", file=sys.stderr)
+    return row(
+        "pgsim.corrected_search",
+        f"weight 0.5, neighbours 10, candidates {candidates}; bank {banked} (no test query; own synopses NOT "
+        f"masked); max N10 {n10.max()}",
+        mrr=mrr,
+        recall=rec,
+        skew=skewness(n10),
+        time=f"{ms(seconds, len(rankings))}; set_query_bank {bank_seconds:.0f}s",
+    )
 
 
 # --- 5. near-duplicates --------------------------------------------------------------------------------
@@ -581,6 +745,7 @@ def near_duplicates(conn: psycopg.Connection[Any], data: Data, size: int, k: int
     conn.execute(
         sql.SQL("CREATE TABLE {} AS SELECT id, embedding FROM {} WHERE id = ANY(%s)").format(SUBSET, DOCS), [chosen]
     )
+    conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (id)").format(SUBSET))  # pgsim names rows by it
     with conn.transaction():
         conn.execute("SET LOCAL maintenance_work_mem = '512MB'")
         started = time.perf_counter()
@@ -625,6 +790,55 @@ def near_duplicates(conn: psycopg.Connection[Any], data: Data, size: int, k: int
                     time=f"{seconds:.1f}s; ~{seconds * scale / 60:.1f} min at {full}",
                 )
             )
+    for threshold in (0.90, 0.95):
+        started = time.perf_counter()
+        groups = pgsim.near_duplicates(conn, f"{SCHEMA}.subset", "embedding", threshold=threshold, neighbours=k)
+        seconds = time.perf_counter() - started
+        p, r, f1 = pairwise_prf(group_labels(chosen, groups), truth)
+        grouped = sum(len(group) for group in groups)
+        rows.append(
+            row(
+                "pgsim.near_duplicates",
+                f"same {n} rows, threshold {threshold}, neighbours {k}; {len(groups)} groups of {grouped} rows",
+                p=p,
+                r=r,
+                f1=f1,
+                time=f"{seconds:.1f}s (+{index_seconds:.1f}s HNSW build)",
+            )
+        )
+    return rows
+
+
+def group_labels(ids: Sequence[int], groups: Sequence[Sequence[dict[str, Any]]]) -> list[int]:
+    """One cluster label per id, from pgsim.near_duplicates' groups of primary keys (a row in no group is
+    alone in its own)."""
+    label = {int(key["id"]): number for number, group in enumerate(groups) for key in group}
+    return [label.get(doc, len(groups) + position) for position, doc in enumerate(ids)]
+
+
+def near_duplicates_full(conn: psycopg.Connection[Any], data: Data, threshold: float = 0.95) -> list[Row]:
+    """pgsim.near_duplicates once on the whole table (its HNSW index is the one the searches use)."""
+    truth = [p.source for p in data.docs]
+    n = len(data.docs)
+    rows = []
+    p, r, f1 = pairwise_prf([p.description for p in data.docs], truth)
+    rows.append(row("baseline: near-duplicates", f"identical description (all {n} rows)", p=p, r=r, f1=f1))
+    print(f"pgsim.near_duplicates on all {n} rows ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    groups = pgsim.near_duplicates(conn, TABLE, "embedding", threshold=threshold, neighbours=10)
+    seconds = time.perf_counter() - started
+    p, r, f1 = pairwise_prf(group_labels(range(n), groups), truth)
+    grouped = sum(len(group) for group in groups)
+    rows.append(
+        row(
+            "pgsim.near_duplicates",
+            f"all {n} rows, threshold {threshold}, neighbours 10; {len(groups)} groups of {grouped} rows",
+            p=p,
+            r=r,
+            f1=f1,
+            time=f"{seconds:.1f}s (measured)",
+        )
+    )
     return rows
 
 
@@ -681,7 +895,30 @@ def zero_shot_labels(conn: psycopg.Connection[Any], data: Data, examples: int = 
         rows.append(
             row("zero-shot labels", f"nearest {name} ({len(keep)} rows)", acc=acc, macro_f1=f1, time=f"{seconds:.1f}s")
         )
+    rows.append(product_labels(conn, data, {s: SECTION_DESCRIPTIONS.get(s, s) for s in sections}))
     return rows
+
+
+def product_labels(conn: psycopg.Connection[Any], data: Data, labels: dict[str, str]) -> Row:
+    """pgsim.label_rows with the written descriptions, into a new text column of a copy of the table's ids and
+    vectors (an UPDATE of every row of the searched table would add a version of each to its HNSW and GIN
+    indexes, and bloat them for the measurements of later runs)."""
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(LABELLED))
+    conn.execute(sql.SQL("CREATE TABLE {} AS SELECT id, embedding FROM {}").format(LABELLED, DOCS))
+    conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (id), ADD COLUMN section_label text").format(LABELLED))
+    started = time.perf_counter()
+    counts = pgsim.label_rows(conn, f"{SCHEMA}.labelled", "embedding", labels, into="section_label")
+    seconds = time.perf_counter() - started
+    predicted = dict(conn.execute(sql.SQL("SELECT id, section_label FROM {}").format(LABELLED)).fetchall())
+    assert sum(counts.values()) == len(predicted) == len(data.docs)
+    acc, f1 = accuracy_macro_f1([predicted[d] for d in range(len(data.docs))], [p.section for p in data.docs])
+    return row(
+        "pgsim.label_rows",
+        f"written description per section ({len(labels)} labels) into a new text column ({len(data.docs)} rows)",
+        acc=acc,
+        macro_f1=f1,
+        time=f"{seconds:.1f}s",
+    )
 
 
 # --- main ----------------------------------------------------------------------------------------------
@@ -725,12 +962,15 @@ def main() -> None:
     parser.add_argument("--hub-queries", type=int, default=5000, help="probe synopses for hubness (N10)")
     parser.add_argument("--subset", type=int, default=5000, help="rows for the near-duplicate joins")
     parser.add_argument("--docs", type=int, default=0, help="only the first N documents (0: all; for a quick run)")
+    parser.add_argument(
+        "--skip-full-duplicates", action="store_true", help="no pgsim.near_duplicates on the whole table"
+    )
     args = parser.parse_args()
     started = time.perf_counter()
 
     data = prepare(args)
     conn = connect(args.dsn)
-    conn.execute("CREATE EXTENSION IF NOT EXISTS vector")  # only pgvector: the prototypes need no pgsim SQL
+    pgsim.install(conn)  # pgvector and pgsim's schema: the product calls need its SQL functions and tables
     register(conn)
     load_table(conn, data.docs, data.vectors)
     stage = time.perf_counter()
@@ -745,11 +985,14 @@ def main() -> None:
     doc_stats = bank_statistics(data)
     timed("candidates and bank statistics", [])
     rows = timed("1. hybrid", hybrid_search(conn, data, found))
-    rows += timed("2. threshold", relevance_threshold(data, found, doc_stats))
-    rows += timed("2. threshold, Source held out", relevance_threshold(data, found, doc_stats, siblings=True))
-    rows += timed("3. diversity", diversity(data, found))
-    rows += timed("4. hubness", hubness(data, found, doc_stats))
+    calibrate_product(conn, data)
+    rows += timed("2. threshold", relevance_threshold(conn, data, found, doc_stats))
+    rows += timed("2. threshold, Source held out", relevance_threshold(conn, data, found, doc_stats, siblings=True))
+    rows += timed("3. diversity", diversity(conn, data, found))
+    rows += timed("4. hubness", hubness(conn, data, found, doc_stats))
     rows += timed("5. near-duplicates", near_duplicates(conn, data, args.subset))
+    if not args.skip_full_duplicates:
+        rows += timed("5. near-duplicates, whole table", near_duplicates_full(conn, data))
     rows += timed("6. labels", zero_shot_labels(conn, data))
     print(
         f"\n{len(data.docs)} rows (long descriptions), {len(data.items)} known-item queries (synopses), "

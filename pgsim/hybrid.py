@@ -182,5 +182,3 @@ def _text_column(conn: psycopg.Connection[Any], table: str, name: str | None, co
     if conn.execute("SELECT count(*) FROM pg_ts_config WHERE cfgname = %s", [config.split(".")[-1]]).fetchone() == (0,):
         raise InvalidInput(f"There is no text search configuration {config!r} here (see \\dF in psql).")
     return TextColumn(name, config)
-
-

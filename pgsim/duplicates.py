@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 
 from pgsim.errors import InvalidInput
-from pgsim.names import table_identifier
+from pgsim.names import existing_table
 
 DEFAULT_THRESHOLD = 0.95
 DEFAULT_NEIGHBOURS = 10
@@ -29,7 +29,7 @@ def near_duplicates(
     check_threshold(threshold)
     if isinstance(neighbours, bool) or not isinstance(neighbours, int) or not 1 <= neighbours <= 1000:
         raise InvalidInput(f"neighbours must be an integer from 1 to 1000; got {neighbours!r}.")
-    oid = existing_table(conn, table)
+    oid = existing_table(conn, table).oid
     try:
         rows = conn.execute(
             "SELECT key, group_id FROM pgsim.near_duplicates(%s::oid::regclass, %s, %s, %s)",
@@ -50,11 +50,3 @@ def near_duplicates(
 def check_threshold(threshold: float) -> None:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
         raise InvalidInput(f"threshold is a cosine similarity in (0, 1]; got {threshold!r}.")
-
-
-def existing_table(conn: psycopg.Connection[Any], table: str) -> int:
-    """The table's oid; a clear error when there is no such table."""
-    row = conn.execute("SELECT to_regclass(%s)::oid", [table_identifier(table).as_string(conn)]).fetchone()
-    if row is None or row[0] is None:
-        raise InvalidInput(f"Table {table!r} does not exist (or is not on the search_path).")
-    return int(row[0])

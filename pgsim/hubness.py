@@ -21,7 +21,7 @@ import psycopg
 from pgsim.candidates import nearest_candidates
 from pgsim.encode import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
-from pgsim.names import table_identifier
+from pgsim.names import existing_table
 from pgsim.psycopg import encoder_for, register
 from pgsim.search import DEFAULT_TUNING, Tuning, Where, _database_key, _TtlCache, vector_column
 
@@ -51,11 +51,11 @@ def set_query_bank(conn: psycopg.Connection[Any], table: str, column: str, queri
                            f"holds {target.dimension}.")  # fmt: skip
     vectors = encoder.encode(texts, kind="query")
     register(conn)
-    schema, name = _names(conn, table)
+    found = existing_table(conn, table)
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(
             "DELETE FROM pgsim.query_bank WHERE (table_schema, table_name, column_name) = (%s, %s, %s)",
-            [schema, name, column],
+            [found.schema, found.name, column],
         )
         statement = (
             "COPY pgsim.query_bank (table_schema, table_name, column_name, embedding) FROM STDIN (FORMAT BINARY)"
@@ -63,7 +63,7 @@ def set_query_bank(conn: psycopg.Connection[Any], table: str, column: str, queri
         with cur.copy(statement) as copy:
             copy.set_types(["name", "name", "name", "vector"])
             for vector in vectors:
-                copy.write_row((schema, name, column, vector))
+                copy.write_row((found.schema, found.name, column, vector))
     _banks.clear()
     return len(texts)
 
@@ -116,11 +116,11 @@ def _bank(conn: psycopg.Connection[Any], table: str, column: str) -> npt.NDArray
     key = (_database_key(conn), table, column)
     bank = _banks.get(key)
     if bank is None:
-        schema, name = _names(conn, table)
+        found = existing_table(conn, table)
         register(conn)
         rows = conn.execute(
             "SELECT embedding FROM pgsim.query_bank WHERE (table_schema, table_name, column_name) = (%s, %s, %s)",
-            [schema, name, column],
+            [found.schema, found.name, column],
         ).fetchall()
         if not rows:
             raise InvalidInput(
@@ -130,14 +130,3 @@ def _bank(conn: psycopg.Connection[Any], table: str, column: str) -> npt.NDArray
         matrix = np.stack([vector.to_numpy().astype(np.float32) for (vector,) in rows])
         bank = _banks.put(key, matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12))
     return bank
-
-
-def _names(conn: psycopg.Connection[Any], table: str) -> tuple[str, str]:
-    row = conn.execute(
-        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.oid = to_regclass(%s)",
-        [table_identifier(table).as_string(conn)],
-    ).fetchone()
-    if row is None:
-        raise InvalidInput(f"Table {table!r} does not exist (or is not on the search_path).")
-    return str(row[0]), str(row[1])

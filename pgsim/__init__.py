@@ -24,6 +24,7 @@ from pgsim.install import InstallReport, install
 from pgsim.labels import label_rows
 from pgsim.psycopg import Text, register, register_async
 from pgsim.registry import Registration, add_embedding, change_model, get_registration, remove_embedding
+from pgsim.relevance import RelevantHit, relevant_search
 from pgsim.search import Between, Hit, NoIndexWarning, Plan, Tuning, search
 from pgsim.server import EmbeddedServer
 from pgsim.sync import SyncReport, Worker, backfill, sync
@@ -48,6 +49,7 @@ __all__ = [
     "PgsimError",
     "Plan",
     "Registration",
+    "RelevantHit",
     "ServerError",
     "SyncReport",
     "Text",
@@ -68,6 +70,7 @@ __all__ = [
     "near_duplicates",
     "register",
     "register_async",
+    "relevant_search",
     "remove_embedding",
     "resolve_dsn",
     "search",

@@ -18,7 +18,7 @@ from pgsim.hubness import corrected_search, forget_banks, set_query_bank
 from pgsim.hybrid import hybrid_search
 from pgsim.labels import label_rows
 from pgsim.psycopg import register
-from pgsim.relevance import calibrate, relevant_search
+from pgsim.relevance import relevant_search
 from pgsim.search import search
 
 pytestmark = pytest.mark.usefixtures("db")
@@ -218,41 +218,45 @@ def test_hybrid_search_refuses_bad_input(fulltext: Any) -> None:
         hybrid_search(fulltext, "plain", "embedding", "json")
 
 
-def test_calibrated_scores_put_each_querys_similarities_against_the_columns_sample(
-    conn: Any, packages: list[Package], encoder: Encoder
+@pytest.mark.parametrize("where", [None, {"section": "libs"}])
+def test_relevance_scores_are_the_margin_over_the_querys_reference_th_nearest_row(
+    conn: Any, packages: list[Package], package_vectors: Any, encoder: Encoder, where: dict[str, str] | None
 ) -> None:
-    assert calibrate(conn, "packages", "embedding", sample=200) == 200
-    sample = np.stack(
-        [
-            v.to_numpy()
-            for (v,) in conn.execute("SELECT embedding FROM pgsim.score_sample WHERE table_name = 'packages'")
-        ]
-    )
-    assert sample.shape == (200, 384)
     query = packages[7].synopsis
-    background = sample @ encoder.encode_query(query)
-    hits = relevant_search(conn, "packages", "embedding", query, k=5, min_score=-10)
-    assert len(hits) == 5 and hits[0].row["package"] == packages[7].package
-    for hit in hits:
-        expected = (1 - hit.distance - background.mean()) / background.std()
-        assert hit.score == pytest.approx(expected, rel=1e-4)
-    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    passing = [i for i, p in enumerate(packages) if where is None or p.section == "libs"]
+    similar = package_vectors[passing] @ encoder.encode_query(query)
+    order = np.argsort(-similar)
+    floor = similar[order[49]] if len(order) >= 50 else similar[order[-1]]
+    hits = relevant_search(conn, "packages", "embedding", query, k=5, min_score=0, where=where)
+    assert [h.row["package"] for h in hits] == [packages[passing[i]].package for i in order[:5]]
+    for hit, i in zip(hits, order[:5], strict=True):
+        assert hit.score == pytest.approx(similar[i] - floor, abs=1e-4)
+        assert where is None or hit.row["section"] == "libs"
     cut = (hits[1].score + hits[2].score) / 2
-    assert [h.row["package"] for h in relevant_search(conn, "packages", "embedding", query, k=5, min_score=cut)] == [
-        h.row["package"] for h in hits[:2]
-    ]
-    assert relevant_search(conn, "packages", "embedding", query, k=5, min_score=hits[0].score + 0.01) == []
+    kept = relevant_search(conn, "packages", "embedding", query, k=5, min_score=cut, where=where)
+    assert [h.row["package"] for h in kept] == [h.row["package"] for h in hits[:2]]
+    assert relevant_search(conn, "packages", "embedding", query, k=5, min_score=hits[0].score + 0.01, where=where) == []
 
 
-def test_calibrated_search_draws_its_sample_on_first_use_and_refuses_bad_input(conn: Any) -> None:
-    conn.execute("DELETE FROM pgsim.score_sample")
-    assert relevant_search(conn, "packages", "embedding", "a JSON parser", min_score=0)
-    assert conn.execute("SELECT count(*) FROM pgsim.score_sample").fetchone() == (400,)  # all 400 < 1000
-    for bad in (float("nan"), 51, True, "5"):
+def test_relevant_search_with_fewer_rows_than_the_reference_measures_against_the_last_row(
+    conn: Any, packages: list[Package]
+) -> None:
+    four = psycopg.sql.SQL("package = ANY({})").format(psycopg.sql.Literal([p.package for p in packages[:4]]))
+    hits = relevant_search(conn, "packages", "embedding", "a JSON parser", k=3, min_score=0, where=four)
+    assert len(hits) == 3 and hits[-1].score > 0
+    everything = relevant_search(conn, "packages", "embedding", "a JSON parser", k=10, min_score=0, where=four)
+    assert len(everything) == 4 and everything[-1].score == 0  # the last row is its own reference
+
+
+def test_relevant_search_refuses_bad_input(conn: Any) -> None:
+    for bad in (float("nan"), -0.1, 2.5, True, "0.3"):
         with pytest.raises(InvalidInput, match="min_score"):
             relevant_search(conn, "packages", "embedding", "json", min_score=bad)  # type: ignore[arg-type]
-    with pytest.raises(InvalidInput, match="sample"):
-        calibrate(conn, "packages", "embedding", sample=10)
+    for bad_reference in (10, 5, True, 50.0):
+        with pytest.raises(InvalidInput, match="reference must be a whole number above k"):
+            relevant_search(conn, "packages", "embedding", "json", reference=bad_reference)  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="k must be"):
+        relevant_search(conn, "packages", "embedding", "json", k=0)
     with pytest.raises(InvalidInput, match="non-empty query text"):
         relevant_search(conn, "packages", "embedding", " ")
 

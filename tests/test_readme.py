@@ -132,7 +132,8 @@ def test_quality_example_runs_as_written(database: str) -> None:
     env = dict(os.environ, PGSIM_DSN=database)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    hybrid, diverse, duplicates, labels = out.stdout.strip().splitlines()
+    hybrid, relevant, irrelevant, diverse, duplicates, labels = out.stdout.strip().splitlines()
     assert len(ast.literal_eval(hybrid)) == 3 and len(ast.literal_eval(diverse)) == 3
+    assert 1 <= len(ast.literal_eval(relevant)) <= 10 and ast.literal_eval(irrelevant) == []
     assert len(ast.literal_eval(duplicates)) >= 2
     assert sum(ast.literal_eval(labels.removeprefix("Counter(").removesuffix(")")).values()) == 300

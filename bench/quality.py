@@ -56,7 +56,7 @@ from quality_data import (  # noqa: E402
 )
 
 import pgsim  # noqa: E402
-import pgsim.relevance  # noqa: E402  (not exported by pgsim: the module's own API)
+import pgsim.relevance  # noqa: E402  (its defaults)
 from pgsim.cli import format_table  # noqa: E402
 from pgsim.corpus import Package  # noqa: E402
 from pgsim.database import connect  # noqa: E402
@@ -64,7 +64,6 @@ from pgsim.psycopg import register  # noqa: E402
 
 SCHEMA = "bench_quality"
 DOCS = sql.Identifier(SCHEMA, "docs")
-SAMPLE = sql.Identifier(SCHEMA, "sample")
 SUBSET = sql.Identifier(SCHEMA, "subset")
 LABELS = sql.Identifier(SCHEMA, "labels")
 LABELLED = sql.Identifier(SCHEMA, "labelled")
@@ -72,7 +71,6 @@ TABLE = f"{SCHEMA}.docs"  # the same table, named as pgsim's API takes it
 K = 10
 CANDIDATES = 100  # vector candidates fetched per query (plus the query's twins, for the held-out runs)
 EF_SEARCH = 400  # >= CANDIDATES + the largest twin group (168), so the candidate lists are near exact
-SAMPLE_ROWS = 1000  # random rows a query's score distribution is measured against (calibration)
 
 COLUMNS = ["technique", "setting", "MRR@10", "R@10", "P", "R", "F1", "acc", "macro-F1", "ILS@10", "N10 skew", "time"]
 KEYS = ["mrr", "recall", "p", "r", "f1", "acc", "macro_f1", "ils", "skew", "time"]
@@ -92,6 +90,8 @@ class Data:
     twins: list[frozenset[int]]
     items: list[KnownItem]
     query_vectors: Matrix  # unit synopsis vectors of the items
+    relevance_items: list[KnownItem]  # the relevance threshold's own, larger set of known-item queries
+    relevance_vectors: Matrix
     bank: list[int]  # doc ids whose synopses form the query bank
     bank_vectors: Matrix
     probe_vectors: Matrix  # synopses of other packages, to measure hubness
@@ -106,7 +106,6 @@ class Candidates:
     vector_cos: list[np.ndarray[Any, Any]] = field(default_factory=list)
     hnsw_default: list[list[int]] = field(default_factory=list)  # LIMIT 10 at pgvector's default ef_search
     text: dict[str, list[list[int]]] = field(default_factory=dict)  # full-text variant -> top CANDIDATES
-    sample_stats: list[tuple[float, float]] = field(default_factory=list)  # mean, sd of cosine to SAMPLE rows
     seconds: dict[str, float] = field(default_factory=lambda: defaultdict(float))
 
 
@@ -147,10 +146,6 @@ def load_table(conn: psycopg.Connection[Any], docs: list[Package], vectors: Matr
         conn.execute("SET LOCAL max_parallel_maintenance_workers = 2")
         conn.execute(sql.SQL("CREATE INDEX ON {} USING hnsw (embedding vector_cosine_ops)").format(DOCS))
     conn.execute(sql.SQL("CREATE INDEX ON {} USING gin (tsv)").format(DOCS))
-    sample = sorted(random.Random(11).sample(range(len(docs)), min(SAMPLE_ROWS, len(docs))))
-    conn.execute(
-        sql.SQL("CREATE TABLE {} AS SELECT id, embedding FROM {} WHERE id = ANY(%s)").format(SAMPLE, DOCS), [sample]
-    )
     conn.execute(sql.SQL("ANALYZE {}").format(DOCS))
     conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(DOCS, sql.Literal(tag)))
     print(f"HNSW and GIN indexes built in {time.perf_counter() - started:.1f}s", flush=True)
@@ -160,9 +155,6 @@ def load_table(conn: psycopg.Connection[Any], docs: list[Package], vectors: Matr
 
 VECTOR_TOP = sql.SQL("SELECT id, 1 - (embedding <=> %(q)s) FROM {} ORDER BY embedding <=> %(q)s LIMIT %(n)s").format(
     DOCS
-)
-SAMPLE_STATS = sql.SQL("SELECT avg(s), stddev_samp(s) FROM (SELECT 1 - (embedding <=> %(q)s) AS s FROM {}) t").format(
-    SAMPLE
 )
 
 # tsquery constructions over the synopsis; OR: plainto_tsquery's lexemes (stemmed, stop words gone) with
@@ -241,10 +233,6 @@ def collect(conn: psycopg.Connection[Any], data: Data) -> Candidates:
             started = time.perf_counter()
             found.text[name].append([r[0] for r in conn.execute(query, {"text": item.text, "n": CANDIDATES})])
             found.seconds[name] += time.perf_counter() - started
-        started = time.perf_counter()
-        mean, sd = conn.execute(SAMPLE_STATS, {"q": vector}).fetchone()  # type: ignore[misc]
-        found.seconds["sample stats"] += time.perf_counter() - started
-        found.sample_stats.append((float(mean), float(sd)))
     conn.execute("RESET hnsw.ef_search")
     return found
 
@@ -400,128 +388,150 @@ def product_hybrid(conn: psycopg.Connection[Any], data: Data) -> Row:
 
 # --- 2. relevance threshold ----------------------------------------------------------------------------
 
+SPLITS = 20  # random (held-out, tuning) splits of the relevance queries; each figure is their mean
+REFERENCE = pgsim.relevance.DEFAULT_REFERENCE
+PRODUCT_RELEVANCE = "pgsim.relevant_search's score"
+PRESENT = "present"
+
 
 def relevance_threshold(
-    conn: psycopg.Connection[Any],
-    data: Data,
-    found: Candidates,
-    doc_stats: dict[str, np.ndarray[Any, Any]],
-    siblings: bool = False,
+    conn: psycopg.Connection[Any], data: Data, doc_stats: dict[str, np.ndarray[Any, Any]]
 ) -> list[Row]:
-    """Half the queries (fixed seed) have their target and its twins (and, with ``siblings``, every package
-    of the target's Source, whose descriptions often share paragraphs with it) removed from consideration:
-    nothing relevant is left for them. A query "returns" its top-10 results scoring >= t; precision is the share of
+    """Known-item queries of their own (``--relevance-queries``). In each of SPLITS random splits half of
+    them have their answer removed from consideration (the target and its twins; in the second condition
+    also every package of the target's Source, whose descriptions often share paragraphs with it): nothing
+    relevant is left for them. A query "returns" its top-10 results scoring >= t; precision is the share of
     returning queries that returned something relevant, recall the share of answerable queries that did.
-    t is tuned (for F1, or for recall at precision >= 0.6) on one half of the queries (the tuning split) and
-    evaluated on the other. AUC: the chance that a query whose target is present has a higher best score
-    than one whose target is held out (threshold-free; 0.5 means the score cannot tell them apart).
-    The product row is pgsim.relevance.relevant_search's own top 10 and scores, the removed rows kept out by its
-    ``where``."""
-    rng = random.Random(13)
-    n_q = len(data.items)
-    held_out = set(rng.sample(range(n_q), n_q // 2))
-    tuning = set(rng.sample(range(n_q), n_q // 2))
-    raw: list[np.ndarray[Any, Any]] = []
-    ids: list[np.ndarray[Any, Any]] = []
-    stats: list[tuple[float, float]] = []
-    flags: list[np.ndarray[Any, Any]] = []
-    answerable: list[bool] = []
-    removed_per_query: list[frozenset[int]] = []
+    t is tuned (for best F1, or for the best recall at precision >= 0.6) on a random half of the queries and
+    evaluated on the other. AUC: the chance that a query whose answer is present has a higher best score
+    than one whose answer was removed (0.5: the score cannot tell them apart). Figures are means over the
+    splits. The other scorers run in numpy on exact neighbours; the product row is pgsim.relevant_search on
+    the server, the removed rows kept out by its ``where``."""
+    items = data.relevance_items
     by_source: dict[str, set[int]] = defaultdict(set)
     for doc, package in enumerate(data.docs):
         by_source[package.source].add(doc)
-    for position, item in enumerate(data.items):
-        removed: frozenset[int] = frozenset()
-        if position in held_out:
-            removed = item.relevant | by_source[data.docs[item.doc].source] if siblings else item.relevant
-        removed_per_query.append(removed)
-        keep = np.array([doc not in removed for doc in found.vector_ids[position]], dtype=bool)
-        doc_ids, cos = found.vector_ids[position][keep][:CANDIDATES], found.vector_cos[position][keep][:CANDIDATES]
-        ids.append(doc_ids[:K])
-        raw.append(cos[:K])
-        stats.append((float(cos.mean()), float(cos.std())))
-        flags.append(np.array([doc in item.relevant for doc in doc_ids[:K]], dtype=bool))
-        answerable.append(position not in held_out)
-    scores = {
-        "raw cosine": raw,
-        "z: query vs 1000 random rows": [
-            (s - mean) / sd for s, (mean, sd) in zip(raw, found.sample_stats, strict=True)
-        ],
-        "z: query vs its own top 100": [(s - mean) / sd for s, (mean, sd) in zip(raw, stats, strict=True)],
-        "z: row vs bank queries": [
-            (s - doc_stats["mean"][d]) / doc_stats["sd"][d] for s, d in zip(raw, ids, strict=True)
-        ],
-        "mean of z random rows, z bank": [
-            0.5 * ((s - mean) / sd + (s - doc_stats["mean"][d]) / doc_stats["sd"][d])
-            for s, (mean, sd), d in zip(raw, found.sample_stats, ids, strict=True)
+    conditions = {
+        "held out: target+twins": [item.relevant for item in items],
+        "held out: +Source siblings": [
+            item.relevant | frozenset(by_source[data.docs[item.doc].source]) for item in items
         ],
     }
-    variants = {name: (values, flags) for name, values in scores.items()}
-    product, seconds = product_relevance(conn, data, removed_per_query)
-    variants[PRODUCT_RELEVANCE] = product
-    test = set(range(n_q)) - tuning
-    held = "held out: +Source siblings" if siblings else "held out: target+twins"
+    outcomes = {state: Outcome() for state in [PRESENT, *conditions]}
+    exact_outcomes(data, conditions, doc_stats, outcomes)
+    seconds = product_outcomes(conn, data, conditions, outcomes)
     rows = []
-    for name, (values, hits) in variants.items():
-
-        def split(
-            part: set[int], values: list[np.ndarray[Any, Any]] = values, hits: list[np.ndarray[Any, Any]] = hits
-        ) -> tuple[list[Any], ...]:
-            chosen = [i for i in range(n_q) if i in part]
-            return [values[i] for i in chosen], [hits[i] for i in chosen], [answerable[i] for i in chosen]
-
-        # threshold-free: does a query's best score separate "the table holds its target" from "it does not"?
-        best = [float(v.max()) if len(v) else -np.inf for v in values]
-        separation = auc(
-            [b for b, a in zip(best, answerable, strict=True) if a],
-            [b for b, a in zip(best, answerable, strict=True) if not a],
-        )
-        if name == PRODUCT_RELEVANCE:
-            label, extra = "pgsim.relevance.relevant_search", {"time": ms(seconds, n_q)}
-        else:
-            label, extra = ("baseline: relevance threshold" if name == "raw cosine" else "relevance threshold"), {}
-        for target in (None, 0.6) if siblings else (None,):
-            t = best_threshold(*split(tuning), min_precision=target)
-            p, r, f1 = threshold_prf(*split(test), t)
-            goal = "best F1" if target is None else f"P>={target}"
-            rows.append(
-                row(label, f"{held}; {name} >= {t:.3f} (tuned {goal}); AUC {separation:.3f}", p=p, r=r, f1=f1, **extra)
-            )
-        if name == PRODUCT_RELEVANCE:
-            default = pgsim.relevance.DEFAULT_MIN_SCORE
-            p, r, f1 = threshold_prf(*split(test), default)
-            rows.append(row(label, f"{held}; {name} >= {default} (the product's default min_score)", p=p, r=r, f1=f1))
+    for condition in conditions:
+        for name in outcomes[PRESENT].best:
+            label = "pgsim.relevant_search" if name == PRODUCT_RELEVANCE else "relevance threshold"
+            extra = {"time": ms(seconds, len(items) * (1 + len(conditions)))} if name == PRODUCT_RELEVANCE else {}
+            for goal in ("best F1", "P>=0.6", "default"):
+                if goal == "default" and name != PRODUCT_RELEVANCE:
+                    continue
+                t, p, r, f1, separation = np.mean(
+                    [
+                        split_figures(outcomes[PRESENT], outcomes[condition], name, split, goal)
+                        for split in range(SPLITS)
+                    ],
+                    axis=0,
+                )
+                how = "the product's default" if goal == "default" else f"tuned for {goal}"
+                label = "baseline: relevance threshold" if name == "raw cosine" else label
+                setting = f"{condition}; {name} >= {t:.3f} ({how}); AUC {separation:.3f}"
+                rows.append(row(label, setting, p=p, r=r, f1=f1, **extra))
     return rows
 
 
-PRODUCT_RELEVANCE = "score (z vs calibrate's 1000 random rows)"
+@dataclass
+class Outcome:
+    """Per scorer, per query: the best score among its top 10, and the best among its relevant rows there
+    (-inf when none is); with every top-10 score pooled, the thresholds to try."""
+
+    best: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    best_relevant: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+    pooled: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
+
+    def add(self, name: str, scores: np.ndarray[Any, Any], flags: np.ndarray[Any, Any]) -> None:
+        self.best[name].append(float(scores.max()) if len(scores) else -np.inf)
+        self.best_relevant[name].append(float(scores[flags].max()) if flags.any() else -np.inf)
+        self.pooled[name].extend(scores.tolist())
 
 
-def calibrate_product(conn: psycopg.Connection[Any], data: Data) -> None:
-    """pgsim.relevance.calibrate's random sample of 1000 rows, drawn with a fixed seed (random() in this session)."""
-    conn.execute("SELECT setseed(0.11)")
-    assert pgsim.relevance.calibrate(conn, TABLE, "embedding", sample=SAMPLE_ROWS) == min(SAMPLE_ROWS, len(data.docs))
+def exact_outcomes(
+    data: Data,
+    conditions: dict[str, list[frozenset[int]]],
+    doc_stats: dict[str, np.ndarray[Any, Any]],
+    outcomes: dict[str, Outcome],
+) -> None:
+    """Raw cosine and the calibrations measured against it, on exact neighbours in numpy."""
+    from tqdm import tqdm
+
+    items, vectors = data.relevance_items, data.relevance_vectors
+    sample = data.vectors[sorted(random.Random(11).sample(range(len(data.docs)), min(1000, len(data.docs))))]
+    hub = doc_stats["topk_unmasked"]
+    step = 256
+    for start in tqdm(range(0, len(items), step), desc="relevance: exact neighbours", file=sys.stderr):
+        for q, similar in enumerate(vectors[start : start + step] @ data.vectors.T, start=start):
+            background = sample @ vectors[q]
+            for state, removed in [(PRESENT, frozenset()), *((name, lists[q]) for name, lists in conditions.items())]:
+                sims = similar.astype(np.float64)
+                sims[list(removed)] = -np.inf
+                top = np.argpartition(-sims, CANDIDATES)[:CANDIDATES]
+                top = top[np.argsort(-sims[top])]
+                cos = sims[top]
+                flags = np.array([doc in items[q].relevant for doc in top[:K]], dtype=bool)
+                outcome = outcomes[state]
+                outcome.add("raw cosine", cos[:K], flags)
+                outcome.add(f"margin over the {REFERENCE}th nearest row", cos[:K] - cos[REFERENCE - 1], flags)
+                outcome.add("z: query vs 1000 random rows", (cos[:K] - background.mean()) / background.std(), flags)
+                outcome.add("cos - 0.5 * hubness (query bank)", cos[:K] - 0.5 * hub[top[:K]], flags)
 
 
-def product_relevance(
-    conn: psycopg.Connection[Any], data: Data, removed_per_query: Sequence[frozenset[int]]
-) -> tuple[tuple[list[np.ndarray[Any, Any]], list[np.ndarray[Any, Any]]], float]:
-    """pgsim.relevance.relevant_search's top 10 per query with every score (min_score -10, the lowest it takes), the
-    query's removed rows excluded by ``where``: the scores, the relevance flags and the seconds spent."""
+def product_outcomes(
+    conn: psycopg.Connection[Any], data: Data, conditions: dict[str, list[frozenset[int]]], outcomes: dict[str, Outcome]
+) -> float:
+    """pgsim.relevant_search's top 10 with every score (min_score 0), per query once whole and once per
+    condition with the removed rows excluded by ``where``; the seconds spent in the calls."""
+    calls = [(q, state, frozenset[int]()) for q in range(len(data.relevance_items)) for state in [PRESENT]]
+    calls += [(q, name, lists[q]) for name, lists in conditions.items() for q in range(len(data.relevance_items))]
 
-    def call(position: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-        removed = removed_per_query[position]
+    def call(args: tuple[int, str, frozenset[int]]) -> None:
+        q, state, removed = args
         where = sql.SQL("NOT (id = ANY({}))").format(sql.Literal(sorted(removed))) if removed else None
-        hits = pgsim.relevance.relevant_search(
-            conn, TABLE, "embedding", data.query_vectors[position], k=K, min_score=-10, where=where, columns=["id"]
+        hits = pgsim.relevant_search(
+            conn, TABLE, "embedding", data.relevance_vectors[q], k=K, min_score=0, where=where, columns=["id"]
         )
-        relevant = data.items[position].relevant
-        found_ids = hit_ids(hits)
-        assert not removed & set(found_ids)
-        return np.array([hit.score for hit in hits]), np.array([d in relevant for d in found_ids], dtype=bool)
+        found = hit_ids(hits)
+        assert not removed & set(found)
+        flags = np.array([doc in data.relevance_items[q].relevant for doc in found], dtype=bool)
+        outcomes[state].add(PRODUCT_RELEVANCE, np.array([hit.score for hit in hits]), flags)
 
-    results, seconds = timed_calls("pgsim.relevance.relevant_search", range(len(data.items)), call)
-    return ([scores for scores, _ in results], [flags for _, flags in results]), seconds
+    conn.execute(sql.SQL("SET hnsw.ef_search = {}").format(sql.Literal(EF_SEARCH)))
+    _, seconds = timed_calls("pgsim.relevant_search", calls, call)
+    conn.execute("RESET hnsw.ef_search")
+    return seconds
+
+
+def split_figures(present: Outcome, removed: Outcome, name: str, split: int, goal: str) -> tuple[float, ...]:
+    """Threshold, precision, recall, F1 and AUC of one random split (see relevance_threshold)."""
+    count = len(present.best[name])
+    rng = random.Random(1000 + split)
+    held = np.zeros(count, dtype=bool)
+    held[rng.sample(range(count), count // 2)] = True
+    tuning = np.zeros(count, dtype=bool)
+    tuning[rng.sample(range(count), count // 2)] = True
+    best = np.where(held, removed.best[name], present.best[name])
+    good = np.where(held, removed.best_relevant[name], present.best_relevant[name])
+    answerable = ~held
+    separation = auc(best[answerable], best[held])
+    if goal == "default":
+        t = pgsim.relevance.DEFAULT_MIN_SCORE
+    else:
+        pooled = np.array(present.pooled[name] + removed.pooled[name])
+        minimum = 0.6 if goal == "P>=0.6" else None
+        t = best_threshold(pooled, best[tuning], good[tuning], answerable[tuning], min_precision=minimum)
+    p, r, f1 = threshold_prf(best[~tuning], good[~tuning], answerable[~tuning], t)
+    return t, p, r, f1, separation
 
 
 # --- 3. diversity --------------------------------------------------------------------------------------
@@ -934,11 +944,12 @@ def prepare(args: argparse.Namespace) -> Data:
     vectors = unit(description_vectors[docs_at])
     twins = twin_groups(docs)
     items = known_items(docs, twins, args.queries, seed=7)
+    relevance_items = known_items(docs, twins, args.relevance_queries, seed=29)
     rng = random.Random(23)
-    others = sorted(set(range(len(docs))) - {q.doc for q in items})
+    others = sorted(set(range(len(docs))) - {q.doc for q in items} - {q.doc for q in relevance_items})
     sampled = rng.sample(others, min(len(others), args.bank + args.hub_queries))
     bank, probes = sorted(sampled[: args.bank]), sorted(sampled[args.bank :])
-    wanted = [q.doc for q in items] + bank + probes
+    wanted = [q.doc for q in items] + bank + probes + [q.doc for q in relevance_items]
     synopsis_vectors = unit(embeddings([docs[d].synopsis for d in wanted]))
     n_q, n_b = len(items), len(bank)
     return Data(
@@ -949,15 +960,23 @@ def prepare(args: argparse.Namespace) -> Data:
         query_vectors=synopsis_vectors[:n_q],
         bank=bank,
         bank_vectors=synopsis_vectors[n_q : n_q + n_b],
-        probe_vectors=synopsis_vectors[n_q + n_b :],
+        probe_vectors=synopsis_vectors[n_q + n_b : n_q + n_b + len(probes)],
+        relevance_items=relevance_items,
+        relevance_vectors=synopsis_vectors[n_q + n_b + len(probes) :],
         args=args,
     )
+
+
+SECTIONS = ("hybrid", "threshold", "diversity", "hubness", "duplicates", "labels")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dsn")
     parser.add_argument("--queries", type=int, default=1000, help="known-item queries (fixed-seed sample)")
+    parser.add_argument(
+        "--relevance-queries", type=int, default=5000, help="known-item queries of the relevance threshold"
+    )
     parser.add_argument("--bank", type=int, default=10000, help="query-bank synopses (QB-Norm, calibration)")
     parser.add_argument("--hub-queries", type=int, default=5000, help="probe synopses for hubness (N10)")
     parser.add_argument("--subset", type=int, default=5000, help="rows for the near-duplicate joins")
@@ -965,6 +984,7 @@ def main() -> None:
     parser.add_argument(
         "--skip-full-duplicates", action="store_true", help="no pgsim.near_duplicates on the whole table"
     )
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, help="these sections only (default: all)")
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -981,19 +1001,25 @@ def main() -> None:
         stage = time.perf_counter()
         return rows
 
-    found = collect(conn, data)
-    doc_stats = bank_statistics(data)
+    sections = set(args.only or SECTIONS)
+    rows: list[Row] = []
+    found = collect(conn, data) if sections & {"hybrid", "diversity", "hubness"} else Candidates()
+    doc_stats = bank_statistics(data) if sections & {"threshold", "hubness"} else {}
     timed("candidates and bank statistics", [])
-    rows = timed("1. hybrid", hybrid_search(conn, data, found))
-    calibrate_product(conn, data)
-    rows += timed("2. threshold", relevance_threshold(conn, data, found, doc_stats))
-    rows += timed("2. threshold, Source held out", relevance_threshold(conn, data, found, doc_stats, siblings=True))
-    rows += timed("3. diversity", diversity(conn, data, found))
-    rows += timed("4. hubness", hubness(conn, data, found, doc_stats))
-    rows += timed("5. near-duplicates", near_duplicates(conn, data, args.subset))
-    if not args.skip_full_duplicates:
-        rows += timed("5. near-duplicates, whole table", near_duplicates_full(conn, data))
-    rows += timed("6. labels", zero_shot_labels(conn, data))
+    if "hybrid" in sections:
+        rows += timed("1. hybrid", hybrid_search(conn, data, found))
+    if "threshold" in sections:
+        rows += timed("2. threshold", relevance_threshold(conn, data, doc_stats))
+    if "diversity" in sections:
+        rows += timed("3. diversity", diversity(conn, data, found))
+    if "hubness" in sections:
+        rows += timed("4. hubness", hubness(conn, data, found, doc_stats))
+    if "duplicates" in sections:
+        rows += timed("5. near-duplicates", near_duplicates(conn, data, args.subset))
+        if not args.skip_full_duplicates:
+            rows += timed("5. near-duplicates, whole table", near_duplicates_full(conn, data))
+    if "labels" in sections:
+        rows += timed("6. labels", zero_shot_labels(conn, data))
     print(
         f"\n{len(data.docs)} rows (long descriptions), {len(data.items)} known-item queries (synopses), "
         f"bank {len(data.bank)}, hubness probe {len(data.probe_vectors)}; {time.perf_counter() - started:.0f}s"

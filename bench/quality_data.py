@@ -135,41 +135,40 @@ def intra_list_similarity(vectors: Matrix) -> float:
 
 
 def threshold_prf(
-    scores: Sequence[np.ndarray[Any, Any]],
-    relevant: Sequence[np.ndarray[Any, Any]],
-    answerable: Sequence[bool],
-    t: float,
-) -> tuple[float, float, float]:
+    best: np.ndarray[Any, Any], best_relevant: np.ndarray[Any, Any], answerable: np.ndarray[Any, Any], t: Any
+) -> tuple[Any, Any, Any]:
     """Precision, recall and F1 of "returned something, and something returned is relevant" when each query
-    returns its results scoring >= t. ``scores[i]``/``relevant[i]`` are query i's top results' scores and
-    relevance flags; ``answerable[i]`` says whether the table holds a relevant document for it at all."""
-    returned = good = 0
-    for s, r in zip(scores, relevant, strict=True):
-        above = s >= t
-        if above.any():
-            returned += 1
-            good += bool((above & r).any())
-    precision = good / returned if returned else 1.0
-    recall = good / max(1, sum(answerable))
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    returns its top results scoring >= t (one threshold, or an array of them). Per query: ``best`` is its
+    best score, ``best_relevant`` the best score among its relevant results (-inf when none is among them),
+    ``answerable`` whether the table holds a relevant document for it at all."""
+    thresholds = np.atleast_1d(np.asarray(t, dtype=np.float64))[:, None]
+    returned = (best[None, :] >= thresholds).sum(axis=1)
+    good = (best_relevant[None, :] >= thresholds).sum(axis=1)
+    precision = np.where(returned > 0, good / np.maximum(returned, 1), 1.0)
+    recall = good / max(1, int(answerable.sum()))
+    f1 = np.where(precision + recall > 0, 2 * precision * recall / np.maximum(precision + recall, 1e-12), 0.0)
+    if np.ndim(t) == 0:
+        return float(precision[0]), float(recall[0]), float(f1[0])
     return precision, recall, f1
 
 
 def best_threshold(
-    scores: Sequence[np.ndarray[Any, Any]],
-    relevant: Sequence[np.ndarray[Any, Any]],
-    answerable: Sequence[bool],
+    pooled: np.ndarray[Any, Any],
+    best: np.ndarray[Any, Any],
+    best_relevant: np.ndarray[Any, Any],
+    answerable: np.ndarray[Any, Any],
     min_precision: float | None = None,
 ) -> float:
     """The threshold with the best F1 on these queries, or with the best recall among those whose precision
-    is at least ``min_precision`` (tried at 400 quantiles of their scores)."""
-    pooled = np.concatenate([s for s in scores if len(s)])
-    candidates = np.unique(np.quantile(pooled, np.linspace(0, 1, 401)))
-    measured = [(t, *threshold_prf(scores, relevant, answerable, t)) for t in candidates]
+    is at least ``min_precision`` (tried at 400 quantiles of the ``pooled`` scores)."""
+    candidates = np.unique(np.quantile(pooled[np.isfinite(pooled)], np.linspace(0, 1, 401)))
+    precision, recall, f1 = threshold_prf(best, best_relevant, answerable, candidates)
     if min_precision is None:
-        return float(max(measured, key=lambda m: m[3])[0])
-    ok = [m for m in measured if m[1] >= min_precision] or [max(measured, key=lambda m: m[1])]
-    return float(max(ok, key=lambda m: (m[2], -m[0]))[0])
+        return float(candidates[np.argmax(f1)])
+    ok = np.flatnonzero(precision >= min_precision)
+    if not len(ok):
+        return float(candidates[np.argmax(precision)])
+    return float(candidates[ok[np.lexsort((candidates[ok], -recall[ok]))[0]]])
 
 
 def auc(positive: Sequence[float], negative: Sequence[float]) -> float:

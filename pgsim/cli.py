@@ -284,16 +284,17 @@ def _sync_bar(description: str) -> tuple[Any, Any]:
 
 
 def cmd_backfill(args: argparse.Namespace) -> int:
-    from pgsim.sync import backfill
+    from contextlib import nullcontext
+
+    from pgsim.sync import backfill, database_is_remote
 
     if args.processes > 1:
         return _backfill_in_processes(args)
-    with _connect(args) as conn:
+    with _connect(args) as conn, _connect(args) if database_is_remote(conn) else nullcontext() as second:
         bar, progress = _sync_bar("embedding")
         try:
-            report = backfill(
-                conn, args.table, args.column, batch_size=args.batch_size, progress=progress, cache=args.cache
-            )
+            report = backfill(conn, args.table, args.column, batch_size=args.batch_size, progress=progress,
+                              cache=args.cache, overlap_with=second)  # fmt: skip
         finally:
             bar.close()
     print(_sync_summary(report))

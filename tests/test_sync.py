@@ -22,7 +22,7 @@ from pgsim.encode import DEFAULT_MODEL, Encoder
 from pgsim.errors import InvalidInput
 from pgsim.psycopg import encoder_for, register
 from pgsim.registry import add_embedding, registrations, remove_embedding
-from pgsim.sync import WORKER_APPLICATION_NAME, SyncReport, Worker, backfill, sync
+from pgsim.sync import WORKER_APPLICATION_NAME, SyncReport, Worker, backfill, host_is_remote, sync
 
 SOURCE = "concat_ws(E'\\n\\n', synopsis, nullif(description, ''))"  # = Package.text
 ROWS = 120
@@ -89,6 +89,60 @@ def test_sync_embeds_every_queued_row_with_the_encoders_vector(
     assert queued(pkgs) == 0
     assert_matches_encoder(pkgs, packages[:ROWS], package_vectors[:ROWS])
     assert sync(pkgs).batches == 0  # nothing left, nothing redone
+
+
+def test_sync_with_a_second_connection_writes_one_batch_while_the_next_encodes(
+    pkgs: Any, database: str, packages: list[Package], package_vectors: Any
+) -> None:
+    lanes: set[str] = set()
+    with psycopg.connect(database, autocommit=True) as second:
+        report = sync(
+            pkgs, batch_size=20, overlap_with=second, progress=lambda r, t: lanes.add(threading.current_thread().name)
+        )
+    assert (report.embedded, report.failed, report.stale, report.batches) == (ROWS, 0, 0, ROWS // 20)
+    assert len(lanes) == 2  # both connections claimed and wrote batches
+    assert queued(pkgs) == 0
+    assert_matches_encoder(pkgs, packages[:ROWS], package_vectors[:ROWS])
+
+
+def test_losing_one_of_two_connections_mid_drain_loses_no_row(pkgs: Any, database: str) -> None:
+    with psycopg.connect(database, autocommit=True) as second, psycopg.connect(database, autocommit=True) as admin:
+        doomed = second.info.backend_pid
+
+        def kill_second(report: SyncReport, total: int) -> None:
+            if report.batches == 1:
+                admin.execute("SELECT pg_terminate_backend(%s)", [doomed])
+
+        with pytest.raises(psycopg.OperationalError):
+            sync(pkgs, batch_size=10, overlap_with=second, progress=kill_second)
+    assert 0 < queued(pkgs) < ROWS  # the other lane's batches landed; the lost batch rolled back
+    embedded = pkgs.execute("SELECT count(*) FROM pkgs WHERE embedding IS NOT NULL").fetchone()[0]
+    assert embedded + queued(pkgs) == ROWS
+    left = queued(pkgs)
+    assert sync(pkgs).embedded == left and queued(pkgs) == 0
+    assert all(vector is not None for vector in stored(pkgs).values())
+
+
+@pytest.mark.parametrize(("overlap", "connections"), [(None, 2), (True, 3), (False, 2)])
+def test_the_worker_opens_a_second_work_connection_only_for_a_remote_database_unless_told(
+    pkgs: Any, database: str, overlap: bool | None, connections: int
+) -> None:
+    worker = Worker(database, overlap=overlap, poll_interval=600)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_for(lambda: queued(pkgs) == 0, timeout=120)
+        count = "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s"
+        assert pkgs.execute(count, [WORKER_APPLICATION_NAME]).fetchone() == (connections,)
+    finally:
+        worker.stop.set()
+        thread.join(timeout=30)
+    assert worker.report.embedded == ROWS
+
+
+def test_remote_means_neither_a_socket_nor_loopback() -> None:
+    assert [host_is_remote(h) for h in ("/tmp/pg", "localhost", "127.0.0.1", "::1", "")] == [False] * 5
+    assert [host_is_remote(h) for h in ("db.internal", "10.0.0.7", "2001:db8::1")] == [True] * 3
 
 
 def test_empty_text_and_deleted_rows_end_their_entries(pkgs: Any) -> None:

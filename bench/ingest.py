@@ -8,12 +8,15 @@
    - ``pgsim.ingest(conn, table, rows)``;
    - the same with ``cache=True``: once with an empty content-hash cache, once more with the same texts;
    - trigger + worker: plain COPY into a registered table (the triggers queue the rows), then the worker
-     drains the queue (``pgsim.sync``, the loop ``pgsim worker`` runs).
+     drains the queue (``pgsim.sync``, the loop ``pgsim worker`` runs): on one connection, and with a
+     second one (``overlap_with``: one batch written while the next encodes, as ``pgsim worker`` does).
    Each is split into encode time and write time (everything else: reading, COPY, UPDATE, index inserts).
 2. Sync lag with one worker (``pgsim.Worker`` in a thread, woken by NOTIFY): one row committed every 1/R
    seconds at R = half the encoder's measured throughput; lag = commit -> embedding visible (polled every
    20 ms). Then R = 1.5x the throughput for a while: lag grows; the queue drains after; nothing is lost.
 3. ``--parts processes``: ``pgsim backfill --processes 1`` and ``2`` on ROWS rows queued by COPY.
+   ``--parts overlap``: pgsim.sync on one connection vs two, with the local server sharing the model's
+   cores and pinned to a core of its own (a database elsewhere); needs a local server.
 4. HNSW build on all ~63k rows (cached embeddings): PostgreSQL's defaults, hand-tuned settings, and
    pgsim's sized build (``pgsim.index.create_hnsw_index``).
 """
@@ -161,17 +164,76 @@ def copy_packages(conn: psycopg.Connection[Any], table: str, packages: list[Pack
             copy.write_row([getattr(p, name) for name in COLUMNS])
 
 
-def measure_worker(conn: psycopg.Connection[Any], packages: list[Package]) -> dict[str, Any]:
+def measure_worker(
+    conn: psycopg.Connection[Any], packages: list[Package], second: psycopg.Connection[Any] | None = None
+) -> dict[str, Any]:
+    """COPY into a registered table, then drain the queue with pgsim.sync: on one connection (each batch
+    encoded, then written), or with ``second`` (one batch written while the next encodes; the worker's way)."""
     table = fresh_table(conn, "synced", registered=True)
     started = time.perf_counter()
     copy_packages(conn, table, packages)
     bar = tqdm(total=len(packages), desc="trigger + worker", unit="row", file=sys.stderr)
-    report = sync(conn, table=table, column="embedding", progress=lambda r, _: bar.update(r.done - bar.n))
+    report = sync(conn, table=table, column="embedding", progress=lambda r, _: bar.update(r.done - bar.n),
+                  overlap_with=second)  # fmt: skip
     bar.close()
     seconds = time.perf_counter() - started
     assert report.embedded == len(packages), report
-    return {"mode": "COPY, then trigger + worker", "rows": report.embedded, "seconds": seconds,
+    how = "one connection" if second is None else "two connections, overlapped"
+    return {"mode": f"COPY, then trigger + worker ({how})", "rows": report.embedded, "seconds": seconds,
             "encode": report.encode_seconds, "write": seconds - report.encode_seconds}  # fmt: skip
+
+
+def measure_overlap(
+    dsn: str, conn: psycopg.Connection[Any], packages: list[Package], rounds: int = 3
+) -> list[list[Any]]:
+    """pgsim.sync on one connection vs two (``overlap_with``), alternating, ``rounds`` times each; once with the
+    model and a local server sharing every core, once with the server pinned to a core of its own (what a
+    database on another machine looks like to the worker: its work no longer takes the model's cores)."""
+    import torch
+
+    cores = sorted(os.sched_getaffinity(0))
+    placements: list[tuple[str, int | None]] = [("model and database share all cores", None)]
+    if len(cores) > 1:
+        placements.append((f"database pinned to core {cores[-1]}, model on the other {len(cores) - 1}", cores[-1]))
+    threads = torch.get_num_threads()
+    rows = []
+    with psycopg.connect(dsn, autocommit=True) as second:
+        for label, database_core in placements:
+            server = server_processes(conn)
+            if database_core is not None:
+                for pid in server:
+                    os.sched_setaffinity(pid, {database_core})
+                os.sched_setaffinity(0, set(cores) - {database_core})
+                torch.set_num_threads(len(cores) - 1)
+            rates: dict[str, list[float]] = {"one": [], "two": []}
+            for _ in range(rounds):
+                for name, other in (("one", None), ("two", second)):
+                    result = measure_worker(conn, packages, other)
+                    rates[name].append(result["rows"] / result["seconds"])
+            for pid in server:
+                os.sched_setaffinity(pid, set(cores))
+            os.sched_setaffinity(0, set(cores))
+            torch.set_num_threads(threads)
+            one, two = statistics.mean(rates["one"]), statistics.mean(rates["two"])
+            spread = " / ".join(f"{a:.0f}, {b:.0f}" for a, b in zip(rates["one"], rates["two"], strict=True))
+            rows.append([label, f"{one:.1f}", f"{two:.1f}", f"{two / one:.2f}x", spread])
+    return rows
+
+
+def server_processes(conn: psycopg.Connection[Any]) -> list[int]:
+    """The local server's postmaster and its children (every backend forks from it), by /proc."""
+    (directory,) = conn.execute("SHOW data_directory").fetchone()  # type: ignore[misc]
+    postmaster = int((Path(directory) / "postmaster.pid").read_text().split()[0])
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == postmaster:
+                children.append(int(entry.name))
+    return [postmaster, *children]
 
 
 def measure_processes(dsn: str, conn: psycopg.Connection[Any], packages: list[Package]) -> list[list[object]]:
@@ -334,7 +396,9 @@ def main() -> None:
     parser.add_argument("--lag-seconds", type=float, default=60.0)
     parser.add_argument("--overload-seconds", type=float, default=20.0)
     parser.add_argument(
-        "--parts", default="throughput,lag,builds", help="comma-separated subset of throughput, lag, builds, processes"
+        "--parts",
+        default="throughput,lag,builds",
+        help="comma-separated subset of throughput, lag, builds, processes, overlap",
     )
     args = parser.parse_args()
 
@@ -353,6 +417,10 @@ def main() -> None:
         pooled = measure_processes(dsn, conn, chosen)
         print(f"\npgsim backfill --processes P on {len(chosen)} queued rows ({os.cpu_count()} cores)\n")
         print(format_table(["processes", "rows", "seconds", "rows/s", "steady rows/s", "vs 1 process"], pooled))
+    if "overlap" in parts:
+        overlapped = measure_overlap(dsn, conn, chosen)
+        print(f"\npgsim.sync on one connection vs two (overlap_with), {len(chosen)} rows, rows/s (mean of 3)\n")
+        print(format_table(["placement", "one connection", "two connections", "ratio", "each round"], overlapped))
     if "builds" in parts:
         print("\nHNSW build (m=16, ef_construction=64) on the whole corpus; building ...", file=sys.stderr)
         every = debian_packages()
@@ -381,6 +449,8 @@ def measure_write_paths(
         *measure_cached(conn, chosen),
         measure_worker(conn, chosen),
     ]
+    with psycopg.connect(dsn, autocommit=True) as second:
+        throughput.append(measure_worker(conn, chosen, second))
     reference = throughput[0]["rows"] / throughput[0]["seconds"]
     print(f"\nThroughput: {args.rows} Debian packages (synopsis + long description), HNSW index present\n")
     print(

@@ -137,6 +137,8 @@ def sync(
     such connection to the same database, writes one batch while the next is encoded (see the module's text)."""
     if batch_size < 1 or max_attempts < 1 or retry_delay < 0:
         raise InvalidInput("batch_size and max_attempts must be at least 1, retry_delay at least 0.")
+    if overlap_with is conn:
+        raise InvalidInput("overlap_with must be a second connection, not the one passed as conn.")
     connections = [conn] if overlap_with is None else [conn, overlap_with]
     for connection in connections:
         if not connection.autocommit or connection.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
@@ -182,8 +184,13 @@ def sync(
             drain(conn, registration, encoder)
         else:
             with ThreadPoolExecutor(len(connections), thread_name_prefix="pgsim-sync") as lanes:
-                for lane in [lanes.submit(drain, c, registration, encoder) for c in connections]:
-                    lane.result()  # the first lane's error is raised once both lanes are done
+                running = [lanes.submit(drain, c, registration, encoder) for c in connections]
+                try:
+                    for lane in running:
+                        lane.result()
+                except BaseException:  # a lane's error, or Ctrl-C here: the other lane ends after its batch
+                    failed.set()
+                    raise
         if registration.replaces is not None and (stop is None or not stop.is_set()):
             report.switched += int(switch_over(conn, registration))
     report.seconds = time.perf_counter() - started

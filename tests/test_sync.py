@@ -352,6 +352,11 @@ def test_worker_wakes_on_notify_and_polls_for_what_it_missed(pkgs: Any, database
 def test_sync_needs_an_autocommit_connection(pkgs: Any, database: str) -> None:
     with psycopg.connect(database) as conn, pytest.raises(InvalidInput, match="autocommit"):
         sync(conn)
+    with psycopg.connect(database) as conn, pytest.raises(InvalidInput, match="autocommit"):
+        sync(pkgs, overlap_with=conn)
+    with pytest.raises(InvalidInput, match="a second connection"):
+        sync(pkgs, overlap_with=pkgs)
+    assert queued(pkgs) == ROWS
 
 
 def test_a_writer_that_clears_the_embedding_or_moves_a_queued_row_requeues_it(pkgs: Any) -> None:

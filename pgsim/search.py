@@ -379,6 +379,8 @@ def _statement(
     afterwards, since an iterative scan yields rows in relaxed order."""
     query = sql.SQL("%(q)s::halfvec") if target.type_name == "halfvec" else sql.SQL("%(q)s")
     order = sql.SQL("({} <=> {}) + 0" if path == "exact" else "{} <=> {}").format(sql.Identifier(target.column), query)
+    if path == "exact":  # a row not embedded yet has no distance: the HNSW index holds no such row, a scan skips it
+        condition = sql.SQL("{} IS NOT NULL AND ({})").format(sql.Identifier(target.column), condition)
     nearest = sql.SQL(
         "SELECT {selected}, {col} <=> {q} AS {distance} FROM {table} WHERE {condition} ORDER BY {order} LIMIT {limit}"
     ).format(

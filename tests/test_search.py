@@ -11,6 +11,7 @@ from psycopg import sql
 from pgsim import InvalidInput
 from pgsim.corpus import Package
 from pgsim.encode import Encoder
+from pgsim.relevance import relevant_search
 from pgsim.search import Between, NoIndexWarning, Tuning, explain, plan, search, search_with_plan
 
 
@@ -48,6 +49,20 @@ def test_fewer_matches_than_k_returns_all_of_them(conn: Any, packages: list[Pack
     hits = search(conn, "packages", "embedding", "anything at all", k=50, where={"section": section})
     assert sorted(h.row["package"] for h in hits) == sorted(p.package for p in packages if p.section == section)
     assert search(conn, "packages", "embedding", "x", k=5, where={"section": "no-such-section"}) == []
+
+
+def test_rows_not_embedded_yet_are_left_out_not_ranked(conn: Any, packages: list[Package]) -> None:
+    section, count = next((s, n) for s, n in reversed(sections(packages)) if n >= 2)
+    conn.execute("INSERT INTO packages (package, section) VALUES ('not-embedded-yet', %s)", [section])
+    try:
+        hits = search(conn, "packages", "embedding", "anything at all", k=50, where={"section": section})
+        assert sorted(h.row["package"] for h in hits) == sorted(p.package for p in packages if p.section == section)
+        scored = relevant_search(
+            conn, "packages", "embedding", "anything", k=count, min_score=0, where={"section": section}
+        )
+        assert len(scored) == count and scored[-1].score == 0
+    finally:
+        conn.execute("DELETE FROM packages WHERE package = 'not-embedded-yet'")
 
 
 def test_in_and_range_filters(

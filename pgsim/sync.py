@@ -13,9 +13,10 @@ added none), so it is encoded again from its new text: an older text's embedding
 With a second connection (``overlap_with``), two batches are in flight, each its own transaction on its own
 connection: one is claimed, read and written while the other is encoded, so the model does not wait for
 the database. One forward pass runs at a time. This pays where the database's work does not take the
-model's cores (a database on another machine: 1.05-1.10x, bench/ingest.py --parts overlap) and costs a
-little where both share few cores (0.95x on 2 cores), so the worker and ``pgsim backfill`` open the
-second connection only when the database is not on this machine (:func:`database_is_remote`).
+model's cores (1.05-1.10x with the local server pinned to a core of its own, standing in for a database on
+another machine; bench/ingest.py --parts overlap) and costs a little where both share few cores (0.95x on
+2 cores), so the worker and ``pgsim backfill`` open the second connection only when the database is not on
+this machine (:func:`database_is_remote`).
 
 A batch that fails (an error from the database or the model) is not lost either: its entries count an
 attempt, wait ``retry_delay * 2**attempts`` seconds, and are then retried one row at a time, so one bad row
@@ -146,6 +147,9 @@ def sync(
                 "pgsim.sync commits each batch on its own: pass autocommit connections outside a transaction "
                 "(psycopg.connect(..., autocommit=True); pgsim.connect() gives one)."
             )
+    if len({_server_and_database(connection) for connection in connections}) > 1:
+        raise InvalidInput("overlap_with reaches another server or database than conn; it must reach the same one.")
+    for connection in connections:
         register(connection)
     report = SyncReport()
     started = time.perf_counter()
@@ -164,19 +168,19 @@ def sync(
         while (stop is None or not stop.is_set()) and not failed.is_set() and idle_batches < MAX_IDLE_BATCHES:
             try:
                 done = batch(batch_size, retried=False) or batch(1, retried=True)
-            except BaseException:
+                if done is None:
+                    break
+                with lock:
+                    report.add(done)
+                    report.seconds = time.perf_counter() - started
+                    if progress:
+                        progress(report, total)
+            except BaseException:  # the database's, the model's or the progress callback's error
                 failed.set()
                 raise
-            if done is None:
-                break
             # Rows that change under every batch (a source that is not a function of the row, such as one
             # calling random()) would keep a drain busy for ever; they stay queued for the next one.
             idle_batches = idle_batches + 1 if done.done + done.failed == 0 else 0
-            with lock:
-                report.add(done)
-                report.seconds = time.perf_counter() - started
-                if progress:
-                    progress(report, total)
 
     for registration in targets:
         encoder = checked_encoder(registration)
@@ -375,6 +379,11 @@ def _encode_and_write(
     report.missing += len(gone)
     report.stale += len(present) - len(done)
     return sorted(done) + gone
+
+
+def _server_and_database(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
+    row = conn.execute("SELECT pg_postmaster_start_time(), current_database()").fetchone()
+    return tuple(row or ())
 
 
 def database_is_remote(conn: psycopg.Connection[Any]) -> bool:

@@ -123,6 +123,29 @@ def test_losing_one_of_two_connections_mid_drain_loses_no_row(pkgs: Any, databas
     assert all(vector is not None for vector in stored(pkgs).values())
 
 
+def test_an_error_in_one_lane_stops_the_other_after_its_batch(pkgs: Any, database: str) -> None:
+    def failing_progress(report: SyncReport, total: int) -> None:
+        if report.batches == 2:
+            raise RuntimeError("the progress display is gone")
+
+    with psycopg.connect(database, autocommit=True) as second, pytest.raises(RuntimeError, match="display is gone"):
+        sync(pkgs, batch_size=10, overlap_with=second, progress=failing_progress)
+    embedded = pkgs.execute("SELECT count(*) FROM pkgs WHERE embedding IS NOT NULL").fetchone()[0]
+    assert 20 <= embedded <= 40 and embedded + queued(pkgs) == ROWS  # not drained on by the other lane
+
+
+def test_overlap_with_must_reach_the_same_database(pkgs: Any, database: str) -> None:
+    pkgs.execute("DROP DATABASE IF EXISTS pgsim_elsewhere")
+    pkgs.execute("CREATE DATABASE pgsim_elsewhere")
+    elsewhere = psycopg.conninfo.make_conninfo(database, dbname="pgsim_elsewhere")
+    try:
+        with psycopg.connect(elsewhere, autocommit=True) as other, pytest.raises(InvalidInput, match="same one"):
+            sync(pkgs, overlap_with=other)
+    finally:
+        pkgs.execute("DROP DATABASE pgsim_elsewhere")
+    assert queued(pkgs) == ROWS
+
+
 @pytest.mark.parametrize(("overlap", "connections"), [(None, 2), (True, 3), (False, 2)])
 def test_the_worker_opens_a_second_work_connection_only_for_a_remote_database_unless_told(
     pkgs: Any, database: str, overlap: bool | None, connections: int

@@ -252,7 +252,7 @@ def test_relevant_search_refuses_bad_input(conn: Any) -> None:
     for bad in (float("nan"), -0.1, 2.5, True, "0.3"):
         with pytest.raises(InvalidInput, match="min_score"):
             relevant_search(conn, "packages", "embedding", "json", min_score=bad)  # type: ignore[arg-type]
-    for bad_reference in (10, 5, True, 50.0):
+    for bad_reference in (10, 5, True, 50.0, 10_001):
         with pytest.raises(InvalidInput, match="reference must be a whole number above k"):
             relevant_search(conn, "packages", "embedding", "json", reference=bad_reference)  # type: ignore[arg-type]
     with pytest.raises(InvalidInput, match="k must be"):

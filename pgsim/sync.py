@@ -147,7 +147,7 @@ def sync(
                 "pgsim.sync commits each batch on its own: pass autocommit connections outside a transaction "
                 "(psycopg.connect(..., autocommit=True); pgsim.connect() gives one)."
             )
-    if len({_server_and_database(connection) for connection in connections}) > 1:
+    if overlap_with is not None and _server_and_database(conn) != _server_and_database(overlap_with):
         raise InvalidInput("overlap_with reaches another server or database than conn; it must reach the same one.")
     for connection in connections:
         register(connection)

@@ -425,6 +425,29 @@ def test_a_limit_given_as_a_parameter_or_a_fetch_keeps_the_k_rows_contract(
         assert caplog.text.count("exact path") == 2  # the bound LIMITs were planned with their values
 
 
+def test_rows_not_embedded_yet_are_left_out_on_every_path(
+    engine: Engine, packages: list[Package], package_vectors: Any
+) -> None:
+    counts: dict[str, int] = {}
+    for p in packages:
+        counts[p.section] = counts.get(p.section, 0) + 1
+    section = next(s for s, n in sorted(counts.items(), key=lambda item: item[1]) if n >= 3)
+    waiting = next(p.package for p in packages if p.section == section)
+    with Session(engine) as session:
+        load_rows(session, packages, package_vectors)
+        session.execute(text("UPDATE orm_packages SET embedding = NULL WHERE package = :p"), {"p": waiting})
+        session.commit()
+        found = session.scalars(
+            select(Package_.package)
+            .where(Package_.section == section)
+            .order_by(Package_.embedding.nearest(QUERY))
+            .limit(counts[section] + 5)
+        ).all()
+        session.execute(text("DELETE FROM pgsim.queue"))  # the cleared row was queued for the worker
+        session.commit()
+    assert sorted(found) == sorted(p.package for p in packages if p.section == section and p.package != waiting)
+
+
 def test_filters_the_orm_adds_itself_are_planned(
     engine: Engine, packages: list[Package], package_vectors: Any, encoder: Encoder, caplog: pytest.LogCaptureFixture
 ) -> None:

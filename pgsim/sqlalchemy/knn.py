@@ -70,9 +70,13 @@ def filtered_knn(state: ORMExecuteState) -> Any:
     nearest = next((term for term in order if NEAREST in getattr(term, "_annotations", {})), None)
     if nearest is None or statement._limit_clause is None and statement._fetch_clause is None:
         return None  # no k to keep
-    # no index can order by distance + 0: the filter runs first, then the distances of the rows that pass
-    exact = statement.order_by(None).order_by(
-        *[term + literal(0, Float) if term is nearest else term for term in order]
+    # no index can order by distance + 0: the filter runs first, then the distances of the rows that pass;
+    # a row not embedded yet has no distance (and no place in the HNSW index): the scan leaves it out too
+    column = nearest._annotations[NEAREST]
+    exact = (
+        statement.order_by(None)
+        .order_by(*[term + literal(0, Float) if term is nearest else term for term in order])
+        .where(column.is_not(None))
     )
     if statement._fetch_clause is not None:  # FETCH FIRST (maybe PERCENT or WITH TIES): no k to plan for
         return state.invoke_statement(statement=exact)
@@ -83,7 +87,6 @@ def filtered_knn(state: ORMExecuteState) -> Any:
         return state.invoke_statement(statement=exact)
     if limit <= 0:
         return None  # LIMIT 0 returns no row on any path (a negative one is the server's error to give)
-    column = nearest._annotations[NEAREST]
     connection = state.session.connection(bind_arguments=state.bind_arguments)
     tuning = state.execution_options.get("pgsim_tuning", DEFAULT_TUNING)
     plan = _plan(connection, column, limit + max(offset, 0), statement, tuning)  # the scan must reach them all

@@ -208,8 +208,8 @@ def hybrid_query(tsquery: str, rank: str) -> sql.Composed:
 
 
 def collect(conn: psycopg.Connection[Any], data: Data) -> Candidates:
-    """One pass over the known-item queries: vector candidates, full-text candidates per variant and the
-    query's score distribution over SAMPLE rows; timed per kind."""
+    """One pass over the known-item queries: vector candidates and full-text candidates per variant; timed per
+    kind."""
     from tqdm import tqdm
 
     found = Candidates()

@@ -6,7 +6,9 @@ call the model.
 Same run, same texts, same model (all-MiniLM-L6-v2 from its wheel):
 - naive:  model.encode(text) once per text (the row-by-row baseline), timed on the first --naive-texts texts;
 - raw:    one model.encode(all_texts) call with sentence-transformers' defaults (the 1.00x reference);
-- pgsim:  pgsim.Encoder(backend=...).encode(all_texts) for each backend, and for "auto" (what it chose).
+- pgsim:  pgsim.Encoder(backend=...).encode(all_texts) for each backend, and for "auto" (what it chose);
+          torch-bf16 once more with lanes=1 (one forward pass at a time on all threads) to show what the
+          lanes (one pass per thread side by side, the default) add.
 Quality against float32: top-10 neighbour agreement of --queries texts used as queries over all texts, and
 the minimum cosine between a backend's vector and float32's for the same text. GFLOP/s counts 2 FLOP per
 weight per real (not padding) token, plus attention; the peak assumes two 512-bit FMA units per core.
@@ -73,15 +75,16 @@ def main() -> None:
     chosen = ""
     with tempfile.TemporaryDirectory() as cache:  # "auto" measures afresh; exports land here
         os.environ["PGSIM_CACHE_DIR"] = cache
-        for backend in [*BACKENDS, "auto"]:
-            encoder = Encoder(backend=backend, warn_truncation=False)
+        for backend, lanes in [*((b, None) for b in BACKENDS), ("torch-bf16", 1), ("auto", None)]:
+            label = backend if lanes is None else f"{backend}, lanes={lanes}"
+            encoder = Encoder(backend=backend, warn_truncation=False, lanes=lanes)
             encoder.encode(texts[:64])  # loads, exports or chooses; not timed
             if backend == "auto":
                 chosen = encoder.backend.name
-            bar = tqdm(total=len(texts), desc=f"pgsim {backend}", unit="text", file=sys.stderr)
+            bar = tqdm(total=len(texts), desc=f"pgsim {label}", unit="text", file=sys.stderr)
             started = time.perf_counter()
             vectors = encoder.encode(texts, progress=lambda done, bar=bar: bar.update(done - bar.n))
-            results[backend] = (time.perf_counter() - started, np.stack(vectors))  # type: ignore[arg-type]
+            results[label] = (time.perf_counter() - started, np.stack(vectors))  # type: ignore[arg-type]
             bar.close()
 
     reference = results["torch"][1]

@@ -11,6 +11,11 @@ the choice among them.
   whose vectors keep a cosine of at least ``MIN_COSINE`` with float32's wins. The choice is remembered per
   model revision and machine in the cache directory, and logged.
 Every backend tokenises with the model's own tokenizer and truncates at its ``max_seq_length``.
+
+The torch backends run side by side: :func:`embed_batches` gives a call's batches to as many threads
+("lanes") as torch has threads, each running its forward passes with its share of them. On 2 cores one
+single-threaded pass per core encodes about 15 % more than one pass on two threads, since small matrices and
+the attention's softmax split badly across threads (``python bench/encode.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import platform
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
@@ -46,6 +52,14 @@ EXPORT_FORMAT = 1  # bump when the export changes, so cached exports are rebuilt
 
 Matrix = npt.NDArray[np.float32]
 
+# A fast tokenizer raises "Already borrowed" when one thread changes its truncation (token counting turns it
+# off, encoding on) while another encodes with it (huggingface/tokenizers#537, transformers#47085); every use
+# of a model's tokenizer in pgsim holds this.
+TOKENIZER_LOCK = threading.Lock()
+# torch's thread count is one setting for the whole process: one call at a time runs in lanes (re-entrant: a
+# progress callback may encode again).
+_lanes_lock = threading.RLock()
+
 
 class BackendUnavailable(InvalidInput):
     """A backend cannot run here (a missing package, a model it cannot export); the message says why."""
@@ -54,6 +68,7 @@ class BackendUnavailable(InvalidInput):
 class Backend(Protocol):
     name: str
     reason: str  # why this backend: "requested", or what "auto" measured
+    parallel: bool  # embed may run on several threads at once, each with a share of torch's threads
 
     def embed(self, texts: list[str]) -> Matrix:
         """L2-normalised float32 rows, one per text."""
@@ -75,18 +90,52 @@ def normalised(rows: Any) -> Matrix:
 
 
 class TorchBackend:
-    """sentence-transformers' forward pass in the model's dtype; pooled rows normalised in float32."""
+    """sentence-transformers' forward pass in the model's dtype (what ``model.encode`` runs for one batch);
+    pooled rows normalised in float32."""
 
     def __init__(self, model: SentenceTransformer, name: str) -> None:
-        self.model = model
+        self.model = model.eval()
         self.name = name
         self.reason = "requested"
+        self.parallel = model.device.type == "cpu"
 
     def embed(self, texts: list[str]) -> Matrix:
-        rows = self.model.encode(
-            texts, batch_size=len(texts), convert_to_tensor=True, normalize_embeddings=False, show_progress_bar=False
-        )
+        import torch
+        from sentence_transformers.util import batch_to_device
+
+        with TOKENIZER_LOCK:
+            features = self.model.preprocess(texts)
+        with torch.inference_mode():
+            rows = self.model(batch_to_device(features, self.model.device))["sentence_embedding"]
         return normalised(rows.float().cpu().numpy())
+
+
+def embed_batches(backend: Backend, batches: list[list[str]], lanes: int | None = None) -> Iterator[Matrix]:
+    """``backend.embed`` of each batch, in order. A parallel backend runs ``lanes`` batches at a time (default:
+    one per torch thread, at most one per batch), each lane with ``threads // lanes`` of torch's threads;
+    torch's thread count is restored afterwards. Stopping early cancels the batches not yet started."""
+    if not getattr(backend, "parallel", False):
+        lanes = 1
+    elif lanes is None:
+        import torch
+
+        lanes = torch.get_num_threads()
+    lanes = max(1, min(lanes, len(batches)))
+    if lanes == 1:
+        yield from map(backend.embed, batches)
+        return
+    import torch
+
+    with _lanes_lock:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(max(1, threads // lanes))
+        pool = ThreadPoolExecutor(lanes, thread_name_prefix="pgsim-encode")
+        try:
+            for future in [pool.submit(backend.embed, batch) for batch in batches]:
+                yield future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            torch.set_num_threads(threads)
 
 
 def bfloat16_copy(model: SentenceTransformer) -> SentenceTransformer:
@@ -102,6 +151,7 @@ class OnnxBackend:
 
     name = "onnx"
     reason = "requested"
+    parallel = False  # ONNX Runtime's session has its own thread pool, sized at creation
 
     def __init__(self, model: SentenceTransformer, model_name: str, revision: str) -> None:
         try:
@@ -121,7 +171,10 @@ class OnnxBackend:
         return self.run(self.session, texts)
 
     def run(self, session: Any, texts: list[str]) -> Matrix:
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="np")
+        with TOKENIZER_LOCK:
+            batch = self.tokenizer(
+                texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="np"
+            )
         feeds = {name: np.asarray(batch[name], dtype=np.int64) for name in self.input_names}
         hidden = session.run(None, feeds)[0]
         return normalised(pool(hidden, np.asarray(batch["attention_mask"]), self.pooling))
@@ -339,7 +392,7 @@ def _length_sorted_batches(model: SentenceTransformer, texts: list[str], size: i
 def _timed(backend: Backend, batches: list[list[str]]) -> tuple[Matrix, float]:
     backend.embed(batches[-1])  # warm-up: the first call pays for lazy initialisation
     started = time.perf_counter()
-    vectors = np.concatenate([backend.embed(batch) for batch in batches])
+    vectors = np.concatenate(list(embed_batches(backend, batches)))  # as the Encoder runs them
     return vectors, len(vectors) / (time.perf_counter() - started)
 
 

@@ -39,6 +39,16 @@ def _positive(value: str) -> int:
     return number
 
 
+def lanes_text(backend: Any) -> str:
+    """How a call's batches run (see pgsim.backends.embed_batches), as pgsim doctor says it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    if not backend.parallel or threads == 1:
+        return f"one forward pass at a time on {threads} thread(s)"
+    return f"up to {threads} forward passes side by side, one thread each"
+
+
 def _connect(args: argparse.Namespace) -> Any:
     from pgsim.database import connect
 
@@ -168,7 +178,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         registration = get_registration(conn, args.table, args.column)
     model = args.model or (registration.model if registration else DEFAULT_MODEL)
     backend = encoder_for(model).backend
-    print(f"encoder: {model} on backend {backend.name} ({backend.reason})")
+    print(f"encoder: {model} on backend {backend.name} ({backend.reason}); {lanes_text(backend)}")
     print(f"path: {plan.path}" + (f" using index {plan.index_name}" if plan.path == "hnsw" else ""))
     print(f"why: {plan.reason}")
     print(f"estimated rows passing the filter: {plan.estimated_rows:.0f}", end="")

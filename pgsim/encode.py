@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 
+from pgsim.backends import embed_batches
 from pgsim.errors import InvalidInput, ModelNotFound
 
 if TYPE_CHECKING:
@@ -271,6 +272,7 @@ class Encoder:
         document_prefix: str | None = None,
         warn_truncation: bool = True,
         backend: str | None = None,
+        lanes: int | None = None,
     ) -> None:
         from pgsim.backends import BACKEND_ENV, BACKENDS
 
@@ -280,6 +282,9 @@ class Encoder:
         self.requested_backend = requested  # "auto" measures the candidates once and keeps the fastest
         if batch_size < 1 or token_budget < 1:
             raise InvalidInput(f"batch_size and token_budget must be at least 1; got {batch_size}, {token_budget}.")
+        if lanes is not None and (isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1):
+            raise InvalidInput(f"lanes must be a whole number >= 1, or None for one per torch thread; got {lanes!r}.")
+        self.lanes = lanes  # forward passes side by side (torch backends on CPU); see pgsim.backends.embed_batches
         self.model_name = model
         self.device = device
         self.batch_size = batch_size  # at most this many texts in one forward pass
@@ -349,9 +354,12 @@ class Encoder:
             lengths = self._token_counts(unique)
             truncated = int((lengths > self.max_tokens).sum())
             done = empty
-            for members in self._batches(np.minimum(lengths, self.max_tokens)):
-                batch = [unique[i] for i in members]
-                vectors = self._encode_batch(batch)
+            batches = [[unique[i] for i in members] for members in self._batches(np.minimum(lengths, self.max_tokens))]
+            for batch, vectors in zip(batches, embed_batches(self.backend, batches, self.lanes), strict=True):
+                if not np.isfinite(vectors).all():
+                    raise InvalidInput(
+                        f"Model {self.model_name!r} produced NaN or infinite values; it cannot be used as is."
+                    )
                 for text, vector in zip(batch, vectors, strict=True):
                     for position in positions[text]:
                         results[position] = vector
@@ -392,11 +400,8 @@ class Encoder:
         return batches
 
     def _token_counts(self, texts: list[str]) -> npt.NDArray[np.int64]:
-        encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
-        return np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
+        from pgsim.backends import TOKENIZER_LOCK
 
-    def _encode_batch(self, texts: list[str]) -> npt.NDArray[np.float32]:
-        vectors = self.backend.embed(texts)
-        if not np.isfinite(vectors).all():
-            raise InvalidInput(f"Model {self.model_name!r} produced NaN or infinite values; it cannot be used as is.")
-        return vectors
+        with TOKENIZER_LOCK:
+            encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+        return np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))

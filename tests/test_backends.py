@@ -120,3 +120,70 @@ def calibration_texts() -> list[str]:
     from pgsim.encode import _calibration_texts
 
     return _calibration_texts()[:24]  # enough to compare; keeps the test quick
+
+
+class Recording:
+    """A backend that records where and with how many torch threads each batch ran; its vectors are the
+    real model's (``inner``), or it fails on the batch numbered ``fail_at``."""
+
+    def __init__(self, inner: backends.Backend | None = None, parallel: bool = True, fail_at: int = -1) -> None:
+        self.inner, self.parallel, self.fail_at = inner, parallel, fail_at
+        self.name, self.reason = "recording", "test"
+        self.calls: list[tuple[str, int]] = []
+
+    def embed(self, texts: list[str]) -> backends.Matrix:
+        import threading
+
+        import torch
+
+        self.calls.append((threading.current_thread().name, torch.get_num_threads()))
+        if len(self.calls) - 1 == self.fail_at:
+            raise RuntimeError("lane failed")
+        if self.inner is None:
+            return np.full((len(texts), 2), len(texts[0]), dtype=np.float32)
+        return self.inner.embed(texts)
+
+
+def test_lanes_run_batches_side_by_side_in_order_with_the_same_vectors(packages: list[Package]) -> None:
+    import torch
+
+    texts = [p.text for p in packages[:48]]
+    batches = [texts[start : start + 4] for start in range(0, len(texts), 4)]
+    threads = torch.get_num_threads()
+    one_lane = Recording(build("torch", load_model(MODEL), MODEL, ""))
+    two_lanes = Recording(one_lane.inner)
+    expected = np.concatenate(list(backends.embed_batches(one_lane, batches, lanes=1)))
+    found = np.concatenate(list(backends.embed_batches(two_lanes, batches, lanes=2)))
+    assert {name for name, _ in one_lane.calls} == {"MainThread"}
+    assert len({name for name, _ in two_lanes.calls}) == 2
+    assert all(name.startswith("pgsim-encode") and count == max(1, threads // 2) for name, count in two_lanes.calls)
+    assert float(np.min(np.sum(expected * found, axis=1))) >= 0.99999  # each vector stays with its text
+    assert torch.get_num_threads() == threads
+
+
+def test_a_failing_lane_stops_the_rest_and_restores_torch_threads() -> None:
+    import torch
+
+    threads = torch.get_num_threads()
+    failing = Recording(fail_at=2)
+    with pytest.raises(RuntimeError, match="lane failed"):
+        list(backends.embed_batches(failing, [[f"text {i}"] for i in range(40)], lanes=2))
+    assert len(failing.calls) < 40  # the batches not started were cancelled
+    assert torch.get_num_threads() == threads
+    running = backends.embed_batches(Recording(), [[f"text {i}"] for i in range(40)], lanes=2)
+    assert next(running).shape == (1, 2)
+    assert torch.get_num_threads() == max(1, threads // 2)  # while the lanes run
+    running.close()  # the caller stops early
+    assert torch.get_num_threads() == threads
+
+
+def test_a_backend_with_its_own_threads_runs_one_batch_at_a_time() -> None:
+    onnx_like = Recording(parallel=False)
+    list(backends.embed_batches(onnx_like, [["a"], ["bb"], ["ccc"]], lanes=2))
+    assert [name for name, _ in onnx_like.calls] == ["MainThread"] * 3
+
+
+@pytest.mark.parametrize("lanes", [0, -1, True, 1.5, "2"])
+def test_bad_lanes_are_an_error(lanes: object) -> None:
+    with pytest.raises(InvalidInput, match="lanes must be a whole number >= 1"):
+        Encoder(MODEL, lanes=lanes)  # type: ignore[arg-type]

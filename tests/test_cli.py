@@ -55,7 +55,8 @@ def test_install_status_search(database: str) -> None:
     assert len(table) == 5 and all(f" {section} " in line for line in table[2:])
     doctor = pgsim("doctor", "a small utility", "--filter", f"section={section}", dsn=database)
     assert doctor.returncode == 0, doctor.stderr
-    assert doctor.stdout.startswith("encoder: all-MiniLM-L6-v2 on backend torch (requested)\npath: ")  # PGSIM_BACKEND
+    assert doctor.stdout.startswith("encoder: all-MiniLM-L6-v2 on backend torch (requested); ")  # PGSIM_BACKEND
+    assert "forward pass" in doctor.stdout.splitlines()[0] and doctor.stdout.splitlines()[1].startswith("path: ")
 
 
 def test_add_embedding_backfill_worker_status_remove(database: str) -> None:

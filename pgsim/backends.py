@@ -14,8 +14,8 @@ Every backend tokenises with the model's own tokenizer and truncates at its ``ma
 
 The torch backends run side by side: :func:`embed_batches` gives a call's batches to as many threads
 ("lanes") as torch has threads, each running its forward passes with its share of them. On 2 cores one
-single-threaded pass per core encodes about 15 % more than one pass on two threads, since small matrices and
-the attention's softmax split badly across threads (``python bench/encode.py``).
+single-threaded pass per core encodes 8-21 % more than one pass on two threads, since small matrices and
+the attention's softmax split badly across threads (``python bench/encode.py``, its ``lanes=1`` row).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import platform
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -110,7 +110,9 @@ class TorchBackend:
         return normalised(rows.float().cpu().numpy())
 
 
-def embed_batches(backend: Backend, batches: list[list[str]], lanes: int | None = None) -> Iterator[Matrix]:
+def embed_batches(
+    backend: Backend, batches: list[list[str]], lanes: int | None = None
+) -> Generator[Matrix, None, None]:
     """``backend.embed`` of each batch, in order. A parallel backend runs ``lanes`` batches at a time (default:
     one per torch thread, at most one per batch), each lane with ``threads // lanes`` of torch's threads;
     torch's thread count is restored afterwards. Stopping early cancels the batches not yet started."""

@@ -14,6 +14,7 @@ Policies (each has a test):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-from pgsim.backends import embed_batches
+from pgsim.backends import TOKENIZER_LOCK, embed_batches
 from pgsim.errors import InvalidInput, ModelNotFound
 
 if TYPE_CHECKING:
@@ -355,17 +356,19 @@ class Encoder:
             truncated = int((lengths > self.max_tokens).sum())
             done = empty
             batches = [[unique[i] for i in members] for members in self._batches(np.minimum(lengths, self.max_tokens))]
-            for batch, vectors in zip(batches, embed_batches(self.backend, batches, self.lanes), strict=True):
-                if not np.isfinite(vectors).all():
-                    raise InvalidInput(
-                        f"Model {self.model_name!r} produced NaN or infinite values; it cannot be used as is."
-                    )
-                for text, vector in zip(batch, vectors, strict=True):
-                    for position in positions[text]:
-                        results[position] = vector
-                    done += len(positions[text])
-                if progress is not None:
-                    progress(done)
+            # closing: an error below stops the lanes and gives torch its threads back at once
+            with contextlib.closing(embed_batches(self.backend, batches, self.lanes)) as encoded:
+                for batch, vectors in zip(batches, encoded, strict=True):
+                    if not np.isfinite(vectors).all():
+                        raise InvalidInput(
+                            f"Model {self.model_name!r} produced NaN or infinite values; it cannot be used as is."
+                        )
+                    for text, vector in zip(batch, vectors, strict=True):
+                        for position in positions[text]:
+                            results[position] = vector
+                        done += len(positions[text])
+                    if progress is not None:
+                        progress(done)
         elif progress is not None:
             progress(len(texts))
         if truncated and self.warn_truncation:
@@ -400,8 +403,6 @@ class Encoder:
         return batches
 
     def _token_counts(self, texts: list[str]) -> npt.NDArray[np.int64]:
-        from pgsim.backends import TOKENIZER_LOCK
-
         with TOKENIZER_LOCK:
             encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
         return np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))

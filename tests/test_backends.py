@@ -187,3 +187,26 @@ def test_a_backend_with_its_own_threads_runs_one_batch_at_a_time() -> None:
 def test_bad_lanes_are_an_error(lanes: object) -> None:
     with pytest.raises(InvalidInput, match="lanes must be a whole number >= 1"):
         Encoder(MODEL, lanes=lanes)  # type: ignore[arg-type]
+
+
+def test_nan_from_a_lane_is_an_error_and_torch_gets_its_threads_back() -> None:
+    import torch
+
+    class NaNOnSecondBatch(Recording):
+        def embed(self, texts: list[str]) -> backends.Matrix:
+            rows = super().embed(texts)
+            return rows * np.nan if len(self.calls) == 2 else rows
+
+    fake = NaNOnSecondBatch()
+
+    class WithFake(Encoder):
+        @property
+        def backend(self) -> backends.Backend:
+            return fake
+
+    threads = torch.get_num_threads()
+    encoder = WithFake(MODEL, batch_size=1, lanes=2)
+    with pytest.raises(InvalidInput, match="produced NaN or infinite values"):
+        encoder.encode([f"text number {i}" for i in range(30)])
+    assert torch.get_num_threads() == threads
+    assert len(fake.calls) < 30

@@ -61,6 +61,13 @@ def test_rows_not_embedded_yet_are_left_out_not_ranked(conn: Any, packages: list
             conn, "packages", "embedding", "anything", k=count, min_score=0, where={"section": section}
         )
         assert len(scored) == count and scored[-1].score == 0
+        in_sql = conn.execute(  # the SQL function, on its exact path (few rows pass)
+            "SELECT r.row->>'package', r.distance FROM pgsim.knn('packages', 'embedding', "
+            "(SELECT embedding FROM packages WHERE embedding IS NOT NULL LIMIT 1), 50, %s) AS r",
+            [f"section = '{section}'"],
+        ).fetchall()
+        assert sorted(p for p, _ in in_sql) == sorted(p.package for p in packages if p.section == section)
+        assert all(distance is not None for _, distance in in_sql)
     finally:
         conn.execute("DELETE FROM packages WHERE package = 'not-embedded-yet'")
 

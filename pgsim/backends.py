@@ -13,7 +13,7 @@ the choice among them.
 Every backend tokenises with the model's own tokenizer and truncates at its ``max_seq_length``.
 
 The torch backends run side by side: :func:`embed_batches` gives a call's batches to as many threads
-("lanes") as torch has threads, each running its forward passes with its share of them. On 2 cores one
+("lanes") as the caller has torch threads, each running its forward passes with its share of them. On 2 cores one
 single-threaded pass per core encodes 8-21 % more than one pass on two threads, since small matrices and
 the attention's softmax split badly across threads (``python bench/encode.py``, its ``lanes=1`` row).
 """
@@ -49,6 +49,7 @@ CACHE_ENV = "PGSIM_CACHE_DIR"
 MIN_COSINE = 0.999  # a backend's vectors against float32's, worst text of the calibration set
 CALIBRATION_TEXTS = 64
 EXPORT_FORMAT = 1  # bump when the export changes, so cached exports are rebuilt
+CHOICE_FORMAT = "lanes"  # change when backends run differently, so remembered choices are measured again
 
 Matrix = npt.NDArray[np.float32]
 
@@ -56,9 +57,6 @@ Matrix = npt.NDArray[np.float32]
 # off, encoding on) while another encodes with it (huggingface/tokenizers#537, transformers#47085); every use
 # of a model's tokenizer in pgsim holds this.
 TOKENIZER_LOCK = threading.Lock()
-# torch's thread count is one setting for the whole process: one call at a time runs in lanes (re-entrant: a
-# progress callback may encode again).
-_lanes_lock = threading.RLock()
 
 
 class BackendUnavailable(InvalidInput):
@@ -98,13 +96,15 @@ class TorchBackend:
         self.name = name
         self.reason = "requested"
         self.parallel = model.device.type == "cpu"
+        default_prompt = getattr(model, "default_prompt_name", None)  # what model.encode would prepend
+        self.prompt = model.prompts.get(default_prompt) if default_prompt else None
 
     def embed(self, texts: list[str]) -> Matrix:
         import torch
         from sentence_transformers.util import batch_to_device
 
         with TOKENIZER_LOCK:
-            features = self.model.preprocess(texts)
+            features = self.model.preprocess(texts, prompt=self.prompt)
         with torch.inference_mode():
             rows = self.model(batch_to_device(features, self.model.device))["sentence_embedding"]
         return normalised(rows.float().cpu().numpy())
@@ -114,30 +114,39 @@ def embed_batches(
     backend: Backend, batches: list[list[str]], lanes: int | None = None
 ) -> Generator[Matrix, None, None]:
     """``backend.embed`` of each batch, in order. A parallel backend runs ``lanes`` batches at a time (default:
-    one per torch thread, at most one per batch), each lane with ``threads // lanes`` of torch's threads;
-    torch's thread count is restored afterwards. Stopping early cancels the batches not yet started."""
+    one per torch thread of the calling thread, at most one per batch) on threads of their own, each with
+    ``threads // lanes`` torch threads; the calling thread and every other thread keep theirs. Stopping early
+    cancels the batches not yet started."""
+    import torch
+
+    threads = torch.get_num_threads()
     if not getattr(backend, "parallel", False):
         lanes = 1
-    elif lanes is None:
-        import torch
-
-        lanes = torch.get_num_threads()
-    lanes = max(1, min(lanes, len(batches)))
+    lanes = max(1, min(threads if lanes is None else lanes, len(batches)))
     if lanes == 1:
         yield from map(backend.embed, batches)
         return
+    pool = ThreadPoolExecutor(lanes, thread_name_prefix="pgsim-encode", initializer=_lane_threads,
+                              initargs=(max(1, threads // lanes),))  # fmt: skip
+    try:
+        # torch.set_num_threads sets the calling thread's count and the one threads started later begin with:
+        # once every lane has set its own, the count new threads begin with goes back to the caller's.
+        ready = threading.Barrier(lanes, timeout=60)
+        for started in [pool.submit(ready.wait) for _ in range(lanes)]:
+            started.result()
+        torch.set_num_threads(threads)
+        for future in [pool.submit(backend.embed, batch) for batch in batches]:
+            yield future.result()
+    finally:
+        torch.set_num_threads(threads)
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _lane_threads(count: int) -> None:
     import torch
 
-    with _lanes_lock:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(max(1, threads // lanes))
-        pool = ThreadPoolExecutor(lanes, thread_name_prefix="pgsim-encode")
-        try:
-            for future in [pool.submit(backend.embed, batch) for batch in batches]:
-                yield future.result()
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
-            torch.set_num_threads(threads)
+    torch.get_num_threads()  # torch's per-thread set-up, which would later reset the count to the process's
+    torch.set_num_threads(count)
 
 
 def bfloat16_copy(model: SentenceTransformer) -> SentenceTransformer:
@@ -165,7 +174,8 @@ class OnnxBackend:
         self.pooling = pooling_mode(model)
         self.tokenizer = model.tokenizer
         self.max_tokens = int(model.max_seq_length or 512)
-        self.input_names = sorted(model.tokenizer(["probe"], return_tensors="np").keys())
+        with TOKENIZER_LOCK:
+            self.input_names = sorted(model.tokenizer(["probe"], return_tensors="np").keys())
         directory = cache_dir() / "onnx" / f"{_safe(model_name)}-{revision}"
         self.session = _load_or_export(onnxruntime, model, directory, self.input_names, self.run)
 
@@ -272,7 +282,8 @@ def _export(model: SentenceTransformer, directory: Path, inputs: list[str], meta
         def forward(self, *args: Any) -> Any:
             return self.transformer(**dict(zip(inputs, args, strict=True))).last_hidden_state
 
-    sample = model.tokenizer(["an example", "a longer example text"], padding=True, return_tensors="pt")
+    with TOKENIZER_LOCK:
+        sample = model.tokenizer(["an example", "a longer example text"], padding=True, return_tensors="pt")
     directory.mkdir(parents=True, exist_ok=True)
     partial = directory / f"model.onnx.{os.getpid()}.partial"
     started = time.perf_counter()
@@ -327,7 +338,9 @@ def choose(model: SentenceTransformer, model_name: str, revision: str, calibrati
     measurement is remembered in the cache directory (per model revision, machine and versions)."""
     import torch
 
-    key = "|".join([revision, platform.machine(), platform.processor() or "", torch.__version__, _cpu_flags()])
+    key = "|".join(
+        [revision, platform.machine(), platform.processor() or "", torch.__version__, _cpu_flags(), CHOICE_FORMAT]
+    )
     choices_path = cache_dir() / "backend-choices.json"
     with _choices_lock:
         known = _read_json(choices_path) or {}
@@ -386,7 +399,8 @@ def _measure(model: SentenceTransformer, model_name: str, revision: str, texts: 
 
 
 def _length_sorted_batches(model: SentenceTransformer, texts: list[str], size: int = 16) -> list[list[str]]:
-    lengths = [len(ids) for ids in model.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+    with TOKENIZER_LOCK:
+        lengths = [len(ids) for ids in model.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
     ordered = [text for _, text in sorted(zip(lengths, texts, strict=True), key=lambda pair: -pair[0])]
     return [ordered[start : start + size] for start in range(0, len(ordered), size)]
 

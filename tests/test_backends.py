@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -124,21 +125,23 @@ def calibration_texts() -> list[str]:
 
 class Recording:
     """A backend that records where and with how many torch threads each batch ran; its vectors are the
-    real model's (``inner``), or it fails on the batch numbered ``fail_at``."""
+    real model's (``inner``), or it fails on the batch numbered ``fail_at``, and the batches after that one
+    wait (up to 2 s) for ``gate``, so that whether they were cancelled does not depend on timing."""
 
     def __init__(self, inner: backends.Backend | None = None, parallel: bool = True, fail_at: int = -1) -> None:
         self.inner, self.parallel, self.fail_at = inner, parallel, fail_at
         self.name, self.reason = "recording", "test"
         self.calls: list[tuple[str, int]] = []
+        self.gate = threading.Event()
 
     def embed(self, texts: list[str]) -> backends.Matrix:
-        import threading
-
         import torch
 
         self.calls.append((threading.current_thread().name, torch.get_num_threads()))
         if len(self.calls) - 1 == self.fail_at:
             raise RuntimeError("lane failed")
+        if 0 <= self.fail_at < len(self.calls) - 1:
+            self.gate.wait(2)
         if self.inner is None:
             return np.full((len(texts), 2), len(texts[0]), dtype=np.float32)
         return self.inner.embed(texts)
@@ -161,19 +164,31 @@ def test_lanes_run_batches_side_by_side_in_order_with_the_same_vectors(packages:
     assert torch.get_num_threads() == threads
 
 
-def test_a_failing_lane_stops_the_rest_and_restores_torch_threads() -> None:
+def test_a_failing_lane_stops_the_rest_and_leaves_other_threads_their_torch_threads() -> None:
     import torch
 
     threads = torch.get_num_threads()
     failing = Recording(fail_at=2)
     with pytest.raises(RuntimeError, match="lane failed"):
         list(backends.embed_batches(failing, [[f"text {i}"] for i in range(40)], lanes=2))
-    assert len(failing.calls) < 40  # the batches not started were cancelled
-    assert torch.get_num_threads() == threads
+    assert len(failing.calls) <= 2 + 1 + 2  # before, the failure, one more per lane; the rest were cancelled
     running = backends.embed_batches(Recording(), [[f"text {i}"] for i in range(40)], lanes=2)
     assert next(running).shape == (1, 2)
-    assert torch.get_num_threads() == max(1, threads // 2)  # while the lanes run
+    assert torch.get_num_threads() == threads  # the caller keeps its threads while the lanes run
+    seen: list[int] = []
+    resume = threading.Event()
+
+    def first_use_during_the_lanes() -> None:
+        seen.append(torch.get_num_threads())
+        resume.wait(10)
+        seen.append(torch.get_num_threads())
+
+    other = threading.Thread(target=first_use_during_the_lanes)
+    other.start()
     running.close()  # the caller stops early
+    resume.set()
+    other.join()
+    assert seen == [threads, threads]  # a thread that first used torch meanwhile got the process's count
     assert torch.get_num_threads() == threads
 
 
@@ -189,12 +204,14 @@ def test_bad_lanes_are_an_error(lanes: object) -> None:
         Encoder(MODEL, lanes=lanes)  # type: ignore[arg-type]
 
 
-def test_nan_from_a_lane_is_an_error_and_torch_gets_its_threads_back() -> None:
+def test_nan_from_a_lane_is_an_error_and_stops_the_lanes() -> None:
     import torch
 
     class NaNOnSecondBatch(Recording):
         def embed(self, texts: list[str]) -> backends.Matrix:
             rows = super().embed(texts)
+            if len(self.calls) > 2:
+                self.gate.wait(2)
             return rows * np.nan if len(self.calls) == 2 else rows
 
     fake = NaNOnSecondBatch()
@@ -209,4 +226,19 @@ def test_nan_from_a_lane_is_an_error_and_torch_gets_its_threads_back() -> None:
     with pytest.raises(InvalidInput, match="produced NaN or infinite values"):
         encoder.encode([f"text number {i}" for i in range(30)])
     assert torch.get_num_threads() == threads
-    assert len(fake.calls) < 30
+    assert len(fake.calls) <= 2 + 2  # the NaN batch and the one before it, then one more per lane
+
+
+def test_the_torch_backend_encodes_as_model_encode_does_default_prompt_included(packages: list[Package]) -> None:
+    import copy
+
+    texts = [p.text for p in packages[:8]]
+    model = load_model(MODEL)
+    plain = backends.TorchBackend(model, "torch").embed(texts)
+    assert float(np.min(np.sum(plain * model.encode(texts, normalize_embeddings=True), axis=1))) >= 0.99999
+    prompted = copy.deepcopy(model)
+    prompted.prompts, prompted.default_prompt_name = {"document": "a Debian package: "}, "document"
+    with_prompt = backends.TorchBackend(prompted, "torch").embed(texts)
+    expected = prompted.encode(texts, normalize_embeddings=True)
+    assert float(np.min(np.sum(with_prompt * expected, axis=1))) >= 0.99999
+    assert float(np.max(np.sum(with_prompt * plain, axis=1))) < 0.9999  # the prompt was really prepended

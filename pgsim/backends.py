@@ -13,9 +13,10 @@ the choice among them.
 Every backend tokenises with the model's own tokenizer and truncates at its ``max_seq_length``.
 
 The torch backends run side by side: :func:`embed_batches` gives a call's batches to as many threads
-("lanes") as the caller has torch threads, each running its forward passes with its share of them. On 2 cores one
-single-threaded pass per core encodes 8-21 % more than one pass on two threads, since small matrices and
-the attention's softmax split badly across threads (``python bench/encode.py``, its ``lanes=1`` row).
+("lanes") as the caller has torch threads, each running its forward passes with its share of them. On 2
+cores one single-threaded pass per core encodes 8-21 % more than one pass on two threads, since small
+matrices and the attention's softmax split badly across threads (``python bench/encode.py``, its
+``lanes=1`` row).
 """
 
 from __future__ import annotations
@@ -120,9 +121,7 @@ def embed_batches(
     import torch
 
     threads = torch.get_num_threads()
-    if not getattr(backend, "parallel", False):
-        lanes = 1
-    lanes = max(1, min(threads if lanes is None else lanes, len(batches)))
+    lanes = lane_count(backend, lanes, len(batches))
     if lanes == 1:
         yield from map(backend.embed, batches)
         return
@@ -140,6 +139,16 @@ def embed_batches(
     finally:
         torch.set_num_threads(threads)
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def lane_count(backend: Backend, lanes: int | None, batches: int) -> int:
+    """How many lanes :func:`embed_batches` runs ``batches`` batches in: 1 for a backend that is not parallel,
+    else ``lanes`` (None: the calling thread's torch threads), at most one per batch."""
+    import torch
+
+    if not getattr(backend, "parallel", False):
+        return 1
+    return max(1, min(torch.get_num_threads() if lanes is None else lanes, batches))
 
 
 def _lane_threads(count: int) -> None:

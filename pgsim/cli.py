@@ -43,10 +43,12 @@ def lanes_text(backend: Any) -> str:
     """How a call's batches run (see pgsim.backends.embed_batches), as pgsim doctor says it."""
     import torch
 
-    threads = torch.get_num_threads()
-    if not backend.parallel or threads == 1:
-        return f"one forward pass at a time on {threads} thread(s)"
-    return f"up to {threads} forward passes side by side, one thread each"
+    from pgsim.backends import lane_count
+
+    lanes = lane_count(backend, None, sys.maxsize)
+    if lanes == 1:
+        return f"one forward pass at a time on {torch.get_num_threads()} thread(s)"
+    return f"up to {lanes} forward passes side by side, one thread each"
 
 
 def _connect(args: argparse.Namespace) -> Any:

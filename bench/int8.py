@@ -35,9 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus_cache import debian_packages  # noqa: E402
 from encode import agreement, top10  # noqa: E402
 
-from pgsim.backends import OnnxBackend, TorchBackend, _session, cache_dir  # noqa: E402
+from pgsim.backends import TorchBackend, cache_dir  # noqa: E402
 from pgsim.cli import format_table  # noqa: E402
 from pgsim.encode import Encoder, load_model, model_revision  # noqa: E402
+from pgsim.exported import OnnxBackend, onnx_session  # noqa: E402
 
 
 def main() -> None:
@@ -85,7 +86,7 @@ def main() -> None:
             if options is not None:
                 path = Path(scratch) / "int8.onnx"
                 quantize_dynamic(str(exported), str(path), weight_type=QuantType.QInt8, **options)
-            session = _session(onnxruntime, path)
+            session = onnx_session(onnxruntime, path)
             encoder = with_backend(Fixed(session, onnx.run, "int8"))
             encoder.encode(texts[:32])
             started = time.perf_counter()

@@ -1,12 +1,12 @@
-"""Forward passes for :class:`~pgsim.encode.Encoder`: torch in float32 or bfloat16, or ONNX Runtime, and
-the choice among them.
+"""Forward passes for :class:`~pgsim.encode.Encoder`: torch in float32 or bfloat16, ONNX Runtime or OpenVINO,
+and the choice among them.
 
 - ``torch``: sentence-transformers as loaded (float32), the reference.
 - ``torch-bf16``: a bfloat16 copy of the model; pooling and normalisation in float32. Fast where the CPU
   has bfloat16 instructions (AVX-512 BF16, AMX), slow where it emulates them.
-- ``onnx``: the transformer exported once with ``torch.onnx`` into pgsim's cache directory, run by ONNX
-  Runtime (``pip install 'pgsim[onnx]'``); pooling and normalisation in numpy. Models of a Transformer,
-  a Pooling layer (mean, CLS or max) and optionally Normalize only.
+- ``onnx`` and ``openvino``: an exported copy of the transformer run by ONNX Runtime (float32; ``pip install
+  'pgsim[onnx]'``) or by OpenVINO (bfloat16 where the CPU computes in it, else float32); see
+  :mod:`pgsim.exported`.
 - ``auto``: each candidate encodes the same calibration texts (the packaged Debian sample); the fastest
   whose vectors keep a cosine of at least ``MIN_COSINE`` with float32's wins. The choice is remembered per
   model revision and machine in the cache directory, and logged.
@@ -29,10 +29,10 @@ import platform
 import threading
 import time
 import warnings
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -44,12 +44,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("torch", "torch-bf16", "onnx")
+BACKENDS = ("torch", "torch-bf16", "onnx", "openvino")
 BACKEND_ENV = "PGSIM_BACKEND"  # the default backend when Encoder(backend=None); else "auto"
 CACHE_ENV = "PGSIM_CACHE_DIR"
 MIN_COSINE = 0.999  # a backend's vectors against float32's, worst text of the calibration set
 CALIBRATION_TEXTS = 64
-EXPORT_FORMAT = 1  # bump when the export changes, so cached exports are rebuilt
 CHOICE_FORMAT = "lanes"  # change when backends run differently, so remembered choices are measured again
 
 Matrix = npt.NDArray[np.float32]
@@ -97,8 +96,7 @@ class TorchBackend:
         self.name = name
         self.reason = "requested"
         self.parallel = model.device.type == "cpu"
-        default_prompt = getattr(model, "default_prompt_name", None)  # what model.encode would prepend
-        self.prompt = model.prompts.get(default_prompt) if default_prompt else None
+        self.prompt = default_prompt(model)
 
     def embed(self, texts: list[str]) -> Matrix:
         import torch
@@ -109,6 +107,12 @@ class TorchBackend:
         with torch.inference_mode():
             rows = self.model(batch_to_device(features, self.model.device))["sentence_embedding"]
         return normalised(rows.float().cpu().numpy())
+
+
+def default_prompt(model: SentenceTransformer) -> str | None:
+    """The prompt ``model.encode`` prepends to every text when given none (a model's ``default_prompt_name``)."""
+    name = getattr(model, "default_prompt_name", None)
+    return model.prompts.get(name) if name else None
 
 
 def embed_batches(
@@ -166,166 +170,11 @@ def bfloat16_copy(model: SentenceTransformer) -> SentenceTransformer:
     return copy.deepcopy(model).to(torch.bfloat16)
 
 
-class OnnxBackend:
-    """The model's transformer under ONNX Runtime; its pooling and normalisation in numpy."""
-
-    name = "onnx"
-    reason = "requested"
-    parallel = False  # ONNX Runtime's session has its own thread pool, sized at creation
-
-    def __init__(self, model: SentenceTransformer, model_name: str, revision: str) -> None:
-        try:
-            import onnxruntime
-        except ImportError:
-            raise BackendUnavailable(
-                "The onnx backend needs ONNX Runtime: pip install 'pgsim[onnx]' (onnxruntime and onnx)."
-            ) from None
-        self.pooling = pooling_mode(model)
-        self.tokenizer = model.tokenizer
-        self.max_tokens = int(model.max_seq_length or 512)
-        with TOKENIZER_LOCK:
-            self.input_names = sorted(model.tokenizer(["probe"], return_tensors="np").keys())
-        directory = cache_dir() / "onnx" / f"{_safe(model_name)}-{revision}"
-        self.session = _load_or_export(onnxruntime, model, directory, self.input_names, self.run)
-
-    def embed(self, texts: list[str]) -> Matrix:
-        return self.run(self.session, texts)
-
-    def run(self, session: Any, texts: list[str]) -> Matrix:
-        with TOKENIZER_LOCK:
-            batch = self.tokenizer(
-                texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="np"
-            )
-        feeds = {name: np.asarray(batch[name], dtype=np.int64) for name in self.input_names}
-        hidden = session.run(None, feeds)[0]
-        return normalised(pool(hidden, np.asarray(batch["attention_mask"]), self.pooling))
-
-
-def pooling_mode(model: SentenceTransformer) -> str:
-    """``mean``, ``cls`` or ``max`` for a Transformer + Pooling (+ Normalize) model; else the backend cannot
-    reproduce the model outside torch."""
-    kinds = [type(module).__name__ for module in model]
-    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
-        raise BackendUnavailable(
-            f"The onnx backend runs Transformer + Pooling (+ Normalize) models; this one is {' + '.join(kinds)}."
-        )
-    config = cast(Any, model)[1].get_config_dict()
-    named = config.get("pooling_mode")  # sentence-transformers 6; older versions set one flag per mode
-    modes = (
-        [named]
-        if isinstance(named, str)
-        else [m for m in ("mean", "cls", "max") if config.get(f"pooling_mode_{m}_tokens")]
-    )
-    if len(modes) != 1 or modes[0] not in ("mean", "cls", "max"):
-        raise BackendUnavailable(f"The onnx backend pools by mean, CLS or max alone; this model's pooling is {config}.")
-    return str(modes[0])
-
-
-def pool(hidden: Any, mask: Any, mode: str) -> Matrix:
-    hidden = np.asarray(hidden, dtype=np.float32)
-    weights = mask[..., None].astype(np.float32)
-    if mode == "cls":
-        return np.asarray(hidden[:, 0], dtype=np.float32)
-    if mode == "max":
-        return np.asarray(np.where(weights > 0, hidden, -1e9).max(axis=1), dtype=np.float32)
-    return np.asarray((hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9), dtype=np.float32)
-
-
-PROBE_TEXTS = ["pgsim checks an exported model against torch", "a short one"]
-
-
-def _load_or_export(
-    onnxruntime: Any,
-    model: SentenceTransformer,
-    directory: Path,
-    inputs: list[str],
-    run: Callable[[Any, list[str]], Matrix],
-) -> Any:
-    """The cached export's session, after checking that ``run`` with it answers like torch; a missing,
-    corrupted or stale export is (re)built first."""
-    path, meta_path = directory / "model.onnx", directory / "export.json"
-    expected = {"format": EXPORT_FORMAT, "inputs": inputs, "onnxruntime": onnxruntime.__version__}
-    for attempt in ("cached", "rebuilt"):
-        if attempt == "rebuilt" or not path.is_file() or _read_json(meta_path) != expected:
-            _export(model, directory, inputs, expected)
-        try:
-            session = _session(onnxruntime, path)
-            reference = TorchBackend(model, "torch").embed(PROBE_TEXTS)
-            if float(np.min(np.sum(run(session, PROBE_TEXTS) * reference, axis=1))) >= 1 - 1e-4:
-                return session
-            problem = "its vectors differ from torch's"
-        except Exception as exc:  # ONNX Runtime's own errors for a truncated or foreign file
-            problem = f"{type(exc).__name__}: {exc}"
-        if attempt == "cached":
-            warnings.warn(
-                f"The cached ONNX export in {directory} is unusable ({problem}); exporting again.", stacklevel=4
-            )
-    raise BackendUnavailable(f"The ONNX export in {directory} does not reproduce the model: {problem}")
-
-
-def _session(onnxruntime: Any, path: Path) -> Any:
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    import torch
-
-    options.intra_op_num_threads = torch.get_num_threads()  # as many as torch: OMP_NUM_THREADS when a pool set it
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _export(model: SentenceTransformer, directory: Path, inputs: list[str], meta: dict[str, Any]) -> None:
-    """torch.onnx export of the transformer with dynamic batch and sequence axes, written to a temporary
-    file and renamed, so a crash never leaves half a file behind."""
-    import torch
-
-    try:
-        import onnx  # noqa: F401 - torch.onnx needs it
-    except ImportError:
-        raise BackendUnavailable("Exporting to ONNX needs the onnx package: pip install 'pgsim[onnx]'.") from None
-    transformer = cast(Any, model)[0].auto_model.eval()
-
-    class LastHiddenState(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.transformer = transformer
-
-        def forward(self, *args: Any) -> Any:
-            return self.transformer(**dict(zip(inputs, args, strict=True))).last_hidden_state
-
-    with TOKENIZER_LOCK:
-        sample = model.tokenizer(["an example", "a longer example text"], padding=True, return_tensors="pt")
-    directory.mkdir(parents=True, exist_ok=True)
-    partial = directory / f"model.onnx.{os.getpid()}.partial"
-    started = time.perf_counter()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on Python control flow in the model
-            torch.onnx.export(
-                LastHiddenState(),
-                tuple(sample[name] for name in inputs),
-                str(partial),
-                input_names=inputs,
-                output_names=["last_hidden_state"],
-                dynamic_axes={name: {0: "batch", 1: "tokens"} for name in [*inputs, "last_hidden_state"]},
-                opset_version=17,
-                dynamo=False,
-            )
-    except Exception as exc:
-        partial.unlink(missing_ok=True)
-        raise BackendUnavailable(f"Exporting the model to ONNX failed: {type(exc).__name__}: {exc}") from None
-    partial.replace(directory / "model.onnx")
-    (directory / "export.json").write_text(json.dumps(meta))
-    log.info("exported the model to %s in %.1fs", directory, time.perf_counter() - started)
-
-
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _safe(name: str) -> str:
-    return "".join(char if char.isalnum() or char in "-_." else "_" for char in name)[-80:]
 
 
 def build(requested: str, model: SentenceTransformer, model_name: str, revision: str) -> Backend:
@@ -334,8 +183,10 @@ def build(requested: str, model: SentenceTransformer, model_name: str, revision:
         return TorchBackend(model, "torch")
     if requested == "torch-bf16":
         return TorchBackend(bfloat16_copy(model), "torch-bf16")
-    if requested == "onnx":
-        return OnnxBackend(model, model_name, revision)
+    if requested in ("onnx", "openvino"):
+        from pgsim.exported import OnnxBackend, OpenVinoBackend  # they build on this module
+
+        return (OnnxBackend if requested == "onnx" else OpenVinoBackend)(model, model_name, revision)
     raise InvalidInput(f"Unknown encoder backend {requested!r}; choose auto, {', '.join(BACKENDS)}.")
 
 
@@ -349,10 +200,11 @@ def choose(model: SentenceTransformer, model_name: str, revision: str, calibrati
 
     key = "|".join(
         [revision, platform.machine(), platform.processor() or "", torch.__version__, _cpu_flags(), CHOICE_FORMAT]
+        + list(BACKENDS)  # a new candidate backend means measuring again
     )
     choices_path = cache_dir() / "backend-choices.json"
     with _choices_lock:
-        known = _read_json(choices_path) or {}
+        known = read_json(choices_path) or {}
         remembered = known.get(hashlib.sha256(key.encode()).hexdigest()[:16])
         if remembered:
             try:
@@ -389,7 +241,7 @@ def _measure(model: SentenceTransformer, model_name: str, revision: str, texts: 
     best_rate = rates
     notes = []
     measured = {"torch": rates}
-    for name in ("torch-bf16", "onnx"):
+    for name in BACKENDS[1:]:
         try:
             candidate = build(name, model, model_name, revision)
         except BackendUnavailable as exc:

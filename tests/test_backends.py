@@ -1,5 +1,5 @@
-"""Encoder backends against the real model: each keeps float32's vectors and truncation; ONNX exports are
-cached, checked and rebuilt; "auto" measures, chooses, remembers; what cannot run says why."""
+"""Encoder backends against the real model: each keeps float32's vectors and truncation; ONNX and OpenVINO
+exports are cached, checked and rebuilt; "auto" measures, chooses, remembers; what cannot run says why."""
 
 from __future__ import annotations
 
@@ -43,60 +43,88 @@ def test_every_backend_keeps_float32_vectors_and_truncation(name: str, packages:
     assert encoder.stats.truncated == float32.stats.truncated + 1  # the same texts count as cut
 
 
-def test_an_onnx_export_is_cached_and_a_corrupted_or_stale_one_is_rebuilt(cache: Path) -> None:
+EXPORTS = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}  # the files each backend keeps
+
+
+@pytest.mark.parametrize(("name", "damaged"), [(name, file) for name, files in EXPORTS.items() for file in files])
+def test_an_export_is_cached_and_a_corrupted_or_stale_one_is_rebuilt(name: str, damaged: str, cache: Path) -> None:
     model, revision = load_model(MODEL), model_revision(MODEL)
     probe = ["a chess engine with a graphical board"]
-    first = build("onnx", model, MODEL, revision)
-    (exported,) = cache.glob("onnx/*/model.onnx")
+    first = build(name, model, MODEL, revision)
+    (exported,) = cache.glob(f"{name}/*/{damaged}")
     written = exported.stat().st_mtime_ns
-    build("onnx", model, MODEL, revision)
+    build(name, model, MODEL, revision)
     assert exported.stat().st_mtime_ns == written  # reused, not exported again
 
-    exported.write_bytes(b"not an onnx model")
+    exported.write_bytes(exported.read_bytes()[: exported.stat().st_size // 3])  # a copy cut short
     with pytest.warns(UserWarning, match="unusable .*exporting again"):
-        rebuilt = build("onnx", model, MODEL, revision)
+        rebuilt = build(name, model, MODEL, revision)
     assert float(np.dot(rebuilt.embed(probe)[0], first.embed(probe)[0])) >= 0.99999
 
     meta = exported.parent / "export.json"
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 0}))  # written by an older pgsim
     written = exported.stat().st_mtime_ns
-    build("onnx", model, MODEL, revision)
-    assert exported.stat().st_mtime_ns != written and json.loads(meta.read_text())["format"] == backends.EXPORT_FORMAT
+    build(name, model, MODEL, revision)
+    assert exported.stat().st_mtime_ns != written and json.loads(meta.read_text())["format"] == exported_format()
 
 
-def test_a_missing_onnxruntime_names_the_extra_and_auto_goes_on_without_it(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def exported_format() -> int:
+    from pgsim.exported import EXPORT_FORMAT
+
+    return EXPORT_FORMAT
+
+
+@pytest.mark.parametrize(
+    ("name", "package", "advice"),
+    [("onnx", "onnxruntime", r"pip install 'pgsim\[onnx\]'"), ("openvino", "openvino", "pip install openvino")],
+)
+def test_a_missing_runtime_says_what_to_install_and_auto_goes_on_without_it(
+    name: str, package: str, advice: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # what an environment without the package sees
+    monkeypatch.setitem(sys.modules, package, None)  # what an environment without the package sees
     model, revision = load_model(MODEL), model_revision(MODEL)
-    with pytest.raises(BackendUnavailable, match=r"pip install 'pgsim\[onnx\]'"):
-        build("onnx", model, MODEL, revision)
+    with pytest.raises(BackendUnavailable, match=advice):
+        build(name, model, MODEL, revision)
     with caplog.at_level(logging.INFO, logger="pgsim.backends"):
         chosen = choose(model, MODEL, revision, calibration_texts())
-    assert chosen.name in ("torch", "torch-bf16")
-    assert "onnx is not a candidate here" in caplog.text and "encoder backend" in caplog.text
+    assert chosen.name != name
+    assert f"{name} is not a candidate here" in caplog.text and "encoder backend" in caplog.text
 
 
+@pytest.mark.parametrize(
+    ("name", "module", "function", "message"),
+    [
+        ("onnx", "torch.onnx", "export", "Exporting the model to ONNX failed: RuntimeError"),
+        ("openvino", "openvino", "convert_model", "Converting the model to OpenVINO failed: RuntimeError"),
+    ],
+)
 def test_a_failed_export_falls_back_with_a_warning(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    name: str,
+    module: str,
+    function: str,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import torch
+    import importlib
 
     def broken_export(*args: object, **kwargs: object) -> None:
         raise RuntimeError("unsupported operator aten::something")
 
-    monkeypatch.setattr(torch.onnx, "export", broken_export)  # an exporter that fails on this model
+    monkeypatch.setattr(importlib.import_module(module), function, broken_export)  # a converter this model breaks
     model, revision = load_model(MODEL), model_revision(MODEL)
-    with pytest.raises(BackendUnavailable, match="Exporting the model to ONNX failed: RuntimeError"):
-        build("onnx", model, MODEL, revision)
+    with pytest.raises(BackendUnavailable, match=message):
+        build(name, model, MODEL, revision)
+    assert not list(Path(backends.cache_dir()).glob(f"{name}/*/*"))  # nothing half-written left behind
     with caplog.at_level(logging.WARNING, logger="pgsim.backends"):
-        assert choose(model, MODEL, revision, calibration_texts()).name in ("torch", "torch-bf16")
-    assert "onnx is not a candidate here: Exporting the model to ONNX failed" in caplog.text
+        assert choose(model, MODEL, revision, calibration_texts()).name != name
+    assert f"{name} is not a candidate here: {message}" in caplog.text
 
 
-def test_a_model_onnx_cannot_reproduce_is_refused_clearly(small_model: str) -> None:
+@pytest.mark.parametrize("name", EXPORTS)
+def test_a_model_an_export_cannot_reproduce_is_refused_clearly(name: str, small_model: str) -> None:
     with pytest.raises(BackendUnavailable, match=r"Transformer \+ Pooling \(\+ Normalize\) models; this one is"):
-        Encoder(small_model, backend="onnx").encode(["text"])
+        Encoder(small_model, backend=name).encode(["text"])
 
 
 def test_auto_measures_once_says_which_and_remembers(cache: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -113,7 +141,9 @@ def test_auto_measures_once_says_which_and_remembers(cache: Path, caplog: pytest
 
 
 def test_an_unknown_backend_is_an_error() -> None:
-    with pytest.raises(InvalidInput, match="Unknown encoder backend 'gpu'; choose auto, torch, torch-bf16, onnx"):
+    with pytest.raises(
+        InvalidInput, match="Unknown encoder backend 'gpu'; choose auto, torch, torch-bf16, onnx, openvino"
+    ):
         Encoder(MODEL, backend="gpu")
 
 
@@ -242,3 +272,38 @@ def test_the_torch_backend_encodes_as_model_encode_does_default_prompt_included(
     expected = prompted.encode(texts, normalize_embeddings=True)
     assert float(np.min(np.sum(with_prompt * expected, axis=1))) >= 0.99999
     assert float(np.max(np.sum(with_prompt * plain, axis=1))) < 0.9999  # the prompt was really prepended
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_exported_backends_prepend_the_default_prompt_as_model_encode_does(name: str, packages: list[Package]) -> None:
+    import copy
+
+    texts = [p.text for p in packages[:8]]
+    prompted = copy.deepcopy(load_model(MODEL))
+    prompted.prompts, prompted.default_prompt_name = {"document": "a Debian package: "}, "document"
+    vectors = build(name, prompted, MODEL, model_revision(MODEL)).embed(texts)
+    assert float(np.min(np.sum(vectors * prompted.encode(texts, normalize_embeddings=True), axis=1))) >= 0.999
+    plain = build(name, load_model(MODEL), MODEL, model_revision(MODEL)).embed(texts)
+    assert float(np.max(np.sum(vectors * plain, axis=1))) < 0.9999
+
+
+def test_openvino_passes_run_side_by_side_with_the_same_vectors(packages: list[Package]) -> None:
+    texts = [p.text for p in packages[:48]]
+    batches = [texts[start : start + 4] for start in range(0, len(texts), 4)]
+    openvino = build("openvino", load_model(MODEL), MODEL, model_revision(MODEL))
+    one_lane = np.concatenate(list(backends.embed_batches(openvino, batches, lanes=1)))
+    two_lanes = np.concatenate(list(backends.embed_batches(openvino, batches, lanes=2)))
+    assert backends.lane_count(openvino, 2, len(batches)) == 2
+    assert openvino.compiled.get_property("ENABLE_CPU_PINNING") is False  # else two processes share one core
+    assert float(np.min(np.sum(one_lane * two_lanes, axis=1))) >= 0.99999  # each vector stays with its text
+    results: dict[int, backends.Matrix] = {}
+    callers = [
+        threading.Thread(target=lambda i=i: results.update({i: np.concatenate(list(map(openvino.embed, batches)))}))
+        for i in range(3)
+    ]  # three callers at once share the compiled model, each pass on an infer request of its own
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert all(float(np.min(np.sum(one_lane * found, axis=1))) >= 0.99999 for found in results.values())
+    assert len(results) == 3

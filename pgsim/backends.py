@@ -126,8 +126,10 @@ def embed_batches(
 
     threads = torch.get_num_threads()
     lanes = lane_count(backend, lanes, len(batches))
+    for_lanes = getattr(backend, "for_lanes", None)  # a backend that runs passes side by side its own way
+    embed = for_lanes(lanes).embed if for_lanes else backend.embed
     if lanes == 1:
-        yield from map(backend.embed, batches)
+        yield from map(embed, batches)
         return
     pool = ThreadPoolExecutor(lanes, thread_name_prefix="pgsim-encode", initializer=_lane_threads,
                               initargs=(max(1, threads // lanes),))  # fmt: skip
@@ -138,7 +140,7 @@ def embed_batches(
         for started in [pool.submit(ready.wait) for _ in range(lanes)]:
             started.result()
         torch.set_num_threads(threads)
-        for future in [pool.submit(backend.embed, batch) for batch in batches]:
+        for future in [pool.submit(embed, batch) for batch in batches]:
             yield future.result()
     finally:
         torch.set_num_threads(threads)

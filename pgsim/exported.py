@@ -3,7 +3,7 @@
 - ``onnx``: exported with ``torch.onnx`` and run by ONNX Runtime (``pip install 'pgsim[onnx]'``), in float32.
 - ``openvino``: converted with OpenVINO's own converter (no ``onnx`` package needed) and run by its CPU
   plugin in the precision it picks for this CPU: bfloat16 where the CPU computes in it (AVX-512 BF16, AMX),
-  else float32. Its compiled model keeps one stream per torch thread, so the Encoder's lanes run side by side.
+  else float32. The Encoder's lanes run side by side on a compiled model with one stream per lane.
 
 Both tokenise with the model's own tokenizer, truncate at its ``max_seq_length``, and pool and normalise in
 numpy, for models of a Transformer, a Pooling layer (mean, CLS or max) and optionally Normalize only. Each
@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -110,38 +111,66 @@ class OnnxBackend(ExportedBackend):
 
 
 class OpenVinoBackend(ExportedBackend):
-    """The model's transformer under OpenVINO's CPU plugin, one infer request per pass in flight."""
+    """The model's transformer under OpenVINO's CPU plugin. Passes run side by side on a compiled model with
+    one stream per lane (:meth:`for_lanes`); a pass alone runs on one stream with all the caller's threads."""
 
     name = "openvino"
-    parallel = True  # passes run side by side on the compiled model's streams, one request each
+    parallel = True
 
     def __init__(self, model: SentenceTransformer, model_name: str, revision: str) -> None:
         try:
             import openvino
         except ImportError:
             raise BackendUnavailable("The openvino backend needs OpenVINO: pip install openvino.") from None
-        import torch
-
         super().__init__(model)
-        core = openvino.Core()
+        self.core = openvino.Core()
         # Read the weights, not map them: a mapped .bin cut short later (a cache cleaned while this process
         # runs) would kill the process with SIGBUS; the CPU plugin repacks the weights anyway.
-        core.set_property({"ENABLE_MMAP": False})
-        threads = str(torch.get_num_threads())  # as many streams as the Encoder's default lanes
-        # No pinning: OpenVINO pins each process's threads from core 0 on, so `--processes 2` ran both workers
-        # on one core (38 + 38 texts/s against 81 + 79 unpinned; one process: 155 pinned, 167 unpinned).
-        options = {"NUM_STREAMS": threads, "INFERENCE_NUM_THREADS": threads, "ENABLE_CPU_PINNING": False}
-        self.compiled = load_or_export(
+        self.core.set_property({"ENABLE_MMAP": False})
+        self.streams: dict[tuple[int, int], OpenVinoStreams] = {}  # by (lanes, threads)
+        self.streams_lock = threading.Lock()
+        self.model = load_or_export(
             model,
             self.directory(model_name, revision) / "model.xml",
             {"format": EXPORT_FORMAT, "inputs": self.input_names, "openvino": openvino.__version__},
             export=lambda path: _openvino_export(openvino, model, path, self.input_names),
-            load=lambda path: core.compile_model(core.read_model(path), "CPU", options),
-            run=lambda compiled, texts: self.run(compiled.create_infer_request(), texts),
+            load=self.core.read_model,
+            run=lambda read, texts: self.run(self.compile(read, 1, 1).create_infer_request(), texts),
         )
-        self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # bf16, f32
-        log.info("openvino computes in %s here", self.precision)
-        self.idle: queue.SimpleQueue[Any] = queue.SimpleQueue()  # infer requests between passes
+        self.precision = self.for_lanes(1).compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
+        log.info("openvino computes in %s here", self.precision)  # bf16 where the CPU has it, else f32
+
+    def compile(self, model: Any, lanes: int, threads: int) -> Any:
+        # No pinning: OpenVINO pins each process's threads from core 0 on, so `--processes 2` ran both workers
+        # on one core (38 + 38 texts/s against 81 + 79 unpinned; one process: 155 pinned, 167 unpinned).
+        options = {"NUM_STREAMS": str(lanes), "INFERENCE_NUM_THREADS": str(threads), "ENABLE_CPU_PINNING": False}
+        return self.core.compile_model(model, "CPU", options)
+
+    def for_lanes(self, lanes: int) -> OpenVinoStreams:
+        """The model compiled for ``lanes`` passes side by side on the calling thread's torch threads."""
+        import torch
+
+        key = (lanes, max(lanes, torch.get_num_threads()))
+        with self.streams_lock:
+            if key not in self.streams:
+                self.streams[key] = OpenVinoStreams(self, self.compile(self.model, *key))
+            return self.streams[key]
+
+    def embed(self, texts: list[str]) -> Matrix:
+        return self.for_lanes(1).embed(texts)
+
+    def run(self, request: Any, texts: list[str]) -> Matrix:
+        feeds, mask = self.tokenised(texts)
+        # infer releases the GIL and returns a copy of the output, so the request can serve the next pass
+        return self.pooled(request.infer([feeds[name] for name in self.input_names])[0], mask)
+
+
+class OpenVinoStreams:
+    """A compiled model and its idle infer requests: one request per pass in flight, reused."""
+
+    def __init__(self, backend: OpenVinoBackend, compiled: Any) -> None:
+        self.backend, self.compiled = backend, compiled
+        self.idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
 
     def embed(self, texts: list[str]) -> Matrix:
         try:
@@ -149,14 +178,9 @@ class OpenVinoBackend(ExportedBackend):
         except queue.Empty:
             request = self.compiled.create_infer_request()
         try:
-            return self.run(request, texts)
+            return self.backend.run(request, texts)
         finally:
             self.idle.put(request)
-
-    def run(self, request: Any, texts: list[str]) -> Matrix:
-        feeds, mask = self.tokenised(texts)
-        # infer releases the GIL and returns a copy of the output, so the request can serve the next pass
-        return self.pooled(request.infer([feeds[name] for name in self.input_names])[0], mask)
 
 
 def pooling_mode(model: SentenceTransformer, backend: str) -> str:

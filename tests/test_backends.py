@@ -288,13 +288,18 @@ def test_exported_backends_prepend_the_default_prompt_as_model_encode_does(name:
 
 
 def test_openvino_passes_run_side_by_side_with_the_same_vectors(packages: list[Package]) -> None:
+    import torch
+
     texts = [p.text for p in packages[:48]]
     batches = [texts[start : start + 4] for start in range(0, len(texts), 4)]
     openvino = build("openvino", load_model(MODEL), MODEL, model_revision(MODEL))
     one_lane = np.concatenate(list(backends.embed_batches(openvino, batches, lanes=1)))
     two_lanes = np.concatenate(list(backends.embed_batches(openvino, batches, lanes=2)))
     assert backends.lane_count(openvino, 2, len(batches)) == 2
-    assert openvino.compiled.get_property("ENABLE_CPU_PINNING") is False  # else two processes share one core
+    two, one = openvino.for_lanes(2).compiled, openvino.for_lanes(1).compiled
+    assert two.get_property("NUM_STREAMS") == 2
+    assert two.get_property("ENABLE_CPU_PINNING") is False  # pinned, two worker processes share one core
+    assert one.get_property("INFERENCE_NUM_THREADS") == torch.get_num_threads()  # a pass alone uses every thread
     assert float(np.min(np.sum(one_lane * two_lanes, axis=1))) >= 0.99999  # each vector stays with its text
     results: dict[int, backends.Matrix] = {}
     callers = [

@@ -12,11 +12,11 @@ and the choice among them.
   model revision and machine in the cache directory, and logged.
 Every backend tokenises with the model's own tokenizer and truncates at its ``max_seq_length``.
 
-The torch backends run side by side: :func:`embed_batches` gives a call's batches to as many threads
-("lanes") as the caller has torch threads, each running its forward passes with its share of them. On 2
-cores one single-threaded pass per core encodes 8-21 % more than one pass on two threads, since small
-matrices and the attention's softmax split badly across threads (``python bench/encode.py``, its
-``lanes=1`` row).
+The torch and OpenVINO backends run side by side: :func:`embed_batches` gives a call's batches to as many
+threads ("lanes") as the caller has torch threads, each running its forward passes with its share of them
+(OpenVINO on a model compiled with one stream per lane). On 2 cores one single-threaded torch pass per core
+encodes 1-36 % more than one pass on two threads, since small matrices and the attention's softmax split
+badly across threads (``python bench/encode.py``, its ``lanes=1`` row).
 """
 
 from __future__ import annotations

@@ -202,7 +202,8 @@ def choose(model: SentenceTransformer, model_name: str, revision: str, calibrati
 
     key = "|".join(
         [revision, platform.machine(), platform.processor() or "", torch.__version__, _cpu_flags(), CHOICE_FORMAT]
-        + list(BACKENDS)  # a new candidate backend means measuring again
+        + list(BACKENDS)  # a new candidate backend, or a runtime installed or upgraded, means measuring again
+        + [_installed("onnxruntime"), _installed("openvino")]
     )
     choices_path = cache_dir() / "backend-choices.json"
     with _choices_lock:
@@ -280,6 +281,15 @@ def _timed(backend: Backend, batches: list[list[str]]) -> tuple[Matrix, float]:
             pass
         best = max(best, len(vectors) / (time.perf_counter() - started))
     return vectors, best
+
+
+def _installed(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{package} {version(package)}"
+    except PackageNotFoundError:
+        return f"no {package}"
 
 
 def _cpu_flags() -> str:

@@ -1,9 +1,9 @@
 """Backends that run an exported copy of the model's transformer outside torch.
 
 - ``onnx``: exported with ``torch.onnx`` and run by ONNX Runtime (``pip install 'pgsim[onnx]'``), in float32.
-- ``openvino``: converted with OpenVINO's own converter (no ``onnx`` package needed) and run by its CPU
-  plugin in the precision it picks for this CPU: bfloat16 where the CPU computes in it (AVX-512 BF16, AMX),
-  else float32. The Encoder's lanes run side by side on a compiled model with one stream per lane.
+- ``openvino``: converted by OpenVINO's PyTorch frontend (no ``onnx`` package needed) and run by its CPU
+  plugin in bfloat16 where the CPU computes in it (AVX-512 BF16, AMX), else float32. The Encoder's lanes
+  run side by side on a compiled model with one stream per lane.
 
 Both tokenise with the model's own tokenizer, truncate at its ``max_seq_length``, and pool and normalise in
 numpy, for models of a Transformer, a Pooling layer (mean, CLS or max) and optionally Normalize only. Each
@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 
 from pgsim.backends import (
+    CACHE_ENV,
     MIN_COSINE,
     TOKENIZER_LOCK,
     BackendUnavailable,
@@ -44,7 +45,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = 1  # bump when an export changes, so cached exports are rebuilt
-PROBE_TEXTS = ["pgsim checks an exported model against torch", "a short one"]
+PROBE_TEXTS = ["pgsim checks an exported model against torch", "a short one", "three texts, three lengths"]
 
 
 class ExportedBackend:
@@ -119,7 +120,7 @@ class OpenVinoBackend(ExportedBackend):
 
     def __init__(self, model: SentenceTransformer, model_name: str, revision: str) -> None:
         try:
-            import openvino
+            openvino = import_openvino()
         except ImportError:
             raise BackendUnavailable("The openvino backend needs OpenVINO: pip install openvino.") from None
         super().__init__(model)
@@ -127,13 +128,14 @@ class OpenVinoBackend(ExportedBackend):
         # Read the weights, not map them: a mapped .bin cut short later (a cache cleaned while this process
         # runs) would kill the process with SIGBUS; the CPU plugin repacks the weights anyway.
         self.core.set_property({"ENABLE_MMAP": False})
+        self.capabilities = self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         self.streams: dict[tuple[int, int], OpenVinoStreams] = {}  # by (lanes, threads)
         self.streams_lock = threading.Lock()
         self.model = load_or_export(
             model,
             self.directory(model_name, revision) / "model.xml",
             {"format": EXPORT_FORMAT, "inputs": self.input_names, "openvino": openvino.__version__},
-            export=lambda path: _openvino_export(openvino, model, path, self.input_names),
+            export=lambda path: _openvino_export(model, path, self.input_names),
             load=self.core.read_model,
             run=lambda read, texts: self.run(self.compile(read, 1, 1).create_infer_request(), texts),
         )
@@ -141,20 +143,31 @@ class OpenVinoBackend(ExportedBackend):
         log.info("openvino computes in %s here", self.precision)  # bf16 where the CPU has it, else f32
 
     def compile(self, model: Any, lanes: int, threads: int) -> Any:
-        # No pinning: OpenVINO pins each process's threads from core 0 on, so `--processes 2` ran both workers
-        # on one core (38 + 38 texts/s against 81 + 79 unpinned; one process: 155 pinned, 167 unpinned).
-        options = {"NUM_STREAMS": str(lanes), "INFERENCE_NUM_THREADS": str(threads), "ENABLE_CPU_PINNING": False}
+        options = {
+            "NUM_STREAMS": str(lanes),
+            "INFERENCE_NUM_THREADS": str(threads),
+            # No pinning: OpenVINO pins each process's threads from core 0 on, so `--processes 2` ran both
+            # workers on one core (38 + 38 texts/s against 81 + 79 unpinned; one process: 155 vs 167).
+            "ENABLE_CPU_PINNING": False,
+            # Said, not left to the plugin: on ARM its default is float16, which nobody measured here.
+            "INFERENCE_PRECISION_HINT": "bf16" if "BF16" in self.capabilities else "f32",
+        }
         return self.core.compile_model(model, "CPU", options)
 
     def for_lanes(self, lanes: int) -> OpenVinoStreams:
-        """The model compiled for ``lanes`` passes side by side on the calling thread's torch threads."""
+        """The model compiled for ``lanes`` passes side by side on the calling thread's torch threads (lanes
+        rounded up to a power of two, so a process keeps a few compiled copies, not one per count)."""
         import torch
 
-        key = (lanes, max(lanes, torch.get_num_threads()))
+        streams = 1 << (lanes - 1).bit_length()
+        key = (streams, max(streams, torch.get_num_threads()))
         with self.streams_lock:
-            if key not in self.streams:
-                self.streams[key] = OpenVinoStreams(self, self.compile(self.model, *key))
-            return self.streams[key]
+            found = self.streams.get(key)
+        if found is None:  # compiled outside the lock: other callers keep encoding meanwhile
+            compiled = OpenVinoStreams(self, self.compile(self.model, *key))
+            with self.streams_lock:
+                found = self.streams.setdefault(key, compiled)
+        return found
 
     def embed(self, texts: list[str]) -> Matrix:
         return self.for_lanes(1).embed(texts)
@@ -183,6 +196,41 @@ class OpenVinoStreams:
             self.idle.put(request)
 
 
+def import_openvino() -> Any:
+    """``import openvino``, without the usage report it sends on import when the user never chose.
+
+    Importing openvino reports the import to Intel's analytics (and writes a client id under ~/intel) unless
+    a consent file says no or a CI variable is set: openvino-telemetry counts a missing consent file as
+    consent. pgsim picks this backend for the user, so the import must not report for them: while pgsim
+    imports it, "no consent file" counts as declined. A user's own recorded choice (``opt_in_out``) stands,
+    and a process that imported openvino before pgsim keeps whatever it did."""
+    import sys
+
+    if "openvino" in sys.modules:  # imported already (or blocked: None, and the import raises)
+        import openvino
+
+        return openvino
+    try:
+        from openvino_telemetry.main import OptInChecker
+        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult
+    except ImportError:  # no telemetry package: nothing is reported
+        import openvino
+
+        return openvino
+    asked = OptInChecker.check
+
+    def check(self: Any, *args: Any, **kwargs: Any) -> Any:
+        answer = asked(self, *args, **kwargs)
+        return ConsentCheckResult.DECLINED if answer == ConsentCheckResult.NO_FILE else answer
+
+    OptInChecker.check = check
+    try:
+        import openvino
+    finally:
+        OptInChecker.check = asked
+    return openvino
+
+
 def pooling_mode(model: SentenceTransformer, backend: str) -> str:
     """``mean``, ``cls`` or ``max`` for a Transformer + Pooling (+ Normalize) model; else the backend cannot
     reproduce the model outside torch."""
@@ -200,7 +248,7 @@ def pooling_mode(model: SentenceTransformer, backend: str) -> str:
     )
     if len(modes) != 1 or modes[0] not in ("mean", "cls", "max"):
         raise BackendUnavailable(f"The {backend} backend pools by mean, CLS or max alone; this model's is {config}.")
-    if config.get("include_prompt") is False:
+    if config.get("include_prompt") is False and default_prompt(model):
         raise BackendUnavailable(f"The {backend} backend pools over every token; this model leaves its prompt out.")
     return str(modes[0])
 
@@ -229,10 +277,15 @@ def load_or_export(
     meta_path = path.parent / "export.json"
     for attempt in ("cached", "rebuilt"):
         if attempt == "rebuilt" or not path.is_file() or read_json(meta_path) != expected:
-            path.parent.mkdir(parents=True, exist_ok=True)
             started = time.perf_counter()
-            export(path)
-            meta_path.write_text(json.dumps(expected))
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                export(path)
+                meta_path.write_text(json.dumps(expected))
+            except OSError as exc:  # a read-only or full disk: this backend cannot run, the others can
+                raise BackendUnavailable(
+                    f"Cannot write the export to {path.parent} ({exc}); set {CACHE_ENV} to a writable directory."
+                ) from None
             log.info("exported the model to %s in %.1fs", path, time.perf_counter() - started)
         try:
             loaded = load(path)
@@ -300,29 +353,42 @@ def _onnx_export(model: SentenceTransformer, path: Path, inputs: list[str]) -> N
                 opset_version=17,
                 dynamo=False,
             )
+        partial.replace(path)
     except Exception as exc:
-        partial.unlink(missing_ok=True)
         raise BackendUnavailable(f"Exporting the model to ONNX failed: {type(exc).__name__}: {exc}") from None
-    partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)  # left only by a failure or an interrupt
 
 
-def _openvino_export(openvino: Any, model: SentenceTransformer, path: Path, inputs: list[str]) -> None:
-    """OpenVINO's conversion of the traced transformer (every input dimension dynamic), saved with float32
-    weights as ``path`` (.xml) and its .bin; the .bin is renamed into place first, so a crash between the two
-    leaves a pair the check against torch rejects, never a half-written file."""
+def _openvino_export(model: SentenceTransformer, path: Path, inputs: list[str]) -> None:
+    """The traced transformer converted by OpenVINO's PyTorch frontend (every input dimension dynamic), saved
+    with float32 weights as ``path`` (.xml) and its .bin, each under a temporary name and renamed (the .bin
+    first: a crash between the two leaves a pair the check against torch rejects).
+
+    Not ``openvino.convert_model``: that tool sends usage telemetry to Intel unless the user opted out
+    beforehand (openvino-telemetry treats a missing consent file as consent); the frontend sends nothing."""
+    openvino = import_openvino()
+    from openvino.frontend import FrontEndManager
+    from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
+
     module, sample = _last_hidden_state(model, inputs)
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.xml")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on Python control flow in the model
-            converted = openvino.convert_model(module, example_input=sample)
-        openvino.save_model(converted, str(partial), compress_to_fp16=False)  # the default halves the weights
-    except Exception as exc:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # the tracer's notes on Python control flow in the model
+                # the decoder must outlive the conversion: the frontend calls back into it
+                decoder = TorchScriptPythonDecoder(module, example_input=sample)
+                frontend = FrontEndManager().load_by_framework("pytorch")
+                converted = frontend.convert(frontend.load(decoder))
+            openvino.save_model(converted, str(partial), compress_to_fp16=False)  # the default halves the weights
+        except Exception as exc:
+            raise BackendUnavailable(f"Converting the model to OpenVINO failed: {type(exc).__name__}: {exc}") from None
+        partial.with_suffix(".bin").replace(path.with_suffix(".bin"))
+        partial.replace(path)
+    finally:
         for leftover in (partial, partial.with_suffix(".bin")):
-            leftover.unlink(missing_ok=True)
-        raise BackendUnavailable(f"Converting the model to OpenVINO failed: {type(exc).__name__}: {exc}") from None
-    partial.with_suffix(".bin").replace(path.with_suffix(".bin"))
-    partial.replace(path)
+            leftover.unlink(missing_ok=True)  # left only by a failure or an interrupt
 
 
 def _safe(name: str) -> str:

@@ -92,16 +92,17 @@ def test_a_missing_runtime_says_what_to_install_and_auto_goes_on_without_it(
 
 
 @pytest.mark.parametrize(
-    ("name", "module", "function", "message"),
+    ("name", "module", "function", "written", "message"),
     [
-        ("onnx", "torch.onnx", "export", "Exporting the model to ONNX failed: RuntimeError"),
-        ("openvino", "openvino", "convert_model", "Converting the model to OpenVINO failed: RuntimeError"),
+        ("onnx", "torch.onnx", "export", 2, "Exporting the model to ONNX failed: RuntimeError"),
+        ("openvino", "openvino", "save_model", 1, "Converting the model to OpenVINO failed: RuntimeError"),
     ],
 )
-def test_a_failed_export_falls_back_with_a_warning(
+def test_a_failed_export_leaves_nothing_behind_and_falls_back_with_a_warning(
     name: str,
     module: str,
     function: str,
+    written: int,
     message: str,
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
@@ -109,16 +110,64 @@ def test_a_failed_export_falls_back_with_a_warning(
     import importlib
 
     def broken_export(*args: object, **kwargs: object) -> None:
+        partial = Path(str(args[written]))  # half a file, as a crash or a full disk leaves it
+        partial.write_bytes(b"half")
+        if name == "openvino":  # its weights go to a .bin beside the .xml
+            partial.with_suffix(".bin").write_bytes(b"half")
         raise RuntimeError("unsupported operator aten::something")
 
-    monkeypatch.setattr(importlib.import_module(module), function, broken_export)  # a converter this model breaks
+    monkeypatch.setattr(importlib.import_module(module), function, broken_export)
     model, revision = load_model(MODEL), model_revision(MODEL)
     with pytest.raises(BackendUnavailable, match=message):
         build(name, model, MODEL, revision)
-    assert not list(Path(backends.cache_dir()).glob(f"{name}/*/*"))  # nothing half-written left behind
+    assert not list(Path(backends.cache_dir()).glob(f"{name}/*/*"))  # the partial files were removed
     with caplog.at_level(logging.WARNING, logger="pgsim.backends"):
         assert choose(model, MODEL, revision, calibration_texts()).name != name
     assert f"{name} is not a candidate here: {message}" in caplog.text
+
+
+@pytest.mark.parametrize("name", EXPORTS)
+def test_a_cache_that_cannot_be_written_is_a_clear_error_and_auto_goes_on(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    monkeypatch.setenv("PGSIM_CACHE_DIR", str(not_a_directory))
+    model, revision = load_model(MODEL), model_revision(MODEL)
+    with pytest.raises(BackendUnavailable, match="Cannot write the export to .*set PGSIM_CACHE_DIR"):
+        build(name, model, MODEL, revision)
+    assert choose(model, MODEL, revision, calibration_texts()).name not in EXPORTS
+
+
+def test_the_openvino_backend_reports_nothing_to_intel_unless_the_user_said_yes(tmp_path: Path) -> None:
+    # Importing openvino (and openvino.convert_model) reports usage and writes a client id under ~/intel when
+    # no consent file exists and no CI variable is set; pgsim must not do that for the user. A fresh process,
+    # since this one imported openvino long ago.
+    import os
+    import subprocess
+
+    script = (
+        "from pgsim.encode import Encoder; import openvino_telemetry; "
+        "Encoder('all-MiniLM-L6-v2', backend='openvino').encode(['a text']); "
+        "print(openvino_telemetry.Telemetry().consent)"
+    )
+    environment = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    environment["HTTPS_PROXY"] = "http://127.0.0.1:9"  # whatever is sent goes nowhere (urllib honours it)
+    for home, expected in [("never-asked", "False"), ("said-yes", "True")]:
+        (tmp_path / home).mkdir()
+        if expected == "True":  # what `opt_in_out --opt_in` records
+            (tmp_path / home / "intel").mkdir()
+            (tmp_path / home / "intel" / "openvino_telemetry").write_text("1")
+        found = subprocess.run(
+            [sys.executable, "-c", script],
+            env={**environment, "HOME": str(tmp_path / home), "PGSIM_CACHE_DIR": str(tmp_path / "cache")},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert found.returncode == 0, found.stderr
+        assert found.stdout.split()[-1] == expected
+    assert list((tmp_path / "never-asked").iterdir()) == []  # no client id, no usage counter
 
 
 @pytest.mark.parametrize("name", EXPORTS)

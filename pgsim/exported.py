@@ -156,11 +156,12 @@ class OpenVinoBackend(ExportedBackend):
 
     def for_lanes(self, lanes: int) -> OpenVinoStreams:
         """The model compiled for ``lanes`` passes side by side on the calling thread's torch threads (lanes
-        rounded up to a power of two, so a process keeps a few compiled copies, not one per count)."""
+        rounded up to a power of two, at most one per thread, so a process keeps a few compiled copies, not
+        one per count, and never runs more threads than it has)."""
         import torch
 
-        streams = 1 << (lanes - 1).bit_length()
-        key = (streams, max(streams, torch.get_num_threads()))
+        threads = torch.get_num_threads()
+        key = (min(1 << (lanes - 1).bit_length(), threads), threads)
         with self.streams_lock:
             found = self.streams.get(key)
         if found is None:  # compiled outside the lock: other callers keep encoding meanwhile

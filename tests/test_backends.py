@@ -17,6 +17,7 @@ from pgsim.backends import BACKENDS, BackendUnavailable, build, choose
 from pgsim.corpus import Package
 from pgsim.encode import Encoder, load_model, model_revision
 from pgsim.errors import InvalidInput
+from pgsim.exported import EXPORT_FORMAT
 
 MODEL = "all-MiniLM-L6-v2"
 
@@ -65,13 +66,7 @@ def test_an_export_is_cached_and_a_corrupted_or_stale_one_is_rebuilt(name: str, 
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "format": 0}))  # written by an older pgsim
     written = exported.stat().st_mtime_ns
     build(name, model, MODEL, revision)
-    assert exported.stat().st_mtime_ns != written and json.loads(meta.read_text())["format"] == exported_format()
-
-
-def exported_format() -> int:
-    from pgsim.exported import EXPORT_FORMAT
-
-    return EXPORT_FORMAT
+    assert exported.stat().st_mtime_ns != written and json.loads(meta.read_text())["format"] == EXPORT_FORMAT
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,12 @@ demo: $(BIN)/.installed
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest
 
+# Lint, format, types, the layers' import contract (pyproject's [tool.importlinter]).
 check: $(BIN)/.installed
 	$(BIN)/ruff check pgsim tests bench
+	$(BIN)/ruff format --check pgsim tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench-encode: $(BIN)/.installed
 	$(BIN)/python bench/encode.py

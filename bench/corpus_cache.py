@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from pgsim.corpus import Package, read_apt, read_jsonl, write_jsonl
+from pgsim.demo.corpus import Package, read_apt, read_jsonl, write_jsonl
 
 CACHE_DIR = Path(__file__).resolve().parent / ".cache"
 CORPUS = CACHE_DIR / "debian-packages.jsonl.gz"
@@ -28,7 +28,7 @@ def embeddings(texts: list[str], model: str = "all-MiniLM-L6-v2") -> np.ndarray[
     """float32 embeddings of ``texts`` (blank text gives a zero row), cached by the texts' hash and the model."""
     from tqdm import tqdm
 
-    from pgsim.encode import Encoder
+    from pgsim.encoding.encoder import Encoder
 
     digest = hashlib.sha256("\x00".join([model, *texts]).encode()).hexdigest()[:16]
     path = CACHE_DIR / f"embeddings-{model.replace('/', '_')}-{digest}.npy"

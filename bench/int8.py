@@ -35,10 +35,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus_cache import debian_packages  # noqa: E402
 from encode import agreement, top10  # noqa: E402
 
-from pgsim.backends import TorchBackend, cache_dir  # noqa: E402
-from pgsim.cli import format_table  # noqa: E402
-from pgsim.encode import Encoder, load_model, model_revision  # noqa: E402
-from pgsim.exported import OnnxBackend, onnx_session  # noqa: E402
+from pgsim.cli.main import format_table  # noqa: E402
+from pgsim.encoding.backends.base import TorchBackend, cache_dir  # noqa: E402
+from pgsim.encoding.backends.exported import OnnxBackend, onnx_session  # noqa: E402
+from pgsim.encoding.encoder import Encoder, load_model, model_revision  # noqa: E402
 
 
 def main() -> None:

@@ -56,10 +56,10 @@ from quality_data import (  # noqa: E402
 )
 
 import pgsim  # noqa: E402
-import pgsim.relevance  # noqa: E402  (its defaults)
-from pgsim.cli import format_table  # noqa: E402
-from pgsim.corpus import Package  # noqa: E402
-from pgsim.database import connect  # noqa: E402
+import pgsim.quality.relevance  # noqa: E402  (its defaults)
+from pgsim.cli.main import format_table  # noqa: E402
+from pgsim.db.connection import connect  # noqa: E402
+from pgsim.demo.corpus import Package  # noqa: E402
 from pgsim.psycopg import register  # noqa: E402
 
 SCHEMA = "bench_quality"

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from pgsim.corpus import Package
+from pgsim.demo.corpus import Package
 
 Matrix = np.ndarray[Any, np.dtype[np.float32]]
 

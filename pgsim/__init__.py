@@ -3,10 +3,14 @@
 Importing pgsim loads no model and starts no server; each happens on first use.
 """
 
-from pgsim.database import connect, resolve_dsn
-from pgsim.diversity import diverse_search
-from pgsim.duplicates import near_duplicates
-from pgsim.encode import DEFAULT_MODEL, Encoder, check_vector
+from pgsim.columns.bulk_load import IngestReport, ingest
+from pgsim.columns.registry import Registration, add_embedding, change_model, get_registration, remove_embedding
+from pgsim.columns.worker import SyncReport, Worker, backfill, sync
+from pgsim.db.connection import connect, resolve_dsn
+from pgsim.db.hnsw import HNSW
+from pgsim.db.schema import InstallReport, install
+from pgsim.db.server import EmbeddedServer
+from pgsim.encoding.encoder import DEFAULT_MODEL, Encoder, check_vector
 from pgsim.errors import (
     ExtensionMissing,
     InstallError,
@@ -16,18 +20,14 @@ from pgsim.errors import (
     PgsimError,
     ServerError,
 )
-from pgsim.hubness import CorrectedHit, corrected_search, set_query_bank
-from pgsim.hybrid import FusedHit, hybrid_search
-from pgsim.index import HNSW
-from pgsim.ingest import IngestReport, ingest
-from pgsim.install import InstallReport, install
-from pgsim.labels import label_rows
+from pgsim.knn.filtered import Between, Hit, NoIndexWarning, Plan, Tuning, search
 from pgsim.psycopg import Text, register, register_async
-from pgsim.registry import Registration, add_embedding, change_model, get_registration, remove_embedding
-from pgsim.relevance import RelevantHit, relevant_search
-from pgsim.search import Between, Hit, NoIndexWarning, Plan, Tuning, search
-from pgsim.server import EmbeddedServer
-from pgsim.sync import SyncReport, Worker, backfill, sync
+from pgsim.quality.diversity import diverse_search
+from pgsim.quality.duplicates import near_duplicates
+from pgsim.quality.hubness import CorrectedHit, corrected_search, set_query_bank
+from pgsim.quality.hybrid import FusedHit, hybrid_search
+from pgsim.quality.labels import label_rows
+from pgsim.quality.relevance import RelevantHit, relevant_search
 
 __all__ = [
     "HNSW",

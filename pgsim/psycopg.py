@@ -20,7 +20,7 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
 
-from pgsim.encode import DEFAULT_MODEL, Encoder, Vector, check_vector
+from pgsim.encoding.encoder import DEFAULT_MODEL, Encoder, Vector, check_vector
 from pgsim.errors import InstallError, InvalidInput
 
 _encoders: dict[str, Encoder] = {}

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from pgsim._optional import require
+from pgsim._util import require
+from pgsim.db.sqlfiles import sql_files
 from pgsim.errors import MissingDependency
-from pgsim.sqlfiles import sql_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -22,14 +22,13 @@ def test_wheel_ships_sql_migrations_and_data(tmp_path: Path) -> None:
     )
     (wheel,) = tmp_path.glob("pgsim-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for sql_file in (ROOT / "sql").glob("*.sql"):
-        assert f"pgsim/sql/{sql_file.name}" in names
-    for migration in (ROOT / "migrations").rglob("*"):
-        if migration.is_file() and "__pycache__" not in migration.parts:
-            assert f"pgsim/migrations/{migration.relative_to(ROOT / 'migrations')}" in names
+    for shipped in (ROOT / "pgsim" / "db" / "sql", ROOT / "pgsim" / "alembic" / "migrations"):
+        for path in shipped.rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                assert path.relative_to(ROOT).as_posix() in names
     assert "pgsim/py.typed" in names
-    assert "pgsim/data/debian-sample.jsonl.gz" in names
-    assert "pgsim/cli.py" in names
+    assert "pgsim/demo/data/debian-sample.jsonl.gz" in names
+    assert "pgsim/cli/main.py" in names
     (entry_points,) = [name for name in names if name.endswith(".dist-info/entry_points.txt")]
     declared = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "[alembic.plugins]\npgsim = pgsim.alembic_plugin" in declared
@@ -47,7 +46,8 @@ def test_alembic_loads_the_plugin_without_importing_pgsim_alembic() -> None:
 
 def test_sql_files_are_numbered_and_found() -> None:
     files = sql_files()
-    assert [f.name for f in files] == sorted(p.name for p in (ROOT / "sql").glob("[0-9][0-9][0-9][0-9]_*.sql"))
+    numbered = (ROOT / "pgsim" / "db" / "sql").glob("[0-9][0-9][0-9][0-9]_*.sql")
+    assert [f.name for f in files] == sorted(p.name for p in numbered)
     assert files and files[0].name.startswith("0001_")
 
 

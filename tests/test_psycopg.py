@@ -10,8 +10,8 @@ from fixtures.database import scratch_database
 from fixtures.model import exact_top_k, load_packages_table
 
 from pgsim import InvalidInput, Text, install, register, register_async
-from pgsim.corpus import Package
-from pgsim.encode import Encoder
+from pgsim.demo.corpus import Package
+from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InstallError
 from pgsim.psycopg import encoder_for
 

@@ -2,7 +2,7 @@
 autogenerate for embedding columns and HNSW indexes, and pgsim's schema as the ``pgsim`` branch
 (``version_location()``). Needs ``pip install 'pgsim[alembic]'``."""
 
-from pgsim._optional import require
+from pgsim._util import require
 
 require("alembic", "alembic")
 

@@ -44,8 +44,8 @@ from pgsim.alembic.ops import (
     InstallPgsimOp,
     UninstallPgsimOp,
 )
-from pgsim.names import derived_name
-from pgsim.registry import columns_expression
+from pgsim.columns.registry import columns_expression
+from pgsim.db.names import derived_name
 
 log = logging.getLogger(__name__)
 DONE = "pgsim_compared"  # AutogenContext attribute: the comparator ran already (plugin and import both active)

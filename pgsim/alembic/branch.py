@@ -1,4 +1,4 @@
-"""pgsim's own schema as Alembic revisions (the ``pgsim`` branch in ``migrations/versions``).
+"""pgsim's own schema as Alembic revisions (the ``pgsim`` branch in ``pgsim/alembic/migrations/versions``).
 
 Each revision applies one numbered ``sql/`` file through the same ledger as ``pgsim install``: online on a
 psycopg connection with :func:`pgsim.install.install` (which also refuses a changed file), otherwise as the
@@ -8,19 +8,15 @@ runs second finds the file in the ledger and does nothing.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 
 def version_location() -> str:
-    """The directory to add to Alembic's ``version_locations`` (in a wheel, ``pgsim:migrations/versions``
-    names it too)."""
+    """The directory to add to Alembic's ``version_locations`` (``pgsim.alembic:migrations/versions`` names it
+    too)."""
     from importlib import resources
 
-    packaged = resources.files("pgsim") / "migrations" / "versions"
-    if packaged.is_dir():
-        return str(packaged)
-    return str(Path(__file__).resolve().parent.parent.parent / "migrations" / "versions")
+    return str(resources.files("pgsim.alembic") / "migrations" / "versions")
 
 
 def upgrade_to(file_number: str | None) -> None:
@@ -28,7 +24,7 @@ def upgrade_to(file_number: str | None) -> None:
     import psycopg
     from alembic import context, op
 
-    from pgsim.install import install, install_script
+    from pgsim.db.schema import install, install_script
 
     if context.is_offline_mode():
         op.execute(install_script(upto=file_number, only_last=file_number is not None))

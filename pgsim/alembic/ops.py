@@ -14,9 +14,9 @@ from typing import Any
 from alembic.operations import MigrateOperation, Operations
 from psycopg import sql
 
+from pgsim.db.hnsw import HNSW
+from pgsim.db.names import MAX_IDENTIFIER_BYTES, derived_name
 from pgsim.errors import InvalidInput
-from pgsim.index import HNSW
-from pgsim.names import MAX_IDENTIFIER_BYTES, derived_name
 
 # pgvector's HNSW operator classes (none is the default: an index names one); the prefix is the column type.
 OPCLASSES = (
@@ -294,8 +294,8 @@ class CreateEmbeddingOp(MigrateOperation):
     def offline_statements(self) -> list[sql.Composed]:
         """The SQL that registers the column without asking the database anything beforehand:
         pgsim.register_embedding (with the model's dimension and revision read here), then the index."""
-        from pgsim.encode import model_dimension, model_revision
-        from pgsim.registry import columns_expression
+        from pgsim.columns.registry import columns_expression
+        from pgsim.encoding.encoder import model_dimension, model_revision
 
         if isinstance(self.source, str):
             expression = sql.Identifier(self.source).as_string(None) if self.source.isidentifier() else self.source
@@ -394,8 +394,8 @@ def _psycopg_connection(operations: Operations, what: str) -> Any:
 
 @Operations.implementation_for(CreateEmbeddingOp)
 def _create_embedding(operations: Operations, operation: CreateEmbeddingOp) -> None:
-    from pgsim.install import install
-    from pgsim.registry import add_embedding
+    from pgsim.columns.registry import add_embedding
+    from pgsim.db.schema import install
 
     if _offline():
         for statement in operation.offline_statements():
@@ -409,7 +409,7 @@ def _create_embedding(operations: Operations, operation: CreateEmbeddingOp) -> N
 
 @Operations.implementation_for(DropEmbeddingOp)
 def _drop_embedding(operations: Operations, operation: DropEmbeddingOp) -> None:
-    from pgsim.registry import remove_embedding
+    from pgsim.columns.registry import remove_embedding
 
     if _offline():
         operations.execute(operation.offline_statement().as_string(None))

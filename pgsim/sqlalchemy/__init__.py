@@ -1,7 +1,7 @@
 """SQLAlchemy 2.x integration: embedding columns, k-NN comparators that combine with filters in one query,
 encode-on-flush. Needs ``pip install 'pgsim[sqlalchemy]'`` and the psycopg driver (postgresql+psycopg://)."""
 
-from pgsim._optional import require
+from pgsim._util import require
 
 require("sqlalchemy", "sqlalchemy")
 

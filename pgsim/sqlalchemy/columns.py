@@ -33,11 +33,11 @@ from sqlalchemy import Column, Index, Table, event
 from sqlalchemy.orm import MappedColumn, Mapper, ORMExecuteState, Session, mapped_column
 from sqlalchemy.sql.elements import quoted_name
 
-from pgsim.encode import DEFAULT_MODEL, Vector, check_vector, model_dimension
+from pgsim.columns.registry import DEFAULT_HNSW
+from pgsim.db.hnsw import HNSW
+from pgsim.db.names import derived_name
+from pgsim.encoding.encoder import DEFAULT_MODEL, Vector, check_vector, model_dimension
 from pgsim.errors import InvalidInput
-from pgsim.index import HNSW
-from pgsim.names import derived_name
-from pgsim.registry import DEFAULT_HNSW
 from pgsim.sqlalchemy.offload import off_event_loop
 from pgsim.sqlalchemy.types import Embedding, HalfEmbedding
 
@@ -106,7 +106,7 @@ def _local_model_dimension(model: str) -> int | None:
     """The dimension of ``model`` if its files are on this machine (nothing downloads or loads), else None."""
     from pathlib import Path
 
-    from pgsim.encode import _cached_snapshot, resolve_model
+    from pgsim.encoding.encoder import _cached_snapshot, resolve_model
 
     try:
         if not (Path(resolve_model(model)).is_dir() or _cached_snapshot(model)):
@@ -162,8 +162,8 @@ def register_embeddings(connection: Any, tables: Sequence[Table]) -> None:
     Connection on the psycopg driver. Idempotent. Run by ``create_all`` for you."""
     import psycopg
 
-    from pgsim.install import install
-    from pgsim.registry import add_embedding, forget_dropped, get_registration
+    from pgsim.columns.registry import add_embedding, forget_dropped, get_registration
+    from pgsim.db.schema import install
 
     raw = connection.connection.driver_connection
     if not isinstance(raw, psycopg.Connection):
@@ -237,7 +237,7 @@ def _before_create(table: Table, connection: Any, **_: Any) -> None:
     """pgvector's types must exist before the table: install pgsim (CREATE EXTENSION vector + schema)."""
     import psycopg
 
-    from pgsim.install import install
+    from pgsim.db.schema import install
 
     raw = connection.connection.driver_connection
     if isinstance(raw, psycopg.Connection):

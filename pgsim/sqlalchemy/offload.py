@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from pgsim.encode import Vector
+from pgsim.encoding.encoder import Vector
 
 T = TypeVar("T")
 QUERY_CACHE_SIZE = 256

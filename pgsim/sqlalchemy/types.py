@@ -17,7 +17,7 @@ from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.types import TypeEngine
 
-from pgsim.encode import check_vector
+from pgsim.encoding.encoder import check_vector
 from pgsim.errors import InvalidInput
 from pgsim.sqlalchemy.offload import query_vector
 

@@ -10,7 +10,7 @@ def database_url(dsn: str | None = None, *, data_dir: str | None = None) -> URL:
     if needed). ``create_async_engine`` takes the same URL and uses psycopg's async driver."""
     from psycopg.conninfo import conninfo_to_dict
 
-    from pgsim.database import resolve_dsn
+    from pgsim.db.connection import resolve_dsn
 
     params = conninfo_to_dict(resolve_dsn(dsn, data_dir))
     # every other libpq parameter (host, port, sslmode, sslrootcert, options, connect_timeout, ...) rides in

@@ -1,0 +1,5 @@
+"""The ``pgsim`` command."""
+
+from pgsim.cli.main import main
+
+__all__ = ["main"]

@@ -1,0 +1,5 @@
+import sys
+
+from pgsim.cli.main import main
+
+sys.exit(main())

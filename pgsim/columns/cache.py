@@ -1,0 +1,90 @@
+"""The content-hash cache in the database (``pgsim.embedding_cache``): a text encoded once, by any table or
+any earlier run, is looked up instead of encoded again.
+
+Entries are keyed by model, model revision and the sha256 of the text as the encoder is given it (document
+prefix included), so a cached vector is exactly what encoding would give. Writers use it when asked:
+``pgsim.ingest(..., cache=True)``, ``pgsim.sync``/``backfill``/``Worker(cache=True)``, ``--cache`` on the
+command line. Storing happens in the writer's transaction: what a rolled-back batch encoded is not kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import psycopg
+
+from pgsim.encoding.encoder import MAX_CHARS, Encoder, Vector
+from pgsim.errors import InvalidInput
+
+Found = dict[str, Vector]  # vectors from the cache, by text
+
+
+def lookup(conn: psycopg.Connection[Any], encoder: Encoder, texts: Sequence[str | None]) -> Found:
+    """The vectors the cache holds for ``texts`` under ``encoder``'s model."""
+    digests = {_digest(encoder, text): text for text in _encodable(texts)}
+    if not digests:
+        return {}
+    _require_table(conn)
+    with conn.cursor(binary=True) as cur:
+        rows = cur.execute(
+            "SELECT digest, embedding FROM pgsim.embedding_cache "
+            "WHERE model = %s AND model_revision = %s AND digest = ANY(%s)",
+            [encoder.model_name, encoder.revision, list(digests)],
+        ).fetchall()
+    return {digests[bytes(digest)]: vector.to_numpy().astype(np.float32) for digest, vector in rows}
+
+
+def missing(texts: Sequence[str | None], found: Found) -> list[str | None]:
+    """``texts`` with the cached ones blanked out: what is left to encode."""
+    return [None if text in found else text for text in texts]
+
+
+def merged(texts: Sequence[str | None], encoded: Sequence[Vector | None], found: Found) -> list[Vector | None]:
+    """The vectors of ``texts``: from the cache where found, else as encoded."""
+    return [found[text] if text in found else vector for text, vector in zip(texts, encoded, strict=True)]
+
+
+def store(
+    conn: psycopg.Connection[Any],
+    encoder: Encoder,
+    texts: Sequence[str | None],
+    encoded: Sequence[Vector | None],
+) -> int:
+    """Add the vectors just encoded for ``texts`` (None where nothing was encoded); how many were new."""
+    pairs = {_digest(encoder, text): vector for text, vector in zip(texts, encoded, strict=True)
+             if vector is not None and text is not None}  # fmt: skip
+    if not pairs:
+        return 0
+    _require_table(conn)
+    with conn.transaction(), conn.cursor() as cur:
+        cur.execute("CREATE TEMP TABLE pgsim_cache_new (digest bytea, embedding vector)")
+        with cur.copy("COPY pgsim_cache_new (digest, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
+            copy.set_types(["bytea", "vector"])
+            for digest, vector in pairs.items():
+                copy.write_row((digest, vector))
+        added = cur.execute(
+            "INSERT INTO pgsim.embedding_cache (model, model_revision, digest, embedding) "
+            "SELECT %s, %s, digest, embedding FROM pgsim_cache_new ON CONFLICT DO NOTHING",
+            [encoder.model_name, encoder.revision],
+        ).rowcount
+        cur.execute("DROP TABLE pgsim_cache_new")
+    return added
+
+
+def _encodable(texts: Sequence[str | None]) -> list[str]:
+    return [text for text in texts if text is not None and text.strip()]
+
+
+def _digest(encoder: Encoder, text: str) -> bytes:
+    return hashlib.sha256((encoder.document_prefix + text[:MAX_CHARS]).encode()).digest()
+
+
+def _require_table(conn: psycopg.Connection[Any]) -> None:
+    if conn.execute("SELECT to_regclass('pgsim.embedding_cache')").fetchone() == (None,):
+        raise InvalidInput(
+            "This database has no pgsim.embedding_cache (pgsim's schema is older than this package): "
+            "run `pgsim install` (or `alembic upgrade heads`), or leave the cache off."
+        )

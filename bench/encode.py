@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus_cache import debian_packages  # noqa: E402
 
-from pgsim.cli.main import format_table  # noqa: E402
+from pgsim.cli.common import format_table  # noqa: E402
 from pgsim.encoding.backends.base import BACKENDS  # noqa: E402
-from pgsim.encoding.encoder import Encoder, load_model  # noqa: E402
+from pgsim.encoding.encoder import Encoder
+from pgsim.encoding.models import load_model
 
 
 def main() -> None:

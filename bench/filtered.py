@@ -32,12 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from corpus_cache import debian_packages, embeddings  # noqa: E402
 
-from pgsim.cli.main import format_table  # noqa: E402
+from pgsim.cli.common import format_table  # noqa: E402
 from pgsim.db.connection import connect  # noqa: E402
 from pgsim.db.schema import install  # noqa: E402
 from pgsim.demo.corpus import Package  # noqa: E402
 from pgsim.knn.advice import advise, create  # noqa: E402
-from pgsim.knn.filtered import Between, search  # noqa: E402
+from pgsim.knn.filtered import search
+from pgsim.knn.statements import Between
 from pgsim.psycopg import register  # noqa: E402
 
 TABLE = "bench_filtered.packages"

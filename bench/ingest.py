@@ -43,16 +43,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus_cache import debian_packages, embeddings  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pgsim.cli.main import format_table  # noqa: E402
+from pgsim.cli.common import format_table  # noqa: E402
+from pgsim.columns.adding import add_embedding
 from pgsim.columns.bulk_load import ingest  # noqa: E402
-from pgsim.columns.registry import add_embedding, registrations, remove_embedding  # noqa: E402
+from pgsim.columns.registry import registrations, remove_embedding
 from pgsim.columns.worker import Worker, sync  # noqa: E402
 from pgsim.db.connection import connect, resolve_dsn  # noqa: E402
 from pgsim.db.hnsw import HNSW, create_hnsw_index  # noqa: E402
 from pgsim.db.schema import install  # noqa: E402
 from pgsim.demo.corpus import Package  # noqa: E402
-from pgsim.encoding.encoder import Encoder  # noqa: E402
-from pgsim.psycopg import encoder_for, register  # noqa: E402
+from pgsim.encoding.encoder import (
+    Encoder,  # noqa: E402
+    encoder_for,
+)
+from pgsim.psycopg import register
 
 SCHEMA = "bench_ingest"
 SOURCE = "concat_ws(E'\\n\\n', synopsis, nullif(description, ''))"  # = Package.text

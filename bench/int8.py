@@ -35,10 +35,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from corpus_cache import debian_packages  # noqa: E402
 from encode import agreement, top10  # noqa: E402
 
-from pgsim.cli.main import format_table  # noqa: E402
-from pgsim.encoding.backends.base import TorchBackend, cache_dir  # noqa: E402
-from pgsim.encoding.backends.exported import OnnxBackend, onnx_session  # noqa: E402
-from pgsim.encoding.encoder import Encoder, load_model, model_revision  # noqa: E402
+from pgsim.cli.common import format_table  # noqa: E402
+from pgsim.encoding.backends.base import cache_dir
+from pgsim.encoding.backends.exported import onnx_session
+from pgsim.encoding.backends.onnx import OnnxBackend
+from pgsim.encoding.backends.torch import TorchBackend
+from pgsim.encoding.encoder import Encoder
+from pgsim.encoding.models import load_model, model_revision
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ from sqlalchemy import String, create_engine, func, select  # noqa: E402
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pgsim.cli.main import format_table  # noqa: E402
-from pgsim.psycopg import encoder_for  # noqa: E402
+from pgsim.cli.common import format_table  # noqa: E402
+from pgsim.encoding.encoder import encoder_for  # noqa: E402
 from pgsim.sqlalchemy import database_url, embedding_column  # noqa: E402
 
 

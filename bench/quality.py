@@ -57,7 +57,7 @@ from quality_data import (  # noqa: E402
 
 import pgsim  # noqa: E402
 import pgsim.quality.relevance  # noqa: E402  (its defaults)
-from pgsim.cli.main import format_table  # noqa: E402
+from pgsim.cli.common import format_table  # noqa: E402
 from pgsim.db.connection import connect  # noqa: E402
 from pgsim.demo.corpus import Package  # noqa: E402
 from pgsim.psycopg import register  # noqa: E402
@@ -359,7 +359,7 @@ def hybrid_search(conn: psycopg.Connection[Any], data: Data, found: Candidates) 
 def product_hybrid(conn: psycopg.Connection[Any], data: Data) -> Row:
     """pgsim.hybrid_search on the same table: it takes the query as text, so each call also encodes it (timed
     apart here, with the same encoder, to tell the two costs apart)."""
-    from pgsim.psycopg import encoder_for
+    from pgsim.encoding.encoder import encoder_for
 
     encoder = encoder_for(pgsim.DEFAULT_MODEL)
     texts = [item.text for item in data.items]

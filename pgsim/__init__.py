@@ -3,14 +3,17 @@
 Importing pgsim loads no model and starts no server; each happens on first use.
 """
 
+from pgsim.columns.adding import add_embedding
 from pgsim.columns.bulk_load import IngestReport, ingest
-from pgsim.columns.registry import Registration, add_embedding, change_model, get_registration, remove_embedding
+from pgsim.columns.model_change import change_model
+from pgsim.columns.registry import Registration, get_registration, remove_embedding
 from pgsim.columns.worker import SyncReport, Worker, backfill, sync
 from pgsim.db.connection import connect, resolve_dsn
 from pgsim.db.hnsw import HNSW
 from pgsim.db.schema import InstallReport, install
 from pgsim.db.server import EmbeddedServer
-from pgsim.encoding.encoder import DEFAULT_MODEL, Encoder, check_vector
+from pgsim.encoding.encoder import Encoder, check_vector
+from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import (
     ExtensionMissing,
     InstallError,
@@ -20,7 +23,9 @@ from pgsim.errors import (
     PgsimError,
     ServerError,
 )
-from pgsim.knn.filtered import Between, Hit, NoIndexWarning, Plan, Tuning, search
+from pgsim.knn.filtered import Hit, NoIndexWarning, search
+from pgsim.knn.planner import Plan, Tuning
+from pgsim.knn.statements import Between
 from pgsim.psycopg import Text, register, register_async
 from pgsim.quality.diversity import diverse_search
 from pgsim.quality.duplicates import near_duplicates

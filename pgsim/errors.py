@@ -27,6 +27,11 @@ class InvalidInput(PgsimError, ValueError):
     """Text or a vector handed to pgsim cannot be used as it is."""
 
 
+class SchemaMissing(InvalidInput):
+    """pgsim's schema (or the part of it a call needs) is not installed in this database, or is older than
+    this package: run ``pgsim install``."""
+
+
 class MissingDependency(PgsimError, ImportError):
     """An optional integration was used without its extra installed."""
 

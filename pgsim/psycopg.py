@@ -20,18 +20,9 @@ from psycopg.adapt import Dumper
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
 
-from pgsim.encoding.encoder import DEFAULT_MODEL, Encoder, Vector, check_vector
+from pgsim.encoding.encoder import Vector, check_vector, encoder_for
+from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InstallError, InvalidInput
-
-_encoders: dict[str, Encoder] = {}
-
-
-def encoder_for(model: str) -> Encoder:
-    """The process-wide :class:`Encoder` for ``model`` (its model object loads once, on first use)."""
-    encoder = _encoders.get(model)
-    if encoder is None:
-        encoder = _encoders[model] = Encoder(model)
-    return encoder
 
 
 class Text:

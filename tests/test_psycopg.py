@@ -11,9 +11,8 @@ from fixtures.model import exact_top_k, load_packages_table
 
 from pgsim import InvalidInput, Text, install, register, register_async
 from pgsim.demo.corpus import Package
-from pgsim.encoding.encoder import Encoder
+from pgsim.encoding.encoder import Encoder, encoder_for
 from pgsim.errors import InstallError
-from pgsim.psycopg import encoder_for
 
 QUERY = "SELECT package FROM packages WHERE section = %s ORDER BY embedding <=> %s LIMIT 5"
 

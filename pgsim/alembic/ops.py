@@ -295,7 +295,7 @@ class CreateEmbeddingOp(MigrateOperation):
         """The SQL that registers the column without asking the database anything beforehand:
         pgsim.register_embedding (with the model's dimension and revision read here), then the index."""
         from pgsim.columns.registry import columns_expression
-        from pgsim.encoding.encoder import model_dimension, model_revision
+        from pgsim.encoding.models import model_dimension, model_revision
 
         if isinstance(self.source, str):
             expression = sql.Identifier(self.source).as_string(None) if self.source.isidentifier() else self.source
@@ -394,7 +394,7 @@ def _psycopg_connection(operations: Operations, what: str) -> Any:
 
 @Operations.implementation_for(CreateEmbeddingOp)
 def _create_embedding(operations: Operations, operation: CreateEmbeddingOp) -> None:
-    from pgsim.columns.registry import add_embedding
+    from pgsim.columns.adding import add_embedding
     from pgsim.db.schema import install
 
     if _offline():

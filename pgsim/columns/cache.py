@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 import psycopg
 
+from pgsim.db.catalog import require_schema
 from pgsim.encoding.encoder import MAX_CHARS, Encoder, Vector
-from pgsim.errors import InvalidInput
 
 Found = dict[str, Vector]  # vectors from the cache, by text
 
@@ -83,8 +83,4 @@ def _digest(encoder: Encoder, text: str) -> bytes:
 
 
 def _require_table(conn: psycopg.Connection[Any]) -> None:
-    if conn.execute("SELECT to_regclass('pgsim.embedding_cache')").fetchone() == (None,):
-        raise InvalidInput(
-            "This database has no pgsim.embedding_cache (pgsim's schema is older than this package): "
-            "run `pgsim install` (or `alembic upgrade heads`), or leave the cache off."
-        )
+    require_schema(conn, "embedding_cache", "the embedding cache (or leave the cache off)")

@@ -39,10 +39,12 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pgsim.columns.cache import lookup, merged, missing, store
-from pgsim.columns.registry import Registration, forget_dropped, key_match, queue_rows, registrations, switch_over
-from pgsim.encoding.encoder import Encoder
+from pgsim.columns.model_change import switch_over
+from pgsim.columns.registry import Registration, forget_dropped, key_match, queue_rows, registrations
+from pgsim.db.catalog import is_local_host
+from pgsim.encoding.encoder import Encoder, encoder_for
 from pgsim.errors import InvalidInput, PgsimError, ServerError
-from pgsim.psycopg import encoder_for, register
+from pgsim.psycopg import register
 
 log = logging.getLogger(__name__)
 
@@ -388,11 +390,7 @@ def _server_and_database(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
 
 def database_is_remote(conn: psycopg.Connection[Any]) -> bool:
     """Whether ``conn`` reaches its server at an address other than this machine's socket or loopback."""
-    return host_is_remote(conn.info.host)
-
-
-def host_is_remote(host: str) -> bool:
-    return not (host.startswith("/") or host.startswith("@") or host in ("", "localhost", "127.0.0.1", "::1"))
+    return not is_local_host(conn.info.host)
 
 
 def _describe_failure(registration: Registration, exc: Exception) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgsim.db.catalog import is_local_host
 from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput
 
@@ -122,7 +123,7 @@ def build_settings(
     # cores: 1 worker 8.7 s, 2 workers 9.3 s for 63k x 384); PostgreSQL still picks fewer for a small
     # table. A remote server's cores are unknown: its own setting stands.
     cores = os.cpu_count() or 1
-    wanted = min(int(pool), cores - 1) if _is_local(conn) else int(workers)
+    wanted = min(int(pool), cores - 1) if is_local_host(conn.info.host) else int(workers)
     return BuildSettings(
         maintenance_work_mem_mb=-(-memory // MIB), parallel_workers=wanted, estimated_graph_mb=estimate / MIB
     )
@@ -201,9 +202,3 @@ def _build_settings(conn: psycopg.Connection[Any], settings: BuildSettings, *, l
     finally:
         if not conn.closed and saved is not None:
             conn.execute(SET_BUILD.format(local="false"), list(saved))
-
-
-def _is_local(conn: psycopg.Connection[Any]) -> bool:
-    """Whether the server runs on this machine (a Unix socket or a loopback address), so its cores are ours."""
-    host = conn.info.host or ""
-    return host.startswith("/") or host in ("localhost", "127.0.0.1", "::1")

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
-import psycopg
 from psycopg import sql
 
 from pgsim.errors import InvalidInput
@@ -32,22 +28,3 @@ def derived_name(*parts: str, suffix: str) -> str:
     stem = "_".join(parts)
     room = MAX_IDENTIFIER_BYTES - len(suffix.encode()) - 1
     return stem.encode()[:room].decode(errors="ignore") + "_" + suffix
-
-
-@dataclass(frozen=True)
-class ExistingTable:
-    oid: int
-    schema: str
-    name: str
-
-
-def existing_table(conn: psycopg.Connection[Any], table: str) -> ExistingTable:
-    """The table ``table`` names (search_path applies), with a clear error when there is none."""
-    row = conn.execute(
-        "SELECT c.oid, n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.oid = to_regclass(%s)",
-        [table_identifier(table).as_string(conn)],
-    ).fetchone()
-    if row is None:
-        raise InvalidInput(f"Table {table!r} does not exist (or is not on the search_path).")
-    return ExistingTable(int(row[0]), str(row[1]), str(row[2]))

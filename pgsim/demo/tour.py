@@ -15,14 +15,17 @@ from typing import Any
 
 import psycopg
 
-from pgsim.columns.registry import add_embedding, get_registration
+from pgsim.columns.adding import add_embedding
+from pgsim.columns.registry import get_registration
 from pgsim.columns.worker import SyncReport, backfill
 from pgsim.db.hnsw import HNSW
 from pgsim.db.schema import install
 from pgsim.demo.corpus import Package, load_sample
-from pgsim.encoding.encoder import DEFAULT_MODEL, Encoder
-from pgsim.knn.filtered import Between, Hit, search
-from pgsim.psycopg import encoder_for, register
+from pgsim.encoding.encoder import Encoder, encoder_for
+from pgsim.encoding.models import DEFAULT_MODEL
+from pgsim.knn.filtered import Hit, search
+from pgsim.knn.statements import Between
+from pgsim.psycopg import register
 
 SCHEMA = "pgsim_demo"
 TABLE = f"{SCHEMA}.packages"

@@ -20,7 +20,9 @@ from psycopg import sql
 
 from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput
-from pgsim.knn.filtered import DEFAULT_TUNING, Plan, Tuning, forget_plans, plan, vector_column
+from pgsim.knn.caches import forget_plans
+from pgsim.knn.planner import DEFAULT_TUNING, Plan, Tuning, plan
+from pgsim.knn.target import vector_column
 
 MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1
 # Build parameters of advised indexes and the ef_search they need. Measured on the 6,693 'libs' rows of the

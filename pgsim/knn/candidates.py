@@ -12,7 +12,10 @@ import numpy.typing as npt
 import psycopg
 
 from pgsim.errors import InvalidInput
-from pgsim.knn.filtered import Hit, Tuning, Where, search, vector_column
+from pgsim.knn.filtered import Hit, search
+from pgsim.knn.planner import Tuning
+from pgsim.knn.statements import Where
+from pgsim.knn.target import vector_column
 
 CANDIDATES_PER_ROW = 5  # candidates fetched per row returned, by default
 

@@ -11,7 +11,9 @@ import numpy.typing as npt
 
 from pgsim.errors import InvalidInput
 from pgsim.knn.candidates import nearest_candidates
-from pgsim.knn.filtered import DEFAULT_TUNING, Hit, Tuning, Where
+from pgsim.knn.filtered import Hit
+from pgsim.knn.planner import DEFAULT_TUNING, Tuning
+from pgsim.knn.statements import Where
 
 
 def diverse_search(

@@ -8,8 +8,8 @@ from typing import Any
 
 import psycopg
 
-from pgsim.db.names import existing_table
-from pgsim.errors import InvalidInput
+from pgsim.db.catalog import resolve_table
+from pgsim.errors import InvalidInput, SchemaMissing
 
 DEFAULT_THRESHOLD = 0.95
 DEFAULT_NEIGHBOURS = 10
@@ -29,7 +29,7 @@ def near_duplicates(
     check_threshold(threshold)
     if isinstance(neighbours, bool) or not isinstance(neighbours, int) or not 1 <= neighbours <= 1000:
         raise InvalidInput(f"neighbours must be an integer from 1 to 1000; got {neighbours!r}.")
-    oid = existing_table(conn, table).oid
+    oid = resolve_table(conn, table).oid
     try:
         rows = conn.execute(
             "SELECT key, group_id FROM pgsim.near_duplicates(%s::oid::regclass, %s, %s, %s)",
@@ -40,7 +40,7 @@ def near_duplicates(
         hint = f" {exc.diag.message_hint}" if exc.diag.message_hint else ""
         raise InvalidInput(f"{exc.diag.message_primary}{hint}") from None
     except psycopg.errors.UndefinedFunction:
-        raise InvalidInput("This database lacks pgsim.near_duplicates: run `pgsim install`.") from None
+        raise SchemaMissing("This database lacks pgsim.near_duplicates: run `pgsim install`.") from None
     groups: dict[int, list[dict[str, Any]]] = {}
     for key, group in rows:
         groups.setdefault(group, []).append(key)

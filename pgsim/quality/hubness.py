@@ -18,17 +18,21 @@ import numpy as np
 import numpy.typing as npt
 import psycopg
 
-from pgsim.db.names import existing_table
-from pgsim.encoding.encoder import DEFAULT_MODEL
+from pgsim.db.catalog import resolve_table
+from pgsim.encoding.encoder import encoder_for
+from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
+from pgsim.knn.caches import TtlCache, database_key
 from pgsim.knn.candidates import nearest_candidates
-from pgsim.knn.filtered import DEFAULT_TUNING, Tuning, Where, _database_key, _TtlCache, vector_column
-from pgsim.psycopg import encoder_for, register
+from pgsim.knn.planner import DEFAULT_TUNING, Tuning
+from pgsim.knn.statements import Where
+from pgsim.knn.target import vector_column
+from pgsim.psycopg import register
 
 DEFAULT_WEIGHT = 0.5
 DEFAULT_NEIGHBOURS = 10
 BANK_SECONDS = 60.0  # a bank read from the database is reused this long in this process
-_banks: _TtlCache[tuple[Any, ...], npt.NDArray[np.float32]] = _TtlCache(BANK_SECONDS, size=16)
+_banks: TtlCache[tuple[Any, ...], npt.NDArray[np.float32]] = TtlCache(BANK_SECONDS, size=16)
 
 
 @dataclass(frozen=True)
@@ -51,7 +55,7 @@ def set_query_bank(conn: psycopg.Connection[Any], table: str, column: str, queri
                            f"holds {target.dimension}.")  # fmt: skip
     vectors = encoder.encode(texts, kind="query")
     register(conn)
-    found = existing_table(conn, table)
+    found = resolve_table(conn, table)
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(
             "DELETE FROM pgsim.query_bank WHERE (table_schema, table_name, column_name) = (%s, %s, %s)",
@@ -113,10 +117,10 @@ def hubness_of(vectors: npt.NDArray[np.float32], bank: npt.NDArray[np.float32], 
 
 
 def _bank(conn: psycopg.Connection[Any], table: str, column: str) -> npt.NDArray[np.float32]:
-    key = (_database_key(conn), table, column)
+    key = (database_key(conn), table, column)
     bank = _banks.get(key)
     if bank is None:
-        found = existing_table(conn, table)
+        found = resolve_table(conn, table)
         register(conn)
         rows = conn.execute(
             "SELECT embedding FROM pgsim.query_bank WHERE (table_schema, table_name, column_name) = (%s, %s, %s)",

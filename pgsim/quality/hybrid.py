@@ -22,24 +22,18 @@ from psycopg.rows import dict_row
 
 from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput
-from pgsim.knn.filtered import (
+from pgsim.knn.planner import (
     DEFAULT_TUNING,
-    DISTANCE,
-    PATHS,
     Tuning,
-    VectorColumn,
-    Where,
-    _check_k,
-    _checked_plan,
-    _clear_errors,
-    _model_change_as_input_error,
-    _prepare_params,
-    _run_plan,
-    _statement,
-    _target_and_params,
-    _under_hnsw_settings,
-    filter_sql,
+    checked_plan,
+    clear_errors,
+    model_change_as_input_error,
+    plan_params,
+    run_plan,
+    under_hnsw_settings,
 )
+from pgsim.knn.statements import DISTANCE, PATHS, Where, filter_sql, search_statement
+from pgsim.knn.target import VectorColumn, check_k, target_and_params
 
 DEFAULT_CANDIDATES = 50  # per list
 DEFAULT_RRF_K = 60  # Cormack et al.'s constant
@@ -83,21 +77,21 @@ def hybrid_search(
     else 'english') and its words are ORed."""
     if not isinstance(query, str) or not query.strip():
         raise InvalidInput("The query text is empty; pass the words to search for.")
-    _check_k(k)
+    check_k(k)
     for name, value, low in (("candidates", candidates, k), ("rrf_k", rrf_k, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 10_000:
             raise InvalidInput(f"{name} must be a whole number from {low} to 10000; got {value!r}.")
-    with _model_change_as_input_error():
-        target, params = _target_and_params(conn, table, column, query, None)
+    with model_change_as_input_error():
+        target, params = target_and_params(conn, table, column, query, None)
         text = _text_column(conn, table, text_column, text_config)
         params.update(n=candidates, k=k, text=query, config=text.config, rrf_k=rrf_k)
         condition = filter_sql(where)
         exact, hnsw = (_fused(target, text, condition, columns, path).as_bytes(conn) for path in PATHS)
-        vectors_only = _statement(target, condition, ["ctid"], "hnsw", limit="n").as_bytes(conn)
-        with _clear_errors(), conn.cursor(row_factory=dict_row) as cur:
-            chosen = _run_plan(conn, _prepare_params(conn, target, candidates, condition, tuning), apply=False)
-            chosen = _checked_plan(conn, chosen, vectors_only, params)
-            rows = [] if chosen.path == "exact" else _under_hnsw_settings(conn, cur, chosen, hnsw, params)
+        vectors_only = search_statement(target, condition, ["ctid"], "hnsw", limit="n").as_bytes(conn)
+        with clear_errors(), conn.cursor(row_factory=dict_row) as cur:
+            chosen = run_plan(conn, plan_params(conn, target, candidates, condition, tuning), apply=False)
+            chosen = checked_plan(conn, chosen, vectors_only, params)
+            rows = [] if chosen.path == "exact" else under_hnsw_settings(conn, cur, chosen, hnsw, params)
             if chosen.path == "hnsw" and rows and rows[0][CANDIDATES] < candidates:
                 chosen = replace(chosen, fell_back=True)  # too few nearest rows: the exact list instead
             if chosen.path == "exact" or chosen.fell_back or not rows:
@@ -119,7 +113,7 @@ def _hit(row: dict[str, Any]) -> FusedHit:
 def _fused(
     target: VectorColumn, text: TextColumn, condition: sql.Composable, columns: Sequence[str] | None, path: str
 ) -> sql.Composed:
-    nearest = _statement(target, condition, ["ctid"], path, limit="n")
+    nearest = search_statement(target, condition, ["ctid"], path, limit="n")
     query = sql.SQL("%(q)s::halfvec") if target.type_name == "halfvec" else sql.SQL("%(q)s")
     return sql.SQL(
         "WITH _pgsim_nearest AS MATERIALIZED ({nearest}), "

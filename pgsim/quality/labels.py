@@ -12,10 +12,12 @@ import psycopg
 from psycopg import sql
 
 from pgsim.db.names import table_identifier
-from pgsim.encoding.encoder import DEFAULT_MODEL
+from pgsim.encoding.encoder import encoder_for
+from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
-from pgsim.knn.filtered import Where, filter_sql, read_vector_column
-from pgsim.psycopg import encoder_for, register
+from pgsim.knn.statements import Where, filter_sql
+from pgsim.knn.target import read_vector_column
+from pgsim.psycopg import register
 
 
 def label_rows(

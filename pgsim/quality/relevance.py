@@ -23,7 +23,10 @@ from typing import Any
 import psycopg
 
 from pgsim.errors import InvalidInput
-from pgsim.knn.filtered import DEFAULT_TUNING, MAX_K, Tuning, Where, search
+from pgsim.knn.filtered import search
+from pgsim.knn.planner import DEFAULT_TUNING, Tuning
+from pgsim.knn.statements import Where
+from pgsim.knn.target import MAX_K
 
 DEFAULT_REFERENCE = 50
 # bench/quality.py: the threshold tuned for precision >= 0.6 was 0.255 and 0.302 in its two held-out conditions.

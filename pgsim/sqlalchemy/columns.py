@@ -33,10 +33,11 @@ from sqlalchemy import Column, Index, Table, event
 from sqlalchemy.orm import MappedColumn, Mapper, ORMExecuteState, Session, mapped_column
 from sqlalchemy.sql.elements import quoted_name
 
-from pgsim.columns.registry import DEFAULT_HNSW
+from pgsim.columns.adding import DEFAULT_HNSW
 from pgsim.db.hnsw import HNSW
 from pgsim.db.names import derived_name
-from pgsim.encoding.encoder import DEFAULT_MODEL, Vector, check_vector, model_dimension
+from pgsim.encoding.encoder import Vector, check_vector
+from pgsim.encoding.models import DEFAULT_MODEL, model_dimension
 from pgsim.errors import InvalidInput
 from pgsim.sqlalchemy.offload import off_event_loop
 from pgsim.sqlalchemy.types import Embedding, HalfEmbedding
@@ -106,10 +107,10 @@ def _local_model_dimension(model: str) -> int | None:
     """The dimension of ``model`` if its files are on this machine (nothing downloads or loads), else None."""
     from pathlib import Path
 
-    from pgsim.encoding.encoder import _cached_snapshot, resolve_model
+    from pgsim.encoding.models import cached_snapshot, resolve_model
 
     try:
-        if not (Path(resolve_model(model)).is_dir() or _cached_snapshot(model)):
+        if not (Path(resolve_model(model)).is_dir() or cached_snapshot(model)):
             return None
         return model_dimension(model)
     except Exception:  # an unknown or broken model: the dimension given is all there is
@@ -162,7 +163,8 @@ def register_embeddings(connection: Any, tables: Sequence[Table]) -> None:
     Connection on the psycopg driver. Idempotent. Run by ``create_all`` for you."""
     import psycopg
 
-    from pgsim.columns.registry import add_embedding, forget_dropped, get_registration
+    from pgsim.columns.adding import add_embedding
+    from pgsim.columns.registry import forget_dropped, get_registration
     from pgsim.db.schema import install
 
     raw = connection.connection.driver_connection
@@ -378,7 +380,7 @@ def encode_bulk_insert(state: ORMExecuteState) -> Any:
 
 
 def _encode_with(model: str, texts: list[str]) -> list[Vector | None]:
-    from pgsim.psycopg import encoder_for
+    from pgsim.encoding.encoder import encoder_for
 
     return encoder_for(model).encode(texts)
 

@@ -36,7 +36,7 @@ from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.sql.util import find_tables
 
 from pgsim.errors import InvalidInput
-from pgsim.knn.filtered import DEFAULT_TUNING, Tuning
+from pgsim.knn.planner import DEFAULT_TUNING, Tuning
 from pgsim.sqlalchemy.types import NEAREST
 
 log = logging.getLogger(__name__)

@@ -40,7 +40,7 @@ def off_event_loop(work: Callable[[], T]) -> T:
 def query_vector(model: str, text: str) -> Vector:
     """``text`` encoded as a query with ``model``; the last few hundred are kept, so a query that runs twice
     (a fallback path, a page after a page) is encoded once."""
-    from pgsim.psycopg import encoder_for
+    from pgsim.encoding.encoder import encoder_for
 
     key = (model, text)
     with _lock:

@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from pgsim.cli.main import format_table
+from pgsim.cli.common import format_table
 
 
 def pgsim(*args: str, dsn: str | None = None, home: Path | None = None) -> subprocess.CompletedProcess[str]:

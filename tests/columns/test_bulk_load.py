@@ -9,8 +9,8 @@ import psycopg
 import pytest
 from fixtures.database import installed_without_registrations
 
+from pgsim.columns.adding import add_embedding
 from pgsim.columns.bulk_load import IngestReport, ingest
-from pgsim.columns.registry import add_embedding
 from pgsim.demo.corpus import Package
 from pgsim.errors import InvalidInput
 

@@ -9,9 +9,9 @@ import psycopg
 import pytest
 from fixtures.database import installed_without_registrations
 
+from pgsim.columns.adding import add_embedding
 from pgsim.columns.bulk_load import ingest
 from pgsim.columns.cache import lookup, store
-from pgsim.columns.registry import add_embedding
 from pgsim.columns.worker import sync
 from pgsim.demo.corpus import Package
 from pgsim.encoding.encoder import Encoder

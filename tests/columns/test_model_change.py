@@ -11,7 +11,9 @@ import psycopg
 import pytest
 from fixtures.database import installed_without_registrations, packages_table
 
-from pgsim.columns.registry import add_embedding, change_model, get_registration, registrations, remove_embedding
+from pgsim.columns.adding import add_embedding
+from pgsim.columns.model_change import change_model
+from pgsim.columns.registry import get_registration, registrations, remove_embedding
 from pgsim.columns.worker import sync
 from pgsim.demo.corpus import Package
 from pgsim.encoding.encoder import Encoder

@@ -10,7 +10,8 @@ import pytest
 from fixtures.database import installed_without_registrations
 from psycopg import sql
 
-from pgsim.columns.registry import add_embedding, get_registration, registrations, remove_embedding
+from pgsim.columns.adding import add_embedding
+from pgsim.columns.registry import get_registration, registrations, remove_embedding
 from pgsim.db.hnsw import HNSW
 from pgsim.errors import InvalidInput, ModelNotFound
 

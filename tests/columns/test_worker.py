@@ -17,12 +17,15 @@ import psycopg
 import pytest
 from fixtures.database import installed_without_registrations, packages_table
 
-from pgsim.columns.registry import add_embedding, registrations, remove_embedding
-from pgsim.columns.worker import WORKER_APPLICATION_NAME, SyncReport, Worker, backfill, host_is_remote, sync
+from pgsim.columns.adding import add_embedding
+from pgsim.columns.registry import registrations, remove_embedding
+from pgsim.columns.worker import WORKER_APPLICATION_NAME, SyncReport, Worker, backfill, sync
+from pgsim.db.catalog import is_local_host
 from pgsim.demo.corpus import Package
-from pgsim.encoding.encoder import DEFAULT_MODEL, Encoder
+from pgsim.encoding.encoder import Encoder, encoder_for
+from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
-from pgsim.psycopg import encoder_for, register
+from pgsim.psycopg import register
 
 SOURCE = "concat_ws(E'\\n\\n', synopsis, nullif(description, ''))"  # = Package.text
 ROWS = 120
@@ -164,8 +167,8 @@ def test_the_worker_opens_a_second_work_connection_only_for_a_remote_database_un
 
 
 def test_remote_means_neither_a_socket_nor_loopback() -> None:
-    assert [host_is_remote(h) for h in ("/tmp/pg", "localhost", "127.0.0.1", "::1", "")] == [False] * 5
-    assert [host_is_remote(h) for h in ("db.internal", "10.0.0.7", "2001:db8::1")] == [True] * 3
+    assert [is_local_host(h) for h in ("/tmp/pg", "localhost", "127.0.0.1", "::1", "")] == [True] * 5
+    assert [is_local_host(h) for h in ("db.internal", "10.0.0.7", "2001:db8::1")] == [False] * 3
 
 
 def test_empty_text_and_deleted_rows_end_their_entries(pkgs: Any) -> None:

@@ -14,9 +14,13 @@ import pytest
 
 from pgsim.demo.corpus import Package
 from pgsim.encoding.backends import base as backends
-from pgsim.encoding.backends.base import BACKENDS, BackendUnavailable, build, choose
+from pgsim.encoding.backends import lanes
+from pgsim.encoding.backends.auto import build, choose
+from pgsim.encoding.backends.base import BACKENDS, BackendUnavailable
 from pgsim.encoding.backends.exported import EXPORT_FORMAT
-from pgsim.encoding.encoder import Encoder, load_model, model_revision
+from pgsim.encoding.backends.torch import TorchBackend
+from pgsim.encoding.encoder import Encoder
+from pgsim.encoding.models import load_model, model_revision
 from pgsim.errors import InvalidInput
 
 MODEL = "all-MiniLM-L6-v2"
@@ -80,7 +84,7 @@ def test_a_missing_runtime_says_what_to_install_and_auto_goes_on_without_it(
     model, revision = load_model(MODEL), model_revision(MODEL)
     with pytest.raises(BackendUnavailable, match=advice):
         build(name, model, MODEL, revision)
-    with caplog.at_level(logging.INFO, logger="pgsim.encoding.backends.base"):
+    with caplog.at_level(logging.INFO, logger="pgsim.encoding.backends"):
         chosen = choose(model, MODEL, revision, calibration_texts())
     assert chosen.name != name
     assert f"{name} is not a candidate here" in caplog.text and "encoder backend" in caplog.text
@@ -116,7 +120,7 @@ def test_a_failed_export_leaves_nothing_behind_and_falls_back_with_a_warning(
     with pytest.raises(BackendUnavailable, match=message):
         build(name, model, MODEL, revision)
     assert not list(Path(backends.cache_dir()).glob(f"{name}/*/*"))  # the partial files were removed
-    with caplog.at_level(logging.WARNING, logger="pgsim.encoding.backends.base"):
+    with caplog.at_level(logging.WARNING, logger="pgsim.encoding.backends"):
         assert choose(model, MODEL, revision, calibration_texts()).name != name
     assert f"{name} is not a candidate here: {message}" in caplog.text
 
@@ -173,13 +177,13 @@ def test_a_model_an_export_cannot_reproduce_is_refused_clearly(name: str, small_
 
 def test_auto_measures_once_says_which_and_remembers(cache: Path, caplog: pytest.LogCaptureFixture) -> None:
     model, revision = load_model(MODEL), model_revision(MODEL)
-    with caplog.at_level(logging.INFO, logger="pgsim.encoding.backends.base"):
+    with caplog.at_level(logging.INFO, logger="pgsim.encoding.backends"):
         first = choose(model, MODEL, revision, calibration_texts())
     assert f"encoder backend {first.name} (auto: measured torch" in caplog.text
     (remembered,) = json.loads((cache / "backend-choices.json").read_text()).values()
     assert remembered["backend"] == first.name
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="pgsim.encoding.backends.base"):
+    with caplog.at_level(logging.INFO, logger="pgsim.encoding.backends"):
         again = choose(model, MODEL, revision, calibration_texts())
     assert again.name == first.name and "chosen earlier" in caplog.text and "measured torch" in caplog.text
 
@@ -192,7 +196,7 @@ def test_an_unknown_backend_is_an_error() -> None:
 
 
 def calibration_texts() -> list[str]:
-    from pgsim.encoding.encoder import _calibration_texts
+    from pgsim.encoding.models import _calibration_texts
 
     return _calibration_texts()[:24]  # enough to compare; keeps the test quick
 
@@ -204,9 +208,12 @@ class Recording:
 
     def __init__(self, inner: backends.Backend | None = None, parallel: bool = True, fail_at: int = -1) -> None:
         self.inner, self.parallel, self.fail_at = inner, parallel, fail_at
-        self.name, self.reason = "recording", "test"
+        self.name, self.reason, self.precision = "recording", "test", "f32"
         self.calls: list[tuple[str, int]] = []
         self.gate = threading.Event()
+
+    def for_lanes(self, lanes: int) -> Recording:
+        return self
 
     def embed(self, texts: list[str]) -> backends.Matrix:
         import torch
@@ -229,8 +236,8 @@ def test_lanes_run_batches_side_by_side_in_order_with_the_same_vectors(packages:
     threads = torch.get_num_threads()
     one_lane = Recording(build("torch", load_model(MODEL), MODEL, ""))
     two_lanes = Recording(one_lane.inner)
-    expected = np.concatenate(list(backends.embed_batches(one_lane, batches, lanes=1)))
-    found = np.concatenate(list(backends.embed_batches(two_lanes, batches, lanes=2)))
+    expected = np.concatenate(list(lanes.embed_batches(one_lane, batches, lanes=1)))
+    found = np.concatenate(list(lanes.embed_batches(two_lanes, batches, lanes=2)))
     assert {name for name, _ in one_lane.calls} == {"MainThread"}
     assert len({name for name, _ in two_lanes.calls}) == 2
     assert all(name.startswith("pgsim-encode") and count == max(1, threads // 2) for name, count in two_lanes.calls)
@@ -244,9 +251,9 @@ def test_a_failing_lane_stops_the_rest_and_leaves_other_threads_their_torch_thre
     threads = torch.get_num_threads()
     failing = Recording(fail_at=2)
     with pytest.raises(RuntimeError, match="lane failed"):
-        list(backends.embed_batches(failing, [[f"text {i}"] for i in range(40)], lanes=2))
+        list(lanes.embed_batches(failing, [[f"text {i}"] for i in range(40)], lanes=2))
     assert len(failing.calls) <= 2 + 1 + 2  # before, the failure, one more per lane; the rest were cancelled
-    running = backends.embed_batches(Recording(), [[f"text {i}"] for i in range(40)], lanes=2)
+    running = lanes.embed_batches(Recording(), [[f"text {i}"] for i in range(40)], lanes=2)
     assert next(running).shape == (1, 2)
     assert torch.get_num_threads() == threads  # the caller keeps its threads while the lanes run
     seen: list[int] = []
@@ -268,7 +275,7 @@ def test_a_failing_lane_stops_the_rest_and_leaves_other_threads_their_torch_thre
 
 def test_a_backend_with_its_own_threads_runs_one_batch_at_a_time() -> None:
     onnx_like = Recording(parallel=False)
-    list(backends.embed_batches(onnx_like, [["a"], ["bb"], ["ccc"]], lanes=2))
+    list(lanes.embed_batches(onnx_like, [["a"], ["bb"], ["ccc"]], lanes=2))
     assert [name for name, _ in onnx_like.calls] == ["MainThread"] * 3
 
 
@@ -308,11 +315,11 @@ def test_the_torch_backend_encodes_as_model_encode_does_default_prompt_included(
 
     texts = [p.text for p in packages[:8]]
     model = load_model(MODEL)
-    plain = backends.TorchBackend(model, "torch").embed(texts)
+    plain = TorchBackend(model, "torch").embed(texts)
     assert float(np.min(np.sum(plain * model.encode(texts, normalize_embeddings=True), axis=1))) >= 0.99999
     prompted = copy.deepcopy(model)
     prompted.prompts, prompted.default_prompt_name = {"document": "a Debian package: "}, "document"
-    with_prompt = backends.TorchBackend(prompted, "torch").embed(texts)
+    with_prompt = TorchBackend(prompted, "torch").embed(texts)
     expected = prompted.encode(texts, normalize_embeddings=True)
     assert float(np.min(np.sum(with_prompt * expected, axis=1))) >= 0.99999
     assert float(np.max(np.sum(with_prompt * plain, axis=1))) < 0.9999  # the prompt was really prepended
@@ -337,9 +344,9 @@ def test_openvino_passes_run_side_by_side_with_the_same_vectors(packages: list[P
     texts = [p.text for p in packages[:48]]
     batches = [texts[start : start + 4] for start in range(0, len(texts), 4)]
     openvino = build("openvino", load_model(MODEL), MODEL, model_revision(MODEL))
-    one_lane = np.concatenate(list(backends.embed_batches(openvino, batches, lanes=1)))
-    two_lanes = np.concatenate(list(backends.embed_batches(openvino, batches, lanes=2)))
-    assert backends.lane_count(openvino, 2, len(batches)) == 2
+    one_lane = np.concatenate(list(lanes.embed_batches(openvino, batches, lanes=1)))
+    two_lanes = np.concatenate(list(lanes.embed_batches(openvino, batches, lanes=2)))
+    assert lanes.lane_count(openvino, 2, len(batches)) == 2
     two, one = openvino.for_lanes(2).compiled, openvino.for_lanes(1).compiled
     assert two.get_property("NUM_STREAMS") == 2
     assert two.get_property("ENABLE_CPU_PINNING") is False  # pinned, two worker processes share one core

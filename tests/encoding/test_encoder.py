@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pgsim.demo.corpus import Package
-from pgsim.encoding.encoder import Encoder, check_vector, load_model, resolve_model
+from pgsim.encoding.encoder import Encoder, check_vector
+from pgsim.encoding.models import load_model, resolve_model
 from pgsim.errors import InvalidInput, ModelNotFound
 
 
@@ -125,7 +126,7 @@ def test_batches_fill_a_token_budget_longest_first() -> None:
 
 
 def test_the_dimension_of_a_plain_transformer_directory_is_read_from_its_config(tmp_path: Path) -> None:
-    from pgsim.encoding.encoder import model_dimension
+    from pgsim.encoding.models import model_dimension
 
     (tmp_path / "config.json").write_text('{"hidden_size": 512, "model_type": "bert"}')
     assert model_dimension(str(tmp_path)) == 512  # nothing loaded: the directory holds no weights

@@ -7,7 +7,7 @@ import pytest
 from pgsim import InvalidInput, connect
 from pgsim.demo.corpus import Package
 from pgsim.knn.advice import advise, create, index_name
-from pgsim.knn.filtered import Tuning, plan
+from pgsim.knn.planner import Tuning, plan
 
 HNSW_FROM_ONE_ROW = Tuning(exact_below_rows=0, min_hnsw_selectivity=0)
 

@@ -11,7 +11,9 @@ from psycopg import sql
 from pgsim import InvalidInput
 from pgsim.demo.corpus import Package
 from pgsim.encoding.encoder import Encoder
-from pgsim.knn.filtered import Between, NoIndexWarning, Tuning, explain, plan, search, search_with_plan
+from pgsim.knn.filtered import NoIndexWarning, explain, search, search_with_plan
+from pgsim.knn.planner import Tuning, plan
+from pgsim.knn.statements import Between
 from pgsim.quality.relevance import relevant_search
 
 
@@ -340,19 +342,21 @@ def test_plan_is_checked_against_the_index_postgres_would_scan(
     conn: Any, package_vectors: np.ndarray[Any, Any]
 ) -> None:
     """A plan made for one index is turned into the exact path when the search would scan another."""
-    from pgsim.knn.filtered import PATHS, Plan, _checked_plan, _statement, filter_sql, vector_column
+    from pgsim.knn.planner import Plan, checked_plan
+    from pgsim.knn.statements import PATHS, filter_sql, search_statement
+    from pgsim.knn.target import vector_column
 
     target = vector_column(conn, "packages", "embedding")
-    hnsw = _statement(target, filter_sql(None), ["package"], PATHS[1]).as_bytes(conn)
+    hnsw = search_statement(target, filter_sql(None), ["package"], PATHS[1]).as_bytes(conn)
     params = {"q": package_vectors[0], "k": 10}
     planned = Plan("hnsw", "packages_embedding_idx", 400.0, 400.0, 1.0, 200, 20000, "iterative HNSW scan")
     elsewhere = Plan("hnsw", "some_partial_hnsw", 40.0, 40.0, 1.0, 200, 20000, "iterative HNSW scan")
     # 400 rows: PostgreSQL sorts them rather than walk the graph, and sorted rows are exact: plan kept
-    assert _checked_plan(conn, elsewhere, hnsw, params) == elsewhere
+    assert checked_plan(conn, elsewhere, hnsw, params) == elsewhere
     conn.execute("SET enable_sort = off")  # now only the HNSW index can produce the order
     try:
-        assert _checked_plan(conn, planned, hnsw, params) == planned
-        checked = _checked_plan(conn, elsewhere, hnsw, params)
+        assert checked_plan(conn, planned, hnsw, params) == planned
+        checked = checked_plan(conn, elsewhere, hnsw, params)
     finally:
         conn.execute("RESET enable_sort")
     assert checked.path == "exact" and "would scan packages_embedding_idx instead" in checked.reason

@@ -33,9 +33,8 @@ from sqlalchemy.schema import CreateIndex, CreateTable
 
 from pgsim.db.hnsw import HNSW
 from pgsim.demo.corpus import Package
-from pgsim.encoding.encoder import Encoder
+from pgsim.encoding.encoder import Encoder, encoder_for
 from pgsim.errors import InvalidInput, ModelNotFound
-from pgsim.psycopg import encoder_for
 from pgsim.sqlalchemy import Embedding, embedding_column, hnsw_index
 
 DIALECT = postgresql.psycopg.dialect()  # type: ignore[attr-defined]
@@ -253,7 +252,7 @@ def test_nearest_under_a_filter_returns_k_exact_rows_and_leaves_no_setting_behin
 def test_the_hnsw_path_returns_k_rows_under_its_settings_and_restores_them(
     engine: Engine, packages: list[Package], package_vectors: Any, encoder: Encoder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pgsim.knn.filtered import Tuning
+    from pgsim.knn.planner import Tuning
 
     with Session(engine) as session:
         session.add_all(rows_of(packages))
@@ -454,7 +453,7 @@ def test_filters_the_orm_adds_itself_are_planned(
     from sqlalchemy import event
     from sqlalchemy.orm import ORMExecuteState, with_loader_criteria
 
-    from pgsim.knn.filtered import Tuning
+    from pgsim.knn.planner import Tuning
 
     query_vector = encoder.encode_query(QUERY)
     libs = exact_top_k(query_vector, package_vectors, packages, 10, lambda p: p.section == "libs")
@@ -488,7 +487,7 @@ def test_a_joined_eager_collection_does_not_count_as_rows(
 ) -> None:
     from sqlalchemy.orm import joinedload
 
-    from pgsim.knn.filtered import Tuning
+    from pgsim.knn.planner import Tuning
 
     sound = [p for p in packages if p.section == "sound"]
     assert len(sound) < 10  # the hnsw path returns fewer than k objects: the fallback must run
@@ -614,7 +613,7 @@ class Exploding(TypeDecorator[str]):
 def test_in_autocommit_the_hnsw_settings_apply_to_the_query_and_are_set_back(
     engine: Engine, packages: list[Package], caplog: pytest.LogCaptureFixture
 ) -> None:
-    from pgsim.knn.filtered import Tuning
+    from pgsim.knn.planner import Tuning
 
     with Session(engine) as session:
         session.add_all(rows_of(packages))
@@ -862,7 +861,7 @@ def test_a_lost_connection_or_a_cancel_surfaces_as_itself(
     from sqlalchemy.exc import OperationalError
     from sqlalchemy.ext.asyncio import AsyncSession, create_async_engine
 
-    from pgsim.knn.filtered import Tuning
+    from pgsim.knn.planner import Tuning
 
     hnsw = Tuning(exact_below_rows=0)
     nearest = Package_.embedding.nearest(QUERY)
@@ -891,7 +890,7 @@ def test_a_percent_in_the_filter_is_planned_as_written_and_limit_0_returns_nothi
 ) -> None:
     import warnings
 
-    from pgsim.knn.filtered import Tuning
+    from pgsim.knn.planner import Tuning
 
     even = func.length(Package_.package) % 2 == 0
     expected = exact_top_k(

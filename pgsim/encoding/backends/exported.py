@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import queue
-import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -32,12 +29,13 @@ from pgsim.encoding.backends.base import (
     TOKENIZER_LOCK,
     BackendUnavailable,
     Matrix,
-    TorchBackend,
+    Pass,
     cache_dir,
     default_prompt,
     normalised,
     read_json,
 )
+from pgsim.encoding.backends.torch import TorchBackend
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -54,6 +52,7 @@ class ExportedBackend:
     name = ""
     reason = "requested"
     parallel = False
+    precision = "f32"
 
     def __init__(self, model: SentenceTransformer) -> None:
         self.pooling = pooling_mode(model, self.name)
@@ -62,6 +61,12 @@ class ExportedBackend:
         self.prompt = default_prompt(model) or ""  # prepended as sentence-transformers does
         with TOKENIZER_LOCK:
             self.input_names = sorted(model.tokenizer(["probe"], return_tensors="np").keys())
+
+    def for_lanes(self, lanes: int) -> Pass:
+        return self
+
+    def embed(self, texts: list[str]) -> Matrix:
+        raise NotImplementedError
 
     def directory(self, model_name: str, revision: str) -> Path:
         return cache_dir() / self.name / f"{_safe(model_name)}-{revision}"
@@ -78,158 +83,6 @@ class ExportedBackend:
 
     def pooled(self, hidden: Any, mask: Any) -> Matrix:
         return normalised(pool(hidden, np.asarray(mask), self.pooling))
-
-
-class OnnxBackend(ExportedBackend):
-    """The model's transformer under ONNX Runtime."""
-
-    name = "onnx"
-    parallel = False  # ONNX Runtime's session has its own thread pool, sized at creation
-
-    def __init__(self, model: SentenceTransformer, model_name: str, revision: str) -> None:
-        try:
-            import onnxruntime
-        except ImportError:
-            raise BackendUnavailable(
-                "The onnx backend needs ONNX Runtime: pip install 'pgsim[onnx]' (onnxruntime and onnx)."
-            ) from None
-        super().__init__(model)
-        self.session = load_or_export(
-            model,
-            self.directory(model_name, revision) / "model.onnx",
-            {"format": EXPORT_FORMAT, "inputs": self.input_names, "onnxruntime": onnxruntime.__version__},
-            export=lambda path: _onnx_export(model, path, self.input_names),
-            load=lambda path: onnx_session(onnxruntime, path),
-            run=self.run,
-        )
-
-    def embed(self, texts: list[str]) -> Matrix:
-        return self.run(self.session, texts)
-
-    def run(self, session: Any, texts: list[str]) -> Matrix:
-        feeds, mask = self.tokenised(texts)
-        return self.pooled(session.run(None, feeds)[0], mask)
-
-
-class OpenVinoBackend(ExportedBackend):
-    """The model's transformer under OpenVINO's CPU plugin. Passes run side by side on a compiled model with
-    one stream per lane (:meth:`for_lanes`); a pass alone runs on one stream with all the caller's threads."""
-
-    name = "openvino"
-    parallel = True
-
-    def __init__(self, model: SentenceTransformer, model_name: str, revision: str) -> None:
-        try:
-            openvino = import_openvino()
-        except ImportError:
-            raise BackendUnavailable("The openvino backend needs OpenVINO: pip install openvino.") from None
-        super().__init__(model)
-        self.core = openvino.Core()
-        # Read the weights, not map them: a mapped .bin cut short later (a cache cleaned while this process
-        # runs) would kill the process with SIGBUS; the CPU plugin repacks the weights anyway.
-        self.core.set_property({"ENABLE_MMAP": False})
-        self.capabilities = self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
-        self.streams: dict[tuple[int, int], OpenVinoStreams] = {}  # by (lanes, threads)
-        self.streams_lock = threading.Lock()
-        self.model = load_or_export(
-            model,
-            self.directory(model_name, revision) / "model.xml",
-            {"format": EXPORT_FORMAT, "inputs": self.input_names, "openvino": openvino.__version__},
-            export=lambda path: _openvino_export(model, path, self.input_names),
-            load=self.core.read_model,
-            run=lambda read, texts: self.run(self.compile(read, 1, 1).create_infer_request(), texts),
-        )
-        self.precision = self.for_lanes(1).compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
-        log.info("openvino computes in %s here", self.precision)  # bf16 where the CPU has it, else f32
-
-    def compile(self, model: Any, lanes: int, threads: int) -> Any:
-        options = {
-            "NUM_STREAMS": str(lanes),
-            "INFERENCE_NUM_THREADS": str(threads),
-            # No pinning: OpenVINO pins each process's threads from core 0 on, so `--processes 2` ran both
-            # workers on one core (38 + 38 texts/s against 81 + 79 unpinned; one process: 155 vs 167).
-            "ENABLE_CPU_PINNING": False,
-            # Said, not left to the plugin: on ARM its default is float16, which nobody measured here.
-            "INFERENCE_PRECISION_HINT": "bf16" if "BF16" in self.capabilities else "f32",
-        }
-        return self.core.compile_model(model, "CPU", options)
-
-    def for_lanes(self, lanes: int) -> OpenVinoStreams:
-        """The model compiled for ``lanes`` passes side by side on the calling thread's torch threads (lanes
-        rounded up to a power of two, at most one per thread, so a process keeps a few compiled copies, not
-        one per count, and never runs more threads than it has)."""
-        import torch
-
-        threads = torch.get_num_threads()
-        key = (min(1 << (lanes - 1).bit_length(), threads), threads)
-        with self.streams_lock:
-            found = self.streams.get(key)
-        if found is None:  # compiled outside the lock: other callers keep encoding meanwhile
-            compiled = OpenVinoStreams(self, self.compile(self.model, *key))
-            with self.streams_lock:
-                found = self.streams.setdefault(key, compiled)
-        return found
-
-    def embed(self, texts: list[str]) -> Matrix:
-        return self.for_lanes(1).embed(texts)
-
-    def run(self, request: Any, texts: list[str]) -> Matrix:
-        feeds, mask = self.tokenised(texts)
-        # infer releases the GIL and returns a copy of the output, so the request can serve the next pass
-        return self.pooled(request.infer([feeds[name] for name in self.input_names])[0], mask)
-
-
-class OpenVinoStreams:
-    """A compiled model and its idle infer requests: one request per pass in flight, reused."""
-
-    def __init__(self, backend: OpenVinoBackend, compiled: Any) -> None:
-        self.backend, self.compiled = backend, compiled
-        self.idle: queue.SimpleQueue[Any] = queue.SimpleQueue()
-
-    def embed(self, texts: list[str]) -> Matrix:
-        try:
-            request = self.idle.get_nowait()
-        except queue.Empty:
-            request = self.compiled.create_infer_request()
-        try:
-            return self.backend.run(request, texts)
-        finally:
-            self.idle.put(request)
-
-
-def import_openvino() -> Any:
-    """``import openvino``, without the usage report it sends on import when the user never chose.
-
-    Importing openvino reports the import to Intel's analytics (and writes a client id under ~/intel) unless
-    a consent file says no or a CI variable is set: openvino-telemetry counts a missing consent file as
-    consent. pgsim picks this backend for the user, so the import must not report for them: while pgsim
-    imports it, "no consent file" counts as declined. A user's own recorded choice (``opt_in_out``) stands,
-    and a process that imported openvino before pgsim keeps whatever it did."""
-    import sys
-
-    if "openvino" in sys.modules:  # imported already (or blocked: None, and the import raises)
-        import openvino
-
-        return openvino
-    try:
-        from openvino_telemetry.main import OptInChecker
-        from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult
-    except ImportError:  # no telemetry package: nothing is reported
-        import openvino
-
-        return openvino
-    asked = OptInChecker.check
-
-    def check(self: Any, *args: Any, **kwargs: Any) -> Any:
-        answer = asked(self, *args, **kwargs)
-        return ConsentCheckResult.DECLINED if answer == ConsentCheckResult.NO_FILE else answer
-
-    OptInChecker.check = check
-    try:
-        import openvino
-    finally:
-        OptInChecker.check = asked
-    return openvino
 
 
 def pooling_mode(model: SentenceTransformer, backend: str) -> str:
@@ -301,16 +154,7 @@ def load_or_export(
     raise BackendUnavailable(f"The export {path} does not reproduce the model: {problem}")
 
 
-def onnx_session(onnxruntime: Any, path: Path) -> Any:
-    options = onnxruntime.SessionOptions()
-    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    import torch
-
-    options.intra_op_num_threads = torch.get_num_threads()  # as many as torch: OMP_NUM_THREADS when a pool set it
-    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _last_hidden_state(model: SentenceTransformer, inputs: list[str]) -> tuple[Any, tuple[Any, ...]]:
+def last_hidden_state(model: SentenceTransformer, inputs: list[str]) -> tuple[Any, tuple[Any, ...]]:
     """The transformer as a module taking ``inputs`` in order and giving its last hidden state, and a sample
     of those inputs to trace it with."""
     import torch
@@ -328,68 +172,6 @@ def _last_hidden_state(model: SentenceTransformer, inputs: list[str]) -> tuple[A
     with TOKENIZER_LOCK:
         sample = model.tokenizer(["an example", "a longer example text"], padding=True, return_tensors="pt")
     return LastHiddenState(), tuple(sample[name] for name in inputs)
-
-
-def _onnx_export(model: SentenceTransformer, path: Path, inputs: list[str]) -> None:
-    """torch.onnx export with dynamic batch and sequence axes, written to a temporary file and renamed, so a
-    crash never leaves half a file behind."""
-    import torch
-
-    try:
-        import onnx  # noqa: F401 - torch.onnx needs it
-    except ImportError:
-        raise BackendUnavailable("Exporting to ONNX needs the onnx package: pip install 'pgsim[onnx]'.") from None
-    module, sample = _last_hidden_state(model, inputs)
-    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the tracer's notes on Python control flow in the model
-            torch.onnx.export(
-                module,
-                sample,
-                str(partial),
-                input_names=inputs,
-                output_names=["last_hidden_state"],
-                dynamic_axes={name: {0: "batch", 1: "tokens"} for name in [*inputs, "last_hidden_state"]},
-                opset_version=17,
-                dynamo=False,
-            )
-        partial.replace(path)
-    except Exception as exc:
-        raise BackendUnavailable(f"Exporting the model to ONNX failed: {type(exc).__name__}: {exc}") from None
-    finally:
-        partial.unlink(missing_ok=True)  # left only by a failure or an interrupt
-
-
-def _openvino_export(model: SentenceTransformer, path: Path, inputs: list[str]) -> None:
-    """The traced transformer converted by OpenVINO's PyTorch frontend (every input dimension dynamic), saved
-    with float32 weights as ``path`` (.xml) and its .bin, each under a temporary name and renamed (the .bin
-    first: a crash between the two leaves a pair the check against torch rejects).
-
-    Not ``openvino.convert_model``: that tool sends usage telemetry to Intel unless the user opted out
-    beforehand (openvino-telemetry treats a missing consent file as consent); the frontend sends nothing."""
-    openvino = import_openvino()
-    from openvino.frontend import FrontEndManager
-    from openvino.frontend.pytorch.ts_decoder import TorchScriptPythonDecoder
-
-    module, sample = _last_hidden_state(model, inputs)
-    partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.xml")
-    try:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # the tracer's notes on Python control flow in the model
-                # the decoder must outlive the conversion: the frontend calls back into it
-                decoder = TorchScriptPythonDecoder(module, example_input=sample)
-                frontend = FrontEndManager().load_by_framework("pytorch")
-                converted = frontend.convert(frontend.load(decoder))
-            openvino.save_model(converted, str(partial), compress_to_fp16=False)  # the default halves the weights
-        except Exception as exc:
-            raise BackendUnavailable(f"Converting the model to OpenVINO failed: {type(exc).__name__}: {exc}") from None
-        partial.with_suffix(".bin").replace(path.with_suffix(".bin"))
-        partial.replace(path)
-    finally:
-        for leftover in (partial, partial.with_suffix(".bin")):
-            leftover.unlink(missing_ok=True)  # left only by a failure or an interrupt
 
 
 def _safe(name: str) -> str:

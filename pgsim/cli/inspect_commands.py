@@ -1,0 +1,177 @@
+"""Commands that set up, look and search: demo, install, status, search, doctor, index-advise."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from pgsim.cli.common import format_table, lanes_text, open_connection, progress_bar, where_from_filters
+from pgsim.encoding.models import DEFAULT_MODEL
+from pgsim.errors import PgsimError
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from pgsim.demo.corpus import load_sample
+    from pgsim.demo.tour import TABLE, run_demo
+
+    started = time.perf_counter()
+    conn = open_connection(args)
+    bar, progress = progress_bar("embedding")
+    packages = load_sample()[: args.rows] if args.rows else None
+    with conn:
+        try:
+            report = run_demo(conn, model=args.model, packages=packages, progress=progress)
+        finally:
+            bar.close()
+    print(f"table {TABLE}: {report.loaded} rows loaded now; {report.encoded} embedded now", end="")
+    if report.encoded:
+        rate = report.encoded / report.encode_seconds if report.encode_seconds else 0.0
+        print(
+            f" in {report.seconds:.1f}s ({rate:.0f} texts/s while encoding, {report.truncated} truncated to the "
+            "model's limit)",
+            end="",
+        )
+    print("; HNSW index " + ("built" if report.index_built else "already there"))
+    for result in report.results:
+        print(
+            f"\nquery: {result.query.text!r}   filter: {result.query.filter_label}   "
+            f"{len(result.hits)} rows in {result.seconds * 1000:.1f} ms"
+        )
+        rows = [
+            [hit.row["package"], hit.row["section"], hit.row["installed_size"], 1 - hit.distance, hit.row["synopsis"]]
+            for hit in result.hits
+        ]
+        print(format_table(["package", "section", "size KiB", "similarity", "synopsis"], rows))
+    print(f"\ndone in {time.perf_counter() - started:.1f}s")
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from pgsim.db.schema import install
+
+    with open_connection(args) as conn:
+        report = install(conn)
+    if report.applied:
+        print(f"applied {', '.join(report.applied)}")
+    print(f"pgsim schema up to date ({len(report.applied) + len(report.already_applied)} SQL files applied in all)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from pgsim.db.catalog import has_schema_table
+    from pgsim.db.schema import applied_files, package_version
+
+    if not (args.dsn or os.environ.get("PGSIM_DSN")):
+        from pgsim.db.server import EmbeddedServer
+
+        server = EmbeddedServer(args.data_dir)
+        running = server.running()
+        print(f"embedded server: {server.data_dir} - " + (f"running (pid {running.pid})" if running else "not running"))
+    with open_connection(args) as conn:
+        info = conn.execute(
+            "SELECT current_database(), current_user, current_setting('server_version'), "
+            "(SELECT extversion FROM pg_extension WHERE extname = 'vector')"
+        ).fetchone()
+        assert info is not None
+        print(f"database: {info[0]} as {info[1]}, PostgreSQL {info[2]}, pgvector {info[3] or 'not installed'}")
+        files = applied_files(conn)
+        if files:
+            last_version = files[-1][1]
+            print(f"pgsim schema: {len(files)} SQL files applied, last by pgsim {last_version}; ", end="")
+            print(f"package {package_version()}")
+        else:
+            print("pgsim schema: not installed (run: pgsim install)")
+        if has_schema_table(conn, "sync_status"):
+            rows = conn.execute(
+                "SELECT table_name || '.' || column_name, model, coalesce('replaces #' || replaces, ''), queued, "
+                "retrying, dead_letters, coalesce(round(extract(epoch FROM lag)::numeric, 1) || ' s', '') "
+                "FROM pgsim.sync_status ORDER BY id"
+            ).fetchall()
+            if rows:
+                print("\nembedding columns (lag: age of the oldest queued row):")
+                headers = ["column", "model", "model change", "queued", "retrying", "dead letters", "lag"]
+                print(format_table(headers, rows))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from pgsim.knn.filtered import search
+
+    where = where_from_filters(args.filter)
+    with open_connection(args) as conn:
+        started = time.perf_counter()
+        hits = search(conn, args.table, args.column, args.query, k=args.k, where=where, model=args.model)
+        seconds = time.perf_counter() - started
+    if not hits:
+        print("no rows match")
+        return 0
+    headers = [name for name in hits[0].row]
+    print(format_table(headers + ["distance"], [list(hit.row.values()) + [hit.distance] for hit in hits]))
+    print(f"{len(hits)} rows in {seconds * 1000:.1f} ms (including encoding the query)")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from pgsim.columns.registry import get_registration
+    from pgsim.encoding.encoder import encoder_for
+    from pgsim.knn.filtered import explain
+
+    with open_connection(args) as conn:
+        plan, analyzed = explain(
+            conn, args.table, args.column, args.query, k=args.k, where=where_from_filters(args.filter), model=args.model
+        )
+        registration = get_registration(conn, args.table, args.column)
+    model = args.model or (registration.model if registration else DEFAULT_MODEL)
+    backend = encoder_for(model).backend
+    print(
+        f"encoder: {model} on backend {backend.name} in {backend.precision} ({backend.reason}); {lanes_text(backend)}"
+    )
+    print(f"path: {plan.path}" + (f" using index {plan.index_name}" if plan.path == "hnsw" else ""))
+    print(f"why: {plan.reason}")
+    print(f"estimated rows passing the filter: {plan.estimated_rows:.0f}", end="")
+    if plan.indexed_rows is not None:
+        print(f" of {plan.indexed_rows:.0f} indexed (selectivity {plan.selectivity:.4%})", end="")
+    print()
+    if plan.path == "hnsw":
+        print(
+            f"settings (SET LOCAL): hnsw.iterative_scan = relaxed_order, hnsw.ef_search = {plan.ef_search}, "
+            f"hnsw.max_scan_tuples = {plan.max_scan_tuples}; rows re-sorted by distance"
+        )
+    else:
+        print("settings: none (the filter runs first, then distances; no index can serve the ordering)")
+    print("\nEXPLAIN ANALYZE:")
+    print(analyzed)
+    return 0
+
+
+def cmd_index_advise(args: argparse.Namespace) -> int:
+    import json
+
+    from pgsim.knn.advice import advise, create
+
+    source = sys.stdin if args.workload == "-" else open(args.workload, encoding="utf-8")
+    with source:
+        workload = [json.loads(line) for line in source if line.strip()]
+    if not all(isinstance(item, dict) for item in workload):
+        raise PgsimError('--workload holds one JSON object per line, the filter of one search: {"section": "libs"}')
+    with open_connection(args) as conn:
+        advice = advise(conn, args.table, args.column, workload, k=args.k, min_share=args.min_share)
+        if not advice:
+            print(f"no partial index advised for {len(workload)} searches (min share {args.min_share:.0%})")
+            return 0
+        rows = [
+            [a.column, a.value, f"{a.share:.0%}", a.current.path, f"{a.current.estimated_rows:.0f}", a.current.reason]
+            for a in advice
+        ]
+        print(format_table(["filter column", "value", "share", "path now", "rows", "why"], rows, max_width=70))
+        for item in advice:
+            statement = item.statement.as_string(conn)
+            if args.create:
+                started = time.perf_counter()
+                create(conn, item)
+                print(f"created in {time.perf_counter() - started:.1f}s: {statement}")
+            else:
+                print(statement + ";")
+    return 0

@@ -1,0 +1,254 @@
+"""Adding an embedding column: ``add_embedding`` adds the column (or adopts an existing one of the model's
+dimension), a row in ``pgsim.embedding``, two triggers that queue rows for the workers (an INSERT without an
+embedding; an UPDATE that changes a source column and not the embedding), the HNSW index, and queues the
+rows already there. Everything but a ``CONCURRENTLY`` index build happens in one transaction: an error
+changes nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgsim.columns.registry import (
+    DTYPES,
+    Registration,
+    columns_expression,
+    forget_dropped,
+    get_registration,
+    queue_rows,
+    registration_by_id,
+)
+from pgsim.db.catalog import primary_key, relation_exists, resolve_table, table_columns
+from pgsim.db.hnsw import HNSW, create_hnsw_index
+from pgsim.db.names import derived_name
+from pgsim.encoding.encoder import Encoder
+from pgsim.encoding.models import DEFAULT_MODEL
+from pgsim.errors import InvalidInput, SchemaMissing
+
+DEFAULT_HNSW = HNSW()
+
+
+@dataclass(frozen=True)
+class TableShape:
+    schema: str
+    name: str
+    columns: dict[str, str]  # name -> format_type
+    key_columns: tuple[str, ...]
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def identifier(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+
+def add_embedding(
+    conn: psycopg.Connection[Any],
+    table: str,
+    column: str,
+    *,
+    source: str | Sequence[str] | sql.Composable,
+    model: str = DEFAULT_MODEL,
+    dtype: str = "vector",
+    index: HNSW | None = DEFAULT_HNSW,
+    concurrently: bool = False,
+    queue_existing: bool = True,
+    replaces: int | None = None,
+    planned_index: HNSW | None = None,
+    index_name: str | None = None,
+) -> Registration:
+    """Register ``table.column`` as the embedding of ``source`` under ``model``.
+
+    ``source`` is a column name, a list of column names (joined by a blank line, NULLs skipped), or an SQL
+    expression over the table's columns (a ``psycopg.sql.SQL`` or a string that is not a column name).
+    The column is added as ``vector(d)`` or ``halfvec(d)`` with the model's dimension ``d``; an existing
+    column of that type is adopted. Existing rows are queued for the workers unless ``queue_existing`` is
+    false. ``concurrently`` builds the index without blocking writes (needs an autocommit connection).
+    ``index_name`` names the index (default ``<table>_<column>_hnsw``); an HNSW index of that name on the
+    column that exists already is adopted, not built again.
+    (``replaces`` and ``planned_index`` are for :func:`change_model`: the index is recorded, built later.)"""
+    if dtype not in DTYPES:
+        raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
+    if concurrently and not conn.autocommit:
+        raise InvalidInput("concurrently=True needs an autocommit connection (psycopg: autocommit=True).")
+    if not isinstance(column, str) or not column:
+        raise InvalidInput(f"The embedding column name must be a non-empty string; got {column!r}.")
+    encoder = Encoder(model)
+    dimension, revision = encoder.dimension, encoder.revision  # an unknown model fails here, before any change
+    with conn.transaction():
+        target = read_table(conn, table)
+        forget_dropped(conn)
+        if get_registration(conn, target.qualified, column) is not None:
+            raise InvalidInput(
+                f"{target.qualified}.{column} is already registered; remove it first (pgsim remove-embedding)."
+            )
+        expression = _source_expression(conn, target, source)
+        source_columns = _source_columns(conn, target, expression)
+        _check_column(target, column, dtype, dimension, model)
+        index_name = (index_name or derived_name(target.name, column, suffix="hnsw")) if index is not None else None
+        recorded = index or planned_index
+        adopt_index = index_name is not None and relation_exists(conn, target.schema, index_name)
+        if adopt_index and not _is_hnsw_index_on(conn, target, index_name, column):  # type: ignore[arg-type]
+            raise InvalidInput(
+                f"An index or table named {target.schema}.{index_name} already exists; drop or rename it."
+            )
+        try:
+            row = conn.execute(
+                """
+                SELECT pgsim.register_embedding(target => %s::regclass, column_name => %s, source => %s,
+                    model => %s, model_revision => %s, dimension => %s, dtype => %s, index_name => %s,
+                    index_m => %s, index_ef_construction => %s, source_columns => %s::name[], replaces => %s)
+                """,
+                [
+                    target.identifier.as_string(conn),
+                    column,
+                    expression,
+                    model,
+                    revision,
+                    dimension,
+                    dtype,
+                    index_name,
+                    recorded.m if recorded else None,
+                    recorded.ef_construction if recorded else None,
+                    list(source_columns),
+                    replaces,
+                ],  # fmt: skip
+            ).fetchone()
+        except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction):
+            raise SchemaMissing("pgsim's schema is missing or out of date here: run `pgsim install` first.") from None
+        assert row is not None
+        registration = registration_by_id(conn, row[0])
+        assert registration is not None
+        if index is not None and adopt_index:
+            index = None  # the HNSW index of that name is there already (declared by the ORM, say)
+        if index is not None and not concurrently:
+            build_index(conn, registration, concurrently=False)
+        if queue_existing and not concurrently:
+            queue_rows(conn, registration)
+    if concurrently:  # outside the transaction that locked the table for ADD COLUMN and the triggers
+        if queue_existing:
+            queue_rows(conn, registration)  # rows written meanwhile were queued by the triggers
+        if index is not None:
+            build_index(conn, registration, concurrently=True)
+    return registration
+
+
+def read_table(conn: psycopg.Connection[Any], table: str) -> TableShape:
+    found = resolve_table(conn, table)
+    if found.kind not in ("r", "p"):
+        raise InvalidInput(f"{table!r} is not a table; embedding columns live in tables.")
+    keys = primary_key(conn, found.oid)
+    if not keys:
+        raise InvalidInput(
+            f"Table {found.qualified} has no primary key, which pgsim needs to find a row again after encoding it. "
+            f"Add one: ALTER TABLE {found.qualified} ADD PRIMARY KEY (<column>);"
+        )
+    return TableShape(found.schema, found.name, table_columns(conn, found.oid), keys)
+
+
+def _source_expression(
+    conn: psycopg.Connection[Any], target: TableShape, source: str | Sequence[str] | sql.Composable
+) -> str:
+    """The source as SQL text: quoted column names, or the user's expression as given."""
+    if isinstance(source, sql.Composable):
+        return source.as_string(conn)
+    if isinstance(source, str):
+        if source in target.columns:
+            return sql.Identifier(source).as_string(conn)
+        if not source.strip():
+            raise InvalidInput("source is empty: name the column(s) that hold the text, or give an SQL expression.")
+        return source
+    names = list(source)
+    if not names or not all(isinstance(name, str) for name in names):
+        raise InvalidInput(
+            f"source must be a column name, a list of column names, or an SQL expression; got {source!r}."
+        )
+    unknown = [name for name in names if name not in target.columns]
+    if unknown:
+        raise InvalidInput(
+            f"Table {target.qualified} has no column {', '.join(map(repr, unknown))}; its columns are "
+            f"{', '.join(target.columns)}."
+        )
+    return columns_expression(names)
+
+
+def _source_columns(conn: psycopg.Connection[Any], target: TableShape, expression: str) -> tuple[str, ...]:
+    """The table's columns that ``expression`` reads, found from the dependencies of a throwaway view; and
+    a clear error when the expression is not valid SQL over the table."""
+    probe = sql.SQL("SELECT (({})::text) AS source FROM {}").format(sql.SQL(expression), target.identifier)
+    try:
+        with conn.transaction() as tx:
+            # With a parameter, psycopg sends one statement that PostgreSQL parses alone: an expression that
+            # tries to end the statement and start another fails here instead of running.
+            conn.execute(sql.SQL("{} WHERE %s LIMIT 0").format(probe), [False])
+            conn.execute(sql.SQL("CREATE TEMP VIEW pgsim_source_probe AS {}").format(probe))
+            rows = conn.execute(
+                """
+                SELECT DISTINCT a.attname, a.attnum FROM pg_depend d
+                JOIN pg_rewrite r ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+                JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
+                WHERE r.ev_class = 'pg_temp.pgsim_source_probe'::regclass AND d.refobjid = %s::regclass
+                ORDER BY a.attnum
+                """,
+                [target.identifier.as_string(conn)],
+            ).fetchall()
+            raise psycopg.Rollback(tx)
+    except psycopg.errors.UndefinedColumn as exc:
+        raise InvalidInput(
+            f"source {expression!r}: {exc.diag.message_primary}. The columns of {target.qualified} are "
+            f"{', '.join(target.columns)}."
+        ) from None
+    except psycopg.Error as exc:
+        raise InvalidInput(
+            f"source {expression!r} is not an SQL expression over {target.qualified}: {exc.diag.message_primary or exc}"
+        ) from None
+    columns = tuple(name for name, _ in rows)
+    if not columns:
+        raise InvalidInput(
+            f"source {expression!r} reads no column of {target.qualified}, so every row would embed alike."
+        )
+    return columns
+
+
+def _check_column(target: TableShape, column: str, dtype: str, dimension: int, model: str) -> None:
+    """An existing ``column`` must have the type the model gives (pgsim.register_embedding adopts it)."""
+    wanted = f"{dtype}({dimension})"
+    existing = target.columns.get(column)
+    if existing is not None and existing != wanted:
+        raise InvalidInput(
+            f"Column {target.qualified}.{column} exists as {existing}, but model {model!r} gives {wanted}. Use another "
+            "column name, or a model of that dimension."
+        )
+
+
+def _is_hnsw_index_on(conn: psycopg.Connection[Any], target: TableShape, index_name: str, column: str) -> bool:
+    row = conn.execute(
+        """
+        SELECT am.amname = 'hnsw' AND i.indnatts = 1 AND a.attname = %s
+        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+        WHERE i.indexrelid = to_regclass(%s) AND i.indrelid = to_regclass(%s)
+        """,
+        [column, sql.Identifier(target.schema, index_name).as_string(conn), target.identifier.as_string(conn)],
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def build_index(conn: psycopg.Connection[Any], registration: Registration, *, concurrently: bool) -> None:
+    assert registration.index is not None and registration.index_name is not None
+    create_hnsw_index(
+        conn,
+        registration.table,
+        registration.column,
+        registration.index_name,
+        registration.index,
+        opclass=registration.opclass,
+        concurrently=concurrently,
+    )

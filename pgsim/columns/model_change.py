@@ -1,0 +1,150 @@
+"""Moving a registered column to another model without downtime: a second column filled in the background
+while searches use the old one, then an atomic switch.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgsim.columns.adding import add_embedding, read_table
+from pgsim.columns.registry import Registration, registration_by_id, remove_registration, require_registration
+from pgsim.db.hnsw import HNSW, create_hnsw_index
+from pgsim.db.names import derived_name
+from pgsim.encoding.encoder import Encoder
+from pgsim.errors import InvalidInput
+
+
+def change_model(
+    conn: psycopg.Connection[Any],
+    table: str,
+    column: str,
+    model: str,
+    *,
+    dtype: str | None = None,
+    index: HNSW | None = None,
+) -> Registration:
+    """Start moving ``table.column`` to ``model``: a new column (``<column>_next``) registered for it, with
+    every row queued. Searches keep using the old column and model meanwhile. When the workers have filled
+    the new column, :func:`switch_over` (run by every drain) builds its index and, in one transaction,
+    drops the old column and gives the new one its name. Returns the new registration."""
+    old = require_registration(conn, table, column)
+    if old.replaces is not None:
+        raise InvalidInput(f"{old.table}.{old.column} is itself the target of a model change still being filled.")
+    under_way = conn.execute("SELECT column_name FROM pgsim.embedding WHERE replaces = %s", [old.id]).fetchone()
+    if under_way:
+        raise InvalidInput(
+            f"A model change of {old.table}.{old.column} is under way (into column {under_way[0]}); let the workers "
+            f"finish it, or cancel it: pgsim remove-embedding {old.table} {under_way[0]}"
+        )
+    encoder = Encoder(model)
+    if model == old.model and encoder.revision == old.model_revision:
+        raise InvalidInput(f"{old.table}.{old.column} already holds embeddings of {model!r}.")
+    next_column = derived_name(old.column, suffix="next")
+    if next_column in read_table(conn, old.table).columns:
+        raise InvalidInput(
+            f"Column {old.table}.{next_column} exists already (left by a cancelled change?); its vectors cannot be "
+            "trusted to be the new model's. Drop it, then change the model again."
+        )
+    return add_embedding(
+        conn,
+        old.table,
+        next_column,
+        source=sql.SQL(old.source),
+        model=model,
+        dtype=dtype or old.dtype,
+        index=None,  # the old column serves searches meanwhile: one bulk build at the switch beats row inserts
+        queue_existing=True,
+        replaces=old.id,
+        planned_index=index or old.index,
+    )
+
+
+def switch_over(conn: psycopg.Connection[Any], new: Registration) -> bool:
+    """Complete a model change whose new column has no queued row and no dead letter: build its index (sized,
+    without blocking writes where the connection allows), then in one transaction drop the old column, its
+    index and triggers and give the new column and index the old names. False (and nothing changed) while
+    rows are queued or failed, when the change was cancelled meanwhile, or when the table stays locked."""
+    assert new.replaces is not None
+    old = registration_by_id(conn, new.replaces)
+    if old is None or _pending(conn, new.id):
+        return False
+    index = new.index or old.index
+    staged_index = derived_name(new.table_name, new.column, suffix="hnsw") if index else None
+    if index and staged_index and not _valid_index_exists(conn, new.schema, staged_index):
+        conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(new.schema, staged_index)))
+        create_hnsw_index(
+            conn, new.table, new.column, staged_index, index, opclass=new.opclass, concurrently=conn.autocommit
+        )
+    try:
+        with conn.transaction():
+            # Writers wait from here to the commit (readers only for the ALTERs): nothing can be queued meanwhile.
+            # A worker that holds rows of this table keeps its batch; this switch gives up and comes back.
+            conn.execute("SET LOCAL lock_timeout = '2s'")
+            conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(new.table_sql))
+            current = conn.execute(
+                "SELECT replaces, column_name FROM pgsim.embedding WHERE id = %s FOR UPDATE", [new.id]
+            ).fetchone()
+            if current != (old.id, new.column) or registration_by_id(conn, old.id) != old or _pending(conn, new.id):
+                return False  # cancelled, switched by another worker, or rows arrived
+            _switch(conn, old, new, index, staged_index)
+    except psycopg.errors.LockNotAvailable:
+        return False
+    return True
+
+
+def _switch(
+    conn: psycopg.Connection[Any], old: Registration, new: Registration, index: HNSW | None, staged_index: str | None
+) -> None:
+    remove_registration(conn, old, drop_column=False)
+    conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(new.table_sql, sql.Identifier(old.column)))
+    conn.execute(
+        sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
+            new.table_sql, sql.Identifier(new.column), sql.Identifier(old.column)
+        )
+    )
+    final_index = old.index_name or (derived_name(new.table_name, old.column, suffix="hnsw") if index else None)
+    if staged_index and final_index:
+        conn.execute(
+            sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                sql.Identifier(new.schema, staged_index), sql.Identifier(final_index)
+            )
+        )
+    updated = conn.execute(
+        """
+        UPDATE pgsim.embedding SET column_name = %s, replaces = NULL, created_column = %s, index_name = %s,
+            index_m = %s, index_ef_construction = %s
+        WHERE id = %s
+        """,
+        [
+            old.column,
+            old.created_column,
+            final_index,
+            index.m if index else None,
+            index.ef_construction if index else None,
+            new.id,
+        ],  # fmt: skip
+    )
+    assert updated.rowcount == 1
+    conn.execute(sql.SQL("ANALYZE {}").format(new.table_sql))
+
+
+def _pending(conn: psycopg.Connection[Any], registration_id: int) -> bool:
+    """Rows still queued or dead-lettered: switching now would drop their old embeddings for nothing."""
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pgsim.queue WHERE embedding_id = %(id)s) "
+        "OR EXISTS (SELECT 1 FROM pgsim.dead_letter WHERE embedding_id = %(id)s)",
+        {"id": registration_id},
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def _valid_index_exists(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:
+    """An index of that name that is valid (a failed CONCURRENTLY build leaves an invalid one behind)."""
+    row = conn.execute(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+        [sql.Identifier(schema, name).as_string(conn)],
+    ).fetchone()
+    return bool(row and row[0])

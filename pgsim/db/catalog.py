@@ -1,0 +1,92 @@
+"""Catalog look-ups every layer shares: the table a name denotes, its columns and primary key, whether a
+relation or a part of pgsim's schema exists, and whether the server runs on this machine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgsim.db.names import table_identifier, table_parts
+from pgsim.errors import InvalidInput, SchemaMissing
+
+LOCAL_HOSTS = ("", "localhost", "127.0.0.1", "::1")
+
+
+@dataclass(frozen=True)
+class Table:
+    oid: int
+    schema: str
+    name: str
+    kind: str  # pg_class.relkind: r (table), p (partitioned), v (view), ...
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+    @property
+    def identifier(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+
+def resolve_table(conn: psycopg.Connection[Any], table: str) -> Table:
+    """The relation ``table`` names (search_path applies), with a clear error when there is none."""
+    table_parts(table)
+    row = conn.execute(
+        "SELECT c.oid, n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE c.oid = to_regclass(%s)",
+        [table_identifier(table).as_string(conn)],
+    ).fetchone()
+    if row is None:
+        raise InvalidInput(f"Table {table!r} does not exist (or is not on the search_path).")
+    return Table(int(row[0]), str(row[1]), str(row[2]), str(row[3]))
+
+
+def table_columns(conn: psycopg.Connection[Any], oid: int) -> dict[str, str]:
+    """The table's columns in order: name -> type as ``format_type`` writes it (``vector(384)``)."""
+    rows = conn.execute(
+        "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
+        "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        [oid],
+    ).fetchall()
+    return {str(name): str(type_name) for name, type_name in rows}
+
+
+def primary_key(conn: psycopg.Connection[Any], oid: int) -> tuple[str, ...]:
+    """The table's primary key columns in key order; empty when it has none."""
+    rows = conn.execute(
+        """
+        SELECT a.attname FROM pg_index i
+        CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+        WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.position
+        """,
+        [oid],
+    ).fetchall()
+    return tuple(str(name) for (name,) in rows)
+
+
+def relation_exists(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:
+    return conn.execute("SELECT to_regclass(%s)", [sql.Identifier(schema, name).as_string(conn)]).fetchone() != (None,)
+
+
+def has_schema_table(conn: psycopg.Connection[Any], name: str) -> bool:
+    """Whether pgsim's schema has relation ``name`` (``embedding``, ``migration``, ...) in this database."""
+    return relation_exists(conn, "pgsim", name)
+
+
+def require_schema(conn: psycopg.Connection[Any], name: str, needed_for: str = "this") -> None:
+    """:class:`SchemaMissing` unless pgsim's schema has relation ``name``."""
+    if not has_schema_table(conn, name):
+        raise SchemaMissing(
+            f"This database has no pgsim.{name}, which {needed_for} needs (pgsim's schema is missing or older "
+            "than this package): run `pgsim install` (or `alembic upgrade heads`)."
+        )
+
+
+def is_local_host(host: str | None) -> bool:
+    """Whether a connection's host is this machine: a Unix socket directory (or abstract socket), or loopback."""
+    host = host or ""
+    return host.startswith("/") or host.startswith("@") or host in LOCAL_HOSTS

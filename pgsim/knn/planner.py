@@ -1,0 +1,175 @@
+"""Which path a search takes: ``pgsim.knn_plan``'s choice, checked against the index PostgreSQL would scan,
+and the settings the hnsw path runs under.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgsim.db.names import table_identifier
+from pgsim.errors import InvalidInput, SchemaMissing
+from pgsim.knn.caches import forget_plans
+from pgsim.knn.statements import Where, filter_sql
+from pgsim.knn.target import VectorColumn, check_k, vector_column
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``pgsim.knn_plan`` decided, and whether the exact fallback ran."""
+
+    path: str
+    index_name: str | None
+    estimated_rows: float
+    indexed_rows: float | None
+    selectivity: float | None
+    ef_search: int | None
+    max_scan_tuples: int | None
+    reason: str
+    fell_back: bool = False
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The planner's thresholds (defaults measured by bench/filtered.py; see README)."""
+
+    exact_below_rows: float = 1000  # fewer estimated matching rows: exact scan
+    hnsw_ef_search: int = 200  # recall@10 0.994 unfiltered on 63k Debian descriptions (bench/filtered.py)
+    min_hnsw_selectivity: float = 0.5  # below: exact scan, unless a partial index makes the filter ~1
+
+
+DEFAULT_TUNING = Tuning()
+
+
+class ModelChanged(Exception):
+    """The registry names another model for the column than the one the query was encoded with."""
+
+
+def settings_statement(chosen: Plan) -> sql.Composed:
+    """The settings pgsim.prepare_knn applies on the hnsw path."""
+    return sql.SQL(
+        "SELECT set_config('enable_indexscan', 'on', true), set_config('hnsw.iterative_scan', 'relaxed_order', true), "
+        "set_config('hnsw.ef_search', {}, true), set_config('hnsw.max_scan_tuples', {}, true)"
+    ).format(sql.Literal(str(chosen.ef_search)), sql.Literal(str(chosen.max_scan_tuples)))
+
+
+def plan(
+    conn: psycopg.Connection[Any],
+    table: str,
+    column: str,
+    *,
+    k: int = 10,
+    where: Where = None,
+    tuning: Tuning = DEFAULT_TUNING,
+) -> Plan:
+    """What ``pgsim.knn_plan`` decides for such a search, without running it. (A search also checks that
+    PostgreSQL would scan the planned index; :func:`explain` shows the plan after that check.)"""
+    check_k(k)
+    target = vector_column(conn, table, column)
+    with clear_errors(), conn.transaction() as tx:
+        chosen = run_plan(conn, plan_params(conn, target, k, filter_sql(where), tuning), apply=False)
+        raise psycopg.Rollback(tx)
+    return chosen
+
+
+def under_hnsw_settings(
+    conn: psycopg.Connection[Any], cur: psycopg.Cursor[Any], chosen: Plan, statement: bytes, params: dict[str, Any]
+) -> list[Any]:
+    """``statement``'s rows under the hnsw path's settings, in a transaction that is rolled back (a savepoint
+    inside the caller's), so the settings never outlive it."""
+    with conn.transaction() as tx:
+        conn.execute(settings_statement(chosen))
+        rows = cur.execute(statement, params, prepare=False).fetchall()
+        raise psycopg.Rollback(tx)
+    return rows
+
+
+def checked_plan(conn: psycopg.Connection[Any], chosen: Plan, hnsw: bytes, params: dict[str, Any]) -> Plan:
+    """``chosen``, or the exact path if PostgreSQL would scan a different HNSW index than the one planned for.
+
+    knn_plan's selectivity is relative to the index it expects (a partial one, say), but the planner picks
+    the index when the search runs, and pgvector's costs move with ef_search: a higher ef_search can make
+    it prefer the full index, where the same filter is narrow and the walk loses recall. So the search
+    statement itself is explained once, under the hnsw settings, before the plan is cached."""
+    if chosen.path != "hnsw" or chosen.index_name is None:
+        return chosen
+    with conn.cursor() as cur:
+        ((explained,),) = under_hnsw_settings(conn, cur, chosen, b"EXPLAIN (FORMAT JSON) " + hnsw, params)
+    ordering = set(ordering_indexes(explained))
+    if not ordering or chosen.index_name.split(".")[-1].strip('"') in ordering:
+        return chosen  # the planned index, or no index ordering at all (then the rows are exact anyway)
+    return replace(
+        chosen,
+        path="exact",
+        ef_search=None,
+        max_scan_tuples=None,
+        reason=f"planned for index {chosen.index_name}, but at these settings PostgreSQL would scan "
+        f"{', '.join(sorted(ordering))} instead: an exact scan keeps the recall",
+    )
+
+
+def ordering_indexes(node: Any) -> Iterator[str]:
+    """Names of the indexes that produce an ORDER BY (HNSW scans) anywhere in an EXPLAIN (FORMAT JSON) tree."""
+    if isinstance(node, list):
+        for item in node:
+            yield from ordering_indexes(item)
+    elif isinstance(node, dict):
+        if "Order By" in node and "Index Name" in node:
+            yield str(node["Index Name"])
+        for value in node.values():
+            if isinstance(value, (list, dict)):
+                yield from ordering_indexes(value)
+
+
+def run_plan(conn: psycopg.Connection[Any], params: list[Any], *, apply: bool) -> Plan:
+    """pgsim.prepare_knn (which also applies the settings) or pgsim.knn_plan (which only tells)."""
+    function = sql.SQL("pgsim.prepare_knn" if apply else "pgsim.knn_plan")
+    statement = sql.SQL("SELECT (p).* FROM (SELECT {}(%s::regclass, %s, %s, %s, %s, %s, %s) AS p) AS planned")
+    row = conn.execute(statement.format(function), params).fetchone()
+    assert row is not None
+    return Plan(*row)
+
+
+def plan_params(
+    conn: psycopg.Connection[Any], target: VectorColumn, k: int, condition: sql.Composable, tuning: Tuning
+) -> list[Any]:
+    return [
+        table_identifier(target.table).as_string(conn),
+        target.column,
+        k,
+        condition.as_string(conn),
+        tuning.exact_below_rows,
+        tuning.hnsw_ef_search,
+        tuning.min_hnsw_selectivity,
+    ]
+
+
+@contextmanager
+def model_change_as_input_error() -> Iterator[None]:
+    try:
+        yield
+    except ModelChanged as exc:
+        forget_plans()
+        raise InvalidInput(f"{exc} Run it again.") from None
+
+
+@contextmanager
+def clear_errors() -> Iterator[None]:
+    """The database's complaints about a search, as InvalidInput that says what to do."""
+    try:
+        yield
+    except psycopg.errors.DataException as exc:
+        if (exc.diag.message_primary or "").startswith("pgsim:"):
+            raise ModelChanged(exc.diag.message_primary) from None
+        raise
+    except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName):
+        raise SchemaMissing("Schema pgsim is missing or out of date here: run `pgsim install` first.") from None
+    except (psycopg.errors.UndefinedColumn, psycopg.errors.SyntaxError) as exc:
+        raise InvalidInput(
+            f"The filter is not valid here: {exc.diag.message_primary}; check its column names."
+        ) from None

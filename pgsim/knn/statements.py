@@ -1,0 +1,98 @@
+"""The SQL of a search: the filter as one condition and the statement on each path."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import sql
+
+from pgsim.db.names import table_identifier
+from pgsim.knn.target import VectorColumn
+
+DISTANCE = "_pgsim_distance"
+
+
+QUERY_LITERAL = re.compile(r"'\[[^\]]*\]'::(?:vector|halfvec)")
+
+
+@dataclass(frozen=True)
+class Between:
+    """A range filter value: ``low <= column < high``; either end may be left open."""
+
+    low: Any = None
+    high: Any = None
+
+
+Where = Mapping[str, Any] | sql.Composable | None
+
+
+def filter_sql(where: Where) -> sql.Composable:
+    """A WHERE condition with its values as literals (psycopg quotes them); identifiers always quoted."""
+    if where is None:
+        return sql.SQL("TRUE")
+    if isinstance(where, sql.Composable):
+        return where
+    clauses: list[sql.Composable] = []
+    for name, value in where.items():
+        column = sql.Identifier(name)
+        if isinstance(value, (list, tuple, set, frozenset)):
+            values = list(value)
+            if not values:
+                clauses.append(sql.SQL("FALSE"))
+            else:
+                clauses.append(sql.SQL("{} IN ({})").format(column, sql.SQL(", ").join(map(sql.Literal, values))))
+        elif isinstance(value, Between):
+            if value.low is not None:
+                clauses.append(sql.SQL("{} >= {}").format(column, sql.Literal(value.low)))
+            if value.high is not None:
+                clauses.append(sql.SQL("{} < {}").format(column, sql.Literal(value.high)))
+        elif value is None:
+            clauses.append(sql.SQL("{} IS NULL").format(column))
+        else:
+            clauses.append(sql.SQL("{} = {}").format(column, sql.Literal(value)))
+    return sql.SQL(" AND ").join(clauses) if clauses else sql.SQL("TRUE")
+
+
+PATHS = ("exact", "hnsw")
+
+
+def search_statement(
+    target: VectorColumn, condition: sql.Composable, columns: Sequence[str] | None, path: str, limit: str = "k"
+) -> sql.Composed:
+    """The search on one path. Exact: ordered by the distance plus zero, an expression no index can serve,
+    so no setting is needed to keep the HNSW index out. HNSW: ordered by the indexed operator, and re-sorted
+    afterwards, since an iterative scan yields rows in relaxed order."""
+    query = sql.SQL("%(q)s::halfvec") if target.type_name == "halfvec" else sql.SQL("%(q)s")
+    order = sql.SQL("({} <=> {}) + 0" if path == "exact" else "{} <=> {}").format(sql.Identifier(target.column), query)
+    if path == "exact":  # a row not embedded yet has no distance: the HNSW index holds no such row, a scan skips it
+        condition = sql.SQL("{} IS NOT NULL AND ({})").format(sql.Identifier(target.column), condition)
+    nearest = sql.SQL(
+        "SELECT {selected}, {col} <=> {q} AS {distance} FROM {table} WHERE {condition} ORDER BY {order} LIMIT {limit}"
+    ).format(
+        limit=sql.Placeholder(limit),
+        selected=sql.SQL(", ").join(sql.Identifier(c) for c in (columns or target.other_columns)),
+        col=sql.Identifier(target.column),
+        q=query,
+        distance=sql.Identifier(DISTANCE),
+        table=table_identifier(target.table),
+        condition=guarded(target, condition),
+        order=order,
+    )
+    if path == "exact":
+        return nearest
+    return sql.SQL("WITH relaxed AS MATERIALIZED ({}) SELECT * FROM relaxed ORDER BY {}").format(
+        nearest, sql.Identifier(DISTANCE)
+    )
+
+
+def guarded(target: VectorColumn, condition: sql.Composable) -> sql.Composable:
+    """For a registered column, the filter behind a check that the query's model is the column's: a constant
+    condition, which PostgreSQL evaluates once, before the scan."""
+    if target.registration is None:
+        return condition
+    return sql.SQL(
+        "pgsim.expect_model(%(g_schema)s, %(g_table)s, %(g_column)s, %(g_model)s, %(g_revision)s) AND ({})"
+    ).format(condition)

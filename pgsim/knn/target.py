@@ -1,0 +1,117 @@
+"""The column a search runs on and the query as a vector for it: dimension, type, the registration, and
+the model check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from pgsim.columns.registry import Registration, get_registration
+from pgsim.db.names import table_identifier
+from pgsim.encoding.encoder import check_vector, encoder_for
+from pgsim.encoding.models import DEFAULT_MODEL
+from pgsim.errors import InvalidInput
+from pgsim.knn.caches import column_cache, database_key
+from pgsim.psycopg import Text
+
+MAX_K = 10_000
+
+
+@dataclass(frozen=True)
+class VectorColumn:
+    table: str
+    column: str
+    type_name: str  # vector or halfvec
+    dimension: int
+    other_columns: tuple[str, ...]
+    registration: Registration | None = None  # set when pgsim keeps this column in sync (pgsim.add_embedding)
+
+
+def vector_column(conn: psycopg.Connection[Any], table: str, column: str) -> VectorColumn:
+    """The vector column's dimension and the table's other columns, with a clear error when missing."""
+    key = (database_key(conn), table, column)
+    known = column_cache.get(key)
+    if known is None:
+        known = column_cache.put(key, read_vector_column(conn, table, column))
+    return known
+
+
+def read_vector_column(conn: psycopg.Connection[Any], table: str, column: str) -> VectorColumn:
+    ident = table_identifier(table).as_string(conn)
+    rows = conn.execute(
+        """
+        SELECT a.attname, a.atttypmod, format_type(a.atttypid, NULL)
+        FROM pg_attribute a
+        WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
+        ORDER BY a.attnum
+        """,
+        [ident],
+    ).fetchall()
+    if not rows:
+        raise InvalidInput(f"Table {table!r} does not exist (or is not on the search_path).")
+    found = {name: (typmod, type_name) for name, typmod, type_name in rows}
+    if column not in found:
+        raise InvalidInput(f"Table {table!r} has no column {column!r}; its columns are {', '.join(found)}.")
+    typmod, type_name = found[column]
+    if type_name not in ("vector", "halfvec"):
+        raise InvalidInput(f"Column {table}.{column} is {type_name}, not a pgvector vector column.")
+    if typmod < 1:
+        raise InvalidInput(f"Column {table}.{column} has no declared dimension; declare it as vector(n).")
+    return VectorColumn(
+        table,
+        column,
+        type_name,
+        int(typmod),
+        tuple(name for name in found if name != column),
+        get_registration(conn, table, column),
+    )
+
+
+def check_k(k: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise InvalidInput(f"k must be a whole number from 1 to {MAX_K}; got {k!r}.")
+
+
+def target_and_params(
+    conn: psycopg.Connection[Any], table: str, column: str, query: Any, model: str | None
+) -> tuple[VectorColumn, dict[str, Any]]:
+    """The column searched, and the statement's parameters: the query as a vector of the column's dimension
+    (text is encoded with the column's registered model) and, for a registered column, what
+    ``pgsim.expect_model`` checks in the statement itself."""
+    target = vector_column(conn, table, column)
+    registration = target.registration
+    revision = None
+    if isinstance(query, str):
+        if registration is not None and model not in (None, registration.model):
+            raise InvalidInput(
+                f"{table}.{column} holds embeddings of model {registration.model!r}; a query encoded with "
+                f"{model!r} cannot be compared with them. Leave out the model to use the column's."
+            )
+        model = registration.model if registration else (model or DEFAULT_MODEL)
+        vector = Text(query).vector(model)
+        if registration is not None:
+            revision = encoder_for(model).revision
+            if revision != registration.model_revision:
+                raise InvalidInput(
+                    f"Model {model!r} here (revision {revision}) is not the one {table}.{column} holds (revision "
+                    f"{registration.model_revision}); install that model, or re-embed: pgsim change-model."
+                )
+    else:
+        vector, model = check_vector(query, target.dimension), None
+    if vector.shape[0] != target.dimension:
+        raise InvalidInput(
+            f"Model {model!r} gives {vector.shape[0]} dimensions; {table}.{column} holds {target.dimension}."
+        )
+    params: dict[str, Any] = {"q": vector}
+    if registration is not None:
+        params.update(
+            g_schema=registration.schema,
+            g_table=registration.table_name,
+            g_column=registration.column,
+            g_model=model,
+            g_revision=revision,
+        )
+    return target, params

@@ -4,10 +4,11 @@ Importing pgsim loads no model and starts no server; each happens on first use.
 """
 
 from pgsim.columns.adding import add_embedding
+from pgsim.columns.batches import SyncReport
 from pgsim.columns.bulk_load import IngestReport, ingest
 from pgsim.columns.model_change import change_model
 from pgsim.columns.registry import Registration, get_registration, remove_embedding
-from pgsim.columns.worker import SyncReport, Worker, backfill, sync
+from pgsim.columns.worker import Worker, backfill, sync
 from pgsim.db.connection import connect, resolve_dsn
 from pgsim.db.hnsw import HNSW
 from pgsim.db.schema import InstallReport, install

@@ -30,41 +30,20 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from alembic.autogenerate import comparators, renderers
+from alembic.autogenerate import comparators
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import ops as alembic_ops
 from alembic.util import DispatchPriority, PriorityDispatchResult
 from sqlalchemy import Column, Index, Table, text
 
-from pgsim.alembic.ops import (
-    CreateEmbeddingOp,
-    CreateHnswIndexOp,
-    DropEmbeddingOp,
-    DropHnswIndexOp,
-    InstallPgsimOp,
-    UninstallPgsimOp,
-)
+from pgsim.alembic.embedding_ops import CreateEmbeddingOp, DropEmbeddingOp
+from pgsim.alembic.index_compare import Tables, index_params, is_hnsw, rebuild_changed_indexes
+from pgsim.alembic.ops import CreateHnswIndexOp, DropHnswIndexOp, InstallPgsimOp
 from pgsim.columns.registry import columns_expression
 from pgsim.db.names import derived_name
 
 log = logging.getLogger(__name__)
 DONE = "pgsim_compared"  # AutogenContext attribute: the comparator ran already (plugin and import both active)
-
-
-@dataclass(frozen=True)
-class _Hnsw:
-    """An HNSW index's parameters as the database or the models have them."""
-
-    column: str
-    m: int
-    ef_construction: int
-    ops: str
-
-    @classmethod
-    def of(cls, column: str, options: dict[str, Any], default_ops: str) -> _Hnsw:
-        settings = options.get("postgresql_with") or {}
-        ops = (options.get("postgresql_ops") or {}).get(column, default_ops)
-        return cls(column, int(settings.get("m", 16)), int(settings.get("ef_construction", 64)), ops)
 
 
 def compare(autogen_context: AutogenContext, upgrade_ops: alembic_ops.UpgradeOps) -> PriorityDispatchResult:
@@ -78,7 +57,7 @@ def compare(autogen_context: AutogenContext, upgrade_ops: alembic_ops.UpgradeOps
     dropped_tables = {(op.schema, op.table_name) for op in upgrade_ops.ops if isinstance(op, alembic_ops.DropTableOp)}
     changes = _Changes(tables, registered, new_tables, dropped_tables)
     upgrade_ops.ops[:] = [rewritten for op in upgrade_ops.ops for rewritten in _rewrite(op, changes)]
-    _rebuild_changed_indexes(autogen_context, upgrade_ops, tables, changes.recreated)
+    rebuild_changed_indexes(autogen_context, upgrade_ops, tables, changes.recreated)
     _warn_about_changed_embeddings(tables, registered, changes.recreated)
     if _needs_install(autogen_context, upgrade_ops):
         upgrade_ops.ops.insert(0, InstallPgsimOp())
@@ -114,36 +93,6 @@ def _embedding_spec(table: Table | None, column: str) -> Any:
     return table.c[column].info.get("pgsim")
 
 
-def _is_hnsw(index: Index) -> bool:
-    return str(index.dialect_options["postgresql"]["using"] or "").lower() == "hnsw"
-
-
-def _index_params(index: Index) -> _Hnsw | None:
-    """An HNSW index's parameters, or None for another index (or one on an expression)."""
-    if not _is_hnsw(index) or len(index.expressions) != 1 or not isinstance(index.expressions[0], Column):
-        return None
-    column = index.expressions[0]
-    options = index.dialect_options["postgresql"]
-    return _Hnsw.of(
-        column.name,
-        {"postgresql_with": options["with"], "postgresql_ops": options["ops"]},
-        _default_ops(column.type),
-    )
-
-
-def _default_ops(column_type: Any) -> str:
-    """The operator class assumed for an HNSW index that names none (pgvector has no default one; pgsim's
-    indexes are cosine): by the column's type, not taking sparsevec or bit for vector."""
-    name = str(column_type).upper() if column_type is not None else ""
-    for kind in ("HALFVEC", "SPARSEVEC"):
-        if name.startswith(kind):
-            return f"{kind.lower()}_cosine_ops"
-    if name.startswith("BIT"):
-        return "bit_hamming_ops"
-    return "vector_cosine_ops"
-
-
-Tables = dict[tuple[str | None, str], Table]
 Registered = dict[tuple[str | None, str, str], Any]
 TableKey = tuple[str | None, str]
 
@@ -255,13 +204,13 @@ def _default_index(table: Table | None, column: str) -> Index | None:
     if table is None:
         return None
     name = derived_name(table.name, column, suffix="hnsw")
-    return next((index for index in table.indexes if index.name == name and _is_hnsw(index)), None)
+    return next((index for index in table.indexes if index.name == name and is_hnsw(index)), None)
 
 
 def _create_embedding(table_name: str, column: str, spec: Any, schema: str | None, table: Table | None) -> Any:
     """create_embedding for an ``embedding_column``; it builds the index under the default name itself."""
     index = _default_index(table, column)
-    params = _index_params(index) if index is not None else None
+    params = index_params(index) if index is not None else None
     source = spec.source if isinstance(spec.source, str) else list(spec.source)
     return CreateEmbeddingOp(
         table_name,
@@ -279,7 +228,7 @@ def _create_hnsw(
     op: alembic_ops.CreateIndexOp, tables: Tables, new_embeddings: set[str], new_tables: set[tuple[str | None, str]]
 ) -> Any:
     index = op.to_index()
-    params = _index_params(index)
+    params = index_params(index)
     if params is None:
         return op
     table = tables.get((op.schema, op.table_name))
@@ -296,7 +245,7 @@ def _create_hnsw(
 
 def _drop_hnsw(op: alembic_ops.DropIndexOp, dropped_embeddings: set[str]) -> Any:
     index = op.to_index()
-    params = _index_params(index)
+    params = index_params(index)
     if params is None:
         return op
     if params.column in dropped_embeddings:
@@ -340,10 +289,6 @@ def _needs_install(autogen_context: AutogenContext, upgrade_ops: alembic_ops.Upg
     return False
 
 
-def _is_vector_type(column_type: Any) -> bool:
-    return type(column_type).__module__.startswith(("pgsim.", "pgvector."))
-
-
 def _all_ops(ops: list[Any]) -> list[Any]:
     flat: list[Any] = []
     for op in ops:
@@ -371,127 +316,4 @@ def _warn_about_changed_embeddings(
                 )  # fmt: skip
 
 
-def _rebuild_changed_indexes(
-    autogen_context: AutogenContext,
-    upgrade_ops: alembic_ops.UpgradeOps,
-    tables: Tables,
-    recreated: set[tuple[str | None, str, str]],
-) -> None:
-    """Drop and create the HNSW indexes whose m, ef_construction or operator class the models changed
-    (not those of a column registered again: create_embedding builds its index)."""
-    inspector = autogen_context.inspector
-    new_tables = {(op.schema, op.table_name) for op in upgrade_ops.ops if isinstance(op, alembic_ops.CreateTableOp)}
-    for (schema, name), table in tables.items():
-        if (schema, name) in new_tables or not inspector.has_table(name, schema=schema):
-            continue
-        existing = {
-            found["name"]: found
-            for found in inspector.get_indexes(name, schema=schema)
-            if str(found.get("dialect_options", {}).get("postgresql_using", "")).lower() == "hnsw"
-        }
-        for index in table.indexes:
-            wanted = _index_params(index)
-            found = existing.get(str(index.name))
-            if wanted is None or found is None or found.get("column_names") != [wanted.column]:
-                continue
-            if (schema, name, wanted.column) in recreated:
-                continue
-            kind_ops = wanted.ops.split("_", 1)[0] + "_cosine_ops"
-            current = _Hnsw.of(wanted.column, found["dialect_options"], kind_ops)
-            if current == wanted:
-                continue
-            log.info("HNSW index %s changed (%s -> %s): rebuilding it", index.name, current, wanted)
-            rebuild = [
-                DropHnswIndexOp(str(index.name), name, schema=schema, column_name=current.column, m=current.m,
-                                ef_construction=current.ef_construction, ops=current.ops),
-                CreateHnswIndexOp(str(index.name), name, wanted.column, m=wanted.m,
-                                  ef_construction=wanted.ef_construction, ops=wanted.ops, schema=schema),
-            ]  # fmt: skip
-            _table_ops(upgrade_ops, name, schema).ops.extend(rebuild)
-
-
-def _table_ops(upgrade_ops: alembic_ops.UpgradeOps, name: str, schema: str | None) -> alembic_ops.ModifyTableOps:
-    for op in upgrade_ops.ops:
-        if isinstance(op, alembic_ops.ModifyTableOps) and (op.schema, op.table_name) == (schema, name):
-            return op
-    modify = alembic_ops.ModifyTableOps(name, [], schema=schema)
-    upgrade_ops.ops.append(modify)
-    return modify
-
-
-def _with_type_imports(render: Any) -> Any:
-    """Alembic's renderer for ``op.create_table`` / ``op.add_column`` / ``op.alter_column``, adding the import
-    of each pgsim or pgvector column type it names (Alembic writes ``pgsim.sqlalchemy.types.Embedding(...)``
-    but imports only SQLAlchemy's own modules)."""
-
-    def render_with_imports(autogen_context: AutogenContext, op: Any) -> Any:
-        if isinstance(op, alembic_ops.CreateTableOp):
-            types = [getattr(column, "type", None) for column in op.columns]
-        elif isinstance(op, alembic_ops.AlterColumnOp):
-            types = [op.existing_type, op.modify_type]
-        else:
-            types = [op.column.type]
-        for column_type in types:
-            if _is_vector_type(column_type):
-                autogen_context.imports.add(f"import {type(column_type).__module__}")
-        return render(autogen_context, op)
-
-    return render_with_imports
-
-
-def _render(autogen_context: AutogenContext, name: str, *args: Any, **kwargs: Any) -> str:
-    autogen_context.imports.add("import pgsim.alembic  # registers op.create_embedding, op.create_hnsw_index, ...")
-    rendered = [repr(arg) for arg in args]
-    rendered += [f"{key}={value!r}" for key, value in kwargs.items() if value is not None or key == "m"]
-    return f"op.{name}({', '.join(rendered)})"
-
-
-@renderers.dispatch_for(InstallPgsimOp)
-def _render_install_pgsim(autogen_context: AutogenContext, op: InstallPgsimOp) -> str:
-    return _render(autogen_context, "install_pgsim")
-
-
-@renderers.dispatch_for(UninstallPgsimOp)
-def _render_uninstall_pgsim(autogen_context: AutogenContext, op: UninstallPgsimOp) -> str:
-    return _render(autogen_context, "uninstall_pgsim")
-
-
-@renderers.dispatch_for(CreateEmbeddingOp)
-def _render_create_embedding(autogen_context: AutogenContext, op: CreateEmbeddingOp) -> str:
-    return _render(
-        autogen_context, "create_embedding", op.table_name, op.column_name, source=op.source, model=op.model,
-        dtype=op.dtype, m=op.index.m if op.index else None,
-        ef_construction=op.index.ef_construction if op.index else None, schema=op.schema,
-    )  # fmt: skip
-
-
-@renderers.dispatch_for(DropEmbeddingOp)
-def _render_drop_embedding(autogen_context: AutogenContext, op: DropEmbeddingOp) -> str:
-    return _render(
-        autogen_context, "drop_embedding", op.table_name, op.column_name, source=op.source, model=op.model,
-        dtype=op.dtype, m=op.m, ef_construction=op.ef_construction if op.m else None, schema=op.schema,
-        drop_column=None if op.drop_column else False,
-    )  # fmt: skip
-
-
-@renderers.dispatch_for(CreateHnswIndexOp)
-def _render_create_hnsw_index(autogen_context: AutogenContext, op: CreateHnswIndexOp) -> str:
-    return _render(
-        autogen_context, "create_hnsw_index", op.index_name, op.table_name, op.column_name, m=op.hnsw.m,
-        ef_construction=op.hnsw.ef_construction, ops=op.ops, schema=op.schema,
-        concurrently=op.concurrently or None,
-    )  # fmt: skip
-
-
-@renderers.dispatch_for(DropHnswIndexOp)
-def _render_drop_hnsw_index(autogen_context: AutogenContext, op: DropHnswIndexOp) -> str:
-    return _render(
-        autogen_context, "drop_hnsw_index", op.index_name, op.table_name, schema=op.schema,
-        column_name=op.column_name, m=op.m, ef_construction=op.ef_construction, ops=op.ops,
-        concurrently=op.concurrently or None,
-    )  # fmt: skip
-
-
 comparators.dispatch_for("autogenerate", priority=DispatchPriority.LAST)(compare)
-for _op in (alembic_ops.CreateTableOp, alembic_ops.AddColumnOp, alembic_ops.AlterColumnOp):
-    renderers.dispatch_for(_op, replace=True)(_with_type_imports(renderers.dispatch(_op)))

@@ -15,7 +15,7 @@ from alembic.operations import MigrateOperation, Operations
 from psycopg import sql
 
 from pgsim.db.hnsw import HNSW
-from pgsim.db.names import MAX_IDENTIFIER_BYTES, derived_name
+from pgsim.db.names import MAX_IDENTIFIER_BYTES
 from pgsim.errors import InvalidInput
 
 # pgvector's HNSW operator classes (none is the default: an index names one); the prefix is the column type.
@@ -42,7 +42,7 @@ END IF;
 END $pgsim$"""
 
 
-def _check_name(kind: str, name: str) -> str:
+def check_name(kind: str, name: str) -> str:
     if not isinstance(name, str) or not name:
         raise InvalidInput(f"The {kind} name must be a non-empty string; got {name!r}.")
     if any(char in name for char in '";\\') or not name.isprintable():
@@ -57,8 +57,8 @@ def _check_name(kind: str, name: str) -> str:
     return name
 
 
-def _check_schema(schema: str | None) -> str | None:
-    return None if schema is None else _check_name("schema", schema)
+def check_schema(schema: str | None) -> str | None:
+    return None if schema is None else check_name("schema", schema)
 
 
 @Operations.register_operation("install_pgsim")
@@ -99,14 +99,14 @@ class CreateHnswIndexOp(MigrateOperation):
         schema: str | None = None,
         concurrently: bool = False,
     ) -> None:
-        self.index_name = _check_name("index", index_name)
-        self.table_name = _check_name("table", table_name)
-        self.column_name = _check_name("column", column_name)
+        self.index_name = check_name("index", index_name)
+        self.table_name = check_name("table", table_name)
+        self.column_name = check_name("column", column_name)
         self.hnsw = HNSW(m, ef_construction)
         if ops not in OPCLASSES:
             raise InvalidInput(f"ops must be one of {', '.join(OPCLASSES)}; got {ops!r}.")
         self.ops = ops
-        self.schema = _check_schema(schema)
+        self.schema = check_schema(schema)
         self.concurrently = concurrently
 
     @classmethod
@@ -132,7 +132,7 @@ class CreateHnswIndexOp(MigrateOperation):
         )
 
     def statement(self) -> sql.Composed:
-        table = _table_identifier(self.table_name, self.schema)
+        table = table_identifier(self.table_name, self.schema)
         return sql.SQL(
             "CREATE INDEX {concurrently}{index} ON {table} USING hnsw ({column} {ops}) "
             "WITH (m = {m}, ef_construction = {ef_construction})"
@@ -161,9 +161,9 @@ class DropHnswIndexOp(MigrateOperation):
         ef_construction: int = 64,
         ops: str = "vector_cosine_ops",
     ) -> None:
-        self.index_name = _check_name("index", index_name)
-        self.table_name = table_name if table_name is None else _check_name("table", table_name)
-        self.schema = _check_schema(schema)
+        self.index_name = check_name("index", index_name)
+        self.table_name = table_name if table_name is None else check_name("table", table_name)
+        self.schema = check_schema(schema)
         self.concurrently = concurrently
         self.column_name, self.m, self.ef_construction, self.ops = column_name, m, ef_construction, ops
 
@@ -187,7 +187,7 @@ class DropHnswIndexOp(MigrateOperation):
         )
 
     def statement(self) -> sql.Composed:
-        index = _table_identifier(self.index_name, self.schema)  # an index lives in its table's schema
+        index = table_identifier(self.index_name, self.schema)  # an index lives in its table's schema
         return sql.SQL("DROP INDEX {concurrently}{index}").format(
             concurrently=sql.SQL("CONCURRENTLY " if self.concurrently else ""), index=index
         )
@@ -228,11 +228,11 @@ def _run(operations: Operations, statement: str, concurrently: bool) -> None:
 
 def _check_vector_column(operations: Operations, operation: CreateHnswIndexOp) -> None:
     """Online: the column must exist and be a pgvector type matching ``ops``; offline there is nothing to ask."""
-    if _offline():
+    if offline():
         return
     from sqlalchemy import text
 
-    table = _table_identifier(operation.table_name, operation.schema).as_string()
+    table = table_identifier(operation.table_name, operation.schema).as_string()
     found = (
         operations.get_bind()
         .execute(
@@ -254,166 +254,11 @@ def _check_vector_column(operations: Operations, operation: CreateHnswIndexOp) -
         )
 
 
-@Operations.register_operation("create_embedding")
-class CreateEmbeddingOp(MigrateOperation):
-    """Add an embedding column kept in sync: column, registry row, triggers, HNSW index
-    (:func:`pgsim.add_embedding`)."""
-
-    def __init__(
-        self,
-        table_name: str,
-        column_name: str,
-        *,
-        source: str | list[str],
-        model: str = "all-MiniLM-L6-v2",
-        dtype: str = "vector",
-        m: int | None = 16,
-        ef_construction: int = 64,
-        schema: str | None = None,
-    ) -> None:
-        self.table_name = _check_name("table", table_name)
-        self.column_name = _check_name("column", column_name)
-        self.source, self.model, self.dtype, self.schema = source, model, dtype, _check_schema(schema)
-        self.index = HNSW(m, ef_construction) if m is not None else None
-
-    @classmethod
-    def create_embedding(cls, operations: Operations, table_name: str, column_name: str, **kwargs: Any) -> Any:
-        return operations.invoke(cls(table_name, column_name, **kwargs))
-
-    def reverse(self) -> MigrateOperation:
-        return DropEmbeddingOp(
-            self.table_name, self.column_name, schema=self.schema, source=self.source, model=self.model,
-            dtype=self.dtype, m=self.index.m if self.index else None,
-            ef_construction=self.index.ef_construction if self.index else 64,
-        )  # fmt: skip
-
-    @property
-    def qualified_table(self) -> str:
-        return f"{self.schema}.{self.table_name}" if self.schema else self.table_name
-
-    def offline_statements(self) -> list[sql.Composed]:
-        """The SQL that registers the column without asking the database anything beforehand:
-        pgsim.register_embedding (with the model's dimension and revision read here), then the index."""
-        from pgsim.columns.registry import columns_expression
-        from pgsim.encoding.models import model_dimension, model_revision
-
-        if isinstance(self.source, str):
-            expression = sql.Identifier(self.source).as_string(None) if self.source.isidentifier() else self.source
-            columns = [self.source] if self.source.isidentifier() else None
-        else:
-            expression, columns = columns_expression(self.source), list(self.source)
-        index_name = derived_name(self.table_name, self.column_name, suffix="hnsw") if self.index else None
-        register = sql.SQL(
-            "SELECT pgsim.register_embedding(target => {table}::regclass, column_name => {column}, source => {source}, "
-            "model => {model}, model_revision => {revision}, dimension => {dimension}, dtype => {dtype}, "
-            "index_name => {index_name}, index_m => {m}, index_ef_construction => {ef_construction}, "
-            "source_columns => {columns}::name[], queue_existing => true)"
-        ).format(
-            table=sql.Literal(_table_identifier(self.table_name, self.schema).as_string(None)),
-            column=sql.Literal(self.column_name),
-            source=sql.Literal(expression),
-            model=sql.Literal(self.model),
-            revision=sql.Literal(model_revision(self.model)),
-            dimension=sql.Literal(model_dimension(self.model)),
-            dtype=sql.Literal(self.dtype),
-            index_name=sql.Literal(index_name),
-            m=sql.Literal(self.index.m if self.index else None),
-            ef_construction=sql.Literal(self.index.ef_construction if self.index else None),
-            columns=sql.Literal(columns),
-        )
-        if self.index is None or index_name is None:
-            return [register]
-        build = CreateHnswIndexOp(
-            index_name, self.table_name, self.column_name, m=self.index.m,
-            ef_construction=self.index.ef_construction, ops=f"{self.dtype}_cosine_ops", schema=self.schema,
-        )  # fmt: skip
-        return [register, build.statement()]
-
-
-@Operations.register_operation("drop_embedding")
-class DropEmbeddingOp(MigrateOperation):
-    """Undo :class:`CreateEmbeddingOp` (:func:`pgsim.remove_embedding`): triggers, queue, index, and the
-    column if pgsim added it (``drop_column=False`` keeps it: the table is dropped next, say)."""
-
-    def __init__(
-        self,
-        table_name: str,
-        column_name: str,
-        *,
-        schema: str | None = None,
-        source: str | list[str] | None = None,
-        model: str = "all-MiniLM-L6-v2",
-        dtype: str = "vector",
-        m: int | None = 16,
-        ef_construction: int = 64,
-        drop_column: bool = True,
-    ) -> None:
-        self.table_name = _check_name("table", table_name)
-        self.column_name = _check_name("column", column_name)
-        self.schema, self.source, self.model, self.dtype = _check_schema(schema), source, model, dtype
-        self.m, self.ef_construction, self.drop_column = m, ef_construction, drop_column
-
-    @classmethod
-    def drop_embedding(cls, operations: Operations, table_name: str, column_name: str, **kwargs: Any) -> Any:
-        return operations.invoke(cls(table_name, column_name, **kwargs))
-
-    def offline_statement(self) -> sql.Composed:
-        return sql.SQL("SELECT pgsim.remove_embedding({table}::regclass, {column}{keep})").format(
-            table=sql.Literal(_table_identifier(self.table_name, self.schema).as_string(None)),
-            column=sql.Literal(self.column_name),
-            keep=sql.SQL("" if self.drop_column else ", drop_column => false"),
-        )
-
-    def reverse(self) -> MigrateOperation:
-        if self.source is None:
-            raise InvalidInput("drop_embedding needs source= (and model=) to be reversed.")
-        return CreateEmbeddingOp(
-            self.table_name, self.column_name, source=self.source, model=self.model, dtype=self.dtype, m=self.m,
-            ef_construction=self.ef_construction, schema=self.schema,
-        )  # fmt: skip
-
-
-def _table_identifier(table_name: str, schema: str | None) -> sql.Identifier:
+def table_identifier(table_name: str, schema: str | None) -> sql.Identifier:
     return sql.Identifier(schema, table_name) if schema else sql.Identifier(table_name)
 
 
-def _offline() -> bool:
+def offline() -> bool:
     from alembic import context
 
     return bool(context.is_offline_mode())
-
-
-def _psycopg_connection(operations: Operations, what: str) -> Any:
-    import psycopg
-
-    raw = operations.get_bind().connection.driver_connection
-    if not isinstance(raw, psycopg.Connection):
-        raise InvalidInput(f"{what} needs the synchronous psycopg driver (postgresql+psycopg://).")
-    return raw
-
-
-@Operations.implementation_for(CreateEmbeddingOp)
-def _create_embedding(operations: Operations, operation: CreateEmbeddingOp) -> None:
-    from pgsim.columns.adding import add_embedding
-    from pgsim.db.schema import install
-
-    if _offline():
-        for statement in operation.offline_statements():
-            operations.execute(statement.as_string(None))
-        return
-    raw = _psycopg_connection(operations, "create_embedding")
-    install(raw)
-    add_embedding(raw, operation.qualified_table, operation.column_name, source=operation.source,
-                  model=operation.model, dtype=operation.dtype, index=operation.index)  # fmt: skip
-
-
-@Operations.implementation_for(DropEmbeddingOp)
-def _drop_embedding(operations: Operations, operation: DropEmbeddingOp) -> None:
-    from pgsim.columns.registry import remove_embedding
-
-    if _offline():
-        operations.execute(operation.offline_statement().as_string(None))
-        return
-    raw = _psycopg_connection(operations, "drop_embedding")
-    table = f"{operation.schema}.{operation.table_name}" if operation.schema else operation.table_name
-    remove_embedding(raw, table, operation.column_name, drop_column=operation.drop_column)

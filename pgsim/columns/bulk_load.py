@@ -22,9 +22,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgsim.columns.batches import checked_encoder
 from pgsim.columns.cache import Found, lookup, merged, missing, store
 from pgsim.columns.registry import Registration, registrations
-from pgsim.columns.worker import checked_encoder
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput
 from pgsim.psycopg import register

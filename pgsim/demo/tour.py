@@ -16,8 +16,9 @@ from typing import Any
 import psycopg
 
 from pgsim.columns.adding import add_embedding
+from pgsim.columns.batches import SyncReport
 from pgsim.columns.registry import get_registration
-from pgsim.columns.worker import SyncReport, backfill
+from pgsim.columns.worker import backfill
 from pgsim.db.hnsw import HNSW
 from pgsim.db.schema import install
 from pgsim.demo.corpus import Package, load_sample

@@ -9,11 +9,11 @@ from pgsim.sqlalchemy import functions  # noqa: E402
 from pgsim.sqlalchemy.columns import (  # noqa: E402
     EmbeddingSpec,
     embedding_column,
-    encode_on_flush,
     hnsw_index,
     register_embeddings,
     register_embeddings_sync,
 )
+from pgsim.sqlalchemy.flush import encode_on_flush  # noqa: E402
 from pgsim.sqlalchemy.types import Embedding, HalfEmbedding  # noqa: E402
 from pgsim.sqlalchemy.url import database_url  # noqa: E402
 

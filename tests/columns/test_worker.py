@@ -18,8 +18,9 @@ import pytest
 from fixtures.database import installed_without_registrations, packages_table
 
 from pgsim.columns.adding import add_embedding
+from pgsim.columns.batches import SyncReport
 from pgsim.columns.registry import registrations, remove_embedding
-from pgsim.columns.worker import WORKER_APPLICATION_NAME, SyncReport, Worker, backfill, sync
+from pgsim.columns.worker import WORKER_APPLICATION_NAME, Worker, backfill, sync
 from pgsim.db.catalog import is_local_host
 from pgsim.demo.corpus import Package
 from pgsim.encoding.encoder import Encoder, encoder_for

@@ -1,0 +1,170 @@
+"""``op.create_embedding`` and ``op.drop_embedding``: a registered embedding column in a migration (the
+column, its registry row and triggers, its index), online through pgsim's own functions, offline as SQL.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alembic.operations import MigrateOperation, Operations
+from psycopg import sql
+
+from pgsim.alembic.ops import CreateHnswIndexOp, check_name, check_schema, offline, table_identifier
+from pgsim.db.hnsw import HNSW
+from pgsim.db.names import derived_name
+from pgsim.errors import InvalidInput
+
+
+@Operations.register_operation("create_embedding")
+class CreateEmbeddingOp(MigrateOperation):
+    """Add an embedding column kept in sync: column, registry row, triggers, HNSW index
+    (:func:`pgsim.add_embedding`)."""
+
+    def __init__(
+        self,
+        table_name: str,
+        column_name: str,
+        *,
+        source: str | list[str],
+        model: str = "all-MiniLM-L6-v2",
+        dtype: str = "vector",
+        m: int | None = 16,
+        ef_construction: int = 64,
+        schema: str | None = None,
+    ) -> None:
+        self.table_name = check_name("table", table_name)
+        self.column_name = check_name("column", column_name)
+        self.source, self.model, self.dtype, self.schema = source, model, dtype, check_schema(schema)
+        self.index = HNSW(m, ef_construction) if m is not None else None
+
+    @classmethod
+    def create_embedding(cls, operations: Operations, table_name: str, column_name: str, **kwargs: Any) -> Any:
+        return operations.invoke(cls(table_name, column_name, **kwargs))
+
+    def reverse(self) -> MigrateOperation:
+        return DropEmbeddingOp(
+            self.table_name, self.column_name, schema=self.schema, source=self.source, model=self.model,
+            dtype=self.dtype, m=self.index.m if self.index else None,
+            ef_construction=self.index.ef_construction if self.index else 64,
+        )  # fmt: skip
+
+    @property
+    def qualified_table(self) -> str:
+        return f"{self.schema}.{self.table_name}" if self.schema else self.table_name
+
+    def offline_statements(self) -> list[sql.Composed]:
+        """The SQL that registers the column without asking the database anything beforehand:
+        pgsim.register_embedding (with the model's dimension and revision read here), then the index."""
+        from pgsim.columns.registry import columns_expression
+        from pgsim.encoding.models import model_dimension, model_revision
+
+        if isinstance(self.source, str):
+            expression = sql.Identifier(self.source).as_string(None) if self.source.isidentifier() else self.source
+            columns = [self.source] if self.source.isidentifier() else None
+        else:
+            expression, columns = columns_expression(self.source), list(self.source)
+        index_name = derived_name(self.table_name, self.column_name, suffix="hnsw") if self.index else None
+        register = sql.SQL(
+            "SELECT pgsim.register_embedding(target => {table}::regclass, column_name => {column}, source => {source}, "
+            "model => {model}, model_revision => {revision}, dimension => {dimension}, dtype => {dtype}, "
+            "index_name => {index_name}, index_m => {m}, index_ef_construction => {ef_construction}, "
+            "source_columns => {columns}::name[], queue_existing => true)"
+        ).format(
+            table=sql.Literal(table_identifier(self.table_name, self.schema).as_string(None)),
+            column=sql.Literal(self.column_name),
+            source=sql.Literal(expression),
+            model=sql.Literal(self.model),
+            revision=sql.Literal(model_revision(self.model)),
+            dimension=sql.Literal(model_dimension(self.model)),
+            dtype=sql.Literal(self.dtype),
+            index_name=sql.Literal(index_name),
+            m=sql.Literal(self.index.m if self.index else None),
+            ef_construction=sql.Literal(self.index.ef_construction if self.index else None),
+            columns=sql.Literal(columns),
+        )
+        if self.index is None or index_name is None:
+            return [register]
+        build = CreateHnswIndexOp(
+            index_name, self.table_name, self.column_name, m=self.index.m,
+            ef_construction=self.index.ef_construction, ops=f"{self.dtype}_cosine_ops", schema=self.schema,
+        )  # fmt: skip
+        return [register, build.statement()]
+
+
+@Operations.register_operation("drop_embedding")
+class DropEmbeddingOp(MigrateOperation):
+    """Undo :class:`CreateEmbeddingOp` (:func:`pgsim.remove_embedding`): triggers, queue, index, and the
+    column if pgsim added it (``drop_column=False`` keeps it: the table is dropped next, say)."""
+
+    def __init__(
+        self,
+        table_name: str,
+        column_name: str,
+        *,
+        schema: str | None = None,
+        source: str | list[str] | None = None,
+        model: str = "all-MiniLM-L6-v2",
+        dtype: str = "vector",
+        m: int | None = 16,
+        ef_construction: int = 64,
+        drop_column: bool = True,
+    ) -> None:
+        self.table_name = check_name("table", table_name)
+        self.column_name = check_name("column", column_name)
+        self.schema, self.source, self.model, self.dtype = check_schema(schema), source, model, dtype
+        self.m, self.ef_construction, self.drop_column = m, ef_construction, drop_column
+
+    @classmethod
+    def drop_embedding(cls, operations: Operations, table_name: str, column_name: str, **kwargs: Any) -> Any:
+        return operations.invoke(cls(table_name, column_name, **kwargs))
+
+    def offline_statement(self) -> sql.Composed:
+        return sql.SQL("SELECT pgsim.remove_embedding({table}::regclass, {column}{keep})").format(
+            table=sql.Literal(table_identifier(self.table_name, self.schema).as_string(None)),
+            column=sql.Literal(self.column_name),
+            keep=sql.SQL("" if self.drop_column else ", drop_column => false"),
+        )
+
+    def reverse(self) -> MigrateOperation:
+        if self.source is None:
+            raise InvalidInput("drop_embedding needs source= (and model=) to be reversed.")
+        return CreateEmbeddingOp(
+            self.table_name, self.column_name, source=self.source, model=self.model, dtype=self.dtype, m=self.m,
+            ef_construction=self.ef_construction, schema=self.schema,
+        )  # fmt: skip
+
+
+def psycopg_connection(operations: Operations, what: str) -> Any:
+    import psycopg
+
+    raw = operations.get_bind().connection.driver_connection
+    if not isinstance(raw, psycopg.Connection):
+        raise InvalidInput(f"{what} needs the synchronous psycopg driver (postgresql+psycopg://).")
+    return raw
+
+
+@Operations.implementation_for(CreateEmbeddingOp)
+def _create_embedding(operations: Operations, operation: CreateEmbeddingOp) -> None:
+    from pgsim.columns.adding import add_embedding
+    from pgsim.db.schema import install
+
+    if offline():
+        for statement in operation.offline_statements():
+            operations.execute(statement.as_string(None))
+        return
+    raw = psycopg_connection(operations, "create_embedding")
+    install(raw)
+    add_embedding(raw, operation.qualified_table, operation.column_name, source=operation.source,
+                  model=operation.model, dtype=operation.dtype, index=operation.index)  # fmt: skip
+
+
+@Operations.implementation_for(DropEmbeddingOp)
+def _drop_embedding(operations: Operations, operation: DropEmbeddingOp) -> None:
+    from pgsim.columns.registry import remove_embedding
+
+    if offline():
+        operations.execute(operation.offline_statement().as_string(None))
+        return
+    raw = psycopg_connection(operations, "drop_embedding")
+    table = f"{operation.schema}.{operation.table_name}" if operation.schema else operation.table_name
+    remove_embedding(raw, table, operation.column_name, drop_column=operation.drop_column)

@@ -1,0 +1,240 @@
+"""One batch of the queue, in one transaction: claim entries (``FOR UPDATE SKIP LOCKED``), read the rows'
+current text, encode it in one call, binary-COPY the vectors into a temp table, write them with one
+``UPDATE … FROM`` where the text still hashes as it did when read, delete the entries done; failures count
+an attempt, wait, and end in ``pgsim.dead_letter``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, fields
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from pgsim.columns.cache import lookup, merged, missing, store
+from pgsim.columns.registry import Registration, key_match
+from pgsim.encoding.encoder import Encoder, encoder_for
+from pgsim.errors import InvalidInput
+
+log = logging.getLogger(__name__)
+
+
+MAX_RETRY_DELAY = 300.0
+
+
+# Errors that say nothing about the rows (a deadlock, a lock or statement timeout, an interrupted query).
+TRANSIENT = (
+    psycopg.errors.TransactionRollback,
+    psycopg.errors.QueryCanceled,
+    psycopg.errors.LockNotAvailable,
+    MemoryError,
+)
+
+
+CLAIM = """
+SELECT id, key FROM pgsim.queue
+WHERE embedding_id = %(registration)s AND (attempts > 0) = %(retried)s
+    AND (not_before IS NULL OR not_before <= now())
+ORDER BY id
+LIMIT %(limit)s
+FOR UPDATE SKIP LOCKED
+"""
+
+
+RECORD_FAILURE = """
+UPDATE pgsim.queue
+SET attempts = attempts + 1, last_error = %(error)s,
+    not_before = now() + make_interval(secs => least(%(delay)s * 2 ^ attempts, %(max_delay)s))
+WHERE id = ANY(%(ids)s)
+"""
+
+
+BURY = """
+WITH dead AS (
+    DELETE FROM pgsim.queue WHERE id = ANY(%(ids)s) AND attempts >= %(max_attempts)s
+    RETURNING embedding_id, key, reason, attempts, last_error, enqueued_at
+)
+INSERT INTO pgsim.dead_letter (embedding_id, key, reason, attempts, last_error, enqueued_at)
+SELECT embedding_id, key, reason, attempts, last_error, enqueued_at FROM dead
+"""
+
+
+TEMP_TABLE = """
+CREATE TEMP TABLE IF NOT EXISTS pgsim_sync (
+    _pgsim_qid bigint, _pgsim_key jsonb, _pgsim_hash text, _pgsim_vector vector
+) ON COMMIT DELETE ROWS
+"""
+
+
+@dataclass
+class SyncReport:
+    """What a drain did. Every claimed entry ends in exactly one of the first six counts."""
+
+    embedded: int = 0  # rows that got their vector
+    emptied: int = 0  # rows whose text is NULL or blank: embedding set to NULL, not retried
+    missing: int = 0  # rows deleted since they were queued
+    stale: int = 0  # rows changed while encoding: left queued for their new text
+    failed: int = 0  # entries of failed batches, queued for a retry
+    dead: int = 0  # entries moved to pgsim.dead_letter
+    batches: int = 0
+    switched: int = 0  # model changes completed
+    cached: int = 0  # texts found in pgsim.embedding_cache instead of encoded (with cache=True)
+    encode_seconds: float = 0.0
+    write_seconds: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def done(self) -> int:
+        return self.embedded + self.emptied + self.missing + self.dead
+
+    def add(self, other: SyncReport) -> None:
+        for field in fields(self):
+            setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
+
+
+def checked_encoder(registration: Registration) -> Encoder:
+    """The encoder for a registration's model, refusing one whose dimension or files differ from the registry's."""
+    encoder = encoder_for(registration.model)
+    if encoder.dimension != registration.dimension:
+        raise InvalidInput(
+            f"Model {registration.model!r} here gives {encoder.dimension} dimensions, but "
+            f"{registration.table}.{registration.column} was registered with {registration.dimension}."
+        )
+    if encoder.revision != registration.model_revision:
+        raise InvalidInput(
+            f"Model {registration.model!r} here (revision {encoder.revision}) is not the one "
+            f"{registration.table}.{registration.column} was registered with (revision "
+            f"{registration.model_revision}): its vectors would not compare. Install that model, or switch the "
+            f"column: pgsim change-model {registration.table} {registration.column} --model <name>"
+        )
+    encoder.warn_truncation = False  # counted in stats; a worker's log would repeat it every batch
+    return encoder
+
+
+def claim_and_encode(
+    conn: psycopg.Connection[Any],
+    registration: Registration,
+    encoder: Encoder,
+    limit: int,
+    *,
+    retried: bool,
+    max_attempts: int,
+    retry_delay: float,
+    cache: bool,
+    encoding: contextlib.AbstractContextManager[Any],
+) -> SyncReport | None:
+    """Claim, encode and write one batch in one transaction; None when nothing is ready."""
+    report = SyncReport(batches=1)
+    with conn.transaction():
+        claimed = conn.execute(
+            CLAIM, {"registration": registration.id, "retried": retried, "limit": limit}, prepare=False
+        ).fetchall()
+        if not claimed:
+            return None
+        ids = [entry_id for entry_id, _ in claimed]
+        try:
+            with conn.transaction():
+                done = encode_and_write(conn, registration, encoder, claimed, report, cache=cache, encoding=encoding)
+        except Exception as exc:
+            if conn.broken or isinstance(exc, TRANSIENT):
+                raise  # not the rows' fault: the batch rolls back and its entries are claimed again, unchanged
+            message = describe_failure(registration, exc)
+            log.warning("batch of %d rows of %s.%s failed: %s", len(ids), registration.table,
+                        registration.column, message)  # fmt: skip
+            # Which row of a failed batch is at fault is unknown: each is retried alone at once, and only a
+            # row that fails alone waits before its next attempt.
+            delay = retry_delay if len(ids) == 1 else 0.0
+            conn.execute(RECORD_FAILURE, {"error": message, "delay": delay, "max_delay": MAX_RETRY_DELAY, "ids": ids})
+            buried = conn.execute(BURY, {"ids": ids, "max_attempts": max_attempts}).rowcount
+            report.dead, report.failed = buried, len(ids) - buried
+        else:
+            conn.execute("DELETE FROM pgsim.queue WHERE id = ANY(%s)", [done])
+    return report
+
+
+def encode_and_write(
+    conn: psycopg.Connection[Any],
+    registration: Registration,
+    encoder: Encoder,
+    claimed: list[tuple[int, Any]],
+    report: SyncReport,
+    *,
+    cache: bool,
+    encoding: contextlib.AbstractContextManager[Any],
+) -> list[int]:
+    """Encode the claimed rows' current text and write it where the text is unchanged; the ids of the
+    entries that are done (written, emptied, or whose row is gone)."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT _pgsim_q._pgsim_id, _pgsim_q._pgsim_key, s.found, s.source, md5(s.source) "
+            "FROM unnest(%s::bigint[], %s::jsonb[]) AS _pgsim_q(_pgsim_id, _pgsim_key) LEFT JOIN LATERAL "
+            "(SELECT true AS found, {source} AS source FROM {table} WHERE {match}) AS s ON true"
+        ).format(
+            source=registration.source_sql,
+            table=registration.table_sql,
+            match=key_match(registration, sql.SQL("_pgsim_q._pgsim_key")),
+        ),
+        [[entry_id for entry_id, _ in claimed], [Jsonb(key) for _, key in claimed]],
+        prepare=False,
+    ).fetchall()
+    present = [row for row in rows if row[2]]
+    gone = [row[0] for row in rows if not row[2]]
+    texts = [row[3] for row in present]
+    found = lookup(conn, encoder, texts) if cache else {}
+    to_encode = missing(texts, found)
+    with encoding:  # with two lanes, one forward pass at a time: the model's threads are the machine's cores
+        started = time.perf_counter()
+        encoded = encoder.encode(to_encode)
+        report.encode_seconds += time.perf_counter() - started
+    if cache:
+        store(conn, encoder, to_encode, encoded)
+        report.cached += sum(1 for text in texts if text in found)
+    vectors = merged(texts, encoded, found)
+    started = time.perf_counter()
+    conn.execute(TEMP_TABLE)
+    with conn.cursor() as cur:
+        with cur.copy(
+            "COPY pgsim_sync (_pgsim_qid, _pgsim_key, _pgsim_hash, _pgsim_vector) FROM STDIN WITH (FORMAT BINARY)"
+        ) as copy:
+            copy.set_types(["int8", "jsonb", "text", "vector"])
+            for (entry_id, key, _, _, digest), vector in zip(present, vectors, strict=True):
+                copy.write_row((entry_id, Jsonb(key), digest, vector))
+        written = cur.execute(
+            sql.SQL(
+                "UPDATE {table} SET {column} = _pgsim_v._pgsim_vector{cast} FROM pgsim_sync AS _pgsim_v "
+                "WHERE {match} AND md5({source}) IS NOT DISTINCT FROM _pgsim_v._pgsim_hash "
+                "RETURNING _pgsim_v._pgsim_qid"
+            ).format(
+                table=registration.table_sql,
+                column=sql.Identifier(registration.column),
+                cast=sql.SQL("::halfvec" if registration.dtype == "halfvec" else ""),
+                match=key_match(registration, sql.SQL("_pgsim_v._pgsim_key")),
+                source=registration.source_sql,
+            ),
+            prepare=False,
+        ).fetchall()
+    report.write_seconds += time.perf_counter() - started
+    done = {entry_id for (entry_id,) in written}
+    emptied = sum(1 for row, vector in zip(present, vectors, strict=True) if vector is None and row[0] in done)
+    report.embedded += len(done) - emptied
+    report.emptied += emptied
+    report.missing += len(gone)
+    report.stale += len(present) - len(done)
+    return sorted(done) + gone
+
+
+def describe_failure(registration: Registration, exc: Exception) -> str:
+    if isinstance(exc, psycopg.errors.UndefinedColumn):
+        return (
+            f"{exc.diag.message_primary}: the source of {registration.table}.{registration.column} "
+            f"({registration.source}) reads a column that is gone. Restore it, or remove and re-add the "
+            "embedding with another source (pgsim remove-embedding / add-embedding)."
+        )
+    if isinstance(exc, psycopg.Error):
+        return f"{type(exc).__name__}: {exc.diag.message_primary or exc}"
+    return f"{type(exc).__name__}: {exc}"

@@ -7,8 +7,8 @@ from pgsim._util import require
 require("alembic", "alembic")
 
 # importing them registers op.create_embedding, op.create_hnsw_index, ... and the autogenerate comparator
-from pgsim.alembic import autogenerate, embedding_ops, ops  # noqa: E402
+from pgsim.alembic import autogenerate, embedding_ops, ops, render  # noqa: E402
 from pgsim.alembic.branch import upgrade_to, version_location  # noqa: E402
 from pgsim.alembic.config import ini_url  # noqa: E402
 
-__all__ = ["autogenerate", "embedding_ops", "ini_url", "ops", "upgrade_to", "version_location"]
+__all__ = ["autogenerate", "embedding_ops", "ini_url", "ops", "render", "upgrade_to", "version_location"]

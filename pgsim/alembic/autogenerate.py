@@ -39,6 +39,7 @@ from sqlalchemy import Column, Index, Table, text
 from pgsim.alembic.embedding_ops import CreateEmbeddingOp, DropEmbeddingOp
 from pgsim.alembic.index_compare import Tables, index_params, is_hnsw, rebuild_changed_indexes
 from pgsim.alembic.ops import CreateHnswIndexOp, DropHnswIndexOp, InstallPgsimOp
+from pgsim.alembic.render import is_vector_type
 from pgsim.columns.registry import columns_expression
 from pgsim.db.names import derived_name
 
@@ -282,9 +283,7 @@ def _needs_install(autogen_context: AutogenContext, upgrade_ops: alembic_ops.Upg
         if isinstance(op, (CreateEmbeddingOp, CreateHnswIndexOp)):
             return True
         columns = op.columns if isinstance(op, alembic_ops.CreateTableOp) else [getattr(op, "column", None)]
-        if any(
-            type(getattr(column, "type", None)).__module__.startswith(("pgsim.", "pgvector.")) for column in columns
-        ):
+        if any(is_vector_type(getattr(column, "type", None)) for column in columns):
             return True
     return False
 

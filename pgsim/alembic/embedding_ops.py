@@ -10,8 +10,9 @@ from alembic.operations import MigrateOperation, Operations
 from psycopg import sql
 
 from pgsim.alembic.ops import CreateHnswIndexOp, check_name, check_schema, offline, table_identifier
-from pgsim.db.hnsw import HNSW
+from pgsim.db.hnsw import DEFAULT_EF_CONSTRUCTION, HNSW
 from pgsim.db.names import derived_name
+from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
 
 
@@ -26,10 +27,10 @@ class CreateEmbeddingOp(MigrateOperation):
         column_name: str,
         *,
         source: str | list[str],
-        model: str = "all-MiniLM-L6-v2",
+        model: str = DEFAULT_MODEL,
         dtype: str = "vector",
         m: int | None = 16,
-        ef_construction: int = 64,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
         schema: str | None = None,
     ) -> None:
         self.table_name = check_name("table", table_name)
@@ -103,10 +104,10 @@ class DropEmbeddingOp(MigrateOperation):
         *,
         schema: str | None = None,
         source: str | list[str] | None = None,
-        model: str = "all-MiniLM-L6-v2",
+        model: str = DEFAULT_MODEL,
         dtype: str = "vector",
         m: int | None = 16,
-        ef_construction: int = 64,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
         drop_column: bool = True,
     ) -> None:
         self.table_name = check_name("table", table_name)

@@ -13,6 +13,7 @@ from alembic.operations import ops as alembic_ops
 from sqlalchemy import Column, Index, Table
 
 from pgsim.alembic.ops import CreateHnswIndexOp, DropHnswIndexOp
+from pgsim.db.hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +31,12 @@ class HnswParams:
     def of(cls, column: str, options: dict[str, Any], default_ops: str) -> HnswParams:
         settings = options.get("postgresql_with") or {}
         ops = (options.get("postgresql_ops") or {}).get(column, default_ops)
-        return cls(column, int(settings.get("m", 16)), int(settings.get("ef_construction", 64)), ops)
+        return cls(
+            column,
+            int(settings.get("m", DEFAULT_M)),
+            int(settings.get("ef_construction", DEFAULT_EF_CONSTRUCTION)),
+            ops,
+        )
 
 
 def is_hnsw(index: Index) -> bool:

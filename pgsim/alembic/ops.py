@@ -14,7 +14,7 @@ from typing import Any
 from alembic.operations import MigrateOperation, Operations
 from psycopg import sql
 
-from pgsim.db.hnsw import HNSW
+from pgsim.db.hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, HNSW
 from pgsim.db.names import MAX_IDENTIFIER_BYTES
 from pgsim.errors import InvalidInput
 
@@ -93,8 +93,8 @@ class CreateHnswIndexOp(MigrateOperation):
         table_name: str,
         column_name: str,
         *,
-        m: int = 16,
-        ef_construction: int = 64,
+        m: int = DEFAULT_M,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
         ops: str = "vector_cosine_ops",
         schema: str | None = None,
         concurrently: bool = False,
@@ -157,8 +157,8 @@ class DropHnswIndexOp(MigrateOperation):
         schema: str | None = None,
         concurrently: bool = False,
         column_name: str | None = None,
-        m: int = 16,
-        ef_construction: int = 64,
+        m: int = DEFAULT_M,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
         ops: str = "vector_cosine_ops",
     ) -> None:
         self.index_name = check_name("index", index_name)

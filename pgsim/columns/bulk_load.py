@@ -29,8 +29,7 @@ from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput
 from pgsim.psycopg import register
 
-# Rows per chunk. Measured on 2,000 Debian packages with the bf16 encoder here: 512 runs at 0.94x the
-# encoder alone (one chunk is written while the next encodes), 2,048 at 0.87-0.92x, 256 at 0.88x.
+# Rows per chunk: one chunk is written while the next encodes (bench/ingest.py tunes it).
 DEFAULT_CHUNK_SIZE = 512
 
 

@@ -13,10 +13,9 @@ added none), so it is encoded again from its new text: an older text's embedding
 With a second connection (``overlap_with``), two batches are in flight, each its own transaction on its own
 connection: one is claimed, read and written while the other is encoded, so the model does not wait for
 the database. One forward pass runs at a time. This pays where the database's work does not take the
-model's cores (1.05-1.10x with the local server pinned to a core of its own, standing in for a database on
-another machine; bench/ingest.py --parts overlap) and costs a little where both share few cores (0.95x on
-2 cores), so the worker and ``pgsim backfill`` open the second connection only when the database is not on
-this machine (:func:`database_is_remote`).
+model's cores and costs a little where both share few cores (bench/ingest.py --parts overlap), so the
+worker and ``pgsim backfill`` open the second connection only when the database is not on this machine
+(:func:`database_is_remote`).
 
 A batch that fails (an error from the database or the model) is not lost either: its entries count an
 attempt, wait ``retry_delay * 2**attempts`` seconds, and are then retried one row at a time, so one bad row
@@ -45,7 +44,7 @@ from pgsim.psycopg import register
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 256  # rows per claim; fewer when fewer are queued (measured: see README, bench/ingest.py)
+DEFAULT_BATCH_SIZE = 256  # rows per claim; fewer when fewer are queued (bench/ingest.py tunes it)
 DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_RETRY_DELAY = 1.0  # seconds before the first retry; doubles with each attempt
 MAX_IDLE_BATCHES = 3  # batches in a row that finish no entry (every row changed meanwhile) end a drain

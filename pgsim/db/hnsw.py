@@ -27,9 +27,11 @@ from pgsim.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
+DEFAULT_M = 16  # pgvector's defaults for an HNSW index
+DEFAULT_EF_CONSTRUCTION = 64
 MIB = 1 << 20
-# Per graph element besides its vector: element header and tuple bookkeeping (measured as the build's
-# memory use over 63k rows, and rounded up).
+# Per graph element besides its vector: element header and tuple bookkeeping (a build's memory use per
+# row, rounded up; bench/ingest.py builds the index on the whole corpus).
 ELEMENT_OVERHEAD_BYTES = 160
 NEIGHBOR_BYTES = 16  # one candidate: element pointer, distance, flags
 HEADROOM = 1.25
@@ -38,10 +40,10 @@ DEFAULT_MAX_BUILD_MEMORY = 2048 * MIB
 
 @dataclass(frozen=True)
 class HNSW:
-    """HNSW build parameters (pgvector's defaults: m=16, ef_construction=64)."""
+    """HNSW build parameters (pgvector's defaults unless given)."""
 
-    m: int = 16
-    ef_construction: int = 64
+    m: int = DEFAULT_M
+    ef_construction: int = DEFAULT_EF_CONSTRUCTION
 
     def __post_init__(self) -> None:
         if isinstance(self.m, bool) or not isinstance(self.m, int) or not 2 <= self.m <= 100:
@@ -119,9 +121,9 @@ def build_settings(
         rows = counted[0] if counted else 0
     estimate = graph_bytes(float(rows), max(int(dimension), 1), type_name, m)
     memory = max(int(current_memory), min(int(estimate * HEADROOM), max_memory))
-    # On a server on this machine, the leader and its workers use every core and no more (measured on 2
-    # cores: 1 worker 8.7 s, 2 workers 9.3 s for 63k x 384); PostgreSQL still picks fewer for a small
-    # table. A remote server's cores are unknown: its own setting stands.
+    # On a server on this machine, the leader and its workers use every core and no more (more workers
+    # than cores made bench/ingest.py's builds slower); PostgreSQL still picks fewer for a small table. A
+    # remote server's cores are unknown: its own setting stands.
     cores = os.cpu_count() or 1
     wanted = min(int(pool), cores - 1) if is_local_host(conn.info.host) else int(workers)
     return BuildSettings(

@@ -42,9 +42,8 @@ PREFIXES = {"e5-": ("query: ", "passage: ")}
 # Characters looked at when counting a text's tokens; far past any model's limit, so counts stay exact
 # where it matters (is it over the limit?) while a pathological multi-megabyte text stays cheap.
 MAX_CHARS = 100_000
-# Token positions per forward pass (texts x longest text, padding included). Measured on 1,536 Debian
-# descriptions here: 1,024-2,048 gives the best throughput on CPU for every call size (64 texts: 65-70
-# texts/s against 39 for fixed batches of 32; all at once: 80 against 76); larger budgets are slower.
+# Token positions per forward pass (texts x longest text, padding included): batches of similar length
+# under one budget beat fixed batch sizes on CPU for every call size (bench/encode.py tunes it).
 DEFAULT_TOKEN_BUDGET = 1536
 
 Vector = npt.NDArray[np.float32]

@@ -25,10 +25,9 @@ from pgsim.knn.planner import DEFAULT_TUNING, Plan, Tuning, plan
 from pgsim.knn.target import vector_column
 
 MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1
-# Build parameters of advised indexes and the ef_search they need. Measured on the 6,693 'libs' rows of the
-# Debian corpus: m=24, ef_construction=200 reaches recall@10 0.995 at ef_search 64, where pgvector's
-# defaults (m=16, ef_construction=64) need ef_search 200 for 0.996. The ef_search travels in the index's
-# comment, where pgsim.knn_plan reads it.
+# Build parameters of advised indexes and the ef_search they need (bench/filtered.py tunes them: a denser
+# graph reaches the recall of pgvector's defaults at a lower ef_search). The ef_search travels in the
+# index's comment, where pgsim.knn_plan reads it.
 ADVISED_M = 24
 ADVISED_EF_CONSTRUCTION = 200
 ADVISED_EF_SEARCH = 64

@@ -36,10 +36,10 @@ class Plan:
 
 @dataclass(frozen=True)
 class Tuning:
-    """The planner's thresholds (defaults measured by bench/filtered.py; see README)."""
+    """The planner's thresholds (bench/filtered.py tunes the defaults)."""
 
     exact_below_rows: float = 1000  # fewer estimated matching rows: exact scan
-    hnsw_ef_search: int = 200  # recall@10 0.994 unfiltered on 63k Debian descriptions (bench/filtered.py)
+    hnsw_ef_search: int = 200  # unfiltered and on the hnsw path's start
     min_hnsw_selectivity: float = 0.5  # below: exact scan, unless a partial index makes the filter ~1
 
 

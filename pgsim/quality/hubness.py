@@ -4,8 +4,8 @@ In high-dimensional embedding spaces a few rows ("hubs") are among the nearest n
 queries, whatever those ask, and crowd out the right answer. Given a bank of typical queries for a column
 (:func:`set_query_bank`: a query log, or questions users ask), a search re-ranks its nearest candidates by
 ``similarity - weight * hubness``, where a row's hubness is its mean similarity to its ``neighbours``
-nearest bank queries (cross-domain similarity local scaling). Measured on Debian's descriptions with 10,000
-synopses as the bank (bench/quality.py), this beat query-bank normalisation's inverted softmax.
+nearest bank queries (cross-domain similarity local scaling); bench/quality.py compares it with query-bank
+normalisation's inverted softmax.
 """
 
 from __future__ import annotations

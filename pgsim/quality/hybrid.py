@@ -5,8 +5,7 @@ The statement takes the ``candidates`` nearest rows that pass the filter (on the
 filtered-search contract) and the ``candidates`` best full-text matches that pass the same filter (the
 query's words ORed, ranked by ``ts_rank`` divided by 1 + log(document length), over a ``tsvector`` column
 that a GIN index serves), and orders their union by ``pgsim.rrf(vector rank) + pgsim.rrf(text rank)``.
-Measured on Debian's descriptions (bench/quality.py): ORed words with that normalisation rank 15x better
-than ``ts_rank_cd``, and AND (plainto_tsquery) matches nothing for over half of the queries.
+bench/quality.py compares these choices with ``ts_rank_cd`` and with ANDed words (``plainto_tsquery``).
 """
 
 from __future__ import annotations

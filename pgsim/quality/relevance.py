@@ -8,10 +8,8 @@ nearest row (among the rows that pass the filter). A row a few hundredths above 
 threshold (``min_score``) then holds for every query, and a query with nothing clearly relevant in the
 table returns an empty list.
 
-Measured on Debian's packages (bench/quality.py: 5,000 known-item queries, half with their answer held out,
-20 random splits): at precision 0.6 of "returned something, and it was relevant", this margin returns a
-relevant row for 0.16 to 0.26 of the queries, against 0.05 to 0.15 for the best raw-cosine threshold and
-0.10 to 0.17 for a z-score against a random sample of the table.
+bench/quality.py measures this margin against the best raw-cosine threshold and a z-score against a
+random sample of the table, on known-item queries with their answer present and held out.
 """
 
 from __future__ import annotations
@@ -29,7 +27,7 @@ from pgsim.knn.statements import Where
 from pgsim.knn.target import MAX_K
 
 DEFAULT_REFERENCE = 50
-# bench/quality.py: the threshold tuned for precision >= 0.6 was 0.255 and 0.302 in its two held-out conditions.
+# tuned by bench/quality.py for a precision of 0.6 on held-out queries
 DEFAULT_MIN_SCORE = 0.27
 
 
@@ -61,7 +59,7 @@ def relevant_search(
     if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0 <= min_score <= 2:
         raise InvalidInput(
             f"min_score is a margin of cosine similarity from 0 to 2; got {min_score!r} "
-            f"(the default, {DEFAULT_MIN_SCORE}, was measured on real data: see pgsim.relevance)."
+            f"(the default, {DEFAULT_MIN_SCORE}, was measured on real data: see pgsim.quality.relevance)."
         )
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidInput(f"k must be a whole number of at least 1; got {k!r}.")

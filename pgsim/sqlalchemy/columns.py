@@ -32,7 +32,7 @@ from sqlalchemy.orm import MappedColumn, Mapper, Session, mapped_column
 from sqlalchemy.sql.elements import quoted_name
 
 from pgsim.columns.adding import DEFAULT_HNSW
-from pgsim.db.hnsw import HNSW
+from pgsim.db.hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, HNSW
 from pgsim.db.names import derived_name
 from pgsim.encoding.models import DEFAULT_MODEL, model_dimension
 from pgsim.errors import InvalidInput
@@ -116,7 +116,11 @@ def _local_model_dimension(model: str) -> int | None:
 
 
 def hnsw_index(
-    column: str | Column[Any] | MappedColumn[Any], *, name: str | None = None, m: int = 16, ef_construction: int = 64
+    column: str | Column[Any] | MappedColumn[Any],
+    *,
+    name: str | None = None,
+    m: int = DEFAULT_M,
+    ef_construction: int = DEFAULT_EF_CONSTRUCTION,
 ) -> Index:
     """An HNSW index (cosine) on an embedding column, for ``__table_args__`` or a Table. ``column`` is the
     column, its ``mapped_column``, or its name; the name defaults to ``<table>_<column>_hnsw``. It takes

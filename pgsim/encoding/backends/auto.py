@@ -133,8 +133,8 @@ def _length_sorted_batches(model: SentenceTransformer, texts: list[str], size: i
 
 def _timed(backend: Backend, batches: list[list[str]]) -> tuple[Matrix, float]:
     """The vectors, and the better rate of two passes over ``batches`` run as the Encoder runs them, after a
-    first pass that pays for lazy initialisation (OpenVINO's per-shape kernels among it). One timed pass
-    of 64 texts picked the slower of torch-bf16 and openvino in one run of three here."""
+    first pass that pays for lazy initialisation (OpenVINO's per-shape kernels among it): a single timed
+    pass could pick the slower of two close backends."""
     vectors = np.concatenate(list(embed_batches(backend, batches)))
     best = 0.0
     for _ in range(2):

@@ -57,7 +57,7 @@ class OpenVinoBackend(ExportedBackend):
             "NUM_STREAMS": str(lanes),
             "INFERENCE_NUM_THREADS": str(threads),
             # No pinning: OpenVINO pins each process's threads from core 0 on, so `--processes 2` ran both
-            # workers on one core (38 + 38 texts/s against 81 + 79 unpinned; one process: 155 vs 167).
+            # workers on one core (bench/ingest.py --parts processes shows it).
             "ENABLE_CPU_PINNING": False,
             # Said, not left to the plugin: on ARM its default is float16, which nobody measured here.
             "INFERENCE_PRECISION_HINT": "bf16" if "BF16" in self.capabilities else "f32",

@@ -23,7 +23,7 @@ from pgsim.columns.registry import (
     queue_rows,
     registration_by_id,
 )
-from pgsim.db.catalog import primary_key, relation_exists, resolve_table, table_columns
+from pgsim.db.catalog import Table, primary_key, relation_exists, resolve_table, table_columns
 from pgsim.db.hnsw import HNSW, create_hnsw_index
 from pgsim.db.names import derived_name
 from pgsim.encoding.encoder import Encoder
@@ -34,19 +34,11 @@ DEFAULT_HNSW = HNSW()
 
 
 @dataclass(frozen=True)
-class TableShape:
-    schema: str
-    name: str
-    columns: dict[str, str]  # name -> format_type
+class TableShape(Table):
+    """A table that can hold an embedding column: its columns (name -> format_type) and primary key."""
+
+    columns: dict[str, str]
     key_columns: tuple[str, ...]
-
-    @property
-    def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
-
-    @property
-    def identifier(self) -> sql.Identifier:
-        return sql.Identifier(self.schema, self.name)
 
 
 def add_embedding(
@@ -150,7 +142,7 @@ def read_table(conn: psycopg.Connection[Any], table: str) -> TableShape:
             f"Table {found.qualified} has no primary key, which pgsim needs to find a row again after encoding it. "
             f"Add one: ALTER TABLE {found.qualified} ADD PRIMARY KEY (<column>);"
         )
-    return TableShape(found.schema, found.name, table_columns(conn, found.oid), keys)
+    return TableShape(found.oid, found.schema, found.name, found.kind, table_columns(conn, found.oid), keys)
 
 
 def _source_expression(

@@ -25,6 +25,7 @@ from psycopg import sql
 from pgsim.columns.batches import checked_encoder
 from pgsim.columns.cache import Found, lookup, merged, missing, store
 from pgsim.columns.registry import Registration, registrations
+from pgsim.db.catalog import resolve_table
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput
 from pgsim.psycopg import register
@@ -138,16 +139,8 @@ def _encode(encoders: list[Any], texts: list[list[str | None]]) -> list[_Encoded
 
 
 def _targets(conn: psycopg.Connection[Any], table: str) -> list[Registration]:
-    from pgsim.db.names import table_identifier
-
-    resolved = conn.execute(
-        "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE c.oid = to_regclass(%s)",
-        [table_identifier(table).as_string(conn)],
-    ).fetchone()
-    if resolved is None:
-        raise InvalidInput(f"Table {table!r} does not exist (or is not on the search_path).")
-    found = [r for r in registrations(conn) if (r.schema, r.table_name) == tuple(resolved)]
+    resolved = resolve_table(conn, table)
+    found = [r for r in registrations(conn) if (r.schema, r.table_name) == (resolved.schema, resolved.name)]
     if not found:
         raise InvalidInput(
             f"Table {table!r} has no registered embedding column: register one first (pgsim.add_embedding), "

@@ -9,7 +9,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsim.db.names import table_identifier, table_parts
+from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput, SchemaMissing
 
 LOCAL_HOSTS = ("", "localhost", "127.0.0.1", "::1")
@@ -33,7 +33,6 @@ class Table:
 
 def resolve_table(conn: psycopg.Connection[Any], table: str) -> Table:
     """The relation ``table`` names (search_path applies), with a clear error when there is none."""
-    table_parts(table)
     row = conn.execute(
         "SELECT c.oid, n.nspname, c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
         "WHERE c.oid = to_regclass(%s)",

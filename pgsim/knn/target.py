@@ -4,13 +4,14 @@ the model check.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 
 from pgsim.columns.registry import Registration, get_registration
-from pgsim.db.names import table_identifier
+from pgsim.db.catalog import resolve_table, table_columns
 from pgsim.encoding.encoder import check_vector, encoder_for
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
@@ -40,32 +41,20 @@ def vector_column(conn: psycopg.Connection[Any], table: str, column: str) -> Vec
 
 
 def read_vector_column(conn: psycopg.Connection[Any], table: str, column: str) -> VectorColumn:
-    ident = table_identifier(table).as_string(conn)
-    rows = conn.execute(
-        """
-        SELECT a.attname, a.atttypmod, format_type(a.atttypid, NULL)
-        FROM pg_attribute a
-        WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped
-        ORDER BY a.attnum
-        """,
-        [ident],
-    ).fetchall()
-    if not rows:
-        raise InvalidInput(f"Table {table!r} does not exist (or is not on the search_path).")
-    found = {name: (typmod, type_name) for name, typmod, type_name in rows}
-    if column not in found:
-        raise InvalidInput(f"Table {table!r} has no column {column!r}; its columns are {', '.join(found)}.")
-    typmod, type_name = found[column]
-    if type_name not in ("vector", "halfvec"):
-        raise InvalidInput(f"Column {table}.{column} is {type_name}, not a pgvector vector column.")
-    if typmod < 1:
+    columns = table_columns(conn, resolve_table(conn, table).oid)
+    if column not in columns:
+        raise InvalidInput(f"Table {table!r} has no column {column!r}; its columns are {', '.join(columns)}.")
+    declared = re.fullmatch(r"(vector|halfvec)(?:\((\d+)\))?", columns[column])
+    if declared is None:
+        raise InvalidInput(f"Column {table}.{column} is {columns[column]}, not a pgvector vector column.")
+    if declared[2] is None:
         raise InvalidInput(f"Column {table}.{column} has no declared dimension; declare it as vector(n).")
     return VectorColumn(
         table,
         column,
-        type_name,
-        int(typmod),
-        tuple(name for name in found if name != column),
+        declared[1],
+        int(declared[2]),
+        tuple(name for name in columns if name != column),
         get_registration(conn, table, column),
     )
 

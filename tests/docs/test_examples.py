@@ -1,22 +1,150 @@
-"""The README's examples run as written, against the test database."""
+"""The examples of README.md and docs/*.md run as written, against the test database.
+
+A fenced block right after ``<!-- example: NAME -->`` is an example: the tests below run it (Python in a
+subprocess, SQL against a copy of the demo's table, the Alembic walkthrough's commands in a scratch
+project). A Python block must be an example or say why it is not: ``<!-- not-run: REASON -->``. Relative
+links must resolve, and benchmark numbers stay in bench/README.md.
+"""
+
+from __future__ import annotations
 
 import ast
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg
+import pytest
 from fixtures.database import scratch_database
+from fixtures.model import load_packages_table
 
-README = Path(__file__).resolve().parents[2] / "README.md"
+ROOT = Path(__file__).resolve().parents[2]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+MARKER = re.compile(r"<!-- (example|not-run): (.+?) -->")
+FENCE = re.compile(r"^```(\w*)\s*$")
+PYTHON = {"python", "py", "python3", "pycon"}
+
+# Examples whose test below checks what they print (or, for the Alembic walkthrough, what they generate);
+# every other Python example is run by test_other_python_examples_run.
+CHECKED = {
+    "psycopg",
+    "search",
+    "sync",
+    "sqlalchemy",
+    "quality",
+    "search-where",
+    "encoder",
+    "orm-options",
+    "alembic-models",
+    "alembic-env",
+    "alembic-commands",
+    "alembic-generated",
+}
 
 
-def example(name: str) -> str:
-    match = re.search(rf"<!-- example: {name} -->\n```python\n(.*?)```", README.read_text(), re.S)
-    assert match, f"README has no example marked {name}"
-    return match.group(1)
+@dataclass(frozen=True)
+class Block:
+    page: Path
+    line: int  # 1-based line of the opening fence
+    language: str
+    code: str
+    marker: tuple[str, str] | None  # ("example", name) or ("not-run", reason) from the line before
+
+
+def blocks(page: Path) -> Iterator[Block]:
+    """Every fenced block of ``page``, with the marker on the line before it, if any."""
+    lines = page.read_text().splitlines()
+    number = 0
+    while number < len(lines):
+        opening = FENCE.match(lines[number])
+        if opening is None:
+            number += 1
+            continue
+        end = next(i for i in range(number + 1, len(lines)) if lines[i].startswith("```"))
+        found = MARKER.fullmatch(lines[number - 1].strip()) if number else None
+        yield Block(
+            page,
+            number + 1,
+            opening.group(1),
+            "\n".join(lines[number + 1 : end]) + "\n",
+            (found.group(1), found.group(2)) if found else None,
+        )
+        number = end + 1
+
+
+def examples() -> dict[str, Block]:
+    found: dict[str, Block] = {}
+    for page in PAGES:
+        for block in blocks(page):
+            if block.marker and block.marker[0] == "example":
+                name = block.marker[1]
+                assert name not in found, f"example {name} is marked twice ({found[name].page.name}, {page.name})"
+                found[name] = block
+    return found
+
+
+def example(name: str, language: str = "python") -> str:
+    block = examples().get(name)
+    assert block is not None, f"no example marked {name} in README.md or docs/"
+    assert block.language == language, f"example {name} is a {block.language} block, not {language}"
+    return block.code
+
+
+def run_python(code: str, env: dict[str, str], timeout: int = 300) -> list[str]:
+    """``code`` run in a fresh interpreter; its output lines (the test fails with its stderr if it fails)."""
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip().splitlines()
+
+
+def test_python_blocks_are_run_or_say_why_not() -> None:
+    unmarked = [
+        f"{block.page.relative_to(ROOT)}:{block.line}"
+        for page in PAGES
+        for block in blocks(page)
+        if block.language in PYTHON and block.marker is None
+    ]
+    assert not unmarked, (
+        "Python blocks without <!-- example: NAME --> (run by tests/docs) or <!-- not-run: REASON -->: "
+        + ", ".join(unmarked)
+    )
+
+
+def test_every_example_has_a_test() -> None:
+    for name, block in examples().items():
+        assert block.language in (*PYTHON, "sql") or name in CHECKED, (
+            f"example {name} ({block.page.name}) is a {block.language} block that no test runs"
+        )
+
+
+def test_relative_links_resolve() -> None:
+    link = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+    broken = []
+    for page in PAGES:
+        text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # links in code are not links
+        text = re.sub(r"`[^`\n]*`", "", text)
+        for target in link.findall(text):
+            if re.match(r"[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+                continue  # a URL, or an anchor on the same page
+            if not (page.parent / target.split("#")[0]).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, f"relative links to files that do not exist: {broken}"
+
+
+def test_benchmark_numbers_stay_in_bench_readme() -> None:
+    measurement = re.compile(r"\b\d+(?:\.\d+)?x\b|\b(?:rows|texts|objects|tokens)/s\b|\bQPS\b|ms/q|GFLOP")
+    found = [
+        f"{page.relative_to(ROOT)}: {match.group(0)}"
+        for page in PAGES
+        for match in measurement.finditer(page.read_text())
+    ]
+    assert not found, f"benchmark numbers belong in bench/README.md: {found}"
 
 
 def test_psycopg_example_runs_as_written(database: str) -> None:
@@ -24,10 +152,8 @@ def test_psycopg_example_runs_as_written(database: str) -> None:
     assert len(code.strip().splitlines()) <= 16
     env = dict(os.environ, PGSIM_DSN=database)
     for _ in range(2):  # a second run finds everything in place
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        rows = ast.literal_eval(out.stdout.strip())
-        assert sorted(body for (body,) in rows) == [
+        (rows,) = run_python(code, env)
+        assert sorted(body for (body,) in ast.literal_eval(rows)) == [
             "Indexing JSONB columns for fast lookups",
             "Tuning Postgres for write-heavy workloads",
         ]
@@ -38,9 +164,7 @@ def test_sync_example_runs_as_written(database: str) -> None:
     assert len(code.strip().splitlines()) <= 16
     env = dict(os.environ, PGSIM_DSN=database)
     for _ in range(2):  # it starts from a dropped table each time
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        embedded, titles = out.stdout.strip().splitlines()
+        embedded, titles = run_python(code, env)
         assert embedded == "2"  # the inserted row and the updated one; ingested rows came embedded
         assert sorted(ast.literal_eval(titles)) == ["Ragù", "Sauce"]
 
@@ -49,9 +173,22 @@ def test_sqlalchemy_example_runs_as_written(database: str) -> None:
     code = example("sqlalchemy")
     env = dict(os.environ, PGSIM_DSN=database)
     for _ in range(2):  # it drops and creates its table each time
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        assert ast.literal_eval(out.stdout.strip()) == ["Fast JSON parser for C"]
+        (printed,) = run_python(code, env)
+        assert ast.literal_eval(printed) == ["Fast JSON parser for C"]
+
+
+def test_orm_options_example_runs_as_written(database: str) -> None:
+    code = example("orm-options")
+    env = dict(os.environ, PGSIM_DSN=database)
+    for _ in range(2):  # it drops and creates its table each time
+        titles, version = run_python(code, env)
+        assert sorted(ast.literal_eval(titles)) == ["Indexes", "Vacuum"]
+        assert version == "True"
+    with psycopg.connect(database) as conn:  # the declared index, not the default one, is the registered one
+        assert conn.execute(
+            "SELECT index_name, index_m, index_ef_construction, dtype FROM pgsim.embedding WHERE table_name = %s",
+            ["orm_notes"],
+        ).fetchall() == [("orm_notes_embedding_hnsw", 32, 128, "halfvec")]
 
 
 def test_search_example_runs_as_written(tmp_path: Path) -> None:
@@ -67,20 +204,55 @@ def test_search_example_runs_as_written(tmp_path: Path) -> None:
             timeout=600,
         )
         assert demo.returncode == 0, demo.stderr
-        out = subprocess.run(
-            [sys.executable, "-c", example("search")], env=env, capture_output=True, text=True, timeout=300
-        )
-        assert out.returncode == 0, out.stderr
-        lines = out.stdout.strip().splitlines()
+        lines = run_python(example("search"), env)
         assert 1 <= len(lines) <= 5 and all(": " in line for line in lines)
     finally:
         subprocess.run([sys.executable, "-m", "pgsim.cli", "server", "stop"], env=env, capture_output=True, timeout=120)
 
 
-def shell_example(name: str) -> list[str]:
-    match = re.search(rf"<!-- example: {name} -->\n```bash\n(.*?)```", README.read_text(), re.S)
-    assert match, f"README has no example marked {name}"
-    return [line for line in match.group(1).splitlines() if line.strip()]
+def test_search_where_example_runs_as_written(database: str) -> None:
+    env = dict(os.environ, PGSIM_DSN=database)
+    small, photos = run_python(example("search-where"), env)
+    assert ast.literal_eval(small) == ["jq", "ujson"]  # the only rows under 1000 KiB: k rows when k match
+    assert photos.split()[0] == "gimp"
+
+
+def test_encoder_example_runs_as_written() -> None:
+    shape, stats, similar = run_python(example("encoder"), dict(os.environ))
+    assert shape == "(384,) float32 None None"
+    assert stats == "1 1 2"  # one text encoded, one duplicate, two empty
+    assert similar == "True"
+
+
+def test_other_python_examples_run(database: str) -> None:
+    env = dict(os.environ, PGSIM_DSN=database)
+    for name, block in sorted(examples().items()):
+        if block.language in PYTHON and name not in CHECKED:
+            run_python(block.code, env)
+
+
+@pytest.fixture(scope="module")
+def demo_table(database: str, packages: list[Any], package_vectors: Any) -> str:
+    """The demo's table, pgsim_demo.packages, with the first rows of the Debian sample and their embeddings."""
+    import pgsim
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        pgsim.install(conn)
+        conn.execute("CREATE SCHEMA IF NOT EXISTS pgsim_demo")
+        conn.execute("SET search_path = pgsim_demo, public")
+        conn.execute("DROP TABLE IF EXISTS packages")
+        load_packages_table(conn, packages, package_vectors)
+    return database
+
+
+SQL_EXAMPLES = sorted(name for name, block in examples().items() if block.language == "sql")
+
+
+@pytest.mark.parametrize("name", SQL_EXAMPLES)
+def test_sql_example_runs_as_written(demo_table: str, name: str) -> None:
+    with psycopg.connect(demo_table, autocommit=True) as conn:
+        rows = conn.execute(example(name, "sql").encode()).fetchall()
+    assert rows, f"example {name} returned no rows"
 
 
 def test_alembic_walkthrough_runs_as_written(server_dsn: str, tmp_path: Path) -> None:
@@ -104,14 +276,13 @@ def alembic_walkthrough(database: str, tmp_path: Path) -> None:
     env_py = tmp_path / "migrations" / "env.py"
     assert env_py.read_text().count("target_metadata = None") == 1
     env_py.write_text(env_py.read_text().replace("target_metadata = None", example("alembic-env")))
-    commands = shell_example("alembic-commands")
+    commands = [line for line in example("alembic-commands", "bash").splitlines() if line.strip()]
     for command in commands[:2]:  # autogenerate, upgrade
         run(command)
     (first,) = (tmp_path / "migrations" / "versions").glob("*_memos.py")
     generated = first.read_text()
-    readme = README.read_text()
-    shown = readme[readme.index("The first revision's `upgrade()`") :].split("```python\n", 1)[1].split("```")[0]
-    assert all(line in generated for line in shown.splitlines())  # the README shows what is generated
+    shown = example("alembic-generated")
+    assert all(line in generated for line in shown.splitlines())  # the docs show what is generated
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT column_name FROM pgsim.embedding WHERE table_name = 'memos'").fetchall() == [
             ("embedding",)
@@ -130,9 +301,8 @@ def alembic_walkthrough(database: str, tmp_path: Path) -> None:
 def test_quality_example_runs_as_written(database: str) -> None:
     code = example("quality")
     env = dict(os.environ, PGSIM_DSN=database)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    hybrid, relevant, irrelevant, diverse, duplicates, labels = out.stdout.strip().splitlines()
+    lines = run_python(code, env, timeout=600)
+    hybrid, relevant, irrelevant, diverse, duplicates, labels = lines
     assert len(ast.literal_eval(hybrid)) == 3 and len(ast.literal_eval(diverse)) == 3
     assert 1 <= len(ast.literal_eval(relevant)) <= 10 and ast.literal_eval(irrelevant) == []
     assert len(ast.literal_eval(duplicates)) >= 2

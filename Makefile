@@ -26,6 +26,7 @@ check: $(BIN)/.installed
 	$(BIN)/ruff format --check pgsim tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
+	$(BIN)/mkdocs build --strict --quiet --site-dir build/site
 
 bench-encode: $(BIN)/.installed
 	$(BIN)/python bench/encode.py

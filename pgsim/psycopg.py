@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
-from psycopg.adapt import Dumper
+from psycopg.adapt import Dumper, PyFormat
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
 
@@ -47,6 +47,17 @@ class Text:
 
     def __repr__(self) -> str:
         return f"Text({self.text!r}" + (f", model={self.model!r})" if self.model else ")")
+
+
+def bindable(conn: psycopg.BaseConnection[Any], vector: Vector) -> Any:
+    """``vector`` as ``conn`` can bind it: as it is where pgsim's (or pgvector's) adapters are registered, else
+    as pgvector's text form, an untyped literal the server casts to the column's type (so every search works
+    on a plain ``psycopg.connect(...)`` connection, without a round trip to look the type up)."""
+    try:
+        conn.adapters.get_dumper(type(vector), PyFormat.AUTO)
+        return vector
+    except psycopg.ProgrammingError:
+        return "[" + ",".join(map(repr, vector.tolist())) + "]"
 
 
 def register(conn: psycopg.Connection[Any], model: str = DEFAULT_MODEL) -> None:

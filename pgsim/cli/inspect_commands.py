@@ -125,9 +125,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         registration = get_registration(conn, args.table, args.column)
     model = args.model or (registration.model if registration else DEFAULT_MODEL)
     backend = encoder_for(model).backend
-    print(
-        f"encoder: {model} on backend {backend.name} in {backend.precision} ({backend.reason}); {lanes_text(backend)}"
-    )
+    precision = f" in {backend.precision}" if backend.precision else ""  # OpenVINO picks it per CPU
+    print(f"encoder: {model} on backend {backend.name}{precision} ({backend.reason}); {lanes_text(backend)}")
     print(f"path: {plan.path}" + (f" using index {plan.index_name}" if plan.path == "hnsw" else ""))
     print(f"why: {plan.reason}")
     print(f"estimated rows passing the filter: {plan.estimated_rows:.0f}", end="")

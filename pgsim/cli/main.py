@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from pgsim.cli.column_commands import (
     cmd_add_embedding,
@@ -23,6 +24,13 @@ from pgsim.errors import PgsimError
 SETUP_HINT = "Without --dsn or PGSIM_DSN, pgsim uses its embedded PostgreSQL under --data-dir (or PGSIM_HOME)."
 
 
+def _seconds(value: str) -> float:
+    number = float(value)
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0; got {value}")
+    return number
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -30,27 +38,41 @@ def _positive(value: str) -> int:
     return number
 
 
+def _connection_options(parser: argparse.ArgumentParser, default: Any, verbose_default: Any) -> None:
+    parser.add_argument(
+        "--dsn", default=default, help="PostgreSQL connection string (default: $PGSIM_DSN, else the embedded server)"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=default,
+        help="the embedded server's directory (default: $PGSIM_HOME or the user data dir)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", default=verbose_default, help="log what pgsim does")
+
+
 def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="pgsim", description="Similarity search in PostgreSQL.", epilog=SETUP_HINT)
-    parser.add_argument("--dsn", help="PostgreSQL connection string (default: $PGSIM_DSN, else the embedded server)")
-    parser.add_argument(
-        "--data-dir", help="the embedded server's directory (default: $PGSIM_HOME or the user data dir)"
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log what pgsim does")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _connection_options(parser, None, False)
+    # the same options after the command (pgsim install --dsn URL); given there, they win
+    shared = argparse.ArgumentParser(add_help=False)
+    _connection_options(shared, argparse.SUPPRESS, argparse.SUPPRESS)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = commands.add_parser("demo", help="load Debian package descriptions, embed them, and run filtered searches")
+    def add_command(name: str, **options: Any) -> argparse.ArgumentParser:
+        return subparsers.add_parser(name, parents=[shared], **options)
+
+    demo = add_command("demo", help="load Debian package descriptions, embed them, and run filtered searches")
     demo.add_argument("--model", default=DEFAULT_MODEL)
     demo.add_argument("--rows", type=int, help="load only the first ROWS packages of the shipped sample (default: all)")
     demo.set_defaults(run=cmd_demo)
 
-    commands.add_parser("install", help="create or upgrade the pgsim schema").set_defaults(run=cmd_install)
-    commands.add_parser(
+    add_command("install", help="create or upgrade the pgsim schema").set_defaults(run=cmd_install)
+    add_command(
         "status", help="server, pgvector and schema versions; queue depth, dead letters and lag per embedding column"
     ).set_defaults(run=cmd_status)
 
-    search = commands.add_parser("search", help="the k rows nearest to a text, with equality filters")
+    search = add_command("search", help="the k rows nearest to a text, with equality filters")
     search.add_argument("query", help="text to search for")
     search.add_argument("--table", default="pgsim_demo.packages")
     search.add_argument("--column", default="embedding", help="the vector column")
@@ -65,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", help="the query's model (default: the column's registered model, else all-MiniLM)")
     search.set_defaults(run=cmd_search)
 
-    doctor = commands.add_parser("doctor", help="which path a filtered search takes, why, and its EXPLAIN ANALYZE")
+    doctor = add_command("doctor", help="which path a filtered search takes, why, and its EXPLAIN ANALYZE")
     doctor.add_argument("query", help="text to search for")
     doctor.add_argument("--table", default="pgsim_demo.packages")
     doctor.add_argument("--column", default="embedding", help="the vector column")
@@ -74,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--model", help="the query's model (default: the column's registered model, else all-MiniLM)")
     doctor.set_defaults(run=cmd_doctor)
 
-    advise = commands.add_parser("index-advise", help="partial HNSW indexes for a workload's frequent filter values")
+    advise = add_command("index-advise", help="partial HNSW indexes for a workload's frequent filter values")
     advise.add_argument("--workload", required=True, help="JSON lines, one search's filter per line ('-' for stdin)")
     advise.add_argument("--table", default="pgsim_demo.packages")
     advise.add_argument("--column", default="embedding", help="the vector column")
@@ -83,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     advise.add_argument("--create", action="store_true", help="build the indexes (CONCURRENTLY) instead of printing")
     advise.set_defaults(run=cmd_index_advise)
 
-    add = commands.add_parser(
+    add = add_command(
         "add-embedding", help="add an embedding column kept in sync with its source text by triggers and workers"
     )
     add.add_argument("table", help="table (schema.table) with a primary key")
@@ -102,13 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--concurrently", action="store_true", help="build the index without blocking writes")
     add.set_defaults(run=cmd_add_embedding)
 
-    remove = commands.add_parser("remove-embedding", help="undo add-embedding: triggers, queue, index, column")
+    remove = add_command("remove-embedding", help="undo add-embedding: triggers, queue, index, column")
     remove.add_argument("table")
     remove.add_argument("column")
     remove.add_argument("--keep-column", action="store_true", help="keep the column and its vectors")
     remove.set_defaults(run=cmd_remove_embedding)
 
-    change = commands.add_parser(
+    change = add_command(
         "change-model", help="re-embed a column with another model in the background, then switch over at once"
     )
     change.add_argument("table")
@@ -120,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
         ("backfill", cmd_backfill, "embed the rows that lack an embedding, with a progress bar; resumable"),
         ("worker", cmd_worker, "keep registered columns in sync: LISTEN for changes, encode them in batches"),
     ):
-        command = commands.add_parser(name, help=text)
+        command = add_command(name, help=text)
         command.add_argument("table", nargs="?", help="only this table (default: every registered column)")
         command.add_argument("column", nargs="?", help="only this column")
         command.add_argument(
-            "--batch-size", type=int, default=256, help="at most this many rows per batch (one transaction)"
+            "--batch-size", type=_positive, default=256, help="at most this many rows per batch (one transaction)"
         )
         command.add_argument(
             "--processes",
@@ -139,10 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
         )
         command.set_defaults(run=run)
         if name == "worker":
-            command.add_argument("--poll-interval", type=float, default=5.0, help="seconds between polls")
+            command.add_argument("--poll-interval", type=_seconds, default=5.0, help="seconds between polls")
             command.add_argument("--once", action="store_true", help="drain the queue once, then exit")
 
-    server = commands.add_parser("server", help="start, stop or look at the embedded PostgreSQL")
+    server = add_command("server", help="start, stop or look at the embedded PostgreSQL")
     server.add_argument("action", choices=["start", "stop", "status"])
     server.set_defaults(run=cmd_server)
     return parser

@@ -30,6 +30,8 @@ MAX_RETRY_DELAY = 300.0
 # Errors that say nothing about the rows (a deadlock, a lock or statement timeout, an interrupted query).
 TRANSIENT = (
     psycopg.errors.TransactionRollback,
+    psycopg.errors.DeadlockDetected,  # not TransactionRollback subclasses in psycopg 3.3
+    psycopg.errors.SerializationFailure,
     psycopg.errors.QueryCanceled,
     psycopg.errors.LockNotAvailable,
     MemoryError,

@@ -172,6 +172,7 @@ def _stage(
     """COPY the chunk into a session temp table and read each registered column's source text from it."""
     name = f"pgsim_ingest_{number}"
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    sources = [column for column in columns if any(column in target.source_columns for target in targets)]
     started = time.perf_counter()
     with conn.transaction():
         conn.execute(
@@ -189,6 +190,12 @@ def _stage(
                             f"Row {first_row + row_number} has columns {sorted(row)}; "
                             f"the first row had {sorted(columns)}."
                         )
+                    for column in sources:
+                        if isinstance(row[column], (bytes, bytearray, memoryview)):
+                            raise InvalidInput(
+                                f"Row {first_row + row_number}: {column!r} is {type(row[column]).__name__}, but it "
+                                "is the source of an embedding and holds text: decode it first (bytes.decode())."
+                            )
                     copy.write_row([row[column] for column in columns] + [row_number])
         texts = [_source_texts(conn, target, name, len(chunk)) for target in targets]
     report.write_seconds += time.perf_counter() - started

@@ -215,6 +215,10 @@ class Worker:
         cache: bool = False,
         overlap: bool | None = None,
     ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInput(f"batch_size must be a whole number >= 1; got {batch_size!r}.")
+        if not poll_interval > 0 or poll_interval == float("inf"):  # 0 or less would poll in a busy loop
+            raise InvalidInput(f"poll_interval must be a number of seconds above 0; got {poll_interval!r}.")
         self.dsn = dsn
         self.table, self.column = table, column
         self.batch_size = batch_size

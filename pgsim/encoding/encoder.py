@@ -66,6 +66,21 @@ class EncodeStats:
         return self.encoded / self.seconds if self.seconds else 0.0
 
 
+def check_text(text: object, position: int = 0) -> None:
+    """:class:`InvalidInput` unless ``text`` is a str that UTF-8 can hold (no lone surrogate, which is what
+    bytes that were not UTF-8 become when Python decodes them with ``surrogateescape``, as it does argv)."""
+    if not isinstance(text, str):
+        raise InvalidInput(f"Text #{position} is {type(text).__name__}, not str: decode it to text first.")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidInput(
+            f"Text #{position} is not valid Unicode: character {exc.start} is a lone surrogate ({text[exc.start]!r}), "
+            "as bytes that are not UTF-8 give when decoded leniently. Decode the text as UTF-8 (or drop those "
+            "characters) first."
+        ) from None
+
+
 def check_vector(values: Any, dimension: int | None = None) -> Vector:
     """``values`` as a 1-D float32 array, or :class:`InvalidInput` saying what is wrong with it."""
     try:
@@ -155,8 +170,9 @@ class Encoder:
 
     def encode_query(self, text: str) -> Vector:
         """One query's vector. Blank text is an error: nothing can be ranked against it."""
-        if not isinstance(text, str) or not text.strip():
+        if text is None or (isinstance(text, str) and not text.strip()):
             raise InvalidInput("The query text is empty; pass the words to search for.")
+        check_text(text)
         vector = self.encode([text], kind="query")[0]
         assert vector is not None
         return vector
@@ -174,9 +190,10 @@ class Encoder:
         positions: dict[str, list[int]] = {}
         empty = 0
         for position, text in enumerate(texts):
-            if text is None or not text.strip():
+            if text is None or (isinstance(text, str) and not text.strip()):
                 empty += 1
                 continue
+            check_text(text, position)
             positions.setdefault(prefix + text[:MAX_CHARS], []).append(position)
         unique = list(positions)
         results: list[Vector | None] = [None] * len(texts)

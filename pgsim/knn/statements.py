@@ -10,6 +10,7 @@ from typing import Any
 from psycopg import sql
 
 from pgsim.db.names import table_identifier
+from pgsim.errors import InvalidInput
 from pgsim.knn.target import VectorColumn
 
 DISTANCE = "_pgsim_distance"
@@ -29,6 +30,12 @@ class Between:
 Where = Mapping[str, Any] | sql.Composable | None
 
 
+def check_no_nul(value: object, what: str) -> None:
+    """PostgreSQL's text cannot hold NUL: say so, instead of letting psycopg fail (or cut a name short)."""
+    if isinstance(value, str) and "\x00" in value:
+        raise InvalidInput(f"{what} {value!r} holds a NUL character, which PostgreSQL text cannot hold; remove it.")
+
+
 def filter_sql(where: Where) -> sql.Composable:
     """A WHERE condition with its values as literals (psycopg quotes them); identifiers always quoted."""
     if where is None:
@@ -37,6 +44,9 @@ def filter_sql(where: Where) -> sql.Composable:
         return where
     clauses: list[sql.Composable] = []
     for name, value in where.items():
+        check_no_nul(name, "The filter column")
+        for part in value if isinstance(value, (list, tuple, set, frozenset)) else (value,):
+            check_no_nul(part, f"The filter value of {name!r}")
         column = sql.Identifier(name)
         if isinstance(value, (list, tuple, set, frozenset)):
             values = list(value)

@@ -16,7 +16,7 @@ from pgsim.encoding.encoder import check_vector, encoder_for
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
 from pgsim.knn.caches import column_cache, database_key
-from pgsim.psycopg import Text
+from pgsim.psycopg import Text, bindable
 
 MAX_K = 10_000
 
@@ -94,7 +94,9 @@ def target_and_params(
         raise InvalidInput(
             f"Model {model!r} gives {vector.shape[0]} dimensions; {table}.{column} holds {target.dimension}."
         )
-    params: dict[str, Any] = {"q": vector}
+    if not vector.any():
+        raise InvalidInput("The query vector is all zeros: it has no direction, so no cosine distance to it exists.")
+    params: dict[str, Any] = {"q": bindable(conn, vector)}
     if registration is not None:
         params.update(
             g_schema=registration.schema,

@@ -31,7 +31,7 @@ from pgsim.knn.planner import (
     run_plan,
     under_hnsw_settings,
 )
-from pgsim.knn.statements import DISTANCE, PATHS, Where, filter_sql, search_statement
+from pgsim.knn.statements import DISTANCE, PATHS, Where, check_no_nul, filter_sql, search_statement
 from pgsim.knn.target import VectorColumn, check_k, target_and_params
 
 DEFAULT_CANDIDATES = 50  # per list
@@ -76,6 +76,7 @@ def hybrid_search(
     else 'english') and its words are ORed."""
     if not isinstance(query, str) or not query.strip():
         raise InvalidInput("The query text is empty; pass the words to search for.")
+    check_no_nul(query, "The query text")
     check_k(k)
     for name, value, low in (("candidates", candidates, k), ("rrf_k", rrf_k, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 10_000:

@@ -134,3 +134,28 @@ def test_embedded_server_is_the_default(tmp_path: Path) -> None:
 def test_format_table_cells(cell: object, shown: str) -> None:
     lines = format_table(["h"], [[cell]]).splitlines()
     assert lines[2].rstrip() == shown
+
+
+def test_dsn_after_the_command_and_bad_arguments(database: str) -> None:
+    after = subprocess.run(
+        [sys.executable, "-m", "pgsim.cli", "status", "--dsn", database], capture_output=True, text=True, timeout=600
+    )
+    assert after.returncode == 0, after.stderr
+    assert "pgvector 0.8" in after.stdout
+    for option, value in [("--poll-interval", "0"), ("--poll-interval", "-1"), ("--batch-size", "0")]:
+        refused = pgsim("worker", option, value, dsn=database)
+        assert refused.returncode == 2 and f"argument {option}: must be" in refused.stderr
+
+
+def test_a_query_that_is_not_utf8_is_a_clear_error(database: str) -> None:
+    assert pgsim("demo", "--rows", "150", dsn=database).returncode == 0
+    env = {key: value for key, value in os.environ.items() if key != "PGSIM_DSN"}
+    found = subprocess.run(
+        [sys.executable, "-m", "pgsim.cli", "--dsn", database, "search", b"\xff\xfe parser"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert found.returncode == 2
+    assert "pgsim: Text #0 is not valid Unicode" in found.stderr and "Traceback" not in found.stderr

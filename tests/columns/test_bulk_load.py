@@ -71,6 +71,7 @@ def test_rows_without_text_get_null_and_an_entry_the_worker_ends(pkgs: Any) -> N
         ([{"package": "x", "description": "no synopsis"}], "reads a column the rows do not carry"),
         ([{"package": "x", "synopsis": "a"}, {"package": "y", "synposis": "typo"}], "Row 1 has columns"),
         (["not a mapping"], "mapping"),
+        ([{"package": "x", "synopsis": b"bytes, not text"}], "Row 0: 'synopsis' is bytes"),
     ],
 )
 def test_bad_rows_write_nothing(pkgs: Any, rows: list[Any], message: str) -> None:

@@ -408,3 +408,27 @@ def test_a_renamed_table_keeps_its_registration(pkgs: Any) -> None:
         assert [r.table for r in registrations(pkgs)] == ["public.packages_renamed"]
     finally:
         pkgs.execute("ALTER TABLE packages_renamed RENAME TO pkgs")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"poll_interval": 0}, "poll_interval must be"),
+        ({"poll_interval": -1.0}, "poll_interval must be"),
+        ({"poll_interval": float("nan")}, "poll_interval must be"),
+        ({"batch_size": 0}, "batch_size must be"),
+        ({"batch_size": 2.5}, "batch_size must be"),
+    ],
+)
+def test_a_worker_that_would_spin_or_never_claim_is_refused(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        Worker("postgresql:///nowhere", **options)
+
+
+def test_deadlocks_and_serialization_failures_are_retried_not_counted_against_the_rows() -> None:
+    import psycopg
+
+    from pgsim.columns.batches import TRANSIENT
+
+    for error in (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+        assert issubclass(error, TRANSIENT)

@@ -208,7 +208,7 @@ class Recording:
 
     def __init__(self, inner: backends.Backend | None = None, parallel: bool = True, fail_at: int = -1) -> None:
         self.inner, self.parallel, self.fail_at = inner, parallel, fail_at
-        self.name, self.reason, self.precision = "recording", "test", "f32"
+        self.name, self.reason, self.precision = "recording", "test", None
         self.calls: list[tuple[str, int]] = []
         self.gate = threading.Event()
 

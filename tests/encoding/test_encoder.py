@@ -130,3 +130,20 @@ def test_the_dimension_of_a_plain_transformer_directory_is_read_from_its_config(
 
     (tmp_path / "config.json").write_text('{"hidden_size": 512, "model_type": "bert"}')
     assert model_dimension(str(tmp_path)) == 512  # nothing loaded: the directory holds no weights
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            b"\xff\xfe".decode("utf-8", "surrogateescape"),
+            "Text #1 is not valid Unicode: character 0 is a lone surrogate",
+        ),
+        (b"bytes", "Text #1 is bytes, not str"),
+    ],
+)
+def test_text_that_is_not_unicode_is_a_clear_error(encoder: Encoder, text: Any, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        encoder.encode(["fine", text])
+    with pytest.raises(InvalidInput, match="not valid Unicode|not str"):
+        encoder.encode_query(text)

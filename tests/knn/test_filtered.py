@@ -360,3 +360,20 @@ def test_plan_is_checked_against_the_index_postgres_would_scan(
     finally:
         conn.execute("RESET enable_sort")
     assert checked.path == "exact" and "would scan packages_embedding_idx instead" in checked.reason
+
+
+def test_a_plain_psycopg_connection_needs_no_registration(db: str, packages: list[Package]) -> None:
+    with psycopg.connect(db) as plain:  # what an application's own pool hands out: no pgsim or pgvector adapters
+        hits = search(plain, "packages", "embedding", "parse JSON", k=3, where={"section": packages[0].section})
+        vector_hits = search(plain, "packages", "embedding", np.ones(384, dtype=np.float32), k=2)
+    assert len(hits) == 3 and all(hit.row["section"] == packages[0].section for hit in hits)
+    assert len(vector_hits) == 2
+
+
+def test_zero_query_vector_and_nul_in_filters_are_clear_errors(conn: Any) -> None:
+    with pytest.raises(InvalidInput, match="all zeros"):
+        search(conn, "packages", "embedding", [0.0] * 384)
+    with pytest.raises(InvalidInput, match="filter column .*tion' holds a NUL"):
+        search(conn, "packages", "embedding", "x", where={"sec\x00tion": "libs"})
+    with pytest.raises(InvalidInput, match="filter value of 'section' .* holds a NUL"):
+        search(conn, "packages", "embedding", "x", where={"section": ["libs", "li\x00bs"]})

@@ -205,6 +205,8 @@ def test_hybrid_search_fuses_the_exact_vector_ranks_and_the_text_ranks(
 def test_hybrid_search_refuses_bad_input(fulltext: Any) -> None:
     with pytest.raises(InvalidInput, match="query text is empty"):
         hybrid_search(fulltext, "packages", "embedding", "  ")
+    with pytest.raises(InvalidInput, match="query text .* holds a NUL"):
+        hybrid_search(fulltext, "packages", "embedding", "json\x00parser")
     with pytest.raises(InvalidInput, match="candidates"):
         hybrid_search(fulltext, "packages", "embedding", "json", k=10, candidates=5)
     with pytest.raises(InvalidInput, match="rrf_k"):

@@ -741,7 +741,7 @@ def test_flush_specs_do_not_keep_dropped_mappers_alive() -> None:
     import gc
     import weakref
 
-    from pgsim.sqlalchemy.columns import _flush_specs, _flush_specs_by_mapper
+    from pgsim.sqlalchemy.flush import _flush_specs_by_mapper, flush_specs
 
     def declare() -> Any:
         class TempBase(DeclarativeBase):
@@ -753,7 +753,7 @@ def test_flush_specs_do_not_keep_dropped_mappers_alive() -> None:
             body: Mapped[str]
             embedding = embedding_column(source="body", index=None)
 
-        _flush_specs(Temp.__mapper__)
+        flush_specs(Temp.__mapper__)
         assert Temp.__mapper__ in _flush_specs_by_mapper
         return weakref.ref(Temp.__mapper__)
 

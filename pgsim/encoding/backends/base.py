@@ -47,7 +47,7 @@ class Backend(Pass, Protocol):
     name: str
     reason: str  # why this backend: "requested", or what "auto" measured
     parallel: bool  # embed may run on several threads at once, each with a share of torch's threads
-    precision: str  # what the forward pass computes in: "f32", "bf16"
+    precision: str | None  # what the forward pass computes in ("bf16"), where the name does not say it
 
     def for_lanes(self, lanes: int) -> Pass:
         """What runs one of ``lanes`` passes side by side (most backends: themselves)."""

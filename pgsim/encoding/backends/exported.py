@@ -52,7 +52,7 @@ class ExportedBackend:
     name = ""
     reason = "requested"
     parallel = False
-    precision = "f32"
+    precision: str | None = None  # float32, unless the runtime says otherwise
 
     def __init__(self, model: SentenceTransformer) -> None:
         self.pooling = pooling_mode(model, self.name)

@@ -20,7 +20,6 @@ class OnnxBackend(ExportedBackend):
 
     name = "onnx"
     parallel = False  # ONNX Runtime's session has its own thread pool, sized at creation
-    precision = "f32"
 
     def __init__(self, model: SentenceTransformer, model_name: str, revision: str) -> None:
         try:

@@ -23,7 +23,7 @@ class TorchBackend:
         self.reason = "requested"
         self.parallel = model.device.type == "cpu"
         self.prompt = default_prompt(model)
-        self.precision = "bf16" if name == "torch-bf16" else "f32"
+        self.precision: str | None = None  # the name says it
 
     def for_lanes(self, lanes: int) -> TorchBackend:
         return self

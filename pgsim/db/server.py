@@ -10,7 +10,6 @@ directory get the same server instead of two ``initdb`` runs over one cluster.
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import importlib.util
 import logging
 import os
@@ -34,6 +33,7 @@ SERVICE_USER = "pgsim"  # PostgreSQL refuses to run as root; as root we run it a
 SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; the socket file name adds ".s.PGSQL.5432"
 SERVER_SETTINGS = {
     "listen_addresses": "",
+    "unix_socket_permissions": "0700",  # trust authentication: only the socket's owner (and root) may connect
     "shared_buffers": "256MB",
     "max_parallel_maintenance_workers": "2",
     "fsync": "on",
@@ -192,12 +192,16 @@ class EmbeddedServer:
             raise
 
     def _socket_dir(self) -> Path:
+        """Where the server's socket goes: the cluster directory (mode 0700), or, when its path is too long for
+        a socket, a new private directory under the temporary directory. Authentication is ``trust``, so only
+        whoever may enter that directory may connect: never a predictable or world-writable one."""
         if len(str(self.pgdata)) <= SOCKET_PATH_MAX:
             return self.pgdata
-        digest = hashlib.sha256(str(self.pgdata).encode()).hexdigest()[:12]
-        path = Path(tempfile.gettempdir()) / f"pgsim-{digest}"
-        path.mkdir(exist_ok=True)
-        path.chmod(0o1777)
+        path = Path(tempfile.mkdtemp(prefix="pgsim-socket-"))  # mode 0700, a name nobody can pre-create
+        user = self._service_user()
+        if user is not None:
+            entry = pwd.getpwnam(user)
+            os.chown(path, entry.pw_uid, entry.pw_gid)
         return path
 
     def _start_postmaster(self) -> RunningServer:

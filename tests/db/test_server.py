@@ -82,3 +82,39 @@ def test_unusable_directory_is_a_clear_error(tmp_path: Path) -> None:
         EmbeddedServer(blocker / "data").start()
     with pytest.raises(ServerError, match="Cannot use"):
         EmbeddedServer("/proc/pgsim-cannot-exist").start()
+
+
+def test_a_long_data_dir_gets_a_private_socket_directory_that_other_users_cannot_enter(tmp_path: Path) -> None:
+    import os
+    import pwd
+    import stat
+
+    server = EmbeddedServer(tmp_path / ("a-long-directory-name-" * 5) / "home")
+    try:
+        running = server.start()
+        mode = running.socket_dir.stat()
+        assert running.socket_dir != server.pgdata  # the path is too long for a socket: the socket lives elsewhere
+        assert stat.S_IMODE(mode.st_mode) == 0o700
+        assert running.socket_dir.name.startswith("pgsim-socket-") and len(running.socket_dir.name) > 16
+        with psycopg.connect(running.dsn()) as conn:  # its owner (or root) still connects
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+        if os.geteuid() == 0:  # as root (CI), a second OS user tries the socket: refused by the file system
+            try:
+                pwd.getpwnam("pgsim-intruder")
+            except KeyError:
+                subprocess.run(["useradd", "--system", "--no-create-home", "pgsim-intruder"], check=True)
+            from pgsim.db.server import _bin_dir
+
+            psql = _bin_dir() / "psql"
+            attempt = subprocess.run(
+                ["runuser", "-u", "pgsim-intruder", "--", str(psql), "-w", running.dsn(), "-c", "SELECT 1"],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert attempt.returncode != 0
+            assert "Permission denied" in attempt.stderr or "No such file" in attempt.stderr
+        else:
+            assert mode.st_uid == os.geteuid()
+    finally:
+        server.stop()

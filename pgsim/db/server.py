@@ -9,6 +9,7 @@ directory get the same server instead of two ``initdb`` runs over one cluster.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import importlib.util
 import logging
@@ -115,9 +116,13 @@ class EmbeddedServer:
         if not (self.pgdata / "PG_VERSION").exists():
             return False
         with self._locked():
-            if self.running() is None:
+            running = self.running()
+            if running is None:
                 return False
             self._pg_ctl(["stop", "-m", "fast", "-w", "-t", str(int(timeout))])
+            if running.socket_dir != self.pgdata:  # a private directory of its own (see _socket_dir)
+                with contextlib.suppress(OSError):
+                    running.socket_dir.rmdir()
             return True
 
     # -- internals --------------------------------------------------------------------------------------

@@ -118,3 +118,4 @@ def test_a_long_data_dir_gets_a_private_socket_directory_that_other_users_cannot
             assert mode.st_uid == os.geteuid()
     finally:
         server.stop()
+    assert not running.socket_dir.exists()  # stopping removes it

@@ -12,7 +12,7 @@ Same run, same texts, same model (all-MiniLM-L6-v2 from its wheel):
 Quality against float32: top-10 neighbour agreement of --queries texts used as queries over all texts, and
 the minimum cosine between a backend's vector and float32's for the same text. GFLOP/s counts 2 FLOP per
 weight per real (not padding) token, plus attention; the peak assumes two 512-bit FMA units per core.
-The corpus comes from this machine's apt lists (see pgsim/corpus.py) and is cached in bench/.cache/.
+The corpus comes from this machine's apt lists (see pgsim/demo/corpus.py) and is cached in bench/.cache/.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@
    ``--parts overlap``: pgsim.sync on one connection vs two, with the local server sharing the model's
    cores and pinned to a core of its own (a database elsewhere); needs a local server.
 4. HNSW build on all ~63k rows (cached embeddings): PostgreSQL's defaults, hand-tuned settings, and
-   pgsim's sized build (``pgsim.index.create_hnsw_index``).
+   pgsim's sized build (``pgsim.db.hnsw.create_hnsw_index``).
 """
 
 from __future__ import annotations

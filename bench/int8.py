@@ -3,7 +3,7 @@ float32, on Debian long descriptions.
 
     python bench/int8.py [--texts 1200] [--queries 200]
 
-Each variant quantises pgsim's cached ONNX export (see pgsim/backends.py) with
+Each variant quantises pgsim's cached ONNX export (see pgsim/encoding/backends/onnx.py) with
 ``onnxruntime.quantization.quantize_dynamic`` and encodes the same texts through pgsim's ONNX backend;
 texts/s against sentence-transformers' default ``model.encode(texts)`` and top-10 neighbour agreement
 with float32 (texts as queries over all texts) decide. pgsim's bar is agreement >= 0.99.

@@ -22,6 +22,7 @@ from pgsim.errors import (
     MissingDependency,
     ModelNotFound,
     PgsimError,
+    SchemaMissing,
     ServerError,
 )
 from pgsim.knn.filtered import Hit, NoIndexWarning, search
@@ -53,6 +54,7 @@ __all__ = [
     "ModelNotFound",
     "NoIndexWarning",
     "PgsimError",
+    "SchemaMissing",
     "Plan",
     "Registration",
     "RelevantHit",

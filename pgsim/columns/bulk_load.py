@@ -59,7 +59,7 @@ def ingest(
     registered embedding column filled. Each chunk of ``chunk_size`` rows commits on its own (inside the
     caller's transaction, it is a savepoint). The rows must hold the columns the sources read. With
     ``cache``, text already in pgsim.embedding_cache is not encoded again, and what is encoded is added to it
-    (:mod:`pgsim.cache`)."""
+    (:mod:`pgsim.columns.cache`)."""
     if chunk_size < 1:
         raise InvalidInput(f"chunk_size must be at least 1; got {chunk_size}.")
     targets = _targets(conn, table)

@@ -18,8 +18,9 @@ worker and ``pgsim backfill`` open the second connection only when the database 
 (:func:`database_is_remote`).
 
 A batch that fails (an error from the database or the model) is not lost either: its entries count an
-attempt, wait ``retry_delay * 2**attempts`` seconds, and are then retried one row at a time, so one bad row
-cannot take its neighbours down; after ``max_attempts`` an entry moves to ``pgsim.dead_letter``.
+attempt and are retried one row at a time at once, so one bad row cannot take its neighbours down; a row
+that fails alone waits ``retry_delay * 2**attempts`` seconds before its next attempt, and after
+``max_attempts`` its entry moves to ``pgsim.dead_letter``.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def sync(
     """Drain the queue of every registered column (or of ``table.column``) until no entry is ready, then
     complete model changes whose new column is full. ``conn`` must be an autocommit connection outside a
     transaction: each batch is its own transaction. With ``cache``, text already in pgsim.embedding_cache is
-    not encoded again, and what is encoded is added to it (:mod:`pgsim.cache`). ``overlap_with``, a second
+    not encoded again, and what is encoded is added to it (:mod:`pgsim.columns.cache`). ``overlap_with``, a second
     such connection to the same database, writes one batch while the next is encoded (see the module's text)."""
     if batch_size < 1 or max_attempts < 1 or retry_delay < 0:
         raise InvalidInput("batch_size and max_attempts must be at least 1, retry_delay at least 0.")

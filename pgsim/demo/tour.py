@@ -2,7 +2,7 @@
 
 The demo uses pgsim as an application would: it registers ``pgsim_demo.packages.embedding`` (column,
 triggers, HNSW index), loads rows with plain COPY (the triggers queue them), and drains the queue with
-:func:`pgsim.sync.backfill`. Idempotent: rows already loaded are kept and nothing is encoded twice, so a
+:func:`pgsim.backfill`. Idempotent: rows already loaded are kept and nothing is encoded twice, so a
 second run finishes in seconds. Rows inserted later, from any client, are embedded by ``pgsim worker``.
 """
 

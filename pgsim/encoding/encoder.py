@@ -130,7 +130,7 @@ class Encoder:
             raise InvalidInput(f"batch_size and token_budget must be at least 1; got {batch_size}, {token_budget}.")
         if lanes is not None and (isinstance(lanes, bool) or not isinstance(lanes, int) or lanes < 1):
             raise InvalidInput(f"lanes must be a whole number >= 1, or None for one per torch thread; got {lanes!r}.")
-        self.lanes = lanes  # forward passes side by side (torch backends on CPU); see pgsim.backends.embed_batches
+        self.lanes = lanes  # forward passes side by side (torch backends on CPU); see pgsim.encoding.backends.lanes
         self.model_name = model
         self.device = device
         self.batch_size = batch_size  # at most this many texts in one forward pass
@@ -149,7 +149,7 @@ class Encoder:
 
     @property
     def backend(self) -> Backend:
-        """The forward pass in use (see :mod:`pgsim.backends`), resolved on first use."""
+        """The forward pass in use (see :mod:`pgsim.encoding.backends`), resolved on first use."""
         return load_backend(self.model_name, self.device, self.requested_backend)
 
     @property

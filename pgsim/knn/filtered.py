@@ -1,6 +1,6 @@
 """Filtered k-nearest-neighbour search that returns k rows when k rows match.
 
-1. ``pgsim.knn_plan`` (sql/0002) estimates how many rows pass the filter and picks a path: ``exact``
+1. ``pgsim.knn_plan`` (SQL) estimates how many rows pass the filter and picks a path: ``exact``
    (filter first, then distances of the matching rows) or ``hnsw`` (iterative scan in relaxed order with
    ``ef_search`` and ``max_scan_tuples`` sized from the estimate). Plans are cached for a while per
    (database, table, column, k, filter).

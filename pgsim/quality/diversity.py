@@ -1,5 +1,5 @@
 """Maximal marginal relevance: the k rows picked from a filtered search's nearest candidates so that each
-adds relevance and little repetition. ``pgsim.mmr`` (sql/0007) is the same rule for SQL users."""
+adds relevance and little repetition. ``pgsim.mmr`` is the same rule for SQL users."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Near-duplicate rows, grouped in the database: ``pgsim.near_duplicates`` (sql/0007) links each row to its
+"""Near-duplicate rows, grouped in the database: ``pgsim.near_duplicates`` (pgsim/db/sql) links each row to its
 nearest rows through the column's HNSW index when their cosine similarity reaches a threshold, and returns
 the connected components. A k-NN self-join, not all pairs: one index probe per row."""
 

@@ -128,7 +128,7 @@ def _bank(conn: psycopg.Connection[Any], table: str, column: str) -> npt.NDArray
         ).fetchall()
         if not rows:
             raise InvalidInput(
-                f"{table}.{column} has no query bank: set one with pgsim.hubness.set_query_bank(conn, "
+                f"{table}.{column} has no query bank: set one with pgsim.set_query_bank(conn, "
                 f"{table!r}, {column!r}, queries), from a query log or typical questions."
             )
         matrix = np.stack([vector.to_numpy().astype(np.float32) for (vector,) in rows])

@@ -1,5 +1,5 @@
 """Zero-shot labelling: each row gets the label whose description is nearest to its embedding. The label
-descriptions are encoded once, with the column's model; ``pgsim.nearest_label`` (sql/0007) compares them
+descriptions are encoded once, with the column's model; ``pgsim.nearest_label`` compares them
 with every row inside PostgreSQL."""
 
 from __future__ import annotations

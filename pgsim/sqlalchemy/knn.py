@@ -1,7 +1,7 @@
 """Filtered k-NN for ORM queries: exactly k rows when k rows pass the filter.
 
 A ``select(...).where(...).order_by(Doc.embedding.nearest(q)).limit(k)`` runs as the user wrote it, except
-that a ``do_orm_execute`` hook asks ``pgsim.knn_plan`` (sql/0002) which path the filter needs:
+that a ``do_orm_execute`` hook asks ``pgsim.knn_plan`` which path the filter needs:
 - exact: the same statement ordered by ``distance + 0``, which no index serves, so the filter runs first;
 - hnsw: the statement under pgvector's iterative scan (strict order) with ``ef_search`` and
   ``max_scan_tuples`` sized for the filter, set with ``set_config`` just before it and set back just after

@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: demo test check bench-encode bench-filtered bench-ingest bench-orm clean
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from pgvector.sqlalchemy import HALFVEC, VECTOR
 from sqlalchemy import Float, literal
+from sqlalchemy.orm.base import LoaderCallableStatus
 from sqlalchemy.sql import ColumnElement
 from sqlalchemy.sql.elements import BindParameter
 from sqlalchemy.types import TypeEngine
@@ -67,12 +68,12 @@ class _EmbeddingMixin:
     def compare_values(self, x: Any, y: Any) -> bool:
         """Equal vectors, whatever holds them (numpy arrays, lists, pgvector's HalfVector): the ORM's
         change tracking compares with this, and ``==`` on arrays is no answer."""
-        if x is None or y is None:
-            return x is y
+        if x is None or y is None or isinstance(x, LoaderCallableStatus) or isinstance(y, LoaderCallableStatus):
+            return x is y  # NO_VALUE: a new object's history before anything was stored
         try:
             return bool(np.array_equal(_as_array(x), _as_array(y)))
         except (TypeError, ValueError):
-            return bool(x == y)
+            return x is y
 
     def bind_processor(self, dialect: Any) -> Any:
         parent = super().bind_processor(dialect)  # type: ignore[misc]

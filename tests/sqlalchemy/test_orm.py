@@ -171,9 +171,14 @@ def engine(database: str) -> Iterator[Engine]:
     created.dispose()
 
 
-def rows_of(packages: list[Package]) -> list[Package_]:
-    return [Package_(package=p.package, section=p.section, synopsis=p.synopsis, description=p.description or None)
+def rows_of(packages: list[Package], vectors: Any = None) -> list[Package_]:
+    """ORM rows of ``packages``; with ``vectors`` (the session's encodings of the same text) given, the flush
+    keeps them instead of encoding the rows again, for tests about something else than encode-on-flush."""
+    rows = [Package_(package=p.package, section=p.section, synopsis=p.synopsis, description=p.description or None)
             for p in packages]  # fmt: skip
+    for row, vector in zip(rows, [] if vectors is None else vectors, strict=False):
+        row.embedding = list(map(float, vector))
+    return rows
 
 
 def test_create_all_registers_the_column_and_adopts_its_index(engine: Engine) -> None:
@@ -222,7 +227,7 @@ def test_nearest_under_a_filter_returns_k_exact_rows_and_leaves_no_setting_behin
     engine: Engine, packages: list[Package], package_vectors: Any, encoder: Encoder
 ) -> None:
     with Session(engine) as session:
-        session.add_all(rows_of(packages))
+        session.add_all(rows_of(packages, package_vectors))
         session.commit()
         session.execute(text("ANALYZE orm_packages"))
         for section in ("libs", "games", "devel"):
@@ -255,7 +260,7 @@ def test_the_hnsw_path_returns_k_rows_under_its_settings_and_restores_them(
     from pgsim.knn.planner import Tuning
 
     with Session(engine) as session:
-        session.add_all(rows_of(packages))
+        session.add_all(rows_of(packages, package_vectors))
         session.commit()
         session.execute(text("ANALYZE orm_packages"))
         session.execute(text("SET hnsw.ef_search = 17"))  # the session's own setting, to be kept
@@ -520,7 +525,7 @@ def test_joins_aliases_and_query_text_in_the_filter_take_the_exact_path(
     close = exact_top_k(query_vector, package_vectors, packages, 10, lambda p: distance[p.package] < 0.75)
     alias = aliased(Package_)
     with Session(engine) as session:
-        session.add_all(rows_of(packages))
+        session.add_all(rows_of(packages, package_vectors))
         session.add_all(Tag(package=p.package, tag="lib") for p in packages if p.section == "libs")
         session.commit()
         with caplog.at_level("INFO", logger="pgsim.sqlalchemy.knn"):
@@ -583,7 +588,7 @@ def test_without_knn_plan_a_warning_says_so_and_the_exact_scan_answers_in_the_sa
     engine: Engine, packages: list[Package], package_vectors: Any, encoder: Encoder
 ) -> None:
     with Session(engine) as session:
-        session.add_all(rows_of(packages))
+        session.add_all(rows_of(packages, package_vectors))
         session.commit()
         session.execute(text("ALTER FUNCTION pgsim.knn_plan RENAME TO knn_plan_hidden"))  # rolled back below
         statement = (
@@ -611,12 +616,12 @@ class Exploding(TypeDecorator[str]):
 
 
 def test_in_autocommit_the_hnsw_settings_apply_to_the_query_and_are_set_back(
-    engine: Engine, packages: list[Package], caplog: pytest.LogCaptureFixture
+    engine: Engine, packages: list[Package], package_vectors: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     from pgsim.knn.planner import Tuning
 
     with Session(engine) as session:
-        session.add_all(rows_of(packages))
+        session.add_all(rows_of(packages, package_vectors))
         session.commit()
         session.execute(text("ANALYZE orm_packages"))
     autocommit = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -937,3 +942,15 @@ def test_a_flush_source_outside_the_embeddings_table_is_a_clear_error() -> None:
     ):
         JoinedBase.registry.configure()
     assert Article.__tablename__ == "orm_articles"
+
+
+def test_a_vector_assigned_to_a_new_object_after_construction_is_kept(
+    engine: Engine, packages: list[Package], package_vectors: Any
+) -> None:
+    with Session(engine) as session:
+        row = rows_of(packages[:1])[0]
+        row.embedding = list(map(float, package_vectors[1]))  # another row's vector: kept, so not re-encoded
+        session.add(row)
+        session.commit()
+        stored = session.scalars(select(Package_.embedding).where(Package_.package == packages[0].package)).one()
+    assert np.allclose(np.asarray(stored, dtype=np.float32), package_vectors[1], atol=1e-6)

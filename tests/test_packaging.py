@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pgsim._util import require
-from pgsim.db.sqlfiles import sql_files
+from pgsim.db.sqlfiles import function_files, sql_files
 from pgsim.errors import MissingDependency
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +49,8 @@ def test_sql_files_are_numbered_and_found() -> None:
     numbered = (ROOT / "pgsim" / "db" / "sql").glob("[0-9][0-9][0-9][0-9]_*.sql")
     assert [f.name for f in files] == sorted(p.name for p in numbered)
     assert files and files[0].name.startswith("0001_")
+    functions = (ROOT / "pgsim" / "db" / "sql" / "functions").glob("*.sql")
+    assert [f.name for f in function_files()] == sorted(f"functions/{p.name}" for p in functions)
 
 
 def test_import_pulls_in_no_optional_or_heavy_module() -> None:

@@ -12,24 +12,34 @@ from fixtures.alembic_project import alembic_config
 from fixtures.database import scratch_database
 
 from pgsim.db.schema import install
-from pgsim.db.sqlfiles import sql_files
+from pgsim.db.sqlfiles import function_files, sql_files
 
 
 def ledger(dsn: str) -> list[str]:
     with psycopg.connect(dsn) as conn:
         if conn.execute("SELECT to_regclass('pgsim.migration')").fetchone() == (None,):
             return []
-        return [name for (name,) in conn.execute("SELECT name FROM pgsim.migration ORDER BY name").fetchall()]
+        rows = conn.execute('SELECT name FROM pgsim.migration ORDER BY name COLLATE "C"').fetchall()
+        return [name for (name,) in rows]
+
+
+def all_names() -> list[str]:
+    """Every numbered and function file, as the ledger sorts them."""
+    return sorted(file.name for file in sql_files() + function_files())
 
 
 def test_upgrade_heads_installs_pgsim_and_downgrade_removes_it(server_dsn: str, tmp_path: Path) -> None:
-    names = [file.name for file in sql_files()]
+    names, numbered = all_names(), [file.name for file in sql_files()]
     with scratch_database(server_dsn, "alembic_branch") as dsn:
         config = alembic_config(tmp_path / "alembic", dsn)
         command.upgrade(config, "heads")
         assert ledger(dsn) == names
-        command.downgrade(config, "pgsim@pgsim_0002")
-        assert ledger(dsn) == names[:2]
+        command.downgrade(config, "pgsim@pgsim_0001")  # the functions go, the tables stay
+        assert ledger(dsn) == numbered
+        with psycopg.connect(dsn) as conn:
+            functions = conn.execute("SELECT count(*) FROM pg_proc WHERE pronamespace = 'pgsim'::regnamespace")
+            assert functions.fetchone() == (0,)
+            assert conn.execute("SELECT to_regclass('pgsim.embedding')").fetchone() != (None,)
         command.upgrade(config, "heads")
         assert ledger(dsn) == names
         command.downgrade(config, "pgsim@base")
@@ -39,12 +49,12 @@ def test_upgrade_heads_installs_pgsim_and_downgrade_removes_it(server_dsn: str, 
 def test_the_branch_and_pgsim_install_share_one_ledger(server_dsn: str, tmp_path: Path) -> None:
     with scratch_database(server_dsn, "alembic_shared") as dsn:
         with psycopg.connect(dsn, autocommit=True) as conn:
-            install(conn, upto="0002")
+            install(conn, upto="0001")
             applied_at: Any = conn.execute("SELECT array_agg(applied_at ORDER BY name) FROM pgsim.migration").fetchone()
         command.upgrade(alembic_config(tmp_path / "alembic", dsn), "heads")  # applies only what is missing
         with psycopg.connect(dsn, autocommit=True) as conn:
             again: Any = conn.execute("SELECT array_agg(applied_at ORDER BY name) FROM pgsim.migration").fetchone()
-            assert again[0][:2] == applied_at[0] and len(again[0]) == len(sql_files())
+            assert again[0][:1] == applied_at[0] and len(again[0]) == len(all_names())
             assert install(conn).applied == []  # and the other way round
 
 
@@ -57,9 +67,12 @@ def test_offline_upgrade_renders_guarded_sql(
         command.upgrade(config, "heads", sql=True)
         script = capsys.readouterr().out
         assert script.count("IF NOT EXISTS (SELECT 1 FROM pgsim.migration WHERE name = ") == len(sql_files())
+        guard = "IF EXISTS (SELECT 1 FROM pgsim.migration WHERE name = {} AND sha256 = {} AND objects <@ ARRAY("
+        for file in function_files():
+            assert script.count(guard.format(f"'{file.name}'", f"'{file.sha256}'")) == 1
         with psycopg.connect(dsn, autocommit=True) as conn:  # the rendered SQL runs as rendered
             conn.execute(script.encode())
-        assert ledger(dsn) == [file.name for file in sql_files()]
+        assert ledger(dsn) == all_names()
 
 
 APP_REVISION = '''
@@ -111,7 +124,7 @@ def test_hnsw_operations_upgrade_downgrade_and_render_offline(
         found = indexes(dsn)
         assert "m='8'" in found["docs_embedding_hnsw"] and "ef_construction='32'" in found["docs_embedding_hnsw"]
         assert "hnsw (embedding vector_cosine_ops)" in found["docs_embedding_hnsw_online"]
-        assert ledger(dsn) == [file.name for file in sql_files()]  # install_pgsim
+        assert ledger(dsn) == all_names()  # install_pgsim
         command.downgrade(config, "app@base")
         assert indexes(dsn) == {}
 

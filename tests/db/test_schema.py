@@ -1,5 +1,5 @@
-"""The SQL installer against a real server: idempotent, concurrent-safe, strict about changed files, and
-usable by a non-superuser who owns the database."""
+"""The SQL installer against a real server: idempotent, concurrent-safe, strict about changed numbered files,
+and usable by a non-superuser who owns the database. Upgrades and function files: test_upgrade.py."""
 
 import threading
 import uuid
@@ -13,7 +13,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgsim.db.schema import install, package_version
-from pgsim.db.sqlfiles import sql_files
+from pgsim.db.sqlfiles import SqlFile, function_files, sql_files
 from pgsim.errors import ExtensionMissing, InstallError
 
 
@@ -24,17 +24,23 @@ def empty_db(server_dsn: str) -> Iterator[str]:
 
 
 def ledger(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
-    return [(n, s) for n, s in conn.execute("SELECT name, sha256 FROM pgsim.migration ORDER BY name").fetchall()]
+    rows = conn.execute('SELECT name, sha256 FROM pgsim.migration ORDER BY name COLLATE "C"').fetchall()
+    return [(n, s) for n, s in rows]
+
+
+def all_files() -> list[SqlFile]:
+    """The numbered files, then the function files: the order install applies them in."""
+    return sql_files() + function_files()
 
 
 def test_install_twice_applies_once(empty_db: str) -> None:
     with psycopg.connect(empty_db, autocommit=True) as conn:
         first = install(conn)
         second = install(conn)
-        files = sql_files()
+        files = all_files()
         assert first.applied == [f.name for f in files]
         assert second.applied == [] and second.already_applied == first.applied
-        assert ledger(conn) == [(f.name, f.sha256) for f in files]
+        assert ledger(conn) == sorted((f.name, f.sha256) for f in files)
         assert conn.execute("SELECT pgsim.version()").fetchone() == (package_version(),)
         assert conn.execute("SELECT pgsim.cosine_similarity('[1,0]', '[1,1]')").fetchone()[0] == pytest.approx(2**-0.5)
 
@@ -57,9 +63,9 @@ def test_two_installs_at_once_do_not_collide(empty_db: str) -> None:
     for t in threads:
         t.join()
     assert failures == []
-    assert sorted(len(r.applied) for r in reports) == [0, len(sql_files())]
+    assert sorted(len(r.applied) for r in reports) == [0, len(all_files())]
     with psycopg.connect(empty_db) as conn:
-        assert len(ledger(conn)) == len(sql_files())
+        assert len(ledger(conn)) == len(all_files())
 
 
 def test_changed_applied_file_is_refused_by_name(empty_db: str) -> None:
@@ -97,7 +103,7 @@ def test_non_superuser_owner_needs_extension_then_installs(server_dsn: str) -> N
             with psycopg.connect(admin_db_dsn, autocommit=True) as admin:
                 admin.execute("CREATE EXTENSION vector")
             with psycopg.connect(owner_dsn, autocommit=True) as conn:
-                assert install(conn).applied == [f.name for f in sql_files()]
+                assert install(conn).applied == [f.name for f in all_files()]
                 owner = conn.execute("SELECT nspowner::regrole::text FROM pg_namespace WHERE nspname = 'pgsim'")
                 assert owner.fetchone() == (role,)
                 assert conn.execute("SELECT pgsim.version()").fetchone() == (package_version(),)
@@ -120,20 +126,22 @@ def test_the_offline_script_and_install_share_the_ledger(server_dsn: str) -> Non
 
     with scratch_database(server_dsn, "offline") as dsn, psycopg.connect(dsn, autocommit=True) as conn:
         with conn.transaction():
-            conn.execute(install_script(upto="0002").encode())
+            conn.execute(install_script(upto="0001").encode())
             assert conn.execute("SHOW search_path").fetchone() == ('"$user", public',)  # left as it was
         applied = conn.execute("SELECT name FROM pgsim.migration ORDER BY name").fetchall()
-        assert applied == [("0001_schema.sql",), ("0002_knn_plan.sql",)]
+        assert applied == [("0001_tables.sql",)]
         report = install(conn)
-        names = [file.name for file in sql_files()]
-        assert report.already_applied == names[:2] and report.applied == names[2:]
+        numbered, names = [file.name for file in sql_files()], [file.name for file in all_files()]
+        assert report.already_applied == numbered and report.applied == names[len(numbered) :]
         conn.execute(install_script().encode())  # everything is in the ledger: the script does nothing
-        assert conn.execute("SELECT count(*) FROM pgsim.migration").fetchone() == (len(names),)
+        assert ledger(conn) == sorted((f.name, f.sha256) for f in all_files())
 
 
 def test_install_upto_names_a_file_or_its_number(server_dsn: str) -> None:
     with scratch_database(server_dsn, "upto") as dsn, psycopg.connect(dsn, autocommit=True) as conn:
-        assert install(conn, upto="0001").applied == ["0001_schema.sql"]
-        assert install(conn, upto="0002_knn_plan.sql").applied == ["0002_knn_plan.sql"]
+        assert install(conn, upto="0001").applied == ["0001_tables.sql"]  # and no function file
+        report = install(conn, upto="0001_tables.sql")
+        assert report.applied == [] and report.already_applied == ["0001_tables.sql"]
+        assert install(conn).applied == [file.name for file in function_files()]
         with pytest.raises(InstallError, match="No pgsim SQL file '9999'"):
             install(conn, upto="9999")

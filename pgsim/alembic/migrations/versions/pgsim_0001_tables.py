@@ -1,4 +1,4 @@
-"""pgsim 0001: schema pgsim, its ledger, pgsim.version() and pgsim.cosine_similarity().
+"""pgsim 0001: schema pgsim, its ledger, and its tables and types (sql/0001_tables.sql).
 
 Revision ID: pgsim_0001
 Revises:

@@ -1,0 +1,69 @@
+-- The whole filtered search in one statement, for SQL users:
+--   SELECT p.*, r.distance
+--   FROM pgsim.knn('packages', 'embedding', $1, 10, $$section = 'libs'$$) AS r,
+--        jsonb_populate_record(NULL::packages, r.row) AS p;
+-- It plans, applies the settings, runs the query with EXECUTE (planned afresh every call, so no cached plan
+-- from other settings is reused), re-sorts relaxed-order rows, falls back to an exact scan if the HNSW path
+-- comes up short, and restores the settings it changed. Runs with the caller's rights (row-level security
+-- holds). query is compared with col's type (vector or halfvec). Rows whose embedding is still NULL
+-- (waiting for the worker) are left out: the index never returns them, and the exact scan must not either.
+CREATE OR REPLACE FUNCTION pgsim.knn(
+    tbl regclass,
+    col name,
+    query vector,
+    k integer,
+    filter text DEFAULT NULL,
+    exact_below_rows double precision DEFAULT 1000,
+    hnsw_ef_search integer DEFAULT 200,
+    min_hnsw_selectivity double precision DEFAULT 0.5
+) RETURNS SETOF pgsim.knn_hit
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    settings text[] := ARRAY['enable_indexscan', 'hnsw.iterative_scan', 'hnsw.ef_search', 'hnsw.max_scan_tuples'];
+    saved text[] := ARRAY(SELECT current_setting(name, true) FROM unnest(settings) AS name);
+    plan pgsim.knn_plan := pgsim.prepare_knn(tbl, col, k, filter, exact_below_rows, hnsw_ef_search,
+                                             min_hnsw_selectivity);
+    column_type text := (SELECT a.atttypid::regtype::text FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = col);
+    vector_schema text := (SELECT quote_ident(n.nspname) FROM pg_extension e
+                           JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector');
+    search text;
+    explained json;
+    hits pgsim.knn_hit[];
+BEGIN
+    -- The k nearest by ctid first, then their rows as jsonb: to_jsonb on every candidate of a top-N sort
+    -- cost more than the search itself (bench/filtered.py).
+    search := format(
+        'SELECT array_agg((to_jsonb(t) - %L, found.distance)::pgsim.knn_hit ORDER BY found.distance) FROM ('
+        'SELECT s.ctid AS id, s.%I OPERATOR(%s.<=>) $1::%s AS distance FROM %s AS s WHERE (%s) AND s.%I IS NOT NULL '
+        'ORDER BY s.%I OPERATOR(%s.<=>) $1::%s LIMIT $2) AS found JOIN %s AS t ON t.ctid = found.id',
+        col, col, vector_schema, column_type, tbl, coalesce(nullif(filter, ''), 'true'), col,
+        col, vector_schema, column_type, tbl);
+    IF plan.path = 'hnsw' THEN
+        -- The planner picks the index when the search runs; if it would order the rows by another HNSW
+        -- index than the one planned for (pgvector's costs move with ef_search), the filter may be narrow
+        -- there and the walk lose recall: scan exactly instead.
+        EXECUTE 'EXPLAIN (FORMAT JSON) ' || search INTO explained USING query, k;
+        IF position('"Order By"' IN explained::text) > 0
+           AND position(('"Index Name": ' || to_json(split_part(plan.index_name, '.', -1))::text) IN explained::text) = 0
+        THEN
+            plan.path := 'exact';
+            PERFORM set_config('enable_indexscan', 'off', true);
+        END IF;
+    END IF;
+    EXECUTE search INTO hits USING query, k;
+    IF coalesce(array_length(hits, 1), 0) < k AND plan.path = 'hnsw' THEN
+        PERFORM set_config('enable_indexscan', 'off', true);
+        EXECUTE search INTO hits USING query, k;
+    END IF;
+    FOR i IN 1 .. array_length(settings, 1) LOOP
+        IF saved[i] IS NOT NULL THEN
+            PERFORM set_config(settings[i], saved[i], true);
+        END IF;
+    END LOOP;
+    RETURN QUERY SELECT * FROM unnest(hits);
+END;
+$$;
+COMMENT ON FUNCTION pgsim.knn(regclass, name, vector, integer, text, double precision, integer, double precision) IS
+    'The k rows of tbl nearest to query by col <=> query that pass filter, as (row jsonb, distance), nearest '
+    'first; k rows whenever k rows match. The settings it changes are restored before it returns.';

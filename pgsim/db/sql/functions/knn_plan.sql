@@ -1,0 +1,125 @@
+-- Filtered k-nearest-neighbour search that returns k rows when k rows match.
+--
+-- pgvector's HNSW scan yields at most hnsw.ef_search candidates and the filter runs after it, so a selective
+-- filter cuts the result short. pgsim.knn_plan estimates how many rows pass the filter (from the planner's
+-- statistics) and picks a path:
+--   exact  - the filter first (by whatever index serves it), then distances for the matching rows only;
+--   hnsw   - the HNSW index with iterative scan (relaxed order: re-sort the k rows afterwards), ef_search
+--            and max_scan_tuples sized so that the scan expects to meet k matching rows.
+CREATE OR REPLACE FUNCTION pgsim.knn_plan(
+    tbl regclass,
+    col name,
+    k integer,
+    filter text DEFAULT NULL,
+    exact_below_rows double precision DEFAULT 1000,
+    hnsw_ef_search integer DEFAULT 200,
+    min_hnsw_selectivity double precision DEFAULT 0.5
+) RETURNS pgsim.knn_plan
+LANGUAGE plpgsql VOLATILE  -- it toggles planner settings around an EXPLAIN, and restores them
+AS $$
+DECLARE
+    result pgsim.knn_plan;
+    attnum smallint;
+    dimension integer;
+    column_type text;
+    partial_names text[];
+    full_name text;
+    candidate text;
+    predicate text;
+    saved text[];
+    plan json;
+    visits double precision;
+    total_rows double precision;
+    vector_schema text := (SELECT quote_ident(n.nspname) FROM pg_extension e
+                           JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector');
+BEGIN
+    IF k IS NULL OR k < 1 THEN
+        RAISE EXCEPTION 'pgsim.knn_plan: k must be at least 1, got %', k USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT a.attnum, a.atttypmod, a.atttypid::regtype::text INTO attnum, dimension, column_type FROM pg_attribute a
+    WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    IF attnum IS NULL THEN
+        RAISE EXCEPTION 'pgsim.knn_plan: table % has no column %', tbl, quote_ident(col)
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    result.estimated_rows := pgsim.estimate_rows(tbl, filter);
+
+    -- HNSW indexes for cosine distance on this column. A partial one serves the query only when the filter
+    -- implies its predicate, which the planner decides: when there is one, ask the planner which index it
+    -- would scan, with every other way to produce the order switched off (and restored after).
+    SELECT array_agg(i.indexrelid::regclass::text ORDER BY i.indpred IS NULL, c.relpages) FILTER (WHERE i.indpred IS NOT NULL),
+           min(i.indexrelid::regclass::text) FILTER (WHERE i.indpred IS NULL)
+      INTO partial_names, full_name
+    FROM pg_index i
+    JOIN pg_class c ON c.oid = i.indexrelid
+    JOIN pg_am am ON am.oid = c.relam
+    JOIN pg_opclass oc ON oc.oid = i.indclass[0]
+    WHERE i.indrelid = tbl AND am.amname = 'hnsw' AND i.indkey[0] = attnum AND i.indisvalid
+      AND oc.opcname LIKE '%cosine%';
+    result.index_name := full_name;
+    IF partial_names IS NOT NULL THEN
+        -- Plan with the ef_search the search will run with: pgvector's cost grows with it, and at a higher
+        -- ef_search the planner can prefer the full index to a partial one (seen in bench/filtered.py).
+        saved := ARRAY[current_setting('enable_seqscan'), current_setting('enable_bitmapscan'),
+                       current_setting('enable_sort'), current_setting('enable_incremental_sort'),
+                       current_setting('hnsw.ef_search', true)];
+        PERFORM set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
+                set_config('enable_sort', 'off', true), set_config('enable_incremental_sort', 'off', true),
+                set_config('hnsw.ef_search', least(greatest(
+                    (SELECT min(pgsim.index_ef_search(name::regclass, hnsw_ef_search)) FROM unnest(partial_names) AS name),
+                    2 * k), 1000)::text, true);
+        -- any vector will do for planning; NULL would not (the planner folds ORDER BY NULL away)
+        EXECUTE format('EXPLAIN (FORMAT JSON) SELECT 1 FROM %s WHERE %s ORDER BY %I OPERATOR(%s.<=>) '
+                       'array_fill(1::real, ARRAY[%s])::%s LIMIT %s',
+                       tbl, coalesce(nullif(filter, ''), 'true'), col, vector_schema, dimension, column_type, k)
+            INTO plan;
+        PERFORM set_config('enable_seqscan', saved[1], true), set_config('enable_bitmapscan', saved[2], true),
+                set_config('enable_sort', saved[3], true), set_config('enable_incremental_sort', saved[4], true),
+                set_config('hnsw.ef_search', coalesce(saved[5], '40'), true);
+        FOREACH candidate IN ARRAY partial_names LOOP
+            IF position(('"Index Name": ' || to_json(split_part(candidate, '.', -1))::text) IN plan::text) > 0 THEN
+                result.index_name := candidate;
+                SELECT pg_get_expr(i.indpred, i.indrelid) INTO predicate FROM pg_index i
+                WHERE i.indexrelid = candidate::regclass;
+                EXIT;
+            END IF;
+        END LOOP;
+    END IF;
+
+    IF result.index_name IS NULL THEN
+        result.path := 'exact';
+        result.reason := format('no valid HNSW index with cosine ops on %s.%I serves this filter', tbl, col);
+        RETURN result;
+    END IF;
+    IF predicate IS NULL THEN
+        SELECT CASE WHEN c.reltuples >= 0 THEN c.reltuples END INTO total_rows FROM pg_class c WHERE c.oid = tbl;
+    END IF;
+    result.indexed_rows := greatest(coalesce(total_rows, pgsim.estimate_rows(tbl, predicate)), 1);
+    result.selectivity := least(result.estimated_rows / result.indexed_rows, 1);
+    visits := k / greatest(result.selectivity, 1e-9);
+
+    IF result.estimated_rows <= exact_below_rows THEN
+        result.path := 'exact';
+        result.reason := format('about %s rows pass the filter: computing their distances is cheap and exact',
+                                round(result.estimated_rows));
+    ELSIF result.selectivity < min_hnsw_selectivity THEN
+        -- Measured by bench/filtered.py: an iterative HNSW scan that must skip most of the graph misses
+        -- neighbours even at a high ef_search, so below this share the exact path keeps the contract; a
+        -- partial index for the value (pgsim index-advise) brings such filters back to the fast path.
+        result.path := 'exact';
+        result.reason := format('the filter keeps %s%% of the rows %s indexes: too few for an approximate walk to '
+                                'stay accurate; a partial HNSW index for this filter would serve it (pgsim index-advise)',
+                                round((result.selectivity * 100)::numeric, 2), result.index_name);
+    ELSE
+        visits := k / result.selectivity;
+        result.path := 'hnsw';
+        result.ef_search := least(greatest(pgsim.index_ef_search(result.index_name::regclass, hnsw_ef_search), 2 * k), 1000);
+        result.max_scan_tuples := least(greatest(20000, ceil(visits * 20)), 2000000000)::integer;
+        result.reason := format('the filter keeps %s%% of the rows %s indexes: iterative HNSW scan',
+                                round((result.selectivity * 100)::numeric, 2), result.index_name);
+    END IF;
+    RETURN result;
+END;
+$$;
+COMMENT ON FUNCTION pgsim.knn_plan(regclass, name, integer, text, double precision, integer, double precision) IS
+    'How to answer "the k rows of tbl nearest by col <=> q that pass filter": exact scan or HNSW with which settings.';

@@ -1,0 +1,90 @@
+-- Groups of near-duplicate rows: each row's `neighbours` nearest rows, found through the column's HNSW
+-- index (a k-NN self-join, not all pairs), are linked when their cosine similarity is at least `threshold`;
+-- the connected components of those links are the groups. Rows in no group are not returned. `key` is the
+-- row's primary key as jsonb ({"column": value}), `group_id` the smallest ordinal of the group's rows.
+CREATE OR REPLACE FUNCTION pgsim.near_duplicates(
+    target regclass,
+    column_name name,
+    threshold double precision,
+    neighbours integer DEFAULT 10
+) RETURNS TABLE (key jsonb, group_id bigint, group_size bigint)
+LANGUAGE plpgsql VOLATILE
+AS $$
+DECLARE
+    column_type text;
+    key_expression text;
+    changed bigint;
+    ef_search text := current_setting('hnsw.ef_search', true);
+BEGIN
+    IF threshold IS NULL OR threshold <= 0 OR threshold > 1 THEN
+        RAISE EXCEPTION 'threshold must be a cosine similarity in (0, 1]; got %', threshold
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Near-duplicates are typically 0.9 or more.';
+    END IF;
+    IF neighbours IS NULL OR neighbours < 1 OR neighbours > 1000 THEN
+        RAISE EXCEPTION 'neighbours must be between 1 and 1000; got %', neighbours
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT format_type(a.atttypid, NULL) INTO column_type
+    FROM pg_attribute a WHERE a.attrelid = target AND a.attname = column_name AND a.attnum > 0 AND NOT a.attisdropped;
+    IF column_type IS NULL THEN
+        RAISE EXCEPTION 'Table % has no column %.', target, column_name USING ERRCODE = 'undefined_column';
+    ELSIF column_type NOT IN ('vector', 'halfvec') THEN
+        RAISE EXCEPTION 'Column %.% is %, not a pgvector vector column.', target, column_name, column_type
+            USING ERRCODE = 'wrong_object_type';
+    END IF;
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
+        JOIN pg_opclass oc ON oc.oid = i.indclass[0]
+        WHERE i.indrelid = target AND am.amname = 'hnsw' AND i.indnatts = 1 AND i.indpred IS NULL
+          AND i.indkey[0] = (SELECT attnum FROM pg_attribute WHERE attrelid = target AND attname = column_name)
+          AND oc.opcname = column_type || '_cosine_ops'
+    ) THEN
+        RAISE EXCEPTION 'Column %.% has no HNSW index for cosine distance: the self-join would compare all pairs.',
+            target, column_name USING ERRCODE = 'undefined_object',
+            HINT = format('CREATE INDEX ON %s USING hnsw (%I %s_cosine_ops)', target, column_name, column_type);
+    END IF;
+    SELECT 'jsonb_build_object(' || string_agg(format('%L, t.%I', a.attname, a.attname), ', ' ORDER BY k.ord) || ')'
+    INTO key_expression
+    FROM pg_index i CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord)
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    WHERE i.indrelid = target AND i.indisprimary;
+    IF key_expression IS NULL THEN
+        RAISE EXCEPTION 'Table % has no primary key to name its rows by.', target USING ERRCODE = 'undefined_object',
+            HINT = 'Add one: ALTER TABLE ... ADD PRIMARY KEY (<column>);';
+    END IF;
+
+    DROP TABLE IF EXISTS pg_temp.pgsim_near_link, pg_temp.pgsim_near_group;
+    -- ef_search must cover the neighbours asked for, plus the row itself
+    PERFORM set_config('hnsw.ef_search', greatest(neighbours + 1, 40)::text, true);
+    EXECUTE format(
+        'CREATE TEMP TABLE pg_temp.pgsim_near_link ON COMMIT DROP AS '
+        'SELECT a.ctid AS a, n.ctid AS b FROM %1$s a CROSS JOIN LATERAL ('
+        '  SELECT b.ctid, b.%2$I <=> a.%2$I AS distance FROM %1$s b ORDER BY b.%2$I <=> a.%2$I LIMIT %3$s'
+        ') n WHERE a.%2$I IS NOT NULL AND n.ctid <> a.ctid AND n.distance <= %4$s',
+        target, column_name, neighbours + 1, 1 - threshold
+    );
+    -- links both ways, then each row takes the smallest label among its neighbours until nothing changes
+    EXECUTE 'INSERT INTO pg_temp.pgsim_near_link SELECT b, a FROM pg_temp.pgsim_near_link';
+    EXECUTE 'CREATE TEMP TABLE pg_temp.pgsim_near_group ON COMMIT DROP AS '
+            'SELECT DISTINCT a AS node, a AS label FROM pg_temp.pgsim_near_link';
+    EXECUTE 'CREATE INDEX ON pg_temp.pgsim_near_group (node)';
+    EXECUTE 'ANALYZE pg_temp.pgsim_near_link, pg_temp.pgsim_near_group';
+    LOOP
+        EXECUTE 'UPDATE pg_temp.pgsim_near_group g SET label = m.label FROM ('
+                '  SELECT l.a AS node, min(h.label) AS label FROM pg_temp.pgsim_near_link l'
+                '  JOIN pg_temp.pgsim_near_group h ON h.node = l.b GROUP BY l.a'
+                ') m WHERE g.node = m.node AND m.label < g.label';
+        GET DIAGNOSTICS changed = ROW_COUNT;
+        EXIT WHEN changed = 0;
+    END LOOP;
+    RETURN QUERY EXECUTE format(
+        'SELECT %1$s, dense_rank() OVER (ORDER BY g.label), count(*) OVER (PARTITION BY g.label) '
+        'FROM pg_temp.pgsim_near_group g JOIN %2$s t ON t.ctid = g.node ORDER BY g.label, g.node',
+        key_expression, target
+    );
+    DROP TABLE pg_temp.pgsim_near_link, pg_temp.pgsim_near_group;
+    PERFORM set_config('hnsw.ef_search', coalesce(ef_search, '40'), true);
+END
+$$;
+COMMENT ON FUNCTION pgsim.near_duplicates(regclass, name, double precision, integer) IS
+    'Groups of near-duplicate rows: HNSW k-NN self-join at a cosine threshold, then connected components.';

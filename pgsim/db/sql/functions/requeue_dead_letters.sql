@@ -1,0 +1,17 @@
+CREATE OR REPLACE FUNCTION pgsim.requeue_dead_letters(registration integer DEFAULT NULL) RETURNS bigint
+LANGUAGE sql
+BEGIN ATOMIC
+    WITH moved AS (
+        DELETE FROM pgsim.dead_letter
+        WHERE registration IS NULL OR embedding_id = registration
+        RETURNING embedding_id, key, reason
+    ), requeued AS (
+        INSERT INTO pgsim.queue (embedding_id, key, reason)
+        SELECT DISTINCT ON (embedding_id, key) embedding_id, key, reason FROM moved
+        ON CONFLICT (embedding_id, key) DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*) FROM requeued;
+END;
+COMMENT ON FUNCTION pgsim.requeue_dead_letters(integer) IS
+    'Move dead letters (of one registration, or all) back to the queue; returns how many were queued.';

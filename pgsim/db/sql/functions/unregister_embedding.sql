@@ -1,0 +1,27 @@
+-- Undo register_embedding for one registration: triggers, HNSW index, the column if pgsim added it
+-- (unless drop_column is false), queue entries, dead letters, registry row. A view or other object that
+-- depends on the column stops it with PostgreSQL's error, and nothing is removed.
+CREATE OR REPLACE FUNCTION pgsim.unregister_embedding(registration integer, drop_column boolean DEFAULT true) RETURNS void
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    e pgsim.embedding;
+    target text;
+BEGIN
+    SELECT * INTO STRICT e FROM pgsim.embedding WHERE id = registration;
+    target := format('%I.%I', e.table_schema, e.table_name);
+    IF to_regclass(target) IS NOT NULL THEN
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('pgsim_%s_insert', e.id), target);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('pgsim_%s_update', e.id), target);
+        IF e.index_name IS NOT NULL THEN
+            EXECUTE format('DROP INDEX IF EXISTS %I.%I', e.table_schema, e.index_name);
+        END IF;
+        IF e.created_column AND drop_column THEN
+            EXECUTE format('ALTER TABLE %s DROP COLUMN IF EXISTS %I', target, e.column_name);
+        END IF;
+    END IF;
+    DELETE FROM pgsim.queue WHERE embedding_id = e.id;
+    DELETE FROM pgsim.dead_letter WHERE embedding_id = e.id;
+    DELETE FROM pgsim.embedding WHERE id = e.id;
+END;
+$$;

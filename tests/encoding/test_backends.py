@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -25,14 +26,33 @@ from pgsim.errors import InvalidInput
 
 MODEL = "all-MiniLM-L6-v2"
 
+# A test marked so starts with the session's exports in its cache: exporting takes seconds, and the tests that
+# are about exporting (cached, damaged, failing, unwritable) start from an empty cache.
+warm_exports = pytest.mark.warm_exports
+
+
+@pytest.fixture(scope="session")
+def session_exports(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("exports")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PGSIM_CACHE_DIR", str(directory))
+        for name in EXPORTS:
+            build(name, load_model(MODEL), MODEL, model_revision(MODEL))
+    return directory
+
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Path:
     """Exports and choices in a directory of this test's own."""
-    monkeypatch.setenv("PGSIM_CACHE_DIR", str(tmp_path / "cache"))
-    return tmp_path / "cache"
+    directory = tmp_path / "cache"
+    if request.node.get_closest_marker("warm_exports"):
+        for name in EXPORTS:
+            shutil.copytree(request.getfixturevalue("session_exports") / name, directory / name)
+    monkeypatch.setenv("PGSIM_CACHE_DIR", str(directory))
+    return directory
 
 
+@warm_exports
 @pytest.mark.parametrize("name", BACKENDS)
 def test_every_backend_keeps_float32_vectors_and_truncation(name: str, packages: list[Package]) -> None:
     texts = [p.text for p in packages[:40]]
@@ -73,6 +93,7 @@ def test_an_export_is_cached_and_a_corrupted_or_stale_one_is_rebuilt(name: str, 
     assert exported.stat().st_mtime_ns != written and json.loads(meta.read_text())["format"] == EXPORT_FORMAT
 
 
+@warm_exports
 @pytest.mark.parametrize(
     ("name", "package", "advice"),
     [("onnx", "onnxruntime", r"pip install 'pgsim\[onnx\]'"), ("openvino", "openvino", "pip install openvino")],
@@ -138,7 +159,8 @@ def test_a_cache_that_cannot_be_written_is_a_clear_error_and_auto_goes_on(
     assert choose(model, MODEL, revision, calibration_texts()).name not in EXPORTS
 
 
-def test_the_openvino_backend_reports_nothing_to_intel_unless_the_user_said_yes(tmp_path: Path) -> None:
+@warm_exports
+def test_the_openvino_backend_reports_nothing_to_intel_unless_the_user_said_yes(tmp_path: Path, cache: Path) -> None:
     # Importing openvino (and openvino.convert_model) reports usage and writes a client id under ~/intel when
     # no consent file exists and no CI variable is set; pgsim must not do that for the user. A fresh process,
     # since this one imported openvino long ago.
@@ -159,7 +181,7 @@ def test_the_openvino_backend_reports_nothing_to_intel_unless_the_user_said_yes(
             (tmp_path / home / "intel" / "openvino_telemetry").write_text("1")
         found = subprocess.run(
             [sys.executable, "-c", script],
-            env={**environment, "HOME": str(tmp_path / home), "PGSIM_CACHE_DIR": str(tmp_path / "cache")},
+            env={**environment, "HOME": str(tmp_path / home), "PGSIM_CACHE_DIR": str(cache)},
             capture_output=True,
             text=True,
             timeout=300,
@@ -175,6 +197,7 @@ def test_a_model_an_export_cannot_reproduce_is_refused_clearly(name: str, small_
         Encoder(small_model, backend=name).encode(["text"])
 
 
+@warm_exports
 def test_auto_measures_once_says_which_and_remembers(cache: Path, caplog: pytest.LogCaptureFixture) -> None:
     model, revision = load_model(MODEL), model_revision(MODEL)
     with caplog.at_level(logging.INFO, logger="pgsim.encoding.backends"):
@@ -198,7 +221,7 @@ def test_an_unknown_backend_is_an_error() -> None:
 def calibration_texts() -> list[str]:
     from pgsim.encoding.models import _calibration_texts
 
-    return _calibration_texts()[:24]  # enough to compare; keeps the test quick
+    return _calibration_texts()[:8]  # enough to compare and to time; keeps the tests quick
 
 
 class Recording:
@@ -338,6 +361,7 @@ def test_exported_backends_prepend_the_default_prompt_as_model_encode_does(name:
     assert float(np.max(np.sum(vectors * plain, axis=1))) < 0.9999
 
 
+@warm_exports
 def test_openvino_passes_run_side_by_side_with_the_same_vectors(packages: list[Package]) -> None:
     import torch
 

@@ -113,6 +113,9 @@ def add_embedding(
                     replaces,
                 ],  # fmt: skip
             ).fetchone()
+        except psycopg.errors.InsufficientPrivilege as exc:
+            hint = f" {exc.diag.message_hint}" if exc.diag.message_hint else ""
+            raise InvalidInput(f"{exc.diag.message_primary}{hint}") from None
         except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedFunction):
             raise SchemaMissing("pgsim's schema is missing or out of date here: run `pgsim install` first.") from None
         assert row is not None
@@ -173,10 +176,12 @@ def _source_expression(
 
 def _source_columns(conn: psycopg.Connection[Any], target: TableShape, expression: str) -> tuple[str, ...]:
     """The table's columns that ``expression`` reads, found from the dependencies of a throwaway view; and
-    a clear error when the expression is not valid SQL over the table."""
+    a clear error when the expression is not valid SQL over the table. It is checked under the search_path
+    the workers evaluate it under (pg_catalog, pg_temp), so a function of the user's own must be qualified."""
     probe = sql.SQL("SELECT (({})::text) AS source FROM {}").format(sql.SQL(expression), target.identifier)
     try:
         with conn.transaction() as tx:
+            conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)")
             # With a parameter, psycopg sends one statement that PostgreSQL parses alone: an expression that
             # tries to end the statement and start another fails here instead of running.
             conn.execute(sql.SQL("{} WHERE %s LIMIT 0").format(probe), [False])
@@ -198,8 +203,15 @@ def _source_columns(conn: psycopg.Connection[Any], target: TableShape, expressio
             f"{', '.join(target.columns)}."
         ) from None
     except psycopg.Error as exc:
+        qualify = (
+            " (the source is evaluated with search_path pg_catalog, pg_temp: qualify your own functions, e.g. "
+            "public.f(body))"
+            if isinstance(exc, psycopg.errors.UndefinedFunction)
+            else ""
+        )
         raise InvalidInput(
-            f"source {expression!r} is not an SQL expression over {target.qualified}: {exc.diag.message_primary or exc}"
+            f"source {expression!r} is not an SQL expression over {target.qualified}: "
+            f"{exc.diag.message_primary or exc}{qualify}"
         ) from None
     columns = tuple(name for name, _ in rows)
     if not columns:

@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 
 from pgsim.columns.cache import lookup, merged, missing, store
 from pgsim.columns.registry import Registration, key_match
+from pgsim.db.catalog import vector_schema
 from pgsim.encoding.encoder import Encoder, encoder_for
 from pgsim.errors import InvalidInput
 
@@ -66,9 +67,12 @@ SELECT embedding_id, key, reason, attempts, last_error, enqueued_at FROM dead
 """
 
 
+# A batch runs under this search_path: the registered source expression and everything the worker's
+# statements call resolve in pg_catalog (or are qualified), never in a schema another role can write to.
+PINNED_SEARCH_PATH = "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)"
 TEMP_TABLE = """
 CREATE TEMP TABLE IF NOT EXISTS pgsim_sync (
-    _pgsim_qid bigint, _pgsim_key jsonb, _pgsim_hash text, _pgsim_vector vector
+    _pgsim_qid bigint, _pgsim_key jsonb, _pgsim_hash text, _pgsim_vector {vector}
 ) ON COMMIT DELETE ROWS
 """
 
@@ -133,6 +137,7 @@ def claim_and_encode(
     """Claim, encode and write one batch in one transaction; None when nothing is ready."""
     report = SyncReport(batches=1)
     with conn.transaction():
+        conn.execute(PINNED_SEARCH_PATH)
         claimed = conn.execute(
             CLAIM, {"registration": registration.id, "retried": retried, "limit": limit}, prepare=False
         ).fetchall()
@@ -198,7 +203,8 @@ def encode_and_write(
         report.cached += sum(1 for text in texts if text in found)
     vectors = merged(texts, encoded, found)
     started = time.perf_counter()
-    conn.execute(TEMP_TABLE)
+    vectors_in = vector_schema(conn)
+    conn.execute(sql.SQL(TEMP_TABLE).format(vector=sql.Identifier(vectors_in, "vector")))
     with conn.cursor() as cur:
         with cur.copy(
             "COPY pgsim_sync (_pgsim_qid, _pgsim_key, _pgsim_hash, _pgsim_vector) FROM STDIN WITH (FORMAT BINARY)"
@@ -214,7 +220,7 @@ def encode_and_write(
             ).format(
                 table=registration.table_sql,
                 column=sql.Identifier(registration.column),
-                cast=sql.SQL("::halfvec" if registration.dtype == "halfvec" else ""),
+                cast=sql.SQL("::{}").format(sql.Identifier(vectors_in, registration.dtype)),
                 match=key_match(registration, sql.SQL("_pgsim_v._pgsim_key")),
                 source=registration.source_sql,
             ),

@@ -15,8 +15,9 @@ from typing import Any
 
 import numpy as np
 import psycopg
+from psycopg import sql
 
-from pgsim.db.catalog import require_schema
+from pgsim.db.catalog import require_schema, vector_schema
 from pgsim.encoding.encoder import MAX_CHARS, Encoder, Vector
 
 Found = dict[str, Vector]  # vectors from the cache, by text
@@ -60,7 +61,8 @@ def store(
         return 0
     _require_table(conn)
     with conn.transaction(), conn.cursor() as cur:
-        cur.execute("CREATE TEMP TABLE pgsim_cache_new (digest bytea, embedding vector)")
+        vector_type = sql.Identifier(vector_schema(conn), "vector")  # a worker's batch pins search_path
+        cur.execute(sql.SQL("CREATE TEMP TABLE pgsim_cache_new (digest bytea, embedding {})").format(vector_type))
         with cur.copy("COPY pgsim_cache_new (digest, embedding) FROM STDIN WITH (FORMAT BINARY)") as copy:
             copy.set_types(["bytea", "vector"])
             for digest, vector in pairs.items():

@@ -41,6 +41,7 @@ class Registration:
     index: HNSW | None
     created_column: bool
     replaces: int | None
+    table_oid: int  # what the registration follows: the names above follow renames of it
 
     @property
     def table(self) -> str:
@@ -62,13 +63,13 @@ class Registration:
 
 REGISTRY_COLUMNS = (
     "id, table_schema, table_name, column_name, source, source_columns, key_columns, model, model_revision, "
-    "dimension, dtype, index_name, index_m, index_ef_construction, created_column, replaces"
+    "dimension, dtype, index_name, index_m, index_ef_construction, created_column, replaces, table_oid"
 )
 
 
 def registration_from_row(row: Sequence[Any]) -> Registration:
     (id_, schema, table, column, source, source_columns, key_columns, model, revision, dimension, dtype,
-     index_name, m, ef_construction, created_column, replaces) = row  # fmt: skip
+     index_name, m, ef_construction, created_column, replaces, table_oid) = row  # fmt: skip
     return Registration(
         id=id_,
         schema=schema,
@@ -85,6 +86,7 @@ def registration_from_row(row: Sequence[Any]) -> Registration:
         index=HNSW(m, ef_construction) if m is not None else None,
         created_column=created_column,
         replaces=replaces,
+        table_oid=int(table_oid),
     )
 
 
@@ -103,11 +105,7 @@ def get_registration(conn: psycopg.Connection[Any], table: str, column: str) -> 
     row = conn.execute(
         "SELECT "  # noqa: S608 - constant columns
         + REGISTRY_COLUMNS
-        + """ FROM pgsim.embedding e
-        WHERE (e.table_schema, e.table_name) = (
-            SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE c.oid = to_regclass(%s))
-          AND e.column_name = %s""",
+        + " FROM pgsim.embedding e WHERE e.table_oid = to_regclass(%s) AND e.column_name = %s",
         [table_identifier(table).as_string(conn), column],
     ).fetchone()
     return registration_from_row(row) if row else None
@@ -155,39 +153,19 @@ def remove_registration(conn: psycopg.Connection[Any], registration: Registratio
 
 
 def forget_dropped(conn: psycopg.Connection[Any]) -> list[int]:
-    """Follow renamed tables (their triggers carry the registration id) and forget the registrations of
-    dropped ones, with their queue entries and dead letters. Returns the forgotten ids."""
+    """Follow renamed tables and forget the registrations of dropped ones, with their queue entries and dead
+    letters (``pgsim.forget_dropped``: by table OID, never by a name or a trigger another role can make).
+    Returns the forgotten ids."""
     if not has_schema_table(conn, "embedding"):
         return []
-    with conn.transaction():
-        conn.execute(
-            """
-            UPDATE pgsim.embedding e SET table_schema = n.nspname, table_name = c.relname
-            FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-            WHERE t.tgname = format('pgsim_%s_insert', e.id)
-              AND (n.nspname, c.relname) <> (e.table_schema, e.table_name)
-            """
-        )
-        gone = [
-            registration_id
-            for (registration_id,) in conn.execute(
-                """
-                DELETE FROM pgsim.embedding e
-                WHERE NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgname = format('pgsim_%s_insert', e.id))
-                RETURNING id
-                """
-            ).fetchall()
-        ]
-        if gone:
-            conn.execute("DELETE FROM pgsim.queue WHERE embedding_id = ANY(%s)", [gone])
-            conn.execute("DELETE FROM pgsim.dead_letter WHERE embedding_id = ANY(%s)", [gone])
-    return gone
+    row = conn.execute("SELECT pgsim.forget_dropped()").fetchone()
+    return list(row[0]) if row else []
 
 
 def key_match(registration: Registration, key: sql.Composable) -> sql.Composed:
-    """``table.k = (jsonb_populate_record(NULL::table, key)).k AND ...``: the row a queued key names,
+    """``table.k = (pg_catalog.jsonb_populate_record(NULL::table, key)).k AND ...``: the row a queued key names,
     compared in the key columns' own types, so the primary key index serves it."""
-    record = sql.SQL("jsonb_populate_record(NULL::{}, {})").format(registration.table_sql, key)
+    record = sql.SQL("pg_catalog.jsonb_populate_record(NULL::{}, {})").format(registration.table_sql, key)
     return sql.SQL(" AND ").join(
         sql.SQL("{}.{} = ({}).{}").format(registration.table_sql, sql.Identifier(name), record, sql.Identifier(name))
         for name in registration.key_columns

@@ -85,6 +85,17 @@ def require_schema(conn: psycopg.Connection[Any], name: str, needed_for: str = "
         )
 
 
+def vector_schema(conn: psycopg.Connection[Any]) -> str:
+    """The schema pgvector's types live in (``CREATE EXTENSION vector`` chose it), to qualify them with."""
+    row = conn.execute(
+        "SELECT n.nspname FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace "
+        "WHERE e.extname = 'vector'"
+    ).fetchone()
+    if row is None:
+        raise SchemaMissing("This database has no pgvector extension: run `pgsim install`.")
+    return str(row[0])
+
+
 def is_local_host(host: str | None) -> bool:
     """Whether a connection's host is this machine: a Unix socket directory (or abstract socket), or loopback."""
     host = host or ""

@@ -255,7 +255,7 @@ def test_one_bad_row_does_not_take_its_batch_to_the_dead_letters(pkgs: Any) -> N
     pkgs.execute("CREATE FUNCTION fussy(t text) RETURNS text LANGUAGE plpgsql AS $$ BEGIN "
                  "IF t LIKE '%poison%' THEN RAISE EXCEPTION 'cannot read %', t; END IF; RETURN t; END $$")  # fmt: skip
     remove_embedding(pkgs, "pkgs", "embedding")
-    add_embedding(pkgs, "pkgs", "embedding", source="fussy(synopsis)", queue_existing=False)
+    add_embedding(pkgs, "pkgs", "embedding", source="public.fussy(synopsis)", queue_existing=False)
     pkgs.execute("INSERT INTO pkgs (package, synopsis) VALUES ('a', 'fine'), ('b', 'poison'), ('c', 'also fine')")
     report = sync(pkgs, max_attempts=2, retry_delay=60)  # the healthy rows are retried at once, alone
     assert (report.embedded, report.dead) == (2, 1)

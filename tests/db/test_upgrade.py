@@ -154,7 +154,8 @@ def test_a_changed_function_file_is_applied_again_and_an_unchanged_one_skipped(
     enqueue.write_text(enqueue.read_text().replace("lower(TG_OP)", "'changed ' || lower(TG_OP)"))
     report = install(db, directory=files)
     assert report.applied == ["functions/enqueue.sql"]
-    assert "0001_tables.sql" in report.already_applied and len(report.already_applied) == len(function_files())
+    unchanged = len(sql_files()) + len(function_files()) - 1
+    assert "0001_tables.sql" in report.already_applied and len(report.already_applied) == unchanged
     db.execute("INSERT INTO notes VALUES (1, 'a')")  # the trigger made before the change runs the new body
     assert db.execute("SELECT reason FROM pgsim.queue").fetchone() == ("changed insert",)
     (digest,) = db.execute("SELECT sha256 FROM pgsim.migration WHERE name = 'functions/enqueue.sql'").fetchone() or ()

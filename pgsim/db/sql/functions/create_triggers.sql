@@ -4,7 +4,7 @@
 -- or moved a queued row to another key). The worker's own NULL for a blank text fires it too and adds
 -- nothing: the row's entry is still there.
 CREATE OR REPLACE FUNCTION pgsim.create_triggers(registration integer) RETURNS void
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     e pgsim.embedding;
@@ -13,7 +13,11 @@ DECLARE
     watched text;
 BEGIN
     SELECT * INTO STRICT e FROM pgsim.embedding WHERE id = registration;
-    target := format('%I.%I', e.table_schema, e.table_name);
+    -- The WHEN conditions compare embeddings with pgvector's = operator, bound when the trigger is made: look
+    -- it up in the extension's schema (set until this function returns, by its SET clause).
+    PERFORM set_config('search_path', format('pg_catalog, %I, pg_temp', (SELECT n.nspname FROM pg_extension x
+        JOIN pg_namespace n ON n.oid = x.extnamespace WHERE x.extname = 'vector')), true);
+    target := e.table_oid::regclass::text;  -- schema-qualified under this function's search_path
     SELECT string_agg(quote_literal(value), ', ' ORDER BY position) INTO arguments
     FROM unnest(array_prepend(e.id::text, e.key_columns::text[])) WITH ORDINALITY AS a(value, position);
     SELECT string_agg(format('%I', name), ', ' ORDER BY first) INTO watched

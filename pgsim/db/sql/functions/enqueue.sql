@@ -1,19 +1,29 @@
--- Row trigger: TG_ARGV[0] is the registration id, TG_ARGV[1..] the primary key columns. It runs with its
--- owner's rights so that writers to a registered table need no grant on pgsim's queue; it reads NEW only.
+-- Row trigger of a registration (pgsim.create_triggers): TG_ARGV[0] is the registration id. It runs with
+-- its owner's rights so that writers to a registered table need no grant on pgsim's queue, reads NEW only,
+-- and queues a row only for a registration of the very table it fires on (by OID): a trigger of some other
+-- table that calls it (any role may write one) is an error, not a forged queue entry.
 CREATE OR REPLACE FUNCTION pgsim.enqueue() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    registration integer := TG_ARGV[0]::integer;
+    key_columns name[];
     new_row jsonb := to_jsonb(NEW);
     row_key jsonb := '{}';
 BEGIN
-    FOR i IN 1 .. TG_NARGS - 1 LOOP
-        row_key := row_key || jsonb_build_object(TG_ARGV[i], new_row -> TG_ARGV[i]);
+    SELECT e.key_columns INTO key_columns FROM pgsim.embedding e WHERE e.id = registration AND e.table_oid = TG_RELID;
+    IF key_columns IS NULL THEN
+        RAISE EXCEPTION 'pgsim.enqueue: % holds no registration %', TG_RELID::regclass, registration
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'pgsim''s triggers are made by pgsim.add_embedding; drop this one.';
+    END IF;
+    FOR i IN 1 .. cardinality(key_columns) LOOP
+        row_key := row_key || jsonb_build_object(key_columns[i], new_row -> key_columns[i]);
     END LOOP;
     INSERT INTO pgsim.queue (embedding_id, key, reason)
-    VALUES (TG_ARGV[0]::integer, row_key, lower(TG_OP))
+    VALUES (registration, row_key, lower(TG_OP))
     ON CONFLICT (embedding_id, key) DO NOTHING;
-    PERFORM pg_notify('pgsim', TG_ARGV[0]);  -- repeated payloads fold into one per transaction
+    PERFORM pg_notify('pgsim', registration::text);  -- repeated payloads fold into one per transaction
     RETURN NULL;
 END;
 $$;

@@ -1,19 +1,23 @@
--- Follow renamed tables (their triggers carry the registration id) and forget the registrations whose
--- table is gone, with their queue entries and dead letters (what pgsim.columns.registry.forget_dropped
--- does).
--- Returns the forgotten ids.
+-- Follow renamed tables and forget the registrations whose table is gone (or whose insert trigger its owner
+-- dropped), with their queue entries and dead letters. A registration follows its table by OID only: no
+-- name, and no trigger another role makes on a table of its own, can move it. It acts on the catalog's
+-- facts alone, whoever calls it, so it runs as pgsim's owner (workers and registrants need no write access
+-- to the registry for it). Returns the forgotten ids.
 CREATE OR REPLACE FUNCTION pgsim.forget_dropped() RETURNS integer[]
-LANGUAGE plpgsql
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     gone integer[];
 BEGIN
     UPDATE pgsim.embedding e SET table_schema = n.nspname, table_name = c.relname
-    FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE t.tgname = format('pgsim_%s_insert', e.id) AND (n.nspname, c.relname) <> (e.table_schema, e.table_name);
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.oid = e.table_oid AND (n.nspname, c.relname) IS DISTINCT FROM (e.table_schema, e.table_name);
     WITH deleted AS (
         DELETE FROM pgsim.embedding e
-        WHERE NOT EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgname = format('pgsim_%s_insert', e.id))
+        WHERE NOT EXISTS (
+            SELECT 1 FROM pg_trigger t
+            WHERE t.tgrelid = e.table_oid AND t.tgname = format('pgsim_%s_insert', e.id)
+              AND t.tgfoid = 'pgsim.enqueue()'::regprocedure)
         RETURNING id
     )
     SELECT coalesce(array_agg(id), '{}') INTO gone FROM deleted;

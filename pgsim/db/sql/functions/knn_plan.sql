@@ -69,10 +69,13 @@ BEGIN
                     (SELECT min(pgsim.index_ef_search(name::regclass, hnsw_ef_search)) FROM unnest(partial_names) AS name),
                     2 * k), 1000)::text, true);
         -- any vector will do for planning; NULL would not (the planner folds ORDER BY NULL away)
-        EXECUTE format('EXPLAIN (FORMAT JSON) SELECT 1 FROM %s WHERE %s ORDER BY %I OPERATOR(%s.<=>) '
-                       'array_fill(1::real, ARRAY[%s])::%s LIMIT %s',
-                       tbl, coalesce(nullif(filter, ''), 'true'), col, vector_schema, dimension, column_type, k)
-            INTO plan;
+        -- one statement only (see pgsim.estimate_rows)
+        FOR plan IN EXECUTE format('EXPLAIN (FORMAT JSON) SELECT 1 FROM %s WHERE %s ORDER BY %I OPERATOR(%s.<=>) '
+                                   'array_fill(1::real, ARRAY[%s])::%s LIMIT %s',
+                                   tbl, coalesce(nullif(filter, ''), 'true'), col, vector_schema, dimension,
+                                   column_type, k)
+        LOOP
+        END LOOP;
         PERFORM set_config('enable_seqscan', saved[1], true), set_config('enable_bitmapscan', saved[2], true),
                 set_config('enable_sort', saved[3], true), set_config('enable_incremental_sort', saved[4], true),
                 set_config('hnsw.ef_search', coalesce(saved[5], '40'), true);

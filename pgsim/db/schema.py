@@ -11,6 +11,9 @@ start together run one after the other and the second finds nothing left to do.
   exactly the settings its statement names, so an overload still marked afterwards is one the file no
   longer makes, and it is dropped: a changed signature leaves no old overload behind. The ledger records
   what each function file made (``objects``); what a file that is no longer shipped made is dropped.
+- Function files run with search_path ``pg_catalog, pg_temp`` (``PINNED_PATH``), as their functions do,
+  so nothing in them binds to an object another role made (in public, say). ``@extschema:vector@`` in an
+  SQL file is the vector extension's schema (:meth:`SqlFile.render`); the ledger hashes the file as shipped.
 - A database installed before the numbered files were squashed lists the old files in its ledger; there
   they are replaced by the squashed files, which make the same tables (``SQUASHES``), and the function
   files then apply as on any database.
@@ -33,6 +36,10 @@ from psycopg import errors, sql
 from pgsim.db.sqlfiles import FUNCTIONS, SQUASHES, SqlFile, Squash, function_files, sql_files
 from pgsim.errors import ExtensionMissing, InstallError
 
+# The search_path every pgsim function pins, and the installer's (numbered files aside): nothing on it is
+# another role's. SET_PATH sets a path until the transaction ends.
+PINNED_PATH = "pg_catalog, pg_temp"
+SET_PATH = "SELECT pg_catalog.set_config('search_path', %s, true)"
 # pg_advisory_xact_lock takes a bigint; this one is pgsim's ("pgsim" in ASCII).
 ADVISORY_LOCK_KEY = 0x7067_7369_6D
 LEDGER = """
@@ -94,14 +101,15 @@ MADE = """ARRAY(
 CURRENT = "EXISTS (SELECT 1 FROM pgsim.migration WHERE name = {name} AND sha256 = {sha256} AND objects <@ {made})"
 FUNCTION_FILE = """DO $pgsim$
 DECLARE
-    saved text := current_setting('search_path');
+    saved text := pg_catalog.current_setting('search_path');
     routine regprocedure;
     made text[];
 BEGIN
+    PERFORM pg_catalog.set_config('search_path', {path}, true);
     IF {current} THEN
+        PERFORM pg_catalog.set_config('search_path', saved, true);
         RETURN;
     END IF;
-    PERFORM set_config('search_path', {path}, true);
     FOR routine IN SELECT oid FROM pg_proc WHERE pronamespace = 'pgsim'::regnamespace AND proname = {function} LOOP
         EXECUTE format('ALTER ROUTINE %s SET pgsim.stale = %L', routine, 'yes');
     END LOOP;
@@ -118,7 +126,7 @@ BEGIN
     VALUES ({name}, {sha256}, {version}, made)
     ON CONFLICT (name) DO UPDATE SET sha256 = excluded.sha256, package_version = excluded.package_version,
                                      applied_at = excluded.applied_at, objects = excluded.objects;
-    PERFORM set_config('search_path', saved, true);
+    PERFORM pg_catalog.set_config('search_path', saved, true);
 END
 $pgsim$;"""
 # What the function files that are not shipped (any more) made is dropped, and the ledger forgets them.
@@ -185,36 +193,37 @@ def install(
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", [ADVISORY_LOCK_KEY])
         vector_schema = _ensure_vector_extension(conn)
-        path = _search_path(vector_schema)
+        # SET LOCAL outlives a savepoint until the caller's transaction ends: put the caller's path back after.
+        saved = conn.execute("SELECT pg_catalog.current_setting('search_path')").fetchone()
+        conn.execute(SET_PATH, [PINNED_PATH])
         for statement in _ledger_statements(numbered):
             _run(conn, statement, "Upgrading pgsim's ledger")
         ledger = dict(conn.execute("SELECT name, sha256 FROM pgsim.migration").fetchall())
         _check_ledger(ledger, numbered)
-        # SET LOCAL outlives a savepoint until the caller's transaction ends: put the caller's path back after.
-        saved = conn.execute("SELECT current_setting('search_path')").fetchone()
-        conn.execute(sql.SQL("SET LOCAL search_path = {}").format(sql.SQL(path)))
+        conn.execute(SET_PATH, [_search_path(vector_schema)])
         for file in chosen:
             if file.name in ledger:
                 report.already_applied.append(file.name)
                 continue
-            _run(conn, file.text, f"pgsim SQL file {file.name}")
+            _run(conn, file.render(vector_schema), f"pgsim SQL file {file.name}")
             conn.execute(
                 "INSERT INTO pgsim.migration (name, sha256, package_version) VALUES (%s, %s, %s)",
                 [file.name, file.sha256, package_version()],
             )
             report.applied.append(file.name)
-        conn.execute("SELECT set_config('search_path', %s, true)", [saved[0] if saved else ""])
+        conn.execute(SET_PATH, [PINNED_PATH])
         current = _current(conn, functions)
         for file in functions:
             if file.name in current:
                 report.already_applied.append(file.name)
                 continue
-            _run(conn, _file_block(FUNCTION_FILE, file, path), f"pgsim SQL file {file.name}")
+            _run(conn, _file_block(FUNCTION_FILE, file, PINNED_PATH, vector_schema), f"pgsim SQL file {file.name}")
             report.applied.append(file.name)
         if upto is None:
             shipped = {file.name for file in functions}
             report.dropped = sorted(name for name in ledger if _is_function_file(name) and name not in shipped)
             _run(conn, _retire_block(shipped), "Dropping the functions pgsim no longer ships")
+        conn.execute(SET_PATH, [saved[0] if saved else ""])
     return report
 
 
@@ -246,10 +255,10 @@ def install_script(upto: str | None = None, vector_schema: str = "public", *, af
         *_ledger_statements(numbered),
     ]
     for file in chosen:
-        parts.append(_file_block(NUMBERED_FILE, file, path))
+        parts.append(_file_block(NUMBERED_FILE, file, path, vector_schema))
     if upto is None:
         functions = function_files()
-        parts.extend(_file_block(FUNCTION_FILE, file, path) for file in functions)
+        parts.extend(_file_block(FUNCTION_FILE, file, PINNED_PATH, vector_schema) for file in functions)
         parts.append(_retire_block({file.name for file in functions}))
     return "\n\n".join(parts) + "\n"
 
@@ -318,7 +327,7 @@ def _is_function_file(name: str) -> bool:
 
 
 def _search_path(vector_schema: str) -> str:
-    """What the SQL files run with: pgsim, the vector extension's schema, pg_catalog."""
+    """What the numbered files run with: pgsim, the vector extension's schema, pg_catalog."""
     return f"pgsim, {sql.Identifier(vector_schema).as_string()}, pg_catalog"
 
 
@@ -339,12 +348,13 @@ def _squash_block(squash: Squash, have: dict[str, SqlFile]) -> str:
     )
 
 
-def _file_block(template: str, file: SqlFile, path: str) -> str:
+def _file_block(template: str, file: SqlFile, path: str, vector_schema: str) -> str:
     """``template`` (NUMBERED_FILE, FUNCTION_FILE) filled in for ``file``, run with search_path ``path``."""
     if "$pgsim$" in file.text:
         raise InstallError(f"pgsim SQL file {file.name} contains $pgsim$, which pgsim's SQL blocks quote with.")
     values = _file_values(file)
-    literals = dict(path=sql.Literal(path), text=sql.Literal(file.text), version=sql.Literal(package_version()))
+    text = sql.Literal(file.render(vector_schema))
+    literals = dict(path=sql.Literal(path), text=text, version=sql.Literal(package_version()))
     return _sql(template, current=sql.SQL(CURRENT).format(**values), **values, **literals)
 
 

@@ -13,6 +13,26 @@ Two kinds, both in ``pgsim/db/sql``:
 Numbered files run before the function files, so they must not call pgsim's functions: a fresh install has
 none yet.
 
+Every function resolves names the same way whoever calls it, whatever their search_path (a role that can
+create objects in a schema on the caller's path, public say, must not be able to shadow what pgsim calls:
+PostgreSQL takes the best-matching overload across all schemas on the path, so putting pg_catalog first
+does not stop it). So, in every function file:
+
+- plpgsql functions pin ``SET search_path = pg_catalog, pg_temp``; SQL functions use SQL-standard bodies
+  (``RETURN expr`` or ``BEGIN ATOMIC ... END``, whose names are bound when the function is created; a SET
+  clause would stop PostgreSQL inlining them), as a view's are. The installer applies function files with
+  that same path, so nothing in them binds to another role's object either (pgsim.db.schema).
+- pgsim's own objects are named ``pgsim.<name>``; pgvector's (the ``vector`` and ``halfvec`` types, the
+  ``<=>`` operator as ``OPERATOR(@extschema:vector@.<=>)``, its functions) ``@extschema:vector@.<name>``.
+  ``@extschema:vector@`` is PostgreSQL's placeholder for a required extension's schema (``VECTOR_SCHEMA``),
+  which the installer replaces with the vector extension's schema, quoted (:meth:`SqlFile.render`); the
+  ledger hashes the file as shipped, so it is the same in every database. Dynamic SQL (EXECUTE) looks the
+  schema up when it runs instead (``SELECT quote_ident(n.nspname) FROM pg_extension e JOIN pg_namespace
+  n ...``: the placeholder's text is no string literal), and quotes what callers give with ``%I`` or
+  ``regclass``, as always. Under the pinned path a ``regclass`` or ``regtype`` prints schema-qualified.
+- Text from callers that a function runs (a filter, a source expression) resolves under the pinned path
+  too: the caller qualifies its own functions and tables there.
+
 The ledger (``pgsim.migration``) names a file as it is named here: ``0001_tables.sql``, ``functions/knn.sql``.
 """
 
@@ -24,9 +44,12 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
 
+from psycopg import sql
+
 FILE_NAME = re.compile(r"^(\d{4})_[a-z0-9_]+\.sql$")
 FUNCTION_FILE_NAME = re.compile(r"^([a-z][a-z0-9_]*)\.sql$")
 FUNCTIONS = "functions"
+VECTOR_SCHEMA = "@extschema:vector@"
 
 
 @dataclass(frozen=True)
@@ -37,6 +60,10 @@ class SqlFile:
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def render(self, vector_schema: str) -> str:
+        """The text to run: ``@extschema:vector@`` replaced by ``vector_schema``, quoted."""
+        return self.text.replace(VECTOR_SCHEMA, sql.Identifier(vector_schema).as_string())
 
     @property
     def function(self) -> str:

@@ -3,7 +3,7 @@
 -- A NULL model (the caller passed a vector) is not checked.
 CREATE OR REPLACE FUNCTION pgsim.expect_model(tbl_schema name, tbl name, col name, model text, revision text)
 RETURNS boolean
-LANGUAGE plpgsql STABLE
+LANGUAGE plpgsql STABLE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     registered pgsim.embedding;

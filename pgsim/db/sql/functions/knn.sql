@@ -7,17 +7,19 @@
 -- comes up short, and restores the settings it changed. Runs with the caller's rights (row-level security
 -- holds). query is compared with col's type (vector or halfvec). Rows whose embedding is still NULL
 -- (waiting for the worker) are left out: the index never returns them, and the exact scan must not either.
+-- The filter is read with this function's search_path, pg_catalog, pg_temp: a function, type or table of
+-- your own in it must be schema-qualified (public.f(x)), as public is not on that path.
 CREATE OR REPLACE FUNCTION pgsim.knn(
     tbl regclass,
     col name,
-    query vector,
+    query @extschema:vector@.vector,
     k integer,
     filter text DEFAULT NULL,
     exact_below_rows double precision DEFAULT 1000,
     hnsw_ef_search integer DEFAULT 200,
     min_hnsw_selectivity double precision DEFAULT 0.5
 ) RETURNS SETOF pgsim.knn_hit
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     settings text[] := ARRAY['enable_indexscan', 'hnsw.iterative_scan', 'hnsw.ef_search', 'hnsw.max_scan_tuples'];
@@ -64,6 +66,6 @@ BEGIN
     RETURN QUERY SELECT * FROM unnest(hits);
 END;
 $$;
-COMMENT ON FUNCTION pgsim.knn(regclass, name, vector, integer, text, double precision, integer, double precision) IS
+COMMENT ON FUNCTION pgsim.knn(regclass, name, @extschema:vector@.vector, integer, text, double precision, integer, double precision) IS
     'The k rows of tbl nearest to query by col <=> query that pass filter, as (row jsonb, distance), nearest '
     'first; k rows whenever k rows match. The settings it changes are restored before it returns.';

@@ -1,9 +1,10 @@
 -- Maximal marginal relevance: positions (1-based) into `candidates`, in the order picked. Each pick
 -- maximises lambda * sim(query, c) - (1 - lambda) * max sim(c, already picked); lambda 1 is plain
 -- relevance order, lower values trade relevance for diversity.
-CREATE OR REPLACE FUNCTION pgsim.mmr(query vector, candidates vector[], k integer, lambda double precision)
-RETURNS integer[]
-LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE
+CREATE OR REPLACE FUNCTION pgsim.mmr(
+    query @extschema:vector@.vector, candidates @extschema:vector@.vector[], k integer, lambda double precision
+) RETURNS integer[]
+LANGUAGE plpgsql IMMUTABLE PARALLEL SAFE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     n integer := coalesce(cardinality(candidates), 0);
@@ -22,7 +23,7 @@ BEGIN
     IF k IS NULL OR k < 0 THEN
         RAISE EXCEPTION 'k must be 0 or more; got %', k USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT array_agg(1 - (query <=> c) ORDER BY o) INTO relevance
+    SELECT array_agg(1 - (query OPERATOR(@extschema:vector@.<=>) c) ORDER BY o) INTO relevance
     FROM unnest(candidates) WITH ORDINALITY AS u(c, o);
     FOR step IN 1 .. least(k, n) LOOP
         best := NULL;
@@ -40,12 +41,12 @@ BEGIN
             CONTINUE WHEN picked[i];
             redundancy[i] := greatest(
                 CASE WHEN step = 1 THEN '-Infinity'::double precision ELSE redundancy[i] END,
-                1 - (candidates[i] <=> candidates[best])
+                1 - (candidates[i] OPERATOR(@extschema:vector@.<=>) candidates[best])
             );
         END LOOP;
     END LOOP;
     RETURN chosen;
 END
 $$;
-COMMENT ON FUNCTION pgsim.mmr(vector, vector[], integer, double precision) IS
+COMMENT ON FUNCTION pgsim.mmr(@extschema:vector@.vector, @extschema:vector@.vector[], integer, double precision) IS
     'Maximal marginal relevance: 1-based positions into candidates, in the order picked.';

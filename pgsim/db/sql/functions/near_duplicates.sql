@@ -8,10 +8,13 @@ CREATE OR REPLACE FUNCTION pgsim.near_duplicates(
     threshold double precision,
     neighbours integer DEFAULT 10
 ) RETURNS TABLE (key jsonb, group_id bigint, group_size bigint)
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    column_type text;
+    vector_namespace oid := (SELECT e.extnamespace FROM pg_extension e WHERE e.extname = 'vector');
+    vector_schema text := (SELECT quote_ident(n.nspname) FROM pg_namespace n WHERE n.oid = vector_namespace);
+    column_type oid;
+    type_name name;
     key_expression text;
     changed bigint;
     ef_search text := current_setting('hnsw.ef_search', true);
@@ -24,12 +27,14 @@ BEGIN
         RAISE EXCEPTION 'neighbours must be between 1 and 1000; got %', neighbours
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT format_type(a.atttypid, NULL) INTO column_type
+    SELECT a.atttypid INTO column_type
     FROM pg_attribute a WHERE a.attrelid = target AND a.attname = column_name AND a.attnum > 0 AND NOT a.attisdropped;
+    SELECT t.typname INTO type_name FROM pg_type t
+    WHERE t.oid = column_type AND t.typnamespace = vector_namespace AND t.typname IN ('vector', 'halfvec');
     IF column_type IS NULL THEN
         RAISE EXCEPTION 'Table % has no column %.', target, column_name USING ERRCODE = 'undefined_column';
-    ELSIF column_type NOT IN ('vector', 'halfvec') THEN
-        RAISE EXCEPTION 'Column %.% is %, not a pgvector vector column.', target, column_name, column_type
+    ELSIF type_name IS NULL THEN
+        RAISE EXCEPTION 'Column %.% is %, not a pgvector vector column.', target, column_name, column_type::regtype
             USING ERRCODE = 'wrong_object_type';
     END IF;
     IF NOT EXISTS (
@@ -37,11 +42,11 @@ BEGIN
         JOIN pg_opclass oc ON oc.oid = i.indclass[0]
         WHERE i.indrelid = target AND am.amname = 'hnsw' AND i.indnatts = 1 AND i.indpred IS NULL
           AND i.indkey[0] = (SELECT attnum FROM pg_attribute WHERE attrelid = target AND attname = column_name)
-          AND oc.opcname = column_type || '_cosine_ops'
+          AND oc.opcname = type_name || '_cosine_ops' AND oc.opcnamespace = vector_namespace
     ) THEN
         RAISE EXCEPTION 'Column %.% has no HNSW index for cosine distance: the self-join would compare all pairs.',
             target, column_name USING ERRCODE = 'undefined_object',
-            HINT = format('CREATE INDEX ON %s USING hnsw (%I %s_cosine_ops)', target, column_name, column_type);
+            HINT = format('CREATE INDEX ON %s USING hnsw (%I %s_cosine_ops)', target, column_name, type_name);
     END IF;
     SELECT 'jsonb_build_object(' || string_agg(format('%L, t.%I', a.attname, a.attname), ', ' ORDER BY k.ord) || ')'
     INTO key_expression
@@ -59,9 +64,10 @@ BEGIN
     EXECUTE format(
         'CREATE TEMP TABLE pg_temp.pgsim_near_link ON COMMIT DROP AS '
         'SELECT a.ctid AS a, n.ctid AS b FROM %1$s a CROSS JOIN LATERAL ('
-        '  SELECT b.ctid, b.%2$I <=> a.%2$I AS distance FROM %1$s b ORDER BY b.%2$I <=> a.%2$I LIMIT %3$s'
+        '  SELECT b.ctid, b.%2$I OPERATOR(%5$s.<=>) a.%2$I AS distance FROM %1$s b'
+        '  ORDER BY b.%2$I OPERATOR(%5$s.<=>) a.%2$I LIMIT %3$s'
         ') n WHERE a.%2$I IS NOT NULL AND n.ctid <> a.ctid AND n.distance <= %4$s',
-        target, column_name, neighbours + 1, 1 - threshold
+        target, column_name, neighbours + 1, 1 - threshold, vector_schema
     );
     -- links both ways, then each row takes the smallest label among its neighbours until nothing changes
     EXECUTE 'INSERT INTO pg_temp.pgsim_near_link SELECT b, a FROM pg_temp.pgsim_near_link';

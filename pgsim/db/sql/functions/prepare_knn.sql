@@ -9,7 +9,7 @@ CREATE OR REPLACE FUNCTION pgsim.prepare_knn(
     hnsw_ef_search integer DEFAULT 200,
     min_hnsw_selectivity double precision DEFAULT 0.5
 ) RETURNS pgsim.knn_plan
-LANGUAGE plpgsql VOLATILE
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     plan pgsim.knn_plan := pgsim.knn_plan(tbl, col, k, filter, exact_below_rows, hnsw_ef_search, min_hnsw_selectivity);

@@ -2,7 +2,7 @@
 -- pgsim.unregister_embedding).
 CREATE OR REPLACE FUNCTION pgsim.remove_embedding(target regclass, column_name name, drop_column boolean DEFAULT true)
 RETURNS void
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     registration integer;

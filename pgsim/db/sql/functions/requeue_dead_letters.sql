@@ -1,3 +1,4 @@
+-- Its names are bound when the installer creates it, with search_path pg_catalog, pg_temp (pgsim.db.sqlfiles).
 CREATE OR REPLACE FUNCTION pgsim.requeue_dead_letters(registration integer DEFAULT NULL) RETURNS bigint
 LANGUAGE sql
 BEGIN ATOMIC

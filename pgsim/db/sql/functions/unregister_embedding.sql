@@ -2,7 +2,7 @@
 -- (unless drop_column is false), queue entries, dead letters, registry row. A view or other object that
 -- depends on the column stops it with PostgreSQL's error, and nothing is removed.
 CREATE OR REPLACE FUNCTION pgsim.unregister_embedding(registration integer, drop_column boolean DEFAULT true) RETURNS void
-LANGUAGE plpgsql
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     e pgsim.embedding;

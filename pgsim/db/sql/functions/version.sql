@@ -1,5 +1,6 @@
 -- The ledger's newest entry: an install that changes anything records its package version on what it
 -- applies (a numbered file, or a function file whose text changed).
+-- Its names are bound when the installer creates it, with search_path pg_catalog, pg_temp (pgsim.db.sqlfiles).
 CREATE OR REPLACE FUNCTION pgsim.version() RETURNS text
 LANGUAGE sql STABLE PARALLEL SAFE
 BEGIN ATOMIC

@@ -33,7 +33,9 @@ def change_model(
     old = require_registration(conn, table, column)
     if old.replaces is not None:
         raise InvalidInput(f"{old.table}.{old.column} is itself the target of a model change still being filled.")
-    under_way = conn.execute("SELECT column_name FROM pgsim.embedding WHERE replaces = %s", [old.id]).fetchone()
+    under_way = conn.execute(
+        "SELECT column_name FROM pgsim.embedding WHERE replaces = %s AND table_oid = %s", [old.id, old.table_oid]
+    ).fetchone()
     if under_way:
         raise InvalidInput(
             f"A model change of {old.table}.{old.column} is under way (into column {under_way[0]}); let the workers "
@@ -69,8 +71,8 @@ def switch_over(conn: psycopg.Connection[Any], new: Registration) -> bool:
     rows are queued or failed, when the change was cancelled meanwhile, or when the table stays locked."""
     assert new.replaces is not None
     old = registration_by_id(conn, new.replaces)
-    if old is None or _pending(conn, new.id):
-        return False
+    if old is None or old.table_oid != new.table_oid or _pending(conn, new.id):
+        return False  # a change to replace another table's column is no model change: never switch it
     index = new.index or old.index
     staged_index = derived_name(new.table_name, new.column, suffix="hnsw") if index else None
     if index and staged_index and not _valid_index_exists(conn, new.schema, staged_index):

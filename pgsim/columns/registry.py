@@ -61,9 +61,13 @@ class Registration:
         return f"{self.dtype}_cosine_ops"
 
 
-REGISTRY_COLUMNS = (
-    "id, table_schema, table_name, column_name, source, source_columns, key_columns, model, model_revision, "
-    "dimension, dtype, index_name, index_m, index_ef_construction, created_column, replaces, table_oid"
+# A registration's table is its OID: the schema and table names come from the catalog, never from the row's
+# stored names (which any writer of the row could set to another table's).
+REGISTRY_SELECT = (
+    "SELECT e.id, n.nspname, c.relname, e.column_name, e.source, e.source_columns, e.key_columns, e.model, "
+    "e.model_revision, e.dimension, e.dtype, e.index_name, e.index_m, e.index_ef_construction, e.created_column, "
+    "e.replaces, e.table_oid FROM pgsim.embedding e JOIN pg_catalog.pg_class c ON c.oid = e.table_oid "
+    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
 )
 
 
@@ -94,7 +98,7 @@ def registrations(conn: psycopg.Connection[Any]) -> list[Registration]:
     """Every registered embedding column (none when pgsim's sync schema is not installed)."""
     if not has_schema_table(conn, "embedding"):
         return []
-    query = "SELECT " + REGISTRY_COLUMNS + " FROM pgsim.embedding ORDER BY id"  # noqa: S608 - constant columns
+    query = REGISTRY_SELECT + " ORDER BY e.id"
     return [registration_from_row(row) for row in conn.execute(query).fetchall()]
 
 
@@ -103,16 +107,14 @@ def get_registration(conn: psycopg.Connection[Any], table: str, column: str) -> 
     if not has_schema_table(conn, "embedding"):
         return None
     row = conn.execute(
-        "SELECT "  # noqa: S608 - constant columns
-        + REGISTRY_COLUMNS
-        + " FROM pgsim.embedding e WHERE e.table_oid = to_regclass(%s) AND e.column_name = %s",
+        REGISTRY_SELECT + " WHERE e.table_oid = pg_catalog.to_regclass(%s) AND e.column_name = %s",
         [table_identifier(table).as_string(conn), column],
     ).fetchone()
     return registration_from_row(row) if row else None
 
 
 def registration_by_id(conn: psycopg.Connection[Any], registration_id: int) -> Registration | None:
-    query = "SELECT " + REGISTRY_COLUMNS + " FROM pgsim.embedding WHERE id = %s"  # noqa: S608 - constant columns
+    query = REGISTRY_SELECT + " WHERE e.id = %s"
     row = conn.execute(query, [registration_id]).fetchone()
     return registration_from_row(row) if row else None
 
@@ -132,7 +134,10 @@ def remove_embedding(conn: psycopg.Connection[Any], table: str, column: str, *, 
     if pgsim added it (``drop_column=False`` keeps it). A model change still filling is removed with it."""
     with conn.transaction():
         registration = require_registration(conn, table, column)
-        pending = conn.execute("SELECT id FROM pgsim.embedding WHERE replaces = %s", [registration.id]).fetchall()
+        pending = conn.execute(
+            "SELECT id FROM pgsim.embedding WHERE replaces = %s AND table_oid = %s",
+            [registration.id, registration.table_oid],
+        ).fetchall()
         for (replacement_id,) in pending:
             replacement = registration_by_id(conn, replacement_id)
             assert replacement is not None

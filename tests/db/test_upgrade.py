@@ -89,6 +89,18 @@ REGISTER = (
 )
 
 
+def test_a_table_renamed_before_the_upgrade_keeps_its_registration(server_dsn: str) -> None:
+    with scratch_database(server_dsn, "renamed") as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+        install_state(conn, "pre-squash")
+        conn.execute("CREATE TABLE notes (id int PRIMARY KEY, body text)")
+        conn.execute(REGISTER)
+        conn.execute("ALTER TABLE notes RENAME TO kept_notes")  # the registry still says notes
+        install(conn)
+        assert conn.execute("SELECT table_oid = 'kept_notes'::regclass FROM pgsim.embedding").fetchone() == (True,)
+        conn.execute("INSERT INTO kept_notes VALUES (1, 'still queued')")
+        assert conn.execute("SELECT count(*) FROM pgsim.queue").fetchone() == (1,)
+
+
 @pytest.mark.parametrize("route", ["install", "script"])
 @pytest.mark.parametrize("state", sorted(path.name for path in STATES.iterdir() if path.is_dir()))
 def test_upgrade_from_an_earlier_state_equals_a_fresh_install(

@@ -31,7 +31,8 @@ def docs(admin: psycopg.Connection[Any], roles: Roles) -> Iterator[Registration]
     yield registration
     admin.execute("DELETE FROM pgsim.queue")
     admin.execute("DELETE FROM pgsim.dead_letter")
-    admin.execute("SELECT pgsim.unregister_embedding(%s, true)", [registration.id])
+    current = get_registration(admin, "docs", "embedding")  # a test may have registered it again
+    admin.execute("SELECT pgsim.unregister_embedding(%s, true)", [current.id if current else registration.id])
 
 
 def test_a_trigger_named_like_pgsims_on_another_table_moves_no_registration(
@@ -139,3 +140,54 @@ def test_a_filter_is_one_expression_never_a_statement_list(
     with pytest.raises((InvalidInput, psycopg.Error)):
         search(admin, "docs", "embedding", [0.1] * 384, where=sql.SQL(statement_list))  # type: ignore[arg-type]
     assert admin.execute("SELECT count(*) FROM docs").fetchone() == (2,)
+
+
+def test_a_registered_partitioned_table_queues_rows_written_to_its_partitions(
+    admin: psycopg.Connection[Any], roles: Roles
+) -> None:
+    with acting(admin, roles.owner):
+        admin.execute(
+            "CREATE TABLE parts (id int, region text, body text, PRIMARY KEY (id, region)) PARTITION BY LIST (region)"
+        )
+        admin.execute("CREATE TABLE parts_eu PARTITION OF parts FOR VALUES IN ('eu')")
+        registration = add_embedding(admin, "parts", "embedding", source="body", index=None)
+        admin.execute("CREATE TABLE parts_us PARTITION OF parts FOR VALUES IN ('us')")  # attached later
+        admin.execute("INSERT INTO parts VALUES (1, 'eu', 'hello'), (2, 'us', 'world')")
+        admin.execute("UPDATE parts SET body = 'hello again' WHERE id = 1")
+        queued = admin.execute(
+            "SELECT key FROM pgsim.queue WHERE embedding_id = %s ORDER BY id", [registration.id]
+        ).fetchall()
+        admin.execute("SELECT pgsim.unregister_embedding(%s, true)", [registration.id])
+        admin.execute("DROP TABLE parts")
+    assert queued == [({"id": 1, "region": "eu"},), ({"id": 2, "region": "us"},)]
+
+
+def test_names_stored_in_a_registration_row_never_lead_to_another_table(
+    admin: psycopg.Connection[Any], roles: Roles, docs: Registration
+) -> None:
+    tenant = sql.Identifier(roles.tenant)
+    admin.execute(sql.SQL("GRANT USAGE ON SCHEMA pgsim TO {}").format(tenant))
+    admin.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE ON pgsim.embedding TO {}").format(tenant))
+    with acting(admin, roles.tenant):  # a row for the tenant's own table, naming the victim's table and column
+        admin.execute(
+            "INSERT INTO pgsim.embedding (table_oid, table_schema, table_name, column_name, source, source_columns, "
+            "key_columns, model, model_revision, dimension, dtype, created_column, replaces) "
+            "SELECT 'tenant.notes'::regclass, 'public', 'docs', 'section', 'body', '{body}', '{id}', 'm', 'r', 384, "
+            "'vector', true, %s",
+            [docs.id],
+        )
+    forged = admin.execute("SELECT id FROM pgsim.embedding WHERE replaces = %s", [docs.id]).fetchone()
+    assert forged is not None
+    planted = get_registration(admin, "tenant.notes", "section")
+    assert planted is not None and (planted.schema, planted.table_name) == ("tenant", "notes")  # from the OID
+    with acting(admin, roles.owner):
+        admin.execute("SELECT pgsim.remove_embedding('docs', 'embedding', false)")
+        admin.execute("SELECT pgsim.requeue_dead_letters()")  # no error for letters of tables it does not own
+    columns = admin.execute(
+        "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_attribute WHERE attrelid = 'docs'::regclass "
+        "AND attnum > 0 AND NOT attisdropped"
+    ).fetchone()
+    assert columns == (["id", "section", "body", "embedding"],)  # the victim kept its column
+    admin.execute("DELETE FROM pgsim.embedding WHERE id = %s", [forged[0]])
+    with acting(admin, roles.owner):  # as the docs fixture left it, for its teardown
+        add_embedding(admin, "docs", "embedding", source="body", index=None, queue_existing=False)

@@ -4,7 +4,23 @@
 -- pgsim's owner, which row-level security does not restrict.
 
 ALTER TABLE pgsim.embedding ADD COLUMN table_oid oid;
-UPDATE pgsim.embedding SET table_oid = pg_catalog.to_regclass(pg_catalog.format('%I.%I', table_schema, table_name));
+-- An earlier pgsim followed renames lazily, through the insert trigger it made, so a stored name may be
+-- stale (or taken by another table since): take the table from that trigger (pgsim.enqueue, named after
+-- the registration), preferring the one whose name still matches where a like-named trigger was planted
+-- elsewhere; a registration with several candidates and no match, or none, is forgotten.
+UPDATE pgsim.embedding e SET table_oid = found.table_oid
+FROM (
+    SELECT r.id, count(*) AS candidates, bool_or((n.nspname, c.relname) = (r.table_schema, r.table_name)) AS named,
+           (pg_catalog.array_agg(t.tgrelid ORDER BY (n.nspname, c.relname) = (r.table_schema, r.table_name) DESC))[1]
+               AS table_oid
+    FROM pgsim.embedding r
+    JOIN pg_catalog.pg_trigger t ON t.tgname = pg_catalog.format('pgsim_%s_insert', r.id)
+        AND t.tgfoid = pg_catalog.to_regprocedure('pgsim.enqueue()') AND NOT t.tgisinternal
+    JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid
+    JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+    GROUP BY r.id
+) AS found
+WHERE found.id = e.id AND (found.named OR found.candidates = 1);
 DELETE FROM pgsim.queue WHERE embedding_id IN (SELECT id FROM pgsim.embedding WHERE table_oid IS NULL);
 DELETE FROM pgsim.dead_letter WHERE embedding_id IN (SELECT id FROM pgsim.embedding WHERE table_oid IS NULL);
 DELETE FROM pgsim.embedding WHERE table_oid IS NULL;

@@ -1,7 +1,8 @@
 -- Row trigger of a registration (pgsim.create_triggers): TG_ARGV[0] is the registration id. It runs with
 -- its owner's rights so that writers to a registered table need no grant on pgsim's queue, reads NEW only,
--- and queues a row only for a registration of the very table it fires on (by OID): a trigger of some other
--- table that calls it (any role may write one) is an error, not a forged queue entry.
+-- and queues a row only for a registration of the very table it fires on (by OID; for a partitioned table,
+-- the partition the row landed in or one of its ancestors): a trigger of some other table that calls it (any
+-- role may write one) is an error, not a forged queue entry.
 CREATE OR REPLACE FUNCTION pgsim.enqueue() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
@@ -11,7 +12,9 @@ DECLARE
     new_row jsonb := to_jsonb(NEW);
     row_key jsonb := '{}';
 BEGIN
-    SELECT e.key_columns INTO key_columns FROM pgsim.embedding e WHERE e.id = registration AND e.table_oid = TG_RELID;
+    SELECT e.key_columns INTO key_columns FROM pgsim.embedding e
+    WHERE e.id = registration
+      AND (e.table_oid = TG_RELID OR e.table_oid IN (SELECT relid FROM pg_partition_ancestors(TG_RELID)));
     IF key_columns IS NULL THEN
         RAISE EXCEPTION 'pgsim.enqueue: % holds no registration %', TG_RELID::regclass, registration
             USING ERRCODE = 'insufficient_privilege',

@@ -7,7 +7,7 @@ BEGIN
     -- FOR ... IN EXECUTE opens the text as a cursor, which must be one statement: a filter that ends the
     -- statement and starts another ("true; DELETE ...") is an error, never a second statement (EXECUTE ...
     -- INTO would run it, USING or not).
-    FOR plan IN EXECUTE format('EXPLAIN (FORMAT JSON) SELECT 1 FROM %s WHERE %s', tbl, coalesce(nullif(filter, ''), 'true'))
+    FOR plan IN EXECUTE pg_catalog.format('EXPLAIN (FORMAT JSON) SELECT 1 FROM %s WHERE %s', tbl, coalesce(nullif(filter, ''), 'true'))
     LOOP
     END LOOP;
     RETURN (plan -> 0 -> 'Plan' ->> 'Plan Rows')::double precision;

@@ -30,16 +30,16 @@ DECLARE
     plan json;
     visits double precision;
     total_rows double precision;
-    vector_schema text := (SELECT quote_ident(n.nspname) FROM pg_extension e
-                           JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector');
+    vector_schema text := (SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e
+                           JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector');
 BEGIN
     IF k IS NULL OR k < 1 THEN
         RAISE EXCEPTION 'pgsim.knn_plan: k must be at least 1, got %', k USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    SELECT a.attnum, a.atttypmod, a.atttypid::regtype::text INTO attnum, dimension, column_type FROM pg_attribute a
+    SELECT a.attnum, a.atttypmod, a.atttypid::regtype::text INTO attnum, dimension, column_type FROM pg_catalog.pg_attribute a
     WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
     IF attnum IS NULL THEN
-        RAISE EXCEPTION 'pgsim.knn_plan: table % has no column %', tbl, quote_ident(col)
+        RAISE EXCEPTION 'pgsim.knn_plan: table % has no column %', tbl, pg_catalog.quote_ident(col)
             USING ERRCODE = 'undefined_column';
     END IF;
     result.estimated_rows := pgsim.estimate_rows(tbl, filter);
@@ -47,42 +47,42 @@ BEGIN
     -- HNSW indexes for cosine distance on this column. A partial one serves the query only when the filter
     -- implies its predicate, which the planner decides: when there is one, ask the planner which index it
     -- would scan, with every other way to produce the order switched off (and restored after).
-    SELECT array_agg(i.indexrelid::regclass::text ORDER BY i.indpred IS NULL, c.relpages) FILTER (WHERE i.indpred IS NOT NULL),
-           min(i.indexrelid::regclass::text) FILTER (WHERE i.indpred IS NULL)
+    SELECT pg_catalog.array_agg(i.indexrelid::regclass::text ORDER BY i.indpred IS NULL, c.relpages) FILTER (WHERE i.indpred IS NOT NULL),
+           pg_catalog.min(i.indexrelid::regclass::text) FILTER (WHERE i.indpred IS NULL)
       INTO partial_names, full_name
-    FROM pg_index i
-    JOIN pg_class c ON c.oid = i.indexrelid
-    JOIN pg_am am ON am.oid = c.relam
-    JOIN pg_opclass oc ON oc.oid = i.indclass[0]
+    FROM pg_catalog.pg_index i
+    JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
+    JOIN pg_catalog.pg_am am ON am.oid = c.relam
+    JOIN pg_catalog.pg_opclass oc ON oc.oid = i.indclass[0]
     WHERE i.indrelid = tbl AND am.amname = 'hnsw' AND i.indkey[0] = attnum AND i.indisvalid
       AND oc.opcname LIKE '%cosine%';
     result.index_name := full_name;
     IF partial_names IS NOT NULL THEN
         -- Plan with the ef_search the search will run with: pgvector's cost grows with it, and at a higher
         -- ef_search the planner can prefer the full index to a partial one (seen in bench/filtered.py).
-        saved := ARRAY[current_setting('enable_seqscan'), current_setting('enable_bitmapscan'),
-                       current_setting('enable_sort'), current_setting('enable_incremental_sort'),
-                       current_setting('hnsw.ef_search', true)];
-        PERFORM set_config('enable_seqscan', 'off', true), set_config('enable_bitmapscan', 'off', true),
-                set_config('enable_sort', 'off', true), set_config('enable_incremental_sort', 'off', true),
-                set_config('hnsw.ef_search', least(greatest(
-                    (SELECT min(pgsim.index_ef_search(name::regclass, hnsw_ef_search)) FROM unnest(partial_names) AS name),
+        saved := ARRAY[pg_catalog.current_setting('enable_seqscan'), pg_catalog.current_setting('enable_bitmapscan'),
+                       pg_catalog.current_setting('enable_sort'), pg_catalog.current_setting('enable_incremental_sort'),
+                       pg_catalog.current_setting('hnsw.ef_search', true)];
+        PERFORM pg_catalog.set_config('enable_seqscan', 'off', true), pg_catalog.set_config('enable_bitmapscan', 'off', true),
+                pg_catalog.set_config('enable_sort', 'off', true), pg_catalog.set_config('enable_incremental_sort', 'off', true),
+                pg_catalog.set_config('hnsw.ef_search', least(greatest(
+                    (SELECT pg_catalog.min(pgsim.index_ef_search(name::regclass, hnsw_ef_search)) FROM pg_catalog.unnest(partial_names) AS name),
                     2 * k), 1000)::text, true);
         -- any vector will do for planning; NULL would not (the planner folds ORDER BY NULL away)
         -- one statement only (see pgsim.estimate_rows)
-        FOR plan IN EXECUTE format('EXPLAIN (FORMAT JSON) SELECT 1 FROM %s WHERE %s ORDER BY %I OPERATOR(%s.<=>) '
-                                   'array_fill(1::real, ARRAY[%s])::%s LIMIT %s',
+        FOR plan IN EXECUTE pg_catalog.format('EXPLAIN (FORMAT JSON) SELECT 1 FROM %s WHERE %s ORDER BY %I OPERATOR(%s.<=>) '
+                                   'pg_catalog.array_fill(1::real, ARRAY[%s])::%s LIMIT %s',
                                    tbl, coalesce(nullif(filter, ''), 'true'), col, vector_schema, dimension,
                                    column_type, k)
         LOOP
         END LOOP;
-        PERFORM set_config('enable_seqscan', saved[1], true), set_config('enable_bitmapscan', saved[2], true),
-                set_config('enable_sort', saved[3], true), set_config('enable_incremental_sort', saved[4], true),
-                set_config('hnsw.ef_search', coalesce(saved[5], '40'), true);
+        PERFORM pg_catalog.set_config('enable_seqscan', saved[1], true), pg_catalog.set_config('enable_bitmapscan', saved[2], true),
+                pg_catalog.set_config('enable_sort', saved[3], true), pg_catalog.set_config('enable_incremental_sort', saved[4], true),
+                pg_catalog.set_config('hnsw.ef_search', coalesce(saved[5], '40'), true);
         FOREACH candidate IN ARRAY partial_names LOOP
-            IF position(('"Index Name": ' || to_json(split_part(candidate, '.', -1))::text) IN plan::text) > 0 THEN
+            IF position(('"Index Name": ' || pg_catalog.to_json(pg_catalog.split_part(candidate, '.', -1))::text) IN plan::text) > 0 THEN
                 result.index_name := candidate;
-                SELECT pg_get_expr(i.indpred, i.indrelid) INTO predicate FROM pg_index i
+                SELECT pg_catalog.pg_get_expr(i.indpred, i.indrelid) INTO predicate FROM pg_catalog.pg_index i
                 WHERE i.indexrelid = candidate::regclass;
                 EXIT;
             END IF;
@@ -91,11 +91,11 @@ BEGIN
 
     IF result.index_name IS NULL THEN
         result.path := 'exact';
-        result.reason := format('no valid HNSW index with cosine ops on %s.%I serves this filter', tbl, col);
+        result.reason := pg_catalog.format('no valid HNSW index with cosine ops on %s.%I serves this filter', tbl, col);
         RETURN result;
     END IF;
     IF predicate IS NULL THEN
-        SELECT CASE WHEN c.reltuples >= 0 THEN c.reltuples END INTO total_rows FROM pg_class c WHERE c.oid = tbl;
+        SELECT CASE WHEN c.reltuples >= 0 THEN c.reltuples END INTO total_rows FROM pg_catalog.pg_class c WHERE c.oid = tbl;
     END IF;
     result.indexed_rows := greatest(coalesce(total_rows, pgsim.estimate_rows(tbl, predicate)), 1);
     result.selectivity := least(result.estimated_rows / result.indexed_rows, 1);
@@ -103,23 +103,23 @@ BEGIN
 
     IF result.estimated_rows <= exact_below_rows THEN
         result.path := 'exact';
-        result.reason := format('about %s rows pass the filter: computing their distances is cheap and exact',
-                                round(result.estimated_rows));
+        result.reason := pg_catalog.format('about %s rows pass the filter: computing their distances is cheap and exact',
+                                pg_catalog.round(result.estimated_rows));
     ELSIF result.selectivity < min_hnsw_selectivity THEN
         -- Measured by bench/filtered.py: an iterative HNSW scan that must skip most of the graph misses
         -- neighbours even at a high ef_search, so below this share the exact path keeps the contract; a
         -- partial index for the value (pgsim index-advise) brings such filters back to the fast path.
         result.path := 'exact';
-        result.reason := format('the filter keeps %s%% of the rows %s indexes: too few for an approximate walk to '
+        result.reason := pg_catalog.format('the filter keeps %s%% of the rows %s indexes: too few for an approximate walk to '
                                 'stay accurate; a partial HNSW index for this filter would serve it (pgsim index-advise)',
-                                round((result.selectivity * 100)::numeric, 2), result.index_name);
+                                pg_catalog.round((result.selectivity * 100)::numeric, 2), result.index_name);
     ELSE
         visits := k / result.selectivity;
         result.path := 'hnsw';
         result.ef_search := least(greatest(pgsim.index_ef_search(result.index_name::regclass, hnsw_ef_search), 2 * k), 1000);
-        result.max_scan_tuples := least(greatest(20000, ceil(visits * 20)), 2000000000)::integer;
-        result.reason := format('the filter keeps %s%% of the rows %s indexes: iterative HNSW scan',
-                                round((result.selectivity * 100)::numeric, 2), result.index_name);
+        result.max_scan_tuples := least(greatest(20000, pg_catalog.ceil(visits * 20)), 2000000000)::integer;
+        result.reason := pg_catalog.format('the filter keeps %s%% of the rows %s indexes: iterative HNSW scan',
+                                pg_catalog.round((result.selectivity * 100)::numeric, 2), result.index_name);
     END IF;
     RETURN result;
 END;

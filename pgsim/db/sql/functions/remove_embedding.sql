@@ -7,14 +7,13 @@ AS $$
 DECLARE
     registration integer;
 BEGIN
-    SELECT e.id INTO registration FROM pgsim.embedding e JOIN pg_class c ON c.relname = e.table_name
-    JOIN pg_namespace n ON n.oid = c.relnamespace AND n.nspname = e.table_schema
-    WHERE c.oid = target AND e.column_name = remove_embedding.column_name AND e.replaces IS NULL;
+    SELECT e.id INTO registration FROM pgsim.embedding e
+    WHERE e.table_oid = target AND e.column_name = remove_embedding.column_name AND e.replaces IS NULL;
     IF registration IS NULL THEN
         RAISE EXCEPTION '%.% is not a registered embedding column.', target, column_name
             USING HINT = 'pgsim status lists the registered columns.';
     END IF;
-    PERFORM pgsim.unregister_embedding(id) FROM pgsim.embedding WHERE replaces = registration;
+    PERFORM pgsim.unregister_embedding(id) FROM pgsim.embedding WHERE replaces = registration AND table_oid = target;
     PERFORM pgsim.unregister_embedding(registration, drop_column);
 END;
 $$;

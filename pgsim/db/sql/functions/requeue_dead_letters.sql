@@ -4,7 +4,14 @@ LANGUAGE sql
 BEGIN ATOMIC
     WITH moved AS (
         DELETE FROM pgsim.dead_letter
-        WHERE registration IS NULL OR embedding_id = registration
+        WHERE (registration IS NULL OR embedding_id = registration)
+          -- only what the caller may queue (row-level security on pgsim.queue): its own tables' letters, or
+          -- every letter for pgsim's owner
+          AND embedding_id IN (
+              SELECT e.id FROM pgsim.embedding e JOIN pg_catalog.pg_class c ON c.oid = e.table_oid
+              WHERE pg_catalog.pg_has_role(CURRENT_USER, c.relowner, 'USAGE')
+                 OR pg_catalog.pg_has_role(CURRENT_USER,
+                        (SELECT q.relowner FROM pg_catalog.pg_class q WHERE q.oid = 'pgsim.queue'::regclass), 'USAGE'))
         RETURNING embedding_id, key, reason
     ), requeued AS (
         INSERT INTO pgsim.queue (embedding_id, key, reason)

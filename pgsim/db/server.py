@@ -174,7 +174,10 @@ class EmbeddedServer:
         try:
             pwd.getpwnam(SERVICE_USER)
         except KeyError:
-            _run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER])
+            try:
+                _run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", SERVICE_USER])
+            except ServerError:
+                pwd.getpwnam(SERVICE_USER)  # another process made it meanwhile (else the KeyError says so)
         return SERVICE_USER
 
     def _initdb(self) -> None:

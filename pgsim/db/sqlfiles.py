@@ -31,7 +31,9 @@ does not stop it). So, in every function file:
   n ...``: the placeholder's text is no string literal), and quotes what callers give with ``%I`` or
   ``regclass``, as always. Under the pinned path a ``regclass`` or ``regtype`` prints schema-qualified.
 - Text from callers that a function runs (a filter, a source expression) resolves under the pinned path
-  too: the caller qualifies its own functions and tables there.
+  too: the caller qualifies its own functions and tables there. Two exceptions: ``knn_plan`` and
+  ``estimate_rows``, which plan the caller's own filter for a search that runs under the caller's path (the
+  Python and ORM searches), keep that path and qualify everything they call themselves (``pg_catalog.``).
 
 The ledger (``pgsim.migration``) names a file as it is named here: ``0001_tables.sql``, ``functions/knn.sql``.
 """

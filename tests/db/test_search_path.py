@@ -20,8 +20,8 @@ from psycopg import sql
 from pgsim.db.schema import install, package_version
 
 PINNED = "search_path=pg_catalog, pg_temp"
-# Not pinned yet: their files belong to another change (issue 18's registry work), which pins them and
-# empties this set.
+# Plan the caller's own filter for a search that runs under the caller's search_path, so they keep it, and
+# qualify what they call themselves (pgsim.db.sqlfiles).
 NOT_YET_PINNED = {"estimate_rows", "knn_plan"}
 
 # Shadows of built-ins that pgsim's functions call, each a better match than pg_catalog's for the arguments

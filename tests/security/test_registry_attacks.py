@@ -191,3 +191,26 @@ def test_names_stored_in_a_registration_row_never_lead_to_another_table(
     admin.execute("DELETE FROM pgsim.embedding WHERE id = %s", [forged[0]])
     with acting(admin, roles.owner):  # as the docs fixture left it, for its teardown
         add_embedding(admin, "docs", "embedding", source="body", index=None, queue_existing=False)
+
+
+def test_a_shadow_in_the_callers_path_does_not_run_inside_the_planner(
+    admin: psycopg.Connection[Any], roles: Roles, docs: Registration
+) -> None:
+    admin.execute(sql.SQL("GRANT CREATE ON SCHEMA public TO {}").format(sql.Identifier(roles.tenant)))
+    with acting(admin, roles.tenant):  # exact-type overloads: better matches than pg_catalog's variadic ones
+        admin.execute(
+            "CREATE FUNCTION public.format(f text, t regclass, w text) RETURNS text LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'shadow ran as %', current_user; END $$"
+        )
+        admin.execute(
+            "CREATE FUNCTION public.quote_ident(t name) RETURNS text LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'shadow ran as %', current_user; END $$"
+        )
+    try:
+        with acting(admin, roles.owner):  # the owner's default search_path has public in it
+            (estimate,) = admin.execute("SELECT pgsim.estimate_rows('docs', 'true')").fetchone() or (None,)
+            assert estimate is not None and estimate > 0  # the planner's guess: no shadow ran to give it
+            planned = admin.execute("SELECT (pgsim.knn_plan('docs', 'embedding', 1, $$section = 'db'$$)).path")
+            assert planned.fetchone() == ("exact",)
+    finally:
+        admin.execute("DROP FUNCTION public.format(text, regclass, text), public.quote_ident(name)")

@@ -377,3 +377,49 @@ def test_zero_query_vector_and_nul_in_filters_are_clear_errors(conn: Any) -> Non
         search(conn, "packages", "embedding", "x", where={"sec\x00tion": "libs"})
     with pytest.raises(InvalidInput, match="filter value of 'section' .* holds a NUL"):
         search(conn, "packages", "embedding", "x", where={"section": ["libs", "li\x00bs"]})
+
+
+def test_sql_function_refuses_bad_input_clearly(db: str, package_vectors: np.ndarray[Any, Any]) -> None:
+    from pgsim import register
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        register(conn)
+        for query, message in [(None, "the query vector is NULL"), (np.zeros(384, dtype=np.float32), "all zeros")]:
+            with pytest.raises(psycopg.errors.InvalidParameterValue, match=message):
+                conn.execute("SELECT * FROM pgsim.knn('packages', 'embedding', %s::vector, 10)", [query])
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="k must be from 1 to 10000"):
+            conn.execute("SELECT * FROM pgsim.knn('packages', 'embedding', %s, 2147483647)", [package_vectors[0]])
+        with pytest.raises(psycopg.errors.InvalidCursorDefinition, match="multi-query"):
+            conn.execute(
+                "SELECT * FROM pgsim.knn('packages', 'embedding', %s, 10, 'true; SELECT 1')", [package_vectors[0]]
+            )
+
+
+def test_sql_function_scans_an_hnsw_index_whose_name_needs_quoting(
+    db: str, packages: list[Package], package_vectors: np.ndarray[Any, Any]
+) -> None:
+    from pgsim import register
+
+    with psycopg.connect(db, autocommit=True) as conn:
+        register(conn)
+        conn.execute("DROP TABLE IF EXISTS quoted")
+        conn.execute("CREATE TABLE quoted AS SELECT package, section, embedding FROM packages")
+        conn.execute("ALTER TABLE quoted ADD PRIMARY KEY (package)")
+        conn.execute('CREATE INDEX "Quoted Index" ON quoted USING hnsw (embedding vector_cosine_ops)')
+        conn.execute("ANALYZE quoted")
+
+        def scans() -> int:
+            conn.execute("SELECT pg_stat_force_next_flush()")
+            row = conn.execute("SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'Quoted Index'")
+            return int((row.fetchone() or (0,))[0])
+
+        before = scans()
+        conn.execute("SET enable_seqscan = off")  # on 400 rows a scan and sort is cheaper than the graph
+        rows = conn.execute(
+            "SELECT r.distance FROM pgsim.knn('quoted', 'embedding', %s, 10, exact_below_rows => 0) AS r",
+            [package_vectors[0]],
+        ).fetchall()
+        assert len(rows) == 10 and rows[0][0] == pytest.approx(0.0, abs=1e-5)
+        assert scans() > before  # the planned index, not a fallback to the exact scan
+        conn.execute("RESET enable_seqscan")
+        conn.execute("DROP TABLE quoted")

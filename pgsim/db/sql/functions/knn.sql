@@ -24,8 +24,7 @@ AS $$
 DECLARE
     settings text[] := ARRAY['enable_indexscan', 'hnsw.iterative_scan', 'hnsw.ef_search', 'hnsw.max_scan_tuples'];
     saved text[] := ARRAY(SELECT current_setting(name, true) FROM unnest(settings) AS name);
-    plan pgsim.knn_plan := pgsim.prepare_knn(tbl, col, k, filter, exact_below_rows, hnsw_ef_search,
-                                             min_hnsw_selectivity);
+    plan pgsim.knn_plan;
     column_type text := (SELECT a.atttypid::regtype::text FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = col);
     vector_schema text := (SELECT quote_ident(n.nspname) FROM pg_extension e
                            JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector');
@@ -33,6 +32,12 @@ DECLARE
     explained json;
     hits pgsim.knn_hit[];
 BEGIN
+    IF query IS NULL OR @extschema:vector@.vector_norm(query) = 0 THEN
+        RAISE EXCEPTION 'pgsim.knn: the query vector is %', CASE WHEN query IS NULL THEN 'NULL' ELSE 'all zeros' END
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Pass the embedding of the query text; a zero vector has no cosine distance to anything.';
+    END IF;
+    plan := pgsim.prepare_knn(tbl, col, k, filter, exact_below_rows, hnsw_ef_search, min_hnsw_selectivity);
     -- The k nearest by ctid first, then their rows as jsonb: to_jsonb on every candidate of a top-N sort
     -- cost more than the search itself (bench/filtered.py).
     search := format(
@@ -45,18 +50,25 @@ BEGIN
         -- The planner picks the index when the search runs; if it would order the rows by another HNSW
         -- index than the one planned for (pgvector's costs move with ef_search), the filter may be narrow
         -- there and the walk lose recall: scan exactly instead.
-        EXECUTE 'EXPLAIN (FORMAT JSON) ' || search INTO explained USING query, k;
+        -- FOR ... IN EXECUTE: one statement only, whatever the filter holds (EXECUTE ... INTO would run a list)
+        FOR explained IN EXECUTE 'EXPLAIN (FORMAT JSON) ' || search USING query, k LOOP
+        END LOOP;
+        -- EXPLAIN names the index by its bare name, unquoted: compare with pg_class's
         IF position('"Order By"' IN explained::text) > 0
-           AND position(('"Index Name": ' || to_json(split_part(plan.index_name, '.', -1))::text) IN explained::text) = 0
+           AND position(('"Index Name": ' || to_json((SELECT c.relname FROM pg_class c
+                                                      WHERE c.oid = plan.index_name::regclass))::text)
+                        IN explained::text) = 0
         THEN
             plan.path := 'exact';
             PERFORM set_config('enable_indexscan', 'off', true);
         END IF;
     END IF;
-    EXECUTE search INTO hits USING query, k;
+    FOR hits IN EXECUTE search USING query, k LOOP
+    END LOOP;
     IF coalesce(array_length(hits, 1), 0) < k AND plan.path = 'hnsw' THEN
         PERFORM set_config('enable_indexscan', 'off', true);
-        EXECUTE search INTO hits USING query, k;
+        FOR hits IN EXECUTE search USING query, k LOOP
+        END LOOP;
     END IF;
     FOR i IN 1 .. array_length(settings, 1) LOOP
         IF saved[i] IS NOT NULL THEN

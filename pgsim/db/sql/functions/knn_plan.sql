@@ -33,8 +33,8 @@ DECLARE
     vector_schema text := (SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e
                            JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector');
 BEGIN
-    IF k IS NULL OR k < 1 THEN
-        RAISE EXCEPTION 'pgsim.knn_plan: k must be at least 1, got %', k USING ERRCODE = 'invalid_parameter_value';
+    IF k IS NULL OR k < 1 OR k > 10000 THEN  -- pgsim.knn.target.MAX_K
+        RAISE EXCEPTION 'pgsim.knn_plan: k must be from 1 to 10000, got %', k USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT a.attnum, a.atttypmod, a.atttypid::regtype::text INTO attnum, dimension, column_type FROM pg_catalog.pg_attribute a
     WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;

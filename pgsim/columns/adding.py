@@ -23,7 +23,7 @@ from pgsim.columns.registry import (
     queue_rows,
     registration_by_id,
 )
-from pgsim.db.catalog import Table, primary_key, relation_exists, resolve_table, table_columns
+from pgsim.db.catalog import Table, pin_search_path, primary_key, relation_exists, resolve_table, table_columns
 from pgsim.db.hnsw import HNSW, create_hnsw_index
 from pgsim.db.names import derived_name
 from pgsim.encoding.encoder import Encoder
@@ -181,7 +181,7 @@ def _source_columns(conn: psycopg.Connection[Any], target: TableShape, expressio
     probe = sql.SQL("SELECT (({})::text) AS source FROM {}").format(sql.SQL(expression), target.identifier)
     try:
         with conn.transaction() as tx:
-            conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)")
+            pin_search_path(conn)
             # With a parameter, psycopg sends one statement that PostgreSQL parses alone: an expression that
             # tries to end the statement and start another fails here instead of running.
             conn.execute(sql.SQL("{} WHERE %s LIMIT 0").format(probe), [False])

@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 
 from pgsim.columns.cache import lookup, merged, missing, store
 from pgsim.columns.registry import Registration, key_match
-from pgsim.db.catalog import vector_schema
+from pgsim.db.catalog import pin_search_path, vector_schema
 from pgsim.encoding.encoder import Encoder, encoder_for
 from pgsim.errors import InvalidInput
 
@@ -67,9 +67,6 @@ SELECT embedding_id, key, reason, attempts, last_error, enqueued_at FROM dead
 """
 
 
-# A batch runs under this search_path: the registered source expression and everything the worker's
-# statements call resolve in pg_catalog (or are qualified), never in a schema another role can write to.
-PINNED_SEARCH_PATH = "SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)"
 TEMP_TABLE = """
 CREATE TEMP TABLE IF NOT EXISTS pgsim_sync (
     _pgsim_qid bigint, _pgsim_key jsonb, _pgsim_hash text, _pgsim_vector {vector}
@@ -137,7 +134,7 @@ def claim_and_encode(
     """Claim, encode and write one batch in one transaction; None when nothing is ready."""
     report = SyncReport(batches=1)
     with conn.transaction():
-        conn.execute(PINNED_SEARCH_PATH)
+        pin_search_path(conn)  # the source expression and everything below resolve in pg_catalog
         claimed = conn.execute(
             CLAIM, {"registration": registration.id, "retried": retried, "limit": limit}, prepare=False
         ).fetchall()

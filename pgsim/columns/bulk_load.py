@@ -25,7 +25,7 @@ from psycopg import sql
 from pgsim.columns.batches import checked_encoder
 from pgsim.columns.cache import Found, lookup, merged, missing, store
 from pgsim.columns.registry import Registration, registrations
-from pgsim.db.catalog import resolve_table
+from pgsim.db.catalog import pin_search_path, resolve_table, vector_schema
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput
 from pgsim.psycopg import register
@@ -175,6 +175,7 @@ def _stage(
     sources = [column for column in columns if any(column in target.source_columns for target in targets)]
     started = time.perf_counter()
     with conn.transaction():
+        pin_search_path(conn)  # the source expression reads as the workers read it
         conn.execute(
             sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
                 sql.Identifier(name), names, targets[0].table_sql
@@ -220,10 +221,14 @@ def _write(
     names = sql.SQL(", ").join(map(sql.Identifier, columns))
     vector_columns = [sql.Identifier(f"_pgsim_v{i}") for i in range(len(targets))]
     with conn.transaction():
+        pin_search_path(conn)
+        vectors_in = vector_schema(conn)
         _check_registrations(conn, targets)
         conn.execute(
             sql.SQL("CREATE TEMP TABLE pgsim_ingest_vectors (_pgsim_row bigint, {}) ON COMMIT DROP").format(
-                sql.SQL(", ").join(sql.SQL("{} vector").format(name) for name in vector_columns)
+                sql.SQL(", ").join(
+                    sql.SQL("{} {}").format(name, sql.Identifier(vectors_in, "vector")) for name in vector_columns
+                )
             )
         )
         with conn.cursor() as cur:
@@ -246,7 +251,7 @@ def _write(
                     source_names=sql.SQL(", ").join(sql.Identifier(staged.name, name) for name in columns),
                     staged=sql.Identifier(staged.name),
                     vectors=sql.SQL(", ").join(
-                        sql.SQL("{}{}").format(name, sql.SQL("::halfvec" if t.dtype == "halfvec" else ""))
+                        sql.SQL("{}::{}").format(name, sql.Identifier(vectors_in, t.dtype))
                         for name, t in zip(vector_columns, targets, strict=True)
                     ),
                 )
@@ -295,6 +300,7 @@ def _source_texts(conn: psycopg.Connection[Any], target: Registration, staged: s
     """Each staged row's source text, computed by PostgreSQL as the triggers' workers would."""
     try:
         with conn.transaction():
+            pin_search_path(conn)
             fetched = conn.execute(
                 sql.SQL("SELECT {} FROM {} ORDER BY _pgsim_row").format(target.source_sql, sql.Identifier(staged))
             ).fetchall()

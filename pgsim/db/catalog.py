@@ -85,6 +85,13 @@ def require_schema(conn: psycopg.Connection[Any], name: str, needed_for: str = "
         )
 
 
+def pin_search_path(conn: psycopg.Connection[Any]) -> None:
+    """Until the transaction ends, names resolve in pg_catalog and pg_temp only: a source expression, and
+    what pgsim's statements call, never bind to an object another role put in a schema on the session's path.
+    pgvector's types are then named with :func:`vector_schema`."""
+    conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)")
+
+
 def vector_schema(conn: psycopg.Connection[Any]) -> str:
     """The schema pgvector's types live in (``CREATE EXTENSION vector`` chose it), to qualify them with."""
     row = conn.execute(

@@ -214,3 +214,21 @@ def test_a_shadow_in_the_callers_path_does_not_run_inside_the_planner(
             assert planned.fetchone() == ("exact",)
     finally:
         admin.execute("DROP FUNCTION public.format(text, regclass, text), public.quote_ident(name)")
+
+
+def test_a_workers_drain_runs_no_function_another_role_put_in_its_path(
+    admin: psycopg.Connection[Any], roles: Roles, docs: Registration
+) -> None:
+    from pgsim.columns.worker import sync
+
+    with acting(admin, roles.owner):  # the database's owner may create in public, on everyone's path
+        admin.execute(
+            "CREATE FUNCTION public.jsonb_populate_record(docs, jsonb) RETURNS docs LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'shadow ran as %', current_user; END $$"
+        )
+    try:
+        report = sync(admin)  # as the test's superuser, the worker the finding describes
+    finally:
+        admin.execute("DROP FUNCTION public.jsonb_populate_record(docs, jsonb)")
+    assert (report.embedded, report.failed, report.dead) == (2, 0, 0)
+    assert admin.execute("SELECT count(embedding) FROM docs").fetchone() == (2,)

@@ -1,3 +1,5 @@
+"""``python -m pgsim.cli``: the ``pgsim`` command."""
+
 import sys
 
 from pgsim.cli.main import main

@@ -1,0 +1,1 @@
+"""The demo: a sample of Debian's package descriptions, loaded, embedded and searched."""

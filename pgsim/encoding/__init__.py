@@ -1,0 +1,1 @@
+"""Text to vectors on the Python side: models by name, the Encoder, and its backends. No PostgreSQL."""

@@ -1,0 +1,1 @@
+"""Filtered k-nearest-neighbour search that returns k rows: planner, statements, index advice."""

@@ -1,0 +1,1 @@
+"""Search quality beyond nearest neighbours: hybrid, relevance, diversity, hubness, duplicates, labels."""

@@ -299,8 +299,7 @@ def _check_registrations(conn: psycopg.Connection[Any], targets: list[Registrati
 def _source_texts(conn: psycopg.Connection[Any], target: Registration, staged: str, count: int) -> list[str | None]:
     """Each staged row's source text, computed by PostgreSQL as the triggers' workers would."""
     try:
-        with conn.transaction():
-            pin_search_path(conn)
+        with conn.transaction():  # inside _stage's, which pinned the search_path
             fetched = conn.execute(
                 sql.SQL("SELECT {} FROM {} ORDER BY _pgsim_row").format(target.source_sql, sql.Identifier(staged))
             ).fetchall()

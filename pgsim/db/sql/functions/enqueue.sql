@@ -8,14 +8,15 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     registration integer := TG_ARGV[0]::integer;
+    registered oid;
     key_columns name[];
     new_row jsonb := to_jsonb(NEW);
     row_key jsonb := '{}';
 BEGIN
-    SELECT e.key_columns INTO key_columns FROM pgsim.embedding e
-    WHERE e.id = registration
-      AND (e.table_oid = TG_RELID OR e.table_oid IN (SELECT relid FROM pg_partition_ancestors(TG_RELID)));
-    IF key_columns IS NULL THEN
+    SELECT e.table_oid, e.key_columns INTO registered, key_columns FROM pgsim.embedding e WHERE e.id = registration;
+    -- it runs for every row written: the partition look-up only where the table is not the registered one
+    IF registered IS DISTINCT FROM TG_RELID
+       AND NOT EXISTS (SELECT 1 FROM pg_partition_ancestors(TG_RELID) AS a WHERE a.relid = registered) THEN
         RAISE EXCEPTION 'pgsim.enqueue: % holds no registration %', TG_RELID::regclass, registration
             USING ERRCODE = 'insufficient_privilege',
                   HINT = 'pgsim''s triggers are made by pgsim.add_embedding; drop this one.';

@@ -73,7 +73,8 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         bar, progress = progress_bar("embedding")
         try:
             report = backfill(conn, args.table, args.column, batch_size=args.batch_size, progress=progress,
-                              cache=args.cache, overlap_with=second)  # fmt: skip
+                              cache=args.cache, overlap_with=second,
+                              allow_superuser=args.allow_superuser)  # fmt: skip
         finally:
             bar.close()
     print(sync_summary(report))
@@ -90,13 +91,17 @@ def _backfill_in_processes(args: argparse.Namespace) -> int:
 
     dsn = resolve_dsn(args.dsn, args.data_dir)
     with open_connection(args) as conn:
-        ids = [registration.id for registration in queue_backfill(conn, args.table, args.column)]
+        ids = [
+            registration.id
+            for registration in queue_backfill(conn, args.table, args.column, allow_superuser=args.allow_superuser)
+        ]
         remaining = queued_count(conn, ids)
         bar = tqdm(total=remaining, unit="row", desc=f"embedding ({args.processes} processes)", file=sys.stderr)
         started = time.perf_counter()
         command = worker_command(
-            dsn, args.table, args.column, args.batch_size, once=True, poll_interval=1.0, cache=args.cache
-        )
+            dsn, args.table, args.column, args.batch_size, once=True, poll_interval=1.0, cache=args.cache,
+            allow_superuser=args.allow_superuser,
+        )  # fmt: skip
         code = run_processes(
             command, args.processes, tick=lambda: bar.update(remaining - queued_count(conn, ids) - bar.n)
         )
@@ -120,7 +125,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
         command = worker_command(
             resolve_dsn(args.dsn, args.data_dir), args.table, args.column, args.batch_size, once=args.once,
-            poll_interval=args.poll_interval, cache=args.cache,
+            poll_interval=args.poll_interval, cache=args.cache, allow_superuser=args.allow_superuser,
         )  # fmt: skip
         return run_processes(command, args.processes)
 
@@ -131,6 +136,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         poll_interval=args.poll_interval,
         cache=args.cache,
+        allow_superuser=args.allow_superuser,
     )
 
     def on_batch(report: Any, total: int) -> None:

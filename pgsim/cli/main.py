@@ -17,6 +17,7 @@ from pgsim.cli.column_commands import (
     cmd_server,
     cmd_worker,
 )
+from pgsim.cli.grant_commands import cmd_grant
 from pgsim.cli.inspect_commands import cmd_demo, cmd_doctor, cmd_index_advise, cmd_install, cmd_search, cmd_status
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import PgsimError
@@ -159,10 +160,31 @@ def build_parser() -> argparse.ArgumentParser:
             action="store_true",
             help="look texts up in pgsim.embedding_cache before encoding them, and add what is encoded",
         )
+        command.add_argument(
+            "--allow-superuser",
+            action="store_true",
+            help="run as a superuser or BYPASSRLS role even for tables other roles own (their code runs with it)",
+        )
         command.set_defaults(run=run)
         if name == "worker":
             command.add_argument("--poll-interval", type=_seconds, default=5.0, help="seconds between polls")
             command.add_argument("--once", action="store_true", help="drain the queue once, then exit")
+
+    for name, text in (
+        ("grant", "give a role what it needs to search, to work for registered tables, or to register its own"),
+        ("revoke", "take back what pgsim grant gave"),
+    ):
+        command = add_command(name, help=text)
+        command.add_argument("kind", choices=["search", "worker", "register"])
+        command.add_argument("role")
+        command.add_argument(
+            "--table",
+            action="append",
+            dest="tables",
+            metavar="TABLE",
+            help="worker: only these registered tables (default: every one you own); search: also SELECT on them",
+        )
+        command.set_defaults(run=cmd_grant, revoke=name == "revoke")
 
     server = add_command("server", help="start, stop or look at the embedded PostgreSQL")
     server.add_argument("action", choices=["start", "stop", "status"])

@@ -121,6 +121,8 @@ def add_embedding(
         assert row is not None
         registration = registration_by_id(conn, row[0])
         assert registration is not None
+        if replaces is not None:
+            _copy_column_grants(conn, registration, replaces)
         if index is not None and adopt_index:
             index = None  # the HNSW index of that name is there already (declared by the ORM, say)
         if index is not None and not concurrently:
@@ -133,6 +135,34 @@ def add_embedding(
         if index is not None:
             build_index(conn, registration, concurrently=True)
     return registration
+
+
+def _copy_column_grants(conn: psycopg.Connection[Any], new: Registration, replaces: int) -> None:
+    """The new column of a model change gets the column privileges of the one it replaces: a worker role
+    (pgsim grant worker) that may update the old column fills the new one, and readers keep reading it."""
+    grants = conn.execute(
+        """
+        SELECT a.privilege_type, a.grantee FROM pgsim.embedding e
+        JOIN pg_catalog.pg_attribute c ON c.attrelid = e.table_oid AND c.attname = e.column_name
+        CROSS JOIN LATERAL pg_catalog.aclexplode(c.attacl) AS a
+        WHERE e.id = %s
+        """,
+        [replaces],
+    ).fetchall()
+    for privilege, grantee in grants:
+        if privilege not in ("SELECT", "INSERT", "UPDATE", "REFERENCES"):
+            continue
+        to = sql.SQL("PUBLIC") if grantee == 0 else sql.Identifier(_role_name(conn, grantee))
+        conn.execute(
+            sql.SQL("GRANT {} ({}) ON {} TO {}").format(
+                sql.SQL(privilege), sql.Identifier(new.column), new.table_sql, to
+            )
+        )
+
+
+def _role_name(conn: psycopg.Connection[Any], oid: int) -> str:
+    row = conn.execute("SELECT rolname FROM pg_catalog.pg_roles WHERE oid = %s", [oid]).fetchone()
+    return str(row[0]) if row else ""
 
 
 def read_table(conn: psycopg.Connection[Any], table: str) -> TableShape:

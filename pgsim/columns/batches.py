@@ -74,6 +74,22 @@ CREATE TEMP TABLE IF NOT EXISTS pgsim_sync (
 """
 
 
+# Whether row-level security may hide rows of %(table)s from the current role (rows_may_be_hidden). The
+# policies that apply to it for SELECT are those for all roles (0) or for a role it is a member of.
+MAY_BE_HIDDEN = """
+WITH applying AS (
+    SELECT p.polpermissive, pg_catalog.pg_get_expr(p.polqual, p.polrelid) AS qual
+    FROM pg_catalog.pg_policy p
+    WHERE p.polrelid = %(table)s AND p.polcmd IN ('r', '*')
+      AND (0 = ANY(p.polroles) OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS r(oid)
+                                          WHERE pg_catalog.pg_has_role(CURRENT_USER, r.oid, 'MEMBER')))
+)
+SELECT pg_catalog.row_security_active(%(table)s)
+   AND NOT (EXISTS (SELECT 1 FROM applying WHERE polpermissive AND qual = 'true')
+            AND NOT EXISTS (SELECT 1 FROM applying WHERE NOT polpermissive))
+"""
+
+
 @dataclass
 class SyncReport:
     """What a drain did. Every claimed entry ends in exactly one of the first six counts."""
@@ -143,22 +159,42 @@ def claim_and_encode(
         ids = [entry_id for entry_id, _ in claimed]
         try:
             with conn.transaction():
-                done = encode_and_write(conn, registration, encoder, claimed, report, cache=cache, encoding=encoding)
+                done, unseen = encode_and_write(
+                    conn, registration, encoder, claimed, report, cache=cache, encoding=encoding
+                )
         except Exception as exc:
-            if conn.broken or isinstance(exc, TRANSIENT):
-                raise  # not the rows' fault: the batch rolls back and its entries are claimed again, unchanged
+            if conn.broken or isinstance(exc, (*TRANSIENT, psycopg.errors.UndefinedTable)):
+                # not the rows' fault (a renamed table: the caller reads its registration again): the batch
+                # rolls back and its entries are claimed again, unchanged
+                raise
             message = describe_failure(registration, exc)
             log.warning("batch of %d rows of %s.%s failed: %s", len(ids), registration.table,
                         registration.column, message)  # fmt: skip
             # Which row of a failed batch is at fault is unknown: each is retried alone at once, and only a
             # row that fails alone waits before its next attempt.
-            delay = retry_delay if len(ids) == 1 else 0.0
-            conn.execute(RECORD_FAILURE, {"error": message, "delay": delay, "max_delay": MAX_RETRY_DELAY, "ids": ids})
-            buried = conn.execute(BURY, {"ids": ids, "max_attempts": max_attempts}).rowcount
-            report.dead, report.failed = buried, len(ids) - buried
+            record_failure(conn, ids, message, report, delay=retry_delay if len(ids) == 1 else 0.0,
+                           max_attempts=max_attempts)  # fmt: skip
         else:
             conn.execute("DELETE FROM pgsim.queue WHERE id = ANY(%s)", [done])
+            if unseen:
+                message = (
+                    f"the worker's role cannot see these rows of {registration.table}: its row-level security "
+                    "hides them (or they were deleted). Let the worker see every row: pgsim grant worker ROLE "
+                    f"--table {registration.table}"
+                )
+                log.warning("%d queued rows: %s", len(unseen), message)
+                record_failure(conn, unseen, message, report, delay=retry_delay, max_attempts=max_attempts)
     return report
+
+
+def record_failure(
+    conn: psycopg.Connection[Any], ids: list[int], message: str, report: SyncReport, *, delay: float, max_attempts: int
+) -> None:
+    """Count an attempt on the entries ``ids``; those past ``max_attempts`` move to pgsim.dead_letter."""
+    conn.execute(RECORD_FAILURE, {"error": message, "delay": delay, "max_delay": MAX_RETRY_DELAY, "ids": ids})
+    buried = conn.execute(BURY, {"ids": ids, "max_attempts": max_attempts}).rowcount
+    report.dead += buried
+    report.failed += len(ids) - buried
 
 
 def encode_and_write(
@@ -170,9 +206,10 @@ def encode_and_write(
     *,
     cache: bool,
     encoding: contextlib.AbstractContextManager[Any],
-) -> list[int]:
-    """Encode the claimed rows' current text and write it where the text is unchanged; the ids of the
-    entries that are done (written, emptied, or whose row is gone)."""
+) -> tuple[list[int], list[int]]:
+    """Encode the claimed rows' current text and write it where the text is unchanged. Returns the ids of the
+    entries that are done (written, emptied, or whose row is gone) and of those whose row the current role
+    may not see (row-level security): those are not dropped as gone."""
     rows = conn.execute(
         sql.SQL(
             "SELECT _pgsim_q._pgsim_id, _pgsim_q._pgsim_key, s.found, s.source, md5(s.source) "
@@ -228,9 +265,18 @@ def encode_and_write(
     emptied = sum(1 for row, vector in zip(present, vectors, strict=True) if vector is None and row[0] in done)
     report.embedded += len(done) - emptied
     report.emptied += emptied
-    report.missing += len(gone)
+    unseen = gone if gone and rows_may_be_hidden(conn, registration) else []
+    report.missing += len(gone) - len(unseen)
     report.stale += len(present) - len(done)
-    return sorted(done) + gone
+    return sorted(done) + [entry_id for entry_id in gone if entry_id not in unseen], unseen
+
+
+def rows_may_be_hidden(conn: psycopg.Connection[Any], registration: Registration) -> bool:
+    """Whether row-level security may hide rows of the table from the current role: it applies, and no
+    permissive policy of the role shows every row (USING (true), as pgsim grant worker makes) or a
+    restrictive one applies too."""
+    row = conn.execute(MAY_BE_HIDDEN, {"table": registration.table_oid}).fetchone()
+    return bool(row and row[0])
 
 
 def describe_failure(registration: Registration, exc: Exception) -> str:

@@ -4,6 +4,7 @@ while searches use the old one, then an atomic switch.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import psycopg
@@ -15,6 +16,8 @@ from pgsim.db.hnsw import HNSW, create_hnsw_index
 from pgsim.db.names import derived_name
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput
+
+log = logging.getLogger(__name__)
 
 
 def change_model(
@@ -70,6 +73,14 @@ def switch_over(conn: psycopg.Connection[Any], new: Registration) -> bool:
     index and triggers and give the new column and index the old names. False (and nothing changed) while
     rows are queued or failed, when the change was cancelled meanwhile, or when the table stays locked."""
     assert new.replaces is not None
+    owns = conn.execute(
+        "SELECT pg_catalog.pg_has_role(CURRENT_USER, relowner, 'USAGE') FROM pg_catalog.pg_class WHERE oid = %s",
+        [new.table_oid],
+    ).fetchone()
+    if not (owns and owns[0]):  # a worker role: building the index and the switch are the table owner's
+        log.info("%s.%s: the table's owner completes the model change (pgsim backfill %s %s)",
+                 new.table, new.column, new.table, new.column)  # fmt: skip
+        return False
     old = registration_by_id(conn, new.replaces)
     if old is None or old.table_oid != new.table_oid or _pending(conn, new.id):
         return False  # a change to replace another table's column is no model change: never switch it

@@ -29,11 +29,14 @@ def worker_command(
     once: bool,
     poll_interval: float,
     cache: bool = False,
+    allow_superuser: bool = False,
 ) -> list[str]:
     command = [sys.executable, "-m", "pgsim.cli", "--dsn", dsn, "worker"]
     command += [name for name in (table, column) if name]
     command += ["--batch-size", str(batch_size), "--poll-interval", str(poll_interval)]
-    return command + (["--once"] if once else []) + (["--cache"] if cache else [])
+    command += ["--once"] if once else []
+    command += ["--cache"] if cache else []
+    return command + (["--allow-superuser"] if allow_superuser else [])
 
 
 def run_processes(

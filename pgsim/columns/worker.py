@@ -37,7 +37,7 @@ import psycopg
 
 from pgsim.columns.batches import SyncReport, checked_encoder, claim_and_encode
 from pgsim.columns.model_change import switch_over
-from pgsim.columns.registry import Registration, forget_dropped, queue_rows, registrations
+from pgsim.columns.registry import Registration, forget_dropped, queue_rows, registration_by_id, registrations
 from pgsim.db.catalog import is_local_host
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput, PgsimError, ServerError
@@ -67,12 +67,15 @@ def sync(
     stop: threading.Event | None = None,
     cache: bool = False,
     overlap_with: psycopg.Connection[Any] | None = None,
+    allow_superuser: bool = False,
 ) -> SyncReport:
     """Drain the queue of every registered column (or of ``table.column``) until no entry is ready, then
     complete model changes whose new column is full. ``conn`` must be an autocommit connection outside a
     transaction: each batch is its own transaction. With ``cache``, text already in pgsim.embedding_cache is
     not encoded again, and what is encoded is added to it (:mod:`pgsim.columns.cache`). ``overlap_with``, a second
-    such connection to the same database, writes one batch while the next is encoded (see the module's text)."""
+    such connection to the same database, writes one batch while the next is encoded (see the module's text).
+    A superuser or BYPASSRLS role refuses tables whose owner is not one (see :func:`check_worker_role`) unless
+    ``allow_superuser``."""
     if batch_size < 1 or max_attempts < 1 or retry_delay < 0:
         raise InvalidInput("batch_size and max_attempts must be at least 1, retry_delay at least 0.")
     if overlap_with is conn:
@@ -91,20 +94,21 @@ def sync(
     report = SyncReport()
     started = time.perf_counter()
     targets = _targets(conn, table, column)
+    if not allow_superuser:
+        check_worker_role(conn, targets)
     total = _queued(conn, [target.id for target in targets]) if progress else 0
     lock = threading.Lock()  # guards the report and progress
     failed = threading.Event()  # one lane's error stops the other
     model: contextlib.AbstractContextManager[Any] = threading.Lock() if overlap_with else contextlib.nullcontext()
 
     def drain(lane: psycopg.Connection[Any], registration: Registration, encoder: Encoder) -> None:
-        def batch(limit: int, retried: bool) -> SyncReport | None:
-            return claim_and_encode(lane, registration, encoder, limit, retried=retried, max_attempts=max_attempts,
-                          retry_delay=retry_delay, cache=cache, encoding=model)  # fmt: skip
-
         idle_batches = 0
         while (stop is None or not stop.is_set()) and not failed.is_set() and idle_batches < MAX_IDLE_BATCHES:
             try:
-                done = batch(batch_size, retried=False) or batch(1, retried=True)
+                done = _batch(lane, registration, encoder, batch_size)
+                if isinstance(done, Registration):  # its table was renamed: on under its new name
+                    registration = done
+                    continue
                 if done is None:
                     break
                 with lock:
@@ -118,6 +122,26 @@ def sync(
             # Rows that change under every batch (a source that is not a function of the row, such as one
             # calling random()) would keep a drain busy for ever; they stay queued for the next one.
             idle_batches = idle_batches + 1 if done.done + done.failed == 0 else 0
+
+    def _batch(
+        lane: psycopg.Connection[Any], registration: Registration, encoder: Encoder, limit: int
+    ) -> SyncReport | Registration | None:
+        """One batch (or, when none is ready, one retry of a single failed entry); the registration read
+        again when its table's name changed under the batch, None when nothing is ready."""
+        try:
+            for size, retried in ((limit, False), (1, True)):
+                done = claim_and_encode(lane, registration, encoder, size, retried=retried,
+                                        max_attempts=max_attempts, retry_delay=retry_delay, cache=cache,
+                                        encoding=model)  # fmt: skip
+                if done is not None:
+                    return done
+            return None
+        except psycopg.errors.UndefinedTable:
+            moved = registration_by_id(lane, registration.id)
+            if moved is None or moved.table_sql == registration.table_sql:
+                raise
+            log.info("%s was renamed %s; draining on", registration.table, moved.table)
+            return moved
 
     for registration in targets:
         encoder = checked_encoder(registration)
@@ -148,19 +172,25 @@ def backfill(
     stop: threading.Event | None = None,
     cache: bool = False,
     overlap_with: psycopg.Connection[Any] | None = None,
+    allow_superuser: bool = False,
 ) -> SyncReport:
     """Queue every row that has text but no embedding, then drain the queue. Interrupted, it resumes where it
-    stopped: the queue is in the database, and each batch commits on its own. ``cache`` and ``overlap_with``
-    as for :func:`sync`."""
-    queue_backfill(conn, table, column)
+    stopped: the queue is in the database, and each batch commits on its own. ``cache``, ``overlap_with``
+    and ``allow_superuser`` as for :func:`sync`."""
+    queue_backfill(conn, table, column, allow_superuser=allow_superuser)
     return sync(conn, table=table, column=column, batch_size=batch_size, progress=progress, stop=stop, cache=cache,
-                overlap_with=overlap_with)  # fmt: skip
+                overlap_with=overlap_with, allow_superuser=allow_superuser)  # fmt: skip
 
 
-def queue_backfill(conn: psycopg.Connection[Any], table: str | None, column: str | None) -> list[Registration]:
+def queue_backfill(
+    conn: psycopg.Connection[Any], table: str | None, column: str | None, *, allow_superuser: bool = False
+) -> list[Registration]:
     """Queue the rows of ``table.column`` (or of every registered column) that have text but no embedding;
-    the registrations, for whoever drains the queue."""
+    the registrations, for whoever drains the queue. Queueing evaluates the source: the role check of
+    :func:`sync` applies."""
     targets = _targets(conn, table, column)
+    if not allow_superuser:
+        check_worker_role(conn, targets)
     for registration in targets:
         queue_rows(conn, registration)
     return targets
@@ -180,6 +210,32 @@ def _targets(conn: psycopg.Connection[Any], table: str | None, column: str | Non
     if not found:
         raise InvalidInput(f"Table {table!r} has no registered embedding column (pgsim add-embedding).")
     return found
+
+
+def check_worker_role(conn: psycopg.Connection[Any], targets: list[Registration]) -> None:
+    """Refuse to sync, as a superuser or BYPASSRLS role, a table whose owner is neither: the worker runs the
+    owner's code (the source expression's functions, the table's triggers) with its own rights, so the owner
+    would act as superuser, or read rows its policies hide."""
+    oids = [registration.table_oid for registration in targets]
+    rows = conn.execute(WORKER_ROLE_CHECK, {"tables": oids}).fetchall()
+    if rows:
+        tables = ", ".join(f"{table} (owner {owner})" for table, owner, _ in rows)
+        raise InvalidInput(
+            f"This worker runs as {rows[0][2]!r}, a superuser or BYPASSRLS role, and would run the code of "
+            f"{tables} (source expressions, triggers) with those rights. Run it as a worker role instead "
+            "(pgsim grant worker ROLE; see the docs' security page) or as the table's owner, or pass "
+            "allow_superuser=True (pgsim worker --allow-superuser) if you trust those owners as superusers."
+        )
+
+
+# The tables whose owner lacks a privileged worker's rights: (table, owner) of those in %(tables)s.
+WORKER_ROLE_CHECK = """
+SELECT c.oid::regclass::text, o.rolname, me.rolname
+FROM pg_catalog.pg_roles me, pg_catalog.pg_class c JOIN pg_catalog.pg_roles o ON o.oid = c.relowner
+WHERE me.rolname = CURRENT_USER AND c.oid = ANY(%(tables)s::oid[])
+  AND ((me.rolsuper AND NOT o.rolsuper) OR (me.rolbypassrls AND NOT (o.rolsuper OR o.rolbypassrls)))
+ORDER BY 1
+"""
 
 
 def _queued(conn: psycopg.Connection[Any], ids: list[int]) -> int:
@@ -215,6 +271,7 @@ class Worker:
         reconnect_delay: float = 1.0,
         cache: bool = False,
         overlap: bool | None = None,
+        allow_superuser: bool = False,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidInput(f"batch_size must be a whole number >= 1; got {batch_size!r}.")
@@ -228,6 +285,7 @@ class Worker:
         self.retry_delay = retry_delay
         self.reconnect_delay = reconnect_delay
         self.cache = cache
+        self.allow_superuser = allow_superuser
         # a second connection, one batch written while the next encodes; None: when the database is remote
         self.overlap = overlap
         self.report = SyncReport()
@@ -288,6 +346,7 @@ class Worker:
                         stop=self.stop,
                         cache=self.cache,
                         overlap_with=second,
+                        allow_superuser=self.allow_superuser,
                     )
                 )
             except (PgsimError, psycopg.Error) as exc:

@@ -327,8 +327,9 @@ def _is_function_file(name: str) -> bool:
 
 
 def _search_path(vector_schema: str) -> str:
-    """What the numbered files run with: pgsim, the vector extension's schema, pg_catalog."""
-    return f"pgsim, {sql.Identifier(vector_schema).as_string()}, pg_catalog"
+    """What the numbered files run with: pg_catalog first (nothing another role made in the vector
+    extension's schema, say public, can shadow a built-in), then pgsim and the vector extension's schema."""
+    return f"pg_catalog, pgsim, {sql.Identifier(vector_schema).as_string()}, pg_temp"
 
 
 def _ledger_statements(numbered: list[SqlFile]) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -72,4 +73,31 @@ def forget_plans() -> None:
 
 
 def database_key(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
-    return (conn.info.host, conn.info.port, conn.info.dbname, conn.info.user)
+    """What a cached entry is valid for: the database, the role whose privileges apply (``SET ROLE`` on a
+    pooled connection changes it) and the search_path that resolves table names (reported by the server)."""
+    return (
+        conn.info.host,
+        conn.info.port,
+        conn.info.dbname,
+        current_role(conn),
+        conn.info.parameter_status("search_path"),
+    )
+
+
+# Connections whose session role can become no other (not a superuser, a member of no role): their current
+# role is their login user, known without asking the server.
+_fixed_role: weakref.WeakKeyDictionary[psycopg.Connection[Any], bool] = weakref.WeakKeyDictionary()
+
+
+def current_role(conn: psycopg.Connection[Any]) -> str:
+    fixed = _fixed_role.get(conn)
+    if fixed is None:
+        row = conn.execute(
+            "SELECT NOT r.rolsuper AND NOT EXISTS (SELECT 1 FROM pg_catalog.pg_auth_members m WHERE m.member = r.oid) "
+            "FROM pg_catalog.pg_roles r WHERE r.rolname = session_user"
+        ).fetchone()
+        fixed = _fixed_role[conn] = bool(row and row[0])
+    if fixed:
+        return conn.info.user
+    row = conn.execute("SELECT current_user").fetchone()
+    return str(row[0]) if row else conn.info.user

@@ -54,7 +54,7 @@ def nearest_candidates(
     pool = CANDIDATES_PER_ROW * k if candidates is None else candidates
     if isinstance(pool, bool) or not isinstance(pool, int) or pool < k:
         raise InvalidInput(f"candidates must be an integer of at least k ({k}); got {candidates!r}.")
-    wanted = list(columns or vector_column(conn, table, column).other_columns)
+    wanted = list(columns or vector_column(conn, table, column).default_columns)
     hits = search(conn, table, column, query, k=pool, where=where, columns=[*wanted, column], model=model,
                   tuning=tuning)  # fmt: skip
     vectors = np.stack([_array(hit.row[column]) for hit in hits]) if hits else np.zeros((0, 1), dtype=np.float32)

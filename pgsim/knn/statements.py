@@ -83,7 +83,7 @@ def search_statement(
         "SELECT {selected}, {col} <=> {q} AS {distance} FROM {table} WHERE {condition} ORDER BY {order} LIMIT {limit}"
     ).format(
         limit=sql.Placeholder(limit),
-        selected=sql.SQL(", ").join(sql.Identifier(c) for c in (columns or target.other_columns)),
+        selected=sql.SQL(", ").join(sql.Identifier(c) for c in (columns or target.default_columns)),
         col=sql.Identifier(target.column),
         q=query,
         distance=sql.Identifier(DISTANCE),

@@ -29,6 +29,12 @@ class VectorColumn:
     dimension: int
     other_columns: tuple[str, ...]
     registration: Registration | None = None  # set when pgsim keeps this column in sync (pgsim.add_embedding)
+    readable_columns: tuple[str, ...] = ()  # of other_columns, those the current role may SELECT: the default
+
+    @property
+    def default_columns(self) -> tuple[str, ...]:
+        """What a search returns when not told: the other columns the current role may read."""
+        return self.readable_columns
 
 
 def vector_column(conn: psycopg.Connection[Any], table: str, column: str) -> VectorColumn:
@@ -41,7 +47,8 @@ def vector_column(conn: psycopg.Connection[Any], table: str, column: str) -> Vec
 
 
 def read_vector_column(conn: psycopg.Connection[Any], table: str, column: str) -> VectorColumn:
-    columns = table_columns(conn, resolve_table(conn, table).oid)
+    found = resolve_table(conn, table)
+    columns = table_columns(conn, found.oid)
     if column not in columns:
         raise InvalidInput(f"Table {table!r} has no column {column!r}; its columns are {', '.join(columns)}.")
     declared = re.fullmatch(r"(vector|halfvec)(?:\((\d+)\))?", columns[column])
@@ -49,6 +56,12 @@ def read_vector_column(conn: psycopg.Connection[Any], table: str, column: str) -
         raise InvalidInput(f"Column {table}.{column} is {columns[column]}, not a pgvector vector column.")
     if declared[2] is None:
         raise InvalidInput(f"Column {table}.{column} has no declared dimension; declare it as vector(n).")
+    readable = conn.execute(
+        "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_catalog.pg_attribute WHERE attrelid = %s "
+        "AND attnum > 0 AND NOT attisdropped AND attname <> %s AND pg_catalog.has_column_privilege(attrelid, attnum, "
+        "'SELECT')",
+        [found.oid, column],
+    ).fetchone()
     return VectorColumn(
         table,
         column,
@@ -56,6 +69,7 @@ def read_vector_column(conn: psycopg.Connection[Any], table: str, column: str) -
         int(declared[2]),
         tuple(name for name in columns if name != column),
         get_registration(conn, table, column),
+        tuple(readable[0] or ()) if readable else (),
     )
 
 

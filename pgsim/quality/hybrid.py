@@ -141,7 +141,7 @@ def _fused(
         score=sql.Identifier(SCORE),
         vector_rank=sql.Identifier(VECTOR_RANK),
         text_rank=sql.Identifier(TEXT_RANK),
-        selected=sql.SQL(", ").join(sql.Identifier("t", c) for c in (columns or target.other_columns)),
+        selected=sql.SQL(", ").join(sql.Identifier("t", c) for c in (columns or target.default_columns)),
         column=sql.Identifier(target.column),
         query=query,
         found=sql.Identifier(CANDIDATES),

@@ -1,17 +1,12 @@
 -- Its names are bound when the installer creates it, with search_path pg_catalog, pg_temp (pgsim.db.sqlfiles).
+-- It runs with the caller's rights: row-level security on pgsim.dead_letter and pgsim.queue (0003_workers.sql)
+-- limits it to the letters of tables the caller owns or works for, and to every letter for pgsim's owner.
 CREATE OR REPLACE FUNCTION pgsim.requeue_dead_letters(registration integer DEFAULT NULL) RETURNS bigint
 LANGUAGE sql
 BEGIN ATOMIC
     WITH moved AS (
         DELETE FROM pgsim.dead_letter
-        WHERE (registration IS NULL OR embedding_id = registration)
-          -- only what the caller may queue (row-level security on pgsim.queue): its own tables' letters, or
-          -- every letter for pgsim's owner
-          AND embedding_id IN (
-              SELECT e.id FROM pgsim.embedding e JOIN pg_catalog.pg_class c ON c.oid = e.table_oid
-              WHERE pg_catalog.pg_has_role(CURRENT_USER, c.relowner, 'USAGE')
-                 OR pg_catalog.pg_has_role(CURRENT_USER,
-                        (SELECT q.relowner FROM pg_catalog.pg_class q WHERE q.oid = 'pgsim.queue'::regclass), 'USAGE'))
+        WHERE registration IS NULL OR embedding_id = registration
         RETURNING embedding_id, key, reason
     ), requeued AS (
         INSERT INTO pgsim.queue (embedding_id, key, reason)

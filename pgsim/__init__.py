@@ -6,6 +6,7 @@ Importing pgsim loads no model and starts no server; each happens on first use.
 from pgsim.columns.adding import add_embedding
 from pgsim.columns.batches import SyncReport
 from pgsim.columns.bulk_load import IngestReport, ingest
+from pgsim.columns.grants import grant, revoke
 from pgsim.columns.model_change import change_model
 from pgsim.columns.registry import Registration, get_registration, remove_embedding
 from pgsim.columns.worker import Worker, backfill, sync
@@ -71,6 +72,7 @@ __all__ = [
     "corrected_search",
     "diverse_search",
     "get_registration",
+    "grant",
     "hybrid_search",
     "ingest",
     "install",
@@ -80,6 +82,7 @@ __all__ = [
     "register_async",
     "relevant_search",
     "remove_embedding",
+    "revoke",
     "resolve_dsn",
     "search",
     "set_query_bank",

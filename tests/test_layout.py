@@ -20,9 +20,9 @@ PUBLIC_API = [
     "Hit", "InstallError", "IngestReport", "InstallReport", "InvalidInput", "MissingDependency", "ModelNotFound",
     "NoIndexWarning", "PgsimError", "Plan", "Registration", "RelevantHit", "ServerError", "SyncReport", "Text",
     "SchemaMissing", "Tuning", "Worker", "add_embedding", "backfill", "change_model", "check_vector", "connect",
-    "corrected_search", "diverse_search", "get_registration", "hybrid_search", "ingest", "install", "label_rows",
-    "near_duplicates", "register", "register_async", "relevant_search", "remove_embedding", "resolve_dsn", "search",
-    "set_query_bank", "sync",
+    "corrected_search", "diverse_search", "get_registration", "grant", "hybrid_search", "ingest", "install",
+    "label_rows", "near_duplicates", "register", "register_async", "relevant_search", "remove_embedding",
+    "resolve_dsn", "revoke", "search", "set_query_bank", "sync",
 ]  # fmt: skip
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from fixtures.database import scratch_database
+from fixtures.database import dsn_for, scratch_database
 from fixtures.model import load_packages_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,6 +45,7 @@ CHECKED = {
     "alembic-env",
     "alembic-commands",
     "alembic-generated",
+    "security",
 }
 
 
@@ -167,6 +168,34 @@ def test_sync_example_runs_as_written(database: str) -> None:
         embedded, titles = run_python(code, env)
         assert embedded == "2"  # the inserted row and the updated one; ingested rows came embedded
         assert sorted(ast.literal_eval(titles)) == ["Ragù", "Sauce"]
+
+
+def test_security_example_runs_as_written(server_dsn: str) -> None:
+    """As docs/security.md says: the database's owner, a worker role and an application role, each logging in
+    as itself (no superuser); the roles are the example's own names, made here and dropped after."""
+    from psycopg import sql
+
+    names = ("notes_owner", "notes_worker", "notes_app")
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        for name in names:
+            admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
+            admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER").format(sql.Identifier(name)))
+    try:
+        with scratch_database(server_dsn, "security_example", owner="notes_owner") as database:
+            with psycopg.connect(database, autocommit=True) as admin:
+                admin.execute("CREATE EXTENSION vector")  # a superuser's, as on most servers
+            env = dict(os.environ, **{f"{role.upper()}_DSN": dsn_for(database, user=f"notes_{role}")
+                                      for role in ("owner", "worker", "app")})  # fmt: skip
+            for _ in range(2):  # a second run finds pgsim and the grants in place
+                embedded, found = run_python(example("security"), env)
+                assert embedded == "2"
+                assert ast.literal_eval(found) == ["Pasta sauce"]
+            with psycopg.connect(database, autocommit=True) as admin:
+                admin.execute("DROP OWNED BY notes_owner, notes_worker, notes_app CASCADE")
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            for name in names:
+                admin.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 def test_sqlalchemy_example_runs_as_written(database: str) -> None:

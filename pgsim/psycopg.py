@@ -8,21 +8,48 @@
     )
 
 The text is encoded on the Python side by the connection's model when psycopg binds the parameter, so
-the statement stays one SQL query that an HNSW index can serve.
+the statement stays one SQL query that an HNSW index can serve. A ``vector`` or ``halfvec`` value read on a
+registered connection is a :class:`VectorArray`: a 1-D float32 numpy array, as the ORM gives it too.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import psycopg
-from psycopg.adapt import Dumper, PyFormat
+from psycopg.adapt import Dumper, Loader, PyFormat
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
 
 from pgsim.encoding.encoder import Vector, check_vector, encoder_for
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InstallError, InvalidInput
+
+
+class VectorArray(np.ndarray):
+    """A stored vector as pgsim reads it, from psycopg and from the ORM alike: a 1-D float32 numpy array
+    (``halfvec`` values widened to float32, exactly). It also answers ``to_list()`` and ``to_numpy()``, as
+    pgvector's ``Vector`` does, so code written against that keeps working."""
+
+    def to_list(self) -> list[float]:
+        return np.asarray(self).tolist()  # type: ignore[no-any-return]
+
+    def to_numpy(self) -> npt.NDArray[np.float32]:
+        return np.asarray(self)
+
+
+def vector_array(values: Any) -> VectorArray:
+    """``values`` (a sequence of numbers, pgvector's text form ``[1,2,3]``, a ``pgvector.Vector`` or
+    ``HalfVector``) as a :class:`VectorArray`."""
+    if isinstance(values, str):
+        inner = values.strip()[1:-1]
+        values = [float(part) for part in inner.split(",")] if inner.strip() else []
+    to_numpy = getattr(values, "to_numpy", None)
+    array = np.asarray(to_numpy() if callable(to_numpy) else values, dtype=np.float32)
+    return array.reshape(-1).view(VectorArray)
 
 
 class Text:
@@ -109,3 +136,41 @@ def _register_dumpers(conn: psycopg.BaseConnection[Any], info: TypeInfo | None, 
 
     conn.adapters.register_dumper(Text, TextDumper)
     conn.adapters.register_dumper("numpy.ndarray", CheckedVectorDumper)
+    for oid in _vector_oids(conn, vector_oid):
+        conn.adapters.register_loader(oid, _VectorTextLoader)
+        conn.adapters.register_loader(oid, _VectorBinaryLoader if oid == vector_oid else _HalfvecBinaryLoader)
+
+
+def _vector_oids(conn: psycopg.BaseConnection[Any], vector_oid: int) -> list[int]:
+    """The OIDs of ``vector`` and, where pgvector has it, ``halfvec`` (pgvector's registration has fetched both
+    into the connection's types)."""
+    found = conn.adapters.types.get("halfvec")
+    return [vector_oid] if found is None else [vector_oid, found.oid]
+
+
+class _VectorTextLoader(Loader):
+    """``[1,2,3]`` (vector or halfvec, text format) as a VectorArray."""
+
+    format = Format.TEXT
+
+    def load(self, data: Any) -> VectorArray:
+        return vector_array(bytes(data).decode())
+
+
+class _VectorBinaryLoader(Loader):
+    """pgvector's binary ``vector``: dimensions (uint16), unused (uint16), big-endian float32s."""
+
+    format = Format.BINARY
+    element = ">f4"
+
+    def load(self, data: Any) -> VectorArray:
+        buffer = bytes(data)
+        (dimensions, _) = struct.unpack_from(">HH", buffer)
+        values = np.frombuffer(buffer, dtype=self.element, count=dimensions, offset=4)
+        return values.astype(np.float32).view(VectorArray)
+
+
+class _HalfvecBinaryLoader(_VectorBinaryLoader):
+    """pgvector's binary ``halfvec``: the same header, big-endian float16s (widened to float32, exactly)."""
+
+    element = ">f2"

@@ -1,5 +1,6 @@
 """Column types for embeddings, on pgvector's own ``VECTOR``/``HALFVEC``: they know their model, check
-vectors before anything is sent, and compare with text encoded on the Python side.
+vectors before anything is sent, read them as float32 numpy arrays, and compare with text encoded on the
+Python side.
 
     Doc.embedding.nearest("parse json")      # ORDER BY embedding <=> :q   (the text encoded when bound)
     Doc.embedding.distance(vector)           # embedding <=> :q
@@ -20,6 +21,7 @@ from sqlalchemy.types import TypeEngine
 
 from pgsim.encoding.encoder import check_vector
 from pgsim.errors import InvalidInput
+from pgsim.psycopg import vector_array
 from pgsim.sqlalchemy.offload import query_vector
 
 NEAREST = "pgsim_nearest"  # annotation that marks an ORDER BY term as pgsim's k-NN ordering
@@ -88,6 +90,15 @@ class _EmbeddingMixin:
                     "compare with text through .nearest()/.distance()."
                 )
             return parent(check_vector(value, dimension))
+
+        return process
+
+    def result_processor(self, dialect: Any, coltype: Any) -> Any:
+        """A stored vector as a float32 numpy array (:class:`pgsim.psycopg.VectorArray`), whatever the driver
+        hands over: pgvector's text form, or its ``Vector``/``HalfVector`` where its adapters are registered."""
+
+        def process(value: Any) -> Any:
+            return None if value is None else vector_array(value)
 
         return process
 

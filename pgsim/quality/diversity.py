@@ -10,10 +10,11 @@ import numpy as np
 import numpy.typing as npt
 
 from pgsim.errors import InvalidInput
-from pgsim.knn.candidates import nearest_candidates
 from pgsim.knn.filtered import Hit
 from pgsim.knn.planner import DEFAULT_TUNING, Tuning
 from pgsim.knn.statements import Where
+from pgsim.quality.candidates import nearest_candidates
+from pgsim.quality.connections import psycopg_connection
 
 
 def diverse_search(
@@ -35,6 +36,7 @@ def diverse_search(
     the query - (1 - lambda_mult) * highest similarity to a row already picked`` (the λ of Carbonell and
     Goldstein; LangChain's name). 1 is the plain nearest-first order, lower values trade relevance for
     variety. ``Hit.distance`` stays the row's distance to the query."""
+    conn = psycopg_connection(conn)
     check_lambda(lambda_mult)
     found = nearest_candidates(conn, table, column, query, k=k, candidates=candidates, where=where, columns=columns,
                                model=model, tuning=tuning)  # fmt: skip

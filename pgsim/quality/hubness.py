@@ -23,11 +23,12 @@ from pgsim.encoding.encoder import encoder_for
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
 from pgsim.knn.caches import TtlCache, database_key
-from pgsim.knn.candidates import nearest_candidates
 from pgsim.knn.planner import DEFAULT_TUNING, Tuning
 from pgsim.knn.statements import Where
 from pgsim.knn.target import vector_column
-from pgsim.psycopg import register
+from pgsim.psycopg import bindable, vector_array
+from pgsim.quality.candidates import nearest_candidates
+from pgsim.quality.connections import psycopg_connection
 
 DEFAULT_WEIGHT = 0.5
 DEFAULT_NEIGHBOURS = 10
@@ -42,9 +43,10 @@ class CorrectedHit:
     score: float  # similarity - weight * hubness: what the rows are ordered by
 
 
-def set_query_bank(conn: psycopg.Connection[Any], table: str, column: str, queries: Sequence[str]) -> int:
+def set_query_bank(conn: psycopg.Connection[Any] | Any, table: str, column: str, queries: Sequence[str]) -> int:
     """Replace the query bank of ``table.column`` with ``queries`` (texts, encoded with the column's model;
     blank ones and repeats are dropped). Returns how many the bank holds."""
+    conn = psycopg_connection(conn)
     texts = sorted({text for text in queries if isinstance(text, str) and text.strip()})
     if len(texts) < DEFAULT_NEIGHBOURS:
         raise InvalidInput(f"A query bank needs at least {DEFAULT_NEIGHBOURS} distinct queries; got {len(texts)}.")
@@ -54,26 +56,23 @@ def set_query_bank(conn: psycopg.Connection[Any], table: str, column: str, queri
         raise InvalidInput(f"Model {encoder.model_name!r} gives {encoder.dimension} dimensions; {table}.{column} "
                            f"holds {target.dimension}.")  # fmt: skip
     vectors = encoder.encode(texts, kind="query")
-    register(conn)
     found = resolve_table(conn, table)
     with conn.transaction(), conn.cursor() as cur:
         cur.execute(
             "DELETE FROM pgsim.query_bank WHERE (table_schema, table_name, column_name) = (%s, %s, %s)",
             [found.schema, found.name, column],
         )
-        statement = (
-            "COPY pgsim.query_bank (table_schema, table_name, column_name, embedding) FROM STDIN (FORMAT BINARY)"
+        cur.execute(  # bound as the connection can: pgsim's adapters need not be registered on it
+            "INSERT INTO pgsim.query_bank (table_schema, table_name, column_name, embedding) "
+            "SELECT %s, %s, %s, pgsim_vector FROM unnest(%s::vector[]) AS pgsim_vector",
+            [found.schema, found.name, column, [bindable(conn, v) for v in vectors if v is not None]],
         )
-        with cur.copy(statement) as copy:
-            copy.set_types(["name", "name", "name", "vector"])
-            for vector in vectors:
-                copy.write_row((found.schema, found.name, column, vector))
     _banks.clear()
     return len(texts)
 
 
 def corrected_search(
-    conn: psycopg.Connection[Any],
+    conn: psycopg.Connection[Any] | Any,
     table: str,
     column: str,
     query: str | Sequence[float] | Any,
@@ -89,6 +88,7 @@ def corrected_search(
 ) -> list[CorrectedHit]:
     """:func:`pgsim.search`'s ``candidates`` nearest rows (default ``5 * k``), re-ranked by
     ``similarity - weight * hubness`` (see the module's text); the best ``k``."""
+    conn = psycopg_connection(conn)
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= 1:
         raise InvalidInput(f"weight must be between 0 (no correction) and 1; got {weight!r}.")
     bank = _bank(conn, table, column)
@@ -121,7 +121,6 @@ def _bank(conn: psycopg.Connection[Any], table: str, column: str) -> npt.NDArray
     bank = _banks.get(key)
     if bank is None:
         found = resolve_table(conn, table)
-        register(conn)
         rows = conn.execute(
             "SELECT embedding FROM pgsim.query_bank WHERE (table_schema, table_name, column_name) = (%s, %s, %s)",
             [found.schema, found.name, column],
@@ -131,6 +130,6 @@ def _bank(conn: psycopg.Connection[Any], table: str, column: str) -> npt.NDArray
                 f"{table}.{column} has no query bank: set one with pgsim.set_query_bank(conn, "
                 f"{table!r}, {column!r}, queries), from a query log or typical questions."
             )
-        matrix = np.stack([vector.to_numpy().astype(np.float32) for (vector,) in rows])
+        matrix = np.stack([vector_array(vector) for (vector,) in rows])  # whatever the connection reads them as
         bank = _banks.put(key, matrix / np.maximum(np.linalg.norm(matrix, axis=1, keepdims=True), 1e-12))
     return bank

@@ -6,6 +6,11 @@ filtered-search contract) and the ``candidates`` best full-text matches that pas
 query's words ORed, ranked by ``ts_rank`` divided by 1 + log(document length), over a ``tsvector`` column
 that a GIN index serves), and orders their union by ``pgsim.rrf(vector rank) + pgsim.rrf(text rank)``.
 bench/quality.py compares these choices with ``ts_rank_cd`` and with ANDed words (``plainto_tsquery``).
+
+Each row also gets the relevance score of :mod:`pgsim.quality.relevance`, measured against the last row of
+the vector list (its ``candidates``-th nearest): its similarity minus that row's. ``min_score`` keeps only
+the rows that reach it, before the best ``k`` are taken, so a query with nothing relevant gets nothing, even
+where its words match. ``pgsim.hybrid_search`` (SQL) is the same search for SQL users.
 """
 
 from __future__ import annotations
@@ -33,20 +38,24 @@ from pgsim.knn.planner import (
 )
 from pgsim.knn.statements import DISTANCE, PATHS, Where, check_no_nul, filter_sql, search_statement
 from pgsim.knn.target import VectorColumn, check_k, target_and_params
+from pgsim.quality.connections import psycopg_connection
+from pgsim.quality.relevance import check_min_score
 
 DEFAULT_CANDIDATES = 50  # per list
 DEFAULT_RRF_K = 60  # Cormack et al.'s constant
 TEXT_CONFIG = re.compile(r"to_tsvector\('([^']+)'::regconfig")
 SCORE, VECTOR_RANK, TEXT_RANK, CANDIDATES = "_pgsim_score", "_pgsim_vector_rank", "_pgsim_text_rank", "_pgsim_found"
+RELEVANCE = "_pgsim_relevance"
 
 
 @dataclass(frozen=True)
 class FusedHit:
     row: dict[str, Any]
     score: float  # the sum of the two lists' 1 / (rrf_k + rank)
-    distance: float  # cosine distance to the query, whichever list found the row
+    distance: float | None  # cosine distance to the query; None: a text match not embedded yet
     vector_rank: int | None  # 1-based rank among the nearest rows; None: not among the candidates
     text_rank: int | None  # 1-based rank among the full-text matches; None: not among them
+    relevance: float | None = None  # similarity minus the vector list's last row's (what min_score cuts)
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,7 @@ class TextColumn:
 
 
 def hybrid_search(
-    conn: psycopg.Connection[Any],
+    conn: psycopg.Connection[Any] | Any,
     table: str,
     column: str,
     query: str,
@@ -68,12 +77,18 @@ def hybrid_search(
     columns: Sequence[str] | None = None,
     candidates: int = DEFAULT_CANDIDATES,
     rrf_k: int = DEFAULT_RRF_K,
+    min_score: float | None = None,
     tuning: Tuning = DEFAULT_TUNING,
 ) -> list[FusedHit]:
     """The k rows that pass ``where`` with the best fused rank of the vector search on ``column`` and the
     full-text search on ``text_column`` (a ``tsvector`` column; default: the table's only one). The query
     text is parsed with ``text_config`` (default: the configuration the column's generated expression names,
-    else 'english') and its words are ORed."""
+    else 'english') and its words are ORed. With ``min_score``, only rows whose relevance (similarity minus
+    the similarity of the vector list's last row) reaches it. ``conn``: a psycopg connection, or a SQLAlchemy
+    Session or Connection on it."""
+    conn = psycopg_connection(conn)
+    if min_score is not None:
+        check_min_score(min_score)
     if not isinstance(query, str) or not query.strip():
         raise InvalidInput("The query text is empty; pass the words to search for.")
     check_no_nul(query, "The query text")
@@ -84,7 +99,7 @@ def hybrid_search(
     with model_change_as_input_error():
         target, params = target_and_params(conn, table, column, query, None)
         text = _text_column(conn, table, text_column, text_config)
-        params.update(n=candidates, k=k, text=query, config=text.config, rrf_k=rrf_k)
+        params.update(n=candidates, k=k, text=query, config=text.config, rrf_k=rrf_k, min_score=min_score)
         condition = filter_sql(where)
         exact, hnsw = (_fused(target, text, condition, columns, path).as_bytes(conn) for path in PATHS)
         vectors_only = search_statement(target, condition, ["ctid"], "hnsw", limit="n").as_bytes(conn)
@@ -101,12 +116,14 @@ def hybrid_search(
 
 def _hit(row: dict[str, Any]) -> FusedHit:
     row.pop(CANDIDATES)
+    distance, relevance = row.pop(DISTANCE), row.pop(RELEVANCE)
     return FusedHit(
         score=float(row.pop(SCORE)),
-        distance=float(row.pop(DISTANCE)),
+        distance=None if distance is None else float(distance),
         vector_rank=row.pop(VECTOR_RANK),
         text_rank=row.pop(TEXT_RANK),
         row=row,
+        relevance=None if relevance is None else float(relevance),
     )
 
 
@@ -115,22 +132,26 @@ def _fused(
 ) -> sql.Composed:
     nearest = search_statement(target, condition, ["ctid"], path, limit="n")
     query = sql.SQL("%(q)s::halfvec") if target.type_name == "halfvec" else sql.SQL("%(q)s")
+    # the text list names the table as the filter does (no alias), so a filter written with the table's
+    # name (as the ORM compiles one) reads the same columns in both lists
     return sql.SQL(
         "WITH _pgsim_nearest AS MATERIALIZED ({nearest}), "
         "_pgsim_vector AS (SELECT ctid AS _pgsim_row, row_number() OVER (ORDER BY {distance}) AS _pgsim_rank "
         "  FROM _pgsim_nearest), "
+        "_pgsim_floor AS (SELECT max({distance}) AS _pgsim_floor, count(*) AS _pgsim_found FROM _pgsim_nearest), "
         "_pgsim_query AS (SELECT (SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery "
         "  FROM unnest(to_tsvector(%(config)s::regconfig, %(text)s))) AS _pgsim_tsquery), "
-        "_pgsim_text AS (SELECT t.ctid AS _pgsim_row, row_number() OVER (ORDER BY "
-        "  ts_rank(t.{tsv}, _pgsim_tsquery, 1) DESC, t.ctid) AS _pgsim_rank "
-        "  FROM {table} AS t, _pgsim_query WHERE t.{tsv} @@ _pgsim_tsquery AND ({condition}) "
-        "  ORDER BY ts_rank(t.{tsv}, _pgsim_tsquery, 1) DESC, t.ctid LIMIT %(n)s), "
+        "_pgsim_text AS (SELECT {table}.ctid AS _pgsim_row, row_number() OVER (ORDER BY "
+        "  ts_rank({table}.{tsv}, _pgsim_tsquery, 1) DESC, {table}.ctid) AS _pgsim_rank "
+        "  FROM {table}, _pgsim_query WHERE {table}.{tsv} @@ _pgsim_tsquery AND ({condition}) "
+        "  ORDER BY ts_rank({table}.{tsv}, _pgsim_tsquery, 1) DESC, {table}.ctid LIMIT %(n)s), "
         "_pgsim_fused AS (SELECT _pgsim_row, pgsim.rrf(v._pgsim_rank, %(rrf_k)s) + pgsim.rrf(x._pgsim_rank, "
         "  %(rrf_k)s) AS {score}, v._pgsim_rank AS {vector_rank}, x._pgsim_rank AS {text_rank} "
         "  FROM _pgsim_vector AS v FULL JOIN _pgsim_text AS x USING (_pgsim_row)) "
         "SELECT {selected}, f.{score}, f.{vector_rank}, f.{text_rank}, t.{column} <=> {query} AS {distance}, "
-        "  (SELECT count(*) FROM _pgsim_nearest) AS {found} "
-        "FROM _pgsim_fused AS f JOIN {table} AS t ON t.ctid = f._pgsim_row "
+        "  l._pgsim_floor - (t.{column} <=> {query}) AS {relevance}, l._pgsim_found AS {found} "
+        "FROM _pgsim_fused AS f JOIN {table} AS t ON t.ctid = f._pgsim_row CROSS JOIN _pgsim_floor AS l "
+        "WHERE %(min_score)s::double precision IS NULL OR l._pgsim_floor - (t.{column} <=> {query}) >= %(min_score)s "
         "ORDER BY f.{score} DESC, f.{vector_rank} NULLS LAST, f.{text_rank} NULLS LAST LIMIT %(k)s"
     ).format(
         nearest=nearest,
@@ -145,6 +166,7 @@ def _fused(
         column=sql.Identifier(target.column),
         query=query,
         found=sql.Identifier(CANDIDATES),
+        relevance=sql.Identifier(RELEVANCE),
     )
 
 

@@ -17,11 +17,12 @@ from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
 from pgsim.knn.statements import Where, filter_sql
 from pgsim.knn.target import read_vector_column
-from pgsim.psycopg import register
+from pgsim.psycopg import bindable
+from pgsim.quality.connections import psycopg_connection
 
 
 def label_rows(
-    conn: psycopg.Connection[Any],
+    conn: psycopg.Connection[Any] | Any,
     table: str,
     column: str,
     labels: Mapping[str, str],
@@ -32,6 +33,7 @@ def label_rows(
     """Write into column ``into`` of each row (that passes ``where``) the label of ``labels`` (label ->
     description, e.g. {"libs": "shared libraries used by other programs"}) whose description is nearest to
     the row's ``column`` embedding. Rows without an embedding get NULL. Returns how many rows got each label."""
+    conn = psycopg_connection(conn)
     if not labels:
         raise InvalidInput("labels is empty: pass {label: description} for at least one label.")
     blank = [name for name, text in labels.items() if not isinstance(text, str) or not text.strip()]
@@ -46,12 +48,14 @@ def label_rows(
         raise InvalidInput(
             f"Model {model!r} gives {encoder.dimension} dimensions; {table}.{column} holds {target.dimension}."
         )
-    vectors = encoder.encode(list(labels.values()), kind="query")
-    register(conn)
+    # bound as the connection can (text where pgsim's adapters are not registered: a Session's, say)
+    encoded = encoder.encode(list(labels.values()), kind="query")
+    vectors = [None if vector is None else bindable(conn, vector) for vector in encoded]
     cast = sql.SQL("::vector" if target.type_name == "halfvec" else "")
     counted = conn.execute(
         sql.SQL(
-            "WITH labelled AS (UPDATE {table} SET {into} = pgsim.nearest_label({column}{cast}, %s, %s) WHERE {where} "
+            "WITH labelled AS (UPDATE {table} SET {into} = pgsim.nearest_label({column}{cast}, %s, %s::vector[]) "
+            "WHERE {where} "
             "RETURNING {into}) SELECT {into}, count(*) FROM labelled WHERE {into} IS NOT NULL GROUP BY 1"
         ).format(
             table=table_identifier(table),

@@ -10,6 +10,7 @@ table returns an empty list.
 
 bench/quality.py measures this margin against the best raw-cosine threshold and a z-score against a
 random sample of the table, on known-item queries with their answer present and held out.
+``pgsim.relevant_search`` (SQL) is the same search for SQL users; hybrid search cuts by the same score.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pgsim.knn.filtered import search
 from pgsim.knn.planner import DEFAULT_TUNING, Tuning
 from pgsim.knn.statements import Where
 from pgsim.knn.target import MAX_K
+from pgsim.quality.connections import psycopg_connection
 
 DEFAULT_REFERENCE = 50
 # tuned by bench/quality.py for a precision of 0.6 on held-out queries
@@ -39,7 +41,7 @@ class RelevantHit:
 
 
 def relevant_search(
-    conn: psycopg.Connection[Any],
+    conn: psycopg.Connection[Any] | Any,
     table: str,
     column: str,
     query: str | Sequence[float] | Any,
@@ -55,12 +57,9 @@ def relevant_search(
     """The rows among :func:`pgsim.search`'s ``k`` nearest (that pass ``where``) whose similarity is at least
     ``min_score`` above the query's ``reference``-th nearest row's, best first; an empty list when none is.
     One search of ``reference`` rows. With fewer than ``reference`` rows passing the filter, the last of them
-    is the reference."""
-    if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0 <= min_score <= 2:
-        raise InvalidInput(
-            f"min_score is a margin of cosine similarity from 0 to 2; got {min_score!r} "
-            f"(the default, {DEFAULT_MIN_SCORE}, was measured on real data: see pgsim.quality.relevance)."
-        )
+    is the reference. ``conn``: a psycopg connection, or a SQLAlchemy Session or Connection on it."""
+    conn = psycopg_connection(conn)
+    check_min_score(min_score)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidInput(f"k must be a whole number of at least 1; got {k!r}.")
     if isinstance(reference, bool) or not isinstance(reference, int) or not k < reference <= MAX_K:
@@ -71,3 +70,11 @@ def relevant_search(
     floor = 1.0 - hits[-1].distance
     scored = [RelevantHit(hit.row, hit.distance, (1.0 - hit.distance) - floor) for hit in hits[:k]]
     return [hit for hit in scored if hit.score >= min_score]
+
+
+def check_min_score(min_score: float) -> None:
+    if isinstance(min_score, bool) or not isinstance(min_score, (int, float)) or not 0 <= min_score <= 2:
+        raise InvalidInput(
+            f"min_score is a margin of cosine similarity from 0 to 2; got {min_score!r} "
+            f"(the default, {DEFAULT_MIN_SCORE}, was measured on real data: see pgsim.quality.relevance)."
+        )

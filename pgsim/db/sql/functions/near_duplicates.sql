@@ -58,7 +58,14 @@ BEGIN
             HINT = 'Add one: ALTER TABLE ... ADD PRIMARY KEY (<column>);';
     END IF;
 
-    DROP TABLE IF EXISTS pg_temp.pgsim_near_link, pg_temp.pgsim_near_group;
+    -- left by an earlier call in this transaction? (DROP TABLE IF EXISTS would send a NOTICE when this session
+    -- has no temporary schema yet)
+    IF to_regclass('pg_temp.pgsim_near_link') IS NOT NULL THEN
+        DROP TABLE pg_temp.pgsim_near_link;
+    END IF;
+    IF to_regclass('pg_temp.pgsim_near_group') IS NOT NULL THEN
+        DROP TABLE pg_temp.pgsim_near_group;
+    END IF;
     -- ef_search must cover the neighbours asked for, plus the row itself
     PERFORM set_config('hnsw.ef_search', greatest(neighbours + 1, 40)::text, true);
     EXECUTE format(

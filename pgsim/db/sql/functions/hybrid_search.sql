@@ -1,0 +1,125 @@
+-- Hybrid search, for SQL users (pgsim.hybrid_search in Python): the k rows that pass filter with the best
+-- reciprocal rank fusion, pgsim.rrf(vector rank, rrf_k) + pgsim.rrf(text rank, rrf_k), of two lists:
+--   - the candidates nearest rows to query by col, from pgsim.knn (its path, settings, fallback: the list keeps
+--     the filtered-search contract);
+--   - the candidates best full-text matches of query_text (its words ORed, parsed with text_config, else the
+--     configuration text_column's generated expression names, else english), ranked by ts_rank normalised by
+--     document length over text_column (a tsvector column, by default the table's only one; a GIN index serves
+--     it), that pass the same filter.
+-- Each row comes with its relevance: its similarity minus the similarity of the vector list's last row (the
+-- score of pgsim.relevant_search with reference = candidates); with min_score, only rows that reach it, before
+-- the k best are taken. Rows are (row jsonb without col, score, distance, vector_rank, text_rank, relevance);
+-- a rank is NULL for a row not in that list, the distance for a text match not embedded yet. The query comes
+-- twice: its embedding and its text (SQL cannot encode). filter is read as pgsim.knn reads it: one boolean
+-- expression over the table's columns, under search_path pg_catalog, pg_temp.
+--   SELECT p.package, r.score
+--   FROM pgsim.hybrid_search('packages', 'embedding', $1, 'xml parser', 5, $$section = 'libs'$$) AS r,
+--        jsonb_populate_record(NULL::packages, r.row) AS p;
+CREATE OR REPLACE FUNCTION pgsim.hybrid_search(
+    tbl regclass,
+    col name,
+    query @extschema:vector@.vector,
+    query_text text,
+    k integer DEFAULT 10,
+    filter text DEFAULT NULL,
+    min_score double precision DEFAULT NULL,
+    candidates integer DEFAULT 50,
+    rrf_k integer DEFAULT 60,
+    text_column name DEFAULT NULL,
+    text_config regconfig DEFAULT NULL,
+    exact_below_rows double precision DEFAULT 1000,
+    hnsw_ef_search integer DEFAULT 200,
+    min_hnsw_selectivity double precision DEFAULT 0.5
+) RETURNS TABLE (
+    "row" jsonb, score double precision, distance double precision, vector_rank bigint, text_rank bigint,
+    relevance double precision
+)
+LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    tsv name := text_column;
+    tsvectors name[];
+    config regconfig := text_config;
+    words tsquery;
+    column_type text := (SELECT a.atttypid::regtype::text FROM pg_attribute a
+                         WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped);
+    vector_schema text := (SELECT quote_ident(n.nspname) FROM pg_extension e
+                           JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector');
+    add_one text := format('ALTER TABLE %s ADD COLUMN fts tsvector GENERATED ALWAYS AS (to_tsvector(%L, '
+                           'coalesce(<text column>, %L))) STORED; CREATE INDEX ON %s USING gin (fts);',
+                           tbl, 'english', '', tbl);
+BEGIN
+    IF query_text IS NULL OR btrim(query_text) = '' THEN
+        RAISE EXCEPTION 'pgsim.hybrid_search: the query text is empty' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Pass the words to search for, with their embedding as query.';
+    END IF;
+    IF k IS NULL OR k < 1 OR k > 10000 THEN
+        RAISE EXCEPTION 'pgsim.hybrid_search: k must be from 1 to 10000; got %', k
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF candidates IS NULL OR candidates < k OR candidates > 10000 THEN
+        RAISE EXCEPTION 'pgsim.hybrid_search: candidates must be from k (%) to 10000; got %', k, candidates
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF rrf_k IS NULL OR rrf_k < 1 OR rrf_k > 10000 THEN
+        RAISE EXCEPTION 'pgsim.hybrid_search: rrf_k must be from 1 to 10000; got %', rrf_k
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF min_score IS NOT NULL AND NOT (min_score >= 0 AND min_score <= 2) THEN  -- NaN sorts above 2
+        RAISE EXCEPTION 'pgsim.hybrid_search: min_score is a margin of cosine similarity from 0 to 2; got %',
+            min_score USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF column_type IS NULL THEN
+        RAISE EXCEPTION 'pgsim.hybrid_search: table % has no column %', tbl, quote_ident(col)
+            USING ERRCODE = 'undefined_column';
+    END IF;
+    SELECT array_agg(a.attname ORDER BY a.attnum) INTO tsvectors FROM pg_attribute a
+    WHERE a.attrelid = tbl AND a.attnum > 0 AND NOT a.attisdropped AND a.atttypid = 'tsvector'::regtype;
+    IF tsv IS NULL AND cardinality(tsvectors) = 1 THEN
+        tsv := tsvectors[1];
+    ELSIF tsv IS NULL THEN
+        RAISE EXCEPTION 'pgsim.hybrid_search needs a full-text column; % has %', tbl,
+            CASE WHEN tsvectors IS NULL THEN 'no tsvector column'
+                 ELSE format('several (%s): name one as text_column', array_to_string(tsvectors, ', ')) END
+            USING ERRCODE = 'undefined_column', HINT = 'To add one: ' || add_one;
+    ELSIF tsvectors IS NULL OR NOT tsv = ANY (tsvectors) THEN
+        RAISE EXCEPTION 'pgsim.hybrid_search: % has no tsvector column %', tbl, quote_ident(tsv)
+            USING ERRCODE = 'undefined_column', HINT = 'To add one: ' || add_one;
+    END IF;
+    IF config IS NULL THEN
+        SELECT substring(pg_get_expr(d.adbin, d.adrelid) FROM 'to_tsvector\(''([^'']+)''::regconfig')::regconfig
+        INTO config
+        FROM pg_attribute a JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+        WHERE a.attrelid = tbl AND a.attname = tsv;
+        config := coalesce(config, 'english'::regconfig);
+    END IF;
+    words := (SELECT string_agg(quote_literal(w.lexeme), ' | ')::tsquery FROM unnest(to_tsvector(config, query_text)) AS w);
+    -- Rows are matched across the lists by their jsonb (pgsim.knn returns no other identity), numbered among
+    -- equal ones so that identical rows stay as many rows.
+    RETURN QUERY EXECUTE format(
+        'WITH v AS (SELECT r.row, r.distance, r.position, '
+        '    row_number() OVER (PARTITION BY r.row ORDER BY r.position) AS twin '
+        '  FROM pgsim.knn($1, $2, $3, $4, $5, $6, $7, $8) WITH ORDINALITY AS r ("row", distance, position)), '
+        'x AS (SELECT m.row, m.distance, m.position, '
+        '    row_number() OVER (PARTITION BY m.row ORDER BY m.position) AS twin FROM ('
+        '  SELECT to_jsonb(t) - $2::text AS "row", t.%1$I OPERATOR(%2$s.<=>) $3::%3$s AS distance, '
+        '    row_number() OVER (ORDER BY ts_rank(t.%4$I, $9, 1) DESC, t.ctid) AS position '
+        '  FROM %5$s AS t WHERE t.%4$I OPERATOR(pg_catalog.@@) $9 AND (%6$s) '
+        '  ORDER BY ts_rank(t.%4$I, $9, 1) DESC, t.ctid LIMIT $4) AS m), '
+        'f AS (SELECT coalesce(v.row, x.row) AS "row", coalesce(v.distance, x.distance) AS distance, '
+        '    v.position AS vector_rank, x.position AS text_rank, '
+        '    pgsim.rrf(v.position, $10) + pgsim.rrf(x.position, $10) AS score '
+        '  FROM v FULL JOIN x ON x.row = v.row AND x.twin = v.twin), '
+        'reference AS (SELECT max(v.distance) AS distance FROM v) '
+        'SELECT f.row, f.score, f.distance, f.vector_rank, f.text_rank, reference.distance - f.distance '
+        'FROM f CROSS JOIN reference '
+        'WHERE $11::double precision IS NULL OR reference.distance - f.distance >= $11 '
+        'ORDER BY f.score DESC, f.vector_rank NULLS LAST, f.text_rank NULLS LAST LIMIT $12',
+        col, vector_schema, column_type, tsv, tbl, coalesce(nullif(filter, ''), 'true'))
+    USING tbl, col, query, candidates, filter, exact_below_rows, hnsw_ef_search, min_hnsw_selectivity, words,
+          rrf_k, min_score, k;
+END
+$$;
+COMMENT ON FUNCTION pgsim.hybrid_search(regclass, name, @extschema:vector@.vector, text, integer, text, double precision, integer, integer, name, regconfig, double precision, integer, double precision) IS
+    'The k rows passing filter with the best reciprocal rank fusion of the nearest rows (pgsim.knn) and the '
+    'full-text matches, as (row jsonb, score, distance, vector_rank, text_rank, relevance); min_score cuts by relevance.';

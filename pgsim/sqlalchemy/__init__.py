@@ -1,5 +1,6 @@
 """SQLAlchemy 2.x integration: embedding columns, k-NN comparators that combine with filters in one query,
-encode-on-flush. Needs ``pip install 'pgsim[sqlalchemy]'`` and the psycopg driver (postgresql+psycopg://)."""
+encode-on-flush, and hybrid search, the relevance threshold and
+near-duplicates over mapped classes. Needs ``pip install 'pgsim[sqlalchemy]'`` and the psycopg driver (postgresql+psycopg://)."""
 
 from pgsim._util import require
 
@@ -14,18 +15,30 @@ from pgsim.sqlalchemy.columns import (  # noqa: E402
     register_embeddings_sync,
 )
 from pgsim.sqlalchemy.flush import encode_on_flush  # noqa: E402
+from pgsim.sqlalchemy.quality import (  # noqa: E402
+    FusedMatch,
+    RelevantMatch,
+    hybrid_search,
+    near_duplicates,
+    relevant_search,
+)
 from pgsim.sqlalchemy.types import Embedding, HalfEmbedding  # noqa: E402
 from pgsim.sqlalchemy.url import database_url  # noqa: E402
 
 __all__ = [
     "Embedding",
     "EmbeddingSpec",
+    "FusedMatch",
     "HalfEmbedding",
+    "RelevantMatch",
     "database_url",
     "embedding_column",
     "encode_on_flush",
     "functions",
     "hnsw_index",
+    "hybrid_search",
+    "near_duplicates",
     "register_embeddings",
     "register_embeddings_sync",
+    "relevant_search",
 ]

@@ -179,7 +179,7 @@ def _tables(element: Any) -> set[Any]:
     return {table._deannotate() for table in found}
 
 
-def _where_criteria(statement: Select[Any], dialect: Any) -> tuple[Any, ...] | None:
+def where_criteria(statement: Select[Any], dialect: Any) -> tuple[Any, ...] | None:
     """The WHERE conditions of ``statement`` as the ORM compiles it: the user's, with the criteria the ORM
     adds itself (single-table inheritance, ``with_loader_criteria``). None if they cannot be read."""
     try:
@@ -229,7 +229,7 @@ def _plan(connection: Any, column: Any, k: int, statement: Select[Any], tuning: 
     # that read other tables are not plannable
     if not isinstance(table, Table) or _tables(statement) != {table}:
         return None
-    criteria = _where_criteria(statement, connection.dialect)
+    criteria = where_criteria(statement, connection.dialect)
     if criteria is None:
         if _orm_adds_criteria(statement):
             return None  # conditions the plan would not see

@@ -1,5 +1,5 @@
 """SQLAlchemy 2.x integration: embedding columns, k-NN comparators that combine with filters in one query,
-encode-on-flush, and hybrid search, the relevance threshold and
+encode-on-flush checked against the database's registration, and hybrid search, the relevance threshold and
 near-duplicates over mapped classes. Needs ``pip install 'pgsim[sqlalchemy]'`` and the psycopg driver (postgresql+psycopg://)."""
 
 from pgsim._util import require
@@ -14,6 +14,7 @@ from pgsim.sqlalchemy.columns import (  # noqa: E402
     register_embeddings,
     register_embeddings_sync,
 )
+from pgsim.sqlalchemy.definition import DefinitionMismatch  # noqa: E402
 from pgsim.sqlalchemy.flush import encode_on_flush  # noqa: E402
 from pgsim.sqlalchemy.quality import (  # noqa: E402
     FusedMatch,
@@ -26,6 +27,7 @@ from pgsim.sqlalchemy.types import Embedding, HalfEmbedding  # noqa: E402
 from pgsim.sqlalchemy.url import database_url  # noqa: E402
 
 __all__ = [
+    "DefinitionMismatch",
     "Embedding",
     "EmbeddingSpec",
     "FusedMatch",

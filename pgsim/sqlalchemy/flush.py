@@ -16,6 +16,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
 from pgsim.encoding.encoder import Vector, check_vector
 from pgsim.errors import InvalidInput
+from pgsim.sqlalchemy.definition import encodes_on_flush
 from pgsim.sqlalchemy.offload import off_event_loop
 from pgsim.sqlalchemy.types import Embedding, HalfEmbedding
 
@@ -78,6 +79,7 @@ def encode_on_flush(session: Session, flush_context: Any, instances: Any) -> Non
     from sqlalchemy import inspect
 
     work: list[tuple[Any, str, EmbeddingSpec, str]] = []
+    verdicts: dict[Any, bool] = {}
     for obj in [*session.new, *session.dirty]:
         state = inspect(obj)
         for key, spec, sources in flush_specs(state.mapper):
@@ -85,6 +87,8 @@ def encode_on_flush(session: Session, flush_context: Any, instances: Any) -> Non
                 continue
             if state.key is not None and not any(state.attrs[name].history.has_changes() for name in sources):
                 continue
+            if not _agreed(verdicts, state.mapper, key, spec, lambda m=state.mapper: session.connection({"mapper": m})):
+                continue  # a change to the declared definition is under way: the worker embeds the row
             work.append((obj, key, spec, _source_text([getattr(obj, name) for name in sources])))
     for (obj, key, _, _), vector in zip(work, _encode(work), strict=True):
         setattr(obj, key, vector)
@@ -96,7 +100,13 @@ def encode_bulk_insert(state: ORMExecuteState) -> Any:
     UPDATEs and ``insert().values()`` are left to the database's triggers and ``pgsim worker``.)"""
     if not state.is_insert or not state.is_executemany or state.bind_mapper is None:
         return None
-    specs = flush_specs(state.bind_mapper)
+    mapper = state.bind_mapper
+    verdicts: dict[Any, bool] = {}
+    specs = [
+        (key, spec, sources)
+        for key, spec, sources in flush_specs(mapper)
+        if _agreed(verdicts, mapper, key, spec, lambda: state.session.connection(state.bind_arguments))
+    ]
     rows: list[dict[str, Any]] = state.parameters  # type: ignore[assignment]
     work = [
         (number, key, spec, _source_text([row.get(name) for name in sources]))
@@ -110,6 +120,16 @@ def encode_bulk_insert(state: ORMExecuteState) -> Any:
     for (number, key, _, _), vector in zip(work, _encode(work), strict=True):
         additions[number][key] = vector
     return state.invoke_statement(params=additions)
+
+
+def _agreed(verdicts: dict[Any, bool], mapper: Mapper[Any], key: str, spec: EmbeddingSpec, connection: Any) -> bool:
+    """Whether the ORM encodes ``key`` of ``mapper``'s objects (see :mod:`pgsim.sqlalchemy.definition`): the
+    database's registration agrees with ``spec``; once per column in a flush. ``connection()`` gives the
+    SQLAlchemy Connection the flush writes through."""
+    column = mapper.columns[key]
+    if column not in verdicts:
+        verdicts[column] = encodes_on_flush(connection(), column, spec)
+    return verdicts[column]
 
 
 def _encode_with(model: str, texts: list[str]) -> list[Vector | None]:

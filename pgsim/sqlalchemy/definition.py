@@ -128,7 +128,8 @@ def _message(
     if registered is None or wanted.dtype != registered.dtype:
         options.append((f"--dtype {wanted.dtype}", f"dtype={wanted.dtype!r}"))
     command = " ".join(["pgsim change-embedding", qualified, column.name, *(flag for flag, _ in options)])
-    operation = ", ".join([repr(qualified), repr(column.name), *(argument for _, argument in options)])
+    schema = [f"schema={table.schema!r}"] if table.schema else []
+    operation = ", ".join([repr(table.name), repr(column.name), *(argument for _, argument in options), *schema])
     under_way = (
         f" (a change under way makes it {', '.join(_describe(change) for change in changes)}, not the declared one)"
         if changes

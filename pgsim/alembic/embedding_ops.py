@@ -39,8 +39,30 @@ class CreateEmbeddingOp(MigrateOperation):
         self.index = HNSW(m, ef_construction) if m is not None else None
 
     @classmethod
-    def create_embedding(cls, operations: Operations, table_name: str, column_name: str, **kwargs: Any) -> Any:
-        return operations.invoke(cls(table_name, column_name, **kwargs))
+    def create_embedding(
+        cls,
+        operations: Operations,
+        table_name: str,
+        column_name: str,
+        *,
+        source: str | list[str],
+        model: str = DEFAULT_MODEL,
+        dtype: str = "vector",
+        m: int | None = 16,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+        schema: str | None = None,
+    ) -> None:
+        """Register ``table_name.column_name`` as the embedding of ``source`` (a column, a list of columns, or
+        an SQL expression over the table) by ``model``, as :func:`pgsim.add_embedding` does: the column
+        (``dtype`` of the model's dimension, added unless it exists with that type), the registry row, the
+        triggers that queue rows for the workers, and an HNSW index (``m``, ``ef_construction``; ``m=None``:
+        no index). The existing rows are queued. The model is not loaded: its dimension and revision come
+        from its files. Online it needs the psycopg driver; offline it renders
+        ``SELECT pgsim.register_embedding(...)`` and the ``CREATE INDEX``."""
+        operations.invoke(
+            cls(table_name, column_name, source=source, model=model, dtype=dtype, m=m,
+                ef_construction=ef_construction, schema=schema)
+        )  # fmt: skip
 
     def reverse(self) -> MigrateOperation:
         return DropEmbeddingOp(
@@ -116,8 +138,30 @@ class DropEmbeddingOp(MigrateOperation):
         self.m, self.ef_construction, self.drop_column = m, ef_construction, drop_column
 
     @classmethod
-    def drop_embedding(cls, operations: Operations, table_name: str, column_name: str, **kwargs: Any) -> Any:
-        return operations.invoke(cls(table_name, column_name, **kwargs))
+    def drop_embedding(
+        cls,
+        operations: Operations,
+        table_name: str,
+        column_name: str,
+        *,
+        schema: str | None = None,
+        source: str | list[str] | None = None,
+        model: str = DEFAULT_MODEL,
+        dtype: str = "vector",
+        m: int | None = 16,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+        drop_column: bool = True,
+    ) -> None:
+        """Remove the registration of ``table_name.column_name``, as :func:`pgsim.remove_embedding` does: its
+        triggers, queue entries, dead letters, registry row and HNSW index, a change of it still filling,
+        and the column if pgsim added it (``drop_column=False`` keeps it). A view that depends on the column
+        stops it with an error, and nothing is removed. ``source``, ``model``, ``dtype``, ``m`` and
+        ``ef_construction`` say what to register again in the reverse (autogenerate's downgrade). Online it
+        needs the psycopg driver; offline it renders ``SELECT pgsim.remove_embedding(...)``."""
+        operations.invoke(
+            cls(table_name, column_name, schema=schema, source=source, model=model, dtype=dtype, m=m,
+                ef_construction=ef_construction, drop_column=drop_column)
+        )  # fmt: skip
 
     def offline_statement(self) -> sql.Composed:
         return sql.SQL("SELECT pgsim.remove_embedding({table}::regclass, {column}{keep})").format(

@@ -1,15 +1,20 @@
-"""pgsim's Alembic operations: ``op.install_pgsim()``, ``op.create_hnsw_index(...)`` / ``op.drop_hnsw_index(...)``.
+"""pgsim's Alembic operations: ``op.install_pgsim()`` / ``op.uninstall_pgsim()``, ``op.create_hnsw_index(...)``
+/ ``op.drop_hnsw_index(...)``.
 
 Registered with ``Operations.register_operation`` when this module is imported; each has a ``reverse()`` so
-autogenerate can render downgrades. Names are checked before anything runs (PostgreSQL would cut a long
-one silently) and quoted in the SQL; online, the column is checked to be a pgvector column first, so a bad
-migration fails with a clear message and leaves the database as it was. ``concurrently=True`` runs in
+autogenerate can render downgrades, and a typed, documented signature that ``help(op.create_hnsw_index)``
+shows (Alembic copies the classmethod's). Names are checked before anything runs (PostgreSQL would cut a
+long one silently) and quoted in the SQL; online, the column is checked to be a pgvector column first, so a
+bad migration fails with a clear message and leaves the database as it was. ``concurrently=True`` runs in
 Alembic's autocommit block, online and in ``--sql`` output alike.
+
+``uninstall_pgsim()`` removes pgsim only from a database where no embedding column is registered any more:
+pgsim's schema is shared by every application of the database, so one application's downgrade leaves it
+(and the other applications' registrations) in place, with a warning. Autogenerate never renders it: the
+reverse of ``install_pgsim()`` is :class:`KeepPgsimOp`, which renders nothing.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from alembic.operations import MigrateOperation, Operations
 from psycopg import sql
@@ -66,20 +71,39 @@ class InstallPgsimOp(MigrateOperation):
     """Apply every pgsim SQL file not yet in the ledger (what ``pgsim install`` does)."""
 
     @classmethod
-    def install_pgsim(cls, operations: Operations) -> Any:
-        return operations.invoke(cls())
+    def install_pgsim(cls, operations: Operations) -> None:
+        """Install pgsim's schema, or bring it up to this package's: ``CREATE EXTENSION vector`` if needed, then
+        every SQL file of pgsim's that the ledger ``pgsim.migration`` does not list (what ``pgsim install``
+        and the ``pgsim`` branch do; whichever runs second does nothing). Offline (``--sql``) it renders
+        guarded blocks that check the ledger first."""
+        operations.invoke(cls())
 
     def reverse(self) -> MigrateOperation:
-        return UninstallPgsimOp()
+        return KeepPgsimOp()
+
+
+class KeepPgsimOp(MigrateOperation):
+    """The reverse of :class:`InstallPgsimOp` in a generated downgrade: pgsim stays (other applications of the
+    database may have registered columns), and nothing is rendered. Not an operation of its own."""
+
+    def reverse(self) -> MigrateOperation:
+        return InstallPgsimOp()
 
 
 @Operations.register_operation("uninstall_pgsim")
 class UninstallPgsimOp(MigrateOperation):
-    """Drop schema pgsim (its registry, queue and functions; not the vector extension)."""
+    """Drop schema pgsim (its registry, queue and functions; not the vector extension) when no embedding
+    column is registered any more."""
 
     @classmethod
-    def uninstall_pgsim(cls, operations: Operations) -> Any:
-        return operations.invoke(cls())
+    def uninstall_pgsim(cls, operations: Operations) -> None:
+        """Drop schema ``pgsim`` (registry, queue, cache, functions; the ``vector`` extension stays), but only
+        when no embedding column of any table is registered any more: while one is, pgsim stays and a
+        warning names the registered columns (pgsim's schema is the whole database's, and other
+        applications may use it). Drop their embeddings first (``op.drop_embedding``, ``pgsim
+        remove-embedding``) to remove pgsim too. Offline (``--sql``) the script checks at run time and
+        raises a WARNING instead of dropping. Autogenerate never renders this operation."""
+        operations.invoke(cls())
 
     def reverse(self) -> MigrateOperation:
         return InstallPgsimOp()
@@ -110,9 +134,28 @@ class CreateHnswIndexOp(MigrateOperation):
         self.concurrently = concurrently
 
     @classmethod
-    def create_hnsw_index(cls, operations: Operations, index_name: str, table_name: str, column_name: str,
-                          **kwargs: Any) -> Any:  # fmt: skip
-        return operations.invoke(cls(index_name, table_name, column_name, **kwargs))
+    def create_hnsw_index(
+        cls,
+        operations: Operations,
+        index_name: str,
+        table_name: str,
+        column_name: str,
+        *,
+        m: int = DEFAULT_M,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+        ops: str = "vector_cosine_ops",
+        schema: str | None = None,
+        concurrently: bool = False,
+    ) -> None:
+        """Build an HNSW index ``index_name`` on ``table_name.column_name`` with pgvector's operator class
+        ``ops`` (any of them: ``vector_cosine_ops``, ``halfvec_l2_ops``, ``bit_hamming_ops``, ...) and
+        ``m``, ``ef_construction``. Online, the column is checked to exist and to be of the operator class's
+        type first. ``concurrently=True`` builds it without blocking writes, in Alembic's autocommit block.
+        When the index is on a registered embedding column, the registry records it."""
+        operations.invoke(
+            cls(index_name, table_name, column_name, m=m, ef_construction=ef_construction, ops=ops, schema=schema,
+                concurrently=concurrently)
+        )  # fmt: skip
 
     def reverse(self) -> MigrateOperation:
         return DropHnswIndexOp(
@@ -168,9 +211,27 @@ class DropHnswIndexOp(MigrateOperation):
         self.column_name, self.m, self.ef_construction, self.ops = column_name, m, ef_construction, ops
 
     @classmethod
-    def drop_hnsw_index(cls, operations: Operations, index_name: str, table_name: str | None = None,
-                        **kwargs: Any) -> Any:  # fmt: skip
-        return operations.invoke(cls(index_name, table_name, **kwargs))
+    def drop_hnsw_index(
+        cls,
+        operations: Operations,
+        index_name: str,
+        table_name: str | None = None,
+        *,
+        schema: str | None = None,
+        concurrently: bool = False,
+        column_name: str | None = None,
+        m: int = DEFAULT_M,
+        ef_construction: int = DEFAULT_EF_CONSTRUCTION,
+        ops: str = "vector_cosine_ops",
+    ) -> None:
+        """Drop the HNSW index ``index_name`` (``concurrently=True``: without blocking writes, in Alembic's
+        autocommit block); a registration that recorded it forgets it. ``table_name``, ``column_name``,
+        ``m``, ``ef_construction`` and ``ops`` say what to build again in the reverse (autogenerate's
+        downgrade); the drop itself needs only the name."""
+        operations.invoke(
+            cls(index_name, table_name, schema=schema, concurrently=concurrently, column_name=column_name, m=m,
+                ef_construction=ef_construction, ops=ops)
+        )  # fmt: skip
 
     def reverse(self) -> MigrateOperation:
         if self.table_name is None or self.column_name is None:
@@ -202,7 +263,9 @@ def _install_pgsim(operations: Operations, operation: InstallPgsimOp) -> None:
 
 @Operations.implementation_for(UninstallPgsimOp)
 def _uninstall_pgsim(operations: Operations, operation: UninstallPgsimOp) -> None:
-    operations.execute("DROP SCHEMA IF EXISTS pgsim CASCADE")
+    from pgsim.alembic.branch import unless_registered
+
+    unless_registered("DROP SCHEMA IF EXISTS pgsim CASCADE", "uninstall_pgsim")
 
 
 @Operations.implementation_for(CreateHnswIndexOp)
@@ -262,3 +325,29 @@ def offline() -> bool:
     from alembic import context
 
     return bool(context.is_offline_mode())
+
+
+def pgsim_operations() -> list[str]:
+    """The names of pgsim's operations on Alembic's ``op`` (those registered by pgsim's modules)."""
+    names = []
+    for name in dir(Operations):
+        operation = getattr(getattr(Operations, name), "__globals__", {}).get("op_cls")
+        if operation is not None and operation.__module__.startswith("pgsim."):
+            names.append(name)
+    return names
+
+
+def show_signatures() -> None:
+    """Alembic's ``op`` module proxies every operation as ``name(*args, **kw)`` with its docstring; pgsim's get
+    the signature of the operation itself, which ``help(op.create_embedding)`` and ``inspect.signature``
+    show (without Alembic's ``self``)."""
+    import inspect
+
+    from alembic import op as op_module
+
+    for name in pgsim_operations():
+        proxy = getattr(op_module, name, None)
+        if proxy is None:
+            continue
+        signature = inspect.signature(getattr(Operations, name))
+        proxy.__signature__ = signature.replace(parameters=list(signature.parameters.values())[1:])

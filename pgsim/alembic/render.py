@@ -10,8 +10,9 @@ from alembic.autogenerate import renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations import ops as alembic_ops
 
+from pgsim.alembic.change_ops import ChangeEmbeddingOp
 from pgsim.alembic.embedding_ops import CreateEmbeddingOp, DropEmbeddingOp
-from pgsim.alembic.ops import CreateHnswIndexOp, DropHnswIndexOp, InstallPgsimOp, UninstallPgsimOp
+from pgsim.alembic.ops import CreateHnswIndexOp, DropHnswIndexOp, InstallPgsimOp, KeepPgsimOp, UninstallPgsimOp
 
 
 def is_vector_type(column_type: Any) -> bool:
@@ -53,6 +54,31 @@ def _render_install_pgsim(autogen_context: AutogenContext, op: InstallPgsimOp) -
 @renderers.dispatch_for(UninstallPgsimOp)
 def _render_uninstall_pgsim(autogen_context: AutogenContext, op: UninstallPgsimOp) -> str:
     return _render(autogen_context, "uninstall_pgsim")
+
+
+@renderers.dispatch_for(KeepPgsimOp)
+def _render_keep_pgsim(autogen_context: AutogenContext, op: KeepPgsimOp) -> list[str]:
+    return []  # a generated downgrade leaves pgsim installed: other applications may use it
+
+
+@renderers.dispatch_for(ChangeEmbeddingOp)
+def _render_change_embedding(autogen_context: AutogenContext, op: ChangeEmbeddingOp) -> list[str]:
+    if op.reverting:
+        comment = (
+            f"# back to the previous definition: every row of {op.table_name} is embedded again (a change "
+            "the workers have not finished is cancelled instead)"
+        )
+    else:
+        comment = (
+            f"# every row of {op.table_name} is embedded again, into {op.next_column}; searches use "
+            f"{op.column_name} until pgsim's worker has filled it and switches over"
+        )
+    call = _render(
+        autogen_context, "change_embedding", op.table_name, op.column_name, source=op.source, model=op.model,
+        dtype=op.dtype, **({"m": op.m, "ef_construction": op.ef_construction} if op.m is not None else {}),
+        schema=op.schema,
+    )  # fmt: skip
+    return [comment, call]
 
 
 @renderers.dispatch_for(CreateEmbeddingOp)

@@ -4,7 +4,7 @@ Revision ID: pgsim_0001
 Revises:
 """
 
-from pgsim.alembic.branch import upgrade_to
+from pgsim.alembic.branch import downgrade_schema, upgrade_to
 
 revision = "pgsim_0001"
 down_revision = None
@@ -17,6 +17,4 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    from alembic import op
-
-    op.execute("DROP SCHEMA pgsim CASCADE")  # the vector extension stays: other tables may use it
+    downgrade_schema()  # not while a column is registered: pgsim serves every application of the database

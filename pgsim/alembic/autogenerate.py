@@ -9,14 +9,18 @@ turns them into pgsim's operations, and adds what Alembic does not see:
   when the column was there before pgsim registered it (pgsim drops only the columns it added);
 - a dropped table with registered columns is preceded by ``op.drop_embedding(..., drop_column=False)`` for
   each (the registry forgets them; the downgrade registers them again on the re-created table);
-- a registered column whose type the models changed (dtype, or the dimension of another model) is removed
-  and registered again: ``op.drop_embedding``, ``op.create_embedding`` (ALTER COLUMN TYPE would be refused
-  by its triggers, and the registry would keep the old type);
+- a registered column whose source, model or dtype the models changed becomes ``op.change_embedding(...)``
+  (:mod:`pgsim.alembic.changes`), re-embedded without downtime; its downgrade is a change back. Alembic's
+  ALTER COLUMN TYPE for it goes (the switch-over changes the type). In a table, the changes and the
+  ``op.drop_embedding`` ops come before Alembic's ``op.drop_column`` ops, so a column the old source read
+  is dropped after the triggers that read it (and, in the downgrade, added back before the change back);
+- a change under way (``<column>_next``, still filling) is the workers': autogenerate leaves its column and
+  index alone and renders nothing while the models ask for what it is changing into;
 - HNSW indexes become ``op.create_hnsw_index`` / ``op.drop_hnsw_index``; a change of ``m``,
   ``ef_construction`` or operator class, which Alembic does not compare, becomes a drop and a create;
 - nothing in schema ``pgsim`` (pgsim's own tables and indexes, seen with ``include_schemas=True``) is
   touched; a database without pgsim gets ``op.install_pgsim()`` first when the migration needs pgvector's
-  types or pgsim's operations;
+  types or pgsim's operations, and the downgrade does not remove pgsim (other applications may use it);
 - the generated file imports what it uses (``pgsim.alembic``, and the modules of pgsim's and pgvector's
   column types, which Alembic names but does not import).
 Active after ``import pgsim.alembic`` (env.py, or the models' module), or with
@@ -36,11 +40,12 @@ from alembic.operations import ops as alembic_ops
 from alembic.util import DispatchPriority, PriorityDispatchResult
 from sqlalchemy import Column, Index, Table, text
 
+from pgsim.alembic.change_ops import ChangeEmbeddingOp
+from pgsim.alembic.changes import ColumnKey, TableKey, embedding_spec, pending_columns, plan_changes, source_argument
 from pgsim.alembic.embedding_ops import CreateEmbeddingOp, DropEmbeddingOp
-from pgsim.alembic.index_compare import Tables, index_params, is_hnsw, rebuild_changed_indexes
+from pgsim.alembic.index_compare import Tables, index_params, is_hnsw, rebuild_changed_indexes, table_ops
 from pgsim.alembic.ops import CreateHnswIndexOp, DropHnswIndexOp, InstallPgsimOp
 from pgsim.alembic.render import is_vector_type
-from pgsim.columns.registry import columns_expression
 from pgsim.db.names import derived_name
 
 log = logging.getLogger(__name__)
@@ -53,13 +58,16 @@ def compare(autogen_context: AutogenContext, upgrade_ops: alembic_ops.UpgradeOps
         return PriorityDispatchResult.CONTINUE
     setattr(autogen_context, DONE, True)
     tables = _metadata_tables(autogen_context)
-    registered = _registrations(autogen_context)
+    registered, pending = _registrations(autogen_context)
     new_tables = {(op.schema, op.table_name) for op in upgrade_ops.ops if isinstance(op, alembic_ops.CreateTableOp)}
     dropped_tables = {(op.schema, op.table_name) for op in upgrade_ops.ops if isinstance(op, alembic_ops.DropTableOp)}
-    changes = _Changes(tables, registered, new_tables, dropped_tables)
+    planned = plan_changes(tables, registered, pending, new_tables | dropped_tables)
+    for schema, name, _ in [key for key, change in planned.items() if change is not None]:
+        table_ops(upgrade_ops, name, schema)  # a table with nothing else to change gets its ModifyTableOps
+    changes = _Changes(tables, registered, new_tables, dropped_tables, pending, planned,
+                       autogen_context.dialect.default_schema_name)  # fmt: skip
     upgrade_ops.ops[:] = [rewritten for op in upgrade_ops.ops for rewritten in _rewrite(op, changes)]
-    rebuild_changed_indexes(autogen_context, upgrade_ops, tables, changes.recreated)
-    _warn_about_changed_embeddings(tables, registered, changes.recreated)
+    rebuild_changed_indexes(autogen_context, upgrade_ops, tables, set(planned))  # a change sizes its own index
     if _needs_install(autogen_context, upgrade_ops):
         upgrade_ops.ops.insert(0, InstallPgsimOp())
     return PriorityDispatchResult.CONTINUE
@@ -73,41 +81,45 @@ def _metadata_tables(autogen_context: AutogenContext) -> dict[tuple[str | None, 
     }
 
 
-def _registrations(autogen_context: AutogenContext) -> dict[tuple[str | None, str, str], Any]:
-    """pgsim.embedding's rows by (schema or None for the default one, table, column)."""
+def _registrations(autogen_context: AutogenContext) -> tuple[Registered, dict[int, Any]]:
+    """pgsim.embedding's rows by (schema or None for the default one, table, column), and the changes under
+    way by the id of the registration they replace. A registration's table is its OID's (a renamed table
+    keeps its registrations)."""
     connection = autogen_context.connection
     if connection is None or connection.execute(text("SELECT to_regclass('pgsim.embedding')")).scalar() is None:
-        return {}
+        return {}, {}
     default_schema = autogen_context.dialect.default_schema_name
     rows = connection.execute(
         text(
-            "SELECT table_schema, table_name, column_name, source, source_columns, model, dtype, index_name, "
-            "index_m, index_ef_construction, created_column FROM pgsim.embedding WHERE replaces IS NULL"
+            "SELECT e.id, e.replaces, n.nspname AS table_schema, c.relname AS table_name, e.column_name, e.source, "
+            "e.source_columns, e.model, e.dtype, e.index_name, e.index_m, e.index_ef_construction, "
+            "e.created_column FROM pgsim.embedding e JOIN pg_catalog.pg_class c ON c.oid = e.table_oid "
+            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
         )
     ).all()
-    return {(row[0] if row[0] != default_schema else None, row[1], row[2]): row for row in rows}
+    registered = {
+        (row.table_schema if row.table_schema != default_schema else None, row.table_name, row.column_name): row
+        for row in rows
+        if row.replaces is None
+    }
+    return registered, {row.replaces: row for row in rows if row.replaces is not None}
 
 
-def _embedding_spec(table: Table | None, column: str) -> Any:
-    if table is None or column not in table.c:
-        return None
-    return table.c[column].info.get("pgsim")
-
-
-Registered = dict[tuple[str | None, str, str], Any]
-TableKey = tuple[str | None, str]
+Registered = dict[ColumnKey, Any]
 
 
 @dataclass
 class _Changes:
-    """What the rewrite knows of the whole comparison; ``recreated`` collects the registered columns it
-    removes and registers again (their index rebuilds and warnings are left out)."""
+    """What the rewrite knows of the whole comparison: ``planned`` holds the registered columns whose
+    definition changes (a ChangeEmbeddingOp) or is being changed already (None)."""
 
     tables: Tables
     registered: Registered
     new_tables: set[TableKey]
     dropped_tables: set[TableKey]
-    recreated: set[tuple[str | None, str, str]] = field(default_factory=set)
+    pending: dict[int, Any] = field(default_factory=dict)
+    planned: dict[ColumnKey, ChangeEmbeddingOp | None] = field(default_factory=dict)
+    default_schema: str | None = None
 
     def registered_on(self, schema: str | None, table_name: str) -> list[Any]:
         return [row for key, row in self.registered.items() if key[:2] == (schema, table_name)]
@@ -148,18 +160,15 @@ def _rewrite_table_ops(modify: alembic_ops.ModifyTableOps, changes: _Changes) ->
         for op in modify.ops
         if isinstance(op, alembic_ops.DropColumnOp) and (schema, name, op.column_name) in registered
     }
-    retyped = {
-        op.column_name
-        for op in modify.ops
-        if isinstance(op, alembic_ops.AlterColumnOp)
-        and op.modify_type is not None
-        and (schema, name, op.column_name) in registered
-        and _embedding_spec(table, op.column_name) is not None
-    }
-    changes.recreated.update((schema, name, column) for column in retyped)
+    changed = {column for (s, n, column) in changes.planned if (s, n) == (schema, name)}
+    workers = pending_columns(changes.pending, schema, name, changes.default_schema)  # changes under way
     covered_indexes = {  # dropped with the registrations of a dropped table
         row.index_name for row in changes.registered_on(schema, name) if (schema, name) in changes.dropped_tables
     }
+    # before any drop_column: a column the old source read loses the triggers that read it first
+    first: list[Any] = [
+        change for (s, n, _), change in changes.planned.items() if (s, n) == (schema, name) and change is not None
+    ]
     result: list[Any] = []
     for op in modify.ops:
         if isinstance(op, alembic_ops.AddColumnOp) and op.column.name in new_embeddings:
@@ -167,37 +176,24 @@ def _rewrite_table_ops(modify: alembic_ops.ModifyTableOps, changes: _Changes) ->
         elif isinstance(op, alembic_ops.DropColumnOp) and op.column_name in dropped_embeddings:
             row = registered[(schema, name, op.column_name)]
             # unregistering drops the column only when pgsim added it; Alembic's drop_column drops the others
-            result.extend([_drop_embedding(row, schema), None if row.created_column else op])
-        elif isinstance(op, alembic_ops.AlterColumnOp) and op.column_name in retyped:
-            result.extend(_recreate_embedding(op, registered[(schema, name, op.column_name)], table))
+            first.append(_drop_embedding(row, schema))
+            result.append(None if row.created_column else op)
+        elif isinstance(op, alembic_ops.DropColumnOp) and op.column_name in workers:
+            result.append(None)  # the new column of a change under way
+        elif isinstance(op, alembic_ops.AlterColumnOp) and op.column_name in changed and op.modify_type is not None:
+            op.modify_type = None  # the switch-over gives the column its new type
+            result.append(op if op.has_changes() else None)
         elif isinstance(op, alembic_ops.CreateIndexOp):
-            result.append(_create_hnsw(op, changes.tables, new_embeddings | retyped, changes.new_tables))
+            result.append(_create_hnsw(op, changes.tables, new_embeddings, changes.new_tables))
         elif isinstance(op, alembic_ops.DropIndexOp):
-            result.append(None if op.index_name in covered_indexes else _drop_hnsw(op, dropped_embeddings | retyped))
+            dropped = dropped_embeddings | workers  # drop_embedding drops theirs; a switch renames its own
+            result.append(None if op.index_name in covered_indexes else _drop_hnsw(op, dropped))
         else:
             result.append(op)
-    return [op for op in result if op is not None]
-
-
-def _recreate_embedding(op: alembic_ops.AlterColumnOp, row: Any, table: Table | None) -> list[Any]:
-    """A registered column of another type: removed and registered again, its rows queued to be embedded.
-    A column pgsim did not add is dropped in between (unregistering keeps it); the downgrade adds it back
-    with its old type (the reverse of that drop_column) before registering it again."""
-    log.info("%s.%s changes type (%s -> %s): removing and registering it again", op.table_name, op.column_name,
-             op.existing_type, op.modify_type)  # fmt: skip
-    assert table is not None
-    result: list[Any] = [_drop_embedding(row, op.schema)]
-    if not row.created_column:
-        old = Column(op.column_name, op.existing_type, nullable=op.existing_nullable is not False)
-        result.append(
-            alembic_ops.DropColumnOp(
-                op.table_name, op.column_name, schema=op.schema,
-                _reverse=alembic_ops.AddColumnOp(op.table_name, old, schema=op.schema),
-            )
-        )  # fmt: skip
-    result.append(_create_embedding(op.table_name, op.column_name, table.c[op.column_name].info["pgsim"], op.schema,
-                                    table))  # fmt: skip
-    return result
+    kept = [op for op in result if op is not None]
+    drops = [i for i, op in enumerate(kept) if isinstance(op, alembic_ops.DropColumnOp)]
+    at = drops[0] if drops else len(kept)
+    return kept[:at] + first + kept[at:]
 
 
 def _default_index(table: Table | None, column: str) -> Index | None:
@@ -233,7 +229,7 @@ def _create_hnsw(
     if params is None:
         return op
     table = tables.get((op.schema, op.table_name))
-    spec = _embedding_spec(table, params.column)
+    spec = embedding_spec(table, params.column)
     default = _default_index(table, params.column)
     new = params.column in new_embeddings or (op.schema, op.table_name) in new_tables
     if new and spec is not None and default is not None and default.name == op.index_name:
@@ -260,18 +256,10 @@ def _drop_hnsw(op: alembic_ops.DropIndexOp, dropped_embeddings: set[str]) -> Any
 def _drop_embedding(row: Any, schema: str | None, *, drop_column: bool = True) -> DropEmbeddingOp:
     return DropEmbeddingOp(
         row.table_name, row.column_name, schema=schema,
-        source=_source_argument(row.source, list(row.source_columns or [])), model=row.model, dtype=row.dtype,
+        source=source_argument(row.source, list(row.source_columns or [])), model=row.model, dtype=row.dtype,
         m=row.index_m if row.index_name is not None else None, ef_construction=row.index_ef_construction or 64,
         drop_column=drop_column,
     )  # fmt: skip
-
-
-def _source_argument(source: str, columns: list[str]) -> str | list[str]:
-    """The registry's source expression as create_embedding's ``source``: the column list when that is what
-    it was made from."""
-    if columns and source == columns_expression(columns):
-        return columns
-    return source
 
 
 def _needs_install(autogen_context: AutogenContext, upgrade_ops: alembic_ops.UpgradeOps) -> bool:
@@ -293,26 +281,6 @@ def _all_ops(ops: list[Any]) -> list[Any]:
     for op in ops:
         flat.extend(_all_ops(op.ops) if isinstance(op, alembic_ops.ModifyTableOps) else [op])
     return flat
-
-
-def _warn_about_changed_embeddings(
-    tables: Tables, registered: Registered, recreated: set[tuple[str | None, str, str]]
-) -> None:
-    """A registered column whose model or source the models changed (keeping its type: the others are
-    registered again) needs re-embedding, which is no schema change: say how, render nothing."""
-    for (schema, name), table in tables.items():
-        for column in table.columns:
-            spec = column.info.get("pgsim")
-            row = registered.get((schema, name, column.name))
-            if spec is None or row is None or (schema, name, column.name) in recreated:
-                continue
-            source = spec.source if isinstance(spec.source, str) else columns_expression(list(spec.source))
-            if row[5] != spec.model or row[3] != source:
-                log.warning(
-                    "%s.%s is registered with model %s and source %s, the models say %s and %s: autogenerate "
-                    "renders no change for that; run `pgsim change-model` (or remove and re-add the embedding).",
-                    name, column.name, row[5], row[3], spec.model, source,
-                )  # fmt: skip
 
 
 comparators.dispatch_for("autogenerate", priority=DispatchPriority.LAST)(compare)

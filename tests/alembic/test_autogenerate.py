@@ -318,34 +318,6 @@ def test_alter_column_of_a_vector_type_imports_it(server_dsn: str, tmp_path: Pat
         command.downgrade(config, "base")
 
 
-def test_changing_the_dtype_of_an_embedding_registers_it_again(server_dsn: str, tmp_path: Path) -> None:
-    with scratch_database(server_dsn, "alembic_dtype") as dsn:
-        directory, config = app(tmp_path, dsn, DOC + EMBEDDING.format(options=""))
-        generate(config, directory, "docs")
-        command.upgrade(config, "head")
-
-        models(tmp_path, DOC + EMBEDDING.format(options=', dtype="halfvec"'))
-        revision = generate(config, directory, "halfvec")
-        assert (
-            "op.drop_embedding('ag_docs', 'embedding', source=['body'], model='all-MiniLM-L6-v2', dtype='vector', "
-            "m=16, ef_construction=64)\n    op.drop_column('ag_docs', 'embedding')\n"
-            "    op.create_embedding('ag_docs', 'embedding', source=['body'], model='all-MiniLM-L6-v2', "
-            "dtype='halfvec', m=16, ef_construction=64)"
-        ) in upgrade_section(revision)
-        assert "op.alter_column" not in revision and "hnsw_index(" not in revision
-        command.upgrade(config, "head")
-        assert column_type(dsn, "ag_docs", "embedding") == [("halfvec(384)",)]
-        assert query(dsn, "SELECT dtype FROM pgsim.embedding") == [("halfvec",)] and triggers(dsn, "ag_docs") == 2
-        assert "halfvec_cosine_ops" in query(dsn, "SELECT indexdef FROM pg_indexes WHERE tablename = 'ag_docs' "
-                                                  "AND indexname = 'ag_docs_embedding_hnsw'")[0][0]  # fmt: skip
-        assert_nothing_to_generate(config, directory)
-
-        command.downgrade(config, "-1")
-        assert column_type(dsn, "ag_docs", "embedding") == [("vector(384)",)]
-        assert query(dsn, "SELECT dtype, created_column FROM pgsim.embedding") == [("vector", False)]
-        command.downgrade(config, "base")
-
-
 POINTS = """
 class Point(Base):
     __tablename__ = "ag_points"

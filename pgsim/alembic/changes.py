@@ -1,0 +1,111 @@
+"""Autogenerate for a registered column whose definition the models changed (its source, model or dtype):
+``op.change_embedding(...)`` with the models' definition, reversed by another ``op.change_embedding`` back to
+the registered one. A change under way (a ``<column>_next`` still filling) counts as the column's definition,
+so autogenerate run before the workers have switched over renders nothing for it, and leaves its column and
+index alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import Table
+
+from pgsim.alembic.change_ops import ChangeEmbeddingOp
+from pgsim.alembic.index_compare import Tables, index_params
+from pgsim.columns.registry import columns_expression
+
+log = logging.getLogger(__name__)
+
+ColumnKey = tuple[str | None, str, str]  # (schema, or None for the default one; table; column)
+TableKey = tuple[str | None, str]
+
+
+def embedding_spec(table: Table | None, column: str) -> Any:
+    """The ``EmbeddingSpec`` the models declare on ``table.column`` (``embedding_column``), or None."""
+    if table is None or column not in table.c:
+        return None
+    return table.c[column].info.get("pgsim")
+
+
+def source_argument(source: str, columns: list[str]) -> str | list[str]:
+    """The registry's source expression as create_embedding's ``source``: the column list, in the order the
+    expression names them, when that is what it was made from (the registry lists them in the table's)."""
+    from psycopg import sql
+
+    ordered = sorted(columns, key=lambda name: source.find(sql.Identifier(name).as_string(None)))
+    if ordered and source == columns_expression(ordered):
+        return ordered
+    return source
+
+
+def declared_source(spec: Any) -> str:
+    """The source expression the registry would hold for ``spec``."""
+    return spec.source if isinstance(spec.source, str) else columns_expression(list(spec.source))
+
+
+def plan_changes(
+    tables: Tables, registered: dict[ColumnKey, Any], pending: dict[int, Any], skip: set[TableKey]
+) -> dict[ColumnKey, ChangeEmbeddingOp | None]:
+    """For each registered column the models keep (on a table in neither ``skip``): a change_embedding when
+    the models' source, model or dtype differ from the registration's (or from the change under way's);
+    None when a change under way has the models' definition already: nothing to render, and its column,
+    type and index are the workers' until they switch over."""
+    planned: dict[ColumnKey, ChangeEmbeddingOp | None] = {}
+    for key, row in registered.items():
+        schema, name, column = key
+        spec = embedding_spec(tables.get((schema, name)), column)
+        if (schema, name) in skip or spec is None:
+            continue
+        under_way = pending.get(row.id)
+        current = under_way if under_way is not None else row
+        wanted = (declared_source(spec), spec.model, spec.dtype)
+        if (current.source, current.model, current.dtype) == wanted:
+            if under_way is not None:
+                planned[key] = None
+            continue
+        log.info("Detected changed embedding %s.%s: source %s, model %s, dtype %s -> %s, %s, %s", name, column,
+                 current.source, current.model, current.dtype, *wanted)  # fmt: skip
+        planned[key] = _change(tables[(schema, name)], key, spec, current)
+    return planned
+
+
+def _change(table: Table, key: ColumnKey, spec: Any, current: Any) -> ChangeEmbeddingOp:
+    """The change into ``spec``, linked with its reverse (back to ``current``); the index is sized only when
+    the models' differs from the registered one."""
+    schema, name, column = key
+    declared = _declared_index(table, column)
+    registered_index = (current.index_m, current.index_ef_construction)
+    resize = declared is not None and (declared.m, declared.ef_construction) != registered_index
+    forward = ChangeEmbeddingOp(
+        name, column, source=list(spec.source) if not isinstance(spec.source, str) else spec.source,
+        model=spec.model, dtype=spec.dtype, m=declared.m if declared and resize else None,
+        ef_construction=declared.ef_construction if declared and resize else None, schema=schema,
+    )  # fmt: skip
+    back = ChangeEmbeddingOp(
+        name, column, source=source_argument(current.source, list(current.source_columns or [])),
+        model=current.model, dtype=current.dtype, m=current.index_m if resize else None,
+        ef_construction=current.index_ef_construction if resize else None, schema=schema, _reverse=forward,
+    )  # fmt: skip
+    back.reverting = True
+    forward._reverse = back
+    return forward
+
+
+def _declared_index(table: Table, column: str) -> Any:
+    """The parameters of the HNSW index the models put on ``column`` (the first by name), or None."""
+    for index in sorted(table.indexes, key=lambda index: str(index.name)):
+        params = index_params(index)
+        if params is not None and params.column == column:
+            return params
+    return None
+
+
+def pending_columns(pending: dict[int, Any], schema: str | None, name: str, default_schema: str | None) -> set[str]:
+    """The columns of changes under way on ``schema.name``: the workers' until they switch over."""
+    return {
+        row.column_name
+        for row in pending.values()
+        if row.table_name == name and (row.table_schema if row.table_schema != default_schema else None) == schema
+    }

@@ -45,6 +45,12 @@ CHECKED = {
     "alembic-env",
     "alembic-commands",
     "alembic-generated",
+    "alembic-change-before",
+    "alembic-change-first",
+    "alembic-change-after",
+    "alembic-change-commands",
+    "alembic-change-generated",
+    "alembic-change-sync",
     "security",
 }
 
@@ -321,10 +327,53 @@ def alembic_walkthrough(database: str, tmp_path: Path) -> None:
     (empty,) = (tmp_path / "migrations" / "versions").glob("*_no_change.py")
     upgrade = empty.read_text().split("def upgrade()")[1].split("def downgrade()")[0]
     assert "op." not in upgrade and "pass" in upgrade
+    assert "uninstall_pgsim" not in generated  # pgsim is the whole database's: the downgrade leaves it
     run(commands[4])  # downgrade base
     with psycopg.connect(database) as conn:
         assert conn.execute("SELECT to_regclass('memos')").fetchone() == (None,)
-        assert conn.execute("SELECT to_regclass('pgsim.embedding')").fetchone() == (None,)  # uninstall_pgsim
+        assert conn.execute("SELECT count(*) FROM pgsim.embedding").fetchone() == (0,)  # pgsim stays, memos' goes
+
+
+def test_alembic_change_walkthrough_runs_as_written(server_dsn: str, tmp_path: Path) -> None:
+    """docs/alembic.md's change of source: models before, autogenerate, upgrade; models after (a new source
+    column, a dropped one); autogenerate renders change_embedding before drop_column; upgrade; pgsim.sync
+    fills the new column and switches over."""
+    import pgsim
+
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+
+    def run(command: str) -> str:
+        out = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, f"{command}: {out.stderr}"
+        return out.stdout
+
+    with scratch_database(server_dsn, "docs_alembic_change") as database:
+        env["PGSIM_DSN"] = database
+        before = example("alembic-change-before")
+        (tmp_path / "models.py").write_text(before)
+        run("alembic init migrations")
+        env_py = tmp_path / "migrations" / "env.py"
+        env_py.write_text(env_py.read_text().replace("target_metadata = None", example("alembic-env")))
+        for command in example("alembic-change-first", "bash").splitlines():
+            run(command)
+        with psycopg.connect(database, autocommit=True) as conn:  # the application's rows, embedded
+            conn.execute("INSERT INTO tickets VALUES (1, 'Login fails', 'The password field rejects emoji', 'T-17')")
+            assert pgsim.sync(conn).embedded == 1
+        (tmp_path / "models.py").write_text(before[: before.index("class Ticket")] + example("alembic-change-after"))
+        for command in example("alembic-change-commands", "bash").splitlines():
+            run(command)
+        (revision,) = (tmp_path / "migrations" / "versions").glob("*_component.py")
+        generated = revision.read_text()
+        upgrade = generated[generated.index("def upgrade()") : generated.index("def downgrade()")]
+        shown = [line for line in example("alembic-change-generated").splitlines() if line]
+        assert [line.strip() for line in upgrade.splitlines() if line.strip() in shown] == shown  # in that order
+        with psycopg.connect(database) as conn:
+            assert conn.execute("SELECT to_regclass('pgsim.embedding')").fetchone() != (None,)
+            columns = conn.execute("SELECT column_name FROM pgsim.embedding ORDER BY 1").fetchall()
+            assert columns == [("embedding",), ("embedding_next",)]  # the change is under way
+        (printed,) = run_python(example("alembic-change-sync"), env)
+        assert printed == "1 ['body', 'component', 'title']"
 
 
 def test_quality_example_runs_as_written(database: str) -> None:

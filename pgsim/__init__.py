@@ -7,8 +7,9 @@ from pgsim.columns.adding import add_embedding
 from pgsim.columns.batches import SyncReport
 from pgsim.columns.bulk_load import IngestReport, ingest
 from pgsim.columns.grants import grant, revoke
-from pgsim.columns.model_change import change_model
+from pgsim.columns.model_change import change_embedding, change_model
 from pgsim.columns.registry import Registration, get_registration, remove_embedding
+from pgsim.columns.waiting import wait_for_sync
 from pgsim.columns.worker import Worker, backfill, sync
 from pgsim.db.connection import connect, resolve_dsn
 from pgsim.db.hnsw import HNSW
@@ -66,6 +67,7 @@ __all__ = [
     "Worker",
     "add_embedding",
     "backfill",
+    "change_embedding",
     "change_model",
     "check_vector",
     "connect",
@@ -87,4 +89,5 @@ __all__ = [
     "search",
     "set_query_bank",
     "sync",
+    "wait_for_sync",
 ]

@@ -62,6 +62,20 @@ def cmd_change_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_change_embedding(args: argparse.Namespace) -> int:
+    from pgsim.columns.model_change import change_embedding
+
+    source: Any = None if args.source is None else args.source if len(args.source) > 1 else args.source[0]
+    with open_connection(args) as conn:
+        new = change_embedding(conn, args.table, args.column, source=source, model=args.model, dtype=args.dtype)
+    print(
+        f"filling {new.table}.{new.column} with {new.dtype}({new.dimension}) of {new.source} by {new.model}; "
+        f"searches keep using {args.column} until it is full. Run pgsim backfill (or pgsim worker): it switches "
+        "over when done."
+    )
+    return 0
+
+
 def cmd_backfill(args: argparse.Namespace) -> int:
     from contextlib import nullcontext
 
@@ -74,7 +88,7 @@ def cmd_backfill(args: argparse.Namespace) -> int:
         try:
             report = backfill(conn, args.table, args.column, batch_size=args.batch_size, progress=progress,
                               cache=args.cache, overlap_with=second,
-                              allow_superuser=args.allow_superuser)  # fmt: skip
+                              allow_superuser=args.allow_superuser, owners=args.owners)  # fmt: skip
         finally:
             bar.close()
     print(sync_summary(report))
@@ -93,14 +107,16 @@ def _backfill_in_processes(args: argparse.Namespace) -> int:
     with open_connection(args) as conn:
         ids = [
             registration.id
-            for registration in queue_backfill(conn, args.table, args.column, allow_superuser=args.allow_superuser)
+            for registration in queue_backfill(
+                conn, args.table, args.column, allow_superuser=args.allow_superuser, owners=args.owners
+            )
         ]
         remaining = queued_count(conn, ids)
         bar = tqdm(total=remaining, unit="row", desc=f"embedding ({args.processes} processes)", file=sys.stderr)
         started = time.perf_counter()
         command = worker_command(
             dsn, args.table, args.column, args.batch_size, once=True, poll_interval=1.0, cache=args.cache,
-            allow_superuser=args.allow_superuser,
+            allow_superuser=args.allow_superuser, owners=args.owners,
         )  # fmt: skip
         code = run_processes(
             command, args.processes, tick=lambda: bar.update(remaining - queued_count(conn, ids) - bar.n)
@@ -126,6 +142,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         command = worker_command(
             resolve_dsn(args.dsn, args.data_dir), args.table, args.column, args.batch_size, once=args.once,
             poll_interval=args.poll_interval, cache=args.cache, allow_superuser=args.allow_superuser,
+            owners=args.owners,
         )  # fmt: skip
         return run_processes(command, args.processes)
 
@@ -137,6 +154,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         poll_interval=args.poll_interval,
         cache=args.cache,
         allow_superuser=args.allow_superuser,
+        owners=args.owners,
     )
 
     def on_batch(report: Any, total: int) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 from pgsim.cli.column_commands import (
     cmd_add_embedding,
     cmd_backfill,
+    cmd_change_embedding,
     cmd_change_model,
     cmd_remove_embedding,
     cmd_server,
@@ -139,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
     change.add_argument("--model", required=True)
     change.set_defaults(run=cmd_change_model)
 
+    changing = add_command(
+        "change-embedding",
+        help="re-embed a column from another source, model or dtype in the background, then switch at once",
+    )
+    changing.add_argument("table")
+    changing.add_argument("column")
+    changing.add_argument("--source", nargs="+", help="the new source column(s), or an SQL expression")
+    changing.add_argument("--model", help="the new model")
+    changing.add_argument("--dtype", choices=["vector", "halfvec"], help="the new vector type")
+    changing.set_defaults(run=cmd_change_embedding)
+
     for name, run, text in (
         ("backfill", cmd_backfill, "embed the rows that lack an embedding, with a progress bar; resumable"),
         ("worker", cmd_worker, "keep registered columns in sync: LISTEN for changes, encode them in batches"),
@@ -164,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--allow-superuser",
             action="store_true",
             help="run as a superuser or BYPASSRLS role even for tables other roles own (their code runs with it)",
+        )
+        command.add_argument(
+            "--owner",
+            action="append",
+            dest="owners",
+            metavar="ROLE",
+            help="keep only the tables of this owner in sync (repeat for owners that trust each other)",
         )
         command.set_defaults(run=run)
         if name == "worker":

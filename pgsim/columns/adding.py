@@ -16,6 +16,7 @@ from psycopg import sql
 
 from pgsim.columns.registry import (
     DTYPES,
+    STALE,
     Registration,
     columns_expression,
     forget_dropped,
@@ -26,8 +27,7 @@ from pgsim.columns.registry import (
 from pgsim.db.catalog import Table, pin_search_path, primary_key, relation_exists, resolve_table, table_columns
 from pgsim.db.hnsw import HNSW, create_hnsw_index
 from pgsim.db.names import derived_name
-from pgsim.encoding.encoder import Encoder
-from pgsim.encoding.models import DEFAULT_MODEL
+from pgsim.encoding.models import DEFAULT_MODEL, model_dimension, model_revision
 from pgsim.errors import InvalidInput, SchemaMissing
 
 DEFAULT_HNSW = HNSW()
@@ -55,6 +55,7 @@ def add_embedding(
     replaces: int | None = None,
     planned_index: HNSW | None = None,
     index_name: str | None = None,
+    stale: str = "keep",
 ) -> Registration:
     """Register ``table.column`` as the embedding of ``source`` under ``model``.
 
@@ -64,16 +65,20 @@ def add_embedding(
     column of that type is adopted. Existing rows are queued for the workers unless ``queue_existing`` is
     false. ``concurrently`` builds the index without blocking writes (needs an autocommit connection).
     ``index_name`` names the index (default ``<table>_<column>_hnsw``); an HNSW index of that name on the
-    column that exists already is adopted, not built again.
+    column that exists already is adopted, not built again. ``stale`` says what a row's vector does after an
+    UPDATE of its source text until the worker re-embeds it: ``"keep"`` (searches find the row by its old
+    vector) or ``"hide"`` (the vector becomes NULL in the same statement: the row is not found until then).
     (``replaces`` and ``planned_index`` are for :func:`change_model`: the index is recorded, built later.)"""
     if dtype not in DTYPES:
         raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
+    if stale not in STALE:
+        raise InvalidInput(f"stale must be one of {', '.join(STALE)}; got {stale!r}.")
     if concurrently and not conn.autocommit:
         raise InvalidInput("concurrently=True needs an autocommit connection (psycopg: autocommit=True).")
     if not isinstance(column, str) or not column:
         raise InvalidInput(f"The embedding column name must be a non-empty string; got {column!r}.")
-    encoder = Encoder(model)
-    dimension, revision = encoder.dimension, encoder.revision  # an unknown model fails here, before any change
+    # an unknown model fails here, before any change; read from the model's files, without loading it
+    revision, dimension = model_revision(model), model_dimension(model)
     with conn.transaction():
         target = read_table(conn, table)
         forget_dropped(conn)
@@ -81,8 +86,8 @@ def add_embedding(
             raise InvalidInput(
                 f"{target.qualified}.{column} is already registered; remove it first (pgsim remove-embedding)."
             )
-        expression = _source_expression(conn, target, source)
-        source_columns = _source_columns(conn, target, expression)
+        expression = source_expression(conn, target, source)
+        source_columns = source_columns_of(conn, target, expression)
         _check_column(target, column, dtype, dimension, model)
         index_name = (index_name or derived_name(target.name, column, suffix="hnsw")) if index is not None else None
         recorded = index or planned_index
@@ -96,7 +101,8 @@ def add_embedding(
                 """
                 SELECT pgsim.register_embedding(target => %s::regclass, column_name => %s, source => %s,
                     model => %s, model_revision => %s, dimension => %s, dtype => %s, index_name => %s,
-                    index_m => %s, index_ef_construction => %s, source_columns => %s::name[], replaces => %s)
+                    index_m => %s, index_ef_construction => %s, source_columns => %s::name[], replaces => %s,
+                    stale => %s)
                 """,
                 [
                     target.identifier.as_string(conn),
@@ -111,6 +117,7 @@ def add_embedding(
                     recorded.ef_construction if recorded else None,
                     list(source_columns),
                     replaces,
+                    stale,
                 ],  # fmt: skip
             ).fetchone()
         except psycopg.errors.InsufficientPrivilege as exc:
@@ -178,7 +185,7 @@ def read_table(conn: psycopg.Connection[Any], table: str) -> TableShape:
     return TableShape(found.oid, found.schema, found.name, found.kind, table_columns(conn, found.oid), keys)
 
 
-def _source_expression(
+def source_expression(
     conn: psycopg.Connection[Any], target: TableShape, source: str | Sequence[str] | sql.Composable
 ) -> str:
     """The source as SQL text: quoted column names, or the user's expression as given."""
@@ -204,7 +211,7 @@ def _source_expression(
     return columns_expression(names)
 
 
-def _source_columns(conn: psycopg.Connection[Any], target: TableShape, expression: str) -> tuple[str, ...]:
+def source_columns_of(conn: psycopg.Connection[Any], target: TableShape, expression: str) -> tuple[str, ...]:
     """The table's columns that ``expression`` reads, found from the dependencies of a throwaway view; and
     a clear error when the expression is not valid SQL over the table. It is checked under the search_path
     the workers evaluate it under (pg_catalog, pg_temp), so a function of the user's own must be qualified."""

@@ -75,19 +75,26 @@ CREATE TEMP TABLE IF NOT EXISTS pgsim_sync (
 
 
 # Whether row-level security may hide rows of %(table)s from the current role (rows_may_be_hidden). The
-# policies that apply to it for SELECT are those for all roles (0) or for a role it is a member of.
+# policies that apply to it for SELECT are those for all roles (0) or for a role whose privileges it has.
 MAY_BE_HIDDEN = """
 WITH applying AS (
     SELECT p.polpermissive, pg_catalog.pg_get_expr(p.polqual, p.polrelid) AS qual
     FROM pg_catalog.pg_policy p
     WHERE p.polrelid = %(table)s AND p.polcmd IN ('r', '*')
       AND (0 = ANY(p.polroles) OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS r(oid)
-                                          WHERE pg_catalog.pg_has_role(CURRENT_USER, r.oid, 'MEMBER')))
+                                          WHERE pg_catalog.pg_has_role(CURRENT_USER, r.oid, 'USAGE')))
 )
 SELECT pg_catalog.row_security_active(%(table)s)
    AND NOT (EXISTS (SELECT 1 FROM applying WHERE polpermissive AND qual = 'true')
             AND NOT EXISTS (SELECT 1 FROM applying WHERE NOT polpermissive))
 """
+
+
+SAME_TABLE = "SELECT pg_catalog.to_regclass(%s) = %s::pg_catalog.oid AND NOT EXISTS (SELECT FROM {} WHERE false)"
+
+
+class TableMoved(Exception):
+    """The registration's table name now names another table: read the registration again (by its OID)."""
 
 
 @dataclass
@@ -151,6 +158,16 @@ def claim_and_encode(
     report = SyncReport(batches=1)
     with conn.transaction():
         pin_search_path(conn)  # the source expression and everything below resolve in pg_catalog
+        # The statements below name the table: it must still be the registered one (a table renamed, and
+        # another made under its name, since the registration was read), and it stays so until the commit.
+        same = conn.execute(
+            sql.SQL(
+                "SELECT pg_catalog.to_regclass(%s) = %s::pg_catalog.oid AND NOT EXISTS (SELECT FROM {} WHERE false)"
+            ).format(registration.table_sql),
+            [registration.table_sql.as_string(conn), registration.table_oid],
+        ).fetchone()
+        if not (same and same[0]):
+            raise TableMoved(f"{registration.table} is no longer the table registered as {registration.table_oid}")
         claimed = conn.execute(
             CLAIM, {"registration": registration.id, "retried": retried, "limit": limit}, prepare=False
         ).fetchall()

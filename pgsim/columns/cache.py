@@ -2,7 +2,8 @@
 any earlier run, is looked up instead of encoded again.
 
 Entries are keyed by model, model revision and the sha256 of the text as the encoder is given it (document
-prefix included), so a cached vector is exactly what encoding would give. Writers use it when asked:
+prefix included), so a cached vector is exactly what encoding would give, and by the role that stored them:
+a role reads only its own entries and those of the roles it is a member of. Writers use it when asked:
 ``pgsim.ingest(..., cache=True)``, ``pgsim.sync``/``backfill``/``Worker(cache=True)``, ``--cache`` on the
 command line. Storing happens in the writer's transaction: what a rolled-back batch encoded is not kept.
 """
@@ -22,6 +23,20 @@ from pgsim.encoding.encoder import MAX_CHARS, Encoder, Vector
 
 Found = dict[str, Vector]  # vectors from the cache, by text
 
+# The entries stored by this role or by a role it is a member of, by membership alone: also where row-level
+# security does not apply (pgsim's owner) and for a superuser, whom pg_has_role grants every role. No other
+# role can plant a vector for this role's text.
+TRUSTED_LOOKUP = """
+WITH RECURSIVE me(role) AS (SELECT pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER))::pg_catalog.oid),
+trusted(role) AS (
+    SELECT role FROM me
+    UNION
+    SELECT m.roleid FROM pg_catalog.pg_auth_members m JOIN trusted t ON m.member = t.role
+)
+SELECT digest, embedding FROM pgsim.embedding_cache
+WHERE model = %s AND model_revision = %s AND digest = ANY(%s) AND stored_by IN (SELECT role FROM trusted)
+"""
+
 
 def lookup(conn: psycopg.Connection[Any], encoder: Encoder, texts: Sequence[str | None]) -> Found:
     """The vectors the cache holds for ``texts`` under ``encoder``'s model."""
@@ -31,8 +46,7 @@ def lookup(conn: psycopg.Connection[Any], encoder: Encoder, texts: Sequence[str 
     _require_table(conn)
     with conn.cursor(binary=True) as cur:
         rows = cur.execute(
-            "SELECT digest, embedding FROM pgsim.embedding_cache "
-            "WHERE model = %s AND model_revision = %s AND digest = ANY(%s)",
+            TRUSTED_LOOKUP,
             [encoder.model_name, encoder.revision, list(digests)],
         ).fetchall()
     return {digests[bytes(digest)]: vector.to_numpy().astype(np.float32) for digest, vector in rows}

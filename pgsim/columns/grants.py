@@ -25,7 +25,6 @@ from psycopg import sql
 
 from pgsim.columns.registry import Registration, registrations
 from pgsim.db.catalog import require_schema, resolve_table
-from pgsim.db.names import derived_name
 from pgsim.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -161,7 +160,9 @@ def _worked_for(conn: psycopg.Connection[Any], tables: Sequence[str] | None) -> 
 def _worker_policies(
     conn: psycopg.Connection[Any], registration: Registration, role: str, revoke: bool
 ) -> list[sql.Composed]:
-    """On a table with row-level security: policies that let the worker see and update every row."""
+    """On a table with row-level security: policies that let the worker see and update every row. They are
+    named after the role's OID (role names can be longer than a policy name), and only a policy for exactly
+    that role with ``USING (true)`` counts as pgsim's: anything else of that name is left alone."""
     secured = conn.execute(
         "SELECT relrowsecurity FROM pg_catalog.pg_class WHERE oid = %s", [registration.table_oid]
     ).fetchone()
@@ -169,13 +170,18 @@ def _worker_policies(
         return []
     statements: list[sql.Composed] = []
     for command, clause in (("SELECT", "USING (true)"), ("UPDATE", "USING (true) WITH CHECK (true)")):
-        name = derived_name("pgsim", role, suffix=command.lower())
-        exists = conn.execute(
-            "SELECT 1 FROM pg_catalog.pg_policy WHERE polrelid = %s AND polname = %s", [registration.table_oid, name]
+        row = conn.execute(
+            "SELECT 'pgsim_worker_' || r.oid || '_' || %s, EXISTS (SELECT 1 FROM pg_catalog.pg_policy p "
+            "WHERE p.polrelid = %s AND p.polname = 'pgsim_worker_' || r.oid || '_' || %s AND p.polroles = "
+            "ARRAY[r.oid] AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) = 'true') "
+            "FROM pg_catalog.pg_roles r WHERE r.rolname = %s",
+            [command.lower(), registration.table_oid, command.lower(), role],
         ).fetchone()
-        if revoke and exists:
+        assert row is not None  # the role was checked to exist
+        name, ours = row
+        if revoke and ours:
             statements.append(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(name), registration.table_sql))
-        elif not revoke and not exists:
+        elif not revoke and not ours:
             statements.append(
                 sql.SQL("CREATE POLICY {} ON {} FOR {} TO {} {}").format(
                     sql.Identifier(name),

@@ -1,20 +1,21 @@
-"""Moving a registered column to another model without downtime: a second column filled in the background
-while searches use the old one, then an atomic switch.
+"""Changing what a registered column is made of (its source, model or dtype) without downtime: a second
+column filled in the background while searches use the old one, then an atomic switch.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from pgsim.columns.adding import add_embedding, read_table
+from pgsim.columns.adding import add_embedding, read_table, source_expression
 from pgsim.columns.registry import Registration, registration_by_id, remove_registration, require_registration
 from pgsim.db.hnsw import HNSW, create_hnsw_index
 from pgsim.db.names import derived_name
-from pgsim.encoding.encoder import Encoder
+from pgsim.encoding.models import model_revision
 from pgsim.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -29,42 +30,75 @@ def change_model(
     dtype: str | None = None,
     index: HNSW | None = None,
 ) -> Registration:
-    """Start moving ``table.column`` to ``model``: a new column (``<column>_next``) registered for it, with
-    every row queued. Searches keep using the old column and model meanwhile. When the workers have filled
-    the new column, :func:`switch_over` (run by every drain) builds its index and, in one transaction,
-    drops the old column and gives the new one its name. Returns the new registration."""
+    """:func:`change_embedding` with another model (and, if given, another dtype)."""
+    return change_embedding(conn, table, column, model=model, dtype=dtype, index=index)
+
+
+def change_embedding(
+    conn: psycopg.Connection[Any],
+    table: str,
+    column: str,
+    *,
+    source: str | Sequence[str] | sql.Composable | None = None,
+    model: str | None = None,
+    dtype: str | None = None,
+    index: HNSW | None = None,
+) -> Registration:
+    """Start re-embedding ``table.column`` under a new definition: another ``source``, ``model`` or
+    ``dtype`` (each left out stays as registered). A new column (``<column>_next``) is registered for it and
+    every row with text is queued, those that have vectors too. Searches keep using the old column meanwhile.
+    When the workers have filled the new column, :func:`switch_over` (run by every drain) builds its index
+    and, in one transaction, drops the old column and gives the new one its name. Returns the new
+    registration.
+
+    A change of model or dtype keeps the old column in sync until the switch. A change of source does not:
+    the old column's triggers go at once (so a column only the old source read can be dropped right after),
+    its vectors serve searches as they are, and rows written meanwhile are embedded in the new column only,
+    where they become searchable at the switch. Nothing here loads the model: its dimension and revision
+    come from its files."""
     old = require_registration(conn, table, column)
     if old.replaces is not None:
-        raise InvalidInput(f"{old.table}.{old.column} is itself the target of a model change still being filled.")
+        raise InvalidInput(f"{old.table}.{old.column} is itself the target of a change still being filled.")
     under_way = conn.execute(
         "SELECT column_name FROM pgsim.embedding WHERE replaces = %s AND table_oid = %s", [old.id, old.table_oid]
     ).fetchone()
     if under_way:
         raise InvalidInput(
-            f"A model change of {old.table}.{old.column} is under way (into column {under_way[0]}); let the workers "
+            f"A change of {old.table}.{old.column} is under way (into column {under_way[0]}); let the workers "
             f"finish it, or cancel it: pgsim remove-embedding {old.table} {under_way[0]}"
         )
-    encoder = Encoder(model)
-    if model == old.model and encoder.revision == old.model_revision:
-        raise InvalidInput(f"{old.table}.{old.column} already holds embeddings of {model!r}.")
+    shape = read_table(conn, old.table)
+    expression = old.source if source is None else source_expression(conn, shape, source)
+    new_model = model or old.model
+    same_model = new_model == old.model and model_revision(new_model) == old.model_revision
+    if expression == old.source and same_model and (dtype or old.dtype) == old.dtype:
+        raise InvalidInput(
+            f"{old.table}.{old.column} already holds embeddings of {expression} by {new_model!r} as {old.dtype}: "
+            "nothing to change."
+        )
     next_column = derived_name(old.column, suffix="next")
-    if next_column in read_table(conn, old.table).columns:
+    if next_column in shape.columns:
         raise InvalidInput(
             f"Column {old.table}.{next_column} exists already (left by a cancelled change?); its vectors cannot be "
-            "trusted to be the new model's. Drop it, then change the model again."
+            "trusted to be the new definition's. Drop it, then change the embedding again."
         )
-    return add_embedding(
-        conn,
-        old.table,
-        next_column,
-        source=sql.SQL(old.source),
-        model=model,
-        dtype=dtype or old.dtype,
-        index=None,  # the old column serves searches meanwhile: one bulk build at the switch beats row inserts
-        queue_existing=True,
-        replaces=old.id,
-        planned_index=index or old.index,
-    )
+    with conn.transaction():
+        new = add_embedding(
+            conn,
+            old.table,
+            next_column,
+            source=sql.SQL(expression),
+            model=new_model,
+            dtype=dtype or old.dtype,
+            index=None,  # the old column serves searches meanwhile: one bulk build at the switch beats row inserts
+            queue_existing=True,
+            replaces=old.id,
+            planned_index=index or old.index,
+            stale=old.stale,
+        )
+        if expression != old.source:
+            conn.execute("SELECT pgsim.freeze_embedding(%s)", [old.id])
+    return new
 
 
 def switch_over(conn: psycopg.Connection[Any], new: Registration) -> bool:

@@ -30,13 +30,15 @@ def worker_command(
     poll_interval: float,
     cache: bool = False,
     allow_superuser: bool = False,
+    owners: Sequence[str] | None = None,
 ) -> list[str]:
     command = [sys.executable, "-m", "pgsim.cli", "--dsn", dsn, "worker"]
     command += [name for name in (table, column) if name]
     command += ["--batch-size", str(batch_size), "--poll-interval", str(poll_interval)]
     command += ["--once"] if once else []
     command += ["--cache"] if cache else []
-    return command + (["--allow-superuser"] if allow_superuser else [])
+    command += ["--allow-superuser"] if allow_superuser else []
+    return command + [argument for owner in owners or () for argument in ("--owner", owner)]
 
 
 def run_processes(

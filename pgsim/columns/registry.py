@@ -18,6 +18,7 @@ from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput
 
 DTYPES = ("vector", "halfvec")
+STALE = ("keep", "hide")  # what a changed row's vector does until re-embedded (Registration.stale)
 # Separator between source columns given as a list: a paragraph break, which tokenizers treat as space.
 COLUMN_SEPARATOR = "\n\n"
 
@@ -42,6 +43,7 @@ class Registration:
     created_column: bool
     replaces: int | None
     table_oid: int  # what the registration follows: the names above follow renames of it
+    stale: str = "keep"  # a changed row until re-embedded: "keep" its old vector, or "hide" it (NULL)
 
     @property
     def table(self) -> str:
@@ -66,14 +68,14 @@ class Registration:
 REGISTRY_SELECT = (
     "SELECT e.id, n.nspname, c.relname, e.column_name, e.source, e.source_columns, e.key_columns, e.model, "
     "e.model_revision, e.dimension, e.dtype, e.index_name, e.index_m, e.index_ef_construction, e.created_column, "
-    "e.replaces, e.table_oid FROM pgsim.embedding e JOIN pg_catalog.pg_class c ON c.oid = e.table_oid "
+    "e.replaces, e.table_oid, e.stale FROM pgsim.embedding e JOIN pg_catalog.pg_class c ON c.oid = e.table_oid "
     "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
 )
 
 
 def registration_from_row(row: Sequence[Any]) -> Registration:
     (id_, schema, table, column, source, source_columns, key_columns, model, revision, dimension, dtype,
-     index_name, m, ef_construction, created_column, replaces, table_oid) = row  # fmt: skip
+     index_name, m, ef_construction, created_column, replaces, table_oid, stale) = row  # fmt: skip
     return Registration(
         id=id_,
         schema=schema,
@@ -91,6 +93,7 @@ def registration_from_row(row: Sequence[Any]) -> Registration:
         created_column=created_column,
         replaces=replaces,
         table_oid=int(table_oid),
+        stale=stale,
     )
 
 
@@ -143,6 +146,19 @@ def remove_embedding(conn: psycopg.Connection[Any], table: str, column: str, *, 
             assert replacement is not None
             remove_registration(conn, replacement, drop_column=True)
         remove_registration(conn, registration, drop_column=drop_column)
+        replaced = registration_by_id(conn, registration.replaces) if registration.replaces is not None else None
+        if replaced is not None and not _has_triggers(conn, replaced):
+            # a cancelled change of source: the old column is kept in sync again, from every row's text now
+            conn.execute("SELECT pgsim.create_triggers(%s)", [replaced.id])
+            queue_rows(conn, replaced, only_missing=False)
+
+
+def _has_triggers(conn: psycopg.Connection[Any], registration: Registration) -> bool:
+    row = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = %s AND tgname = %s)",
+        [registration.table_oid, f"pgsim_{registration.id}_insert"],
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def remove_registration(conn: psycopg.Connection[Any], registration: Registration, *, drop_column: bool) -> None:

@@ -29,16 +29,19 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
-from pgsim.columns.batches import SyncReport, checked_encoder, claim_and_encode
+from pgsim.columns.batches import SyncReport, TableMoved, checked_encoder, claim_and_encode
 from pgsim.columns.model_change import switch_over
-from pgsim.columns.registry import Registration, forget_dropped, queue_rows, registration_by_id, registrations
-from pgsim.db.catalog import is_local_host
+from pgsim.columns.registry import Registration, queue_rows, registration_by_id
+from pgsim.columns.worker_role import qualified_table, worker_targets
+from pgsim.db.catalog import is_local_host, pinned_session, vector_schema
+from pgsim.db.connection import notifications_reach
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput, PgsimError, ServerError
 from pgsim.psycopg import register
@@ -50,6 +53,14 @@ DEFAULT_MAX_ATTEMPTS = 5
 DEFAULT_RETRY_DELAY = 1.0  # seconds before the first retry; doubles with each attempt
 MAX_IDLE_BATCHES = 3  # batches in a row that finish no entry (every row changed meanwhile) end a drain
 WORKER_APPLICATION_NAME = "pgsim worker"
+
+
+# Behind a pooler in transaction mode (PgBouncer) LISTEN lasts one transaction: no NOTIFY wakes the worker.
+LISTEN_LOST = (
+    "No notification reaches the worker's LISTEN connection (behind a pooler in transaction mode, such as "
+    "PgBouncer, LISTEN lasts one transaction): it looks for queued rows every %.1fs (poll_interval) instead. "
+    "Connect the worker to PostgreSQL directly to have it woken at once."
+)
 
 
 Progress = Callable[[SyncReport, int], None]  # (report so far, entries queued when the drain started)
@@ -68,14 +79,16 @@ def sync(
     cache: bool = False,
     overlap_with: psycopg.Connection[Any] | None = None,
     allow_superuser: bool = False,
+    owners: Sequence[str] | None = None,
 ) -> SyncReport:
     """Drain the queue of every registered column (or of ``table.column``) until no entry is ready, then
     complete model changes whose new column is full. ``conn`` must be an autocommit connection outside a
     transaction: each batch is its own transaction. With ``cache``, text already in pgsim.embedding_cache is
     not encoded again, and what is encoded is added to it (:mod:`pgsim.columns.cache`). ``overlap_with``, a second
     such connection to the same database, writes one batch while the next is encoded (see the module's text).
-    A superuser or BYPASSRLS role refuses tables whose owner is not one (see :func:`check_worker_role`) unless
-    ``allow_superuser``."""
+    It drains only what the current role works for, of one owner or of ``owners``; a session that is or may
+    become a superuser or BYPASSRLS role refuses other roles' code unless ``allow_superuser``
+    (:mod:`pgsim.columns.worker_role`). The session's search_path is pinned while it runs."""
     if batch_size < 1 or max_attempts < 1 or retry_delay < 0:
         raise InvalidInput("batch_size and max_attempts must be at least 1, retry_delay at least 0.")
     if overlap_with is conn:
@@ -89,13 +102,33 @@ def sync(
             )
     if overlap_with is not None and _server_and_database(conn) != _server_and_database(overlap_with):
         raise InvalidInput("overlap_with reaches another server or database than conn; it must reach the same one.")
-    for connection in connections:
-        register(connection)
+    table = qualified_table(conn, table)
+    with contextlib.ExitStack() as pinned:
+        for connection in connections:
+            pinned.enter_context(pinned_session(connection))
+            _register_pinned(connection)
+        return _sync(conn, connections, table, column, batch_size, max_attempts, retry_delay, progress, stop, cache,
+                     overlap_with, allow_superuser, owners)  # fmt: skip
+
+
+def _sync(
+    conn: psycopg.Connection[Any],
+    connections: list[psycopg.Connection[Any]],
+    table: str | None,
+    column: str | None,
+    batch_size: int,
+    max_attempts: int,
+    retry_delay: float,
+    progress: Progress | None,
+    stop: threading.Event | None,
+    cache: bool,
+    overlap_with: psycopg.Connection[Any] | None,
+    allow_superuser: bool,
+    owners: Sequence[str] | None,
+) -> SyncReport:
     report = SyncReport()
     started = time.perf_counter()
-    targets = _targets(conn, table, column)
-    if not allow_superuser:
-        check_worker_role(conn, targets)
+    targets = worker_targets(conn, table, column, owners=owners, allow_superuser=allow_superuser)
     total = _queued(conn, [target.id for target in targets]) if progress else 0
     lock = threading.Lock()  # guards the report and progress
     failed = threading.Event()  # one lane's error stops the other
@@ -136,7 +169,7 @@ def sync(
                 if done is not None:
                     return done
             return None
-        except psycopg.errors.UndefinedTable:
+        except (psycopg.errors.UndefinedTable, TableMoved):
             moved = registration_by_id(lane, registration.id)
             if moved is None or moved.table_sql == registration.table_sql:
                 raise
@@ -173,69 +206,33 @@ def backfill(
     cache: bool = False,
     overlap_with: psycopg.Connection[Any] | None = None,
     allow_superuser: bool = False,
+    owners: Sequence[str] | None = None,
 ) -> SyncReport:
     """Queue every row that has text but no embedding, then drain the queue. Interrupted, it resumes where it
     stopped: the queue is in the database, and each batch commits on its own. ``cache``, ``overlap_with``
     and ``allow_superuser`` as for :func:`sync`."""
     queue_backfill(conn, table, column, allow_superuser=allow_superuser)
     return sync(conn, table=table, column=column, batch_size=batch_size, progress=progress, stop=stop, cache=cache,
-                overlap_with=overlap_with, allow_superuser=allow_superuser)  # fmt: skip
+                overlap_with=overlap_with, allow_superuser=allow_superuser, owners=owners)  # fmt: skip
 
 
 def queue_backfill(
-    conn: psycopg.Connection[Any], table: str | None, column: str | None, *, allow_superuser: bool = False
+    conn: psycopg.Connection[Any],
+    table: str | None,
+    column: str | None,
+    *,
+    allow_superuser: bool = False,
+    owners: Sequence[str] | None = None,
 ) -> list[Registration]:
     """Queue the rows of ``table.column`` (or of every registered column) that have text but no embedding;
     the registrations, for whoever drains the queue. Queueing evaluates the source: the role check of
     :func:`sync` applies."""
-    targets = _targets(conn, table, column)
-    if not allow_superuser:
-        check_worker_role(conn, targets)
-    for registration in targets:
-        queue_rows(conn, registration)
+    table = qualified_table(conn, table)
+    with pinned_session(conn):
+        targets = worker_targets(conn, table, column, owners=owners, allow_superuser=allow_superuser)
+        for registration in targets:
+            queue_rows(conn, registration)
     return targets
-
-
-def _targets(conn: psycopg.Connection[Any], table: str | None, column: str | None) -> list[Registration]:
-    forget_dropped(conn)
-    every = registrations(conn)
-    if table is None:
-        return every
-    from pgsim.columns.registry import require_registration
-
-    if column is not None:
-        chosen = require_registration(conn, table, column)
-        return [r for r in every if r.id == chosen.id or r.replaces == chosen.id]
-    found = [r for r in every if table in (r.table, r.table_name)]
-    if not found:
-        raise InvalidInput(f"Table {table!r} has no registered embedding column (pgsim add-embedding).")
-    return found
-
-
-def check_worker_role(conn: psycopg.Connection[Any], targets: list[Registration]) -> None:
-    """Refuse to sync, as a superuser or BYPASSRLS role, a table whose owner is neither: the worker runs the
-    owner's code (the source expression's functions, the table's triggers) with its own rights, so the owner
-    would act as superuser, or read rows its policies hide."""
-    oids = [registration.table_oid for registration in targets]
-    rows = conn.execute(WORKER_ROLE_CHECK, {"tables": oids}).fetchall()
-    if rows:
-        tables = ", ".join(f"{table} (owner {owner})" for table, owner, _ in rows)
-        raise InvalidInput(
-            f"This worker runs as {rows[0][2]!r}, a superuser or BYPASSRLS role, and would run the code of "
-            f"{tables} (source expressions, triggers) with those rights. Run it as a worker role instead "
-            "(pgsim grant worker ROLE; see the docs' security page) or as the table's owner, or pass "
-            "allow_superuser=True (pgsim worker --allow-superuser) if you trust those owners as superusers."
-        )
-
-
-# The tables whose owner lacks a privileged worker's rights: (table, owner) of those in %(tables)s.
-WORKER_ROLE_CHECK = """
-SELECT c.oid::regclass::text, o.rolname, me.rolname
-FROM pg_catalog.pg_roles me, pg_catalog.pg_class c JOIN pg_catalog.pg_roles o ON o.oid = c.relowner
-WHERE me.rolname = CURRENT_USER AND c.oid = ANY(%(tables)s::oid[])
-  AND ((me.rolsuper AND NOT o.rolsuper) OR (me.rolbypassrls AND NOT (o.rolsuper OR o.rolbypassrls)))
-ORDER BY 1
-"""
 
 
 def _queued(conn: psycopg.Connection[Any], ids: list[int]) -> int:
@@ -243,8 +240,17 @@ def _queued(conn: psycopg.Connection[Any], ids: list[int]) -> int:
     return int(row[0]) if row else 0
 
 
+def _register_pinned(conn: psycopg.Connection[Any]) -> None:
+    """pgsim's adapters, looked up with pg_catalog first and pgvector's schema next (the session's path is
+    pinned to pg_catalog alone while a drain runs)."""
+    with conn.transaction():
+        path = f"pg_catalog, {sql.Identifier(vector_schema(conn)).as_string(conn)}, pg_temp"
+        conn.execute("SELECT pg_catalog.set_config('search_path', %s, true)", [path])
+        register(conn)
+
+
 def _server_and_database(conn: psycopg.Connection[Any]) -> tuple[Any, ...]:
-    row = conn.execute("SELECT pg_postmaster_start_time(), current_database()").fetchone()
+    row = conn.execute("SELECT pg_catalog.pg_postmaster_start_time(), pg_catalog.current_database()").fetchone()
     return tuple(row or ())
 
 
@@ -272,6 +278,7 @@ class Worker:
         cache: bool = False,
         overlap: bool | None = None,
         allow_superuser: bool = False,
+        owners: Sequence[str] | None = None,
     ) -> None:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InvalidInput(f"batch_size must be a whole number >= 1; got {batch_size!r}.")
@@ -286,6 +293,7 @@ class Worker:
         self.reconnect_delay = reconnect_delay
         self.cache = cache
         self.allow_superuser = allow_superuser
+        self.owners = owners  # whose tables it keeps in sync (None: those of the one owner it works for)
         # a second connection, one batch written while the next encodes; None: when the database is remote
         self.overlap = overlap
         self.report = SyncReport()
@@ -303,7 +311,9 @@ class Worker:
                     overlap = database_is_remote(work) if self.overlap is None else self.overlap
                     second = connections.enter_context(self._connect()) if overlap else None
                     listen = connections.enter_context(self._connect())
-                    listen.execute("LISTEN pgsim")
+                    if not until_empty and not notifications_reach(listen, work):
+                        log.warning(LISTEN_LOST, self.poll_interval)
+                    listen.execute("LISTEN pgsim")  # last: what the connection runs while the worker waits
                     delay = self.reconnect_delay
                     while not self.stop.is_set():
                         self.report.add(self._drain(work, second))
@@ -322,15 +332,24 @@ class Worker:
     def _connect(self) -> psycopg.Connection[Any]:
         from pgsim.db.connection import resolve_dsn
 
-        return psycopg.connect(
-            resolve_dsn(self.dsn), autocommit=True, application_name=WORKER_APPLICATION_NAME, connect_timeout=10
-        )
+        # No prepared statements: through a pooler in transaction mode (PgBouncer) the next transaction may run
+        # on another server connection, which has none of them.
+        return psycopg.connect(resolve_dsn(self.dsn), autocommit=True, application_name=WORKER_APPLICATION_NAME,
+                               connect_timeout=10, prepare_threshold=None)  # fmt: skip
 
     def _drain(self, conn: psycopg.Connection[Any], second: psycopg.Connection[Any] | None) -> SyncReport:
         """Every target in turn; one this worker cannot serve (its model is missing here, say) is logged and
         skipped, and the others go on."""
         report = SyncReport()
-        for registration in _targets(conn, self.table, self.column):
+        try:
+            table = qualified_table(conn, self.table)
+            with pinned_session(conn):
+                targets = worker_targets(conn, table, self.column, owners=self.owners,
+                                         allow_superuser=self.allow_superuser)  # fmt: skip
+        except InvalidInput as exc:
+            log.error("%s", exc)
+            return report
+        for registration in targets:
             if registration.replaces is not None:
                 continue  # drained with the column it replaces
             try:
@@ -347,6 +366,7 @@ class Worker:
                         cache=self.cache,
                         overlap_with=second,
                         allow_superuser=self.allow_superuser,
+                        owners=self.owners,
                     )
                 )
             except (PgsimError, psycopg.Error) as exc:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from pgsim.db.server import EmbeddedServer
 from pgsim.errors import ServerError
@@ -23,7 +25,8 @@ def resolve_dsn(dsn: str | None = None, data_dir: Path | str | None = None) -> s
 def connect(
     dsn: str | None = None, *, data_dir: Path | str | None = None, autocommit: bool = True, register: bool = True
 ) -> psycopg.Connection[Any]:
-    """A psycopg connection with pgsim's adapters registered (when pgvector is installed there)."""
+    """A psycopg connection with pgsim's adapters registered (when pgvector is installed there). Through a
+    pooler (PgBouncer) it prepares no statement (``prepare_threshold=None``)."""
     resolved = resolve_dsn(dsn, data_dir)
     try:
         conn = psycopg.connect(resolved, autocommit=autocommit)
@@ -32,8 +35,31 @@ def connect(
             f"Cannot connect to PostgreSQL ({str(exc).strip()}). Check --dsn / PGSIM_DSN, or leave both unset "
             "to use pgsim's embedded server."
         ) from None
-    if register and conn.execute("SELECT to_regtype('vector')").fetchone() != (None,):
+    row = conn.execute("SELECT to_regtype('vector') IS NOT NULL, pg_backend_pid()").fetchone()
+    assert row is not None
+    if not autocommit:
+        conn.rollback()  # handed over outside a transaction
+    if row[1] != conn.info.backend_pid:
+        # A pooler (PgBouncer) answered for the server. In transaction mode each transaction may run on another
+        # server connection, which lacks the statements psycopg prepared on this one (PgBouncer before 1.21
+        # has no prepared statements there): prepare none.
+        conn.prepare_threshold = None
+    if register and row[0]:
         from pgsim.psycopg import register as register_types
 
         register_types(conn)
     return conn
+
+
+def notifications_reach(
+    listener: psycopg.Connection[Any], sender: psycopg.Connection[Any], timeout: float = 2.0
+) -> bool:
+    """Whether a NOTIFY sent on autocommit connection ``sender`` reaches ``listener`` within ``timeout``
+    seconds. Not through a pooler in transaction mode (PgBouncer): LISTEN lasts one transaction there."""
+    channel = sql.Identifier(f"pgsim_probe_{uuid.uuid4().hex}")
+    listener.execute(sql.SQL("LISTEN {}").format(channel))
+    try:
+        sender.execute(sql.SQL("NOTIFY {}").format(channel))
+        return any(True for _ in listener.notifies(timeout=timeout, stop_after=1))
+    finally:
+        listener.execute(sql.SQL("UNLISTEN {}").format(channel))

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsim.db.catalog import is_local_host
+from pgsim.db.catalog import is_local_host, vector_schema
 from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput
 
@@ -158,7 +158,7 @@ def create_hnsw_index(
         index=sql.Identifier(index_name),
         table=table_identifier(table),
         column=sql.Identifier(column),
-        opclass=sql.SQL(opclass),
+        opclass=sql.Identifier(vector_schema(conn), opclass),  # nothing on the session's path stands in for it
         m=sql.Literal(hnsw.m),
         ef_construction=sql.Literal(hnsw.ef_construction),
     )

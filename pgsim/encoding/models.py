@@ -11,7 +11,7 @@ import threading
 import time
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pgsim.errors import ModelNotFound
 
@@ -167,8 +167,7 @@ def model_dimension(name: str) -> int:
             if kind.endswith("Dense"):
                 dimension = int(settings["out_features"])
             elif kind.endswith("Pooling"):
-                modes = sum(1 for key, on in settings.items() if key.startswith("pooling_mode_") and on is True)
-                dimension = int(settings["word_embedding_dimension"]) * max(modes, 1)
+                dimension = _pooled_dimension(settings)
         if dimension is not None:
             return dimension
     elif (directory / "config.json").is_file():
@@ -179,6 +178,19 @@ def model_dimension(name: str) -> int:
     if dimension is None:
         raise ModelNotFound(f"Model {name!r} does not say the dimension of its vectors.")
     return int(dimension)
+
+
+def _pooled_dimension(settings: dict[str, Any]) -> int | None:
+    """A pooling layer's output size: its input's times the number of pooling modes, in either format
+    sentence-transformers writes (``word_embedding_dimension`` with ``pooling_mode_*`` flags, or
+    ``embedding_dimension`` with ``pooling_mode`` a name or a list of names); None when it says neither."""
+    if "word_embedding_dimension" in settings:
+        modes = sum(1 for key, on in settings.items() if key.startswith("pooling_mode_") and on is True)
+        return int(settings["word_embedding_dimension"]) * max(modes, 1)
+    if "embedding_dimension" in settings:
+        named = settings.get("pooling_mode", "mean")
+        return int(settings["embedding_dimension"]) * max(len(named) if isinstance(named, list) else 1, 1)
+    return None
 
 
 def cached_snapshot(name: str) -> Path | None:

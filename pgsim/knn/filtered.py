@@ -29,6 +29,7 @@ from pgsim.knn.planner import (
     ModelChanged,
     Plan,
     Tuning,
+    UnknownColumn,
     checked_plan,
     clear_errors,
     model_change_as_input_error,
@@ -82,6 +83,7 @@ def search_with_plan(
     tuning: Tuning = DEFAULT_TUNING,
 ) -> tuple[list[Hit], Plan]:
     """:func:`search`, and the plan it followed."""
+    check_sync(conn)
     check_k(k)
     try:
         return _search(conn, table, column, query, k, where, columns, model, tuning)
@@ -90,6 +92,10 @@ def search_with_plan(
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             raise InvalidInput(f"{exc} Roll back the transaction and search again.") from None
         log.info("the model of %s.%s changed; searching again", table, column)
+    except UnknownColumn:  # perhaps the table changed since its columns were cached: once more, afresh
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            raise
+        forget_plans()
     try:
         return _search(conn, table, column, query, k, where, columns, model, tuning)
     except ModelChanged as exc:
@@ -153,6 +159,7 @@ def explain(
     tuning: Tuning = DEFAULT_TUNING,
 ) -> tuple[Plan, str]:
     """The plan a search takes and PostgreSQL's EXPLAIN ANALYZE of the statement it runs, as it runs it."""
+    check_sync(conn)
     check_k(k)
     target, params = target_and_params(conn, table, column, query, model)
     params["k"] = k
@@ -167,6 +174,16 @@ def explain(
         else:
             lines = cur.execute(analyze + exact, params, prepare=False).fetchall()
     return chosen, "\n".join(QUERY_LITERAL.sub("<query vector>", str(line)) for (line,) in lines)
+
+
+def check_sync(conn: Any) -> None:
+    """A clear error for an async connection: searching from Python runs on a psycopg.Connection."""
+    if isinstance(conn, psycopg.AsyncConnection):
+        raise InvalidInput(
+            "pgsim.search takes a psycopg.Connection, not an AsyncConnection. On an async connection, search in "
+            "SQL: await pgsim.register_async(conn), then SELECT ... FROM pgsim.knn(table, column, %s, k, filter) "
+            "with pgsim.Text(query) as the parameter (see docs/search.md)."
+        )
 
 
 class NoIndexWarning(UserWarning):

@@ -50,6 +50,11 @@ class ModelChanged(Exception):
     """The registry names another model for the column than the one the query was encoded with."""
 
 
+class UnknownColumn(InvalidInput):
+    """A column the statement names is not in the table: the filter's mistake, or a column list cached
+    before the table changed (ALTER TABLE, the switch of a changed embedding)."""
+
+
 def settings_statement(chosen: Plan) -> sql.Composed:
     """The settings pgsim.prepare_knn applies on the hnsw path."""
     return sql.SQL(
@@ -169,7 +174,12 @@ def clear_errors() -> Iterator[None]:
         raise
     except (psycopg.errors.UndefinedFunction, psycopg.errors.InvalidSchemaName):
         raise SchemaMissing("Schema pgsim is missing or out of date here: run `pgsim install` first.") from None
-    except (psycopg.errors.UndefinedColumn, psycopg.errors.SyntaxError) as exc:
+    except psycopg.errors.UndefinedColumn as exc:
+        raise UnknownColumn(
+            f"The filter is not valid here: {exc.diag.message_primary}; check its column names (or, if the table "
+            "changed while this transaction ran, roll back and search again)."
+        ) from None
+    except psycopg.errors.SyntaxError as exc:
         raise InvalidInput(
             f"The filter is not valid here: {exc.diag.message_primary}; check its column names."
         ) from None

@@ -192,7 +192,7 @@ def test_shadows_in_public_never_run_inside_pgsim_functions(conn: psycopg.Connec
                 "GRANT CREATE ON SCHEMA public TO {attacker}",
                 "GRANT USAGE ON SCHEMA pgsim TO {app}",
                 "GRANT SELECT ON ALL TABLES IN SCHEMA pgsim TO {app}",
-                "GRANT SELECT ON public.docs TO {app}",
+                "GRANT SELECT ON public.docs, public.notes TO {app}",  # sync_status shows the tables one may read
             ):
                 conn.execute(sql.SQL(grant).format(attacker=sql.Identifier(attacker), app=sql.Identifier(app)))
             plant_shadows(conn, attacker, "docs")

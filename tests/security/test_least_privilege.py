@@ -15,6 +15,7 @@ import numpy as np
 import psycopg
 import pytest
 from fixtures.alembic_project import sqlalchemy_url
+from fixtures.database import dsn_for
 from fixtures.roles import Roles, acting
 from psycopg import sql
 from sqlalchemy import Integer, String, create_engine, event, select
@@ -56,6 +57,27 @@ def admin(shared: str) -> Iterator[psycopg.Connection[Any]]:
         yield conn
 
 
+def login(admin: psycopg.Connection[Any], shared: str, role: str) -> psycopg.Connection[Any]:
+    """A connection that logs in as ``role`` itself: a worker's session must not be one that may become a
+    superuser (SET ROLE from the test's superuser would be refused)."""
+    admin.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
+    conn = psycopg.connect(dsn_for(shared, user=role), autocommit=True)
+    register(conn)
+    return conn
+
+
+@pytest.fixture(scope="module")
+def as_worker(admin: psycopg.Connection[Any], shared: str, roles: Roles) -> Iterator[psycopg.Connection[Any]]:
+    with login(admin, shared, roles.worker) as conn:
+        yield conn
+
+
+@pytest.fixture(scope="module")
+def as_owner(admin: psycopg.Connection[Any], shared: str, roles: Roles) -> Iterator[psycopg.Connection[Any]]:
+    with login(admin, shared, roles.owner) as conn:
+        yield conn
+
+
 def make_table(admin: psycopg.Connection[Any], roles: Roles, name: str, packages: list[Package]) -> Registration:
     """``name`` (the owner's): id, section, synopsis, and a column only the owner reads; registered."""
     with acting(admin, roles.owner):
@@ -84,9 +106,8 @@ def articles(admin: psycopg.Connection[Any], roles: Roles, packages: list[Packag
 
 
 @pytest.fixture(scope="module")
-def filled(admin: psycopg.Connection[Any], roles: Roles, articles: Registration) -> SyncReport:
-    with acting(admin, roles.worker):
-        return sync(admin, table="articles")
+def filled(as_worker: psycopg.Connection[Any], articles: Registration) -> SyncReport:
+    return sync(as_worker, table="articles")
 
 
 def stored(admin: psycopg.Connection[Any], table: str = "articles") -> dict[int, Any]:
@@ -142,37 +163,41 @@ def test_an_application_role_searches_from_python_sql_and_the_orm(
 
 
 def test_a_superuser_worker_refuses_another_owners_table_unless_told(
-    admin: psycopg.Connection[Any], roles: Roles, articles: Registration, filled: SyncReport
+    admin: psycopg.Connection[Any], shared: str, roles: Roles, articles: Registration, filled: SyncReport
 ) -> None:
     admin.execute("UPDATE articles SET synopsis = synopsis || ' (revised)' WHERE id = 0")  # one row queued
     queued = "SELECT count(*) FROM pgsim.queue WHERE embedding_id = %s"
     assert admin.execute(queued, [articles.id]).fetchone() == (1,)
+    refused = f"superuser or BYPASSRLS role.*articles \\({roles.owner}\\)"
     for run in (lambda: sync(admin), lambda: sync(admin, table="articles"), lambda: backfill(admin, "articles")):
-        with pytest.raises(InvalidInput, match=f"superuser or BYPASSRLS role.*articles \\(owner {roles.owner}\\)"):
+        with pytest.raises(InvalidInput, match=refused):
             run()
+    with acting(admin, roles.worker), pytest.raises(InvalidInput, match="may become"):
+        sync(admin, table="articles")  # a superuser's session as the worker role: SET ROLE is no way out
     worker = Worker(admin.info.dsn, table="articles")
     assert worker.run(until_empty=True).embedded == 0  # refused, logged, nothing done
-    admin.execute(sql.SQL("CREATE ROLE {} BYPASSRLS").format(sql.Identifier(f"{roles.worker}_bypass")))
-    grant(admin, "worker", f"{roles.worker}_bypass")  # as a superuser: pgsim's objects and every table
+    bypass = f"{roles.worker}_bypass"
+    admin.execute(sql.SQL("CREATE ROLE {} LOGIN BYPASSRLS").format(sql.Identifier(bypass)))
+    grant(admin, "worker", bypass)  # as a superuser: pgsim's objects and every table
     try:
-        with acting(admin, f"{roles.worker}_bypass"), pytest.raises(InvalidInput, match="BYPASSRLS"):
-            sync(admin, table="articles")
+        with psycopg.connect(dsn_for(shared, user=bypass), autocommit=True) as as_bypass:
+            with pytest.raises(InvalidInput, match=refused):
+                sync(as_bypass, table="articles")
     finally:
-        admin.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(f"{roles.worker}_bypass")))
+        admin.execute(sql.SQL("DROP OWNED BY {0}; DROP ROLE {0}").format(sql.Identifier(bypass)))
     assert admin.execute(queued, [articles.id]).fetchone() == (1,)
     assert sync(admin, table="articles", allow_superuser=True).embedded == 1  # told so explicitly
 
 
 def test_rows_hidden_from_the_worker_by_row_level_security_are_reported_not_dropped(
-    admin: psycopg.Connection[Any], roles: Roles, packages: list[Package]
+    admin: psycopg.Connection[Any], as_worker: psycopg.Connection[Any], roles: Roles, packages: list[Package]
 ) -> None:
     registration = make_table(admin, roles, "private", packages[:6])
     with acting(admin, roles.owner):
         grant(admin, "worker", roles.worker, tables=["private"])  # before the table had row-level security
         admin.execute("ALTER TABLE private ENABLE ROW LEVEL SECURITY")
         admin.execute("CREATE POLICY own_section ON private USING (section = current_user)")
-    with acting(admin, roles.worker):
-        first = sync(admin, table="private", max_attempts=2, retry_delay=0)
+    first = sync(as_worker, table="private", max_attempts=2, retry_delay=0)
     assert (first.missing, first.embedded, first.dead) == (0, 0, 6)
     letters = admin.execute(
         "SELECT last_error FROM pgsim.dead_letter WHERE embedding_id = %s", [registration.id]
@@ -183,14 +208,17 @@ def test_rows_hidden_from_the_worker_by_row_level_security_are_reported_not_drop
         statements = grant(admin, "worker", roles.worker, tables=["private"])  # now with the worker's policies
         assert sum(statement.startswith("CREATE POLICY") for statement in statements) == 2
         assert admin.execute("SELECT pgsim.requeue_dead_letters()").fetchone() == (6,)
-    with acting(admin, roles.worker):
-        second = sync(admin, table="private")
+    second = sync(as_worker, table="private")
     assert (second.embedded, second.dead) == (6, 0)
     assert all(vector is not None for vector in stored(admin, "private").values())
 
 
 def test_a_table_renamed_during_a_drain_loses_no_row_to_the_dead_letters(
-    admin: psycopg.Connection[Any], shared: str, roles: Roles, packages: list[Package]
+    admin: psycopg.Connection[Any],
+    as_worker: psycopg.Connection[Any],
+    shared: str,
+    roles: Roles,
+    packages: list[Package],
 ) -> None:
     make_table(admin, roles, "moving", packages[:30])
     with acting(admin, roles.owner):
@@ -203,8 +231,7 @@ def test_a_table_renamed_during_a_drain_loses_no_row_to_the_dead_letters(
                 other.execute("ALTER TABLE moving RENAME TO moved")
             renamed.set()
 
-    with acting(admin, roles.worker):
-        report = sync(admin, table="moving", batch_size=5, progress=rename_once)
+    report = sync(as_worker, table="moving", batch_size=5, progress=rename_once)
     assert renamed.is_set()
     assert (report.embedded, report.failed, report.dead, report.missing) == (30, 0, 0, 0)
     assert admin.execute("SELECT count(embedding) FROM moved").fetchone() == (30,)
@@ -217,11 +244,11 @@ def test_a_pooled_connection_that_changes_role_gets_that_roles_columns(
     with acting(admin, roles.owner):
         grant(admin, "search", roles.tenant)
         admin.execute(sql.SQL("GRANT SELECT (id, section, synopsis, embedding) ON articles TO {}").format(tenant))
-        as_owner = search(admin, "articles", "embedding", "chess", k=2)
+        owners_view = search(admin, "articles", "embedding", "chess", k=2)
     with acting(admin, roles.tenant):  # the same connection, as another role: its own columns, no error
         as_tenant = search(admin, "articles", "embedding", "chess", k=2)
-    assert "secret" in as_owner[0].row and "secret" not in as_tenant[0].row
-    assert [hit.row["id"] for hit in as_tenant] == [hit.row["id"] for hit in as_owner]
+    assert "secret" in owners_view[0].row and "secret" not in as_tenant[0].row
+    assert [hit.row["id"] for hit in as_tenant] == [hit.row["id"] for hit in owners_view]
 
 
 def test_grants_from_the_command_line_and_their_limits(
@@ -246,7 +273,7 @@ def test_grants_from_the_command_line_and_their_limits(
 
 
 def test_a_register_role_registers_its_own_tables_and_works_them_with_its_own_worker(
-    admin: psycopg.Connection[Any], roles: Roles, articles: Registration
+    admin: psycopg.Connection[Any], as_worker: psycopg.Connection[Any], roles: Roles, articles: Registration
 ) -> None:
     with acting(admin, roles.owner):
         grant(admin, "register", roles.tenant)
@@ -259,8 +286,7 @@ def test_a_register_role_registers_its_own_tables_and_works_them_with_its_own_wo
         statements = grant(admin, "worker", roles.worker, tables=["tenant.notes"])
         admin.execute(sql.SQL("GRANT USAGE ON SCHEMA tenant TO {}").format(sql.Identifier(roles.worker)))
     assert statements and all('"tenant"."notes"' in statement for statement in statements)
-    with acting(admin, roles.worker):
-        report = sync(admin, table="tenant.notes")
+    report = sync(as_worker, table="tenant.notes")
     assert report.embedded == 2
     with acting(admin, roles.tenant):
         admin.execute("UPDATE tenant.notes SET body = 'a longer note about chess' WHERE id = 1")
@@ -279,22 +305,24 @@ def test_a_register_role_registers_its_own_tables_and_works_them_with_its_own_wo
 
 
 def test_a_model_change_is_filled_by_the_worker_role_and_switched_by_the_owner(
-    admin: psycopg.Connection[Any], roles: Roles, packages: list[Package], small_model: str
+    admin: psycopg.Connection[Any],
+    as_worker: psycopg.Connection[Any],
+    as_owner: psycopg.Connection[Any],
+    roles: Roles,
+    packages: list[Package],
+    small_model: str,
 ) -> None:
     from pgsim.columns.model_change import change_model
 
     make_table(admin, roles, "changing", packages[:12])
     with acting(admin, roles.owner):
         grant(admin, "worker", roles.worker, tables=["changing"])
-    with acting(admin, roles.worker):
-        assert sync(admin, table="changing").embedded == 12
+    assert sync(as_worker, table="changing").embedded == 12
     with acting(admin, roles.owner):
         new = change_model(admin, "changing", "embedding", small_model)
-    with acting(admin, roles.worker):  # the new column took the old one's grants: the worker fills it
-        filling = sync(admin, table="changing")
+    filling = sync(as_worker, table="changing")  # the new column took the old one's grants: the worker fills it
     assert (filling.embedded, filling.failed, filling.switched) == (12, 0, 0)  # the switch is the owner's
-    with acting(admin, roles.owner):
-        assert sync(admin, table="changing").switched == 1
+    assert sync(as_owner, table="changing").switched == 1
     switched = admin.execute("SELECT model, column_name FROM pgsim.embedding WHERE id = %s", [new.id]).fetchone()
     assert switched == (small_model, "embedding")
     assert admin.execute(  # and the renamed column keeps them for the next change

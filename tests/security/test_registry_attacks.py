@@ -169,15 +169,17 @@ def test_names_stored_in_a_registration_row_never_lead_to_another_table(
     tenant = sql.Identifier(roles.tenant)
     admin.execute(sql.SQL("GRANT USAGE ON SCHEMA pgsim TO {}").format(tenant))
     admin.execute(sql.SQL("GRANT SELECT, INSERT, UPDATE ON pgsim.embedding TO {}").format(tenant))
+    forge = (
+        "INSERT INTO pgsim.embedding (table_oid, table_schema, table_name, column_name, source, source_columns, "
+        "key_columns, model, model_revision, dimension, dtype, created_column, replaces) "
+        "SELECT 'tenant.notes'::regclass, 'public', 'docs', 'section', 'body', '{body}', '{id}', 'm', 'r', 384, "
+        "'vector', true, %s"
+    )
     with acting(admin, roles.tenant):  # a row for the tenant's own table, naming the victim's table and column
-        admin.execute(
-            "INSERT INTO pgsim.embedding (table_oid, table_schema, table_name, column_name, source, source_columns, "
-            "key_columns, model, model_revision, dimension, dtype, created_column, replaces) "
-            "SELECT 'tenant.notes'::regclass, 'public', 'docs', 'section', 'body', '{body}', '{id}', 'm', 'r', 384, "
-            "'vector', true, %s",
-            [docs.id],
-        )
-    forged = admin.execute("SELECT id FROM pgsim.embedding WHERE replaces = %s", [docs.id]).fetchone()
+        with pytest.raises(psycopg.errors.ForeignKeyViolation):  # and claiming to replace the victim's column
+            admin.execute(forge, [docs.id])
+        admin.execute(forge.replace("true, %s", "true, NULL"))
+    forged = admin.execute("SELECT id FROM pgsim.embedding WHERE table_oid = 'tenant.notes'::regclass").fetchone()
     assert forged is not None
     planted = get_registration(admin, "tenant.notes", "section")
     assert planted is not None and (planted.schema, planted.table_name) == ("tenant", "notes")  # from the OID

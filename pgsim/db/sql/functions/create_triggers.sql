@@ -2,7 +2,8 @@
 -- embedding; AFTER UPDATE that changes a source column, unless the same statement writes the embedding
 -- too (then the writer supplied it), or that leaves a row without an embedding (a writer set it to NULL,
 -- or moved a queued row to another key). The worker's own NULL for a blank text fires it too and adds
--- nothing: the row's entry is still there.
+-- nothing: the row's entry is still there. A registration whose stale rows are hidden (stale = 'hide') gets
+-- a third, BEFORE UPDATE on the same change, that sets the embedding to NULL (pgsim.hide_stale).
 CREATE OR REPLACE FUNCTION pgsim.create_triggers(registration integer) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -41,5 +42,15 @@ BEGIN
         pgsim.qualified_columns('OLD', e.key_columns), pgsim.qualified_columns('NEW', e.key_columns),
         arguments
     );
+    IF e.stale = 'hide' THEN
+        EXECUTE format(
+            'CREATE TRIGGER %I BEFORE UPDATE OF %s ON %s FOR EACH ROW WHEN ('
+            'ROW(%s) IS DISTINCT FROM ROW(%s) AND NEW.%I IS NOT DISTINCT FROM OLD.%I'
+            ') EXECUTE FUNCTION pgsim.hide_stale(%L)',
+            format('pgsim_%s_hide', e.id), watched, target,
+            pgsim.qualified_columns('OLD', e.source_columns), pgsim.qualified_columns('NEW', e.source_columns),
+            e.column_name, e.column_name, e.column_name
+        );
+    END IF;
 END;
 $$;

@@ -1,5 +1,6 @@
 -- Follow renamed tables and forget the registrations whose table is gone (or whose insert trigger its owner
--- dropped), with their queue entries and dead letters. A registration follows its table by OID only: no
+-- dropped, unless pgsim.freeze_embedding dropped it for a change of source still being filled), with their
+-- queue entries and dead letters. A registration follows its table by OID only: no
 -- name, and no trigger another role makes on a table of its own, can move it. It acts on the catalog's
 -- facts alone, whoever calls it, so it runs as pgsim's owner (workers and registrants need no write access
 -- to the registry for it). Returns the forgotten ids.
@@ -18,6 +19,8 @@ BEGIN
             SELECT 1 FROM pg_trigger t
             WHERE t.tgrelid = e.table_oid AND t.tgname = format('pgsim_%s_insert', e.id)
               AND t.tgfoid = 'pgsim.enqueue()'::regprocedure)
+          AND NOT (EXISTS (SELECT 1 FROM pg_class c WHERE c.oid = e.table_oid)
+                   AND EXISTS (SELECT 1 FROM pgsim.embedding r WHERE r.replaces = e.id AND r.table_oid = e.table_oid))
         RETURNING id
     )
     SELECT coalesce(array_agg(id), '{}') INTO gone FROM deleted;

@@ -13,7 +13,7 @@ CREATE OR REPLACE FUNCTION pgsim.register_embedding(
     target regclass, column_name name, source text, model text, model_revision text, dimension integer,
     dtype text DEFAULT 'vector', index_name name DEFAULT NULL, index_m integer DEFAULT NULL,
     index_ef_construction integer DEFAULT NULL, source_columns name[] DEFAULT NULL,
-    queue_existing boolean DEFAULT false, replaces integer DEFAULT NULL
+    queue_existing boolean DEFAULT false, replaces integer DEFAULT NULL, stale text DEFAULT 'keep'
 ) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -73,9 +73,9 @@ BEGIN
     END IF;
     INSERT INTO pgsim.embedding (table_oid, table_schema, table_name, column_name, source, source_columns,
         key_columns, model, model_revision, dimension, dtype, index_name, index_m, index_ef_construction,
-        created_column, replaces)
+        created_column, replaces, stale)
     VALUES (target, table_schema, table_name, column_name, source, source_columns, key_columns, model,
-        model_revision, dimension, dtype, index_name, index_m, index_ef_construction, created, replaces)
+        model_revision, dimension, dtype, index_name, index_m, index_ef_construction, created, replaces, stale)
     RETURNING id INTO registration;
     PERFORM pgsim.create_triggers(registration);
     IF queue_existing THEN

@@ -11,5 +11,7 @@ SELECT
     (SELECT pg_catalog.count(*) FROM pgsim.queue q WHERE q.embedding_id = e.id AND q.attempts > 0) AS retrying,
     (SELECT pg_catalog.count(*) FROM pgsim.dead_letter d WHERE d.embedding_id = e.id) AS dead_letters,
     (SELECT pg_catalog.now() - pg_catalog.min(q.enqueued_at) FROM pgsim.queue q WHERE q.embedding_id = e.id) AS lag
-FROM pgsim.embedding e;
+FROM pgsim.embedding e
+-- the view reads the queue with its owner's rights: each caller sees the counts of the tables it may read
+WHERE pg_catalog.has_any_column_privilege(e.table_oid, 'SELECT');
 COMMENT ON VIEW pgsim.sync_status IS 'Per registered column: queue depth, entries retrying, dead letters, and the age of the oldest entry.';

@@ -17,6 +17,7 @@ BEGIN
     IF target IS NOT NULL THEN
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('pgsim_%s_insert', e.id), target);
         EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('pgsim_%s_update', e.id), target);
+        EXECUTE format('DROP TRIGGER IF EXISTS %I ON %s', format('pgsim_%s_hide', e.id), target);
         IF e.index_name IS NOT NULL THEN
             EXECUTE format('DROP INDEX IF EXISTS %I.%I', table_schema, e.index_name);
         END IF;

@@ -9,6 +9,8 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -106,7 +108,8 @@ def _load(name: str, location: str, device: str) -> SentenceTransformer:
         ) from None
     started = time.perf_counter()
     try:
-        model = SentenceTransformer(location, device=device)
+        with _quiet_loading():
+            model = SentenceTransformer(location, device=device)
     except (OSError, ValueError) as exc:
         raise ModelNotFound(
             f"Cannot load model {name!r}: it is not a packaged model ({', '.join(sorted(PACKAGED_MODELS))}), "
@@ -117,6 +120,21 @@ def _load(name: str, location: str, device: str) -> SentenceTransformer:
         ) from None
     log.info("loaded model %s from %s in %.1fs", name, location, time.perf_counter() - started)
     return model
+
+
+@contextmanager
+def _quiet_loading() -> Iterator[None]:
+    """No progress bar while the weights load: a library call inside a web app or a worker prints nothing
+    (pgsim logs the load at INFO instead). transformers' own setting is put back after."""
+    from transformers.utils import logging as transformers_logging
+
+    shown = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    try:
+        yield
+    finally:
+        if shown:
+            transformers_logging.enable_progress_bar()  # type: ignore[no-untyped-call]
 
 
 def model_revision(name: str) -> str:

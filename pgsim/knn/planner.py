@@ -15,7 +15,7 @@ from psycopg import sql
 from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput, SchemaMissing
 from pgsim.knn.caches import forget_plans
-from pgsim.knn.statements import Where, filter_sql
+from pgsim.knn.statements import Condition, Where, filter_sql
 from pgsim.knn.target import VectorColumn, check_k, vector_column
 
 
@@ -147,7 +147,7 @@ def plan_params(
         table_identifier(target.table).as_string(conn),
         target.column,
         k,
-        condition.as_string(conn),
+        condition.text(conn) if isinstance(condition, Condition) else condition.as_string(conn),
         tuning.exact_below_rows,
         tuning.hnsw_ef_search,
         tuning.min_hnsw_selectivity,

@@ -36,10 +36,32 @@ def check_no_nul(value: object, what: str) -> None:
         raise InvalidInput(f"{what} {value!r} holds a NUL character, which PostgreSQL text cannot hold; remove it.")
 
 
-def filter_sql(where: Where) -> sql.Composable:
+class Condition(sql.Composable):
+    """A filter, to be placed in a statement that has parameters: its ``%`` signs (in a value such as
+    ``'50% off'``, or a LIKE pattern) are doubled, so psycopg reads none of them as a placeholder.
+    :meth:`text` is the condition itself, for where it is passed as a value (the planner's filter)."""
+
+    def __init__(self, condition: sql.Composable) -> None:
+        super().__init__(condition)
+        self.condition = condition
+
+    def as_bytes(self, context: Any = None) -> bytes:
+        return self.condition.as_bytes(context).replace(b"%", b"%%")
+
+    def text(self, context: Any) -> str:
+        return self.condition.as_string(context)
+
+
+def filter_sql(where: Where) -> Condition:
     """A WHERE condition with its values as literals (psycopg quotes them); identifiers always quoted."""
+    return Condition(_condition(where))
+
+
+def _condition(where: Where) -> sql.Composable:
     if where is None:
         return sql.SQL("TRUE")
+    if isinstance(where, Condition):
+        return where.condition
     if isinstance(where, sql.Composable):
         return where
     clauses: list[sql.Composable] = []

@@ -379,6 +379,18 @@ def test_zero_query_vector_and_nul_in_filters_are_clear_errors(conn: Any) -> Non
         search(conn, "packages", "embedding", "x", where={"section": ["libs", "li\x00bs"]})
 
 
+def test_a_percent_sign_in_a_filter_value_or_pattern_is_data(conn: Any, packages: list[Package]) -> None:
+    """psycopg reads % in a statement with parameters as a placeholder: the filter's own are doubled."""
+    target = packages[0].package
+    conn.execute("UPDATE packages SET section = %s WHERE package = %s", ["50% off", target])
+    try:
+        for where in ({"section": "50% off"}, {"section": ["50% off", "x%s"]}, sql.SQL("section LIKE '50%'")):
+            hits = search(conn, "packages", "embedding", "anything", k=3, where=where)  # type: ignore[arg-type]
+            assert [hit.row["package"] for hit in hits] == [target]
+    finally:
+        conn.execute("UPDATE packages SET section = %s WHERE package = %s", [packages[0].section, target])
+
+
 def test_sql_function_refuses_bad_input_clearly(db: str, package_vectors: np.ndarray[Any, Any]) -> None:
     from pgsim import register
 

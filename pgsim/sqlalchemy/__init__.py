@@ -7,6 +7,11 @@ from pgsim._util import require
 require("sqlalchemy", "sqlalchemy")
 
 from pgsim.sqlalchemy import functions  # noqa: E402
+from pgsim.sqlalchemy.async_quality import (  # noqa: E402
+    hybrid_search_async,
+    near_duplicates_async,
+    relevant_search_async,
+)
 from pgsim.sqlalchemy.columns import (  # noqa: E402
     EmbeddingSpec,
     embedding_column,
@@ -39,8 +44,11 @@ __all__ = [
     "functions",
     "hnsw_index",
     "hybrid_search",
+    "hybrid_search_async",
     "near_duplicates",
+    "near_duplicates_async",
     "register_embeddings",
     "register_embeddings_sync",
     "relevant_search",
+    "relevant_search_async",
 ]

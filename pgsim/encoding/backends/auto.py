@@ -1,6 +1,8 @@
 """``auto``: each candidate backend encodes the same calibration texts; the fastest whose vectors keep a
-cosine of at least ``MIN_COSINE`` with float32's wins. The choice is remembered per model revision and
-machine in the cache directory, and logged. :func:`build` makes a backend by name.
+cosine of at least ``MIN_COSINE`` with float32's wins, timed so that other processes' load does not decide
+(:mod:`.measure`). The choice is remembered per model revision and machine in the cache directory, with its
+rates, and logged; :func:`measure_again` measures anew on demand. The first run says on stderr what it
+does (converting the model, measuring); later runs say nothing. :func:`build` makes a backend by name.
 """
 
 from __future__ import annotations
@@ -10,26 +12,28 @@ import json
 import logging
 import os
 import platform
+import sys
 import threading
-import time
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pgsim.encoding.backends import measure
 from pgsim.encoding.backends.base import (
     BACKENDS,
     MIN_COSINE,
     TOKENIZER_LOCK,
     Backend,
     BackendUnavailable,
-    Matrix,
     cache_dir,
     read_json,
 )
+from pgsim.encoding.backends.exported import _safe, pooling_mode
 from pgsim.encoding.backends.lanes import embed_batches
 from pgsim.encoding.backends.torch import TorchBackend, bfloat16_copy
+from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
 
 if TYPE_CHECKING:
@@ -37,6 +41,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# What converting the model takes on 2 cores, said before it starts (all-MiniLM-L6-v2; larger models longer).
+EXPORT_SECONDS = {"onnx": "5-15 s", "openvino": "5-15 s"}
 CHOICE_FORMAT = "lanes"  # change when backends run differently, so remembered choices are measured again
 
 
@@ -50,6 +56,11 @@ def build(requested: str, model: SentenceTransformer, model_name: str, revision:
         from pgsim.encoding.backends.onnx import OnnxBackend
         from pgsim.encoding.backends.openvino import OpenVinoBackend
 
+        if (
+            _exportable(model, requested)
+            and not (_export_directory(requested, model_name, revision) / "export.json").is_file()
+        ):
+            say(f"converting {model_name} for the {requested} backend, once (usually {EXPORT_SECONDS[requested]})")
         return (OnnxBackend if requested == "onnx" else OpenVinoBackend)(model, model_name, revision)
     raise InvalidInput(f"Unknown encoder backend {requested!r}; choose auto, {', '.join(BACKENDS)}.")
 
@@ -57,21 +68,18 @@ def build(requested: str, model: SentenceTransformer, model_name: str, revision:
 _choices_lock = threading.Lock()
 
 
-def choose(model: SentenceTransformer, model_name: str, revision: str, calibration: list[str]) -> Backend:
+def choose(
+    model: SentenceTransformer, model_name: str, revision: str, calibration: list[str], *, again: bool = False
+) -> Backend:
     """``auto``: the fastest backend whose vectors keep MIN_COSINE with float32's on ``calibration``; the
-    measurement is remembered in the cache directory (per model revision, machine and versions)."""
-    import torch
-
-    key = "|".join(
-        [revision, platform.machine(), platform.processor() or "", torch.__version__, _cpu_flags(), CHOICE_FORMAT]
-        + list(BACKENDS)  # a new candidate backend, or a runtime installed or upgraded, means measuring again
-        + [_installed("onnxruntime"), _installed("openvino")]
-    )
+    measurement (:mod:`.measure`) is remembered in the cache directory (per model revision, machine and
+    versions). ``again``: measure even if a choice is remembered (``pgsim encoder --measure``)."""
     choices_path = cache_dir() / "backend-choices.json"
+    key = _choice_key(revision)
     with _choices_lock:
         known = read_json(choices_path) or {}
-        remembered = known.get(hashlib.sha256(key.encode()).hexdigest()[:16])
-        if remembered:
+        remembered = None if again else known.get(key)
+        if remembered and not _recheck(remembered):
             try:
                 backend = build(remembered["backend"], model, model_name, revision)
                 backend.reason = f"auto, chosen earlier: {remembered['why']}"
@@ -82,9 +90,13 @@ def choose(model: SentenceTransformer, model_name: str, revision: str, calibrati
                     f"Backend {remembered['backend']} chosen earlier is unavailable ({exc}); choosing again.",
                     stacklevel=3,
                 )
-        backend, why = _measure(model, model_name, revision, calibration)
-        backend.reason = f"auto: {why}"
-        known[hashlib.sha256(key.encode()).hexdigest()[:16]] = {"backend": backend.name, "why": why}
+        say(
+            f"measuring encoder backends for {model_name} on this machine, once "
+            f"(usually 20-60 s, longer while other work runs)"
+        )
+        backend, record = _measure(model, model_name, revision, calibration)
+        backend.reason = f"auto: {record['why']}"
+        known[key] = record
         try:
             choices_path.parent.mkdir(parents=True, exist_ok=True)
             partial = choices_path.with_suffix(f".{os.getpid()}.partial")
@@ -96,16 +108,52 @@ def choose(model: SentenceTransformer, model_name: str, revision: str, calibrati
         return backend
 
 
-def _measure(model: SentenceTransformer, model_name: str, revision: str, texts: list[str]) -> tuple[Backend, str]:
+def measure_again(model_name: str = DEFAULT_MODEL) -> Backend:
+    """Measure the backends for ``model_name`` now and remember the new choice (what ``pgsim encoder
+    --measure`` runs); its ``reason`` says what was measured."""
+    from pgsim.encoding.models import _calibration_texts, load_model, model_revision
+
+    return choose(load_model(model_name), model_name, model_revision(model_name), _calibration_texts(), again=True)
+
+
+def say(message: str) -> None:
+    """One line on stderr about slow one-time work (converting, measuring), so a first run that pauses says
+    why; later runs, which reuse what it left, say nothing."""
+    print(f"pgsim: {message}", file=sys.stderr, flush=True)
+
+
+def _choice_key(revision: str) -> str:
+    import torch
+
+    key = "|".join(
+        [revision, platform.machine(), platform.processor() or "", torch.__version__, _cpu_flags(), CHOICE_FORMAT]
+        + list(BACKENDS)  # a new candidate backend, or a runtime installed or upgraded, means measuring again
+        + [_installed("onnxruntime"), _installed("openvino")]
+    )
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _recheck(remembered: dict[str, Any]) -> bool:
+    """A remembered choice to measure again: one an older pgsim timed by wall clock alone (load from other
+    processes could decide it) whose winner the CPU's instructions call implausible."""
+    if remembered.get("method") == measure.METHOD:
+        return False  # measured as now, and re-measured then if implausible
+    if measure.implausible(str(remembered.get("backend")), list(BACKENDS)):
+        log.info("the remembered backend choice (%s) is implausible for this CPU; measuring again", remembered)
+        return True
+    return False
+
+
+def _measure(
+    model: SentenceTransformer, model_name: str, revision: str, texts: list[str]
+) -> tuple[Backend, dict[str, Any]]:
     """Each backend encodes ``texts`` (in batches of similar length, as the Encoder sends them); the fastest
-    whose vectors keep MIN_COSINE with float32's wins."""
+    whose vectors keep MIN_COSINE with float32's wins, timed as :mod:`.measure` says. The record to remember."""
     batches = _length_sorted_batches(model, texts)
     reference = TorchBackend(model, "torch")
-    expected, rates = _timed(reference, batches)
-    best: Backend = reference
-    best_rate = rates
+    expected = np.concatenate(list(embed_batches(reference, batches)))  # also the warm-up pass
+    candidates: dict[str, Backend] = {"torch": reference}
     notes = []
-    measured = {"torch": rates}
     for name in BACKENDS[1:]:
         try:
             candidate = build(name, model, model_name, revision)
@@ -113,15 +161,33 @@ def _measure(model: SentenceTransformer, model_name: str, revision: str, texts: 
             log.warning("encoder backend %s is not a candidate here: %s", name, exc)
             notes.append(f"{name} unavailable: {exc}")
             continue
-        vectors, rate = _timed(candidate, batches)
-        measured[name] = rate
+        vectors = np.concatenate(list(embed_batches(candidate, batches)))  # the warm-up pass
         cosine = float(np.min(np.sum(vectors * expected, axis=1)))
         if cosine < MIN_COSINE:
             notes.append(f"{name} min cosine {cosine:.5f} < {MIN_COSINE}")
-        elif rate > best_rate:
-            best, best_rate = candidate, rate
-    rates_text = ", ".join(f"{name} {rate:.0f} texts/s" for name, rate in measured.items())
-    return best, "; ".join([f"measured {rates_text} on {len(texts)} texts", *notes])
+        else:
+            candidates[name] = candidate
+    rates, load = measure.rates(candidates, batches)
+    rounds = measure.ROUNDS
+    if measure.implausible(max(rates, key=rates.__getitem__), list(candidates)):
+        log.info("float32 won on a CPU with bfloat16 instructions (%s); measuring again", rates)
+        more, more_load = measure.rates(candidates, batches)
+        rates = {name: max(rate, more[name]) for name, rate in rates.items()}
+        load, rounds = max(load, more_load), 2 * rounds
+    winner = max(rates, key=rates.__getitem__)
+    rates_text = ", ".join(f"{name} {rate:.0f}" for name, rate in sorted(rates.items(), key=lambda kv: -kv[1]))
+    measured = (
+        f"measured {rates_text} texts/s on {len(texts)} texts (best of {rounds} interleaved rounds, "
+        f"corrected for other processes, which took up to {load:.0%} of the CPUs)"
+    )
+    why = "; ".join([measured, *notes])
+    record = {
+        "backend": winner,
+        "why": why,
+        "method": measure.METHOD,
+        "rates": {k: round(v, 1) for k, v in rates.items()},
+    }
+    return candidates[winner], record
 
 
 def _length_sorted_batches(model: SentenceTransformer, texts: list[str], size: int = 16) -> list[list[str]]:
@@ -131,18 +197,21 @@ def _length_sorted_batches(model: SentenceTransformer, texts: list[str], size: i
     return [ordered[start : start + size] for start in range(0, len(ordered), size)]
 
 
-def _timed(backend: Backend, batches: list[list[str]]) -> tuple[Matrix, float]:
-    """The vectors, and the better rate of two passes over ``batches`` run as the Encoder runs them, after a
-    first pass that pays for lazy initialisation (OpenVINO's per-shape kernels among it): a single timed
-    pass could pick the slower of two close backends."""
-    vectors = np.concatenate(list(embed_batches(backend, batches)))
-    best = 0.0
-    for _ in range(2):
-        started = time.perf_counter()
-        for _batch in embed_batches(backend, batches):
-            pass
-        best = max(best, len(vectors) / (time.perf_counter() - started))
-    return vectors, best
+def _exportable(model: SentenceTransformer, backend: str) -> bool:
+    """Whether ``backend``'s runtime is installed and it can run ``model`` (so converting is what comes)."""
+    import importlib.util
+
+    package = "onnxruntime" if backend == "onnx" else "openvino"
+    try:
+        pooling_mode(model, backend)
+        return sys.modules.get(package, True) is not None and importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError, BackendUnavailable):
+        return False
+
+
+def _export_directory(backend: str, model_name: str, revision: str) -> Path:
+    """Where the ``backend`` keeps its export of ``model_name`` (:meth:`ExportedBackend.directory`)."""
+    return cache_dir() / backend / f"{_safe(model_name)}-{revision}"
 
 
 def _installed(package: str) -> str:

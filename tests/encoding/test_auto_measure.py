@@ -1,0 +1,127 @@
+"""``auto`` under load: busy processes on every core while it measures leave its choice where a quiet
+machine puts it; a remembered choice an older, wall-clock measurement made and the CPU's instructions call
+implausible is measured again; the first run says what it is doing, later runs say nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pgsim.encoding.backends import measure
+from pgsim.encoding.backends.auto import _choice_key, choose, measure_again
+from pgsim.encoding.models import _calibration_texts, load_model, model_revision
+
+MODEL = "all-MiniLM-L6-v2"
+FIRST_USE = "import pgsim; pgsim.Encoder().encode(['a first text'])"
+
+
+@pytest.fixture(scope="module")
+def first_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
+    """Two fresh processes encoding with ``auto`` and an empty cache directory: its path, each one's stderr."""
+    directory = tmp_path_factory.mktemp("first-runs")
+    env = {**os.environ, "PGSIM_CACHE_DIR": str(directory), "PGSIM_BACKEND": "auto", "HF_HUB_OFFLINE": "1"}
+    stderr = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", FIRST_USE], env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        stderr.append(done.stderr)
+    return directory, stderr[0], stderr[1]
+
+
+@pytest.fixture
+def cache(first_runs: tuple[Path, str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache directory of this test's own, with the first runs' exports and no remembered choice."""
+    directory = tmp_path / "cache"
+    for name in ("onnx", "openvino"):
+        shutil.copytree(first_runs[0] / name, directory / name)
+    monkeypatch.setenv("PGSIM_CACHE_DIR", str(directory))
+    return directory
+
+
+def test_the_first_run_says_what_it_does_and_later_runs_say_nothing(first_runs: tuple[Path, str, str]) -> None:
+    _, first, second = first_runs
+    said = [line for line in first.splitlines() if line.startswith("pgsim: ")]
+    assert len(said) == 3, first
+    assert said[0].startswith(f"pgsim: measuring encoder backends for {MODEL} on this machine, once (usually")
+    for line, name in zip(said[1:], ("onnx", "openvino"), strict=True):
+        assert line.startswith(f"pgsim: converting {MODEL} for the {name} backend, once (usually")
+    assert second == ""
+
+
+SPIN = "import sys; print('spinning', flush=True)\nwhile True: pass"
+
+
+@pytest.fixture
+def busy_machine() -> Iterator[int]:
+    """One process per core spinning, each running before the test goes on, stopped when it ends."""
+    workers = [
+        subprocess.Popen([sys.executable, "-c", SPIN], stdout=subprocess.PIPE, text=True)
+        for _ in range(os.cpu_count() or 1)
+    ]
+    try:
+        for worker in workers:
+            assert worker.stdout is not None and worker.stdout.readline() == "spinning\n"
+        yield len(workers)
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait(timeout=30)
+
+
+def remembered(cache: Path) -> dict[str, Any]:
+    (record,) = json.loads((cache / "backend-choices.json").read_text()).values()
+    return dict(record)
+
+
+def test_a_busy_machine_chooses_what_a_quiet_one_does(cache: Path, request: pytest.FixtureRequest) -> None:
+    """The quiet choice, then the choice with a spinning process on every core (each of auto's passes gets
+    about half the CPU it would have): the same backend, or one whose quiet rate is within TIE_MARGIN of the
+    quiet winner's (two backends that close are a tie the measurement cannot and need not split)."""
+    model, revision = load_model(MODEL), model_revision(MODEL)
+    quiet = choose(model, MODEL, revision, _calibration_texts())
+    quiet_rates = remembered(cache)["rates"]
+    (cache / "backend-choices.json").unlink()
+    request.getfixturevalue("busy_machine")
+    busy = choose(model, MODEL, revision, _calibration_texts())
+    record = remembered(cache)
+    assert busy.name in measure.ties(quiet_rates), (quiet.reason, busy.reason)
+    assert record["method"] == measure.METHOD and "other processes, which took up to" in record["why"]
+
+
+def test_an_implausible_choice_measured_by_wall_clock_is_measured_again(cache: Path) -> None:
+    if not measure.native_bfloat16():
+        pytest.skip("the prior speaks only on a CPU with bfloat16 instructions")
+    model, revision, texts = load_model(MODEL), model_revision(MODEL), _calibration_texts()[:8]
+    choices = cache / "backend-choices.json"
+    cache.mkdir(exist_ok=True)
+    old = "measured torch 51 texts/s, torch-bf16 17 texts/s, onnx 38 texts/s, openvino 44 texts/s on 64 texts"
+    choices.write_text(json.dumps({_choice_key(revision): {"backend": "torch", "why": old}}))
+    chosen = choose(model, MODEL, revision, texts)
+    record = remembered(cache)
+    assert record["method"] == measure.METHOD and record["why"] != old and chosen.reason == f"auto: {record['why']}"
+
+    # a choice measured as now stands, whatever it is: it was measured again then if the prior doubted it
+    choices.write_text(json.dumps({_choice_key(revision): {**record, "backend": "onnx"}}))
+    assert choose(model, MODEL, revision, texts).name == "onnx"
+    # an old choice the prior finds plausible stands too
+    choices.write_text(json.dumps({_choice_key(revision): {"backend": "openvino", "why": "measured long ago"}}))
+    assert choose(model, MODEL, revision, texts).reason == "auto, chosen earlier: measured long ago"
+
+
+def test_measure_again_measures_whatever_is_remembered(cache: Path, capfd: pytest.CaptureFixture[str]) -> None:
+    model, revision = load_model(MODEL), model_revision(MODEL)
+    cache.mkdir(exist_ok=True)
+    record = {"backend": "onnx", "why": "chosen by hand", "method": measure.METHOD, "rates": {"onnx": 1.0}}
+    (cache / "backend-choices.json").write_text(json.dumps({_choice_key(revision): record}))
+    assert choose(model, MODEL, revision, _calibration_texts()[:8]).name == "onnx"
+    again = measure_again(MODEL)
+    assert again.reason.startswith("auto: measured ") and remembered(cache)["why"] != "chosen by hand"
+    assert "pgsim: measuring encoder backends" in capfd.readouterr().err

@@ -13,6 +13,7 @@ from psycopg import sql
 
 from pgsim.columns.adding import add_embedding, read_table, source_expression
 from pgsim.columns.registry import Registration, registration_by_id, remove_registration, require_registration
+from pgsim.db.catalog import pin_search_path
 from pgsim.db.hnsw import HNSW, create_hnsw_index
 from pgsim.db.names import derived_name
 from pgsim.encoding.models import model_revision
@@ -107,16 +108,19 @@ def switch_over(conn: psycopg.Connection[Any], new: Registration) -> bool:
     index and triggers and give the new column and index the old names. False (and nothing changed) while
     rows are queued or failed, when the change was cancelled meanwhile, or when the table stays locked."""
     assert new.replaces is not None
-    owns = conn.execute(
-        "SELECT pg_catalog.pg_has_role(CURRENT_USER, relowner, 'USAGE') FROM pg_catalog.pg_class WHERE oid = %s",
-        [new.table_oid],
-    ).fetchone()
+    with conn.transaction():
+        pin_search_path(conn)
+        owns = conn.execute(
+            "SELECT pg_catalog.pg_has_role(CURRENT_USER, relowner, 'USAGE') FROM pg_catalog.pg_class WHERE oid = %s",
+            [new.table_oid],
+        ).fetchone()
+        old = registration_by_id(conn, new.replaces)
+        pending = _pending(conn, new.id)
     if not (owns and owns[0]):  # a worker role: building the index and the switch are the table owner's
         log.info("%s.%s: the table's owner completes the model change (pgsim backfill %s %s)",
                  new.table, new.column, new.table, new.column)  # fmt: skip
         return False
-    old = registration_by_id(conn, new.replaces)
-    if old is None or old.table_oid != new.table_oid or _pending(conn, new.id):
+    if old is None or old.table_oid != new.table_oid or pending:
         return False  # a change to replace another table's column is no model change: never switch it
     index = new.index or old.index
     staged_index = derived_name(new.table_name, new.column, suffix="hnsw") if index else None
@@ -127,6 +131,7 @@ def switch_over(conn: psycopg.Connection[Any], new: Registration) -> bool:
         )
     try:
         with conn.transaction():
+            pin_search_path(conn)
             # Writers wait from here to the commit (readers only for the ALTERs): nothing can be queued meanwhile.
             # A worker that holds rows of this table keeps its batch; this switch gives up and comes back.
             conn.execute("SET LOCAL lock_timeout = '2s'")
@@ -190,8 +195,10 @@ def _pending(conn: psycopg.Connection[Any], registration_id: int) -> bool:
 
 def _valid_index_exists(conn: psycopg.Connection[Any], schema: str, name: str) -> bool:
     """An index of that name that is valid (a failed CONCURRENTLY build leaves an invalid one behind)."""
-    row = conn.execute(
-        "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
-        [sql.Identifier(schema, name).as_string(conn)],
-    ).fetchone()
+    with conn.transaction():
+        pin_search_path(conn)
+        row = conn.execute(
+            "SELECT indisvalid FROM pg_catalog.pg_index WHERE indexrelid = pg_catalog.to_regclass(%s)",
+            [sql.Identifier(schema, name).as_string(conn)],
+        ).fetchone()
     return bool(row and row[0])

@@ -40,7 +40,7 @@ from pgsim.columns.batches import SyncReport, TableMoved, checked_encoder, claim
 from pgsim.columns.model_change import switch_over
 from pgsim.columns.registry import Registration, queue_rows, registration_by_id
 from pgsim.columns.worker_role import qualified_table, worker_targets
-from pgsim.db.catalog import is_local_host, pinned_session, vector_schema
+from pgsim.db.catalog import is_local_host, pin_search_path, vector_schema
 from pgsim.db.connection import notifications_reach
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput, PgsimError, ServerError
@@ -88,7 +88,8 @@ def sync(
     such connection to the same database, writes one batch while the next is encoded (see the module's text).
     It drains only what the current role works for, of one owner or of ``owners``; a session that is or may
     become a superuser or BYPASSRLS role refuses other roles' code unless ``allow_superuser``
-    (:mod:`pgsim.columns.worker_role`). The session's search_path is pinned while it runs."""
+    (:mod:`pgsim.columns.worker_role`). Every statement runs in a transaction that pins search_path (never
+    the session's: behind a pooler in transaction mode that would reach other clients)."""
     if batch_size < 1 or max_attempts < 1 or retry_delay < 0:
         raise InvalidInput("batch_size and max_attempts must be at least 1, retry_delay at least 0.")
     if overlap_with is conn:
@@ -103,12 +104,10 @@ def sync(
     if overlap_with is not None and _server_and_database(conn) != _server_and_database(overlap_with):
         raise InvalidInput("overlap_with reaches another server or database than conn; it must reach the same one.")
     table = qualified_table(conn, table)
-    with contextlib.ExitStack() as pinned:
-        for connection in connections:
-            pinned.enter_context(pinned_session(connection))
-            _register_pinned(connection)
-        return _sync(conn, connections, table, column, batch_size, max_attempts, retry_delay, progress, stop, cache,
-                     overlap_with, allow_superuser, owners)  # fmt: skip
+    for connection in connections:
+        _register_pinned(connection)
+    return _sync(conn, connections, table, column, batch_size, max_attempts, retry_delay, progress, stop, cache,
+                 overlap_with, allow_superuser, owners)  # fmt: skip
 
 
 def _sync(
@@ -170,7 +169,9 @@ def _sync(
                     return done
             return None
         except (psycopg.errors.UndefinedTable, TableMoved):
-            moved = registration_by_id(lane, registration.id)
+            with lane.transaction():
+                pin_search_path(lane)
+                moved = registration_by_id(lane, registration.id)
             if moved is None or moved.table_sql == registration.table_sql:
                 raise
             log.info("%s was renamed %s; draining on", registration.table, moved.table)
@@ -228,15 +229,16 @@ def queue_backfill(
     the registrations, for whoever drains the queue. Queueing evaluates the source: the role check of
     :func:`sync` applies."""
     table = qualified_table(conn, table)
-    with pinned_session(conn):
-        targets = worker_targets(conn, table, column, owners=owners, allow_superuser=allow_superuser)
-        for registration in targets:
-            queue_rows(conn, registration)
+    targets = worker_targets(conn, table, column, owners=owners, allow_superuser=allow_superuser)
+    for registration in targets:
+        queue_rows(conn, registration)
     return targets
 
 
 def _queued(conn: psycopg.Connection[Any], ids: list[int]) -> int:
-    row = conn.execute("SELECT count(*) FROM pgsim.queue WHERE embedding_id = ANY(%s)", [ids]).fetchone()
+    with conn.transaction():
+        pin_search_path(conn)
+        row = conn.execute("SELECT count(*) FROM pgsim.queue WHERE embedding_id = ANY(%s)", [ids]).fetchone()
     return int(row[0]) if row else 0
 
 
@@ -244,6 +246,7 @@ def _register_pinned(conn: psycopg.Connection[Any]) -> None:
     """pgsim's adapters, looked up with pg_catalog first and pgvector's schema next (the session's path is
     pinned to pg_catalog alone while a drain runs)."""
     with conn.transaction():
+        pin_search_path(conn)  # vector_schema's own query too
         path = f"pg_catalog, {sql.Identifier(vector_schema(conn)).as_string(conn)}, pg_temp"
         conn.execute("SELECT pg_catalog.set_config('search_path', %s, true)", [path])
         register(conn)
@@ -343,9 +346,8 @@ class Worker:
         report = SyncReport()
         try:
             table = qualified_table(conn, self.table)
-            with pinned_session(conn):
-                targets = worker_targets(conn, table, self.column, owners=self.owners,
-                                         allow_superuser=self.allow_superuser)  # fmt: skip
+            targets = worker_targets(conn, table, self.column, owners=self.owners,
+                                     allow_superuser=self.allow_superuser)  # fmt: skip
         except InvalidInput as exc:
             log.error("%s", exc)
             return report

@@ -3,8 +3,6 @@ relation or a part of pgsim's schema exists, and whether the server runs on this
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,19 +90,6 @@ def pin_search_path(conn: psycopg.Connection[Any]) -> None:
     what pgsim's statements call, never bind to an object another role put in a schema on the session's path.
     pgvector's types are then named with :func:`vector_schema`."""
     conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)")
-
-
-@contextmanager
-def pinned_session(conn: psycopg.Connection[Any]) -> Iterator[None]:
-    """:func:`pin_search_path` for the whole block, across the transactions it runs (a drain commits each
-    batch on its own), and the session's search_path back after it."""
-    row = conn.execute("SELECT pg_catalog.current_setting('search_path')").fetchone()
-    conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', false)")
-    try:
-        yield
-    finally:
-        if not conn.broken and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE and row:
-            conn.execute("SELECT pg_catalog.set_config('search_path', %s, false)", [row[0]])
 
 
 def vector_schema(conn: psycopg.Connection[Any]) -> str:

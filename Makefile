@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE := 1
 export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test check bench-encode bench-filtered bench-ingest bench-orm clean
+.PHONY: demo test tools check bench-encode bench-filtered bench-ingest bench-orm clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,12 @@ demo: $(BIN)/.installed
 
 # Two workers, one test file each at a time (their module-scoped databases stay whole): about 6 minutes here
 # against about 8 in one process.
-test: $(BIN)/.installed
+test: $(BIN)/.installed tools
 	$(BIN)/python -m pytest -n 2 --dist loadfile
+
+# What the tests run besides Python: PgBouncer, for tests/test_connections.py (Debian's package; as root).
+tools:
+	command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || (apt-get update -qq && apt-get install -y -qq pgbouncer)
 
 # Lint, format, types, the layers' import contract (pyproject's [tool.importlinter]).
 check: $(BIN)/.installed

@@ -91,6 +91,10 @@ def register(conn: psycopg.Connection[Any], model: str = DEFAULT_MODEL) -> None:
     """Adapt pgvector's types and :class:`Text` on ``conn``; ``model`` encodes Text that names none."""
     from pgvector.psycopg import register_vector
 
+    if isinstance(conn, psycopg.AsyncConnection):
+        raise InvalidInput(
+            "pgsim.register takes a psycopg.Connection; for an AsyncConnection: await pgsim.register_async(conn)."
+        )
     _require_vector(conn, TypeInfo.fetch(conn, "vector"))
     register_vector(conn)
     _register_dumpers(conn, TypeInfo.fetch(conn, "vector"), model)

@@ -8,4 +8,4 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # reference backend) keeps them equal to 1e-6. tests/test_backends.py exercises every backend and "auto".
 os.environ.setdefault("PGSIM_BACKEND", "torch")
 
-pytest_plugins = ["fixtures.database", "fixtures.model", "fixtures.roles"]
+pytest_plugins = ["fixtures.database", "fixtures.model", "fixtures.pgbouncer", "fixtures.roles"]

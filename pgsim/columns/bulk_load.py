@@ -1,13 +1,16 @@
 """Bulk ingest from Python: rows in, rows with their embeddings out, written with COPY.
 
-Each chunk is staged, encoded, then written. Staging: the rows go into a session temp table shaped like
-the target's columns (COPY), and PostgreSQL computes each registered column's source text there (so a
-source expression means what it means for the triggers). Encoding runs in a thread of its own, one call
-per column, while this connection writes the previous chunk and stages the next: the model never waits
-for the database, nor the database for the model. Writing is one transaction per chunk: the vectors
-follow by binary COPY, and one INSERT … SELECT writes rows and vectors together. Rows arrive with their
-embeddings, so the triggers queue none of them (a row whose text is empty gets NULL and is queued, then
-dropped by a worker).
+Each chunk is staged, encoded, then written. Staging: the rows go into a temp table shaped like the
+target's columns (COPY), and PostgreSQL computes each registered column's source text there (so a source
+expression means what it means for the triggers). Encoding runs in a thread of its own, one call per
+column, while this connection writes the previous chunk and stages the next: the model never waits for
+the database, nor the database for the model. Writing is one transaction per chunk: the rows follow by
+COPY again and the vectors by binary COPY, and one INSERT … SELECT writes rows and vectors together. Rows
+arrive with their embeddings, so the triggers queue none of them (a row whose text is empty gets NULL and
+is queued, then dropped by a worker).
+
+No temp table outlives the transaction that made it: behind a pooler in transaction mode (PgBouncer) the
+next transaction may run on another server connection, where a session's temp table is not.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from pgsim.psycopg import register
 
 # Rows per chunk: one chunk is written while the next encodes (bench/ingest.py tunes it).
 DEFAULT_CHUNK_SIZE = 512
+STAGED = "pgsim_ingest_rows"  # a chunk's rows, numbered by _pgsim_row, for one transaction
+VECTORS = "pgsim_ingest_vectors"  # a chunk's vectors, by _pgsim_row, while it is written
 
 
 @dataclass
@@ -70,48 +75,41 @@ def ingest(
     iterator = iter(rows)
     columns: list[str] | None = None
     pending: tuple[_Staged, Future[list[_Encoded]]] | None = None
-    unwritten: set[str] = set()
 
     def write(staged: _Staged, encoded: Future[list[_Encoded]]) -> None:
         _write(conn, targets, encoders if cache else None, columns or [], staged, encoded, report)
-        unwritten.discard(staged.name)
         report.seconds = time.perf_counter() - started
         if progress:
             progress(report)
 
-    try:
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgsim-ingest") as encoding:
-            for number in itertools.count():
-                chunk = list(itertools.islice(iterator, chunk_size))
-                if not chunk:
-                    break
-                try:
-                    if columns is None:
-                        columns = _columns_of(chunk[0], targets)
-                    staged = _stage(conn, targets, columns, chunk, report, number, first_row=number * chunk_size)
-                except Exception:
-                    if pending is not None:  # the chunks before a bad one are written, as the docs promise
-                        write(*pending)
-                    raise
-                unwritten.add(staged.name)
-                if cache:  # looked up while the model encodes the chunk before
-                    staged.found = [lookup(conn, e, texts) for e, texts in zip(encoders, staged.texts, strict=True)]
-                following = (staged, encoding.submit(_encode, encoders, staged.to_encode))
-                if pending is not None:  # written while the model encodes the chunk just staged
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pgsim-ingest") as encoding:
+        for number in itertools.count():
+            chunk = list(itertools.islice(iterator, chunk_size))
+            if not chunk:
+                break
+            try:
+                if columns is None:
+                    columns = _columns_of(chunk[0], targets)
+                staged = _stage(conn, targets, columns, chunk, report, first_row=number * chunk_size)
+            except Exception:
+                if pending is not None:  # the chunks before a bad one are written, as the docs promise
                     write(*pending)
-                pending = following
-            if pending is not None:
+                raise
+            if cache:  # looked up while the model encodes the chunk before
+                staged.found = [lookup(conn, e, texts) for e, texts in zip(encoders, staged.texts, strict=True)]
+            following = (staged, encoding.submit(_encode, encoders, staged.to_encode))
+            if pending is not None:  # written while the model encodes the chunk just staged
                 write(*pending)
-    finally:
-        _drop_staged(conn, sorted(unwritten))
+            pending = following
+        if pending is not None:
+            write(*pending)
     report.seconds = time.perf_counter() - started
     return report
 
 
 @dataclass
 class _Staged:
-    name: str  # the session temp table holding the chunk's rows, numbered by _pgsim_row
-    rows: int
+    rows: list[list[Any]]  # the chunk's rows' values in column order, copied again where they are written
     texts: list[list[str | None]]  # per registered column, the rows' source texts
     found: list[Found]  # per registered column, vectors from the cache (empty when it is off)
 
@@ -165,42 +163,51 @@ def _stage(
     columns: list[str],
     chunk: list[Mapping[str, Any]],
     report: IngestReport,
-    number: int,
     *,
     first_row: int,
 ) -> _Staged:
-    """COPY the chunk into a session temp table and read each registered column's source text from it."""
-    name = f"pgsim_ingest_{number}"
-    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    """Each registered column's source text for the chunk's rows, read from a temp table they are copied
+    into for this transaction."""
     sources = [column for column in columns if any(column in target.source_columns for target in targets)]
+    values = []
+    for row_number, row in enumerate(chunk):
+        if len(row) != len(columns) or any(column not in row for column in columns):
+            raise InvalidInput(
+                f"Row {first_row + row_number} has columns {sorted(row)}; the first row had {sorted(columns)}."
+            )
+        for column in sources:
+            if isinstance(row[column], (bytes, bytearray, memoryview)):
+                raise InvalidInput(
+                    f"Row {first_row + row_number}: {column!r} is {type(row[column]).__name__}, but it "
+                    "is the source of an embedding and holds text: decode it first (bytes.decode())."
+                )
+        values.append([row[column] for column in columns])
     started = time.perf_counter()
     with conn.transaction():
         pin_search_path(conn)  # the source expression reads as the workers read it
-        conn.execute(
-            sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
-                sql.Identifier(name), names, targets[0].table_sql
-            )
-        )
-        conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN _pgsim_row bigint").format(sql.Identifier(name)))
-        with conn.cursor() as cur:
-            statement = sql.SQL("COPY {} ({}, _pgsim_row) FROM STDIN").format(sql.Identifier(name), names)
-            with cur.copy(statement) as copy:
-                for row_number, row in enumerate(chunk):
-                    if len(row) != len(columns) or any(column not in row for column in columns):
-                        raise InvalidInput(
-                            f"Row {first_row + row_number} has columns {sorted(row)}; "
-                            f"the first row had {sorted(columns)}."
-                        )
-                    for column in sources:
-                        if isinstance(row[column], (bytes, bytearray, memoryview)):
-                            raise InvalidInput(
-                                f"Row {first_row + row_number}: {column!r} is {type(row[column]).__name__}, but it "
-                                "is the source of an embedding and holds text: decode it first (bytes.decode())."
-                            )
-                    copy.write_row([row[column] for column in columns] + [row_number])
-        texts = [_source_texts(conn, target, name, len(chunk)) for target in targets]
+        _copy_rows(conn, targets, columns, values)
+        texts = [_source_texts(conn, target, len(chunk)) for target in targets]
+        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(STAGED)))
     report.write_seconds += time.perf_counter() - started
-    return _Staged(name, len(chunk), texts, [{} for _ in texts])
+    return _Staged(values, texts, [{} for _ in texts])
+
+
+def _copy_rows(
+    conn: psycopg.Connection[Any], targets: list[Registration], columns: list[str], rows: list[list[Any]]
+) -> None:
+    """Temp table STAGED, shaped like the target's ``columns``, holding ``rows`` numbered by _pgsim_row."""
+    names = sql.SQL(", ").join(map(sql.Identifier, columns))
+    conn.execute(
+        sql.SQL("CREATE TEMP TABLE {} AS SELECT {} FROM {} WITH NO DATA").format(
+            sql.Identifier(STAGED), names, targets[0].table_sql
+        )
+    )
+    conn.execute(sql.SQL("ALTER TABLE {} ADD COLUMN _pgsim_row bigint").format(sql.Identifier(STAGED)))
+    with conn.cursor() as cur:
+        statement = sql.SQL("COPY {} ({}, _pgsim_row) FROM STDIN").format(sql.Identifier(STAGED), names)
+        with cur.copy(statement) as copy:
+            for row_number, row in enumerate(rows):
+                copy.write_row([*row, row_number])
 
 
 def _write(
@@ -212,8 +219,8 @@ def _write(
     encoded: Future[list[_Encoded]],
     report: IngestReport,
 ) -> None:
-    """One transaction: the chunk's vectors by binary COPY, then its rows and vectors by INSERT … SELECT; the
-    vectors just encoded go into the cache too (``caching``: the encoders, when the cache is on)."""
+    """One transaction: the chunk's rows by COPY and its vectors by binary COPY, then both by INSERT … SELECT;
+    the vectors just encoded go into the cache too (``caching``: the encoders, when the cache is on)."""
     results = encoded.result()
     to_encode = staged.to_encode
     vectors = [merged(t, r.vectors, f) for t, r, f in zip(staged.texts, results, staged.found, strict=True)]
@@ -224,32 +231,35 @@ def _write(
         pin_search_path(conn)
         vectors_in = vector_schema(conn)
         _check_registrations(conn, targets)
+        _copy_rows(conn, targets, columns, staged.rows)
         conn.execute(
-            sql.SQL("CREATE TEMP TABLE pgsim_ingest_vectors (_pgsim_row bigint, {}) ON COMMIT DROP").format(
+            sql.SQL("CREATE TEMP TABLE {} (_pgsim_row bigint, {})").format(
+                sql.Identifier(VECTORS),
                 sql.SQL(", ").join(
                     sql.SQL("{} {}").format(name, sql.Identifier(vectors_in, "vector")) for name in vector_columns
-                )
+                ),
             )
         )
         with conn.cursor() as cur:
             with cur.copy(
-                sql.SQL("COPY pgsim_ingest_vectors (_pgsim_row, {}) FROM STDIN WITH (FORMAT BINARY)").format(
-                    sql.SQL(", ").join(vector_columns)
+                sql.SQL("COPY {} (_pgsim_row, {}) FROM STDIN WITH (FORMAT BINARY)").format(
+                    sql.Identifier(VECTORS), sql.SQL(", ").join(vector_columns)
                 )
             ) as copy:
                 copy.set_types(["int8"] + ["vector"] * len(targets))
-                for number in range(staged.rows):
+                for number in range(len(staged.rows)):
                     copy.write_row([number] + [column[number] for column in vectors])
             cur.execute(
                 sql.SQL(
                     "INSERT INTO {table} ({names}, {embedding_columns}) SELECT {source_names}, {vectors} "
-                    "FROM {staged} JOIN pgsim_ingest_vectors USING (_pgsim_row) ORDER BY _pgsim_row"
+                    "FROM {staged} JOIN {vectors_table} USING (_pgsim_row) ORDER BY _pgsim_row"
                 ).format(
                     table=targets[0].table_sql,
                     names=names,
                     embedding_columns=sql.SQL(", ").join(sql.Identifier(t.column) for t in targets),
-                    source_names=sql.SQL(", ").join(sql.Identifier(staged.name, name) for name in columns),
-                    staged=sql.Identifier(staged.name),
+                    source_names=sql.SQL(", ").join(sql.Identifier(STAGED, name) for name in columns),
+                    staged=sql.Identifier(STAGED),
+                    vectors_table=sql.Identifier(VECTORS),
                     vectors=sql.SQL(", ").join(
                         sql.SQL("{}::{}").format(name, sql.Identifier(vectors_in, t.dtype))
                         for name, t in zip(vector_columns, targets, strict=True)
@@ -258,7 +268,8 @@ def _write(
             )
         for encoder, texts, result in zip(caching or [], to_encode, results, strict=False):
             store(conn, encoder, texts, result.vectors)
-        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(staged.name)))
+        # dropped here, not ON COMMIT: inside the caller's transaction this one is a savepoint
+        conn.execute(sql.SQL("DROP TABLE {}, {}").format(sql.Identifier(STAGED), sql.Identifier(VECTORS)))
     report.write_seconds += time.perf_counter() - started
     for result, texts, left in zip(results, staged.texts, to_encode, strict=True):
         report.encode_seconds += result.seconds
@@ -267,18 +278,7 @@ def _write(
         report.encoded += sum(1 for text in left if text is not None and text.strip())
         report.cached += sum(1 for text, rest in zip(texts, left, strict=True) if rest is None and text is not None
                              and text.strip())  # fmt: skip
-    report.rows += staged.rows
-
-
-def _drop_staged(conn: psycopg.Connection[Any], names: list[str]) -> None:
-    """The chunks staged but not written (after an error): their temp tables, if the connection still works."""
-    if conn.closed or conn.info.transaction_status not in (
-        psycopg.pq.TransactionStatus.IDLE,
-        psycopg.pq.TransactionStatus.INTRANS,
-    ):
-        return
-    for name in names:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(name)))
+    report.rows += len(staged.rows)
 
 
 def _check_registrations(conn: psycopg.Connection[Any], targets: list[Registration]) -> None:
@@ -296,12 +296,12 @@ def _check_registrations(conn: psycopg.Connection[Any], targets: list[Registrati
         )
 
 
-def _source_texts(conn: psycopg.Connection[Any], target: Registration, staged: str, count: int) -> list[str | None]:
+def _source_texts(conn: psycopg.Connection[Any], target: Registration, count: int) -> list[str | None]:
     """Each staged row's source text, computed by PostgreSQL as the triggers' workers would."""
     try:
         with conn.transaction():  # inside _stage's, which pinned the search_path
             fetched = conn.execute(
-                sql.SQL("SELECT {} FROM {} ORDER BY _pgsim_row").format(target.source_sql, sql.Identifier(staged))
+                sql.SQL("SELECT {} FROM {} ORDER BY _pgsim_row").format(target.source_sql, sql.Identifier(STAGED))
             ).fetchall()
     except psycopg.errors.UndefinedColumn as exc:
         raise InvalidInput(

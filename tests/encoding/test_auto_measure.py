@@ -136,8 +136,8 @@ def test_measure_again_measures_whatever_is_remembered(cache: Path, capfd: pytes
 def test_load_on_the_fastest_candidates_only_does_not_decide(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Load that falls on some candidates' passes only, as when a first run overlaps other work that comes and
     goes: two spinning processes per core run only while the quiet winner (and those tied with it) are timed.
-    A wall-clock measurement picks float32 torch here (as in issue 23: torch 49, torch-bf16 19, onnx 42,
-    openvino 23 texts/s); the corrected one keeps the quiet choice."""
+    A wall-clock measurement picks a float32 backend here, as the issue's first run did (torch 49, torch-bf16
+    19, onnx 42, openvino 23 texts/s in one run; onnx in another); the corrected one keeps the quiet choice."""
     model, revision = load_model(MODEL), model_revision(MODEL)
     choose(model, MODEL, revision, _calibration_texts())
     quiet_rates = remembered(cache)["rates"]

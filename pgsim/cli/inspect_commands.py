@@ -174,3 +174,17 @@ def cmd_index_advise(args: argparse.Namespace) -> int:
             else:
                 print(statement + ";")
     return 0
+
+
+def cmd_encoder(args: argparse.Namespace) -> int:
+    """The backend the encoder uses for a model here and why; ``--measure`` measures the backends again."""
+    from pgsim.encoding.encoder import encoder_for
+
+    if args.measure:
+        from pgsim.encoding.backends.auto import measure_again
+
+        measure_again(args.model)
+    backend = encoder_for(args.model).backend
+    precision = f" in {backend.precision}" if backend.precision else ""
+    print(f"encoder: {args.model} on backend {backend.name}{precision} ({backend.reason}); {lanes_text(backend)}")
+    return 0

@@ -19,7 +19,15 @@ from pgsim.cli.column_commands import (
     cmd_worker,
 )
 from pgsim.cli.grant_commands import cmd_grant
-from pgsim.cli.inspect_commands import cmd_demo, cmd_doctor, cmd_index_advise, cmd_install, cmd_search, cmd_status
+from pgsim.cli.inspect_commands import (
+    cmd_demo,
+    cmd_doctor,
+    cmd_encoder,
+    cmd_index_advise,
+    cmd_install,
+    cmd_search,
+    cmd_status,
+)
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import PgsimError
 
@@ -97,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE")
     doctor.add_argument("--model", help="the query's model (default: the column's registered model, else all-MiniLM)")
     doctor.set_defaults(run=cmd_doctor)
+
+    encoder = add_command("encoder", help="the encoder backend a model runs on here, and why")
+    encoder.add_argument("--model", default=DEFAULT_MODEL)
+    encoder.add_argument("--measure", action="store_true", help="measure the backends again and remember the result")
+    encoder.set_defaults(run=cmd_encoder)
 
     advise = add_command("index-advise", help="partial HNSW indexes for a workload's frequent filter values")
     advise.add_argument("--workload", required=True, help="JSON lines, one search's filter per line ('-' for stdin)")

@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from pgsim.cli.common import format_table
+from pgsim.cli.main import main
 
 
 def pgsim(*args: str, dsn: str | None = None, home: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -159,3 +160,10 @@ def test_a_query_that_is_not_utf8_is_a_clear_error(database: str) -> None:
     )
     assert found.returncode == 2
     assert "pgsim: Text #0 is not valid Unicode" in found.stderr and "Traceback" not in found.stderr
+
+
+def test_encoder_says_which_backend_runs_the_model_here(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["encoder"]) == 0  # the suite pins PGSIM_BACKEND=torch (tests/conftest.py)
+    assert capsys.readouterr().out.startswith("encoder: all-MiniLM-L6-v2 on backend torch (")
+    assert main(["encoder", "--model", "/no/such/model"]) == 2
+    assert "Cannot load model '/no/such/model'" in capsys.readouterr().err

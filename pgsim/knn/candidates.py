@@ -16,6 +16,7 @@ from pgsim.knn.filtered import Hit, search
 from pgsim.knn.planner import Tuning
 from pgsim.knn.statements import Where
 from pgsim.knn.target import vector_column
+from pgsim.psycopg import vector_array
 
 CANDIDATES_PER_ROW = 5  # candidates fetched per row returned, by default
 
@@ -50,16 +51,15 @@ def nearest_candidates(
     model: str | None,
     tuning: Tuning,
 ) -> Candidates:
-    """The ``candidates`` (default ``5 * k``, at least ``k``) nearest rows passing ``where``."""
+    """The ``candidates`` (default ``5 * k``, at least ``k``) nearest rows passing ``where``; a row's vector
+    column is a float32 array when the caller asked for it."""
     pool = CANDIDATES_PER_ROW * k if candidates is None else candidates
     if isinstance(pool, bool) or not isinstance(pool, int) or pool < k:
         raise InvalidInput(f"candidates must be an integer of at least k ({k}); got {candidates!r}.")
     wanted = list(columns or vector_column(conn, table, column).default_columns)
     hits = search(conn, table, column, query, k=pool, where=where, columns=[*wanted, column], model=model,
                   tuning=tuning)  # fmt: skip
-    vectors = np.stack([_array(hit.row[column]) for hit in hits]) if hits else np.zeros((0, 1), dtype=np.float32)
+    for hit in hits:  # whatever the connection gives for a vector (a Session's has pgvector's text)
+        hit.row[column] = vector_array(hit.row[column])
+    vectors = np.stack([hit.row[column] for hit in hits]) if hits else np.zeros((0, 1), dtype=np.float32)
     return Candidates(hits, vectors, column, column in wanted)
-
-
-def _array(vector: Any) -> npt.NDArray[np.float32]:
-    return np.asarray(vector.to_numpy() if hasattr(vector, "to_numpy") else vector, dtype=np.float32)

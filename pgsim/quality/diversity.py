@@ -10,10 +10,10 @@ import numpy as np
 import numpy.typing as npt
 
 from pgsim.errors import InvalidInput
+from pgsim.knn.candidates import nearest_candidates
 from pgsim.knn.filtered import Hit
 from pgsim.knn.planner import DEFAULT_TUNING, Tuning
 from pgsim.knn.statements import Where
-from pgsim.quality.candidates import nearest_candidates
 from pgsim.quality.connections import psycopg_connection
 
 

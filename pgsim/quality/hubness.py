@@ -23,11 +23,11 @@ from pgsim.encoding.encoder import encoder_for
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
 from pgsim.knn.caches import TtlCache, database_key
+from pgsim.knn.candidates import nearest_candidates
 from pgsim.knn.planner import DEFAULT_TUNING, Tuning
 from pgsim.knn.statements import Where
 from pgsim.knn.target import vector_column
 from pgsim.psycopg import bindable, vector_array
-from pgsim.quality.candidates import nearest_candidates
 from pgsim.quality.connections import psycopg_connection
 
 DEFAULT_WEIGHT = 0.5

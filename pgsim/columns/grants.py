@@ -35,7 +35,7 @@ KINDS: tuple[Kind, ...] = ("search", "worker", "register")
 _READ = "SELECT"
 _WRITE = "SELECT, INSERT, UPDATE, DELETE"
 PGSIM_PRIVILEGES: dict[Kind, tuple[tuple[str, str], ...]] = {
-    "search": (("embedding", _READ), ("query_bank", _READ), ("sync_status", _READ)),
+    "search": (("embedding", _READ), ("query_bank", _READ), ("sync_status", _READ), ("calibration", _READ)),
     "worker": (
         ("embedding", _READ),
         ("sync_status", _READ),
@@ -50,6 +50,7 @@ PGSIM_PRIVILEGES: dict[Kind, tuple[tuple[str, str], ...]] = {
         ("queue", _WRITE),
         ("dead_letter", _WRITE),
         ("embedding_cache", "SELECT, INSERT"),
+        ("calibration", _WRITE),
     ),
 }
 

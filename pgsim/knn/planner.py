@@ -31,6 +31,7 @@ class Plan:
     ef_search: int | None
     max_scan_tuples: int | None
     reason: str
+    expected_recall: float | None = None  # recall@k the calibration measured for this path (1 when exact)
     fell_back: bool = False
 
 

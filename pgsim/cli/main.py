@@ -97,12 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--model", help="the query's model (default: the column's registered model, else all-MiniLM)")
     search.set_defaults(run=cmd_search)
 
-    doctor = add_command("doctor", help="which path a filtered search takes, why, and its EXPLAIN ANALYZE")
-    doctor.add_argument("query", help="text to search for")
+    doctor = add_command(
+        "doctor", help="which path a filtered search takes, why, its EXPLAIN ANALYZE, and the indexes its filter lacks"
+    )
+    doctor.add_argument("query", nargs="?", help="text to search for (without it: only the filter's missing indexes)")
     doctor.add_argument("--table", default="pgsim_demo.packages")
     doctor.add_argument("--column", default="embedding", help="the vector column")
     doctor.add_argument("-k", type=int, default=10)
     doctor.add_argument("--filter", action="append", default=[], metavar="COLUMN=VALUE")
+    doctor.add_argument("--where", metavar="SQL", help="a filter as SQL over the table's columns (ANDed with --filter)")
+    doctor.add_argument(
+        "--calibration",
+        nargs="*",
+        metavar="TABLE COLUMN",
+        help="print the stored calibration curve of TABLE COLUMN (default: --table, --column) and whether it is stale",
+    )
     doctor.add_argument("--model", help="the query's model (default: the column's registered model, else all-MiniLM)")
     doctor.set_defaults(run=cmd_doctor)
 
@@ -117,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     advise.add_argument("--column", default="embedding", help="the vector column")
     advise.add_argument("-k", type=int, default=10)
     advise.add_argument("--min-share", type=float, default=0.05, help="advise values used by at least this share")
+    advise.add_argument(
+        "--recall", type=float, default=0.99, help="no index where the calibration shows the full index reaching this"
+    )
     advise.add_argument("--create", action="store_true", help="build the indexes (CONCURRENTLY) instead of printing")
     advise.set_defaults(run=cmd_index_advise)
 

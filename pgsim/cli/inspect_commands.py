@@ -6,6 +6,7 @@ import argparse
 import os
 import sys
 import time
+from typing import Any
 
 from pgsim.cli.common import format_table, lanes_text, open_connection, progress_bar, where_from_filters
 from pgsim.encoding.models import DEFAULT_MODEL
@@ -114,41 +115,133 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
+    """The path a search takes and why (with a search TEXT), the indexes its filter lacks (with a filter),
+    or the stored calibration curve (``--calibration [TABLE COLUMN]``)."""
+    if args.calibration is not None:
+        return doctor_calibration(args)
+    where = doctor_where(args)
+    if args.query is None:
+        if where is None:
+            raise PgsimError(
+                "doctor takes a search TEXT, a filter (--filter, --where), or --calibration [TABLE COLUMN]"
+            )
+        with open_connection(args) as conn:
+            print_filter_indexes(conn, args.table, args.column, where)
+        return 0
     from pgsim.columns.registry import get_registration
     from pgsim.encoding.encoder import encoder_for
     from pgsim.knn.filtered import explain
 
     with open_connection(args) as conn:
-        plan, analyzed = explain(
-            conn, args.table, args.column, args.query, k=args.k, where=where_from_filters(args.filter), model=args.model
-        )
+        plan, analyzed = explain(conn, args.table, args.column, args.query, k=args.k, where=where, model=args.model)
         registration = get_registration(conn, args.table, args.column)
-    model = args.model or (registration.model if registration else DEFAULT_MODEL)
-    backend = encoder_for(model).backend
-    precision = f" in {backend.precision}" if backend.precision else ""  # OpenVINO picks it per CPU
-    print(f"encoder: {model} on backend {backend.name}{precision} ({backend.reason}); {lanes_text(backend)}")
-    print(f"path: {plan.path}" + (f" using index {plan.index_name}" if plan.path == "hnsw" else ""))
-    print(f"why: {plan.reason}")
-    print(f"estimated rows passing the filter: {plan.estimated_rows:.0f}", end="")
-    if plan.indexed_rows is not None:
-        print(f" of {plan.indexed_rows:.0f} indexed (selectivity {plan.selectivity:.4%})", end="")
-    print()
-    if plan.path == "hnsw":
+        model = args.model or (registration.model if registration else DEFAULT_MODEL)
+        backend = encoder_for(model).backend
+        precision = f" in {backend.precision}" if backend.precision else ""  # OpenVINO picks it per CPU
+        print(f"encoder: {model} on backend {backend.name}{precision} ({backend.reason}); {lanes_text(backend)}")
+        print(f"path: {plan.path}" + (f" using index {plan.index_name}" if plan.path == "hnsw" else ""))
+        print(f"why: {plan.reason}")
+        print(f"estimated rows passing the filter: {plan.estimated_rows:.0f}", end="")
+        if plan.indexed_rows is not None:
+            print(f" of {plan.indexed_rows:.0f} indexed (selectivity {plan.selectivity:.4%})", end="")
+        print()
+        if plan.path == "hnsw":
+            print(
+                f"settings (SET LOCAL): hnsw.iterative_scan = relaxed_order, hnsw.ef_search = {plan.ef_search}, "
+                f"hnsw.max_scan_tuples = {plan.max_scan_tuples}; rows re-sorted by distance"
+            )
+        else:
+            print("settings: none (the filter runs first, then distances; no index can serve the ordering)")
+        print("\nEXPLAIN ANALYZE:")
+        print(analyzed)
+        if where is not None:
+            print()
+            print_filter_indexes(conn, args.table, args.column, where)
+    return 0
+
+
+def doctor_where(args: argparse.Namespace) -> Any:
+    """--filter COLUMN=VALUE and --where SQL as one search filter (None when neither is given)."""
+    from psycopg import sql
+
+    from pgsim.knn.statements import filter_sql
+
+    parts: list[sql.Composable] = []
+    if args.filter:
+        parts.append(filter_sql(where_from_filters(args.filter)).condition)
+    if args.where:
+        parts.append(sql.SQL("({})").format(sql.SQL(args.where)))  # SQL text, as pgsim.knn's filter
+    return sql.SQL(" AND ").join(parts) if parts else None
+
+
+def print_filter_indexes(conn: Any, table: str, column: str, where: Any) -> None:
+    from pgsim.knn.filter_indexes import missing_filter_indexes
+
+    missing = missing_filter_indexes(conn, table, column, where)
+    if not missing:
         print(
-            f"settings (SET LOCAL): hnsw.iterative_scan = relaxed_order, hnsw.ef_search = {plan.ef_search}, "
-            f"hnsw.max_scan_tuples = {plan.max_scan_tuples}; rows re-sorted by distance"
+            f"filter indexes: none missing on {table} for this filter (an index finds its rows, or one would not help)"
         )
+        return
+    first = missing[0]
+    print(
+        f"filter indexes: about {first.estimated_rows:.0f} of {first.table_rows:.0f} rows of {first.table} pass the "
+        "filter, and the exact path reads them all to find them; missing:"
+    )
+    for advice in missing:
+        print(f"  {advice.column} ({advice.column_type}): no {advice.method} index")
+        print(f"    {advice.statement.as_string(conn)};")
+
+
+def doctor_calibration(args: argparse.Namespace) -> int:
+    """The stored knn calibration curve of TABLE COLUMN (default: --table, --column), and whether it is stale."""
+    from pgsim.knn.advice import stored_curve
+
+    if len(args.calibration) not in (0, 2):
+        raise PgsimError("--calibration takes TABLE COLUMN, or nothing for --table and --column")
+    table, column = args.calibration or (args.table, args.column)
+    with open_connection(args) as conn:
+        curve = stored_curve(conn, table, column)
+    if curve is None:
+        print(f"not calibrated: run pgsim calibrate {table} {column}")
+        return 0
+    print(
+        f"calibration of {curve.table}.{curve.column}: measured {curve.measured_at:%Y-%m-%d %H:%M:%S %Z} by "
+        f"{curve.measured_by} in {curve.seconds:.1f} s on {curve.rows_measured:.0f} rows, index "
+        f"{curve.index_measured or '(dropped)'}; k {curve.k}, {curve.queries} queries"
+    )
+    if curve.stale:
+        print(f"STALE, not trusted: {'; '.join(curve.stale)}. Run pgsim calibrate {curve.table} {curve.column}")
     else:
-        print("settings: none (the filter runs first, then distances; no index can serve the ordering)")
-    print("\nEXPLAIN ANALYZE:")
-    print(analyzed)
+        changes = "" if curve.changes_since is None else f", {curve.changes_since} rows written since"
+        print(f"fresh: about {curve.rows_now:.0f} rows now{changes}; index {curve.index_now}")
+    headers = ["selectivity", "rows", "exact ms", *(f"ef {ef}" for ef in curve.ef_search), "filter"]
+    rows = []
+    for level in curve.levels:
+        cells = []
+        for position in range(len(curve.ef_search)):
+            if position < len(level.recall):
+                ms = level.hnsw_ms[position] if position < len(level.hnsw_ms) else None
+                cells.append(f"{level.recall[position]:.3f}" + (f" {ms:.1f}ms" if ms is not None else ""))
+            else:
+                cells.append("")  # not measured: every query had found all k
+        exact = f"{level.exact_ms:.1f}" if level.exact_ms is not None else ""
+        rows.append([f"{level.selectivity:.2%}", level.rows, exact, *cells, level.filter or "(none)"])
+    print("recall@k and time per query of the HNSW path at each ef_search:")
+    print(format_table(headers, rows, max_width=48))
+    served = curve.served_from()
+    if served is not None:
+        print(
+            f"the full index reaches recall 0.99 faster than the exact scan for filters keeping {served:.2%} of the "
+            "rows or more: index-advise proposes no partial index for those"
+        )
     return 0
 
 
 def cmd_index_advise(args: argparse.Namespace) -> int:
     import json
 
-    from pgsim.knn.advice import advise, create
+    from pgsim.knn.advice import advise, calibrated_cover, create
 
     source = sys.stdin if args.workload == "-" else open(args.workload, encoding="utf-8")
     with source:
@@ -156,7 +249,13 @@ def cmd_index_advise(args: argparse.Namespace) -> int:
     if not all(isinstance(item, dict) for item in workload):
         raise PgsimError('--workload holds one JSON object per line, the filter of one search: {"section": "libs"}')
     with open_connection(args) as conn:
-        advice = advise(conn, args.table, args.column, workload, k=args.k, min_share=args.min_share)
+        advice = advise(conn, args.table, args.column, workload, k=args.k, min_share=args.min_share, recall=args.recall)
+        served, _ = calibrated_cover(conn, args.table, args.column, args.k, args.recall)
+        if served is not None:
+            print(
+                f"calibrated: the full index reaches recall {args.recall} for filters keeping {served:.2%} of the rows "
+                "or more; no partial index advised for those"
+            )
         if not advice:
             print(f"no partial index advised for {len(workload)} searches (min share {args.min_share:.0%})")
             return 0

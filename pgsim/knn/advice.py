@@ -1,9 +1,13 @@
-"""Partial HNSW indexes for the filter values a workload asks for most.
+"""Partial HNSW indexes for the filter values a workload asks for most, and the stored calibration curve
+that says where the full index needs none.
 
 A filter that keeps a small share of the rows makes an HNSW scan walk far to meet k matches, or pushes the
 search onto an exact scan of many rows. A partial index per frequent value (``WHERE section = 'libs'``)
 holds only the matching rows, so the walk stays short: the idea behind workload-aware partitioning in
 hybrid-query systems. pgsim's planner recognises such an index when the filter implies its predicate.
+
+Where ``pgsim calibrate`` measured the full index on the table's own rows (``pgsim.calibration``, kind
+``knn``), :func:`advise` reads the curve first: see :meth:`StoredCurve.served_from`.
 """
 
 from __future__ import annotations
@@ -13,14 +17,17 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
+from pgsim.db.catalog import has_schema_table, resolve_table
 from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput
 from pgsim.knn.caches import forget_plans
+from pgsim.knn.filter_indexes import estimated_rows
 from pgsim.knn.planner import DEFAULT_TUNING, Plan, Tuning, plan
 from pgsim.knn.target import vector_column
 
@@ -31,6 +38,8 @@ MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1
 ADVISED_M = 24
 ADVISED_EF_CONSTRUCTION = 200
 ADVISED_EF_SEARCH = 64
+DEFAULT_RECALL = 0.99  # pgsim.search's default target
+STALE_SHARE = 0.2  # a calibration whose table has grown or shrunk by more than this share is not trusted
 
 
 @dataclass(frozen=True)
@@ -60,13 +69,27 @@ def advise(
     k: int = 10,
     min_share: float = 0.05,
     tuning: Tuning = DEFAULT_TUNING,
+    recall: float = DEFAULT_RECALL,
 ) -> list[Advice]:
     """Partial indexes worth building: equality filter values used by at least ``min_share`` of the
     workload's searches, whose search today walks the full index at low selectivity or scans many rows
-    exactly. Most frequent first."""
+    exactly. Most frequent first.
+
+    With a calibration of the full index (``pgsim calibrate``, measured at this ``k``, not stale), a value
+    whose filter keeps at least :meth:`StoredCurve.served_from` of the rows is not advised: the curve shows
+    the full index reaching ``recall`` at every measured selectivity from there up, on a walk faster than
+    the exact scan, so the calibrated planner serves such filters on the HNSW path already, and a partial
+    index per value would cost its build, its memory and slower writes for a speed-up the target does not
+    need. Recall falls as filters get narrower (the walk skips more of the graph), so only measured levels
+    at or below a filter's selectivity vouch for it: between two levels the lower one decides. Filters
+    narrower than every level that reaches the target, and tables with no curve, a stale one or one
+    measured at another k, get the advice as before."""
     if not 0 < min_share <= 1:
         raise InvalidInput(f"min_share must be in (0, 1]; got {min_share}.")
+    if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0 < recall <= 1:
+        raise InvalidInput(f"recall is a target from 0 (exclusive) to 1; got {recall!r}.")
     target = vector_column(conn, table, column)
+    served_from, rows = calibrated_cover(conn, table, column, k, recall)
     counts: Counter[tuple[str, Any]] = Counter()
     searches = 0
     for where in workload:
@@ -84,6 +107,8 @@ def advise(
         narrow = current.path == "hnsw" and (current.selectivity or 1.0) < 0.5  # a partial index gives ~1
         if not (slow or narrow):
             continue
+        if served_from is not None and current.estimated_rows / max(rows, 1) >= served_from:
+            continue  # the full index reaches the recall target there (see above)
         name_of_index = index_name(table, column, name, value)
         statement = sql.SQL(
             "CREATE INDEX CONCURRENTLY IF NOT EXISTS {index} ON {table} USING hnsw ({column} {opclass}) "
@@ -102,6 +127,17 @@ def advise(
     return advice
 
 
+def calibrated_cover(
+    conn: psycopg.Connection[Any], table: str, column: str, k: int, recall: float = DEFAULT_RECALL
+) -> tuple[float | None, float]:
+    """The selectivity from which the stored calibration shows the full index serving filters at ``recall``
+    (None without a usable curve: none, stale, or measured at another k), and the table's rows now."""
+    curve = stored_curve(conn, table, column)
+    if curve is None or curve.k not in (None, k):
+        return None, 0.0
+    return curve.served_from(recall), curve.rows_now
+
+
 def create(conn: psycopg.Connection[Any], advice: Advice) -> None:
     """Build one advised index without blocking writes, then refresh the table's statistics."""
     if not conn.autocommit:
@@ -115,3 +151,156 @@ def create(conn: psycopg.Connection[Any], advice: Advice) -> None:
     )
     conn.execute(sql.SQL("ANALYZE {}").format(table_identifier(advice.table)))
     forget_plans()  # searches cached a plan that did not know this index
+
+
+@dataclass(frozen=True)
+class Level:
+    """One measured selectivity: the exact scan's time and, per ``ef_search``, the HNSW path's recall and time
+    (shorter than the ``ef_search`` list when every query had found all k before its end)."""
+
+    selectivity: float
+    filter: str | None
+    rows: float | None
+    exact_ms: float | None
+    recall: tuple[float, ...]
+    hnsw_ms: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class StoredCurve:
+    """``pgsim.calibration``'s ``knn`` row for a column, and what has changed since it was measured."""
+
+    table: str
+    column: str
+    k: int | None
+    queries: int | None
+    ef_search: tuple[int, ...]
+    levels: tuple[Level, ...]
+    rows_measured: float
+    rows_now: float  # the table's rows now, as the planner counts them (pg_class.reltuples)
+    changes_since: int | None  # rows inserted, updated and deleted since (pg_stat_all_tables), when known
+    seconds: float
+    measured_by: str
+    measured_at: datetime
+    index_measured: str | None  # the index measured, by name, while it exists
+    index_now: str | None  # the column's HNSW index for cosine distance now (the one pgsim.knn_plan walks unfiltered)
+    index_current: bool  # the index measured is that one still
+
+    @property
+    def stale(self) -> list[str]:
+        """Why the curve is no longer trusted; empty when it is. The rules of pgsim.knn_calibration: the table
+        has grown or shrunk by more than a fifth of its rows, more than a fifth of them have been written since
+        (when the statistics tell), or the index measured is no longer the column's HNSW index."""
+        reasons = []
+        allowed = STALE_SHARE * max(self.rows_measured, 1)
+        if abs(self.rows_now - self.rows_measured) > allowed:
+            reasons.append(
+                f"the table has about {self.rows_now:.0f} rows now against {self.rows_measured:.0f} when measured "
+                f"(more than {STALE_SHARE:.0%} apart)"
+            )
+        elif self.changes_since is not None and self.changes_since > allowed:
+            reasons.append(
+                f"{self.changes_since} rows were inserted, updated or deleted since, more than {STALE_SHARE:.0%} "
+                f"of the {self.rows_measured:.0f} measured"
+            )
+        if not self.index_current:
+            was = self.index_measured or "an index that no longer exists"
+            reasons.append(f"it measured {was}, and the column's HNSW index is now {self.index_now or 'none'}")
+        return reasons
+
+    def reached(self, level: Level, recall: float) -> int | None:
+        """The smallest measured ``ef_search`` at which ``level`` reaches ``recall`` on the HNSW path faster than
+        the exact scan (at any time, when the times are missing); None if none does."""
+        for position, ef_search in enumerate(self.ef_search):
+            if position < len(level.recall):
+                found = level.recall[position]
+                ms = level.hnsw_ms[position] if position < len(level.hnsw_ms) else None
+            elif level.recall and level.recall[-1] >= 1.0:
+                found, ms = 1.0, None  # measured until every query found all k
+            else:
+                return None
+            faster = ms is None or level.exact_ms is None or ms < level.exact_ms
+            if found >= recall and faster:
+                return ef_search
+        return None
+
+    def served_from(self, recall: float = DEFAULT_RECALL) -> float | None:
+        """The smallest measured selectivity from which the full index serves every measured filter at
+        ``recall``: each level at or above it reaches the target at some ``ef_search``, faster than the exact
+        scan. None when the unfiltered level does not, or the curve is stale."""
+        if self.stale:
+            return None
+        served = None
+        for level in sorted(self.levels, key=lambda level: -level.selectivity):
+            if self.reached(level, recall) is None:
+                break
+            served = level.selectivity
+        return served
+
+
+def stored_curve(conn: psycopg.Connection[Any], table: str, column: str) -> StoredCurve | None:
+    """The ``knn`` calibration stored for ``table.column`` (None when there is none, or pgsim's schema has no
+    pgsim.calibration yet). Row-level security shows it to whoever may read the table."""
+    found = resolve_table(conn, table)
+    if not has_schema_table(conn, "calibration"):
+        return None
+    attnum = conn.execute(
+        "SELECT attnum FROM pg_catalog.pg_attribute WHERE attrelid = %s AND attname = %s AND attnum > 0 "
+        "AND NOT attisdropped",
+        [found.oid, column],
+    ).fetchone()
+    if attnum is None:
+        raise InvalidInput(f"Table {table!r} has no column {column!r}.")
+    row = conn.execute(
+        """
+        SELECT c.measured, c.rows_measured, c.changes_measured, c.seconds, pg_catalog.pg_get_userbyid(c.measured_by),
+               c.measured_at, (SELECT i.indexrelid::regclass::text FROM pg_catalog.pg_index i
+                               WHERE i.indexrelid = c.index_oid),
+               (SELECT pg_catalog.min(i.indexrelid::regclass::text) FROM pg_catalog.pg_index i
+                JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid JOIN pg_catalog.pg_am am ON am.oid = ic.relam
+                JOIN pg_catalog.pg_opclass oc ON oc.oid = i.indclass[0]
+                WHERE i.indrelid = c.table_oid AND am.amname = 'hnsw' AND i.indkey[0] = c.column_attnum
+                  AND i.indisvalid AND i.indpred IS NULL AND oc.opcname LIKE '%%cosine%%'),
+               (SELECT s.n_tup_ins + s.n_tup_upd + s.n_tup_del FROM pg_catalog.pg_stat_all_tables s
+                WHERE s.relid = c.table_oid),
+               (SELECT CASE WHEN t.reltuples >= 0 THEN t.reltuples END FROM pg_catalog.pg_class t
+                WHERE t.oid = c.table_oid)
+        FROM pgsim.calibration c WHERE c.table_oid = %s AND c.column_attnum = %s AND c.kind = 'knn'
+        """,
+        [found.oid, attnum[0]],
+    ).fetchone()
+    if row is None:
+        return None
+    measured, rows_measured, changes_measured, seconds, by, at, index_measured, index_now, changes, reltuples = row
+    ef_search = tuple(int(ef) for ef in measured.get("ef_search") or ())
+    levels = tuple(
+        Level(
+            float(level.get("selectivity", 1.0)),
+            level.get("filter"),
+            level.get("rows"),
+            level.get("exact_ms"),
+            tuple(float(r) for r in level.get("recall") or ()),
+            tuple(float(ms) for ms in level.get("hnsw_ms") or ()),
+        )
+        for level in measured.get("levels") or ()
+    )
+    changes_since = None
+    if changes is not None and changes_measured is not None and changes >= changes_measured:
+        changes_since = int(changes - changes_measured)  # statistics reset since: unknown
+    return StoredCurve(
+        found.qualified,
+        column,
+        measured.get("k"),
+        measured.get("queries"),
+        ef_search,
+        levels,
+        float(rows_measured),
+        float(reltuples) if reltuples is not None else estimated_rows(conn, found.identifier, sql.SQL("TRUE")),
+        changes_since,
+        float(seconds),
+        str(by),
+        at,
+        index_measured,
+        index_now,
+        index_measured is not None and index_measured == index_now,
+    )

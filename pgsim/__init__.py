@@ -11,6 +11,7 @@ from pgsim.columns.model_change import change_embedding, change_model
 from pgsim.columns.registry import Registration, get_registration, remove_embedding
 from pgsim.columns.waiting import wait_for_sync
 from pgsim.columns.worker import Worker, backfill, sync
+from pgsim.db.calibration import Calibration
 from pgsim.db.connection import connect, resolve_dsn
 from pgsim.db.hnsw import HNSW
 from pgsim.db.schema import InstallReport, install
@@ -35,12 +36,14 @@ from pgsim.quality.diversity import diverse_search
 from pgsim.quality.duplicates import near_duplicates
 from pgsim.quality.hubness import CorrectedHit, corrected_search, set_query_bank
 from pgsim.quality.hybrid import FusedHit, hybrid_search
+from pgsim.quality.index_calibration import calibrate
 from pgsim.quality.labels import label_rows
 from pgsim.quality.relevance import RelevantHit, relevant_search
 
 __all__ = [
     "HNSW",
     "Between",
+    "Calibration",
     "CorrectedHit",
     "DEFAULT_MODEL",
     "EmbeddedServer",
@@ -67,6 +70,7 @@ __all__ = [
     "Worker",
     "add_embedding",
     "backfill",
+    "calibrate",
     "change_embedding",
     "change_model",
     "check_vector",

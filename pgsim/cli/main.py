@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from pgsim.cli.calibrate_command import add_calibrate_command
 from pgsim.cli.column_commands import (
     cmd_add_embedding,
     cmd_backfill,
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     advise.add_argument("--create", action="store_true", help="build the indexes (CONCURRENTLY) instead of printing")
     advise.set_defaults(run=cmd_index_advise)
+    add_calibrate_command(add_command)
 
     add = add_command(
         "add-embedding", help="add an embedding column kept in sync with its source text by triggers and workers"

@@ -25,11 +25,13 @@ from psycopg.rows import dict_row
 from pgsim.errors import InvalidInput
 from pgsim.knn.caches import database_key, forget_plans, plan_cache, statement_cache
 from pgsim.knn.planner import (
+    DEFAULT_RECALL,
     DEFAULT_TUNING,
     ModelChanged,
     Plan,
     Tuning,
     UnknownColumn,
+    check_recall,
     checked_plan,
     clear_errors,
     model_change_as_input_error,
@@ -60,14 +62,17 @@ def search(
     columns: Sequence[str] | None = None,
     model: str | None = None,
     tuning: Tuning = DEFAULT_TUNING,
+    recall: float = DEFAULT_RECALL,
 ) -> list[Hit]:
     """The k rows of ``table`` nearest to ``query`` that pass ``where``, nearest first. ``query`` is a vector,
     or text encoded with the column's registered model (``model`` may name it; another model is an error),
     else with ``model`` or all-MiniLM-L6-v2. ``where`` is a ``psycopg.sql.Composable`` condition, or a dict:
-    {column: value} for equality, {column: [values]} for IN, {column: Between(low, high)} for a range."""
-    return search_with_plan(conn, table, column, query, k=k, where=where, columns=columns, model=model, tuning=tuning)[
-        0
-    ]
+    {column: value} for equality, {column: [values]} for IN, {column: Between(low, high)} for a range.
+    ``recall``: the recall@k the HNSW path must have measured on this table (``pgsim.calibrate``) to be
+    taken; where it was not measured, the planner's defaults decide."""
+    return search_with_plan(
+        conn, table, column, query, k=k, where=where, columns=columns, model=model, tuning=tuning, recall=recall
+    )[0]
 
 
 def search_with_plan(
@@ -81,12 +86,15 @@ def search_with_plan(
     columns: Sequence[str] | None = None,
     model: str | None = None,
     tuning: Tuning = DEFAULT_TUNING,
+    recall: float = DEFAULT_RECALL,
 ) -> tuple[list[Hit], Plan]:
-    """:func:`search`, and the plan it followed."""
+    """:func:`search`, and the plan it followed (``Plan.expected_recall``: what the calibration measured for
+    the path taken; 1 on the exact path, None where nothing was measured)."""
     check_sync(conn)
     check_k(k)
+    check_recall(recall)
     try:
-        return _search(conn, table, column, query, k, where, columns, model, tuning)
+        return _search(conn, table, column, query, k, where, columns, model, tuning, recall)
     except ModelChanged as exc:  # a model change completed since this column's registration was cached
         forget_plans()
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
@@ -97,7 +105,7 @@ def search_with_plan(
             raise
         forget_plans()
     try:
-        return _search(conn, table, column, query, k, where, columns, model, tuning)
+        return _search(conn, table, column, query, k, where, columns, model, tuning, recall)
     except ModelChanged as exc:
         raise InvalidInput(str(exc)) from None
 
@@ -112,11 +120,12 @@ def _search(
     columns: Sequence[str] | None,
     model: str | None,
     tuning: Tuning,
+    recall: float,
 ) -> tuple[list[Hit], Plan]:
     target, params = target_and_params(conn, table, column, query, model)
     params["k"] = k
     condition = filter_sql(where)
-    planned = plan_params(conn, target, k, condition, tuning)
+    planned = plan_params(conn, target, k, condition, tuning, recall)
     plan_key = (database_key(conn), *planned)
     # database, table, column, filter, selected columns, guarded by the registry
     statement_key = (*plan_key[:3], plan_key[4], tuple(columns or ()), target.registration is not None)
@@ -157,16 +166,18 @@ def explain(
     where: Where = None,
     model: str | None = None,
     tuning: Tuning = DEFAULT_TUNING,
+    recall: float = DEFAULT_RECALL,
 ) -> tuple[Plan, str]:
     """The plan a search takes and PostgreSQL's EXPLAIN ANALYZE of the statement it runs, as it runs it."""
     check_sync(conn)
     check_k(k)
+    check_recall(recall)
     target, params = target_and_params(conn, table, column, query, model)
     params["k"] = k
     condition = filter_sql(where)
     exact, hnsw = (search_statement(target, condition, None, path).as_bytes(conn) for path in PATHS)
     with model_change_as_input_error(), clear_errors(), conn.cursor() as cur:
-        chosen = run_plan(conn, plan_params(conn, target, k, condition, tuning), apply=False)
+        chosen = run_plan(conn, plan_params(conn, target, k, condition, tuning, recall), apply=False)
         chosen = checked_plan(conn, chosen, hnsw, params)
         analyze = b"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) "
         if chosen.path == "hnsw":

@@ -45,6 +45,7 @@ class Tuning:
 
 
 DEFAULT_TUNING = Tuning()
+DEFAULT_RECALL = 0.99  # the recall@k a calibrated plan must have measured for the HNSW path
 
 
 class ModelChanged(Exception):
@@ -72,13 +73,15 @@ def plan(
     k: int = 10,
     where: Where = None,
     tuning: Tuning = DEFAULT_TUNING,
+    recall: float = DEFAULT_RECALL,
 ) -> Plan:
     """What ``pgsim.knn_plan`` decides for such a search, without running it. (A search also checks that
     PostgreSQL would scan the planned index; :func:`explain` shows the plan after that check.)"""
     check_k(k)
+    check_recall(recall)
     target = vector_column(conn, table, column)
     with clear_errors(), conn.transaction() as tx:
-        chosen = run_plan(conn, plan_params(conn, target, k, filter_sql(where), tuning), apply=False)
+        chosen = run_plan(conn, plan_params(conn, target, k, filter_sql(where), tuning, recall), apply=False)
         raise psycopg.Rollback(tx)
     return chosen
 
@@ -135,14 +138,19 @@ def ordering_indexes(node: Any) -> Iterator[str]:
 def run_plan(conn: psycopg.Connection[Any], params: list[Any], *, apply: bool) -> Plan:
     """pgsim.prepare_knn (which also applies the settings) or pgsim.knn_plan (which only tells)."""
     function = sql.SQL("pgsim.prepare_knn" if apply else "pgsim.knn_plan")
-    statement = sql.SQL("SELECT (p).* FROM (SELECT {}(%s::regclass, %s, %s, %s, %s, %s, %s) AS p) AS planned")
+    statement = sql.SQL("SELECT (p).* FROM (SELECT {}(%s::regclass, %s, %s, %s, %s, %s, %s, %s) AS p) AS planned")
     row = conn.execute(statement.format(function), params).fetchone()
     assert row is not None
     return Plan(*row)
 
 
 def plan_params(
-    conn: psycopg.Connection[Any], target: VectorColumn, k: int, condition: sql.Composable, tuning: Tuning
+    conn: psycopg.Connection[Any],
+    target: VectorColumn,
+    k: int,
+    condition: sql.Composable,
+    tuning: Tuning,
+    recall: float = DEFAULT_RECALL,
 ) -> list[Any]:
     return [
         table_identifier(target.table).as_string(conn),
@@ -152,7 +160,13 @@ def plan_params(
         tuning.exact_below_rows,
         tuning.hnsw_ef_search,
         tuning.min_hnsw_selectivity,
+        recall,
     ]
+
+
+def check_recall(recall: float) -> None:
+    if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0 < recall <= 1:
+        raise InvalidInput(f"recall is a target from 0 (exclusive) to 1; got {recall!r}.")
 
 
 @contextmanager

@@ -11,7 +11,7 @@ CREATE TABLE pgsim.calibration (
     index_oid oid,  -- 'knn': the HNSW index measured; a rebuilt index (another OID) is not calibrated
     measured jsonb NOT NULL,
     rows_measured double precision NOT NULL,  -- rows with an embedding when measured
-    changes_measured bigint,  -- n_tup_ins + n_tup_upd + n_tup_del of pg_stat_all_tables when measured
+    changes_measured bigint,  -- rows inserted and deleted by then (pg_stat_all_tables), see knn_calibration
     seconds double precision NOT NULL,
     measured_by oid NOT NULL DEFAULT pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER))::oid,
     measured_at timestamptz NOT NULL DEFAULT pg_catalog.now(),

@@ -17,7 +17,8 @@ CREATE OR REPLACE FUNCTION pgsim.knn(
     filter text DEFAULT NULL,
     exact_below_rows double precision DEFAULT 1000,
     hnsw_ef_search integer DEFAULT 200,
-    min_hnsw_selectivity double precision DEFAULT 0.5
+    min_hnsw_selectivity double precision DEFAULT 0.5,
+    recall double precision DEFAULT 0.99
 ) RETURNS SETOF pgsim.knn_hit
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
@@ -37,7 +38,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Pass the embedding of the query text; a zero vector has no cosine distance to anything.';
     END IF;
-    plan := pgsim.prepare_knn(tbl, col, k, filter, exact_below_rows, hnsw_ef_search, min_hnsw_selectivity);
+    plan := pgsim.prepare_knn(tbl, col, k, filter, exact_below_rows, hnsw_ef_search, min_hnsw_selectivity, recall);
     -- The k nearest by ctid first, then their rows as jsonb: to_jsonb on every candidate of a top-N sort
     -- cost more than the search itself (bench/filtered.py).
     search := format(
@@ -78,6 +79,6 @@ BEGIN
     RETURN QUERY SELECT * FROM unnest(hits);
 END;
 $$;
-COMMENT ON FUNCTION pgsim.knn(regclass, name, @extschema:vector@.vector, integer, text, double precision, integer, double precision) IS
+COMMENT ON FUNCTION pgsim.knn(regclass, name, @extschema:vector@.vector, integer, text, double precision, integer, double precision, double precision) IS
     'The k rows of tbl nearest to query by col <=> query that pass filter, as (row jsonb, distance), nearest '
     'first; k rows whenever k rows match. The settings it changes are restored before it returns.';

@@ -6,6 +6,10 @@
 --   exact  - the filter first (by whatever index serves it), then distances for the matching rows only;
 --   hnsw   - the HNSW index with iterative scan (relaxed order: re-sort the k rows afterwards), ef_search
 --            and max_scan_tuples sized so that the scan expects to meet k matching rows.
+-- Where pgsim.calibrate measured the column's index (pgsim.knn_calibration: fresh, same index), the measured
+-- curve decides instead of the fixed thresholds: the hnsw path with the smallest ef_search whose recall@k
+-- reached `recall` at the measured selectivity next below this filter's, when it was faster than the exact
+-- scan there; else the exact path.
 CREATE OR REPLACE FUNCTION pgsim.knn_plan(
     tbl regclass,
     col name,
@@ -13,7 +17,8 @@ CREATE OR REPLACE FUNCTION pgsim.knn_plan(
     filter text DEFAULT NULL,
     exact_below_rows double precision DEFAULT 1000,
     hnsw_ef_search integer DEFAULT 200,
-    min_hnsw_selectivity double precision DEFAULT 0.5
+    min_hnsw_selectivity double precision DEFAULT 0.5,
+    recall double precision DEFAULT 0.99
 ) RETURNS pgsim.knn_plan
 LANGUAGE plpgsql VOLATILE  -- it toggles planner settings around an EXPLAIN, and restores them
 AS $$
@@ -30,11 +35,19 @@ DECLARE
     plan json;
     visits double precision;
     total_rows double precision;
+    calibration jsonb;
+    level jsonb;
+    step integer;
+    measured_k integer;
     vector_schema text := (SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e
                            JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector');
 BEGIN
     IF k IS NULL OR k < 1 OR k > 10000 THEN  -- pgsim.knn.target.MAX_K
         RAISE EXCEPTION 'pgsim.knn_plan: k must be from 1 to 10000, got %', k USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF recall IS NULL OR NOT recall > 0 OR recall > 1 THEN
+        RAISE EXCEPTION 'pgsim.knn_plan: recall is a target from 0 (exclusive) to 1, got %', recall
+            USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT a.attnum, a.atttypmod, a.atttypid::regtype::text INTO attnum, dimension, column_type FROM pg_catalog.pg_attribute a
     WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
@@ -101,10 +114,46 @@ BEGIN
     result.selectivity := least(result.estimated_rows / result.indexed_rows, 1);
     visits := k / greatest(result.selectivity, 1e-9);
 
+    IF predicate IS NULL THEN
+        calibration := pgsim.knn_calibration(tbl, attnum, result.index_name::regclass);
+    END IF;
+    result.expected_recall := 1;  -- until the hnsw path is taken
+
     IF result.estimated_rows <= exact_below_rows THEN
         result.path := 'exact';
         result.reason := pg_catalog.format('about %s rows pass the filter: computing their distances is cheap and exact',
                                 pg_catalog.round(result.estimated_rows));
+    ELSIF calibration IS NOT NULL THEN
+        SELECT l INTO level FROM pg_catalog.jsonb_array_elements(calibration -> 'levels') AS l
+        WHERE (l ->> 'selectivity')::double precision <= result.selectivity * 1.0001
+        ORDER BY (l ->> 'selectivity')::double precision DESC LIMIT 1;
+        SELECT r.i INTO step FROM pg_catalog.jsonb_array_elements_text(level -> 'recall') WITH ORDINALITY AS r(value, i)
+        WHERE r.value::double precision >= recall ORDER BY r.i LIMIT 1;
+        IF level IS NULL THEN
+            result.path := 'exact';
+            result.reason := pg_catalog.format('the filter keeps %s%% of the rows, less than any calibrated level: exact scan',
+                                    pg_catalog.round((result.selectivity * 100)::numeric, 2));
+        ELSIF step IS NULL THEN
+            result.path := 'exact';
+            result.reason := pg_catalog.format('calibrated: at %s%% of the rows no ef_search measured reaches recall %s; exact scan',
+                                    pg_catalog.round(((level ->> 'selectivity')::numeric) * 100, 2), recall);
+        ELSIF (level -> 'hnsw_ms' ->> (step - 1))::double precision >= (level ->> 'exact_ms')::double precision THEN
+            result.path := 'exact';
+            result.reason := pg_catalog.format('calibrated: at %s%% of the rows the exact scan measured faster than an HNSW walk '
+                                    'that reaches recall %s', pg_catalog.round(((level ->> 'selectivity')::numeric) * 100, 2), recall);
+        ELSE
+            -- measured at one k; a larger k needs a proportionally longer candidate list for the same recall
+            measured_k := greatest(coalesce((calibration ->> 'k')::integer, k), 1);
+            result.path := 'hnsw';
+            result.expected_recall := (level -> 'recall' ->> (step - 1))::double precision;
+            result.ef_search := least(greatest(pg_catalog.ceil((calibration -> 'ef_search' ->> (step - 1))::double precision
+                                                               * greatest(k, measured_k) / measured_k)::integer, k), 1000);
+            result.max_scan_tuples := least(greatest(20000, pg_catalog.ceil(k / greatest(result.selectivity, 1e-9) * 20)), 2000000000)::integer;
+            result.reason := pg_catalog.format('calibrated: the filter keeps %s%% of the rows %s indexes; ef_search %s reached recall %s '
+                                    'at %s%%', pg_catalog.round((result.selectivity * 100)::numeric, 2), result.index_name,
+                                    result.ef_search, pg_catalog.round(result.expected_recall::numeric, 3),
+                                    pg_catalog.round(((level ->> 'selectivity')::numeric) * 100, 2));
+        END IF;
     ELSIF result.selectivity < min_hnsw_selectivity THEN
         -- Measured by bench/filtered.py: an iterative HNSW scan that must skip most of the graph misses
         -- neighbours even at a high ef_search, so below this share the exact path keeps the contract; a
@@ -116,6 +165,7 @@ BEGIN
     ELSE
         visits := k / result.selectivity;
         result.path := 'hnsw';
+        result.expected_recall := NULL;  -- not measured
         result.ef_search := least(greatest(pgsim.index_ef_search(result.index_name::regclass, hnsw_ef_search), 2 * k), 1000);
         result.max_scan_tuples := least(greatest(20000, pg_catalog.ceil(visits * 20)), 2000000000)::integer;
         result.reason := pg_catalog.format('the filter keeps %s%% of the rows %s indexes: iterative HNSW scan',
@@ -124,5 +174,5 @@ BEGIN
     RETURN result;
 END;
 $$;
-COMMENT ON FUNCTION pgsim.knn_plan(regclass, name, integer, text, double precision, integer, double precision) IS
+COMMENT ON FUNCTION pgsim.knn_plan(regclass, name, integer, text, double precision, integer, double precision, double precision) IS
     'How to answer "the k rows of tbl nearest by col <=> q that pass filter": exact scan or HNSW with which settings.';

@@ -1,0 +1,67 @@
+"""``pgsim calibrate TABLE COLUMN``: measure the column's HNSW index on the table's own rows
+(:func:`pgsim.quality.index_calibration.calibrate`), with a progress bar, and print the curve the planner follows."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from pgsim.cli.common import format_table, open_connection
+
+
+def add_calibrate_command(add_command: Callable[..., Any]) -> None:
+    calibrate = add_command(
+        "calibrate",
+        help="measure recall and speed of a column's HNSW index so searches pick the fastest path that keeps recall",
+    )
+    calibrate.add_argument("table")
+    calibrate.add_argument("column")
+    calibrate.add_argument("--seconds", type=float, default=30.0, help="time budget (default: 30)")
+    calibrate.add_argument("-k", type=int, default=10, help="the k measured (default: 10)")
+    calibrate.add_argument("--queries", type=int, default=20, help="query vectors sampled from the table (default: 20)")
+    calibrate.set_defaults(run=cmd_calibrate)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from pgsim.quality.index_calibration import calibrate
+
+    print(
+        f"calibrating {args.table}.{args.column} for up to {args.seconds:g} s (Ctrl-C stores nothing)", file=sys.stderr
+    )
+    with open_connection(args) as conn, tqdm(total=100, unit="%", desc="measuring", file=sys.stderr) as bar:
+        result = calibrate(
+            conn,
+            args.table,
+            args.column,
+            seconds=args.seconds,
+            k=args.k,
+            queries=args.queries,
+            progress=lambda fraction: bar.update(round(fraction * 100) - bar.n),
+        )
+    if not result.stored:
+        print(f"nothing stored: {result.reason}")
+        return 0
+    print(
+        f"{result.table}.{result.column} ({result.rows} rows, index {result.index_name}): {result.queries} queries, "
+        f"k = {result.k}, {result.seconds:.1f} s"
+    )
+    headers = ["selectivity", "rows", "exact ms", *(f"ef {ef}" for ef in result.ef_search)]
+    rows = [
+        [
+            f"{level.selectivity:.1%}",
+            level.rows,
+            f"{level.exact_ms:.1f}",
+            *(f"{recall:.3f} / {ms:.1f} ms" for recall, ms in zip(level.recall, level.hnsw_ms, strict=True)),
+            *[""] * (len(result.ef_search) - len(level.recall)),  # all k found already: not measured further
+        ]
+        for level in result.levels
+    ]
+    print(format_table(headers, rows))
+    print(
+        "(recall@k / median time of the HNSW path per ef_search; searches take the smallest that reaches their target)"
+    )
+    return 0

@@ -1,0 +1,303 @@
+"""Per-index calibration: how recall@k and time of the HNSW path grow with ``ef_search`` on this table, at
+several filter selectivities, measured against an exact scan and stored in ``pgsim.calibration``.
+
+pgsim.knn_plan reads the stored curve (when it is fresh and names the column's current index) to take the
+HNSW path only where some ``ef_search`` reaches the search's recall target, with the smallest such
+``ef_search``. The measurement:
+
+- queries: a row's vector moved towards another row's (``a + b/2``, normalised), so that no query is a row
+  of the table, as real queries are not; or vectors the caller gives (a query log);
+- filters: for each selectivity of the grid, the most common value of one of the table's own columns whose
+  share is closest (a filter correlated with the data, the hard case for a graph walk), and a filter on a
+  hash of the row's position (uncorrelated); a level's recall is the worse of the two;
+- per query and filter, the exact k nearest, then the HNSW path (iterative scan, relaxed order, re-sorted,
+  the ``max_scan_tuples`` the planner would give it) at each ``ef_search`` of the grid, until every query
+  finds all k.
+
+Everything is measured first and written in one statement at the end, so a calibration interrupted (Ctrl-C,
+the time budget, a lost connection) leaves the previous row, or none, and never part of a new one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from pgsim.db.calibration_inputs import (
+    EXACT_BELOW_ROWS,
+    Target,
+    calibration_target,
+    level_filters,
+    query_vectors,
+)
+from pgsim.db.catalog import vector_schema
+from pgsim.errors import InvalidInput
+
+DEFAULT_SECONDS = 30.0
+DEFAULT_QUERIES = 20
+MIN_ROWS = 2000  # below, the exact path is cheap enough that the planner's defaults stand
+EF_SEARCH_GRID = (20, 40, 64, 100, 160, 250, 400, 640, 1000)
+TIE = 1e-6  # a row as near as the exact k-th counts as found (tables repeat texts)
+
+Progress = Callable[[float], None]
+
+
+@dataclass(frozen=True)
+class Level:
+    """One selectivity of the grid: the exact scan's time and, per ``ef_search``, recall and time."""
+
+    selectivity: float
+    filters: tuple[str, ...]
+    rows: int
+    exact_ms: float
+    recall: tuple[float, ...]  # aligned with Calibration.ef_search; shorter when every query found all k
+    hnsw_ms: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Calibration:
+    table: str
+    column: str
+    index_name: str | None
+    k: int
+    queries: int
+    ef_search: tuple[int, ...]
+    levels: tuple[Level, ...]
+    rows: int  # rows with an embedding
+    seconds: float
+    stored: bool
+    reason: str = ""  # why nothing was stored
+    table_rows: int = field(default=0, repr=False)
+
+    def measured(self) -> dict[str, Any]:
+        """What goes into pgsim.calibration.measured (the shape pgsim.knn_plan and ``pgsim doctor`` read)."""
+        return {
+            "k": self.k,
+            "queries": self.queries,
+            "ef_search": list(self.ef_search),
+            "levels": [
+                {
+                    "selectivity": level.selectivity,
+                    "filter": " OR ".join(level.filters) if level.filters else None,
+                    "rows": level.rows,
+                    "exact_ms": round(level.exact_ms, 3),
+                    "recall": [round(r, 4) for r in level.recall],
+                    "hnsw_ms": [round(t, 3) for t in level.hnsw_ms],
+                }
+                for level in self.levels
+            ],
+        }
+
+
+def calibrate_index(
+    conn: psycopg.Connection[Any],
+    table: str,
+    column: str,
+    *,
+    k: int = 10,
+    seconds: float = DEFAULT_SECONDS,
+    queries: int | Sequence[Sequence[float]] | np.ndarray[Any, Any] = DEFAULT_QUERIES,
+    progress: Progress | None = None,
+) -> Calibration:
+    """Measure ``table.column``'s HNSW index (see the module's text) within about ``seconds`` and store the
+    curve. ``queries``: how many to sample from the table, or query vectors of your own (a query log).
+    Only the table's owner (or a member of the owning role) may calibrate."""
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 3600:
+        raise InvalidInput(f"The time budget must be more than 0 and at most 3600 seconds; got {seconds!r}.")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
+        raise InvalidInput(f"k must be a whole number from 1 to 1000; got {k!r}.")
+    with conn.transaction():  # one snapshot; the row is written at the end, or not at all
+        return _calibrate(conn, table, column, k, float(seconds), queries, progress)
+
+
+def _calibrate(
+    conn: psycopg.Connection[Any],
+    table: str,
+    column: str,
+    k: int,
+    seconds: float,
+    queries: int | Any,
+    progress: Progress | None,
+) -> Calibration:
+    started = time.perf_counter()
+    deadline = started + seconds
+    target = calibration_target(conn, table, column)
+    # the row count that pgsim.knn_calibration compares with later, and the common values the filters use
+    conn.execute(sql.SQL("ANALYZE {}").format(target.qualified))
+    table_rows, rows = _row_counts(conn, target)
+
+    def not_stored(reason: str) -> Calibration:
+        return Calibration(table, column, target.index_name, k, 0, (), (), rows, 0.0, False, reason, table_rows)
+
+    if target.index_name is None:
+        raise InvalidInput(
+            f"{table}.{column} has no valid HNSW index for cosine distance to calibrate; create one: CREATE INDEX "
+            f"ON {table} USING hnsw ({column} {target.type_name}_cosine_ops)"
+        )
+    if rows < max(MIN_ROWS, 2 * k):
+        return not_stored(
+            f"{rows} rows have an embedding: fewer than {MIN_ROWS}, where an exact scan is cheap; the defaults stand"
+        )
+    vectors = query_vectors(conn, target, queries, rows)
+    if not len(vectors):
+        return not_stored("no query vector: every sampled row's vector is zero")
+    levels = level_filters(conn, target, rows)
+    plan = [(s, f, n) for s, f, n in levels if n >= max(EXACT_BELOW_ROWS, k) or s == 1.0]
+    ef_grid = tuple(sorted({max(ef, k) for ef in EF_SEARCH_GRID if ef >= k or ef == EF_SEARCH_GRID[-1]}))
+    measured: list[Level] = []
+    total = len(plan) * len(vectors)
+    done = 0
+    for selectivity, filters, matching in plan:
+        level = _measure_level(conn, target, vectors, k, selectivity, filters, matching, ef_grid, deadline)
+        done += len(vectors)
+        if progress is not None:
+            progress(min(done / total, 1.0))
+        if level is None:
+            break
+        measured.append(level)
+    elapsed = time.perf_counter() - started
+    if not measured:
+        return not_stored(f"the time budget ({seconds} s) ended before the first level was measured")
+    calibration = Calibration(
+        table, column, target.index_name, k, len(vectors), ef_grid, tuple(measured), rows, elapsed, True, "", table_rows
+    )
+    _store(conn, target, calibration)
+    return calibration
+
+
+def _row_counts(conn: psycopg.Connection[Any], target: Target) -> tuple[int, int]:
+    row = conn.execute(
+        sql.SQL("SELECT count(*), count({col}) FROM {table}").format(col=target.column, table=target.qualified)
+    ).fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def _measure_level(
+    conn: psycopg.Connection[Any],
+    target: Target,
+    vectors: np.ndarray[Any, Any],
+    k: int,
+    selectivity: float,
+    filters: tuple[str, ...],
+    matching: int,
+    ef_grid: tuple[int, ...],
+    deadline: float,
+) -> Level | None:
+    """The level's exact time and, per ef_search, its worst recall over its filters and mean time; None when
+    the budget ran out before enough queries were measured."""
+    max_scan_tuples = min(max(20000, math.ceil(20 * k / max(selectivity, 1e-9))), 2_000_000_000)
+    conditions = filters or ("TRUE",)
+    schema = sql.Identifier(vector_schema(conn))
+    exact_ms: list[float] = []
+    found: dict[str, list[list[float]]] = {c: [] for c in conditions}  # per filter, per query: recall per ef
+    times: list[list[float]] = []  # per query and filter: milliseconds per ef_search, as far as measured
+    for query in vectors:
+        if time.perf_counter() > deadline:
+            break
+        # the query as a literal, and no parameters: nothing in a name or a value is read as a placeholder
+        distance = sql.SQL("{col} OPERATOR({schema}.<=>) {q}::{type}").format(
+            col=target.column,
+            schema=schema,
+            q=sql.Literal("[" + ",".join(f"{x:.7g}" for x in query) + "]"),
+            type=sql.SQL("{}.{}").format(schema, sql.Identifier(target.type_name)),
+        )
+        for condition in conditions:
+            parts = {
+                "d": distance,
+                "table": target.qualified,
+                "col": target.column,
+                "cond": sql.SQL(condition),
+                "k": sql.Literal(k),
+            }
+            exact = sql.SQL(
+                "SELECT ({d}) + 0 FROM {table} WHERE {col} IS NOT NULL AND ({cond}) ORDER BY 1 LIMIT {k}"
+            ).format(**parts)
+            started = time.perf_counter()
+            truth = [d for (d,) in conn.execute(exact, prepare=False)]
+            exact_ms.append((time.perf_counter() - started) * 1000)
+            if not truth:
+                continue
+            hnsw = sql.SQL(
+                "WITH r AS MATERIALIZED (SELECT {d} AS d FROM {table} WHERE ({cond}) ORDER BY {d} LIMIT {k}) "
+                "SELECT d FROM r ORDER BY d"
+            ).format(**parts)
+            recalls, ms = _walks(conn, hnsw, ef_grid, max_scan_tuples, truth[-1] + TIE, len(truth))
+            found[condition].append(recalls + [recalls[-1]] * (len(ef_grid) - len(recalls)))
+            times.append(ms + [math.nan] * (len(ef_grid) - len(ms)))
+    measured = min((len(v) for v in found.values()), default=0)
+    if measured < min(5, len(vectors)):
+        return None
+    recall_per_ef = [
+        min(float(np.mean([r[i] for r in found[c]])) for c in conditions if found[c]) for i in range(len(ef_grid))
+    ]
+    depth = next((i + 1 for i, r in enumerate(recall_per_ef) if r >= 1.0), len(ef_grid))
+    measured_ms = np.array(times, dtype=np.float64)[:, :depth]
+    hnsw_ms = [float(np.nanmedian(column)) if np.isfinite(column).any() else 0.0 for column in measured_ms.T]
+    return Level(
+        selectivity, filters, matching, float(np.median(exact_ms)), tuple(recall_per_ef[:depth]), tuple(hnsw_ms)
+    )
+
+
+def _walks(
+    conn: psycopg.Connection[Any],
+    statement: sql.Composed,
+    ef_grid: tuple[int, ...],
+    max_scan_tuples: int,
+    kth: float,
+    wanted: int,
+) -> tuple[list[float], list[float]]:
+    """Recall and milliseconds of the HNSW statement at each ef_search, until it finds all ``wanted`` rows
+    as near as the exact ``kth`` distance; the settings last only for each walk's savepoint."""
+    recalls: list[float] = []
+    ms: list[float] = []
+    for ef in ef_grid:
+        with conn.transaction() as tx:
+            conn.execute(
+                "SELECT set_config('enable_indexscan', 'on', true), "
+                "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
+                "set_config('hnsw.ef_search', %s, true), set_config('hnsw.max_scan_tuples', %s, true)",
+                [str(ef), str(max_scan_tuples)],
+            )
+            started = time.perf_counter()
+            got = [d for (d,) in conn.execute(statement, prepare=False)]
+            ms.append((time.perf_counter() - started) * 1000)
+            raise psycopg.Rollback(tx)
+        recalls.append(sum(1 for d in got if d is not None and d <= kth) / wanted)
+        if recalls[-1] >= 1.0:
+            break
+    return recalls, ms
+
+
+def _store(conn: psycopg.Connection[Any], target: Target, calibration: Calibration) -> None:
+    conn.execute(
+        """
+        INSERT INTO pgsim.calibration AS c (table_oid, column_attnum, kind, index_oid, measured, rows_measured,
+            changes_measured, seconds)
+        SELECT %(table)s, %(attnum)s, 'knn', %(index)s, %(measured)s::jsonb, %(rows)s,
+               -- rows inserted or deleted so far, counting those the collector has not heard of yet (another
+               -- session's recent writes), so that their report later does not look like a change
+               (SELECT s.n_tup_ins + s.n_tup_del + abs(%(rows)s - s.n_live_tup) FROM pg_catalog.pg_stat_all_tables s
+                WHERE s.relid = %(table)s), %(seconds)s
+        ON CONFLICT (table_oid, column_attnum, kind) DO UPDATE SET index_oid = excluded.index_oid,
+            measured = excluded.measured, rows_measured = excluded.rows_measured,
+            changes_measured = excluded.changes_measured, seconds = excluded.seconds,
+            measured_by = excluded.measured_by, measured_at = excluded.measured_at
+        """,
+        {
+            "table": target.oid,
+            "attnum": target.attnum,
+            "index": target.index_oid,
+            "measured": json.dumps(calibration.measured()),
+            "rows": calibration.table_rows,
+            "seconds": calibration.seconds,
+        },
+    )

@@ -1,0 +1,157 @@
+"""What a calibration measures with (pgsim.db.calibration): the column and its index, query vectors from the
+table's own rows, and filters of each selectivity of the grid from its own columns."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+from pgsim.db.catalog import resolve_table
+from pgsim.errors import InvalidInput
+
+SELECTIVITY_GRID = (1.0, 0.7, 0.4, 0.2, 0.1, 0.05, 0.02, 0.01)
+EXACT_BELOW_ROWS = 1000  # pgsim.knn_plan's default: fewer matching rows always take the exact path
+HASH_BUCKETS = 65536
+
+
+@dataclass(frozen=True)
+class Target:
+    oid: int
+    qualified: sql.Composable
+    column: sql.Identifier
+    name: str
+    attnum: int
+    type_name: str
+    dimension: int
+    index_oid: int | None
+    index_name: str | None
+
+
+def calibration_target(conn: psycopg.Connection[Any], table: str, column: str) -> Target:
+    found = resolve_table(conn, table)
+    row = conn.execute(
+        """
+        SELECT a.attnum, a.atttypid::regtype::text, a.atttypmod,
+               pg_catalog.pg_has_role(CURRENT_USER, c.relowner, 'USAGE'),
+               (SELECT i.indexrelid FROM pg_catalog.pg_index i
+                JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+                JOIN pg_catalog.pg_am am ON am.oid = ic.relam
+                JOIN pg_catalog.pg_opclass oc ON oc.oid = i.indclass[0]
+                WHERE i.indrelid = c.oid AND am.amname = 'hnsw' AND i.indkey[0] = a.attnum AND i.indisvalid
+                  AND i.indpred IS NULL AND oc.opcname LIKE '%%cosine%%'
+                ORDER BY ic.relname LIMIT 1)
+        FROM pg_catalog.pg_class c
+        JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attname = %s AND a.attnum > 0 AND NOT a.attisdropped
+        WHERE c.oid = %s
+        """,
+        [column, found.oid],
+    ).fetchone()
+    if row is None:
+        raise InvalidInput(f"Table {table!r} has no column {column!r}.")
+    attnum, type_name, typmod, owns, index_oid = row
+    if type_name not in ("vector", "halfvec") or typmod < 1:
+        raise InvalidInput(f"Column {table}.{column} is not a pgvector vector(n) or halfvec(n) column.")
+    if not owns:
+        raise InvalidInput(
+            f"Only the owner of {table} (or a member of its owning role) may calibrate it: every role's searches "
+            "trust the curve."
+        )
+    index_name = None
+    if index_oid is not None:
+        index_name = conn.execute("SELECT %s::regclass::text", [index_oid]).fetchone()[0]  # type: ignore[index]
+    return Target(
+        found.oid, found.identifier, sql.Identifier(column), column, attnum, type_name, typmod, index_oid, index_name
+    )
+
+
+def query_vectors(
+    conn: psycopg.Connection[Any], target: Target, queries: int | Any, rows: int
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    if isinstance(queries, bool) or (isinstance(queries, int) and not 1 <= queries <= 1000):
+        raise InvalidInput(f"queries must be from 1 to 1000 sampled queries, or query vectors; got {queries!r}.")
+    if not isinstance(queries, int):
+        given = np.asarray(queries, dtype=np.float32)
+        if given.ndim != 2 or not len(given) or given.shape[1] != target.dimension or not np.isfinite(given).all():
+            raise InvalidInput(
+                f"Query vectors must be a non-empty list of finite vectors of {target.dimension} dimensions."
+            )
+        return np.asarray(given[np.linalg.norm(given, axis=1) > 0], dtype=np.float32)
+    percent = min(100.0, 100.0 * 8 * queries / rows)
+    sampled = conn.execute(
+        sql.SQL(
+            "SELECT {col}::text FROM {table} TABLESAMPLE BERNOULLI ({percent}) REPEATABLE (7) WHERE {col} IS NOT NULL "
+            "LIMIT {limit}"
+        ).format(
+            col=target.column, table=target.qualified, percent=sql.Literal(percent), limit=sql.Literal(2 * queries)
+        )
+    ).fetchall()
+    matrix = np.array([json.loads(text) for (text,) in sampled], dtype=np.float32)
+    if len(matrix) < 2:
+        return matrix[:0]
+    matrix = matrix[np.linalg.norm(matrix, axis=1) > 0]
+    matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
+    half = len(matrix) // 2
+    moved = matrix[:half] + 0.5 * matrix[half : 2 * half]
+    return np.asarray(moved / np.linalg.norm(moved, axis=1, keepdims=True), dtype=np.float32)
+
+
+def level_filters(conn: psycopg.Connection[Any], target: Target, rows: int) -> list[tuple[float, tuple[str, ...], int]]:
+    """Per selectivity of the grid: the filters that stand for it and how many embedded rows pass the
+    strictest of them."""
+    common = common_values(conn, target)
+    levels: list[tuple[float, tuple[str, ...], int]] = []
+    for selectivity in SELECTIVITY_GRID:
+        if selectivity == 1.0:
+            levels.append((1.0, (), rows))
+            continue
+        if selectivity * rows < EXACT_BELOW_ROWS:
+            continue
+        bucket = max(1, round(selectivity * HASH_BUCKETS))
+        filters = [f"(pg_catalog.hashtext(ctid::text) & {HASH_BUCKETS - 1}) < {bucket}"]
+        near = [(abs(math.log(share / selectivity)), condition) for condition, share in common]
+        if near and min(near)[0] < math.log(1.6):
+            filters.append(min(near)[1])
+        counts = [count_rows(conn, target, condition) for condition in filters]
+        levels.append((selectivity, tuple(filters), min(counts)))
+    return levels
+
+
+def common_values(conn: psycopg.Connection[Any], target: Target) -> list[tuple[str, float]]:
+    """``column = value`` conditions for the most common values of the table's scalar columns, with the
+    share of rows each passes (the planner's statistics, fresh from the ANALYZE that starts a calibration)."""
+    found = conn.execute(
+        """
+        SELECT s.attname, s.most_common_vals::text::text[], s.most_common_freqs
+        FROM pg_catalog.pg_stats s
+        JOIN pg_catalog.pg_class c ON c.relname = s.tablename
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace AND n.nspname = s.schemaname
+        JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attname = s.attname
+        JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+        WHERE c.oid = %s AND s.attname <> %s AND s.most_common_vals IS NOT NULL
+          AND t.typcategory IN ('S', 'N', 'B', 'D')
+        """,
+        [target.oid, target.name],
+    ).fetchall()
+    conditions: list[tuple[str, float]] = []
+    for name, values, shares in found:
+        for value, share in zip(values, shares, strict=False):
+            condition = sql.SQL("{} = {}").format(sql.Identifier(name), sql.Literal(value)).as_string(conn)
+            conditions.append((condition, float(share)))
+    return conditions
+
+
+def count_rows(conn: psycopg.Connection[Any], target: Target, condition: str) -> int:
+    row = conn.execute(
+        sql.SQL("SELECT count(*) FROM {table} WHERE {col} IS NOT NULL AND ({condition})").format(
+            table=target.qualified,
+            col=target.column,
+            condition=sql.SQL(condition),
+        )
+    ).fetchone()
+    return int(row[0]) if row else 0

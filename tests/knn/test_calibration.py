@@ -1,0 +1,303 @@
+"""Per-index calibration (pgsim.calibrate): measured on the table's own rows, stored whole or not at all, and
+followed by the planner from Python and from SQL while it describes the table."""
+
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from fixtures.database import installed_without_registrations
+from psycopg import sql
+
+from pgsim import InvalidInput
+from pgsim.knn.filtered import search, search_with_plan
+from pgsim.knn.planner import plan
+from pgsim.quality.index_calibration import calibrate
+
+ROWS = 6000
+DIMENSION = 16
+KINDS = ("a", "b", "c", "d")  # shares of the rows: 60 %, 25 %, 10 %, 5 %
+
+
+def vectors(count: int, seed: int) -> np.ndarray[Any, Any]:
+    """Clustered unit vectors: the shape of embeddings, small enough to index in a second."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(40, DIMENSION))
+    points = centres[rng.integers(0, 40, count)] + 0.35 * rng.normal(size=(count, DIMENSION))
+    return points / np.linalg.norm(points, axis=1, keepdims=True)
+
+
+def fill(conn: psycopg.Connection[Any], table: str, count: int, *, index: bool = True, seed: int = 1) -> None:
+    name = sql.Identifier(table)
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(name))
+    conn.execute(
+        sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, kind text, embedding vector({}))").format(
+            name, sql.Literal(DIMENSION)
+        )
+    )
+    rng = np.random.default_rng(seed)
+    kinds = rng.choice(KINDS, size=count, p=[0.6, 0.25, 0.1, 0.05])
+    with conn.cursor() as cur, cur.copy(sql.SQL("COPY {} (id, kind, embedding) FROM STDIN").format(name)) as copy:
+        for i, (kind, vector) in enumerate(zip(kinds, vectors(count, seed), strict=True)):
+            copy.write_row([i, kind, "[" + ",".join(f"{x:.6f}" for x in vector) + "]"])
+    if index:
+        conn.execute(sql.SQL("CREATE INDEX ON {} USING hnsw (embedding vector_cosine_ops)").format(name))
+
+
+@pytest.fixture(scope="module")
+def calibrated(database: str) -> Iterator[str]:
+    """Table ``items``, calibrated once for the module."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        installed_without_registrations(conn)
+        fill(conn, "items", ROWS)
+        result = calibrate(conn, "items", "embedding", seconds=60, queries=10)
+        assert result.stored, result.reason
+    yield database
+
+
+@pytest.fixture
+def conn(calibrated: str) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(calibrated, autocommit=True) as connection:
+        yield connection
+
+
+def stored_curve(conn: psycopg.Connection[Any], table: str = "items") -> dict[str, Any] | None:
+    row = conn.execute(
+        "SELECT measured FROM pgsim.calibration WHERE table_oid = %s::regclass AND kind = 'knn'", [table]
+    ).fetchone()
+    return row[0] if row else None
+
+
+def expected_choice(curve: dict[str, Any], selectivity: float, recall: float) -> tuple[str, int | None]:
+    """The rule the planner must follow, read off the stored curve: the level next below the selectivity,
+    its smallest ef_search that reached the recall, when that walk was faster than the exact scan."""
+    below = [level for level in curve["levels"] if level["selectivity"] <= selectivity * 1.0001]
+    if not below:
+        return "exact", None
+    level = max(below, key=lambda level: level["selectivity"])
+    for position, measured in enumerate(level["recall"]):
+        if measured >= recall:
+            if level["hnsw_ms"][position] >= level["exact_ms"]:
+                return "exact", None
+            return "hnsw", curve["ef_search"][position]
+    return "exact", None
+
+
+def test_the_curve_covers_the_grid_and_is_monotone_enough_to_plan_with(conn: psycopg.Connection[Any]) -> None:
+    curve = stored_curve(conn)
+    assert curve is not None and curve["k"] == 10 and curve["queries"] == 10
+    levels = curve["levels"]
+    assert levels[0]["selectivity"] == 1.0 and levels[0]["filter"] is None
+    assert [level["selectivity"] for level in levels] == sorted(
+        (level["selectivity"] for level in levels), reverse=True
+    )
+    for level in levels:
+        assert 0 < len(level["recall"]) == len(level["hnsw_ms"]) <= len(curve["ef_search"])
+        assert all(0 <= r <= 1 for r in level["recall"]) and level["exact_ms"] > 0
+        # counted on the table, not estimated: a filtered level's rows match its selectivity
+        assert level["rows"] == pytest.approx(level["selectivity"] * ROWS, rel=0.5)
+    # the filtered levels use the table's own column where one has a value that common
+    assert any("kind" in (level["filter"] or "") for level in levels)
+
+
+@pytest.mark.parametrize("where", [None, {"kind": "a"}, {"kind": "b"}, {"kind": "c"}])
+@pytest.mark.parametrize("recall", [0.9, 0.99, 1.0])
+def test_the_planner_follows_the_curve(conn: psycopg.Connection[Any], where: Any, recall: float) -> None:
+    curve = stored_curve(conn)
+    assert curve is not None
+    chosen = plan(conn, "items", "embedding", k=10, where=where, recall=recall)
+    if chosen.estimated_rows <= 1000:
+        assert chosen.path == "exact" and chosen.expected_recall == 1
+        return
+    path, ef_search = expected_choice(curve, chosen.selectivity or 0, recall)
+    assert (chosen.path, chosen.ef_search) == (path, ef_search), chosen.reason
+    if path == "hnsw":
+        assert chosen.expected_recall is not None and chosen.expected_recall >= recall
+        assert chosen.reason.startswith("calibrated")
+    else:
+        assert chosen.expected_recall == 1
+
+
+def test_searches_keep_k_rows_and_the_recall_they_were_promised(conn: psycopg.Connection[Any]) -> None:
+    queries = vectors(ROWS + 30, seed=1)[ROWS:]  # new points of the same clusters
+    table = np.array(
+        [
+            np.array(v.strip("[]").split(","), dtype=np.float32)
+            for (v,) in conn.execute("SELECT embedding::text FROM items ORDER BY id")
+        ]
+    )
+    kinds = [kind for (kind,) in conn.execute("SELECT kind FROM items ORDER BY id")]
+    for where in (None, {"kind": "a"}, {"kind": "b"}):
+        found = 0
+        promised = []
+        for query in queries:
+            hits, chosen = search_with_plan(
+                conn, "items", "embedding", query.tolist(), k=10, where=where, columns=["id"]
+            )
+            assert len(hits) == 10
+            allowed = np.array([where is None or kind == where["kind"] for kind in kinds])
+            distances = 1 - table @ query / np.linalg.norm(table, axis=1)
+            distances[~allowed] = np.inf
+            kth = np.sort(distances)[9]
+            found += sum(1 for hit in hits if hit.distance <= kth + 1e-5)
+            promised.append(chosen.expected_recall)
+        # measured on other queries of the same table: allow the sampling error of 30 queries
+        assert found / (10 * len(queries)) >= min(promised) - 0.05
+
+
+def test_sql_knn_takes_a_recall_target(conn: psycopg.Connection[Any]) -> None:
+    query = "[" + ",".join(f"{x:.6f}" for x in vectors(1, seed=7)[0]) + "]"
+    for recall in (0.5, 1.0):
+        rows = conn.execute(
+            "SELECT count(*) FROM pgsim.knn('items', 'embedding', %s::vector, 10, $$kind = 'a'$$, recall => %s)",
+            [query, recall],
+        ).fetchone()
+        assert rows == (10,)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="recall"):
+        conn.execute("SELECT * FROM pgsim.knn('items', 'embedding', %s::vector, 10, recall => 0)", [query])
+
+
+def test_bad_recall_targets_are_clear_errors(conn: psycopg.Connection[Any]) -> None:
+    for bad in (0, -1, 1.5, True, "high"):
+        with pytest.raises(InvalidInput, match="recall"):
+            search(conn, "items", "embedding", [1.0] * DIMENSION, recall=bad)  # type: ignore[arg-type]
+
+
+def test_bad_budgets_and_tables_are_clear_errors(conn: psycopg.Connection[Any]) -> None:
+    for budget in (0, -5, float("nan"), True):
+        with pytest.raises(InvalidInput, match="time budget"):
+            calibrate(conn, "items", "embedding", seconds=budget)
+    fill(conn, "unindexed", 50, index=False)
+    with pytest.raises(InvalidInput, match="no valid HNSW index"):
+        calibrate(conn, "unindexed", "embedding")
+    with pytest.raises(InvalidInput, match="no column"):
+        calibrate(conn, "items", "missing")
+    with pytest.raises(InvalidInput, match="not a pgvector"):
+        calibrate(conn, "items", "kind")
+    with pytest.raises(InvalidInput, match="dimensions"):
+        calibrate(conn, "items", "embedding", queries=[[1.0, 2.0]])
+
+
+@pytest.mark.parametrize("rows", [0, 5])
+def test_a_table_too_small_stores_nothing_and_keeps_the_defaults(conn: psycopg.Connection[Any], rows: int) -> None:
+    fill(conn, "small", rows)
+    result = calibrate(conn, "small", "embedding", seconds=5)
+    assert not result.stored and "defaults stand" in result.reason
+    assert stored_curve(conn, "small") is None
+    assert not plan(conn, "small", "embedding", k=10).reason.startswith("calibrated")
+
+
+def test_rows_without_an_embedding_are_not_measured(conn: psycopg.Connection[Any]) -> None:
+    fill(conn, "partly", 4000, seed=3)
+    conn.execute("UPDATE partly SET embedding = NULL WHERE id % 2 = 0")
+    result = calibrate(conn, "partly", "embedding", seconds=30, queries=5)
+    assert result.stored and result.rows == 2000
+    assert all(level["rows"] <= 2000 for level in stored_curve(conn, "partly")["levels"])  # type: ignore[index]
+    result_small = calibrate(conn, "partly", "embedding", seconds=30, queries=5)
+    assert result_small.rows == 2000
+
+
+def test_an_interrupted_calibration_leaves_the_previous_curve(conn: psycopg.Connection[Any]) -> None:
+    fill(conn, "interrupted", 3000, seed=4)
+    calibrate(conn, "interrupted", "embedding", seconds=30, queries=5)
+    before = conn.execute(
+        "SELECT measured, measured_at FROM pgsim.calibration WHERE table_oid = 'interrupted'::regclass"
+    ).fetchall()
+
+    def stop(fraction: float) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(conn, "interrupted", "embedding", seconds=30, queries=6, progress=stop)
+    after = conn.execute(
+        "SELECT measured, measured_at FROM pgsim.calibration WHERE table_oid = 'interrupted'::regclass"
+    ).fetchall()
+    assert after == before and len(after) == 1
+    assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_a_bulk_delete_makes_the_curve_stale_and_untrusted(conn: psycopg.Connection[Any]) -> None:
+    fill(conn, "shrinking", 5000, seed=5)
+    calibrate(conn, "shrinking", "embedding", seconds=30, queries=5)
+    assert plan(conn, "shrinking", "embedding", k=10).reason.startswith("calibrated")
+    conn.execute("DELETE FROM shrinking WHERE id % 2 = 0")
+    conn.execute("ANALYZE shrinking")
+    assert stored_curve(conn, "shrinking") is not None  # still there, for pgsim doctor to show
+    stale = conn.execute(
+        "SELECT pgsim.knn_calibration('shrinking'::regclass, 3::smallint, i.indexrelid::regclass) "
+        "FROM pg_index i WHERE i.indrelid = 'shrinking'::regclass"
+    ).fetchone()
+    assert stale == (None,)
+    assert not plan(conn, "shrinking", "embedding", k=10).reason.startswith("calibrated")
+    calibrate(conn, "shrinking", "embedding", seconds=30, queries=5)  # measured again: trusted again
+    assert plan(conn, "shrinking", "embedding", k=10).reason.startswith("calibrated")
+
+
+def test_a_rebuilt_index_is_not_the_one_measured(conn: psycopg.Connection[Any]) -> None:
+    fill(conn, "rebuilt", 3000, seed=6)
+    calibrate(conn, "rebuilt", "embedding", seconds=30, queries=5)
+    assert plan(conn, "rebuilt", "embedding", k=10).reason.startswith("calibrated")
+    conn.execute("DROP INDEX rebuilt_embedding_idx")
+    conn.execute("CREATE INDEX ON rebuilt USING hnsw (embedding vector_cosine_ops) WITH (m = 4)")
+    assert not plan(conn, "rebuilt", "embedding", k=10).reason.startswith("calibrated")
+
+
+def test_only_the_owner_calibrates(conn: psycopg.Connection[Any]) -> None:
+    conn.execute("DROP ROLE IF EXISTS calibration_stranger")
+    conn.execute("CREATE ROLE calibration_stranger")
+    conn.execute("GRANT USAGE ON SCHEMA pgsim TO calibration_stranger")
+    conn.execute("GRANT SELECT ON items TO calibration_stranger")
+    conn.execute("GRANT SELECT, INSERT, UPDATE, DELETE ON pgsim.calibration TO calibration_stranger")
+    try:
+        conn.execute("SET ROLE calibration_stranger")
+        with pytest.raises(InvalidInput, match="Only the owner"):
+            calibrate(conn, "items", "embedding", seconds=5)
+        # nor around pgsim.calibrate: the table's row-level security keeps the curve the owner's
+        assert stored_curve(conn) is not None  # it may read what it may search
+        changed = conn.execute("UPDATE pgsim.calibration SET measured = '{}' WHERE table_oid = 'items'::regclass")
+        assert changed.rowcount == 0
+        assert conn.execute("DELETE FROM pgsim.calibration").rowcount == 0
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            conn.execute(
+                "INSERT INTO pgsim.calibration (table_oid, column_attnum, kind, measured, rows_measured, seconds) "
+                "VALUES ('items'::regclass, 3, 'relevance', '{}', 1, 1)"
+            )
+        conn.execute("RESET ROLE")
+        assert stored_curve(conn) is not None
+    finally:
+        conn.execute("RESET ROLE")
+        conn.execute("REVOKE ALL ON pgsim.calibration FROM calibration_stranger")
+        conn.execute("REVOKE ALL ON items FROM calibration_stranger")
+        conn.execute("REVOKE ALL ON SCHEMA pgsim FROM calibration_stranger")
+        conn.execute("DROP ROLE calibration_stranger")
+
+
+def test_injection_shaped_names_are_only_names(conn: psycopg.Connection[Any]) -> None:
+    table = 'we"ird; DROP TABLE items; --%s'
+    fill(conn, table, 2500, seed=8)
+    conn.execute(
+        sql.SQL("ALTER TABLE {} RENAME COLUMN kind TO {}").format(sql.Identifier(table), sql.Identifier("k%(q)s'"))
+    )
+    result = calibrate(conn, table, "embedding", seconds=30, queries=5)
+    assert result.stored
+    assert conn.execute("SELECT count(*) FROM items").fetchone() == (ROWS,)
+
+
+def test_the_command_line_calibrates_and_prints_the_curve(
+    calibrated: str, conn: psycopg.Connection[Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pgsim.cli.main import main
+
+    fill(conn, "from_the_shell", 2500, seed=9)
+    assert (
+        main(["calibrate", "from_the_shell", "embedding", "--seconds", "30", "--queries", "5", "--dsn", calibrated])
+        == 0
+    )
+    out = capsys.readouterr()
+    curve = stored_curve(conn, "from_the_shell")
+    assert curve is not None
+    assert "100.0%" in out.out and f"ef {curve['ef_search'][0]}" in out.out
+    assert "calibrating from_the_shell.embedding" in out.err
+    assert main(["calibrate", "from_the_shell", "embedding", "--seconds", "0", "--dsn", calibrated]) == 2
+    assert "time budget" in capsys.readouterr().err

@@ -38,6 +38,7 @@ from psycopg import sql
 
 from pgsim.columns.batches import SyncReport, TableMoved, checked_encoder, claim_and_encode
 from pgsim.columns.model_change import switch_over
+from pgsim.columns.recalibration import recalibrate_if_stale
 from pgsim.columns.registry import Registration, queue_rows, registration_by_id
 from pgsim.columns.worker_role import qualified_table, worker_targets
 from pgsim.db.catalog import is_local_host, pin_search_path, vector_schema
@@ -80,6 +81,7 @@ def sync(
     overlap_with: psycopg.Connection[Any] | None = None,
     allow_superuser: bool = False,
     owners: Sequence[str] | None = None,
+    calibrate: bool = True,
 ) -> SyncReport:
     """Drain the queue of every registered column (or of ``table.column``) until no entry is ready, then
     complete model changes whose new column is full. ``conn`` must be an autocommit connection outside a
@@ -89,7 +91,9 @@ def sync(
     It drains only what the current role works for, of one owner or of ``owners``; a session that is or may
     become a superuser or BYPASSRLS role refuses other roles' code unless ``allow_superuser``
     (:mod:`pgsim.columns.worker_role`). Every statement runs in a transaction that pins search_path (never
-    the session's: behind a pooler in transaction mode that would reach other clients)."""
+    the session's: behind a pooler in transaction mode that would reach other clients). With ``calibrate``, a
+    column that received vectors and whose index calibration is missing or stale is measured again once its
+    queue is empty, when this session owns the table (:mod:`pgsim.columns.recalibration`)."""
     if batch_size < 1 or max_attempts < 1 or retry_delay < 0:
         raise InvalidInput("batch_size and max_attempts must be at least 1, retry_delay at least 0.")
     if overlap_with is conn:
@@ -107,7 +111,7 @@ def sync(
     for connection in connections:
         _register_pinned(connection)
     return _sync(conn, connections, table, column, batch_size, max_attempts, retry_delay, progress, stop, cache,
-                 overlap_with, allow_superuser, owners)  # fmt: skip
+                 overlap_with, allow_superuser, owners, calibrate)  # fmt: skip
 
 
 def _sync(
@@ -124,6 +128,7 @@ def _sync(
     overlap_with: psycopg.Connection[Any] | None,
     allow_superuser: bool,
     owners: Sequence[str] | None,
+    calibrate: bool,
 ) -> SyncReport:
     report = SyncReport()
     started = time.perf_counter()
@@ -179,6 +184,7 @@ def _sync(
 
     for registration in targets:
         encoder = checked_encoder(registration)
+        embedded_before = report.done
         if len(connections) == 1:
             drain(conn, registration, encoder)
         else:
@@ -192,6 +198,8 @@ def _sync(
                     raise
         if registration.replaces is not None and (stop is None or not stop.is_set()):
             report.switched += int(switch_over(conn, registration))
+        elif calibrate and report.done > embedded_before and (stop is None or not stop.is_set()):
+            recalibrate_if_stale(conn, registration)
     report.seconds = time.perf_counter() - started
     return report
 

@@ -130,6 +130,9 @@ def _calibrate(
     started = time.perf_counter()
     deadline = started + seconds
     target = calibration_target(conn, table, column)
+    # Names resolved: from here on, nothing on the session's path (a role's shadowing operator) takes part;
+    # the filters compare built-in types only, and every other name is qualified.
+    conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)")
     # the row count that pgsim.knn_calibration compares with later, and the common values the filters use
     conn.execute(sql.SQL("ANALYZE {}").format(target.qualified))
     table_rows, rows = _row_counts(conn, target)
@@ -283,9 +286,7 @@ def _store(conn: psycopg.Connection[Any], target: Target, calibration: Calibrati
         INSERT INTO pgsim.calibration AS c (table_oid, column_attnum, kind, index_oid, measured, rows_measured,
             changes_measured, seconds)
         SELECT %(table)s, %(attnum)s, 'knn', %(index)s, %(measured)s::jsonb, %(rows)s,
-               -- rows inserted or deleted so far, counting those the collector has not heard of yet (another
-               -- session's recent writes), so that their report later does not look like a change
-               (SELECT s.n_tup_ins + s.n_tup_del + abs(%(rows)s - s.n_live_tup) FROM pg_catalog.pg_stat_all_tables s
+               (SELECT s.n_tup_ins + s.n_tup_del FROM pg_catalog.pg_stat_all_tables s
                 WHERE s.relid = %(table)s), %(seconds)s
         ON CONFLICT (table_oid, column_attnum, kind) DO UPDATE SET index_oid = excluded.index_oid,
             measured = excluded.measured, rows_measured = excluded.rows_measured,

@@ -134,7 +134,7 @@ def common_values(conn: psycopg.Connection[Any], target: Target) -> list[tuple[s
         JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attname = s.attname
         JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
         WHERE c.oid = %s AND s.attname <> %s AND s.most_common_vals IS NOT NULL
-          AND t.typcategory IN ('S', 'N', 'B', 'D')
+          AND t.typcategory IN ('S', 'N', 'B', 'D') AND t.typnamespace = 'pg_catalog'::regnamespace
         """,
         [target.oid, target.name],
     ).fetchall()

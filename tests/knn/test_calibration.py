@@ -301,3 +301,37 @@ def test_the_command_line_calibrates_and_prints_the_curve(
     assert "calibrating from_the_shell.embedding" in out.err
     assert main(["calibrate", "from_the_shell", "embedding", "--seconds", "0", "--dsn", calibrated]) == 2
     assert "time budget" in capsys.readouterr().err
+
+
+def test_a_drain_measures_a_missing_or_stale_curve_again_as_the_owner_only(conn: psycopg.Connection[Any]) -> None:
+    from pgsim.columns.recalibration import recalibrate_if_stale
+    from pgsim.columns.registry import Registration
+
+    fill(conn, "drained", 3000, seed=10)
+    conn.execute("ANALYZE drained")
+    (oid,) = conn.execute("SELECT 'drained'::regclass::oid").fetchone()  # type: ignore[misc]
+    # what the worker knows of the column: no row of pgsim.queue names this id
+    registration = Registration(
+        -1, "public", "drained", "embedding", "kind", ("kind",), ("id",), "m", "r", DIMENSION, "vector", None, None,
+        False, None, oid,
+    )  # fmt: skip
+    assert recalibrate_if_stale(conn, registration) is not None  # missing: measured
+    assert stored_curve(conn, "drained") is not None
+    assert recalibrate_if_stale(conn, registration) is None  # fresh: left alone
+    conn.execute("INSERT INTO drained SELECT id + 3000, kind, embedding FROM drained")
+    conn.execute("ANALYZE drained")
+    conn.execute("DROP ROLE IF EXISTS drain_stranger")
+    conn.execute("CREATE ROLE drain_stranger")
+    conn.execute("GRANT USAGE ON SCHEMA pgsim TO drain_stranger")
+    conn.execute("GRANT SELECT ON pgsim.calibration, pgsim.queue TO drain_stranger")
+    try:
+        conn.execute("SET ROLE drain_stranger")
+        assert recalibrate_if_stale(conn, registration) is None  # stale, but not this role's to measure
+        conn.execute("RESET ROLE")
+    finally:
+        conn.execute("RESET ROLE")
+        conn.execute("REVOKE ALL ON pgsim.calibration, pgsim.queue FROM drain_stranger")
+        conn.execute("REVOKE ALL ON SCHEMA pgsim FROM drain_stranger")
+        conn.execute("DROP ROLE drain_stranger")
+    assert recalibrate_if_stale(conn, registration) is not None  # stale: the owner measures it again
+    assert stored_curve(conn, "drained")["levels"][0]["rows"] == 6000  # type: ignore[index]

@@ -10,8 +10,8 @@ CREATE TABLE pgsim.calibration (
     kind text NOT NULL CHECK (kind IN ('knn', 'relevance', 'hybrid')),
     index_oid oid,  -- 'knn': the HNSW index measured; a rebuilt index (another OID) is not calibrated
     measured jsonb NOT NULL,
-    rows_measured double precision NOT NULL,  -- rows with an embedding when measured
-    changes_measured bigint,  -- rows inserted and deleted by then (pg_stat_all_tables), see knn_calibration
+    rows_measured double precision NOT NULL,  -- the table's rows when measured (knn_calibration compares)
+    changes_measured bigint,  -- rows inserted and deleted by then, as pg_stat_all_tables had heard (for people)
     seconds double precision NOT NULL,
     measured_by oid NOT NULL DEFAULT pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER))::oid,
     measured_at timestamptz NOT NULL DEFAULT pg_catalog.now(),

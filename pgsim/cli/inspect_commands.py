@@ -213,8 +213,7 @@ def doctor_calibration(args: argparse.Namespace) -> int:
     if curve.stale:
         print(f"STALE, not trusted: {'; '.join(curve.stale)}. Run pgsim calibrate {curve.table} {curve.column}")
     else:
-        changes = "" if curve.changes_since is None else f", {curve.changes_since} rows written since"
-        print(f"fresh: about {curve.rows_now:.0f} rows now{changes}; index {curve.index_now}")
+        print(f"fresh: about {curve.rows_now:.0f} rows now; index {curve.index_now}")
     headers = ["selectivity", "rows", "exact ms", *(f"ef {ef}" for ef in curve.ef_search), "filter"]
     rows = []
     for level in curve.levels:

@@ -27,8 +27,7 @@ from pgsim.db.catalog import has_schema_table, resolve_table
 from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput
 from pgsim.knn.caches import forget_plans
-from pgsim.knn.filter_indexes import estimated_rows
-from pgsim.knn.planner import DEFAULT_TUNING, Plan, Tuning, plan
+from pgsim.knn.planner import DEFAULT_RECALL, DEFAULT_TUNING, Plan, Tuning, check_recall, plan
 from pgsim.knn.target import vector_column
 
 MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1
@@ -38,7 +37,6 @@ MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1
 ADVISED_M = 24
 ADVISED_EF_CONSTRUCTION = 200
 ADVISED_EF_SEARCH = 64
-DEFAULT_RECALL = 0.99  # pgsim.search's default target
 STALE_SHARE = 0.2  # a calibration whose table has grown or shrunk by more than this share is not trusted
 
 
@@ -86,8 +84,7 @@ def advise(
     measured at another k, get the advice as before."""
     if not 0 < min_share <= 1:
         raise InvalidInput(f"min_share must be in (0, 1]; got {min_share}.")
-    if isinstance(recall, bool) or not isinstance(recall, (int, float)) or not 0 < recall <= 1:
-        raise InvalidInput(f"recall is a target from 0 (exclusive) to 1; got {recall!r}.")
+    check_recall(recall)
     target = vector_column(conn, table, column)
     served_from, rows = calibrated_cover(conn, table, column, k, recall)
     counts: Counter[tuple[str, Any]] = Counter()
@@ -102,7 +99,7 @@ def advise(
         share = count / searches
         if share < min_share:
             break
-        current = plan(conn, table, column, k=k, where={name: value}, tuning=tuning)
+        current = plan(conn, table, column, k=k, where={name: value}, tuning=tuning, recall=recall)
         slow = current.path == "exact" and current.estimated_rows > tuning.exact_below_rows
         narrow = current.path == "hnsw" and (current.selectivity or 1.0) < 0.5  # a partial index gives ~1
         if not (slow or narrow):
@@ -133,7 +130,7 @@ def calibrated_cover(
     """The selectivity from which the stored calibration shows the full index serving filters at ``recall``
     (None without a usable curve: none, stale, or measured at another k), and the table's rows now."""
     curve = stored_curve(conn, table, column)
-    if curve is None or curve.k not in (None, k):
+    if curve is None or curve.k not in (None, k) or curve.rows_now is None:
         return None, 0.0
     return curve.served_from(recall), curve.rows_now
 
@@ -177,8 +174,7 @@ class StoredCurve:
     ef_search: tuple[int, ...]
     levels: tuple[Level, ...]
     rows_measured: float
-    rows_now: float  # the table's rows now, as the planner counts them (pg_class.reltuples)
-    changes_since: int | None  # rows inserted, updated and deleted since (pg_stat_all_tables), when known
+    rows_now: float | None  # the table's rows now, as the planner counts them (pg_class.reltuples); None: unknown
     seconds: float
     measured_by: str
     measured_at: datetime
@@ -188,20 +184,19 @@ class StoredCurve:
 
     @property
     def stale(self) -> list[str]:
-        """Why the curve is no longer trusted; empty when it is. The rules of pgsim.knn_calibration: the table
-        has grown or shrunk by more than a fifth of its rows, more than a fifth of them have been written since
-        (when the statistics tell), or the index measured is no longer the column's HNSW index."""
+        """Why the curve is no longer trusted; empty when it is. The rules of pgsim.knn_calibration, which the
+        planner follows: the table's row count (pg_class.reltuples, kept by ANALYZE and autovacuum) is unknown
+        or more than a fifth away from the rows measured, or the index measured is no longer the column's HNSW
+        index (rebuilt, replaced)."""
         reasons = []
-        allowed = STALE_SHARE * max(self.rows_measured, 1)
-        if abs(self.rows_now - self.rows_measured) > allowed:
+        if self.rows_now is None:
+            reasons.append(
+                "the table's row count is unknown (not analyzed since it was created or emptied): run ANALYZE"
+            )
+        elif abs(self.rows_now - self.rows_measured) > STALE_SHARE * max(self.rows_measured, 1):
             reasons.append(
                 f"the table has about {self.rows_now:.0f} rows now against {self.rows_measured:.0f} when measured "
                 f"(more than {STALE_SHARE:.0%} apart)"
-            )
-        elif self.changes_since is not None and self.changes_since > allowed:
-            reasons.append(
-                f"{self.changes_since} rows were inserted, updated or deleted since, more than {STALE_SHARE:.0%} "
-                f"of the {self.rows_measured:.0f} measured"
             )
         if not self.index_current:
             was = self.index_measured or "an index that no longer exists"
@@ -209,19 +204,13 @@ class StoredCurve:
         return reasons
 
     def reached(self, level: Level, recall: float) -> int | None:
-        """The smallest measured ``ef_search`` at which ``level`` reaches ``recall`` on the HNSW path faster than
-        the exact scan (at any time, when the times are missing); None if none does."""
-        for position, ef_search in enumerate(self.ef_search):
-            if position < len(level.recall):
-                found = level.recall[position]
+        """As pgsim.knn_plan reads a level: the smallest measured ``ef_search`` whose recall reached ``recall``,
+        if the HNSW walk there was faster than the exact scan (or no time was measured); else None."""
+        for position, found in enumerate(level.recall[: len(self.ef_search)]):
+            if found >= recall:
                 ms = level.hnsw_ms[position] if position < len(level.hnsw_ms) else None
-            elif level.recall and level.recall[-1] >= 1.0:
-                found, ms = 1.0, None  # measured until every query found all k
-            else:
-                return None
-            faster = ms is None or level.exact_ms is None or ms < level.exact_ms
-            if found >= recall and faster:
-                return ef_search
+                faster = ms is None or level.exact_ms is None or ms < level.exact_ms
+                return self.ef_search[position] if faster else None
         return None
 
     def served_from(self, recall: float = DEFAULT_RECALL) -> float | None:
@@ -253,7 +242,7 @@ def stored_curve(conn: psycopg.Connection[Any], table: str, column: str) -> Stor
         raise InvalidInput(f"Table {table!r} has no column {column!r}.")
     row = conn.execute(
         """
-        SELECT c.measured, c.rows_measured, c.changes_measured, c.seconds, pg_catalog.pg_get_userbyid(c.measured_by),
+        SELECT c.measured, c.rows_measured, c.seconds, pg_catalog.pg_get_userbyid(c.measured_by),
                c.measured_at, (SELECT i.indexrelid::regclass::text FROM pg_catalog.pg_index i
                                WHERE i.indexrelid = c.index_oid),
                (SELECT pg_catalog.min(i.indexrelid::regclass::text) FROM pg_catalog.pg_index i
@@ -261,8 +250,6 @@ def stored_curve(conn: psycopg.Connection[Any], table: str, column: str) -> Stor
                 JOIN pg_catalog.pg_opclass oc ON oc.oid = i.indclass[0]
                 WHERE i.indrelid = c.table_oid AND am.amname = 'hnsw' AND i.indkey[0] = c.column_attnum
                   AND i.indisvalid AND i.indpred IS NULL AND oc.opcname LIKE '%%cosine%%'),
-               (SELECT s.n_tup_ins + s.n_tup_upd + s.n_tup_del FROM pg_catalog.pg_stat_all_tables s
-                WHERE s.relid = c.table_oid),
                (SELECT CASE WHEN t.reltuples >= 0 THEN t.reltuples END FROM pg_catalog.pg_class t
                 WHERE t.oid = c.table_oid)
         FROM pgsim.calibration c WHERE c.table_oid = %s AND c.column_attnum = %s AND c.kind = 'knn'
@@ -271,7 +258,7 @@ def stored_curve(conn: psycopg.Connection[Any], table: str, column: str) -> Stor
     ).fetchone()
     if row is None:
         return None
-    measured, rows_measured, changes_measured, seconds, by, at, index_measured, index_now, changes, reltuples = row
+    measured, rows_measured, seconds, by, at, index_measured, index_now, reltuples = row
     ef_search = tuple(int(ef) for ef in measured.get("ef_search") or ())
     levels = tuple(
         Level(
@@ -284,9 +271,6 @@ def stored_curve(conn: psycopg.Connection[Any], table: str, column: str) -> Stor
         )
         for level in measured.get("levels") or ()
     )
-    changes_since = None
-    if changes is not None and changes_measured is not None and changes >= changes_measured:
-        changes_since = int(changes - changes_measured)  # statistics reset since: unknown
     return StoredCurve(
         found.qualified,
         column,
@@ -295,8 +279,7 @@ def stored_curve(conn: psycopg.Connection[Any], table: str, column: str) -> Stor
         ef_search,
         levels,
         float(rows_measured),
-        float(reltuples) if reltuples is not None else estimated_rows(conn, found.identifier, sql.SQL("TRUE")),
-        changes_since,
+        None if reltuples is None else float(reltuples),
         float(seconds),
         str(by),
         at,

@@ -23,6 +23,7 @@ from psycopg import sql
 
 from pgsim.db.catalog import is_local_host, vector_schema
 from pgsim.db.names import table_identifier
+from pgsim.encoding.backends.auto import say
 from pgsim.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ ELEMENT_OVERHEAD_BYTES = 160
 NEIGHBOR_BYTES = 16  # one candidate: element pointer, distance, flags
 HEADROOM = 1.25
 DEFAULT_MAX_BUILD_MEMORY = 2048 * MIB
+# A sized build's pace on 2 cores for 384 dimensions (bench/ingest.py, its builds part); only for saying
+# how long a large build usually takes.
+BUILD_ROWS_PER_SECOND = 6000
+ANNOUNCE_ABOVE_SECONDS = 5
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class BuildSettings:
     maintenance_work_mem_mb: int
     parallel_workers: int
     estimated_graph_mb: float
+    rows: float = 0
 
 
 @dataclass(frozen=True)
@@ -127,7 +133,10 @@ def build_settings(
     cores = os.cpu_count() or 1
     wanted = min(int(pool), cores - 1) if is_local_host(conn.info.host) else int(workers)
     return BuildSettings(
-        maintenance_work_mem_mb=-(-memory // MIB), parallel_workers=wanted, estimated_graph_mb=estimate / MIB
+        maintenance_work_mem_mb=-(-memory // MIB),
+        parallel_workers=wanted,
+        estimated_graph_mb=estimate / MIB,
+        rows=float(rows),
     )
 
 
@@ -162,6 +171,9 @@ def create_hnsw_index(
         m=sql.Literal(hnsw.m),
         ef_construction=sql.Literal(hnsw.ef_construction),
     )
+    usual = settings.rows / BUILD_ROWS_PER_SECOND * max(int(dimension_of(conn, table, column)), 1) / 384
+    if usual > ANNOUNCE_ABOVE_SECONDS:  # a long pause says why, once: the index is built once
+        say(f"building HNSW index {index_name} on {settings.rows:,.0f} rows (usually about {usual:.0f} s on 2 cores)")
     started = time.perf_counter()
     serial_retry = False
     try:
@@ -174,6 +186,14 @@ def create_hnsw_index(
         settings = BuildSettings(settings.maintenance_work_mem_mb, 0, settings.estimated_graph_mb)
         _build(conn, statement, settings, concurrently)
     return BuildReport(index_name, time.perf_counter() - started, settings, serial_retry)
+
+
+def dimension_of(conn: psycopg.Connection[Any], table: str, column: str) -> int:
+    row = conn.execute(
+        "SELECT atttypmod FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s",
+        [table_identifier(table).as_string(conn), column],
+    ).fetchone()
+    return int(row[0]) if row else 384
 
 
 def _build(conn: psycopg.Connection[Any], statement: sql.Composed, settings: BuildSettings, concurrently: bool) -> None:

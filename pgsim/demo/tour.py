@@ -19,6 +19,7 @@ from pgsim.columns.adding import add_embedding
 from pgsim.columns.batches import SyncReport
 from pgsim.columns.registry import get_registration
 from pgsim.columns.worker import backfill
+from pgsim.db.calibration import Calibration
 from pgsim.db.hnsw import HNSW
 from pgsim.db.schema import install
 from pgsim.demo.corpus import Package, load_sample
@@ -27,6 +28,7 @@ from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.knn.filtered import Hit, search
 from pgsim.knn.statements import Between
 from pgsim.psycopg import register
+from pgsim.quality.index_calibration import calibrate
 
 SCHEMA = "pgsim_demo"
 TABLE = f"{SCHEMA}.packages"
@@ -99,6 +101,7 @@ class DemoReport:
     truncated: int
     index_built: bool
     results: list[SearchResult]
+    calibration: Calibration | None = None  # when the rows just embedded were enough to measure the index
 
 
 def load_rows(conn: psycopg.Connection[Any], packages: Sequence[Package]) -> int:
@@ -140,8 +143,12 @@ def run_demo(
     encoder = encoder_for(model)
     truncated_before = encoder.stats.truncated
     synced = backfill(conn, TABLE, "embedding", progress=progress)
+    calibration = None
     if synced.embedded:
         conn.execute("ANALYZE pgsim_demo.packages")
+        # the planner follows what was measured on these rows (a drain does it too, once autovacuum has
+        # counted the table; the demo should not wait for that)
+        calibration = calibrate(conn, TABLE, "embedding", seconds=15)
     results = [run_query(conn, encoder, query) for query in queries]
     return DemoReport(
         loaded=loaded,
@@ -151,6 +158,7 @@ def run_demo(
         truncated=encoder.stats.truncated - truncated_before,
         index_built=index_built,
         results=results,
+        calibration=calibration if calibration and calibration.stored else None,
     )
 
 

@@ -335,3 +335,18 @@ def test_a_drain_measures_a_missing_or_stale_curve_again_as_the_owner_only(conn:
         conn.execute("DROP ROLE drain_stranger")
     assert recalibrate_if_stale(conn, registration) is not None  # stale: the owner measures it again
     assert stored_curve(conn, "drained")["levels"][0]["rows"] == 6000  # type: ignore[index]
+
+
+def test_a_long_index_build_says_what_it_is_doing_and_a_short_one_says_nothing(
+    conn: psycopg.Connection[Any], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgsim.db import hnsw
+
+    fill(conn, "announced", 3000, index=False, seed=11)
+    conn.execute("ANALYZE announced")
+    hnsw.create_hnsw_index(conn, "announced", "embedding", "announced_quick", hnsw.HNSW())
+    assert "building HNSW index" not in capsys.readouterr().err  # 3,000 rows of 16 dimensions: a moment
+    monkeypatch.setattr(hnsw, "BUILD_ROWS_PER_SECOND", 10)  # a machine where it would take minutes
+    hnsw.create_hnsw_index(conn, "announced", "embedding", "announced_slow", hnsw.HNSW())
+    said = capsys.readouterr().err
+    assert "building HNSW index announced_slow on 3,000 rows (usually about 12 s" in said

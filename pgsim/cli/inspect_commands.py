@@ -221,13 +221,13 @@ def doctor_calibration(args: argparse.Namespace) -> int:
         for position in range(len(curve.ef_search)):
             if position < len(level.recall):
                 ms = level.hnsw_ms[position] if position < len(level.hnsw_ms) else None
-                cells.append(f"{level.recall[position]:.3f}" + (f" {ms:.1f}ms" if ms is not None else ""))
+                cells.append(f"{level.recall[position]:.3f}" + (f" / {ms:.1f} ms" if ms is not None else ""))
             else:
                 cells.append("")  # not measured: every query had found all k
         exact = f"{level.exact_ms:.1f}" if level.exact_ms is not None else ""
-        rows.append([f"{level.selectivity:.2%}", level.rows, exact, *cells, level.filter or "(none)"])
-    print("recall@k and time per query of the HNSW path at each ef_search:")
+        rows.append([f"{level.selectivity:.1%}", level.rows, exact, *cells, level.filter or "(none)"])
     print(format_table(headers, rows, max_width=48))
+    print("(recall@k / median time of the HNSW path per ef_search; blank: all k found at a smaller one)")
     served = curve.served_from()
     if served is not None and served >= 1.0:
         print("the full index reaches recall 0.99 faster than the exact scan unfiltered only")

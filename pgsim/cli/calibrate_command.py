@@ -21,6 +21,14 @@ def add_calibrate_command(add_command: Callable[..., Any]) -> None:
     calibrate.add_argument("--seconds", type=float, default=30.0, help="time budget (default: 30)")
     calibrate.add_argument("-k", type=int, default=10, help="the k measured (default: 10)")
     calibrate.add_argument("--queries", type=int, default=20, help="query vectors sampled from the table (default: 20)")
+    calibrate.add_argument(
+        "--filter",
+        action="append",
+        default=[],
+        metavar="SQL",
+        dest="filters",
+        help="a filter your searches use, measured as its own level (repeatable)",
+    )
     calibrate.set_defaults(run=cmd_calibrate)
 
 
@@ -40,6 +48,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             seconds=args.seconds,
             k=args.k,
             queries=args.queries,
+            filters=args.filters,
             progress=lambda fraction: bar.update(round(fraction * 100) - bar.n),
         )
     if not result.stored:

@@ -37,6 +37,7 @@ from pgsim.db.calibration_inputs import (
     calibration_target,
     level_filters,
     query_vectors,
+    workload_levels,
 )
 from pgsim.db.catalog import vector_schema
 from pgsim.errors import InvalidInput
@@ -105,6 +106,7 @@ def calibrate_index(
     k: int = 10,
     seconds: float = DEFAULT_SECONDS,
     queries: int | Sequence[Sequence[float]] | np.ndarray[Any, Any] = DEFAULT_QUERIES,
+    filters: Sequence[str] = (),
     progress: Progress | None = None,
 ) -> Calibration:
     """Measure ``table.column``'s HNSW index (see the module's text) within about ``seconds`` and store the
@@ -115,7 +117,7 @@ def calibrate_index(
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
         raise InvalidInput(f"k must be a whole number from 1 to 1000; got {k!r}.")
     with conn.transaction():  # one snapshot; the row is written at the end, or not at all
-        return _calibrate(conn, table, column, k, float(seconds), queries, progress)
+        return _calibrate(conn, table, column, k, float(seconds), queries, tuple(filters), progress)
 
 
 def _calibrate(
@@ -125,6 +127,7 @@ def _calibrate(
     k: int,
     seconds: float,
     queries: int | Any,
+    filters: tuple[str, ...],
     progress: Progress | None,
 ) -> Calibration:
     started = time.perf_counter()
@@ -152,7 +155,8 @@ def _calibrate(
     vectors = query_vectors(conn, target, queries, rows)
     if not len(vectors):
         return not_stored("no query vector: every sampled row's vector is zero")
-    levels = level_filters(conn, target, rows)
+    levels = level_filters(conn, target, rows) + workload_levels(conn, target, filters, rows)
+    levels.sort(key=lambda level: -level[0])
     plan = [(s, f, n) for s, f, n in levels if n >= max(EXACT_BELOW_ROWS, k) or s == 1.0]
     ef_grid = tuple(sorted({max(ef, k) for ef in EF_SEARCH_GRID if ef >= k or ef == EF_SEARCH_GRID[-1]}))
     measured: list[Level] = []

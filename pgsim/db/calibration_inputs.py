@@ -155,3 +155,23 @@ def count_rows(conn: psycopg.Connection[Any], target: Target, condition: str) ->
         )
     ).fetchone()
     return int(row[0]) if row else 0
+
+
+def workload_levels(
+    conn: psycopg.Connection[Any], target: Target, filters: tuple[str, ...], rows: int
+) -> list[tuple[float, tuple[str, ...], int]]:
+    """A level for each filter of a workload, at the share of rows it passes. Each is SQL over the table's
+    columns, run under search_path pg_catalog, pg_temp (qualify your own functions), as pgsim.knn's filter."""
+    levels: list[tuple[float, tuple[str, ...], int]] = []
+    for condition in filters:
+        if not isinstance(condition, str) or not condition.strip() or "\x00" in condition:
+            raise InvalidInput(f"A workload filter is one SQL condition over the table's columns; got {condition!r}.")
+        try:
+            with conn.transaction():
+                matching = count_rows(conn, target, condition)
+        except psycopg.errors.Error as exc:
+            raise InvalidInput(
+                f"The workload filter {condition!r} is not valid here: {exc.diag.message_primary}"
+            ) from None
+        levels.append((matching / max(rows, 1), (condition,), matching))
+    return levels

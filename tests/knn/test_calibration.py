@@ -350,3 +350,20 @@ def test_a_long_index_build_says_what_it_is_doing_and_a_short_one_says_nothing(
     hnsw.create_hnsw_index(conn, "announced", "embedding", "announced_slow", hnsw.HNSW())
     said = capsys.readouterr().err
     assert "building HNSW index announced_slow on 3,000 rows (usually about 12 s" in said
+
+
+def test_a_workloads_filters_are_measured_as_levels_of_their_own(conn: psycopg.Connection[Any]) -> None:
+    fill(conn, "workload", 4000, seed=12)
+    result = calibrate(
+        conn, "workload", "embedding", seconds=30, queries=5, filters=["kind IN ('a', 'c')", "id < 1500"]
+    )
+    mine = {level.filters: level for level in result.levels}
+    assert (
+        mine[("kind IN ('a', 'c')",)].rows
+        == conn.execute("SELECT count(*) FROM workload WHERE kind IN ('a', 'c')").fetchone()[0]
+    )  # type: ignore[index]
+    assert mine[("id < 1500",)].rows == 1500 and mine[("id < 1500",)].selectivity == pytest.approx(1500 / 4000)
+    for bad in ("no_such_column = 1", "", "1 = 1; DROP TABLE items"):
+        with pytest.raises(InvalidInput, match="workload filter"):
+            calibrate(conn, "workload", "embedding", seconds=5, filters=[bad])
+    assert conn.execute("SELECT count(*) FROM items").fetchone() == (ROWS,)

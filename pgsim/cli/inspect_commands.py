@@ -12,6 +12,8 @@ from pgsim.cli.common import format_table, lanes_text, open_connection, progress
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import PgsimError
 
+DEMO_TABLE = "pgsim_demo.packages"  # search, doctor and index-advise default to the demo's table
+
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from pgsim.demo.corpus import load_sample
@@ -121,12 +123,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         return doctor_calibration(args)
     where = doctor_where(args)
     if args.query is None:
-        if where is None:
-            raise PgsimError(
-                "doctor takes a search TEXT, a filter (--filter, --where), or --calibration [TABLE COLUMN]"
-            )
         with open_connection(args) as conn:
-            print_filter_indexes(conn, args.table, args.column, where)
+            if where is None:
+                doctor_statistics(conn, args)
+            else:
+                print_filter_indexes(conn, args.table, args.column, where)
         return 0
     from pgsim.columns.registry import get_registration
     from pgsim.encoding.encoder import encoder_for
@@ -172,6 +173,32 @@ def doctor_where(args: argparse.Namespace) -> Any:
     if args.where:
         parts.append(sql.SQL("({})").format(sql.SQL(args.where)))  # SQL text, as pgsim.knn's filter
     return sql.SQL(" AND ").join(parts) if parts else None
+
+
+def doctor_statistics(conn: Any, args: argparse.Namespace) -> None:
+    """Without a search or a filter: for each registered embedding (or the --table given), the columns the
+    planner's statistics show searches would filter on and that no index serves."""
+    from pgsim.columns.registry import registrations
+    from pgsim.knn.filter_indexes import likely_filters, missing_indexes_for_likely_filters
+
+    targets = [(f"{r.schema}.{r.table_name}", r.column) for r in registrations(conn)]
+    if args.table != DEMO_TABLE or not targets:
+        targets = [(args.table, args.column)]
+    for table, column in targets:
+        checked = [name for name, _ in likely_filters(conn, table, column)]
+        if not checked:
+            print(f"{table}.{column}: no column to check (none repeats its values, or run ANALYZE {table})")
+            continue
+        missing = missing_indexes_for_likely_filters(conn, table, column)
+        print(f"{table}.{column}: filter columns by the planner's statistics: {', '.join(checked)}")
+        if not missing:
+            print("  none lacks an index the exact path would use")
+        for advice in missing:
+            print(
+                f"  {advice.column} ({advice.column_type}): no {advice.method} index: a search filtering on it reads "
+                f"all {advice.table_rows:.0f} rows on the exact path"
+            )
+            print(f"    {advice.statement.as_string(conn)};")
 
 
 def print_filter_indexes(conn: Any, table: str, column: str, where: Any) -> None:

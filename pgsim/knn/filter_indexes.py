@@ -8,6 +8,10 @@ with the filter applied row by row, names each filter column that no index leads
 ``CREATE INDEX`` that serves it: btree for scalar equality and ranges, GIN for arrays, ``jsonb`` and
 ``tsvector`` (containment and full text).
 
+Without a filter, :func:`likely_filters` takes from the planner's statistics (``pg_stats``) the filters
+searches plausibly use: equality on each column that repeats its values, containment on array columns;
+:func:`missing_indexes_for_likely_filters` checks each.
+
 What it leaves to the user: a filter that keeps a large share of the rows (above ``max_share``, where
 PostgreSQL reads the whole table even with an index), tables of at most ``min_rows`` rows (a scan costs
 next to nothing), patterns (``LIKE``, regular expressions) and ``jsonb`` paths (``data ->> 'k'``), which
@@ -41,7 +45,7 @@ OPERATOR = re.compile(r"\s*([~!@#%^&|`?+\-*/<>=]+)")
 # served: LIKE and regular expressions (~~, ~), jsonb paths (->>), <>: a plain index does not help them
 SERVED = {
     "btree": {"=", "<", "<=", ">", ">=", ""},
-    "gin": {"=", "@>", "<@", "&&", "?", "?|", "?&", "@@", "@@@", "@?"},
+    "gin": {"@>", "<@", "&&", "?", "?|", "?&", "@@", "@@@", "@?"},
 }
 SERVING_METHODS = {"btree": ("btree", "hash"), "gin": ("gin", "gist")}
 
@@ -192,6 +196,7 @@ def _columns(conn: psycopg.Connection[Any], oid: int, vector_column: str) -> lis
                     WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_opclass oc
                         JOIN pg_catalog.pg_am am ON am.oid = oc.opcmethod
                         WHERE am.amname = 'btree' AND oc.opcdefault AND (oc.opcintype = base.oid
+                            OR (base.typtype = 'e' AND oc.opcintype = 'pg_catalog.anyenum'::pg_catalog.regtype)
                             OR EXISTS (SELECT 1 FROM pg_catalog.pg_cast c WHERE c.castsource = base.oid
                                        AND c.casttarget = oc.opcintype AND c.castmethod = 'b'))) THEN 'btree'
                     WHEN EXISTS (SELECT 1 FROM pg_catalog.pg_opclass oc
@@ -224,3 +229,51 @@ def _columns(conn: psycopg.Connection[Any], oid: int, vector_column: str) -> lis
         )
         for name, quoted, type_name, method in rows
     ]
+
+
+def likely_filters(conn: psycopg.Connection[Any], table: str, column: str) -> list[tuple[str, sql.Composable]]:
+    """Filters an application plausibly puts on ``table``'s other columns, from the planner's statistics
+    (``pg_stats``, after ``ANALYZE``): per column that repeats its values (not mostly distinct, as free
+    text and timestamps are, nor one value), equality to its most common value that keeps at most
+    ``MAX_SHARE`` of the rows (else a value from the middle of its histogram); per array column, containment
+    of its most common element. Columns ``pg_stats`` shows the current role nothing of are left out."""
+    found = resolve_table(conn, table)
+    rows = conn.execute(
+        """
+        SELECT s.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), t.typcategory = 'A', s.n_distinct,
+               CASE WHEN t.typcategory <> 'A' THEN s.most_common_vals::text::text[] END, s.most_common_freqs,
+               CASE WHEN t.typcategory <> 'A' THEN s.histogram_bounds::text::text[] END,
+               s.most_common_elems::text::text[], s.most_common_elem_freqs
+        FROM pg_catalog.pg_stats s
+        JOIN pg_catalog.pg_attribute a ON a.attrelid = %s AND a.attname = s.attname
+        JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+        WHERE s.schemaname = %s AND s.tablename = %s AND NOT s.inherited AND s.attname <> %s
+        ORDER BY a.attnum
+        """,
+        [found.oid, found.schema, found.name, column],
+    ).fetchall()
+    filters: list[tuple[str, sql.Composable]] = []
+    for name, type_name, is_array, distinct, values, freqs, bounds, elems, elem_freqs in rows:
+        if distinct is None or -1 <= distinct < -0.5 or 0 <= distinct <= 1:
+            continue  # mostly distinct (text, timestamps, keys), or one value: not what searches filter on
+        target = sql.Identifier(name)
+        if is_array:
+            rare = [e for e, f in zip(elems or (), elem_freqs or (), strict=False) if f <= MAX_SHARE]
+            if rare:
+                contains = sql.SQL("{} @> ARRAY[{}]::{}").format(target, sql.Literal(rare[0]), sql.SQL(type_name))
+                filters.append((str(name), contains))
+            continue
+        rare = [v for v, f in zip(values or (), freqs or (), strict=False) if f <= MAX_SHARE][:1]  # by frequency
+        value = rare[0] if rare else (bounds[len(bounds) // 2] if bounds else None)
+        if value is not None:
+            filters.append((str(name), sql.SQL("{} = {}").format(target, sql.Literal(value))))
+    return filters
+
+
+def missing_indexes_for_likely_filters(conn: psycopg.Connection[Any], table: str, column: str) -> list[IndexAdvice]:
+    """:func:`missing_filter_indexes` for each of :func:`likely_filters`: the columns searches would filter
+    on, by the statistics, that the exact path could only filter by reading the whole table."""
+    advice = []
+    for name, condition in likely_filters(conn, table, column):
+        advice += [a for a in missing_filter_indexes(conn, table, column, condition) if a.column == name]
+    return advice

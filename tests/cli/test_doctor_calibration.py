@@ -113,8 +113,11 @@ def test_doctor_names_the_missing_index_until_it_exists(items: str) -> None:
     with psycopg.connect(items, autocommit=True) as conn:
         conn.execute("DROP INDEX items_section_btree")
         conn.execute("ANALYZE items")
-    nothing = pgsim(items, "doctor", "--table", "items")
-    assert nothing.returncode == 2 and "doctor takes a search TEXT" in nothing.stderr
+    by_statistics = pgsim(items, "doctor", "--table", "items")  # no filter: the columns the statistics suggest
+    assert by_statistics.returncode == 0, by_statistics.stderr
+    assert "items.embedding: filter columns by the planner's statistics: section" in by_statistics.stdout
+    assert f"section (text): no btree index: a search filtering on it reads all {ROWS} rows" in by_statistics.stdout
+    assert create in by_statistics.stdout
     hostile = pgsim(items, "doctor", "--table", "items", "--where", "true); DROP TABLE items; SELECT (1")
     assert hostile.returncode == 2 and "The filter is not valid here" in hostile.stderr  # one statement, an error
     with psycopg.connect(items) as conn:

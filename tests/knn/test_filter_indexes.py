@@ -8,7 +8,12 @@ import pytest
 from psycopg import sql
 
 from pgsim import InvalidInput
-from pgsim.knn.filter_indexes import index_name, missing_filter_indexes
+from pgsim.knn.filter_indexes import (
+    index_name,
+    likely_filters,
+    missing_filter_indexes,
+    missing_indexes_for_likely_filters,
+)
 
 ROWS = 5000
 EVIL = 'x"); DROP TABLE items; --'  # a column name shaped like an injection
@@ -115,3 +120,17 @@ def test_index_names() -> None:
     assert index_name("items", "section", "btree") == "items_section_btree"
     odd = index_name("Items", EVIL, "gin")
     assert odd != index_name("items", EVIL, "gin") and len(odd) <= 63 and odd.endswith("_gin")
+
+
+def test_likely_filters_from_the_statistics(items: str) -> None:
+    """Without a filter: the columns that repeat their values, each with a value that keeps few rows."""
+    with psycopg.connect(items, autocommit=True) as conn:
+        filters = dict(likely_filters(conn, "items", "embedding"))
+        assert list(filters) == ["section", "tags", "attrs", EVIL]  # not id (unique), half (no rare value)
+        assert filters["section"].as_string(conn).startswith('"section" = \'s')
+        assert filters["tags"].as_string(conn).startswith('"tags" @> ARRAY[\'t')
+        missing = missing_indexes_for_likely_filters(conn, "items", "embedding")
+        assert [(a.column, a.method) for a in missing] == [("section", "btree"), ("tags", "gin"), (EVIL, "btree")]
+        conn.execute("CREATE INDEX items_section ON items (section)")
+        assert [a.column for a in missing_indexes_for_likely_filters(conn, "items", "embedding")] == ["tags", EVIL]
+        conn.execute("DROP INDEX items_section")

@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsim.db.catalog import resolve_table, table_columns
+from pgsim.db.catalog import resolve_table, table_columns, vector_schema
 from pgsim.errors import InvalidInput
 from pgsim.knn.planner import clear_errors
 from pgsim.knn.statements import Condition, Where, filter_sql
@@ -41,6 +41,7 @@ MIN_ROWS = 1000  # a whole-table scan of fewer rows is cheap: nothing to advise
 MAX_SHARE = 0.2  # a filter that keeps more of the rows is read by a scan of the table, index or not
 SEQ_SCANS = {"Seq Scan", "Parallel Seq Scan"}
 OPERATOR = re.compile(r"\s*([~!@#%^&|`?+\-*/<>=]+)")
+CALL = re.compile(r'[\w"]\(\s*$')  # what a mention follows when it is a function's first argument
 # what each kind of index serves; "" is a column with no operator after it (IS NULL, a boolean column). Not
 # served: LIKE and regular expressions (~~, ~), jsonb paths (->>), <>: a plain index does not help them
 SERVED = {
@@ -100,9 +101,14 @@ def missing_filter_indexes(
         # the exact path's statement: the filter, then every matching row's distance (ordered by an
         # expression no index serves, as pgsim's exact statement is); a parameter keeps it one statement
         exact = sql.SQL(
-            "EXPLAIN (FORMAT JSON, VERBOSE) SELECT {col} FROM {table} WHERE {passing} ORDER BY ({col} <=> {col}) + 0 "
-            "LIMIT %s"
-        ).format(col=vector, table=found.identifier, passing=Condition(passing))
+            "EXPLAIN (FORMAT JSON, VERBOSE) SELECT {col} FROM {table} WHERE {passing} "
+            "ORDER BY ({col} OPERATOR({vector_schema}.<=>) {col}) + 0 LIMIT %s"
+        ).format(
+            col=vector,
+            table=found.identifier,
+            passing=Condition(passing),
+            vector_schema=sql.Identifier(vector_schema(conn)),
+        )
         ((plan,),) = cur.execute(exact, [10], prepare=False).fetchall()
     if table_rows <= min_rows or rows > max_share * table_rows:
         return []
@@ -183,6 +189,9 @@ def _operators_after(filter_text: str, quoted: str) -> list[str]:
     mention = re.compile(r'(?<![\w"$])(?:[\w$]+|"(?:[^"]|"")+")\.' + re.escape(quoted) + r'(?![\w"$])')
     operators = []
     for found in mention.finditer(filter_text):
+        if CALL.search(filter_text, 0, found.start()):
+            operators.append("(call)")  # an argument of a function (lower(section) = ...): no plain index serves it
+            continue
         follows = OPERATOR.match(filter_text, found.end())
         operators.append(follows.group(1) if follows else "")
     return operators

@@ -27,13 +27,14 @@ import numpy.typing as npt
 
 from pgsim.encoding.backends.base import TOKENIZER_LOCK
 from pgsim.encoding.backends.lanes import embed_batches
-from pgsim.encoding.models import DEFAULT_MODEL, load_backend, load_model, model_revision
+from pgsim.encoding.models import DEFAULT_MODEL, load_backend, load_model, loaded_model, model_dimension, model_revision
 from pgsim.errors import InvalidInput
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
 
     from pgsim.encoding.backends.base import Backend
+    from pgsim.encoding.backends.tokens import Tokens
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,10 @@ class Encoder:
 
     @property
     def dimension(self) -> int:
-        dimension = self.model.get_embedding_dimension()
+        model = loaded_model(self.model_name, self.device)
+        if model is None:  # read from the model's files where they say it, so torch need not load
+            return model_dimension(self.model_name)
+        dimension = model.get_embedding_dimension()
         assert dimension is not None
         return int(dimension)
 
@@ -164,6 +168,9 @@ class Encoder:
 
     @property
     def max_tokens(self) -> int:
+        tokens = self._tokens()
+        if tokens is not None:
+            return tokens.max_tokens
         limit = self.model.max_seq_length
         assert limit is not None, f"model {self.model_name!r} declares no maximum sequence length"
         return int(limit)
@@ -249,7 +256,14 @@ class Encoder:
             batches.append(batch)
         return batches
 
+    def _tokens(self) -> Tokens | None:
+        """The backend's own tokeniser (the exported backends'), which needs neither torch nor the model."""
+        return getattr(self.backend, "tokens", None)
+
     def _token_counts(self, texts: list[str]) -> npt.NDArray[np.int64]:
+        tokens = self._tokens()
+        if tokens is not None:
+            return tokens.counts(texts)
         with TOKENIZER_LOCK:
             encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
         return np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))

@@ -80,6 +80,8 @@ def load_backend(name: str, device: str = "cpu", requested: str = "auto") -> Bac
     key = (resolve_model(name), device, requested)
     with _backends_lock:
         backend = _backends.get(key)
+        if backend is None and device == "cpu" and requested in ("auto", "onnx", "openvino"):
+            backend = _without_torch(name, requested)
         if backend is None:
             model = load_model(name, device)
             if requested == "auto" and device != "cpu":
@@ -88,8 +90,47 @@ def load_backend(name: str, device: str = "cpu", requested: str = "auto") -> Bac
                 backend = auto.choose(model, name, model_revision(name), _calibration_texts())
             else:
                 backend = auto.build(requested, model, name, model_revision(name))
-            _backends[key] = backend
+        _backends[key] = backend
     return backend
+
+
+def _without_torch(name: str, requested: str) -> Backend | None:
+    """The exported backend ``requested`` (for "auto": the one remembered as chosen) from its cached export,
+    without importing torch or sentence-transformers (:mod:`pgsim.encoding.backends.standalone`); None
+    when that cannot be, and the caller loads the model."""
+    from pgsim.encoding.backends import auto, standalone
+
+    directory = model_directory(name)
+    if directory is None:
+        return None
+    revision = model_revision(name)
+    reason = "requested"
+    if requested == "auto":
+        remembered = auto.remembered_choice(revision)
+        if remembered is None or remembered.get("backend") not in ("onnx", "openvino"):
+            return None
+        requested, reason = str(remembered["backend"]), f"auto, chosen earlier: {remembered.get('why')}"
+    backend = standalone.load(requested, name, revision, directory)
+    if backend is not None:
+        backend.reason = reason
+        log.info("encoder backend %s from its cached export (%s)", backend.name, reason)
+    return backend
+
+
+def model_directory(name: str) -> Path | None:
+    """The directory holding model ``name``'s files (packaged, local or in the Hugging Face cache); None
+    when there is none."""
+    try:
+        location = Path(resolve_model(name))
+    except ModelNotFound:
+        return None
+    return location if location.is_dir() else cached_snapshot(name)
+
+
+def loaded_model(name: str, device: str = "cpu") -> SentenceTransformer | None:
+    """The model object for ``name`` on ``device`` if this process has loaded it, else None."""
+    with _models_lock:
+        return _models.get((resolve_model(name), device))
 
 
 def _calibration_texts() -> list[str]:

@@ -30,7 +30,7 @@ from pgsim.encoding.backends.base import (
     cache_dir,
     read_json,
 )
-from pgsim.encoding.backends.exported import _safe, pooling_mode
+from pgsim.encoding.backends.exported import export_path, pooling_mode
 from pgsim.encoding.backends.lanes import embed_batches
 from pgsim.encoding.backends.torch import TorchBackend, bfloat16_copy
 from pgsim.encoding.models import DEFAULT_MODEL
@@ -56,12 +56,10 @@ def build(requested: str, model: SentenceTransformer, model_name: str, revision:
         from pgsim.encoding.backends.onnx import OnnxBackend
         from pgsim.encoding.backends.openvino import OpenVinoBackend
 
-        if (
-            _exportable(model, requested)
-            and not (_export_directory(requested, model_name, revision) / "export.json").is_file()
-        ):
+        exported = (export_path(requested, model_name, revision) / "export.json").is_file()
+        if _exportable(model, requested) and not exported:
             say(f"converting {model_name} for the {requested} backend, once (usually {EXPORT_SECONDS[requested]})")
-        return (OnnxBackend if requested == "onnx" else OpenVinoBackend)(model, model_name, revision)
+        return (OnnxBackend if requested == "onnx" else OpenVinoBackend).for_model(model, model_name, revision)
     raise InvalidInput(f"Unknown encoder backend {requested!r}; choose auto, {', '.join(BACKENDS)}.")
 
 
@@ -78,8 +76,8 @@ def choose(
     key = _choice_key(revision)
     with _choices_lock:
         known = read_json(choices_path) or {}
-        remembered = None if again else known.get(key)
-        if remembered and not _recheck(remembered):
+        remembered = None if again else remembered_choice(revision, known)
+        if remembered:
             try:
                 backend = build(remembered["backend"], model, model_name, revision)
                 backend.reason = f"auto, chosen earlier: {remembered['why']}"
@@ -108,6 +106,17 @@ def choose(
         return backend
 
 
+def remembered_choice(revision: str, known: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The choice remembered for the model at ``revision`` on this machine (``backend``, ``why``), unless
+    there is none or it is to be measured again; reads the cache directory's file unless given ``known``."""
+    if known is None:
+        known = read_json(cache_dir() / "backend-choices.json") or {}
+    remembered = known.get(_choice_key(revision))
+    if not isinstance(remembered, dict) or _recheck(remembered):
+        return None
+    return remembered
+
+
 def measure_again(model_name: str = DEFAULT_MODEL) -> Backend:
     """Measure the backends for ``model_name`` now and remember the new choice (what ``pgsim encoder
     --measure`` runs); its ``reason`` says what was measured."""
@@ -123,10 +132,10 @@ def say(message: str) -> None:
 
 
 def _choice_key(revision: str) -> str:
-    import torch
-
+    # torch's version as its package metadata says it (torch.__version__ without importing torch)
+    torch_version = _installed("torch").removeprefix("torch ")
     key = "|".join(
-        [revision, platform.machine(), platform.processor() or "", torch.__version__, _cpu_flags(), CHOICE_FORMAT]
+        [revision, platform.machine(), platform.processor() or "", torch_version, _cpu_flags(), CHOICE_FORMAT]
         + list(BACKENDS)  # a new candidate backend, or a runtime installed or upgraded, means measuring again
         + [_installed("onnxruntime"), _installed("openvino")]
     )
@@ -207,11 +216,6 @@ def _exportable(model: SentenceTransformer, backend: str) -> bool:
         return sys.modules.get(package, True) is not None and importlib.util.find_spec(package) is not None
     except (ImportError, ValueError, BackendUnavailable):
         return False
-
-
-def _export_directory(backend: str, model_name: str, revision: str) -> Path:
-    """Where the ``backend`` keeps its export of ``model_name`` (:meth:`ExportedBackend.directory`)."""
-    return cache_dir() / backend / f"{_safe(model_name)}-{revision}"
 
 
 def _installed(package: str) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -60,6 +61,27 @@ def cache_dir() -> Path:
     if configured:
         return Path(configured)
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pgsim"
+
+
+def torch_threads() -> int:
+    """torch's thread count for the calling thread; where nothing imported torch, the count it would start
+    with (``OMP_NUM_THREADS``, else the physical cores), so a backend that does not run on torch sizes its
+    threads as a torch one would without importing torch."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return int(torch.get_num_threads())
+    configured = os.environ.get("OMP_NUM_THREADS", "")
+    if configured.isdigit() and int(configured) > 0:
+        return int(configured)
+    try:
+        blocks = [
+            {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in chunk.splitlines())}
+            for chunk in Path("/proc/cpuinfo").read_text().split("\n\n")
+        ]
+        cores = {(block.get("physical id"), block["core id"]) for block in blocks if "core id" in block}
+    except OSError:
+        cores = set()
+    return len(cores) or os.cpu_count() or 1
 
 
 def normalised(rows: Any) -> Matrix:

@@ -5,10 +5,12 @@
   plugin in bfloat16 where the CPU computes in it (AVX-512 BF16, AMX), else float32. The Encoder's lanes
   run side by side on a compiled model with one stream per lane.
 
-Both tokenise with the model's own tokenizer, truncate at its ``max_seq_length``, and pool and normalise in
+Both tokenise as the model does (its tokenizer.json under the ``tokenizers`` package where that was checked
+to give the same inputs, see :mod:`.tokens`), truncate at its ``max_seq_length``, and pool and normalise in
 numpy, for models of a Transformer, a Pooling layer (mean, CLS or max) and optionally Normalize only. Each
 keeps its export in pgsim's cache directory (per model revision) and checks it against torch on loading:
-a missing, corrupted or stale export (an older pgsim's or runtime's) is built again.
+a missing, corrupted or stale export (an older pgsim's or runtime's) is built again. What a later process
+needs to run a checked export without importing torch is recorded beside it (:mod:`.standalone`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -35,6 +38,7 @@ from pgsim.encoding.backends.base import (
     normalised,
     read_json,
 )
+from pgsim.encoding.backends.tokens import ModelTokens, Tokens, from_model_files, same_as_model
 from pgsim.encoding.backends.torch import TorchBackend
 
 if TYPE_CHECKING:
@@ -46,43 +50,105 @@ EXPORT_FORMAT = 1  # bump when an export changes, so cached exports are rebuilt
 PROBE_TEXTS = ["pgsim checks an exported model against torch", "a short one", "three texts, three lengths"]
 
 
+@dataclass
+class Spec:
+    """How an exported backend feeds the transformer and reads it: its inputs, the tokeniser that makes
+    them, the default prompt, the pooling, and the vectors' dimension."""
+
+    pooling: str
+    prompt: str
+    inputs: list[str]
+    tokens: Tokens
+    dimension: int
+
+
+def model_spec(model: SentenceTransformer, backend: str, directory: Path | None) -> Spec:
+    """``model``'s :class:`Spec`: its tokenizer.json under the tokenizers package where that tokenises as
+    sentence-transformers does (checked on the calibration texts), else the model's own tokenizer."""
+    from pgsim.encoding.models import _calibration_texts
+
+    pooling = pooling_mode(model, backend)
+    with TOKENIZER_LOCK:
+        inputs = sorted(model.tokenizer(["probe"], return_tensors="np").keys())
+    tokens: Tokens | None = from_model_files(model, directory)
+    if tokens is not None and not same_as_model(tokens, model, inputs, PROBE_TEXTS + _calibration_texts()[:16]):
+        log.info("%s does not tokenise as the model does; %s uses the model's tokenizer", directory, backend)
+        tokens = None
+    dimension = model.get_embedding_dimension()
+    assert dimension is not None
+    return Spec(pooling, default_prompt(model) or "", inputs, tokens or ModelTokens(model), int(dimension))
+
+
 class ExportedBackend:
-    """What the exported backends share: the model's tokenizer and truncation, pooling in numpy."""
+    """What the exported backends share: the export's path and runtime, tokenising, pooling in numpy.
+
+    A subclass says which runtime package its export records (``runtime``, ``start`` imports it), how an
+    export is opened and run, and how one is made from the model."""
 
     name = ""
+    runtime = ""  # the package whose version an export records
+    file = ""  # the export's file name in its directory
     reason = "requested"
     parallel = False
     precision: str | None = None  # float32, unless the runtime says otherwise
 
-    def __init__(self, model: SentenceTransformer) -> None:
-        self.pooling = pooling_mode(model, self.name)
-        self.tokenizer = model.tokenizer
-        self.max_tokens = int(model.max_seq_length or 512)
-        self.prompt = default_prompt(model) or ""  # prepended as sentence-transformers does
-        with TOKENIZER_LOCK:
-            self.input_names = sorted(model.tokenizer(["probe"], return_tensors="np").keys())
+    def __init__(self, spec: Spec, path: Path, model: SentenceTransformer | None = None) -> None:
+        """The export at ``path``. With ``model``: checked against torch, and made again when missing, stale
+        or unusable; without: opened as it is (:mod:`.standalone` checks it against recorded vectors)."""
+        self.spec, self.path, self.tokens = spec, path, spec.tokens
+        self.expected: dict[str, Any] = {"format": EXPORT_FORMAT, "inputs": spec.inputs, self.runtime: self.start()}
+        if model is None:
+            self.handle = self.open(path)
+        else:
+            self.handle = load_or_export(
+                model, path, self.expected, export=lambda path: self.export(model, path), load=self.open, run=self.run
+            )
+
+    @classmethod
+    def for_model(cls, model: SentenceTransformer, model_name: str, revision: str) -> ExportedBackend:
+        """The backend for ``model``, its export made or checked against torch; what a later process needs
+        to run it without torch is recorded beside the export (:func:`.standalone.remember`)."""
+        from pgsim.encoding.backends import standalone
+        from pgsim.encoding.models import model_directory
+
+        spec = model_spec(model, cls.name, model_directory(model_name))
+        backend = cls(spec, export_path(cls.name, model_name, revision) / cls.file, model)
+        standalone.remember(backend, model)
+        return backend
+
+    def start(self) -> str:
+        """Imports the runtime (BackendUnavailable when missing); its version."""
+        raise NotImplementedError
+
+    def open(self, path: Path) -> Any:
+        raise NotImplementedError
+
+    def run(self, handle: Any, texts: list[str]) -> Matrix:
+        raise NotImplementedError
+
+    def export(self, model: SentenceTransformer, path: Path) -> None:
+        raise NotImplementedError
 
     def for_lanes(self, lanes: int) -> Pass:
         return self
 
     def embed(self, texts: list[str]) -> Matrix:
-        raise NotImplementedError
-
-    def directory(self, model_name: str, revision: str) -> Path:
-        return cache_dir() / self.name / f"{_safe(model_name)}-{revision}"
+        return self.run(self.handle, texts)
 
     def tokenised(self, texts: list[str]) -> tuple[dict[str, Any], Any]:
         """The model's inputs by name, and the attention mask."""
-        if self.prompt:
-            texts = [self.prompt + text for text in texts]
-        with TOKENIZER_LOCK:
-            batch = self.tokenizer(
-                texts, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="np"
-            )
-        return {name: np.asarray(batch[name], dtype=np.int64) for name in self.input_names}, batch["attention_mask"]
+        if self.spec.prompt:
+            texts = [self.spec.prompt + text for text in texts]
+        batch = self.tokens.batch(texts)
+        return {name: batch[name] for name in self.spec.inputs}, batch["attention_mask"]
 
     def pooled(self, hidden: Any, mask: Any) -> Matrix:
-        return normalised(pool(hidden, np.asarray(mask), self.pooling))
+        return normalised(pool(hidden, np.asarray(mask), self.spec.pooling))
+
+
+def export_path(backend: str, model_name: str, revision: str) -> Path:
+    """The directory ``backend`` keeps its export of ``model_name`` at ``revision`` in."""
+    return cache_dir() / backend / f"{_safe(model_name)}-{revision}"
 
 
 def pooling_mode(model: SentenceTransformer, backend: str) -> str:

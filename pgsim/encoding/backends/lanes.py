@@ -7,11 +7,12 @@ one pass on every thread, since small matrices and the attention's softmax split
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 
-from pgsim.encoding.backends.base import Backend, Matrix
+from pgsim.encoding.backends.base import Backend, Matrix, torch_threads
 
 
 def embed_batches(
@@ -20,39 +21,42 @@ def embed_batches(
     """``backend.embed`` of each batch, in order. A parallel backend runs ``lanes`` batches at a time (default:
     one per torch thread of the calling thread, at most one per batch) on threads of their own, each with
     ``threads // lanes`` torch threads; the calling thread and every other thread keep theirs. Stopping early
-    cancels the batches not yet started."""
-    import torch
-
-    threads = torch.get_num_threads()
+    cancels the batches not yet started. A process that never imported torch (a backend loaded from its
+    cached export) has no torch threads to share out, and keeps it so."""
+    threads = torch_threads()
     lanes = lane_count(backend, lanes, len(batches))
     embed = backend.for_lanes(lanes).embed
     if lanes == 1:
         yield from map(embed, batches)
         return
-    pool = ThreadPoolExecutor(lanes, thread_name_prefix="pgsim-encode", initializer=_lane_threads,
-                              initargs=(max(1, threads // lanes),))  # fmt: skip
+    torch = sys.modules.get("torch")
+    if torch is None:
+        pool = ThreadPoolExecutor(lanes, thread_name_prefix="pgsim-encode")
+    else:
+        pool = ThreadPoolExecutor(lanes, thread_name_prefix="pgsim-encode", initializer=_lane_threads,
+                                  initargs=(max(1, threads // lanes),))  # fmt: skip
     try:
-        # torch.set_num_threads sets the calling thread's count and the one threads started later begin with:
-        # once every lane has set its own, the count new threads begin with goes back to the caller's.
-        ready = threading.Barrier(lanes, timeout=60)
-        for started in [pool.submit(ready.wait) for _ in range(lanes)]:
-            started.result()
-        torch.set_num_threads(threads)
+        if torch is not None:
+            # torch.set_num_threads sets the calling thread's count and the one threads started later begin
+            # with: once every lane has set its own, the count new threads begin with goes back to the caller's.
+            ready = threading.Barrier(lanes, timeout=60)
+            for started in [pool.submit(ready.wait) for _ in range(lanes)]:
+                started.result()
+            torch.set_num_threads(threads)
         for future in [pool.submit(embed, batch) for batch in batches]:
             yield future.result()
     finally:
-        torch.set_num_threads(threads)
+        if torch is not None:
+            torch.set_num_threads(threads)
         pool.shutdown(wait=True, cancel_futures=True)
 
 
 def lane_count(backend: Backend, lanes: int | None, batches: int) -> int:
     """How many lanes :func:`embed_batches` runs ``batches`` batches in: 1 for a backend that is not parallel,
     else ``lanes`` (None: the calling thread's torch threads), at most one per batch."""
-    import torch
-
     if not backend.parallel:
         return 1
-    return max(1, min(torch.get_num_threads() if lanes is None else lanes, batches))
+    return max(1, min(torch_threads() if lanes is None else lanes, batches))
 
 
 def _lane_threads(count: int) -> None:

@@ -8,8 +8,8 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pgsim.encoding.backends.base import BackendUnavailable, Matrix
-from pgsim.encoding.backends.exported import EXPORT_FORMAT, ExportedBackend, last_hidden_state, load_or_export
+from pgsim.encoding.backends.base import BackendUnavailable, Matrix, torch_threads
+from pgsim.encoding.backends.exported import ExportedBackend, last_hidden_state
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -19,27 +19,25 @@ class OnnxBackend(ExportedBackend):
     """The model's transformer under ONNX Runtime."""
 
     name = "onnx"
+    runtime = "onnxruntime"
+    file = "model.onnx"
     parallel = False  # ONNX Runtime's session has its own thread pool, sized at creation
 
-    def __init__(self, model: SentenceTransformer, model_name: str, revision: str) -> None:
+    def start(self) -> str:
         try:
             import onnxruntime
         except ImportError:
             raise BackendUnavailable(
                 "The onnx backend needs ONNX Runtime: pip install 'pgsim[onnx]' (onnxruntime and onnx)."
             ) from None
-        super().__init__(model)
-        self.session = load_or_export(
-            model,
-            self.directory(model_name, revision) / "model.onnx",
-            {"format": EXPORT_FORMAT, "inputs": self.input_names, "onnxruntime": onnxruntime.__version__},
-            export=lambda path: _onnx_export(model, path, self.input_names),
-            load=lambda path: onnx_session(onnxruntime, path),
-            run=self.run,
-        )
+        self.onnxruntime = onnxruntime
+        return str(onnxruntime.__version__)
 
-    def embed(self, texts: list[str]) -> Matrix:
-        return self.run(self.session, texts)
+    def open(self, path: Path) -> Any:
+        return onnx_session(self.onnxruntime, path)
+
+    def export(self, model: SentenceTransformer, path: Path) -> None:
+        _onnx_export(model, path, self.spec.inputs)
 
     def run(self, session: Any, texts: list[str]) -> Matrix:
         feeds, mask = self.tokenised(texts)
@@ -49,9 +47,7 @@ class OnnxBackend(ExportedBackend):
 def onnx_session(onnxruntime: Any, path: Path) -> Any:
     options = onnxruntime.SessionOptions()
     options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    import torch
-
-    options.intra_op_num_threads = torch.get_num_threads()  # as many as torch: OMP_NUM_THREADS when a pool set it
+    options.intra_op_num_threads = torch_threads()  # as many as torch: OMP_NUM_THREADS when a pool set it
     return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 

@@ -1,19 +1,23 @@
 """``openvino``: the model's transformer converted by OpenVINO's PyTorch frontend (no ``onnx`` package
 needed) and run by its CPU plugin in bfloat16 where the CPU computes in it (AVX-512 BF16, AMX), else
-float32. The Encoder's lanes run side by side on a compiled model with one stream per lane."""
+float32. The Encoder's lanes run side by side on a compiled model with one stream per lane; the compiled
+one-stream model is cached beside the export, so a later process's first query does not compile it."""
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import os
 import queue
+import shutil
 import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pgsim.encoding.backends.base import BackendUnavailable, Matrix
-from pgsim.encoding.backends.exported import EXPORT_FORMAT, ExportedBackend, last_hidden_state, load_or_export
+from pgsim.encoding.backends.base import BackendUnavailable, Matrix, read_json, torch_threads
+from pgsim.encoding.backends.exported import ExportedBackend, last_hidden_state
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -22,18 +26,20 @@ log = logging.getLogger(__name__)
 
 
 class OpenVinoBackend(ExportedBackend):
-    """The model's transformer under OpenVINO's CPU plugin. Passes run side by side on a compiled model with
-    one stream per lane (:meth:`for_lanes`); a pass alone runs on one stream with all the caller's threads."""
+    """The model's transformer under OpenVINO's CPU plugin. Passes run side by side on a model compiled with
+    one stream per lane (:meth:`for_lanes`); a pass alone runs on one stream with all the caller's threads.
+    The one-stream compilation is cached beside the export, so a later process loads it instead."""
 
     name = "openvino"
+    runtime = "openvino"
+    file = "model.xml"
     parallel = True
 
-    def __init__(self, model: SentenceTransformer, model_name: str, revision: str) -> None:
+    def start(self) -> str:
         try:
             openvino = import_openvino()
         except ImportError:
             raise BackendUnavailable("The openvino backend needs OpenVINO: pip install openvino.") from None
-        super().__init__(model)
         self.core = openvino.Core()
         # Read the weights, not map them: a mapped .bin cut short later (a cache cleaned while this process
         # runs) would kill the process with SIGBUS; the CPU plugin repacks the weights anyway.
@@ -41,19 +47,22 @@ class OpenVinoBackend(ExportedBackend):
         self.capabilities = self.core.get_property("CPU", "OPTIMIZATION_CAPABILITIES")
         self.streams: dict[tuple[int, int], OpenVinoStreams] = {}  # by (lanes, threads)
         self.streams_lock = threading.Lock()
-        self.model = load_or_export(
-            model,
-            self.directory(model_name, revision) / "model.xml",
-            {"format": EXPORT_FORMAT, "inputs": self.input_names, "openvino": openvino.__version__},
-            export=lambda path: _openvino_export(model, path, self.input_names),
-            load=self.core.read_model,
-            run=lambda read, texts: self.run(self.compile(read, 1, 1).create_infer_request(), texts),
-        )
+        return str(openvino.__version__)
+
+    def open(self, path: Path) -> Any:
+        """The export's path (OpenVINO compiles from it); the precision the CPU plugin computes in here."""
+        with self.streams_lock:
+            self.streams.clear()  # compiled from another export
+        self.handle = path
         self.precision = self.for_lanes(1).compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()
         log.info("openvino computes in %s here", self.precision)  # bf16 where the CPU has it, else f32
+        return path
 
-    def compile(self, model: Any, lanes: int, threads: int) -> Any:
-        options = {
+    def export(self, model: SentenceTransformer, path: Path) -> None:
+        _openvino_export(model, path, self.spec.inputs)
+
+    def compile(self, path: Path, lanes: int, threads: int) -> Any:
+        options: dict[str, Any] = {
             "NUM_STREAMS": str(lanes),
             "INFERENCE_NUM_THREADS": str(threads),
             # No pinning: OpenVINO pins each process's threads from core 0 on, so `--processes 2` ran both
@@ -62,20 +71,24 @@ class OpenVinoBackend(ExportedBackend):
             # Said, not left to the plugin: on ARM its default is float16, which nobody measured here.
             "INFERENCE_PRECISION_HINT": "bf16" if "BF16" in self.capabilities else "f32",
         }
-        return self.core.compile_model(model, "CPU", options)
+        compiled = compiled_cache(path) if lanes == 1 else None  # what a single query needs
+        if compiled is not None:
+            try:
+                return self.core.compile_model(str(path), "CPU", {**options, "CACHE_DIR": str(compiled)})
+            except RuntimeError as exc:  # an unwritable or damaged cache: compile as if there were none
+                log.info("compiling %s without its cache (%s)", path, " ".join(str(exc).split()))
+        return self.core.compile_model(str(path), "CPU", options)
 
     def for_lanes(self, lanes: int) -> OpenVinoStreams:
         """The model compiled for ``lanes`` passes side by side on the calling thread's torch threads (lanes
         rounded up to a power of two, at most one per thread, so a process keeps a few compiled copies, not
         one per count, and never runs more threads than it has)."""
-        import torch
-
-        threads = torch.get_num_threads()
+        threads = torch_threads()
         key = (min(1 << (lanes - 1).bit_length(), threads), threads)
         with self.streams_lock:
             found = self.streams.get(key)
         if found is None:  # compiled outside the lock: other callers keep encoding meanwhile
-            compiled = OpenVinoStreams(self, self.compile(self.model, *key))
+            compiled = OpenVinoStreams(self, self.compile(self.handle, *key))
             with self.streams_lock:
                 found = self.streams.setdefault(key, compiled)
         return found
@@ -83,10 +96,30 @@ class OpenVinoBackend(ExportedBackend):
     def embed(self, texts: list[str]) -> Matrix:
         return self.for_lanes(1).embed(texts)
 
-    def run(self, request: Any, texts: list[str]) -> Matrix:
+    def run(self, handle: Any, texts: list[str]) -> Matrix:
+        return self.for_lanes(1).embed(texts)
+
+    def infer(self, request: Any, texts: list[str]) -> Matrix:
         feeds, mask = self.tokenised(texts)
         # infer releases the GIL and returns a copy of the output, so the request can serve the next pass
-        return self.pooled(request.infer([feeds[name] for name in self.input_names])[0], mask)
+        return self.pooled(request.infer([feeds[name] for name in self.spec.inputs])[0], mask)
+
+
+def compiled_cache(path: Path) -> Path | None:
+    """Where OpenVINO caches what it compiles from the export at ``path``: a directory named after the
+    export's files (OpenVINO's own cache key does not cover the weights' contents, so a rebuilt export
+    must not meet an older compilation), older ones removed. None when the export's files are missing."""
+    try:
+        stats = [(item.stat().st_size, item.stat().st_mtime_ns) for item in (path, path.with_suffix(".bin"))]
+    except OSError:
+        return None
+    digest = hashlib.sha256(f"{stats}|{read_json(path.parent / 'export.json')}".encode()).hexdigest()[:16]
+    directory = path.parent / "compiled" / digest
+    with contextlib.suppress(OSError):
+        for old in (path.parent / "compiled").iterdir():
+            if old.name != digest:
+                shutil.rmtree(old, ignore_errors=True)
+    return directory
 
 
 class OpenVinoStreams:
@@ -102,7 +135,7 @@ class OpenVinoStreams:
         except queue.Empty:
             request = self.compiled.create_infer_request()
         try:
-            return self.backend.run(request, texts)
+            return self.backend.infer(request, texts)
         finally:
             self.idle.put(request)
 

@@ -7,6 +7,13 @@ query's words ORed, ranked by ``ts_rank`` divided by 1 + log(document length), o
 that a GIN index serves), and orders their union by ``pgsim.rrf(vector rank) + pgsim.rrf(text rank)``.
 bench/quality.py compares these choices with ``ts_rank_cd`` and with ANDed words (``plainto_tsquery``).
 
+On a table calibrated by :func:`pgsim.quality.relevance_calibration.calibrate_relevance` (a fresh
+``hybrid`` row in ``pgsim.calibration`` for this ``candidates`` count), the fusion is the calibrated one:
+the text list puts the rows that match every word (AND, ranked by the AND query's ``ts_rank``) before
+those that match some (OR); when 1 to ``and_rows`` rows match every word, they weigh ``and_weight``; the
+vector list weighs ``weak_vector`` when its best row's relevance is below the table's ``gate``, else 1; and
+``rrf_k`` is the calibrated one unless the caller gives one. Without a fresh calibration nothing changes.
+
 Each row also gets the relevance score of :mod:`pgsim.quality.relevance`, measured against the last row of
 the vector list (its ``candidates``-th nearest): its similarity minus that row's. ``min_score`` keeps only
 the rows that reach it, before the best ``k`` are taken, so a query with nothing relevant gets nothing, even
@@ -40,6 +47,7 @@ from pgsim.knn.statements import DISTANCE, PATHS, Where, check_no_nul, filter_sq
 from pgsim.knn.target import VectorColumn, check_k, target_and_params
 from pgsim.quality.connections import psycopg_connection
 from pgsim.quality.relevance import check_min_score
+from pgsim.quality.relevance_calibration import Fusion, calibrated
 
 DEFAULT_CANDIDATES = 50  # per list
 DEFAULT_RRF_K = 60  # Cormack et al.'s constant
@@ -51,7 +59,7 @@ RELEVANCE = "_pgsim_relevance"
 @dataclass(frozen=True)
 class FusedHit:
     row: dict[str, Any]
-    score: float  # the sum of the two lists' 1 / (rrf_k + rank)
+    score: float  # the sum of the two lists' 1 / (rrf_k + rank), each weighted on a calibrated table
     distance: float | None  # cosine distance to the query; None: a text match not embedded yet
     vector_rank: int | None  # 1-based rank among the nearest rows; None: not among the candidates
     text_rank: int | None  # 1-based rank among the full-text matches; None: not among them
@@ -76,7 +84,7 @@ def hybrid_search(
     text_config: str | None = None,
     columns: Sequence[str] | None = None,
     candidates: int = DEFAULT_CANDIDATES,
-    rrf_k: int = DEFAULT_RRF_K,
+    rrf_k: int | None = None,
     min_score: float | None = None,
     tuning: Tuning = DEFAULT_TUNING,
 ) -> list[FusedHit]:
@@ -84,8 +92,9 @@ def hybrid_search(
     full-text search on ``text_column`` (a ``tsvector`` column; default: the table's only one). The query
     text is parsed with ``text_config`` (default: the configuration the column's generated expression names,
     else 'english') and its words are ORed. With ``min_score``, only rows whose relevance (similarity minus
-    the similarity of the vector list's last row) reaches it. ``conn``: a psycopg connection, or a SQLAlchemy
-    Session or Connection on it."""
+    the similarity of the vector list's last row) reaches it. On a calibrated table the fusion is the
+    calibrated one (see the module's text); ``rrf_k`` left out: the calibrated one there, else
+    ``DEFAULT_RRF_K``. ``conn``: a psycopg connection, or a SQLAlchemy Session or Connection on it."""
     conn = psycopg_connection(conn)
     if min_score is not None:
         check_min_score(min_score)
@@ -93,13 +102,15 @@ def hybrid_search(
         raise InvalidInput("The query text is empty; pass the words to search for.")
     check_no_nul(query, "The query text")
     check_k(k)
-    for name, value, low in (("candidates", candidates, k), ("rrf_k", rrf_k, 1)):
+    for name, value, low in (("candidates", candidates, k), ("rrf_k", 1 if rrf_k is None else rrf_k, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 10_000:
             raise InvalidInput(f"{name} must be a whole number from {low} to 10000; got {value!r}.")
     with model_change_as_input_error():
         target, params = target_and_params(conn, table, column, query, None)
         text = _text_column(conn, table, text_column, text_config)
-        params.update(n=candidates, k=k, text=query, config=text.config, rrf_k=rrf_k, min_score=min_score)
+        fusion = calibrated(conn, table, column).fusion_for(candidates)
+        params.update(n=candidates, k=k, text=query, config=text.config, min_score=min_score)
+        params.update(_fusion_params(fusion, rrf_k))
         condition = filter_sql(where)
         exact, hnsw = (_fused(target, text, condition, columns, path).as_bytes(conn) for path in PATHS)
         vectors_only = search_statement(target, condition, ["ctid"], "hnsw", limit="n").as_bytes(conn)
@@ -112,6 +123,21 @@ def hybrid_search(
             if chosen.path == "exact" or chosen.fell_back or not rows:
                 rows = cur.execute(exact, params, prepare=False).fetchall()
     return [_hit(row) for row in rows]
+
+
+def _fusion_params(fusion: Fusion | None, rrf_k: int | None) -> dict[str, Any]:
+    """The statement's fusion parameters: the calibrated fusion, or plain RRF (OR, equal weights)."""
+    if fusion is None:
+        return {"rrf_k": DEFAULT_RRF_K if rrf_k is None else rrf_k, "and_first": False, "gate": None,
+                "weak": 1.0, "and_rows": 0, "and_weight": 1.0}  # fmt: skip
+    return {
+        "rrf_k": fusion.rrf_k if rrf_k is None else rrf_k,
+        "and_first": True,
+        "gate": fusion.gate,
+        "weak": fusion.weak_vector,
+        "and_rows": fusion.and_rows,
+        "and_weight": fusion.and_weight,
+    }
 
 
 def _hit(row: dict[str, Any]) -> FusedHit:
@@ -138,16 +164,26 @@ def _fused(
         "WITH _pgsim_nearest AS MATERIALIZED ({nearest}), "
         "_pgsim_vector AS (SELECT ctid AS _pgsim_row, row_number() OVER (ORDER BY {distance}) AS _pgsim_rank "
         "  FROM _pgsim_nearest), "
-        "_pgsim_floor AS (SELECT max({distance}) AS _pgsim_floor, count(*) AS _pgsim_found FROM _pgsim_nearest), "
+        "_pgsim_floor AS (SELECT max({distance}) AS _pgsim_floor, count(*) AS _pgsim_found, "
+        "  CASE WHEN %(gate)s::double precision IS NULL OR max({distance}) - min({distance}) >= %(gate)s "
+        "  THEN 1.0 ELSE %(weak)s::double precision END AS _pgsim_weight FROM _pgsim_nearest), "
         "_pgsim_query AS (SELECT (SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery "
-        "  FROM unnest(to_tsvector(%(config)s::regconfig, %(text)s))) AS _pgsim_tsquery), "
-        "_pgsim_text AS (SELECT {table}.ctid AS _pgsim_row, row_number() OVER (ORDER BY "
-        "  ts_rank({table}.{tsv}, _pgsim_tsquery, 1) DESC, {table}.ctid) AS _pgsim_rank "
+        "  FROM unnest(to_tsvector(%(config)s::regconfig, %(text)s))) AS _pgsim_tsquery, "
+        "  (SELECT string_agg(quote_literal(lexeme), ' & ')::tsquery "
+        "  FROM unnest(to_tsvector(%(config)s::regconfig, %(text)s))) AS _pgsim_all), "
+        "_pgsim_matches AS (SELECT {table}.ctid AS _pgsim_row, "
+        "  %(and_first)s AND {table}.{tsv} @@ _pgsim_all AS _pgsim_every, CASE WHEN %(and_first)s AND "
+        "  {table}.{tsv} @@ _pgsim_all THEN ts_rank({table}.{tsv}, _pgsim_all, 1) "
+        "  ELSE ts_rank({table}.{tsv}, _pgsim_tsquery, 1) END AS _pgsim_text_score "
         "  FROM {table}, _pgsim_query WHERE {table}.{tsv} @@ _pgsim_tsquery AND ({condition}) "
-        "  ORDER BY ts_rank({table}.{tsv}, _pgsim_tsquery, 1) DESC, {table}.ctid LIMIT %(n)s), "
-        "_pgsim_fused AS (SELECT _pgsim_row, pgsim.rrf(v._pgsim_rank, %(rrf_k)s) + pgsim.rrf(x._pgsim_rank, "
-        "  %(rrf_k)s) AS {score}, v._pgsim_rank AS {vector_rank}, x._pgsim_rank AS {text_rank} "
-        "  FROM _pgsim_vector AS v FULL JOIN _pgsim_text AS x USING (_pgsim_row)) "
+        "  ORDER BY 2 DESC, 3 DESC, {table}.ctid LIMIT %(n)s), "
+        "_pgsim_text AS (SELECT _pgsim_row, row_number() OVER (ORDER BY _pgsim_every DESC, _pgsim_text_score DESC, "
+        "  _pgsim_row) AS _pgsim_rank, CASE WHEN _pgsim_every AND count(*) FILTER (WHERE _pgsim_every) OVER () "
+        "  <= %(and_rows)s THEN %(and_weight)s::double precision ELSE 1.0 END AS _pgsim_weight FROM _pgsim_matches), "
+        "_pgsim_fused AS (SELECT _pgsim_row, l._pgsim_weight * pgsim.rrf(v._pgsim_rank, %(rrf_k)s) "
+        "  + coalesce(x._pgsim_weight, 1.0) * pgsim.rrf(x._pgsim_rank, %(rrf_k)s) AS {score}, "
+        "  v._pgsim_rank AS {vector_rank}, x._pgsim_rank AS {text_rank} "
+        "  FROM _pgsim_vector AS v FULL JOIN _pgsim_text AS x USING (_pgsim_row) CROSS JOIN _pgsim_floor AS l) "
         "SELECT {selected}, f.{score}, f.{vector_rank}, f.{text_rank}, t.{column} <=> {query} AS {distance}, "
         "  l._pgsim_floor - (t.{column} <=> {query}) AS {relevance}, l._pgsim_found AS {found} "
         "FROM _pgsim_fused AS f JOIN {table} AS t ON t.ctid = f._pgsim_row CROSS JOIN _pgsim_floor AS l "

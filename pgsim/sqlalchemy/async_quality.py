@@ -57,7 +57,7 @@ async def hybrid_search_async(
     text_column: Any = None,
     text_config: str | None = None,
     candidates: int = hybrid.DEFAULT_CANDIDATES,
-    rrf_k: int = hybrid.DEFAULT_RRF_K,
+    rrf_k: int | None = None,
     min_score: float | None = None,
     tuning: Tuning = DEFAULT_TUNING,
 ) -> list[FusedMatch[T]]:
@@ -70,7 +70,7 @@ async def hybrid_search_async(
         raise InvalidInput("The query text is empty; pass the words to search for.")
     check_no_nul(query, "The query text")
     check_k(k)
-    for name, value, low in (("candidates", candidates, k), ("rrf_k", rrf_k, 1)):
+    for name, value, low in (("candidates", candidates, k), ("rrf_k", 1 if rrf_k is None else rrf_k, 1)):
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= 10_000:
             raise InvalidInput(f"{name} must be a whole number from {low} to 10000; got {value!r}.")
     tsv = _column_name(text_column)
@@ -104,15 +104,17 @@ async def relevant_search_async(
     *,
     embedding: Any = None,
     k: int = 10,
-    min_score: float = relevance.DEFAULT_MIN_SCORE,
+    min_score: float | None = None,
     reference: int = relevance.DEFAULT_REFERENCE,
     where: Criteria = None,
     tuning: Tuning = DEFAULT_TUNING,
 ) -> list[RelevantMatch[T]]:
     """:func:`pgsim.sqlalchemy.relevant_search` on an ``AsyncSession``, through ``pgsim.relevant_search``
     (SQL): the objects among the k nearest to ``query`` (text, encoded with the column's model, or a vector)
-    that pass ``where`` and stand out from the query's ``reference``-th nearest by at least ``min_score``."""
-    check_min_score(min_score)
+    that pass ``where`` and stand out from the query's ``reference``-th nearest by at least ``min_score``
+    (left out: the table's calibrated threshold, else the default)."""
+    if min_score is not None:
+        check_min_score(min_score)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidInput(f"k must be a whole number of at least 1; got {k!r}.")
     if isinstance(reference, bool) or not isinstance(reference, int) or not k < reference <= MAX_K:

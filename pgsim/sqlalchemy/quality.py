@@ -66,14 +66,15 @@ def hybrid_search(
     text_column: Any = None,
     text_config: str | None = None,
     candidates: int = hybrid.DEFAULT_CANDIDATES,
-    rrf_k: int = hybrid.DEFAULT_RRF_K,
+    rrf_k: int | None = None,
     min_score: float | None = None,
     tuning: Tuning = DEFAULT_TUNING,
 ) -> list[FusedMatch[T]]:
     """:func:`pgsim.hybrid_search` over ``cls``'s table: the k objects (that pass ``where``) with the best
     fused rank of the vector search on ``embedding`` (default: the class's only embedding attribute) and the
     full-text search on ``text_column`` (an attribute or column name of a ``tsvector`` column; default: the
-    table's only one); with ``min_score``, only those whose relevance reaches it."""
+    table's only one); with ``min_score``, only those whose relevance reaches it. ``rrf_k`` left out: the
+    table's calibrated fusion's, else 60."""
     target = _Target.of(session, cls, embedding)
     hits = hybrid.hybrid_search(
         target.connection, target.table_name, target.column, query, k=k, where=target.where(where),
@@ -95,14 +96,15 @@ def relevant_search(
     *,
     embedding: Any = None,
     k: int = 10,
-    min_score: float = relevance.DEFAULT_MIN_SCORE,
+    min_score: float | None = None,
     reference: int = relevance.DEFAULT_REFERENCE,
     where: Criteria = None,
     tuning: Tuning = DEFAULT_TUNING,
 ) -> list[RelevantMatch[T]]:
     """:func:`pgsim.relevant_search` over ``cls``'s table: the objects among the k nearest to ``query`` (text,
     encoded with the column's model, or a vector) that pass ``where`` and stand out from the query's
-    ``reference``-th nearest by at least ``min_score``; an empty list when none does."""
+    ``reference``-th nearest by at least ``min_score`` (left out: the table's calibrated threshold, else
+    the default); an empty list when none does."""
     target = _Target.of(session, cls, embedding)
     hits = relevance.relevant_search(
         target.connection, target.table_name, target.column, query, k=k, min_score=min_score,

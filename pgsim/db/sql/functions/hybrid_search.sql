@@ -6,6 +6,12 @@
 --     configuration text_column's generated expression names, else english), ranked by ts_rank normalised by
 --     document length over text_column (a tsvector column, by default the table's only one; a GIN index serves
 --     it), that pass the same filter.
+-- On a table calibrated by pgsim.quality.relevance_calibration (a fresh 'hybrid' row in pgsim.calibration with
+-- a gate for this candidates count; fresh: the table changed by at most a fifth of its rows since, as
+-- pgsim.knn_calibration judges), the fusion is the calibrated one: the text list puts the rows that match every
+-- word (AND, ranked by the AND query's ts_rank) before those that match some; when 1 to and_rows rows match
+-- every word they weigh and_weight; the vector list weighs weak_vector when its best row's relevance is below
+-- the gate; rrf_k NULL (the default) is the calibrated one, else 60. Without one, plain RRF as above.
 -- Each row comes with its relevance: its similarity minus the similarity of the vector list's last row (the
 -- score of pgsim.relevant_search with reference = candidates); with min_score, only rows that reach it, before
 -- the k best are taken. Rows are (row jsonb without col, score, distance, vector_rank, text_rank, relevance);
@@ -24,7 +30,7 @@ CREATE OR REPLACE FUNCTION pgsim.hybrid_search(
     filter text DEFAULT NULL,
     min_score double precision DEFAULT NULL,
     candidates integer DEFAULT 50,
-    rrf_k integer DEFAULT 60,
+    rrf_k integer DEFAULT NULL,
     text_column name DEFAULT NULL,
     text_config regconfig DEFAULT NULL,
     exact_below_rows double precision DEFAULT 1000,
@@ -41,6 +47,9 @@ DECLARE
     tsvectors name[];
     config regconfig := text_config;
     words tsquery;
+    every_word tsquery;
+    fusion jsonb;
+    fused_k integer := rrf_k;
     column_type text := (SELECT a.atttypid::regtype::text FROM pg_attribute a
                          WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped);
     vector_schema text := (SELECT quote_ident(n.nspname) FROM pg_extension e
@@ -61,7 +70,7 @@ BEGIN
         RAISE EXCEPTION 'pgsim.hybrid_search: candidates must be from k (%) to 10000; got %', k, candidates
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF rrf_k IS NULL OR rrf_k < 1 OR rrf_k > 10000 THEN
+    IF rrf_k IS NOT NULL AND (rrf_k < 1 OR rrf_k > 10000) THEN
         RAISE EXCEPTION 'pgsim.hybrid_search: rrf_k must be from 1 to 10000; got %', rrf_k
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -94,30 +103,50 @@ BEGIN
         config := coalesce(config, 'english'::regconfig);
     END IF;
     words := (SELECT string_agg(quote_literal(w.lexeme), ' | ')::tsquery FROM unnest(to_tsvector(config, query_text)) AS w);
+    every_word := (SELECT string_agg(quote_literal(w.lexeme), ' & ')::tsquery
+                   FROM unnest(to_tsvector(config, query_text)) AS w);
+    SELECT c.measured INTO fusion
+    FROM pgsim.calibration c
+    JOIN pg_catalog.pg_class t ON t.oid = c.table_oid
+    JOIN pg_catalog.pg_attribute a ON a.attrelid = c.table_oid AND a.attnum = c.column_attnum
+    LEFT JOIN pg_catalog.pg_stat_all_tables s ON s.relid = c.table_oid AND NOT pg_catalog.pg_is_in_recovery()
+    WHERE c.table_oid = tbl AND a.attname = col AND c.kind = 'hybrid' AND c.measured -> 'gate' ? candidates::text
+      AND (t.reltuples < 0 OR abs(t.reltuples - c.rows_measured) <= 0.2 * greatest(c.rows_measured, 1))
+      AND (s.relid IS NULL OR c.changes_measured IS NULL OR s.n_tup_ins + s.n_tup_del < c.changes_measured
+           OR s.n_tup_ins + s.n_tup_del - c.changes_measured <= 0.2 * greatest(c.rows_measured, 1));
+    fused_k := coalesce(rrf_k, (fusion ->> 'rrf_k')::integer, 60);
     -- Rows are matched across the lists by their jsonb (pgsim.knn returns no other identity), numbered among
     -- equal ones so that identical rows stay as many rows.
     RETURN QUERY EXECUTE format(
         'WITH v AS (SELECT r.row, r.distance, r.position, '
         '    row_number() OVER (PARTITION BY r.row ORDER BY r.position) AS twin '
         '  FROM pgsim.knn($1, $2, $3, $4, $5, $6, $7, $8) WITH ORDINALITY AS r ("row", distance, position)), '
-        'x AS (SELECT m.row, m.distance, m.position, '
-        '    row_number() OVER (PARTITION BY m.row ORDER BY m.position) AS twin FROM ('
+        'x AS (SELECT m.row, m.distance, m.position, m.every, '
+        '    row_number() OVER (PARTITION BY m.row ORDER BY m.position) AS twin, '
+        '    count(*) FILTER (WHERE m.every) OVER () AS all_words FROM ('
         '  SELECT to_jsonb(t) - $2::text AS "row", t.%1$I OPERATOR(%2$s.<=>) $3::%3$s AS distance, '
-        '    row_number() OVER (ORDER BY ts_rank(t.%4$I, $9, 1) DESC, t.ctid) AS position '
+        '    $13 AND t.%4$I OPERATOR(pg_catalog.@@) $14 AS every, '
+        '    row_number() OVER (ORDER BY $13 AND t.%4$I OPERATOR(pg_catalog.@@) $14 DESC, '
+        '      CASE WHEN $13 AND t.%4$I OPERATOR(pg_catalog.@@) $14 THEN ts_rank(t.%4$I, $14, 1) '
+        '      ELSE ts_rank(t.%4$I, $9, 1) END DESC, t.ctid) AS position '
         '  FROM %5$s AS t WHERE t.%4$I OPERATOR(pg_catalog.@@) $9 AND (%6$s) '
-        '  ORDER BY ts_rank(t.%4$I, $9, 1) DESC, t.ctid LIMIT $4) AS m), '
+        '  ORDER BY position LIMIT $4) AS m), '
+        'reference AS (SELECT max(v.distance) AS distance, CASE WHEN $15::double precision IS NULL '
+        '    OR max(v.distance) - min(v.distance) >= $15 THEN 1.0 ELSE $16::double precision END AS weight FROM v), '
         'f AS (SELECT coalesce(v.row, x.row) AS "row", coalesce(v.distance, x.distance) AS distance, '
         '    v.position AS vector_rank, x.position AS text_rank, '
-        '    pgsim.rrf(v.position, $10) + pgsim.rrf(x.position, $10) AS score '
-        '  FROM v FULL JOIN x ON x.row = v.row AND x.twin = v.twin), '
-        'reference AS (SELECT max(v.distance) AS distance FROM v) '
+        '    reference.weight * pgsim.rrf(v.position, $10) + CASE WHEN x.every AND x.all_words <= $17 '
+        '      THEN $18::double precision ELSE 1.0 END * pgsim.rrf(x.position, $10) AS score '
+        '  FROM v FULL JOIN x ON x.row = v.row AND x.twin = v.twin CROSS JOIN reference) '
         'SELECT f.row, f.score, f.distance, f.vector_rank, f.text_rank, reference.distance - f.distance '
         'FROM f CROSS JOIN reference '
         'WHERE $11::double precision IS NULL OR reference.distance - f.distance >= $11 '
         'ORDER BY f.score DESC, f.vector_rank NULLS LAST, f.text_rank NULLS LAST LIMIT $12',
         col, vector_schema, column_type, tsv, tbl, coalesce(nullif(filter, ''), 'true'))
     USING tbl, col, query, candidates, filter, exact_below_rows, hnsw_ef_search, min_hnsw_selectivity, words,
-          rrf_k, min_score, k;
+          fused_k, min_score, k, fusion IS NOT NULL, every_word, (fusion -> 'gate' ->> candidates::text)::double precision,
+          coalesce((fusion ->> 'weak_vector')::double precision, 1.0), coalesce((fusion ->> 'and_rows')::integer, 0),
+          coalesce((fusion ->> 'and_weight')::double precision, 1.0);
 END
 $$;
 COMMENT ON FUNCTION pgsim.hybrid_search(regclass, name, @extschema:vector@.vector, text, integer, text, double precision, integer, integer, name, regconfig, double precision, integer, double precision) IS

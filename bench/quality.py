@@ -389,7 +389,7 @@ def product_hybrid(conn: psycopg.Connection[Any], data: Data) -> Row:
 # --- 2. relevance threshold ----------------------------------------------------------------------------
 
 SPLITS = 20  # random (held-out, tuning) splits of the relevance queries; each figure is their mean
-REFERENCE = pgsim.relevance.DEFAULT_REFERENCE
+REFERENCE = pgsim.quality.relevance.DEFAULT_REFERENCE
 PRODUCT_RELEVANCE = "pgsim.relevant_search's score"
 PRESENT = "present"
 
@@ -525,7 +525,7 @@ def split_figures(present: Outcome, removed: Outcome, name: str, split: int, goa
     answerable = ~held
     separation = auc(best[answerable], best[held])
     if goal == "default":
-        t = pgsim.relevance.DEFAULT_MIN_SCORE
+        t = pgsim.quality.relevance.DEFAULT_MIN_SCORE
     else:
         pooled = np.array(present.pooled[name] + removed.pooled[name])
         minimum = 0.6 if goal == "P>=0.6" else None
@@ -931,17 +931,192 @@ def product_labels(conn: psycopg.Connection[Any], data: Data, labels: dict[str, 
     )
 
 
+# --- 7. calibrated threshold and fusion, on two corpora ----------------------------------------------
+
+MANPAGES = sql.Identifier(SCHEMA, "manpages")
+CALIBRATED_TABLES = {"debian": TABLE, "man pages": f"{SCHEMA}.manpages"}
+AND_THEN_OR = sql.SQL(
+    "SELECT id FROM {t}, (SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery AS some, "
+    "string_agg(quote_literal(lexeme), ' & ')::tsquery AS every FROM unnest(to_tsvector('english', %(text)s))) q "
+    "WHERE tsv @@ q.some ORDER BY tsv @@ q.every DESC, CASE WHEN tsv @@ q.every THEN ts_rank(tsv, q.every, 1) "
+    "ELSE ts_rank(tsv, q.some, 1) END DESC, id LIMIT 10"
+)
+OR_ONLY = sql.SQL(
+    "SELECT id FROM {t}, (SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery AS some "
+    "FROM unnest(to_tsvector('english', %(text)s))) q WHERE tsv @@ q.some ORDER BY ts_rank(tsv, q.some, 1) DESC, "
+    "id LIMIT 10"
+)
+
+
+@dataclass
+class QuerySet:
+    corpus: str
+    kind: str
+    texts: list[str]
+    relevant: list[frozenset[int]]
+    vectors: Matrix
+
+
+def load_manpages(conn: psycopg.Connection[Any]) -> list[QuerySet]:
+    """bench_quality.manpages (see manpages.py): each page's text without its NAME section, as a tsvector
+    (english, GIN) and an all-MiniLM-L6-v2 vector (HNSW, cosine); and its two query sets."""
+    from manpages import deep_queries, manpages, name_queries
+
+    pages = manpages()
+    tag = f"{len(pages)} v1"
+    if conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [f"{SCHEMA}.manpages"]).fetchone() != (tag,):
+        vectors = unit(embeddings([page.text for page in pages]))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(MANPAGES))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {} (id int PRIMARY KEY, name text, section text, body text, "
+                "tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', body)) STORED, embedding vector(384))"
+            ).format(MANPAGES)
+        )
+        copy_sql = sql.SQL("COPY {} (id, name, section, body, embedding) FROM STDIN (FORMAT BINARY)")
+        with conn.cursor() as cur, cur.copy(copy_sql.format(MANPAGES)) as copy:
+            copy.set_types(["int4", "text", "text", "text", "vector"])
+            for i, (page, vector) in enumerate(zip(pages, vectors, strict=True)):
+                copy.write_row((i, page.name, page.section, page.text, vector))
+        conn.execute(sql.SQL("CREATE INDEX ON {} USING hnsw (embedding vector_cosine_ops)").format(MANPAGES))
+        conn.execute(sql.SQL("CREATE INDEX ON {} USING gin (tsv)").format(MANPAGES))
+        conn.execute(sql.SQL("ANALYZE {}").format(MANPAGES))
+        conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(MANPAGES, sql.Literal(tag)))
+    sets = []
+    for kind, queries in (
+        ("NAME line", name_queries(pages, 300, seed=141)),
+        ("deep sentence", deep_queries(pages, 300, seed=143)),
+    ):
+        texts = [q.text for q in queries]
+        sets.append(QuerySet("man pages", kind, texts, [q.relevant for q in queries], unit(embeddings(texts))))
+    print(f"{SCHEMA}.manpages: {len(pages)} pages", file=sys.stderr, flush=True)
+    return sets
+
+
+def calibrated(conn: psycopg.Connection[Any], data: Data) -> tuple[list[Row], list[Row]]:
+    """Before and after pgsim.quality.relevance_calibration.calibrate_relevance on each corpus: the
+    relevance cut (the default min_score, then the table's own) and hybrid search (plain RRF, then the
+    calibrated fusion), on query sets drawn with other seeds than those the constants were tuned on."""
+    from pgsim.quality.relevance_calibration import calibrate_relevance
+
+    items = known_items(data.docs, data.twins, 300, seed=101)
+    texts = [item.text for item in items]
+    sets = [QuerySet("debian", "synopsis", texts, [i.relevant for i in items], unit(embeddings(texts)))]
+    sets += load_manpages(conn)
+    conn.execute(
+        "DELETE FROM pgsim.calibration WHERE table_oid = ANY(%s::regclass[])", [list(CALIBRATED_TABLES.values())]
+    )
+    lists = {id(qs): {"vector": _searches(conn, qs, "vector"), "old": _searches(conn, qs, "hybrid")} for qs in sets}
+    scores = {id(qs): _relevance_scores(conn, qs) for qs in sets}
+    thresholds, seconds = {}, {}
+    for corpus, table in CALIBRATED_TABLES.items():
+        result = calibrate_relevance(conn, table, "embedding", seconds=60)
+        assert result.stored, result.reason
+        thresholds[corpus], seconds[corpus] = result.min_score(REFERENCE), result.seconds
+    relevance_rows, hybrid_rows = [], []
+    for qs in sets:
+        table = CALIBRATED_TABLES[qs.corpus]
+        lists[id(qs)]["new"] = _searches(conn, qs, "hybrid")
+        for name, statement in (("OR", OR_ONLY), ("AND before OR", AND_THEN_OR)):
+            lists[id(qs)][name] = [
+                [r[0] for r in conn.execute(statement.format(t=sql.SQL(table)), {"text": text})] for text in qs.texts
+            ]
+        known = [KnownItem(-1, text, relevant) for text, relevant in zip(qs.texts, qs.relevant, strict=True)]
+        figures = {name: mrr_recall(ranked, known) for name, ranked in lists[id(qs)].items()}
+        best = max(figures[name][0] for name in ("vector", "OR", "AND before OR"))
+        hybrid_rows.append(
+            [
+                qs.corpus,
+                qs.kind,
+                *(f"{figures[n][0]:.3f} / {figures[n][1]:.3f}" for n in HYBRID_COLUMNS),
+                f"{figures['new'][0] - best:+.3f}",
+            ]  # fmt: skip
+        )
+        for when, t in (
+            ("before: default", pgsim.quality.relevance.DEFAULT_MIN_SCORE),
+            ("after: calibrated", thresholds[qs.corpus]),
+        ):
+            p, r, present, absent = _cut_figures(scores[id(qs)], t)
+            relevance_rows.append([qs.corpus, qs.kind, f"{when} {t:.3f}", p, r, present, absent])
+        _check_default_cut(conn, qs, thresholds[qs.corpus])
+    for corpus in CALIBRATED_TABLES:
+        print(f"calibrate_relevance({corpus}): {seconds[corpus]:.1f}s, min_score {thresholds[corpus]:.3f}", flush=True)
+    return relevance_rows, hybrid_rows
+
+
+HYBRID_COLUMNS = ("vector", "OR", "AND before OR", "old", "new")
+
+
+def _searches(conn: psycopg.Connection[Any], qs: QuerySet, how: str) -> list[list[int]]:
+    table = CALIBRATED_TABLES[qs.corpus]
+
+    def vector(v: Any) -> list[int]:
+        return hit_ids(pgsim.search(conn, table, "embedding", v, k=K, columns=["id"]))
+
+    def hybrid(text: str) -> list[int]:
+        return hit_ids(pgsim.hybrid_search(conn, table, "embedding", text, k=K, text_column="tsv", columns=["id"]))
+
+    if how == "vector":
+        return timed_calls(f"pgsim.search, {qs.corpus} {qs.kind}", list(qs.vectors), vector)[0]
+    return timed_calls(f"pgsim.hybrid_search, {qs.corpus} {qs.kind}", qs.texts, hybrid)[0]
+
+
+def _relevance_scores(conn: psycopg.Connection[Any], qs: QuerySet) -> dict[str, np.ndarray[Any, Any]]:
+    """Per query, with its answer present and held out (kept out by ``where``): the best score of
+    pgsim.relevant_search's top 10 (min_score 0), and the best among its relevant rows (-inf when none)."""
+    table = CALIBRATED_TABLES[qs.corpus]
+    out: dict[str, list[float]] = defaultdict(list)
+    for state in ("present", "held out"):
+        for vector, relevant in zip(qs.vectors, qs.relevant, strict=True):
+            where = sql.SQL("NOT (id = ANY({}))").format(sql.Literal(sorted(relevant))) if state == "held out" else None
+            hits = pgsim.relevant_search(
+                conn, table, "embedding", vector, k=K, min_score=0, where=where, columns=["id"]
+            )
+            scores = np.array([hit.score for hit in hits])
+            flags = np.array([int(hit.row["id"]) in relevant for hit in hits], dtype=bool)
+            out[f"{state} best"].append(float(scores.max()) if len(scores) else -np.inf)
+            out[f"{state} good"].append(float(scores[flags].max()) if flags.any() else -np.inf)
+    return {key: np.array(values) for key, values in out.items()}
+
+
+def _cut_figures(scores: dict[str, np.ndarray[Any, Any]], t: float) -> tuple[float, float, str, str]:
+    """Precision and recall at threshold t, means over SPLITS random halves held out (as in section 2), and
+    how often a query returns anything when its answer is present and when it is held out."""
+    count = len(scores["present best"])
+    figures = []
+    for split in range(SPLITS):
+        held = np.zeros(count, dtype=bool)
+        held[random.Random(2000 + split).sample(range(count), count // 2)] = True
+        best = np.where(held, scores["held out best"], scores["present best"])
+        good = np.where(held, scores["held out good"], scores["present good"])
+        figures.append(threshold_prf(best, good, ~held, t)[:2])
+    p, r = np.mean(figures, axis=0)
+    present = f"{np.mean(scores['present best'] >= t):.0%} ({np.mean(scores['present good'] >= t):.0%} right)"
+    return float(p), float(r), present, f"{np.mean(scores['held out best'] >= t):.0%}"
+
+
+def _check_default_cut(conn: psycopg.Connection[Any], qs: QuerySet, t: float) -> None:
+    """pgsim.relevant_search with min_score left out cuts at the table's calibrated threshold."""
+    for vector in qs.vectors[:20]:
+        table = CALIBRATED_TABLES[qs.corpus]
+        everything = pgsim.relevant_search(conn, table, "embedding", vector, k=K, min_score=0, columns=["id"])
+        default = pgsim.relevant_search(conn, table, "embedding", vector, k=K, columns=["id"])
+        assert hit_ids(default) == [i for i, hit in zip(hit_ids(everything), everything, strict=True) if hit.score >= t]
+
+
 # --- main ----------------------------------------------------------------------------------------------
 
 
 def prepare(args: argparse.Namespace) -> Data:
     corpus = debian_packages()
-    description_vectors = embeddings([p.description for p in corpus])
     docs_at = [i for i, p in enumerate(corpus) if p.description.strip()]
-    if args.docs:
-        docs_at = docs_at[: args.docs]
-    docs = [corpus[i] for i in docs_at]
-    vectors = unit(description_vectors[docs_at])
+    if args.docs:  # a fixed-seed sample, in corpus order; only its descriptions are encoded
+        docs_at = sorted(random.Random(31).sample(docs_at, min(args.docs, len(docs_at))))
+        docs = [corpus[i] for i in docs_at]
+        vectors = unit(embeddings([p.description for p in docs]))
+    else:
+        docs = [corpus[i] for i in docs_at]
+        vectors = unit(embeddings([p.description for p in corpus])[docs_at])
     twins = twin_groups(docs)
     items = known_items(docs, twins, args.queries, seed=7)
     relevance_items = known_items(docs, twins, args.relevance_queries, seed=29)
@@ -967,7 +1142,7 @@ def prepare(args: argparse.Namespace) -> Data:
     )
 
 
-SECTIONS = ("hybrid", "threshold", "diversity", "hubness", "duplicates", "labels")
+SECTIONS = ("hybrid", "threshold", "diversity", "hubness", "duplicates", "labels", "calibrated")
 
 
 def main() -> None:
@@ -980,7 +1155,9 @@ def main() -> None:
     parser.add_argument("--bank", type=int, default=10000, help="query-bank synopses (QB-Norm, calibration)")
     parser.add_argument("--hub-queries", type=int, default=5000, help="probe synopses for hubness (N10)")
     parser.add_argument("--subset", type=int, default=5000, help="rows for the near-duplicate joins")
-    parser.add_argument("--docs", type=int, default=0, help="only the first N documents (0: all; for a quick run)")
+    parser.add_argument(
+        "--docs", type=int, default=0, help="a fixed-seed sample of N documents (0: all; for a quick run)"
+    )
     parser.add_argument(
         "--skip-full-duplicates", action="store_true", help="no pgsim.near_duplicates on the whole table"
     )
@@ -1020,11 +1197,24 @@ def main() -> None:
             rows += timed("5. near-duplicates, whole table", near_duplicates_full(conn, data))
     if "labels" in sections:
         rows += timed("6. labels", zero_shot_labels(conn, data))
+    calibration_tables: tuple[list[Row], list[Row]] = ([], [])
+    if "calibrated" in sections:
+        calibration_tables = timed("7. calibrated", calibrated(conn, data))  # type: ignore[arg-type]
     print(
         f"\n{len(data.docs)} rows (long descriptions), {len(data.items)} known-item queries (synopses), "
         f"bank {len(data.bank)}, hubness probe {len(data.probe_vectors)}; {time.perf_counter() - started:.0f}s"
     )
-    print(format_table(COLUMNS, rows, max_width=110))
+    if rows:
+        print(format_table(COLUMNS, rows, max_width=110))
+    relevance_rows, hybrid_rows = calibration_tables
+    if relevance_rows:
+        headers = ["corpus", "queries", "min_score", "P", "R", "returns: answer present", "answer held out"]
+        print("\nrelevance cut, before and after calibration (pgsim.relevant_search, 10 hits, reference 50)")
+        print(format_table(headers, relevance_rows, max_width=110))
+        headers = ["corpus", "queries", "vector", "text OR", "text AND before OR", "hybrid before", "hybrid after",
+                   "after - best list"]  # fmt: skip
+        print("\nhybrid search, MRR@10 / R@10, before and after calibration (pgsim.hybrid_search)")
+        print(format_table(headers, hybrid_rows, max_width=110))
 
 
 if __name__ == "__main__":

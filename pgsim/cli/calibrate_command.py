@@ -20,7 +20,7 @@ def add_calibrate_command(add_command: Callable[..., Any]) -> None:
     calibrate.add_argument("column")
     calibrate.add_argument("--seconds", type=float, default=30.0, help="time budget (default: 30)")
     calibrate.add_argument("-k", type=int, default=10, help="the k measured (default: 10)")
-    calibrate.add_argument("--queries", type=int, default=20, help="query vectors sampled from the table (default: 20)")
+    calibrate.add_argument("--queries", type=int, default=30, help="query vectors sampled from the table (default: 30)")
     calibrate.add_argument(
         "--filter",
         action="append",

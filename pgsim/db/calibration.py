@@ -23,8 +23,9 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -36,14 +37,16 @@ from pgsim.db.calibration_inputs import (
     Target,
     calibration_target,
     level_filters,
+    one_statement,
     query_vectors,
+    table_oid,
     workload_levels,
 )
 from pgsim.db.catalog import vector_schema
 from pgsim.errors import InvalidInput
 
 DEFAULT_SECONDS = 30.0
-DEFAULT_QUERIES = 20
+DEFAULT_QUERIES = 30
 MIN_ROWS = 2000  # below, the exact path is cheap enough that the planner's defaults stand
 EF_SEARCH_GRID = (20, 40, 64, 100, 160, 250, 400, 640, 1000)
 TIE = 1e-6  # a row as near as the exact k-th counts as found (tables repeat texts)
@@ -90,7 +93,7 @@ class Calibration:
                     "filter": " OR ".join(level.filters) if level.filters else None,
                     "rows": level.rows,
                     "exact_ms": round(level.exact_ms, 3),
-                    "recall": [round(r, 4) for r in level.recall],
+                    "recall": [math.floor(r * 10000) / 10000 for r in level.recall],  # never up to a target
                     "hnsw_ms": [round(t, 3) for t in level.hnsw_ms],
                 }
                 for level in self.levels
@@ -100,7 +103,7 @@ class Calibration:
 
 def calibrate_index(
     conn: psycopg.Connection[Any],
-    table: str,
+    table: str | int,
     column: str,
     *,
     k: int = 10,
@@ -116,14 +119,36 @@ def calibrate_index(
         raise InvalidInput(f"The time budget must be more than 0 and at most 3600 seconds; got {seconds!r}.")
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
         raise InvalidInput(f"k must be a whole number from 1 to 1000; got {k!r}.")
-    with conn.transaction():  # one snapshot; the row is written at the end, or not at all
-        return _calibrate(conn, table, column, k, float(seconds), queries, tuple(filters), progress)
+    oid = table_oid(conn, table)  # the one name resolved on the caller's path; all else by OID, pinned
+    with pinned(conn):
+        target = calibration_target(conn, oid, column)
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        # its own short transaction: ANALYZE's lock would otherwise last the whole measurement
+        with conn.transaction(), pinned(conn):
+            conn.execute(sql.SQL("ANALYZE {}").format(target.qualified))
+        analysed = True
+    else:
+        analysed = False
+    with conn.transaction(), pinned(conn):  # the row is written at the end, or not at all
+        if not analysed:
+            conn.execute(sql.SQL("ANALYZE {}").format(target.qualified))
+        return _calibrate(conn, target, k, float(seconds), queries, tuple(filters), progress)
+
+
+@contextmanager
+def pinned(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """search_path pg_catalog, pg_temp for the block (which must be in a transaction): nothing on the
+    session's path, a role's shadowing operator, say, takes part; the caller's path is back afterwards."""
+    row = conn.execute("SELECT pg_catalog.current_setting('search_path')").fetchone()
+    conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)")
+    yield
+    # (after an error, the block's savepoint or transaction rolls the setting back itself)
+    conn.execute("SELECT pg_catalog.set_config('search_path', %s, true)", [row[0] if row else ""])
 
 
 def _calibrate(
     conn: psycopg.Connection[Any],
-    table: str,
-    column: str,
+    target: Target,
     k: int,
     seconds: float,
     queries: int | Any,
@@ -132,22 +157,12 @@ def _calibrate(
 ) -> Calibration:
     started = time.perf_counter()
     deadline = started + seconds
-    target = calibration_target(conn, table, column)
-    # Names resolved: from here on, nothing on the session's path (a role's shadowing operator) takes part;
-    # the filters compare built-in types only, and every other name is qualified.
-    conn.execute("SELECT pg_catalog.set_config('search_path', 'pg_catalog, pg_temp', true)")
-    # the row count that pgsim.knn_calibration compares with later, and the common values the filters use
-    conn.execute(sql.SQL("ANALYZE {}").format(target.qualified))
+    table, column = target.qualified.as_string(conn), target.name
     table_rows, rows = _row_counts(conn, target)
 
     def not_stored(reason: str) -> Calibration:
         return Calibration(table, column, target.index_name, k, 0, (), (), rows, 0.0, False, reason, table_rows)
 
-    if target.index_name is None:
-        raise InvalidInput(
-            f"{table}.{column} has no valid HNSW index for cosine distance to calibrate; create one: CREATE INDEX "
-            f"ON {table} USING hnsw ({column} {target.type_name}_cosine_ops)"
-        )
     if rows < max(MIN_ROWS, 2 * k):
         return not_stored(
             f"{rows} rows have an embedding: fewer than {MIN_ROWS}, where an exact scan is cheap; the defaults stand"
@@ -162,8 +177,8 @@ def _calibrate(
     measured: list[Level] = []
     total = len(plan) * len(vectors)
     done = 0
-    for selectivity, filters, matching in plan:
-        level = _measure_level(conn, target, vectors, k, selectivity, filters, matching, ef_grid, deadline)
+    for selectivity, level_filter, matching in plan:
+        level = _measure_level(conn, target, vectors, k, selectivity, level_filter, matching, ef_grid, deadline)
         done += len(vectors)
         if progress is not None:
             progress(min(done / total, 1.0))
@@ -174,10 +189,30 @@ def _calibrate(
     if not measured:
         return not_stored(f"the time budget ({seconds} s) ended before the first level was measured")
     calibration = Calibration(
-        table, column, target.index_name, k, len(vectors), ef_grid, tuple(measured), rows, elapsed, True, "", table_rows
-    )
+        table, column, target.index_name, k, len(vectors), ef_grid, monotone(measured), rows, elapsed, True, "",
+        table_rows,
+    )  # fmt: skip
     _store(conn, target, calibration)
     return calibration
+
+
+def monotone(levels: list[Level]) -> tuple[Level, ...]:
+    """The levels, most selective last, each level's recall at an ef_search no higher than any less
+    selective level's: the planner reads the level next below a filter's selectivity, and a filter between
+    two levels may be as hard as the harder of everything measured above it (a correlated filter at 70 %
+    needing more than a hash filter at 40 %)."""
+    ordered = sorted(levels, key=lambda level: -level.selectivity)
+    worst: list[float] = []
+    result = []
+    for level in ordered:
+        width = max(len(worst), len(level.recall))
+        own = [level.recall[min(i, len(level.recall) - 1)] for i in range(width)]
+        above = [worst[min(i, len(worst) - 1)] for i in range(width)] if worst else own
+        worst = [min(a, b) for a, b in zip(own, above, strict=True)]
+        depth = next((i + 1 for i, r in enumerate(worst) if r >= 1.0), width)
+        times = [level.hnsw_ms[min(i, len(level.hnsw_ms) - 1)] for i in range(depth)]
+        result.append(replace(level, recall=tuple(worst[:depth]), hnsw_ms=tuple(times)))
+    return tuple(result)
 
 
 def _row_counts(conn: psycopg.Connection[Any], target: Target) -> tuple[int, int]:
@@ -229,7 +264,7 @@ def _measure_level(
                 "SELECT ({d}) + 0 FROM {table} WHERE {col} IS NOT NULL AND ({cond}) ORDER BY 1 LIMIT {k}"
             ).format(**parts)
             started = time.perf_counter()
-            truth = [d for (d,) in conn.execute(exact, prepare=False)]
+            truth = [d for (d,) in one_statement(conn, exact)]
             exact_ms.append((time.perf_counter() - started) * 1000)
             if not truth:
                 continue
@@ -244,14 +279,23 @@ def _measure_level(
     if measured < min(5, len(vectors)):
         return None
     recall_per_ef = [
-        min(float(np.mean([r[i] for r in found[c]])) for c in conditions if found[c]) for i in range(len(ef_grid))
+        min(_lower_bound([r[i] for r in found[c]]) for c in conditions if found[c]) for i in range(len(ef_grid))
     ]
-    depth = next((i + 1 for i, r in enumerate(recall_per_ef) if r >= 1.0), len(ef_grid))
+    everything = [all(r[i] >= 1.0 for c in conditions for r in found[c]) for i in range(len(ef_grid))]
+    depth = next((i + 1 for i, done in enumerate(everything) if done), len(ef_grid))
     measured_ms = np.array(times, dtype=np.float64)[:, :depth]
     hnsw_ms = [float(np.nanmedian(column)) if np.isfinite(column).any() else 0.0 for column in measured_ms.T]
     return Level(
         selectivity, filters, matching, float(np.median(exact_ms)), tuple(recall_per_ef[:depth]), tuple(hnsw_ms)
     )
+
+
+def _lower_bound(recalls: list[float]) -> float:
+    """The mean recall over the queries, less one standard error: what the next queries may expect, not
+    what these few happened to find."""
+    if len(recalls) < 2:
+        return float(np.mean(recalls)) if recalls else 0.0
+    return max(0.0, float(np.mean(recalls)) - float(np.std(recalls, ddof=1)) / math.sqrt(len(recalls)))
 
 
 def _walks(
@@ -275,7 +319,7 @@ def _walks(
                 [str(ef), str(max_scan_tuples)],
             )
             started = time.perf_counter()
-            got = [d for (d,) in conn.execute(statement, prepare=False)]
+            got = [d for (d,) in one_statement(conn, statement)]
             ms.append((time.perf_counter() - started) * 1000)
             raise psycopg.Rollback(tx)
         recalls.append(sum(1 for d in got if d is not None and d <= kth) / wanted)
@@ -289,9 +333,10 @@ def _store(conn: psycopg.Connection[Any], target: Target, calibration: Calibrati
         """
         INSERT INTO pgsim.calibration AS c (table_oid, column_attnum, kind, index_oid, measured, rows_measured,
             changes_measured, seconds)
-        SELECT %(table)s, %(attnum)s, 'knn', %(index)s, %(measured)s::jsonb, %(rows)s,
+        SELECT %(table)s, %(attnum)s, 'knn', %(index)s, %(measured)s::jsonb,
+               pgsim.analysed_rows(%(table)s::pg_catalog.oid::pg_catalog.regclass),
                (SELECT s.n_tup_ins + s.n_tup_del FROM pg_catalog.pg_stat_all_tables s
-                WHERE s.relid = %(table)s), %(seconds)s
+                WHERE s.relid = %(table)s::pg_catalog.oid), %(seconds)s
         ON CONFLICT (table_oid, column_attnum, kind) DO UPDATE SET index_oid = excluded.index_oid,
             measured = excluded.measured, rows_measured = excluded.rows_measured,
             changes_measured = excluded.changes_measured, seconds = excluded.seconds,
@@ -302,7 +347,6 @@ def _store(conn: psycopg.Connection[Any], target: Target, calibration: Calibrati
             "attnum": target.attnum,
             "index": target.index_oid,
             "measured": json.dumps(calibration.measured()),
-            "rows": calibration.table_rows,
             "seconds": calibration.seconds,
         },
     )

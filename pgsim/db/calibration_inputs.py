@@ -12,7 +12,7 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from pgsim.db.catalog import resolve_table
+from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput
 
 SELECTIVITY_GRID = (1.0, 0.7, 0.4, 0.2, 0.1, 0.05, 0.02, 0.01)
@@ -33,41 +33,79 @@ class Target:
     index_name: str | None
 
 
-def calibration_target(conn: psycopg.Connection[Any], table: str, column: str) -> Target:
-    found = resolve_table(conn, table)
+def table_oid(conn: psycopg.Connection[Any], table: str | int) -> int:
+    """The table a name means to the caller (its search_path), as an OID; nothing but the lookup runs."""
+    if isinstance(table, bool) or not isinstance(table, (int, str)):
+        raise InvalidInput(f"The table is a name ('schema.table' or 'table') or an OID; got {table!r}.")
+    if isinstance(table, int):
+        return table
+    quoted = table_identifier(table).as_string(conn)  # 'schema.table' or 'table', each part quoted
+    found = conn.execute("SELECT pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid", [quoted]).fetchone()
+    if not found or found[0] is None:
+        raise InvalidInput(f"No table {table!r} here.")
+    return int(found[0])
+
+
+def calibration_target(conn: psycopg.Connection[Any], oid: int, column: str) -> Target:
+    """The column, the index a calibration measures (the one pgsim.knn_plan takes: the column's valid full
+    cosine HNSW index, first by name), and the checks that come before any statement reads the table: a
+    table, that column, that index, and the owner calibrating. Run with search_path pinned."""
     row = conn.execute(
-        """
-        SELECT a.attnum, a.atttypid::regtype::text, a.atttypmod,
-               pg_catalog.pg_has_role(CURRENT_USER, c.relowner, 'USAGE'),
-               (SELECT i.indexrelid FROM pg_catalog.pg_index i
-                JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
-                JOIN pg_catalog.pg_am am ON am.oid = ic.relam
-                JOIN pg_catalog.pg_opclass oc ON oc.oid = i.indclass[0]
-                WHERE i.indrelid = c.oid AND am.amname = 'hnsw' AND i.indkey[0] = a.attnum AND i.indisvalid
-                  AND i.indpred IS NULL AND oc.opcname LIKE '%%cosine%%'
-                ORDER BY ic.relname LIMIT 1)
+        f"""
+        SELECT pg_catalog.format('%%I.%%I', n.nspname, c.relname), c.relkind, a.attnum, t.typname::text,
+               a.atttypmod, pg_catalog.pg_has_role(CURRENT_USER, c.relowner, 'USAGE'),
+               c.relowner = r.oid OR NOT (r.rolsuper OR r.rolbypassrls),
+               ({FULL_COSINE_INDEX})
         FROM pg_catalog.pg_class c
-        JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attname = %s AND a.attnum > 0 AND NOT a.attisdropped
-        WHERE c.oid = %s
-        """,
-        [column, found.oid],
+        JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+        JOIN pg_catalog.pg_roles r ON r.rolname = CURRENT_USER
+        LEFT JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attname = %s::pg_catalog.name
+             AND a.attnum > 0 AND NOT a.attisdropped
+        LEFT JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+        WHERE c.oid = %s::pg_catalog.oid
+        """,  # noqa: S608 (FULL_COSINE_INDEX is a constant)
+        [column, oid],
     ).fetchone()
     if row is None:
-        raise InvalidInput(f"Table {table!r} has no column {column!r}.")
-    attnum, type_name, typmod, owns, index_oid = row
+        raise InvalidInput(f"No table with OID {oid} here.")
+    name, kind, attnum, type_name, typmod, owns, own_code, index_oid = row
+    if kind not in ("r", "p", "m"):
+        raise InvalidInput(f"{name} is not a table: only a table's HNSW index can be calibrated.")
+    if attnum is None:
+        raise InvalidInput(f"Table {name} has no column {column!r}.")
     if type_name not in ("vector", "halfvec") or typmod < 1:
-        raise InvalidInput(f"Column {table}.{column} is not a pgvector vector(n) or halfvec(n) column.")
+        raise InvalidInput(f"Column {name}.{column} is not a pgvector vector(n) or halfvec(n) column.")
     if not owns:
         raise InvalidInput(
-            f"Only the owner of {table} (or a member of its owning role) may calibrate it: every role's searches "
+            f"Only the owner of {name} (or a member of its owning role) may calibrate it: every role's searches "
             "trust the curve."
         )
-    index_name = None
-    if index_oid is not None:
-        index_name = conn.execute("SELECT %s::regclass::text", [index_oid]).fetchone()[0]  # type: ignore[index]
-    return Target(
-        found.oid, found.identifier, sql.Identifier(column), column, attnum, type_name, typmod, index_oid, index_name
-    )
+    if not own_code:  # ANALYZE runs the table's index expressions, with this session's rights
+        raise InvalidInput(
+            f"A superuser or BYPASSRLS session does not calibrate {name}, owned by another role, whose code it "
+            "would run: SET ROLE to its owner first."
+        )
+    if index_oid is None:
+        raise InvalidInput(
+            f"{name}.{column} has no valid HNSW index for cosine distance to calibrate; create one: CREATE INDEX "
+            f"ON {name} USING hnsw ({sql.Identifier(column).as_string(conn)} {type_name}_cosine_ops)"
+        )
+    index_name = conn.execute("SELECT %s::pg_catalog.oid::pg_catalog.regclass::pg_catalog.text", [index_oid]).fetchone()
+    return Target(oid, sql.SQL(name), sql.Identifier(column), column, attnum, type_name, typmod, index_oid,
+                  index_name[0] if index_name else None)  # fmt: skip
+
+
+# The index pgsim.knn_plan takes for a column (its valid full cosine HNSW index, first by name in bytes)
+# and the one a calibration measures; c is the table, a the column.
+FULL_COSINE_INDEX = """
+SELECT i.indexrelid FROM pg_catalog.pg_index i
+JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_catalog.pg_am am ON am.oid = ic.relam
+JOIN pg_catalog.pg_opclass oc ON oc.oid = i.indclass[0]
+WHERE i.indrelid = c.oid AND am.amname = 'hnsw' AND i.indkey[0] = a.attnum AND i.indisvalid
+  AND i.indpred IS NULL AND oc.opcname LIKE '%%cosine%%'
+ORDER BY ic.relname COLLATE "C" LIMIT 1
+"""
 
 
 def query_vectors(
@@ -86,7 +124,7 @@ def query_vectors(
     sampled = conn.execute(
         sql.SQL(
             "SELECT {col}::text FROM {table} TABLESAMPLE BERNOULLI ({percent}) REPEATABLE (7) WHERE {col} IS NOT NULL "
-            "LIMIT {limit}"
+            "ORDER BY pg_catalog.random() LIMIT {limit}"
         ).format(
             col=target.column, table=target.qualified, percent=sql.Literal(percent), limit=sql.Literal(2 * queries)
         )
@@ -97,6 +135,9 @@ def query_vectors(
     matrix = matrix[np.linalg.norm(matrix, axis=1) > 0]
     matrix /= np.linalg.norm(matrix, axis=1, keepdims=True)
     half = len(matrix) // 2
+    # A row moved half-way towards another, so that no query is a row of the table, as a query in words is
+    # not; on the Debian corpus its recall by ef_search follows that of held-out text queries, a little
+    # below it (bench/sweep.py runs both).
     moved = matrix[:half] + 0.5 * matrix[half : 2 * half]
     return np.asarray(moved / np.linalg.norm(moved, axis=1, keepdims=True), dtype=np.float32)
 
@@ -147,14 +188,22 @@ def common_values(conn: psycopg.Connection[Any], target: Target) -> list[tuple[s
 
 
 def count_rows(conn: psycopg.Connection[Any], target: Target, condition: str) -> int:
-    row = conn.execute(
+    rows = one_statement(
+        conn,
         sql.SQL("SELECT count(*) FROM {table} WHERE {col} IS NOT NULL AND ({condition})").format(
             table=target.qualified,
             col=target.column,
             condition=sql.SQL(condition),
-        )
-    ).fetchone()
-    return int(row[0]) if row else 0
+        ),
+    )
+    return int(rows[0][0]) if rows else 0
+
+
+def one_statement(conn: psycopg.Connection[Any], statement: sql.Composable) -> list[Any]:
+    """The rows of ``statement``, sent with a parameter, so that the server parses it as one statement: a
+    filter that tries to close it and start another (``true); DROP ...``) is an error, never run."""
+    text = statement.as_string(conn).replace("%", "%%")  # a literal's % is no placeholder
+    return conn.execute(text + " OFFSET %s", [0], prepare=False).fetchall()
 
 
 def workload_levels(

@@ -47,7 +47,7 @@ def table_columns(conn: psycopg.Connection[Any], oid: int) -> dict[str, str]:
     """The table's columns in order: name -> type as ``format_type`` writes it (``vector(384)``)."""
     rows = conn.execute(
         "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute "
-        "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        "WHERE attrelid = %s::pg_catalog.oid AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
         [oid],
     ).fetchall()
     return {str(name): str(type_name) for name, type_name in rows}
@@ -60,7 +60,7 @@ def primary_key(conn: psycopg.Connection[Any], oid: int) -> tuple[str, ...]:
         SELECT a.attname FROM pg_index i
         CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-        WHERE i.indrelid = %s AND i.indisprimary ORDER BY k.position
+        WHERE i.indrelid = %s::pg_catalog.oid AND i.indisprimary ORDER BY k.position
         """,
         [oid],
     ).fetchall()

@@ -74,11 +74,13 @@ def expected_choice(curve: dict[str, Any], selectivity: float, recall: float) ->
     its smallest ef_search that reached the recall, when that walk was faster than the exact scan."""
     below = [level for level in curve["levels"] if level["selectivity"] <= selectivity * 1.0001]
     if not below:
-        return "exact", None
+        return "thresholds", None
     level = max(below, key=lambda level: level["selectivity"])
+    unfiltered = next(level for level in curve["levels"] if level["selectivity"] == 1.0)
+    exact_ms = min(level["exact_ms"], 3 * selectivity * unfiltered["exact_ms"])
     for position, measured in enumerate(level["recall"]):
         if measured >= recall:
-            if level["hnsw_ms"][position] >= level["exact_ms"]:
+            if level["hnsw_ms"][position] >= exact_ms:
                 return "exact", None
             return "hnsw", curve["ef_search"][position]
     return "exact", None
@@ -111,6 +113,9 @@ def test_the_planner_follows_the_curve(conn: psycopg.Connection[Any], where: Any
         assert chosen.path == "exact" and chosen.expected_recall == 1
         return
     path, ef_search = expected_choice(curve, chosen.selectivity or 0, recall)
+    if path == "thresholds":  # below every level measured: the uncalibrated rules decide
+        assert not chosen.reason.startswith("calibrated")
+        return
     assert (chosen.path, chosen.ef_search) == (path, ef_search), chosen.reason
     if path == "hnsw":
         assert chosen.expected_recall is not None and chosen.expected_recall >= recall

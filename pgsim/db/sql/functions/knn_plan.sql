@@ -35,17 +35,14 @@ DECLARE
     plan json;
     visits double precision;
     total_rows double precision;
-    calibration jsonb;
-    level jsonb;
-    step integer;
-    measured_k integer;
+    calibrated record;
     vector_schema text := (SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e
                            JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector');
 BEGIN
     IF k IS NULL OR k < 1 OR k > 10000 THEN  -- pgsim.knn.target.MAX_K
         RAISE EXCEPTION 'pgsim.knn_plan: k must be from 1 to 10000, got %', k USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF recall IS NULL OR NOT recall > 0 OR recall > 1 THEN
+    IF recall IS NULL OR NOT recall > 0::double precision OR recall > 1::double precision THEN
         RAISE EXCEPTION 'pgsim.knn_plan: recall is a target from 0 (exclusive) to 1, got %', recall
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -61,7 +58,7 @@ BEGIN
     -- implies its predicate, which the planner decides: when there is one, ask the planner which index it
     -- would scan, with every other way to produce the order switched off (and restored after).
     SELECT pg_catalog.array_agg(i.indexrelid::regclass::text ORDER BY i.indpred IS NULL, c.relpages) FILTER (WHERE i.indpred IS NOT NULL),
-           pg_catalog.min(i.indexrelid::regclass::text) FILTER (WHERE i.indpred IS NULL)
+           (pg_catalog.array_agg(i.indexrelid::regclass::text ORDER BY c.relname COLLATE "C") FILTER (WHERE i.indpred IS NULL))[1]
       INTO partial_names, full_name
     FROM pg_catalog.pg_index i
     JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
@@ -108,52 +105,27 @@ BEGIN
         RETURN result;
     END IF;
     IF predicate IS NULL THEN
-        SELECT CASE WHEN c.reltuples >= 0 THEN c.reltuples END INTO total_rows FROM pg_catalog.pg_class c WHERE c.oid = tbl;
+        SELECT CASE WHEN c.reltuples >= 0::real THEN c.reltuples END INTO total_rows FROM pg_catalog.pg_class c WHERE c.oid = tbl;
     END IF;
     result.indexed_rows := greatest(coalesce(total_rows, pgsim.estimate_rows(tbl, predicate)), 1);
     result.selectivity := least(result.estimated_rows / result.indexed_rows, 1);
-    visits := k / greatest(result.selectivity, 1e-9);
+    visits := k::double precision / greatest(result.selectivity, 1e-9::double precision);
 
-    IF predicate IS NULL THEN
-        calibration := pgsim.knn_calibration(tbl, attnum, result.index_name::regclass);
-    END IF;
+    -- a partial index's selectivity is relative to its own rows: no curve of the full index speaks for it
+    SELECT * INTO calibrated FROM pgsim.calibrated_plan(tbl, attnum, CASE WHEN predicate IS NULL THEN result.index_name::regclass END,
+                                                        result.selectivity, k, recall);
     result.expected_recall := 1;  -- until the hnsw path is taken
 
     IF result.estimated_rows <= exact_below_rows THEN
         result.path := 'exact';
         result.reason := pg_catalog.format('about %s rows pass the filter: computing their distances is cheap and exact',
                                 pg_catalog.round(result.estimated_rows));
-    ELSIF calibration IS NOT NULL THEN
-        SELECT l INTO level FROM pg_catalog.jsonb_array_elements(calibration -> 'levels') AS l
-        WHERE (l ->> 'selectivity')::double precision <= result.selectivity * 1.0001
-        ORDER BY (l ->> 'selectivity')::double precision DESC LIMIT 1;
-        SELECT r.i INTO step FROM pg_catalog.jsonb_array_elements_text(level -> 'recall') WITH ORDINALITY AS r(value, i)
-        WHERE r.value::double precision >= recall ORDER BY r.i LIMIT 1;
-        IF level IS NULL THEN
-            result.path := 'exact';
-            result.reason := pg_catalog.format('the filter keeps %s%% of the rows, less than any calibrated level: exact scan',
-                                    pg_catalog.round((result.selectivity * 100)::numeric, 2));
-        ELSIF step IS NULL THEN
-            result.path := 'exact';
-            result.reason := pg_catalog.format('calibrated: at %s%% of the rows no ef_search measured reaches recall %s; exact scan',
-                                    pg_catalog.round(((level ->> 'selectivity')::numeric) * 100, 2), recall);
-        ELSIF (level -> 'hnsw_ms' ->> (step - 1))::double precision >= (level ->> 'exact_ms')::double precision THEN
-            result.path := 'exact';
-            result.reason := pg_catalog.format('calibrated: at %s%% of the rows the exact scan measured faster than an HNSW walk '
-                                    'that reaches recall %s', pg_catalog.round(((level ->> 'selectivity')::numeric) * 100, 2), recall);
-        ELSE
-            -- measured at one k; a larger k needs a proportionally longer candidate list for the same recall
-            measured_k := greatest(coalesce((calibration ->> 'k')::integer, k), 1);
-            result.path := 'hnsw';
-            result.expected_recall := (level -> 'recall' ->> (step - 1))::double precision;
-            result.ef_search := least(greatest(pg_catalog.ceil((calibration -> 'ef_search' ->> (step - 1))::double precision
-                                                               * greatest(k, measured_k) / measured_k)::integer, k), 1000);
-            result.max_scan_tuples := least(greatest(20000, pg_catalog.ceil(k / greatest(result.selectivity, 1e-9) * 20)), 2000000000)::integer;
-            result.reason := pg_catalog.format('calibrated: the filter keeps %s%% of the rows %s indexes; ef_search %s reached recall %s '
-                                    'at %s%%', pg_catalog.round((result.selectivity * 100)::numeric, 2), result.index_name,
-                                    result.ef_search, pg_catalog.round(result.expected_recall::numeric, 3),
-                                    pg_catalog.round(((level ->> 'selectivity')::numeric) * 100, 2));
-        END IF;
+    ELSIF calibrated.path IS NOT NULL THEN
+        result.path := calibrated.path;
+        result.ef_search := calibrated.ef_search;
+        result.max_scan_tuples := calibrated.max_scan_tuples;
+        result.expected_recall := calibrated.expected_recall;
+        result.reason := calibrated.reason;
     ELSIF result.selectivity < min_hnsw_selectivity THEN
         -- Measured by bench/filtered.py: an iterative HNSW scan that must skip most of the graph misses
         -- neighbours even at a high ef_search, so below this share the exact path keeps the contract; a
@@ -161,15 +133,15 @@ BEGIN
         result.path := 'exact';
         result.reason := pg_catalog.format('the filter keeps %s%% of the rows %s indexes: too few for an approximate walk to '
                                 'stay accurate; a partial HNSW index for this filter would serve it (pgsim index-advise)',
-                                pg_catalog.round((result.selectivity * 100)::numeric, 2), result.index_name);
+                                pg_catalog.round((result.selectivity * 100::double precision)::numeric, 2), result.index_name);
     ELSE
-        visits := k / result.selectivity;
+        visits := k::double precision / result.selectivity;
         result.path := 'hnsw';
         result.expected_recall := NULL;  -- not measured
         result.ef_search := least(greatest(pgsim.index_ef_search(result.index_name::regclass, hnsw_ef_search), 2 * k), 1000);
-        result.max_scan_tuples := least(greatest(20000, pg_catalog.ceil(visits * 20)), 2000000000)::integer;
+        result.max_scan_tuples := least(greatest(20000, pg_catalog.ceil(visits * 20::double precision)), 2000000000)::integer;
         result.reason := pg_catalog.format('the filter keeps %s%% of the rows %s indexes: iterative HNSW scan',
-                                pg_catalog.round((result.selectivity * 100)::numeric, 2), result.index_name);
+                                pg_catalog.round((result.selectivity * 100::double precision)::numeric, 2), result.index_name);
     END IF;
     RETURN result;
 END;

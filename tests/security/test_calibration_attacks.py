@@ -185,3 +185,21 @@ def test_the_index_measured_is_the_index_planned(conn: psycopg.Connection[Any]) 
         assert chosen.reason.startswith("calibrated")
     finally:
         conn.execute('DROP INDEX "{a"')
+
+
+def test_who_measured_cannot_be_forged_and_a_dropped_tables_curve_goes(planted: str) -> None:
+    with psycopg.connect(planted, autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS short_lived")
+        fill(conn, "short_lived", 2500)
+        conn.execute("ALTER TABLE short_lived OWNER TO calib_attacker")
+        conn.execute("GRANT USAGE ON SCHEMA pgsim TO calib_attacker")
+        conn.execute("GRANT SELECT, INSERT, UPDATE ON pgsim.calibration TO calib_attacker")
+        conn.execute("SET ROLE calib_attacker")
+        assert calibrate(conn, "short_lived", "embedding", seconds=20, queries=5).stored
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+            conn.execute("UPDATE pgsim.calibration SET measured_by = 10 WHERE table_oid = 'short_lived'::regclass")
+        conn.execute("RESET ROLE")
+        (oid,) = conn.execute("SELECT 'short_lived'::regclass::oid").fetchone()  # type: ignore[misc]
+        conn.execute("DROP TABLE short_lived")
+        conn.execute("SELECT pgsim.forget_dropped()")
+        assert conn.execute("SELECT count(*) FROM pgsim.calibration WHERE table_oid = %s", [oid]).fetchone() == (0,)

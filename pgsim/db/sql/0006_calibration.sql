@@ -20,15 +20,16 @@ CREATE TABLE pgsim.calibration (
 COMMENT ON TABLE pgsim.calibration IS
     'Measured on the table''s own rows by pgsim.calibrate; read by the planner and the relevance functions.';
 
--- Anyone who may read the table may read what was measured on it; only its owner (or a member of the
+-- Anyone who may read the table (or a column of it) may read what was measured on it; only its owner (or a member of the
 -- owning role) writes, since the planner trusts these curves for every role's searches.
 ALTER TABLE pgsim.calibration ENABLE ROW LEVEL SECURITY;
 CREATE POLICY calibration_read ON pgsim.calibration FOR SELECT
-    USING (pg_catalog.has_table_privilege(table_oid, 'SELECT'));
+    USING (pg_catalog.has_any_column_privilege(table_oid, 'SELECT'));
 CREATE POLICY calibration_owners ON pgsim.calibration FOR ALL
     USING (pg_catalog.pg_has_role(CURRENT_USER,
         (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = table_oid), 'USAGE'))
     WITH CHECK (pg_catalog.pg_has_role(CURRENT_USER,
-        (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = table_oid), 'USAGE'));
+        (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = table_oid), 'USAGE')
+        AND measured_by = pg_catalog.to_regrole(pg_catalog.quote_ident(CURRENT_USER))::oid);
 
 ALTER TYPE pgsim.knn_plan ADD ATTRIBUTE expected_recall double precision;  -- from the calibration; 1 when exact

@@ -1,6 +1,6 @@
 -- Follow renamed tables and forget the registrations whose table is gone (or whose insert trigger its owner
 -- dropped, unless pgsim.freeze_embedding dropped it for a change of source still being filled), with their
--- queue entries and dead letters. A registration follows its table by OID only: no
+-- queue entries and dead letters, and the calibrations of tables that are gone. A registration follows its table by OID only: no
 -- name, and no trigger another role makes on a table of its own, can move it. It acts on the catalog's
 -- facts alone, whoever calls it, so it runs as pgsim's owner (workers and registrants need no write access
 -- to the registry for it). Returns the forgotten ids.
@@ -28,6 +28,8 @@ BEGIN
         DELETE FROM pgsim.queue WHERE embedding_id = ANY(gone);
         DELETE FROM pgsim.dead_letter WHERE embedding_id = ANY(gone);
     END IF;
+    -- what was measured on a table that is gone: its OID may name another table one day
+    DELETE FROM pgsim.calibration c WHERE NOT EXISTS (SELECT 1 FROM pg_class t WHERE t.oid = c.table_oid);
     RETURN gone;
 END;
 $$;

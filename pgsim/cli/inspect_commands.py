@@ -251,8 +251,8 @@ def doctor_calibration(args: argparse.Namespace) -> int:
                 cells.append(f"{level.recall[position]:.3f}" + (f" / {ms:.1f} ms" if ms is not None else ""))
             else:
                 cells.append("")  # not measured: every query had found all k
-        exact = f"{level.exact_ms:.1f}" if level.exact_ms is not None else ""
-        rows.append([f"{level.selectivity:.1%}", level.rows, exact, *cells, level.filter or "(none)"])
+        exact = f"{level.exact_ms:.1f}" if level.exact_ms else ""
+        rows.append([f"{level.selectivity:.1%}", level.rows, exact, *cells, " OR ".join(level.filters) or "(none)"])
     print(format_table(headers, rows, max_width=48))
     print("(recall@k / median time of the HNSW path per ef_search; blank: all k found at a smaller one)")
     served = curve.served_from()

@@ -23,6 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgsim.db.calibration import Level
 from pgsim.db.catalog import has_schema_table, resolve_table
 from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput
@@ -151,19 +152,6 @@ def create(conn: psycopg.Connection[Any], advice: Advice) -> None:
 
 
 @dataclass(frozen=True)
-class Level:
-    """One measured selectivity: the exact scan's time and, per ``ef_search``, the HNSW path's recall and time
-    (shorter than the ``ef_search`` list when every query had found all k before its end)."""
-
-    selectivity: float
-    filter: str | None
-    rows: float | None
-    exact_ms: float | None
-    recall: tuple[float, ...]
-    hnsw_ms: tuple[float, ...]
-
-
-@dataclass(frozen=True)
 class StoredCurve:
     """``pgsim.calibration``'s ``knn`` row for a column, and what has changed since it was measured."""
 
@@ -209,7 +197,7 @@ class StoredCurve:
         for position, found in enumerate(level.recall[: len(self.ef_search)]):
             if found >= recall:
                 ms = level.hnsw_ms[position] if position < len(level.hnsw_ms) else None
-                faster = ms is None or level.exact_ms is None or ms < level.exact_ms
+                faster = ms is None or not level.exact_ms or ms < level.exact_ms
                 return self.ef_search[position] if faster else None
         return None
 
@@ -263,9 +251,9 @@ def stored_curve(conn: psycopg.Connection[Any], table: str, column: str) -> Stor
     levels = tuple(
         Level(
             float(level.get("selectivity", 1.0)),
-            level.get("filter"),
-            level.get("rows"),
-            level.get("exact_ms"),
+            (level["filter"],) if level.get("filter") else (),
+            int(level.get("rows") or 0),
+            float(level.get("exact_ms") or 0.0),
             tuple(float(r) for r in level.get("recall") or ()),
             tuple(float(ms) for ms in level.get("hnsw_ms") or ()),
         )

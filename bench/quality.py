@@ -21,6 +21,7 @@ import argparse
 import hashlib
 import os
 import random
+import re
 import sys
 import time
 from collections import Counter, defaultdict
@@ -934,7 +935,9 @@ def product_labels(conn: psycopg.Connection[Any], data: Data, labels: dict[str, 
 # --- 7. calibrated threshold and fusion, on two corpora ----------------------------------------------
 
 MANPAGES = sql.Identifier(SCHEMA, "manpages")
-CALIBRATED_TABLES = {"debian": TABLE, "man pages": f"{SCHEMA}.manpages"}
+SYNOPSES = sql.Identifier(SCHEMA, "synopses")
+CALIBRATED_TABLES = {"debian": TABLE, "debian synopses": f"{SCHEMA}.synopses", "man pages": f"{SCHEMA}.manpages"}
+FIRST_SENTENCE = re.compile(r"(?<=[a-z0-9)])[.!?]\s")
 AND_THEN_OR = sql.SQL(
     "SELECT id FROM {t}, (SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery AS some, "
     "string_agg(quote_literal(lexeme), ' & ')::tsquery AS every FROM unnest(to_tsvector('english', %(text)s))) q "
@@ -993,6 +996,42 @@ def load_manpages(conn: psycopg.Connection[Any]) -> list[QuerySet]:
     return sets
 
 
+def load_synopses(conn: psycopg.Connection[Any], data: Data) -> QuerySet:
+    """bench_quality.synopses: the same packages' one-line synopses only (short texts), as a tsvector and a
+    vector; queries: the first sentence of a package's long description (at most 20 words), whose answer is
+    its synopsis (and every package with the same synopsis)."""
+    tag = f"{len(data.docs)} v1"
+    if conn.execute("SELECT obj_description(to_regclass(%s), 'pg_class')", [f"{SCHEMA}.synopses"]).fetchone() != (tag,):
+        vectors = unit(embeddings([p.synopsis for p in data.docs]))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(SYNOPSES))
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE {} (id int PRIMARY KEY, synopsis text, "
+                "tsv tsvector GENERATED ALWAYS AS (to_tsvector('english', synopsis)) STORED, embedding vector(384))"
+            ).format(SYNOPSES)
+        )
+        with (
+            conn.cursor() as cur,
+            cur.copy(sql.SQL("COPY {} (id, synopsis, embedding) FROM STDIN (FORMAT BINARY)").format(SYNOPSES)) as copy,
+        ):
+            copy.set_types(["int4", "text", "vector"])
+            for i, (p, vector) in enumerate(zip(data.docs, vectors, strict=True)):
+                copy.write_row((i, p.synopsis, vector))
+        conn.execute(sql.SQL("CREATE INDEX ON {} USING hnsw (embedding vector_cosine_ops)").format(SYNOPSES))
+        conn.execute(sql.SQL("CREATE INDEX ON {} USING gin (tsv)").format(SYNOPSES))
+        conn.execute(sql.SQL("ANALYZE {}").format(SYNOPSES))
+        conn.execute(sql.SQL("COMMENT ON TABLE {} IS {}").format(SYNOPSES, sql.Literal(tag)))
+    same: dict[str, set[int]] = defaultdict(set)
+    for i, p in enumerate(data.docs):
+        same[p.synopsis].add(i)
+    items = known_items(data.docs, data.twins, 300, seed=131)
+    texts = [
+        " ".join(FIRST_SENTENCE.split(" ".join(data.docs[i.doc].description.split()), 1)[0].split()[:20]) for i in items
+    ]
+    relevant = [frozenset(same[data.docs[i.doc].synopsis]) for i in items]
+    return QuerySet("debian synopses", "description's 1st sentence", texts, relevant, unit(embeddings(texts)))
+
+
 def calibrated(conn: psycopg.Connection[Any], data: Data) -> tuple[list[Row], list[Row]]:
     """Before and after pgsim.quality.relevance_calibration.calibrate_relevance on each corpus: the
     relevance cut (the default min_score, then the table's own) and hybrid search (plain RRF, then the
@@ -1002,7 +1041,7 @@ def calibrated(conn: psycopg.Connection[Any], data: Data) -> tuple[list[Row], li
     items = known_items(data.docs, data.twins, 300, seed=101)
     texts = [item.text for item in items]
     sets = [QuerySet("debian", "synopsis", texts, [i.relevant for i in items], unit(embeddings(texts)))]
-    sets += load_manpages(conn)
+    sets += [load_synopses(conn, data), *load_manpages(conn)]
     conn.execute(
         "DELETE FROM pgsim.calibration WHERE table_oid = ANY(%s::regclass[])", [list(CALIBRATED_TABLES.values())]
     )

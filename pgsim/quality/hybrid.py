@@ -10,8 +10,9 @@ bench/quality.py compares these choices with ``ts_rank_cd`` and with ANDed words
 On a table calibrated by :func:`pgsim.quality.relevance_calibration.calibrate_relevance` (a fresh
 ``hybrid`` row in ``pgsim.calibration`` for this ``candidates`` count), the fusion is the calibrated one:
 the text list puts the rows that match every word (AND, ranked by the AND query's ``ts_rank``) before
-those that match some (OR); when 1 to ``and_rows`` rows match every word, they weigh ``and_weight``; the
-vector list weighs ``weak_vector`` when its best row's relevance is below the table's ``gate``, else 1; and
+those that match some (OR); when 1 to ``and_rows`` rows match every word, they weigh ``and_weight``; when
+some row matches every word and the vector list's best row's relevance is below the table's ``gate``, the
+vector list weighs ``weak_vector``, else 1; and
 ``rrf_k`` is the calibrated one unless the caller gives one. Without a fresh calibration nothing changes.
 
 Each row also gets the relevance score of :mod:`pgsim.quality.relevance`, measured against the last row of
@@ -165,8 +166,7 @@ def _fused(
         "_pgsim_vector AS (SELECT ctid AS _pgsim_row, row_number() OVER (ORDER BY {distance}) AS _pgsim_rank "
         "  FROM _pgsim_nearest), "
         "_pgsim_floor AS (SELECT max({distance}) AS _pgsim_floor, count(*) AS _pgsim_found, "
-        "  CASE WHEN %(gate)s::double precision IS NULL OR max({distance}) - min({distance}) >= %(gate)s "
-        "  THEN 1.0 ELSE %(weak)s::double precision END AS _pgsim_weight FROM _pgsim_nearest), "
+        "  max({distance}) - min({distance}) AS _pgsim_best FROM _pgsim_nearest), "
         "_pgsim_query AS (SELECT (SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery "
         "  FROM unnest(to_tsvector(%(config)s::regconfig, %(text)s))) AS _pgsim_tsquery, "
         "  (SELECT string_agg(quote_literal(lexeme), ' & ')::tsquery "
@@ -180,10 +180,13 @@ def _fused(
         "_pgsim_text AS (SELECT _pgsim_row, row_number() OVER (ORDER BY _pgsim_every DESC, _pgsim_text_score DESC, "
         "  _pgsim_row) AS _pgsim_rank, CASE WHEN _pgsim_every AND count(*) FILTER (WHERE _pgsim_every) OVER () "
         "  <= %(and_rows)s THEN %(and_weight)s::double precision ELSE 1.0 END AS _pgsim_weight FROM _pgsim_matches), "
-        "_pgsim_fused AS (SELECT _pgsim_row, l._pgsim_weight * pgsim.rrf(v._pgsim_rank, %(rrf_k)s) "
+        "_pgsim_weight AS (SELECT CASE WHEN %(gate)s::double precision IS NULL OR l._pgsim_best >= %(gate)s "
+        "  OR NOT EXISTS (SELECT FROM _pgsim_matches WHERE _pgsim_every) THEN 1.0 "
+        "  ELSE %(weak)s::double precision END AS _pgsim_weight FROM _pgsim_floor AS l), "
+        "_pgsim_fused AS (SELECT _pgsim_row, w._pgsim_weight * pgsim.rrf(v._pgsim_rank, %(rrf_k)s) "
         "  + coalesce(x._pgsim_weight, 1.0) * pgsim.rrf(x._pgsim_rank, %(rrf_k)s) AS {score}, "
         "  v._pgsim_rank AS {vector_rank}, x._pgsim_rank AS {text_rank} "
-        "  FROM _pgsim_vector AS v FULL JOIN _pgsim_text AS x USING (_pgsim_row) CROSS JOIN _pgsim_floor AS l) "
+        "  FROM _pgsim_vector AS v FULL JOIN _pgsim_text AS x USING (_pgsim_row) CROSS JOIN _pgsim_weight AS w) "
         "SELECT {selected}, f.{score}, f.{vector_rank}, f.{text_rank}, t.{column} <=> {query} AS {distance}, "
         "  l._pgsim_floor - (t.{column} <=> {query}) AS {relevance}, l._pgsim_found AS {found} "
         "FROM _pgsim_fused AS f JOIN {table} AS t ON t.ctid = f._pgsim_row CROSS JOIN _pgsim_floor AS l "

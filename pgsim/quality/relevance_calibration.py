@@ -9,8 +9,9 @@ left out: the answer of such a query is absent, by construction, and its best ma
 whose answer is not in the table scores here. The calibrated threshold is a fixed quantile
 (``NULL_QUANTILE``) of those best margins, one per reference in ``REFERENCES``.
 
-Hybrid search uses that same quantile as its gate on the vector list: a vector list whose best row does
-not pass it counts for less (``WEAK_VECTOR``) in the fusion. The full-text list of a calibrated table
+Hybrid search uses that same quantile as its gate on the vector list: when some row matches every word of
+the query, a vector list whose best row does not pass the gate counts for less (``WEAK_VECTOR``) in the
+fusion (the words, not the meaning, then pick the row). The full-text list of a calibrated table
 puts the rows that match every word of the query (AND, ranked by ``ts_rank`` of the AND query) before
 those that match some (OR), and when only a few rows (``AND_ROWS``) match every word, those weigh
 ``AND_WEIGHT`` in the fusion, with ``rrf_k`` ``FUSED_RRF_K``. bench/quality.py tunes these constants and

@@ -143,7 +143,7 @@ def test_hybrid_search_fuses_as_calibrated_in_python_and_in_sql(
     assert chosen in every and len(every) <= fusion.and_rows
     similar = table[1] @ encoder.encode_query(query)
     nearest = np.sort(similar)[::-1][:50]
-    vector_weight = 1.0 if nearest[0] - nearest[-1] >= fusion.gate else fusion.weak_vector
+    vector_weight = 1.0 if nearest[0] - nearest[-1] >= fusion.gate or not every else fusion.weak_vector
     text_ranks = {h.row["id"]: h.text_rank for h in hits if h.text_rank is not None}
     assert all(text_ranks[i] <= len(every) for i in every & set(text_ranks))  # AND before OR
     for hit in hits:

@@ -10,8 +10,8 @@
 -- a gate for this candidates count; fresh: the table changed by at most a fifth of its rows since, as
 -- pgsim.knn_calibration judges), the fusion is the calibrated one: the text list puts the rows that match every
 -- word (AND, ranked by the AND query's ts_rank) before those that match some; when 1 to and_rows rows match
--- every word they weigh and_weight; the vector list weighs weak_vector when its best row's relevance is below
--- the gate; rrf_k NULL (the default) is the calibrated one, else 60. Without one, plain RRF as above.
+-- every word they weigh and_weight; when some row matches every word and the vector list's best row's
+-- relevance is below the gate, the vector list weighs weak_vector; rrf_k NULL (the default) is the calibrated one, else 60. Without one, plain RRF as above.
 -- Each row comes with its relevance: its similarity minus the similarity of the vector list's last row (the
 -- score of pgsim.relevant_search with reference = candidates); with min_score, only rows that reach it, before
 -- the k best are taken. Rows are (row jsonb without col, score, distance, vector_rank, text_rank, relevance);
@@ -132,7 +132,8 @@ BEGIN
         '  FROM %5$s AS t WHERE t.%4$I OPERATOR(pg_catalog.@@) $9 AND (%6$s) '
         '  ORDER BY position LIMIT $4) AS m), '
         'reference AS (SELECT max(v.distance) AS distance, CASE WHEN $15::double precision IS NULL '
-        '    OR max(v.distance) - min(v.distance) >= $15 THEN 1.0 ELSE $16::double precision END AS weight FROM v), '
+        '    OR max(v.distance) - min(v.distance) >= $15 OR NOT EXISTS (SELECT FROM x WHERE x.every) THEN 1.0 '
+        '    ELSE $16::double precision END AS weight FROM v), '
         'f AS (SELECT coalesce(v.row, x.row) AS "row", coalesce(v.distance, x.distance) AS distance, '
         '    v.position AS vector_rank, x.position AS text_rank, '
         '    reference.weight * pgsim.rrf(v.position, $10) + CASE WHEN x.every AND x.all_words <= $17 '

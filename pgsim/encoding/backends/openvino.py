@@ -1,7 +1,7 @@
 """``openvino``: the model's transformer converted by OpenVINO's PyTorch frontend (no ``onnx`` package
 needed) and run by its CPU plugin in bfloat16 where the CPU computes in it (AVX-512 BF16, AMX), else
-float32. The Encoder's lanes run side by side on a compiled model with one stream per lane; the compiled
-one-stream model is cached beside the export, so a later process's first query does not compile it."""
+float32. The Encoder's lanes run side by side on a compiled model with one stream per lane; compiled models
+are cached beside the export, so a later process's first query or first batches do not compile them."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 class OpenVinoBackend(ExportedBackend):
     """The model's transformer under OpenVINO's CPU plugin. Passes run side by side on a model compiled with
     one stream per lane (:meth:`for_lanes`); a pass alone runs on one stream with all the caller's threads.
-    The one-stream compilation is cached beside the export, so a later process loads it instead."""
+    What it compiles is cached beside the export, so a later process loads it instead."""
 
     name = "openvino"
     runtime = "openvino"
@@ -71,7 +71,7 @@ class OpenVinoBackend(ExportedBackend):
             # Said, not left to the plugin: on ARM its default is float16, which nobody measured here.
             "INFERENCE_PRECISION_HINT": "bf16" if "BF16" in self.capabilities else "f32",
         }
-        compiled = compiled_cache(path) if lanes == 1 else None  # what a single query needs
+        compiled = compiled_cache(path)
         if compiled is not None:
             try:
                 return self.core.compile_model(str(path), "CPU", {**options, "CACHE_DIR": str(compiled)})

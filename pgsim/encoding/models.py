@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from pgsim.encoding.backends.base import cache_dir, read_json
 from pgsim.errors import ModelNotFound
 
 if TYPE_CHECKING:
@@ -193,17 +195,38 @@ def model_revision(name: str) -> str:
             directory = Path(snapshot_download(location, local_files_only=True))
         except Exception:  # not cached: loading it fails with ModelNotFound anyway
             raise ModelNotFound(f"Model {name!r} is not a packaged model, a local directory or cached.") from None
-    digest = hashlib.sha256()
     files = sorted(
         {path for pattern in REVISION_FILES for path in directory.rglob(pattern)}
         - {path for path in directory.rglob("*") if REVISION_SKIP_DIRS & set(path.relative_to(directory).parts)}
     )
-    for path in files:
-        digest.update(str(path.relative_to(directory)).encode() + b"\0")
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    _revisions[location] = revision = digest.hexdigest()[:16]
+    # Reading the weights takes a new process a noticeable part of its first query: the digest is kept in
+    # the cache directory with each file's size and modification time, and computed again when one differs.
+    stats = [[str(path.relative_to(directory)), path.stat().st_size, path.stat().st_mtime_ns] for path in files]
+    known_path = cache_dir() / "revisions.json"
+    remembered = read_json(known_path)
+    entry = remembered.get(str(directory)) if isinstance(remembered, dict) else None
+    if isinstance(entry, dict) and entry.get("files") == stats and isinstance(entry.get("revision"), str):
+        revision = str(entry["revision"])
+    else:
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(str(path.relative_to(directory)).encode() + b"\0")
+            with path.open("rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+        revision = digest.hexdigest()[:16]
+        updated = {
+            **(remembered if isinstance(remembered, dict) else {}),
+            str(directory): {"files": stats, "revision": revision},
+        }
+        try:
+            known_path.parent.mkdir(parents=True, exist_ok=True)
+            partial = known_path.with_name(f"revisions.{os.getpid()}.partial")
+            partial.write_text(json.dumps(updated))
+            partial.replace(known_path)  # whole or not at all, for another process reading it
+        except OSError as exc:  # a read-only cache: computed again next time
+            log.info("cannot remember the revision in %s: %s", known_path, exc)
+    _revisions[location] = revision
     return revision
 
 

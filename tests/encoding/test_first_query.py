@@ -134,3 +134,23 @@ def test_tokenizer_json_tokenises_as_sentence_transformers_does(packages: list[A
     np.testing.assert_array_equal(tokens.counts(texts), ModelTokens(model).counts(texts))
     wrong_padding = FileTokens(directory / "tokenizer.json", 256, 100, "[UNK]")
     assert not same_as_model(wrong_padding, model, inputs, texts)  # the check can fail
+
+
+def test_a_remembered_revision_is_computed_again_when_a_weight_file_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pgsim.encoding import models
+
+    monkeypatch.setenv("PGSIM_CACHE_DIR", str(tmp_path / "cache"))
+    directory = tmp_path / "model"
+    directory.mkdir()
+    (directory / "config.json").write_text("{}")
+    weights = directory / "model.safetensors"
+    weights.write_bytes(b"first weights")
+    first = models.model_revision(str(directory))
+    assert str(directory) in json.loads((tmp_path / "cache" / "revisions.json").read_text())
+    monkeypatch.setattr(models, "_revisions", {})  # what a new process starts with
+    assert models.model_revision(str(directory)) == first
+    weights.write_bytes(b"the weights of another model")
+    monkeypatch.setattr(models, "_revisions", {})
+    assert models.model_revision(str(directory)) != first

@@ -209,7 +209,26 @@ def _measure(
             "WHERE {col} IS NOT NULL ORDER BY pg_catalog.hashtext(ctid::text) LIMIT {limit}"
         ).format(col=col, table=qualified, percent=sql.Literal(percent), limit=sql.Literal(MAX_QUERIES))
     ).fetchall()
-    conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [str(EF_SEARCH)])  # until the transaction ends
+    # set for this transaction (a caller's, when calibrate_relevance runs inside one: put back after; an
+    # error rolls the savepoint back, and the setting with it)
+    row = conn.execute(
+        "SELECT current_setting('hnsw.ef_search', true), set_config('hnsw.ef_search', %s, true)", [str(EF_SEARCH)]
+    ).fetchone()
+    margins = _margins(conn, qualified, col, type_name, [text for (text,) in sampled], deadline, progress)
+    if row is not None and row[0] is not None:
+        conn.execute("SELECT set_config('hnsw.ef_search', %s, true)", [row[0]])
+    return margins
+
+
+def _margins(
+    conn: psycopg.Connection[Any],
+    qualified: sql.Composable,
+    col: sql.Identifier,
+    type_name: str,
+    sampled: list[str],
+    deadline: float,
+    progress: Progress | None,
+) -> dict[int, list[float]]:
     deepest = max(REFERENCES)
     schema = sql.Identifier(vector_schema(conn))
     distance = sql.SQL("{col} OPERATOR({schema}.<=>) %(q)s::{schema}.{type}").format(
@@ -219,7 +238,7 @@ def _measure(
         d=distance, table=qualified, col=col, limit=sql.Literal(deepest + 50)
     )
     margins: dict[int, list[float]] = {r: [] for r in REFERENCES}
-    for done, (text,) in enumerate(sampled, start=1):
+    for done, text in enumerate(sampled, start=1):
         if time.perf_counter() > deadline:
             break
         distances = np.array([d for (d,) in conn.execute(statement, {"q": text}, prepare=False)], dtype=np.float64)

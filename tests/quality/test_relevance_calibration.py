@@ -234,3 +234,28 @@ def test_a_stale_calibration_after_a_bulk_delete_is_ignored(
     assert [h.row["id"] for h in relevant_search(conn, "cal", "embedding", query)] == [int(i) for i in expected]
     assert [row[0] for row in conn.execute(RELEVANT, [Text(query)])] == expected
     assert set(stored(conn)) == {"relevance", "hybrid"}  # kept, not trusted
+
+
+def test_bad_input_is_refused_and_a_callers_transaction_keeps_its_settings(
+    conn: psycopg.Connection[Any], table: tuple[list[str], np.ndarray[Any, Any]]
+) -> None:
+    for name, column, seconds, message in (
+        ("cal", "embedding", 0, "time budget"),
+        ("cal", "body", 20, "not a pgvector"),
+        ("cal", "nothing", 20, "no column"),
+        ("no_such_table", "embedding", 20, "does not exist"),
+    ):
+        with pytest.raises(InvalidInput, match=message):
+            calibrate_relevance(conn, name, column, seconds=seconds)
+    result = calibrate_relevance(conn, "cal", "embedding", seconds=1e-6)  # the budget ends before any row
+    assert not result.stored and "fewer than" in result.reason and stored(conn) == {}
+    conn.execute("UPDATE cal SET embedding = NULL WHERE id >= 300")  # 300 rows with an embedding: too few
+    assert "300 rows have an embedding" in calibrate_relevance(conn, "cal", "embedding").reason
+    conn.execute("UPDATE cal SET embedding = NULL")
+    assert not calibrate_relevance(conn, "cal", "embedding").stored
+    with conn.transaction():
+        conn.execute("SET LOCAL hnsw.ef_search = 77")
+        load(conn, "cal2", *table)
+        assert calibrate_relevance(conn, "cal2", "embedding").stored
+        assert conn.execute("SHOW hnsw.ef_search").fetchone() == ("77",)
+    assert set(stored(conn, "cal2")) == {"relevance", "hybrid"}

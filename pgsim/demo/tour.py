@@ -19,10 +19,11 @@ from pgsim.columns.adding import add_embedding
 from pgsim.columns.batches import SyncReport
 from pgsim.columns.registry import get_registration
 from pgsim.columns.worker import backfill
-from pgsim.db.calibration import Calibration
+from pgsim.db.calibration import MIN_ROWS, Calibration
 from pgsim.db.hnsw import HNSW
 from pgsim.db.schema import install
 from pgsim.demo.corpus import Package, load_sample
+from pgsim.encoding.backends.auto import say
 from pgsim.encoding.encoder import Encoder, encoder_for
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.knn.filtered import Hit, search
@@ -148,6 +149,8 @@ def run_demo(
         conn.execute("ANALYZE pgsim_demo.packages")
         # the planner follows what was measured on these rows (a drain does it too, once autovacuum has
         # counted the table; the demo should not wait for that)
+        if synced.embedded >= MIN_ROWS:
+            say("measuring the index on the demo's rows, once (pgsim calibrate; usually 5-15 s)")
         calibration = calibrate(conn, TABLE, "embedding", seconds=15)
     results = [run_query(conn, encoder, query) for query in queries]
     return DemoReport(

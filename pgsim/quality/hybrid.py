@@ -10,7 +10,8 @@ bench/quality.py compares these choices with ``ts_rank_cd`` and with ANDed words
 On a table calibrated by :func:`pgsim.quality.relevance_calibration.calibrate_relevance` (a fresh
 ``hybrid`` row in ``pgsim.calibration`` for this ``candidates`` count), the fusion is the calibrated one:
 the text list puts the rows that match every word (AND, ranked by the AND query's ``ts_rank``) before
-those that match some (OR); when 1 to ``and_rows`` rows match every word, they weigh ``and_weight``; when
+those that match some (OR); when 1 to ``and_rows`` rows match every word (``long_rows`` for a query of
+``long_words`` distinct words or more), they weigh ``and_weight``; when
 some row matches every word and the vector list's best row's relevance is below the table's ``gate``, the
 vector list weighs ``weak_vector``, else 1; and
 ``rrf_k`` is the calibrated one unless the caller gives one. Without a fresh calibration nothing changes.
@@ -130,13 +131,15 @@ def _fusion_params(fusion: Fusion | None, rrf_k: int | None) -> dict[str, Any]:
     """The statement's fusion parameters: the calibrated fusion, or plain RRF (OR, equal weights)."""
     if fusion is None:
         return {"rrf_k": DEFAULT_RRF_K if rrf_k is None else rrf_k, "and_first": False, "gate": None,
-                "weak": 1.0, "and_rows": 0, "and_weight": 1.0}  # fmt: skip
+                "weak": 1.0, "and_rows": 0, "and_weight": 1.0, "long_words": 0, "long_rows": 0}  # fmt: skip
     return {
         "rrf_k": fusion.rrf_k if rrf_k is None else rrf_k,
         "and_first": True,
         "gate": fusion.gate,
         "weak": fusion.weak_vector,
         "and_rows": fusion.and_rows,
+        "long_words": fusion.long_words,
+        "long_rows": fusion.long_rows,
         "and_weight": fusion.and_weight,
     }
 
@@ -179,7 +182,9 @@ def _fused(
         "  ORDER BY 2 DESC, 3 DESC, {table}.ctid LIMIT %(n)s), "
         "_pgsim_text AS (SELECT _pgsim_row, row_number() OVER (ORDER BY _pgsim_every DESC, _pgsim_text_score DESC, "
         "  _pgsim_row) AS _pgsim_rank, CASE WHEN _pgsim_every AND count(*) FILTER (WHERE _pgsim_every) OVER () "
-        "  <= %(and_rows)s THEN %(and_weight)s::double precision ELSE 1.0 END AS _pgsim_weight FROM _pgsim_matches), "
+        "  <= CASE WHEN length(to_tsvector(%(config)s::regconfig, %(text)s)) >= %(long_words)s "
+        "  THEN greatest(%(and_rows)s, %(long_rows)s) ELSE %(and_rows)s END "
+        "  THEN %(and_weight)s::double precision ELSE 1.0 END AS _pgsim_weight FROM _pgsim_matches), "
         "_pgsim_weight AS (SELECT CASE WHEN %(gate)s::double precision IS NULL OR l._pgsim_best >= %(gate)s "
         "  OR NOT EXISTS (SELECT FROM _pgsim_matches WHERE _pgsim_every) THEN 1.0 "
         "  ELSE %(weak)s::double precision END AS _pgsim_weight FROM _pgsim_floor AS l), "

@@ -11,15 +11,16 @@ whose answer is not in the table scores here. The calibrated threshold is a fixe
 
 Hybrid search uses that same quantile as its gate on the vector list: when some row matches every word of
 the query, a vector list whose best row does not pass the gate counts for less (``WEAK_VECTOR``) in the
-fusion (the words, not the meaning, then pick the row). The full-text list of a calibrated table
-puts the rows that match every word of the query (AND, ranked by ``ts_rank`` of the AND query) before
-those that match some (OR), and when only a few rows (``AND_ROWS``) match every word, those weigh
-``AND_WEIGHT`` in the fusion, with ``rrf_k`` ``FUSED_RRF_K``. bench/quality.py tunes these constants and
-measures the result on the Debian descriptions and on Debian's man pages.
+fusion (the words, not the meaning, then pick the row). The full-text list of a calibrated table puts the
+rows that match every word of the query (AND, ranked by ``ts_rank`` of the AND query) before those that
+match some (OR); when only a few rows match every word (``AND_ROWS``, or ``LONG_ROWS`` for a query of at
+least ``LONG_WORDS`` distinct words), those weigh ``AND_WEIGHT``; ``rrf_k`` is ``FUSED_RRF_K``.
+bench/quality.py tunes these constants and measures the result on Debian's package descriptions and
+synopses and on Debian's man pages.
 
 Everything is measured first and written in one statement at the end, so an interrupted calibration
 leaves the previous rows, or none, never half of a new one. A calibration is trusted while the table has
-changed by at most a fifth of its rows (as pgsim.knn_calibration judges the 'knn' kind).
+changed by at most a fifth of its rows, by its row count or by the rows inserted and deleted since.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ NULL_QUANTILE = 0.6  # tuned by bench/quality.py for the precision the default m
 TWIN_DISTANCE = 1e-4  # a row this near to the sampled one is a copy of it, left out with it
 FUSED_RRF_K = 10
 AND_ROWS = 3
+LONG_WORDS = 7  # a conjunction of this many words that few rows satisfy is a quotation
+LONG_ROWS = 10
 AND_WEIGHT = 3.0
 WEAK_VECTOR = 0.3
 EF_SEARCH = 200
@@ -76,6 +79,8 @@ class Fusion:
     and_rows: int = AND_ROWS
     and_weight: float = AND_WEIGHT
     weak_vector: float = WEAK_VECTOR
+    long_words: int = LONG_WORDS
+    long_rows: int = LONG_ROWS
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,8 @@ class Calibrated:
             int(self.fusion.get("and_rows", AND_ROWS)),
             float(self.fusion.get("and_weight", AND_WEIGHT)),
             float(self.fusion.get("weak_vector", WEAK_VECTOR)),
+            int(self.fusion.get("long_words", LONG_WORDS)),
+            int(self.fusion.get("long_rows", 0)),  # a row stored without it: no such rule, as in SQL
         )
 
 
@@ -264,6 +271,8 @@ def _store(
         "gate": scores,
         "rrf_k": FUSED_RRF_K,
         "and_rows": AND_ROWS,
+        "long_words": LONG_WORDS,
+        "long_rows": LONG_ROWS,
         "and_weight": AND_WEIGHT,
         "weak_vector": WEAK_VECTOR,
         "text": "and-then-or",

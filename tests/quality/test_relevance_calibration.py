@@ -140,7 +140,7 @@ def test_hybrid_search_fuses_as_calibrated_in_python_and_in_sql(
     assert [(h.row["id"], pytest.approx(h.score, abs=1e-9), h.vector_rank, h.text_rank) for h in hits] == in_sql
     assert [h.score for h in hits] != [h.score for h in before]
 
-    assert chosen in every and len(every) <= fusion.and_rows
+    assert chosen in every and len(every) <= fusion.and_rows  # a short query: the few rows' rule
     similar = table[1] @ encoder.encode_query(query)
     nearest = np.sort(similar)[::-1][:50]
     vector_weight = 1.0 if nearest[0] - nearest[-1] >= fusion.gate or not every else fusion.weak_vector

@@ -7,11 +7,12 @@
 --     document length over text_column (a tsvector column, by default the table's only one; a GIN index serves
 --     it), that pass the same filter.
 -- On a table calibrated by pgsim.quality.relevance_calibration (a fresh 'hybrid' row in pgsim.calibration with
--- a gate for this candidates count; fresh: the table changed by at most a fifth of its rows since, as
--- pgsim.knn_calibration judges), the fusion is the calibrated one: the text list puts the rows that match every
--- word (AND, ranked by the AND query's ts_rank) before those that match some; when 1 to and_rows rows match
--- every word they weigh and_weight; when some row matches every word and the vector list's best row's
--- relevance is below the gate, the vector list weighs weak_vector; rrf_k NULL (the default) is the calibrated one, else 60. Without one, plain RRF as above.
+-- a gate for this candidates count; fresh: the table changed by at most a fifth of its rows since), the fusion
+-- is the calibrated one: the text list puts the rows that match every word (AND, ranked by the AND query's
+-- ts_rank) before those that match some; when 1 to and_rows rows match every word (long_rows for a query of
+-- long_words distinct words or more) they weigh and_weight; when some row matches every word and the vector
+-- list's best row's relevance is below the gate, the vector list weighs weak_vector; rrf_k NULL (the default)
+-- is the calibrated one, else 60. Without one, plain RRF as above.
 -- Each row comes with its relevance: its similarity minus the similarity of the vector list's last row (the
 -- score of pgsim.relevant_search with reference = candidates); with min_score, only rows that reach it, before
 -- the k best are taken. Rows are (row jsonb without col, score, distance, vector_rank, text_rank, relevance);
@@ -50,6 +51,7 @@ DECLARE
     every_word tsquery;
     fusion jsonb;
     fused_k integer := rrf_k;
+    boost_rows integer;
     column_type text := (SELECT a.atttypid::regtype::text FROM pg_attribute a
                          WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped);
     vector_schema text := (SELECT quote_ident(n.nspname) FROM pg_extension e
@@ -115,6 +117,9 @@ BEGIN
       AND (s.relid IS NULL OR c.changes_measured IS NULL OR s.n_tup_ins + s.n_tup_del < c.changes_measured
            OR s.n_tup_ins + s.n_tup_del - c.changes_measured <= 0.2 * greatest(c.rows_measured, 1));
     fused_k := coalesce(rrf_k, (fusion ->> 'rrf_k')::integer, 60);
+    boost_rows := coalesce(CASE WHEN length(to_tsvector(config, query_text)) >= (fusion ->> 'long_words')::integer
+                                THEN greatest((fusion ->> 'and_rows')::integer, (fusion ->> 'long_rows')::integer)
+                                ELSE (fusion ->> 'and_rows')::integer END, 0);
     -- Rows are matched across the lists by their jsonb (pgsim.knn returns no other identity), numbered among
     -- equal ones so that identical rows stay as many rows.
     RETURN QUERY EXECUTE format(
@@ -146,7 +151,7 @@ BEGIN
         col, vector_schema, column_type, tsv, tbl, coalesce(nullif(filter, ''), 'true'))
     USING tbl, col, query, candidates, filter, exact_below_rows, hnsw_ef_search, min_hnsw_selectivity, words,
           fused_k, min_score, k, fusion IS NOT NULL, every_word, (fusion -> 'gate' ->> candidates::text)::double precision,
-          coalesce((fusion ->> 'weak_vector')::double precision, 1.0), coalesce((fusion ->> 'and_rows')::integer, 0),
+          coalesce((fusion ->> 'weak_vector')::double precision, 1.0), boost_rows,
           coalesce((fusion ->> 'and_weight')::double precision, 1.0);
 END
 $$;

@@ -71,7 +71,7 @@ def torch_vectors(texts: list[str], kind: str = "document") -> np.ndarray:
 
 
 def test_importing_pgsim_imports_no_torch() -> None:
-    code = f"import sys, pgsim, pgsim.encoding.encoder; print([m for m in {HEAVY!r} if m in sys.modules])"
+    code = f"import sys, pgsim, pgsim.cli.main; print([m for m in {HEAVY!r} if m in sys.modules])"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"

@@ -139,6 +139,10 @@ def test_hybrid_search_fuses_as_calibrated_in_python_and_in_sql(
     in_sql = conn.execute(HYBRID, [Text(query), query]).fetchall()
     assert [(h.row["id"], pytest.approx(h.score, abs=1e-9), h.vector_rank, h.text_rank) for h in hits] == in_sql
     assert [h.score for h in hits] != [h.score for h in before]
+    for long_query in (table[0][400 + chosen], " ".join(table[0][chosen : chosen + 6])):  # 7+ distinct words
+        python = hybrid_search(conn, "cal", "embedding", long_query, columns=["id"])
+        found = conn.execute(HYBRID, [Text(long_query), long_query]).fetchall()
+        assert [(h.row["id"], pytest.approx(h.score, abs=1e-9), h.vector_rank, h.text_rank) for h in python] == found
 
     assert chosen in every and len(every) <= fusion.and_rows  # a short query: the few rows' rule
     similar = table[1] @ encoder.encode_query(query)

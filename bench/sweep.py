@@ -5,7 +5,7 @@
 Corpus "descriptions": the Debian packages of bench/filtered.py (long descriptions, ~63k rows), filtered
 on a column of uniform random numbers (``r < s``, a btree on it): no correlation with the text.
 Corpus "synopses": the same packages' one-line synopses (short texts, another table and index), filtered on
-``installed_size`` below its s-quantile (a real, heavy-tailed value that goes with the kind of package,
+``installed_size`` up to its s-quantile (a real, heavy-tailed value that goes with the kind of package,
 so the filter is correlated with the text). Queries: held-out packages' synopses (none is in a table).
 
 Modes, same queries, same run, interleaved: the exact scan (the truth), pgvector's iterative scan set by
@@ -92,7 +92,7 @@ def quantile_filter(conn: psycopg.Connection[Any], table: str) -> Callable[[floa
             ),
             [selectivity],
         ).fetchone()  # type: ignore[misc]
-        return f"installed_size < {int(bound)}"
+        return f"installed_size <= {int(bound)}"  # < would leave out the ties at the bound
 
     return condition
 

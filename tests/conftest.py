@@ -19,13 +19,14 @@ pytest_plugins = ["fixtures.database", "fixtures.model", "fixtures.pgbouncer", "
 # handed out last is the suite's tail while the other worker idles. Handing out these first, then the
 # rest as pytest-xdist would (most tests first), lets the short files fill in at the end.
 LONGEST_FILES = (
-    "encoding/test_backends.py",
-    "docs/test_examples.py",
     "encoding/test_auto_measure.py",
+    "encoding/test_backends.py",
     "cli/test_commands.py",
+    "docs/test_examples.py",
     "columns/test_worker.py",
-    "quality/test_quality.py",
+    "sqlalchemy/test_orm.py",
     "knn/test_filtered.py",
+    "encoding/test_first_query.py",
 )
 
 

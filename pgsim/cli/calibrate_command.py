@@ -35,7 +35,7 @@ def add_calibrate_command(add_command: Callable[..., Any]) -> None:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from pgsim.quality.index_calibration import calibrate
+    from pgsim.quality.index_calibration import calibrate, relevance_of
 
     print(
         f"calibrating {args.table}.{args.column} for up to {args.seconds:g} s (Ctrl-C stores nothing)", file=sys.stderr
@@ -50,7 +50,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             queries=args.queries,
             filters=args.filters,
             progress=lambda fraction: bar.update(round(fraction * 100) - bar.n),
+            relevance=False,
         )
+        relevance = relevance_of(conn, args.table, args.column, args.seconds)
+    if relevance.stored:
+        scores = ", ".join(f"{score:.3f} over the {reference}th" for reference, score in relevance.min_scores)
+        print(f"relevance threshold (relevant_search's min_score by reference row): {scores}"
+              + ("; hybrid fusion calibrated" if relevance.hybrid else ""))  # fmt: skip
+    else:
+        print(f"relevance: nothing stored: {relevance.reason}")
     if not result.stored:
         print(f"nothing stored: {result.reason}")
         return 0

@@ -42,7 +42,7 @@ def table_oid(conn: psycopg.Connection[Any], table: str | int) -> int:
     quoted = table_identifier(table).as_string(conn)  # 'schema.table' or 'table', each part quoted
     found = conn.execute("SELECT pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid", [quoted]).fetchone()
     if not found or found[0] is None:
-        raise InvalidInput(f"No table {table!r} here.")
+        raise InvalidInput(f"Table {table!r} does not exist (or is not on the search_path).")
     return int(found[0])
 
 

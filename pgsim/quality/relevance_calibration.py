@@ -35,7 +35,9 @@ import numpy as np
 import psycopg
 from psycopg import sql
 
-from pgsim.db.catalog import resolve_table, vector_schema
+from pgsim.db.calibration import pinned
+from pgsim.db.calibration_inputs import table_oid
+from pgsim.db.catalog import vector_schema
 from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput
 from pgsim.quality.connections import psycopg_connection
@@ -150,26 +152,30 @@ def calibrate_relevance(
     conn = psycopg_connection(conn)
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 3600:
         raise InvalidInput(f"The time budget must be more than 0 and at most 3600 seconds; got {seconds!r}.")
-    with conn.transaction():  # one snapshot; the rows are written at the end, or not at all
-        return _calibrate(conn, table, column, float(seconds), progress)
+    oid = table_oid(conn, table)  # the one name resolved on the caller's path; all else by OID, pinned
+    with conn.transaction(), pinned(conn):  # the rows are written at the end, or not at all
+        return _calibrate(conn, oid, table, column, float(seconds), progress)
 
 
 def _calibrate(
-    conn: psycopg.Connection[Any], table: str, column: str, seconds: float, progress: Progress | None
+    conn: psycopg.Connection[Any], oid: int, table: str, column: str, seconds: float, progress: Progress | None
 ) -> RelevanceCalibration:
     started = time.perf_counter()
-    found = resolve_table(conn, table)
     row = conn.execute(
-        "SELECT a.attnum, a.atttypid::regtype::text, pg_catalog.pg_has_role(CURRENT_USER, c.relowner, 'USAGE'), "
+        "SELECT a.attnum, t.typname::text, pg_catalog.pg_has_role(CURRENT_USER, c.relowner, 'USAGE'), "
         "EXISTS (SELECT FROM pg_catalog.pg_attribute x WHERE x.attrelid = c.oid AND x.attnum > 0 "
-        "        AND NOT x.attisdropped AND x.atttypid = 'tsvector'::regtype) "
-        "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attname = %s "
-        "AND a.attnum > 0 AND NOT a.attisdropped WHERE c.oid = %s",
-        [column, found.oid],
+        "        AND NOT x.attisdropped AND x.atttypid = 'pg_catalog.tsvector'::pg_catalog.regtype), "
+        "pg_catalog.format('%%I.%%I', n.nspname, c.relname), c.relowner = r.oid OR NOT (r.rolsuper OR r.rolbypassrls) "
+        "FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "JOIN pg_catalog.pg_roles r ON r.rolname = CURRENT_USER "
+        "JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attname = %s::pg_catalog.name "
+        "AND a.attnum > 0 AND NOT a.attisdropped JOIN pg_catalog.pg_type t ON t.oid = a.atttypid "
+        "WHERE c.oid = %s::pg_catalog.oid",
+        [column, oid],
     ).fetchone()
     if row is None:
         raise InvalidInput(f"Table {table!r} has no column {column!r}.")
-    attnum, type_name, owns, has_text = row
+    attnum, type_name, owns, has_text, name, own_code = row
     if type_name not in ("vector", "halfvec"):
         raise InvalidInput(f"Column {table}.{column} is not a pgvector vector or halfvec column.")
     if not owns:
@@ -177,7 +183,12 @@ def _calibrate(
             f"Only the owner of {table} (or a member of its owning role) may calibrate it: every role's searches "
             "trust what is measured."
         )
-    qualified, col = found.identifier, sql.Identifier(column)
+    if not own_code:
+        raise InvalidInput(
+            f"A superuser or BYPASSRLS session does not calibrate {table}, owned by another role, whose code it "
+            "would run: SET ROLE to its owner first."
+        )
+    qualified, col = sql.SQL(name), sql.Identifier(column)  # format('%I.%I'): quoted already
     counted = conn.execute(sql.SQL("SELECT count(*), count({}) FROM {}").format(col, qualified)).fetchone()
     assert counted is not None
     table_rows, rows = int(counted[0]), int(counted[1])
@@ -195,7 +206,7 @@ def _calibrate(
     if measured < MIN_QUERIES:
         return result(margins, False, f"{measured} sampled rows measured in {seconds} s, fewer than {MIN_QUERIES}")
     calibration = result(margins, True)
-    _store(conn, found.oid, attnum, calibration, table_rows)
+    _store(conn, oid, attnum, calibration, table_rows)
     return calibration
 
 
@@ -238,17 +249,18 @@ def _margins(
 ) -> dict[int, list[float]]:
     deepest = max(REFERENCES)
     schema = sql.Identifier(vector_schema(conn))
-    distance = sql.SQL("{col} OPERATOR({schema}.<=>) %(q)s::{schema}.{type}").format(
-        col=col, schema=schema, type=sql.Identifier(type_name)
-    )
-    statement = sql.SQL("SELECT ({d}) + 0 FROM {table} WHERE {col} IS NOT NULL ORDER BY {d} LIMIT {limit}").format(
-        d=distance, table=qualified, col=col, limit=sql.Literal(deepest + 50)
+    statement = sql.SQL(
+        "SELECT ({col} OPERATOR({schema}.<=>) {q}::{schema}.{type}) + 0 FROM {table} WHERE {col} IS NOT NULL "
+        "ORDER BY {col} OPERATOR({schema}.<=>) {q}::{schema}.{type} LIMIT {limit}"
     )
     margins: dict[int, list[float]] = {r: [] for r in REFERENCES}
     for done, text in enumerate(sampled, start=1):
         if time.perf_counter() > deadline:
             break
-        distances = np.array([d for (d,) in conn.execute(statement, {"q": text}, prepare=False)], dtype=np.float64)
+        # the query as a literal and no parameters: a name's % is no placeholder
+        query = statement.format(col=col, schema=schema, q=sql.Literal(text), type=sql.Identifier(type_name),
+                                 table=qualified, limit=sql.Literal(deepest + 50))  # fmt: skip
+        distances = np.array([d for (d,) in conn.execute(query, prepare=False)], dtype=np.float64)
         others = 1.0 - distances[distances > TWIN_DISTANCE]  # similarities; the row and its copies left out
         if len(others) >= deepest:
             for reference in REFERENCES:

@@ -53,6 +53,8 @@ def calibrated(database: str) -> Iterator[str]:
         fill(conn, "items", ROWS)
         result = calibrate(conn, "items", "embedding", seconds=60, queries=10)
         assert result.stored, result.reason
+        kinds = conn.execute("SELECT kind FROM pgsim.calibration WHERE table_oid = 'items'::regclass ORDER BY 1")
+        assert kinds.fetchall() == [("knn",), ("relevance",)]  # no tsvector column: no hybrid fusion
     yield database
 
 
@@ -207,7 +209,7 @@ def test_an_interrupted_calibration_leaves_the_previous_curve(conn: psycopg.Conn
     fill(conn, "interrupted", 3000, seed=4)
     calibrate(conn, "interrupted", "embedding", seconds=30, queries=5)
     before = conn.execute(
-        "SELECT measured, measured_at FROM pgsim.calibration WHERE table_oid = 'interrupted'::regclass"
+        "SELECT measured, measured_at FROM pgsim.calibration WHERE table_oid = 'interrupted'::regclass AND kind = 'knn'"
     ).fetchall()
 
     def stop(fraction: float) -> None:
@@ -216,7 +218,7 @@ def test_an_interrupted_calibration_leaves_the_previous_curve(conn: psycopg.Conn
     with pytest.raises(KeyboardInterrupt):
         calibrate(conn, "interrupted", "embedding", seconds=30, queries=6, progress=stop)
     after = conn.execute(
-        "SELECT measured, measured_at FROM pgsim.calibration WHERE table_oid = 'interrupted'::regclass"
+        "SELECT measured, measured_at FROM pgsim.calibration WHERE table_oid = 'interrupted'::regclass AND kind = 'knn'"
     ).fetchall()
     assert after == before and len(after) == 1
     assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
@@ -304,6 +306,7 @@ def test_the_command_line_calibrates_and_prints_the_curve(
     assert curve is not None
     assert "100.0%" in out.out and f"ef {curve['ef_search'][0]}" in out.out
     assert "calibrating from_the_shell.embedding" in out.err
+    assert "relevance threshold (relevant_search's min_score by reference row): " in out.out
     assert main(["calibrate", "from_the_shell", "embedding", "--seconds", "0", "--dsn", calibrated]) == 2
     assert "time budget" in capsys.readouterr().err
 

@@ -138,7 +138,7 @@ def test_a_workload_filter_is_one_condition_never_a_statement_list(conn: psycopg
 def test_calibrating_leaves_the_callers_transaction_and_path_as_they_were(planted: str) -> None:
     with psycopg.connect(planted, autocommit=True) as other:
         other.execute("DELETE FROM pgsim.calibration WHERE table_oid = 'measured'::regclass")
-    count = "SELECT count(*) FROM pgsim.calibration WHERE table_oid = 'measured'::regclass"
+    count = "SELECT count(*) FROM pgsim.calibration WHERE table_oid = 'measured'::regclass AND kind = 'knn'"
     with psycopg.connect(planted) as conn:  # not autocommit: the caller's own transaction
         conn.execute('SET search_path = "$user", public')
         conn.execute("SELECT 1")

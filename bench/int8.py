@@ -37,8 +37,7 @@ from encode import agreement, top10  # noqa: E402
 
 from pgsim.cli.common import format_table  # noqa: E402
 from pgsim.encoding.backends.base import cache_dir
-from pgsim.encoding.backends.exported import onnx_session
-from pgsim.encoding.backends.onnx import OnnxBackend
+from pgsim.encoding.backends.onnx import OnnxBackend, onnx_session
 from pgsim.encoding.backends.torch import TorchBackend
 from pgsim.encoding.encoder import Encoder
 from pgsim.encoding.models import load_model, model_revision
@@ -62,7 +61,7 @@ def main() -> None:
     reference = np.stack(Encoder(backend="torch", warn_truncation=False).encode(texts))  # type: ignore[arg-type]
     truth = top10(reference[: args.queries], reference)
 
-    onnx = OnnxBackend(model, "all-MiniLM-L6-v2", model_revision("all-MiniLM-L6-v2"))
+    onnx = OnnxBackend.for_model(model, "all-MiniLM-L6-v2", model_revision("all-MiniLM-L6-v2"))
     (exported,) = cache_dir().glob("onnx/all-MiniLM-L6-v2-*/model.onnx")
     import onnx as onnx_package
 

@@ -120,7 +120,7 @@ def calibrate_index(
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= 1000:
         raise InvalidInput(f"k must be a whole number from 1 to 1000; got {k!r}.")
     oid = table_oid(conn, table)  # the one name resolved on the caller's path; all else by OID, pinned
-    with pinned(conn):
+    with conn.transaction(), pinned(conn):
         target = calibration_target(conn, oid, column)
     if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
         # its own short transaction: ANALYZE's lock would otherwise last the whole measurement

@@ -162,15 +162,49 @@ def _has_triggers(conn: psycopg.Connection[Any], registration: Registration) -> 
 
 
 def remove_registration(conn: psycopg.Connection[Any], registration: Registration, *, drop_column: bool) -> None:
-    """pgsim.unregister_embedding, with a clear error when other objects depend on the column."""
+    """pgsim.unregister_embedding (and the chunk table of a chunked registration), with a clear error when
+    other objects depend on the column."""
     try:
         with conn.transaction():
+            chunks = chunk_table(conn, registration)
+            if chunks is not None:  # its row in pgsim.chunking goes with the registration's
+                conn.execute(sql.SQL("DROP TABLE {}").format(chunks.table_sql))
             conn.execute("SELECT pgsim.unregister_embedding(%s, %s)", [registration.id, drop_column])
     except psycopg.errors.DependentObjectsStillExist as exc:
         raise InvalidInput(
             f"Cannot drop {registration.table}.{registration.column}: {exc.diag.message_detail or exc}. "
             "Drop or change those objects first (nothing was removed)."
         ) from None
+
+
+@dataclass(frozen=True)
+class ChunkTable:
+    """Where a chunked registration keeps its chunk vectors (a row of ``pgsim.chunking``, see pgsim.chunks)."""
+
+    schema: str
+    name: str
+    tokens: int
+    overlap: int
+    oid: int = 0  # the chunk table's
+
+    @property
+    def table_sql(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+
+def chunk_table(conn: psycopg.Connection[Any], registration: Registration) -> ChunkTable | None:
+    """The chunk table of ``registration``, or None when it is not chunked (or pgsim.chunking is not installed).
+    Its names come from the catalog by the recorded OID."""
+    installed = conn.execute("SELECT pg_catalog.to_regclass('pgsim.chunking') IS NOT NULL").fetchone()
+    if not (installed and installed[0]):
+        return None
+    row = conn.execute(
+        "SELECT n.nspname, c.relname, k.tokens, k.overlap, c.oid FROM pgsim.chunking k "
+        "JOIN pg_catalog.pg_class c ON c.oid = k.chunk_table JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE k.embedding_id = %s AND k.table_oid = %s",
+        [registration.id, registration.table_oid],
+    ).fetchone()
+    return ChunkTable(row[0], row[1], row[2], row[3], int(row[4])) if row else None
 
 
 def forget_dropped(conn: psycopg.Connection[Any]) -> list[int]:

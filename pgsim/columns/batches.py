@@ -7,17 +7,18 @@ an attempt, wait, and end in ``pgsim.dead_letter``.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import time
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, Protocol, cast
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pgsim.columns.cache import lookup, merged, missing, store
-from pgsim.columns.registry import Registration, key_match
+from pgsim.columns.registry import ChunkTable, Registration, chunk_table, key_match
 from pgsim.db.catalog import pin_search_path, vector_schema
 from pgsim.encoding.encoder import Encoder, encoder_for
 from pgsim.errors import InvalidInput
@@ -91,6 +92,25 @@ SELECT pg_catalog.row_security_active(%(table)s)
 
 
 SAME_TABLE = "SELECT pg_catalog.to_regclass(%s) = %s::pg_catalog.oid AND NOT EXISTS (SELECT FROM {} WHERE false)"
+
+
+# A chunked registration's batch also replaces its documents' chunks (pgsim.chunks.worker_step). The chunks
+# layer builds on this one, so the batch finds that step by name instead of importing it.
+CHUNK_STEP = "pgsim.chunks.worker_step"
+
+
+class ChunkStep(Protocol):
+    def prepare(self, rows: list[tuple[int, Any, str | None]]) -> None: ...
+    def encode(self) -> float: ...
+    def write(self, done: set[int]) -> None: ...
+
+
+def chunk_step(conn: psycopg.Connection[Any], registration: Registration, encoder: Encoder) -> ChunkStep | None:
+    """The chunk step of a batch of ``registration``, or None when its documents are not chunked."""
+    table: ChunkTable | None = chunk_table(conn, registration)
+    if table is None:
+        return None
+    return cast(ChunkStep, importlib.import_module(CHUNK_STEP).ChunkStep(conn, registration, table, encoder))
 
 
 class TableMoved(Exception):
@@ -227,6 +247,8 @@ def encode_and_write(
     """Encode the claimed rows' current text and write it where the text is unchanged. Returns the ids of the
     entries that are done (written, emptied, or whose row is gone) and of those whose row the current role
     may not see (row-level security): those are not dropped as gone."""
+    # looked up first, so that the read below stays the batch's last statement while it encodes
+    chunks = chunk_step(conn, registration, encoder)
     rows = conn.execute(
         sql.SQL(
             "SELECT _pgsim_q._pgsim_id, _pgsim_q._pgsim_key, s.found, s.source, md5(s.source) "
@@ -245,10 +267,14 @@ def encode_and_write(
     texts = [row[3] for row in present]
     found = lookup(conn, encoder, texts) if cache else {}
     to_encode = missing(texts, found)
+    if chunks is not None:
+        chunks.prepare([(row[0], row[1], row[3]) for row in present])
     with encoding:  # with two lanes, one forward pass at a time: the model's threads are the machine's cores
         started = time.perf_counter()
         encoded = encoder.encode(to_encode)
         report.encode_seconds += time.perf_counter() - started
+        if chunks is not None:
+            report.encode_seconds += chunks.encode()
     if cache:
         store(conn, encoder, to_encode, encoded)
         report.cached += sum(1 for text in texts if text in found)
@@ -277,8 +303,10 @@ def encode_and_write(
             ),
             prepare=False,
         ).fetchall()
-    report.write_seconds += time.perf_counter() - started
     done = {entry_id for (entry_id,) in written}
+    if chunks is not None:  # the rows just written, whose text is the one chunked: not one changed meanwhile
+        chunks.write(done)
+    report.write_seconds += time.perf_counter() - started
     emptied = sum(1 for row, vector in zip(present, vectors, strict=True) if vector is None and row[0] in done)
     report.embedded += len(done) - emptied
     report.emptied += emptied

@@ -23,8 +23,8 @@ from typing import Any, Literal
 import psycopg
 from psycopg import sql
 
-from pgsim.columns.registry import Registration, registrations
-from pgsim.db.catalog import require_schema, resolve_table
+from pgsim.columns.registry import Registration, chunk_table, registrations
+from pgsim.db.catalog import has_schema_table, require_schema, resolve_table
 from pgsim.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -34,10 +34,18 @@ KINDS: tuple[Kind, ...] = ("search", "worker", "register")
 
 _READ = "SELECT"
 _WRITE = "SELECT, INSERT, UPDATE, DELETE"
+_CHUNK_WORKER = "SELECT, INSERT, DELETE"  # a worker replaces a document's chunks: deletes them, inserts the new
 PGSIM_PRIVILEGES: dict[Kind, tuple[tuple[str, str], ...]] = {
-    "search": (("embedding", _READ), ("query_bank", _READ), ("sync_status", _READ), ("calibration", _READ)),
+    "search": (
+        ("embedding", _READ),
+        ("query_bank", _READ),
+        ("sync_status", _READ),
+        ("calibration", _READ),
+        ("chunking", _READ),
+    ),
     "worker": (
         ("embedding", _READ),
+        ("chunking", _READ),
         ("sync_status", _READ),
         ("queue", _WRITE),
         ("dead_letter", _WRITE),
@@ -51,6 +59,7 @@ PGSIM_PRIVILEGES: dict[Kind, tuple[tuple[str, str], ...]] = {
         ("dead_letter", _WRITE),
         ("embedding_cache", "SELECT, INSERT"),
         ("calibration", _WRITE),
+        ("chunking", _WRITE),
     ),
 }
 
@@ -89,7 +98,7 @@ def _apply(
     statements: list[sql.Composed] = []
     owns_pgsim = _owns(conn, "SELECT nspowner FROM pg_catalog.pg_namespace WHERE nspname = 'pgsim'")
     if owns_pgsim:
-        statements += _pgsim_statements(kind, role, revoke)
+        statements += _pgsim_statements(kind, role, revoke, has_schema_table(conn, "chunking"))
     table_statements = _table_statements(conn, kind, role, tables, revoke)
     if not owns_pgsim and not table_statements:
         raise InvalidInput(
@@ -105,12 +114,13 @@ def _apply(
     return texts
 
 
-def _pgsim_statements(kind: Kind, role: str, revoke: bool) -> list[sql.Composed]:
+def _pgsim_statements(kind: Kind, role: str, revoke: bool, chunking_installed: bool) -> list[sql.Composed]:
     grantee = sql.Identifier(role)
     schema = _grant(revoke, sql.SQL("USAGE"), sql.SQL("SCHEMA {}").format(sql.Identifier("pgsim")), grantee)
     objects = [
         _grant(revoke, sql.SQL(privileges), sql.SQL("TABLE {}").format(sql.Identifier("pgsim", name)), grantee)
         for name, privileges in PGSIM_PRIVILEGES[kind]
+        if name != "chunking" or chunking_installed
     ]
     return [*objects, schema] if revoke else [schema, *objects]
 
@@ -125,6 +135,11 @@ def _table_statements(
             found = resolve_table(conn, table)
             _require_owner(conn, found.oid, found.qualified)
             statements.append(_grant(revoke, sql.SQL("SELECT"), sql.SQL("TABLE {}").format(found.identifier), grantee))
+            for registration in registrations(conn):  # the chunks of the table's chunked embeddings too
+                chunks = chunk_table(conn, registration) if registration.table_oid == found.oid else None
+                if chunks is not None:
+                    on = sql.SQL("TABLE {}").format(chunks.table_sql)
+                    statements.append(_grant(revoke, sql.SQL("SELECT"), on, grantee))
         return statements
     if kind == "register" or tables == []:
         return []
@@ -136,6 +151,10 @@ def _table_statements(
             _grant(revoke, sql.SQL("SELECT ({})").format(sql.SQL(", ").join(map(sql.Identifier, read))), on, grantee),
             _grant(revoke, sql.SQL("UPDATE ({})").format(sql.Identifier(registration.column)), on, grantee),
         ]
+        chunks = chunk_table(conn, registration)
+        if chunks is not None:
+            on_chunks = sql.SQL("TABLE {}").format(chunks.table_sql)
+            statements.append(_grant(revoke, sql.SQL(_CHUNK_WORKER), on_chunks, grantee))
         statements += _worker_policies(conn, registration, role, revoke)
     return statements
 

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsim.columns.registry import Registration, forget_dropped, registrations, require_registration
+from pgsim.columns.registry import Registration, chunk_table, forget_dropped, registrations, require_registration
 from pgsim.db.catalog import pin_search_path, resolve_table
 from pgsim.errors import InvalidInput
 
@@ -47,6 +47,9 @@ WHERE pg_catalog.pg_has_role(CURRENT_USER, c.relowner, 'USAGE')
 UNTRUSTED_CODE = """
 WITH RECURSIVE tree(root, relid) AS (
     SELECT t, t FROM pg_catalog.unnest(%(tables)s::pg_catalog.oid[]) AS t
+    UNION  -- the chunk tables the worker writes too (pgsim.chunks), under their documents' table
+    SELECT c.root, c.relid FROM ROWS FROM (pg_catalog.unnest(%(chunk_roots)s::pg_catalog.oid[]),
+                                           pg_catalog.unnest(%(chunk_tables)s::pg_catalog.oid[])) AS c(root, relid)
     UNION
     SELECT tree.root, i.inhrelid FROM tree JOIN pg_catalog.pg_inherits i ON i.inhparent = tree.relid
 ), expressions(root, classid, objid) AS (
@@ -163,6 +166,7 @@ def _refuse_untrusted_code(conn: psycopg.Connection[Any], targets: list[Registra
     if not (super_ or bypass):
         return  # the code runs with no rights its owners lack
     roots, calls = [], []
+    chunked = [(r.table_oid, found.oid) for r in targets if (found := chunk_table(conn, r)) is not None]
     for registration in targets:
         for function in _source_calls(conn, registration):
             roots.append(registration.table_oid)
@@ -170,7 +174,8 @@ def _refuse_untrusted_code(conn: psycopg.Connection[Any], targets: list[Registra
     rows = conn.execute(
         UNTRUSTED_CODE,
         {"tables": [r.table_oid for r in targets], "roots": roots, "source_calls": calls, "super": super_,
-         "bypass": bypass},
+         "bypass": bypass, "chunk_roots": [root for root, _ in chunked],
+         "chunk_tables": [table for _, table in chunked]},
     ).fetchall()  # fmt: skip
     if rows:
         listed = ", ".join(f"{table} ({role})" for table, role in rows)

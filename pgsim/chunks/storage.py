@@ -1,0 +1,208 @@
+"""The chunk table of a chunked registration, and chunking added to or removed from a registration.
+
+The table is made next to the registered table (same schema, same owner) and named ``<table>__<column>_chunks``
+(cut, with a hash of the whole name, to PostgreSQL's 63 bytes): the document's primary key columns (same
+names and types, a foreign key to the document ``ON DELETE CASCADE``, so a deleted document takes its chunks),
+``chunk_no``, the chunk's character span ``span_start``/``span_end`` in the source text, ``digest`` (sha256 of
+the chunk's text, so an unchanged chunk keeps its vector) and ``embedding``, with an HNSW cosine index. Row-level
+security on it shows a role the chunks of the documents it may see, so a tenant's row-level security on the
+document table holds for its chunks too. ``pgsim.chunking`` records it by OID.
+
+Grants follow the document table's: the roles that may read the embedding column get SELECT on the chunk
+table, those that may update it (workers) SELECT, INSERT and DELETE. Later grants: ``pgsim grant``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from pgsim.chunks.settings import Chunks
+from pgsim.chunks.splitting import window
+from pgsim.columns.registry import ChunkTable, Registration, chunk_table, queue_rows, require_registration
+from pgsim.db.catalog import pin_search_path, require_schema, vector_schema
+from pgsim.db.names import MAX_IDENTIFIER_BYTES
+from pgsim.encoding.encoder import encoder_for
+from pgsim.errors import InvalidInput
+
+CHUNK_COLUMNS = ("chunk_no", "span_start", "span_end", "digest", "embedding")
+READERS = "SELECT"
+WORKERS = "SELECT, INSERT, DELETE"
+
+# The roles (0: PUBLIC) granted a privilege on the table or on its column, other than the table's owner.
+GRANTEES = """
+SELECT DISTINCT a.grantee FROM (
+    SELECT (pg_catalog.aclexplode(c.relacl)).* FROM pg_catalog.pg_class c WHERE c.oid = %(table)s
+    UNION ALL
+    SELECT (pg_catalog.aclexplode(t.attacl)).* FROM pg_catalog.pg_attribute t
+    WHERE t.attrelid = %(table)s AND t.attname = %(column)s
+) AS a
+WHERE a.privilege_type = %(privilege)s
+  AND a.grantee <> (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = %(table)s)
+"""
+
+
+def fitted_name(stem: str, suffix: str) -> str:
+    """``<stem>_<suffix>``, or where that is past PostgreSQL's 63 bytes, the stem cut and a hash of the whole
+    name before the suffix, so two long names that share their start still differ."""
+    whole = f"{stem}_{suffix}"
+    if len(whole.encode()) <= MAX_IDENTIFIER_BYTES:
+        return whole
+    tail = f"_{hashlib.sha256(whole.encode()).hexdigest()[:8]}_{suffix}"
+    return stem.encode()[: MAX_IDENTIFIER_BYTES - len(tail.encode())].decode(errors="ignore") + tail
+
+
+def chunk_table_name(table_name: str, column: str) -> str:
+    return fitted_name(f"{table_name}__{column}", "chunks")
+
+
+def add_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks: Chunks) -> ChunkTable:
+    """Chunk the documents of the registered embedding ``table.column``: make its chunk table and queue every
+    row with text, so the workers fill the chunks (the column's own vector, the truncated whole text, stays
+    as it is). Only the table's owner may; in one transaction, every check first."""
+    if not isinstance(chunks, Chunks):
+        raise InvalidInput(f"chunks must be pgsim.chunks.Chunks(tokens=..., overlap=...); got {chunks!r}.")
+    with conn.transaction():
+        registration = require_registration(conn, table, column)  # the name as the caller's search_path reads it
+        pin_search_path(conn)
+        require_schema(conn, "chunking", "chunked embeddings")
+        _require_owner(conn, registration)
+        encoder = encoder_for(registration.model)
+        chunks.check(window(encoder), registration.model)
+        if chunk_table(conn, registration) is not None:
+            raise InvalidInput(
+                f"{registration.table}.{column} is chunked already. Remove its chunks first: "
+                f"pgsim.chunks.remove_chunks(conn, {registration.table!r}, {column!r})"
+            )
+        clash = sorted(set(registration.key_columns) & set(CHUNK_COLUMNS))
+        if clash:
+            raise InvalidInput(
+                f"The primary key of {registration.table} has columns named {', '.join(clash)}, which the chunk "
+                "table uses for itself; chunking needs a key with other column names."
+            )
+        name = chunk_table_name(registration.table_name, column)
+        taken = conn.execute(
+            "SELECT pg_catalog.to_regclass(%s)", [sql.Identifier(registration.schema, name).as_string(conn)]
+        ).fetchone()
+        if taken and taken[0] is not None:
+            raise InvalidInput(
+                f"{registration.schema}.{name} exists already; pgsim makes the chunk table there. Drop or rename it."
+            )
+        made = ChunkTable(registration.schema, name, chunks.tokens, chunks.overlap)
+        _create(conn, registration, made)
+        conn.execute(
+            "INSERT INTO pgsim.chunking (embedding_id, table_oid, tokens, overlap, chunk_table) "
+            "VALUES (%s, %s, %s, %s, pg_catalog.to_regclass(%s))",
+            [registration.id, registration.table_oid, chunks.tokens, chunks.overlap, made.table_sql.as_string(conn)],
+        )
+        for privileges, statement in ((READERS, "SELECT"), (WORKERS, "UPDATE")):
+            grant_to_column_grantees(conn, registration, made, privileges, statement)
+        queue_rows(conn, registration, only_missing=False)
+        recorded = chunk_table(conn, registration)
+    assert recorded is not None
+    return recorded
+
+
+def remove_chunks(conn: psycopg.Connection[Any], table: str, column: str) -> None:
+    """Undo :func:`add_chunks`: the chunk table and its row in pgsim.chunking. The registration stays."""
+    with conn.transaction():
+        registration = require_registration(conn, table, column)
+        pin_search_path(conn)
+        _require_owner(conn, registration)
+        found = chunk_table(conn, registration)
+        if found is None:
+            raise InvalidInput(f"{registration.table}.{column} is not chunked.")
+        conn.execute("DELETE FROM pgsim.chunking WHERE embedding_id = %s", [registration.id])
+        conn.execute(sql.SQL("DROP TABLE {}").format(found.table_sql))
+
+
+def _require_owner(conn: psycopg.Connection[Any], registration: Registration) -> None:
+    row = conn.execute(
+        "SELECT pg_catalog.pg_has_role(CURRENT_USER, c.relowner, 'USAGE') FROM pg_catalog.pg_class c WHERE c.oid = %s",
+        [registration.table_oid],
+    ).fetchone()
+    if not (row and row[0]):
+        raise InvalidInput(f"Only the owner of {registration.table} may change how its documents are chunked.")
+
+
+def _create(conn: psycopg.Connection[Any], registration: Registration, made: ChunkTable) -> None:
+    """The chunk table, owned by the document table's owner, with its index and row-level security."""
+    keys = conn.execute(
+        "SELECT a.attname::text, pg_catalog.format_type(a.atttypid, a.atttypmod) FROM pg_catalog.pg_attribute a "
+        "JOIN unnest(%s::text[]) WITH ORDINALITY AS k(name, position) ON k.name = a.attname "
+        "WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped ORDER BY k.position",
+        [list(registration.key_columns), registration.table_oid],
+    ).fetchall()
+    if len(keys) != len(registration.key_columns):
+        raise InvalidInput(f"The key columns of {registration.table} are not all there any more: re-register it.")
+    key_list = sql.SQL(", ").join(sql.Identifier(name) for name, _ in keys)
+    vector_type = sql.Identifier(vector_schema(conn), registration.dtype)
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE {chunks} ({key_columns}, chunk_no integer NOT NULL, span_start integer NOT NULL, "
+            "span_end integer NOT NULL, digest bytea NOT NULL, embedding {vector}({dimension}) NOT NULL, "
+            "PRIMARY KEY ({keys}, chunk_no), FOREIGN KEY ({keys}) REFERENCES {table} ({keys}) "
+            "ON DELETE CASCADE ON UPDATE CASCADE)"
+        ).format(
+            chunks=made.table_sql,
+            # format_type under the pinned search_path: a type outside pg_catalog comes schema-qualified
+            key_columns=sql.SQL(", ").join(
+                sql.SQL("{} {} NOT NULL").format(sql.Identifier(n), sql.SQL(t)) for n, t in keys
+            ),
+            vector=vector_type,
+            dimension=sql.Literal(registration.dimension),
+            keys=key_list,
+            table=registration.table_sql,
+        )
+    )
+    index = registration.index
+    options = sql.SQL(" WITH (m = {}, ef_construction = {})").format(
+        sql.Literal(index.m), sql.Literal(index.ef_construction)
+    ) if index is not None else sql.SQL("")  # fmt: skip
+    conn.execute(
+        sql.SQL("CREATE INDEX {} ON {} USING hnsw (embedding {}){}").format(
+            sql.Identifier(fitted_name(made.name, "hnsw")),
+            made.table_sql,
+            sql.Identifier(vector_schema(conn), registration.opclass),
+            options,
+        )
+    )
+    # A chunk is visible to whoever may see its document: the document table's row-level security, if any,
+    # holds for the chunks (the owner, as for any table, is not subject to it).
+    match = sql.SQL(" AND ").join(
+        sql.SQL("d.{0} = {1}.{0}").format(sql.Identifier(name), made.table_sql) for name, _ in keys
+    )
+    conn.execute(sql.SQL("ALTER TABLE {} ENABLE ROW LEVEL SECURITY").format(made.table_sql))
+    conn.execute(
+        sql.SQL("CREATE POLICY follow_document ON {} FOR ALL USING (EXISTS (SELECT FROM {} AS d WHERE {}))").format(
+            made.table_sql, registration.table_sql, match
+        )
+    )
+    owner = conn.execute(
+        "SELECT r.rolname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_roles r ON r.oid = c.relowner WHERE c.oid = %s",
+        [registration.table_oid],
+    ).fetchone()
+    assert owner is not None
+    conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(made.table_sql, sql.Identifier(owner[0])))
+
+
+def grant_to_column_grantees(
+    conn: psycopg.Connection[Any], registration: Registration, made: ChunkTable, privileges: str, statement: str
+) -> None:
+    """``privileges`` on the chunk table to every role granted ``statement`` on the embedding column (or on
+    the whole document table)."""
+    grantees = conn.execute(
+        GRANTEES, {"table": registration.table_oid, "column": registration.column, "privilege": statement}
+    ).fetchall()
+    for (grantee,) in grantees:
+        if int(grantee) == 0:
+            role: sql.Composable = sql.SQL("PUBLIC")
+        else:
+            name = conn.execute("SELECT rolname FROM pg_catalog.pg_roles WHERE oid = %s", [grantee]).fetchone()
+            if name is None:
+                continue
+            role = sql.Identifier(name[0])
+        conn.execute(sql.SQL("GRANT {} ON TABLE {} TO {}").format(sql.SQL(privileges), made.table_sql, role))

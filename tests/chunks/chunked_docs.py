@@ -1,0 +1,81 @@
+"""A database shared as in production for the chunk tests: a non-superuser owner installs pgsim and owns the
+table, an application role writes and searches, a worker role keeps it in sync (each through SET ROLE on a
+superuser's connection, see fixtures.roles)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import psycopg
+from fixtures.database import scratch_database
+from fixtures.roles import Roles, acting
+from psycopg import sql
+
+from pgsim.chunks.settings import Chunks
+from pgsim.chunks.storage import add_chunks
+from pgsim.columns.adding import add_embedding
+from pgsim.columns.grants import grant
+from pgsim.columns.worker import SyncReport, sync
+from pgsim.psycopg import register
+
+
+@contextmanager
+def owned_database(server_dsn: str, roles: Roles, label: str) -> Iterator[str]:
+    """A database owned by ``roles.owner`` with pgvector, and pgsim installed by the owner; its superuser DSN."""
+    from pgsim.db.schema import install
+
+    with scratch_database(server_dsn, label, owner=roles.owner) as dsn:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute("CREATE EXTENSION vector")
+            with acting(admin, roles.owner):
+                install(admin)
+        try:
+            yield dsn
+        finally:
+            with psycopg.connect(dsn, autocommit=True) as admin:
+                for role in vars(roles).values():
+                    admin.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
+
+
+def chunked_table(admin: psycopg.Connection[Any], roles: Roles, table: str, chunks: Chunks, *, extra: str = "") -> None:
+    """``table`` (id int primary key, section, body), the owner's, with embedding ``embedding`` of ``body`` chunked
+    by ``chunks``; the worker and the application granted what they need (the app writes rows too)."""
+    with acting(admin, roles.owner):
+        # the chunk table first: a document table dropped leaves it (its registration is forgotten)
+        old_chunks = sql.Identifier(f"{table}__embedding_chunks")
+        admin.execute(sql.SQL("DROP TABLE IF EXISTS {}, {} CASCADE").format(old_chunks, sql.Identifier(table)))
+        admin.execute(
+            sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, section text, body text{})").format(
+                sql.Identifier(table), sql.SQL(extra)
+            )
+        )
+        add_embedding(admin, table, "embedding", source="body")
+        add_chunks(admin, table, "embedding", chunks)
+        grant(admin, "worker", roles.worker, tables=[table])
+        grant(admin, "search", roles.app, tables=[table])
+        admin.execute(
+            sql.SQL("GRANT INSERT, UPDATE, DELETE ON {} TO {}").format(sql.Identifier(table), sql.Identifier(roles.app))
+        )
+
+
+def sync_as_worker(conn: psycopg.Connection[Any], roles: Roles, table: str, **options: Any) -> SyncReport:
+    """The worker role's drain of ``table`` (a superuser's session that SET ROLE: allowed explicitly)."""
+    with acting(conn, roles.worker):
+        return sync(conn, table=table, allow_superuser=True, **options)
+
+
+def chunk_rows(conn: psycopg.Connection[Any], table: str) -> dict[int, list[tuple[int, int, int, bytes, Any]]]:
+    """id -> [(chunk_no, span_start, span_end, digest, vector as numpy)], in chunk order."""
+    register(conn)
+    found: dict[int, list[tuple[int, int, int, bytes, Any]]] = {}
+    rows = conn.execute(
+        sql.SQL("SELECT id, chunk_no, span_start, span_end, digest, embedding FROM {} ORDER BY id, chunk_no").format(
+            sql.Identifier(f"{table}__embedding_chunks")
+        )
+    ).fetchall()
+    for id_, chunk_no, start, end, digest, vector in rows:
+        found.setdefault(id_, []).append((chunk_no, start, end, bytes(digest), np.asarray(vector.to_list())))
+    return found

@@ -1,0 +1,279 @@
+"""Document-level search over a chunked embedding: k distinct documents, ranked by their best chunk.
+
+Two paths, both one statement under a pinned search_path, run with the caller's rights (row-level security on
+the documents, and on their chunks, holds):
+
+- ``hnsw``: the chunk index with pgvector's iterative scan gives the nearest ``fetch`` chunks; they are grouped
+  per document (the nearest chunk of each), joined to the documents that pass ``where``, and the k nearest
+  returned. When fewer than k documents come back and the scan gave all it was asked, ``fetch`` grows
+  (x4) and the statement runs again; when it gave less (every chunk seen, or pgvector's scan limit reached)
+  or ``fetch`` passes :data:`MAX_FETCH`, the exact path runs instead.
+- ``exact``: the documents that pass ``where``, each with its nearest chunk found over all its chunks (the
+  chunk table's primary key serves the look-up), the k nearest of them.
+
+The k-documents contract: when at least k documents pass ``where`` and have chunks, k come back. The exact
+path is taken first when the filter is estimated to keep fewer than ``exact_below_rows`` documents or a
+share below ``min_hnsw_selectivity`` of them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.rows import dict_row
+
+from pgsim.columns.registry import ChunkTable, Registration, chunk_table, require_registration
+from pgsim.db.catalog import pin_search_path, vector_schema
+from pgsim.encoding.encoder import check_vector, encoder_for
+from pgsim.errors import InvalidInput
+from pgsim.psycopg import bindable
+
+MAX_K = 10_000
+MAX_FETCH = 20_000  # chunks one hnsw round may ask for; pgvector's hnsw.max_scan_tuples is raised to match
+PREFIX = "_pgsim_"  # the columns a statement adds beside the document's
+
+
+@dataclass(frozen=True)
+class DocumentHit:
+    """A document, the distance of its nearest chunk, and which chunk that is (its span in the source text)."""
+
+    row: dict[str, Any]
+    distance: float
+    chunk_no: int
+    span: tuple[int, int]
+
+
+def search_documents(
+    conn: psycopg.Connection[Any],
+    table: str,
+    column: str,
+    query: str | Sequence[float] | Any,
+    *,
+    k: int = 10,
+    where: sql.Composable | None = None,
+    columns: Sequence[str] | None = None,
+    ef_search: int = 100,
+    exact_below_rows: float = 1000,
+    min_hnsw_selectivity: float = 0.05,
+) -> list[DocumentHit]:
+    """The k documents of ``table`` whose chunks of the chunked embedding ``column`` come nearest to ``query``
+    (text, encoded with the column's model, or a vector), among those that pass ``where`` (a
+    ``psycopg.sql.Composable`` condition over the table's columns, read with search_path pg_catalog, pg_temp:
+    qualify your own functions), nearest first. ``columns``: the document columns returned (default: those the
+    current role may read, but the embedding)."""
+    if isinstance(conn, psycopg.AsyncConnection):
+        raise InvalidInput("search_documents takes a psycopg.Connection, not an AsyncConnection.")
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
+        raise InvalidInput(f"k must be a whole number from 1 to {MAX_K}; got {k!r}.")
+    if where is not None and not isinstance(where, sql.Composable):
+        raise InvalidInput("where must be a psycopg.sql.Composable condition (sql.SQL(...).format(...)), or None.")
+    with conn.transaction():
+        registration = require_registration(conn, table, column)  # the name as the caller's search_path reads it
+        pin_search_path(conn)
+        chunks = chunk_table(conn, registration)
+        if chunks is None:
+            raise InvalidInput(
+                f"{registration.table}.{column} is not chunked: pgsim.chunks.add_chunks(conn, {table!r}, {column!r}, "
+                "Chunks(tokens=...)) first."
+            )
+        selected = list(columns) if columns is not None else _readable(conn, registration)
+    params = _query_params(conn, registration, query)
+    condition = sql.SQL("TRUE") if where is None else sql.SQL(where.as_string(conn).replace("%", "%%"))
+    with conn.transaction() as tx, conn.cursor(row_factory=dict_row) as cur:
+        pin_search_path(conn)
+        vectors_in = vector_schema(conn)
+        statements = Statements(registration, chunks, selected, condition, vectors_in)
+        params["k"] = k
+        fetch = _first_fetch(conn, registration, where, k, exact_below_rows, min_hnsw_selectivity)
+        rows: list[dict[str, Any]] | None = None
+        if fetch is not None:
+            cur.execute(
+                "SELECT pg_catalog.set_config('hnsw.iterative_scan', 'relaxed_order', true), "
+                "pg_catalog.set_config('hnsw.ef_search', %s, true), "
+                "pg_catalog.set_config('hnsw.max_scan_tuples', %s, true)",
+                [str(min(max(ef_search, 1), 1000)), str(MAX_FETCH * 2)],
+            )
+            hnsw = statements.hnsw().as_bytes(conn)
+            while rows is None and fetch <= MAX_FETCH:
+                found = cur.execute(hnsw, {**params, "fetch": fetch}, prepare=False).fetchall()
+                hits = [row for row in found if row[PREFIX + "distance"] is not None]
+                if len(hits) >= k:
+                    rows = hits
+                elif found[0][PREFIX + "candidates"] < fetch:
+                    break  # every chunk the scan would give was seen: only an exact scan can find more
+                else:
+                    fetch *= 4
+        if rows is None:
+            rows = cur.execute(statements.exact().as_bytes(conn), params, prepare=False).fetchall()
+        result = [_hit(row) for row in rows]
+        raise psycopg.Rollback(tx)  # the settings and the pinned path end with it
+    return result
+
+
+def _hit(row: dict[str, Any]) -> DocumentHit:
+    return DocumentHit(
+        row={name: value for name, value in row.items() if not name.startswith(PREFIX)},
+        distance=float(row[PREFIX + "distance"]),
+        chunk_no=int(row[PREFIX + "chunk_no"]),
+        span=(int(row[PREFIX + "span_start"]), int(row[PREFIX + "span_end"])),
+    )
+
+
+class Statements:
+    """The statement of each path, for one table, chunk table, selection and filter."""
+
+    def __init__(
+        self,
+        registration: Registration,
+        chunks: ChunkTable,
+        selected: list[str],
+        condition: sql.Composable,
+        vectors_in: str,
+    ) -> None:
+        self.registration, self.chunks, self.condition = registration, chunks, condition
+        self.keys = [sql.Identifier(name) for name in registration.key_columns]
+        self.columns = sql.SQL(", ").join(
+            [
+                *(sql.SQL("{}.{}").format(registration.table_sql, sql.Identifier(name)) for name in selected),
+                *(
+                    sql.SQL("{}.{} AS {}").format(registration.table_sql, key, sql.Identifier(f"{PREFIX}key_{i}"))
+                    for i, key in enumerate(self.keys)
+                ),
+            ]
+        )
+        self.distance = sql.SQL("c.embedding OPERATOR({}.<=>) %(q)s::{}").format(
+            sql.Identifier(vectors_in), sql.Identifier(vectors_in, registration.dtype)
+        )
+        self.guard = sql.SQL("pgsim.expect_model(%(g_schema)s, %(g_table)s, %(g_column)s, %(g_model)s, %(g_revision)s)")
+
+    def _names(self, prefix: str) -> sql.Composed:
+        return sql.SQL(", ").join(sql.SQL(prefix + "{}").format(key) for key in self.keys)
+
+    def hnsw(self) -> sql.Composed:
+        """The nearest %(fetch)s chunks by the index, the nearest chunk per document, the k nearest documents
+        that pass the filter; one row at least, with the number of candidates the scan gave."""
+        doc_match = sql.SQL(" AND ").join(
+            sql.SQL("{}.{} = best.{}").format(self.registration.table_sql, key, key) for key in self.keys
+        )
+        return sql.SQL(
+            "WITH candidates AS MATERIALIZED ("
+            "SELECT {c_keys}, c.chunk_no, c.span_start, c.span_end, {distance} AS distance FROM {chunks} AS c "
+            "WHERE {guard} ORDER BY {distance} LIMIT %(fetch)s), "
+            "best AS (SELECT DISTINCT ON ({keys}) * FROM candidates ORDER BY {keys}, distance, chunk_no) "
+            "SELECT counted.n AS {candidates}, hits.* FROM (SELECT count(*) AS n FROM candidates) AS counted "
+            "LEFT JOIN LATERAL (SELECT doc.*, best.chunk_no AS {chunk_no}, best.span_start AS {span_start}, "
+            "best.span_end AS {span_end}, best.distance AS {distance_name} FROM best JOIN LATERAL "
+            "(SELECT {columns} FROM {table} WHERE {doc_match} AND ({condition})) AS doc ON true "
+            "ORDER BY best.distance, {best_keys} LIMIT %(k)s) AS hits ON true"
+        ).format(
+            c_keys=self._names("c."),
+            keys=self._names(""),
+            best_keys=self._names("best."),
+            distance=self.distance,
+            chunks=self.chunks.table_sql,
+            guard=self.guard,
+            columns=self.columns,
+            table=self.registration.table_sql,
+            doc_match=doc_match,
+            condition=self.condition,
+            **self._output_names(),
+            candidates=sql.Identifier(PREFIX + "candidates"),
+        )
+
+    def exact(self) -> sql.Composed:
+        """Every document that passes the filter with its nearest chunk (no index orders ``+ 0``), the k nearest."""
+        chunk_match = sql.SQL(" AND ").join(
+            sql.SQL("c.{} = doc.{}").format(key, sql.Identifier(f"{PREFIX}key_{i}")) for i, key in enumerate(self.keys)
+        )
+        return sql.SQL(
+            "SELECT doc.*, best.chunk_no AS {chunk_no}, best.span_start AS {span_start}, best.span_end AS {span_end}, "
+            "best.distance AS {distance_name} "
+            "FROM (SELECT {columns} FROM {table} WHERE {guard} AND ({condition})) AS doc "
+            "JOIN LATERAL (SELECT c.chunk_no, c.span_start, c.span_end, {distance} AS distance FROM {chunks} AS c "
+            "WHERE {chunk_match} ORDER BY ({distance}) + 0, c.chunk_no LIMIT 1) AS best ON true "
+            "ORDER BY best.distance, {doc_keys} LIMIT %(k)s"
+        ).format(
+            columns=self.columns,
+            table=self.registration.table_sql,
+            guard=self.guard,
+            condition=self.condition,
+            distance=self.distance,
+            chunks=self.chunks.table_sql,
+            chunk_match=chunk_match,
+            doc_keys=sql.SQL(", ").join(
+                sql.SQL("doc.{}").format(sql.Identifier(f"{PREFIX}key_{i}")) for i in range(len(self.keys))
+            ),
+            **self._output_names(),
+        )
+
+    @staticmethod
+    def _output_names() -> dict[str, sql.Identifier]:
+        return {
+            name if name != "distance" else "distance_name": sql.Identifier(PREFIX + name)
+            for name in ("chunk_no", "span_start", "span_end", "distance")
+        }
+
+
+def _readable(conn: psycopg.Connection[Any], registration: Registration) -> list[str]:
+    """The document columns the current role may read, but the embedding column."""
+    row = conn.execute(
+        "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_catalog.pg_attribute "
+        "WHERE attrelid = %s::pg_catalog.oid AND attnum > 0 AND NOT attisdropped AND attname <> %s "
+        "AND pg_catalog.has_column_privilege(attrelid, attnum, 'SELECT')",
+        [registration.table_oid, registration.column],
+    ).fetchone()
+    return list(row[0] or []) if row else []
+
+
+def _query_params(conn: psycopg.Connection[Any], registration: Registration, query: Any) -> dict[str, Any]:
+    """The query as a vector of the column's dimension (text encoded with its model), and the model check."""
+    model = revision = None
+    if isinstance(query, str):
+        encoder = encoder_for(registration.model)
+        if encoder.revision != registration.model_revision:
+            raise InvalidInput(
+                f"Model {registration.model!r} here (revision {encoder.revision}) is not the one "
+                f"{registration.table}.{registration.column} holds (revision {registration.model_revision})."
+            )
+        vector = encoder.encode_query(query)
+        model, revision = registration.model, encoder.revision
+    else:
+        vector = check_vector(query, registration.dimension)
+    if not vector.any():
+        raise InvalidInput("The query vector is all zeros: it has no direction, so no cosine distance to it exists.")
+    return {
+        "q": bindable(conn, vector),
+        "g_schema": registration.schema,
+        "g_table": registration.table_name,
+        "g_column": registration.column,
+        "g_model": model,
+        "g_revision": revision,
+    }
+
+
+def _first_fetch(
+    conn: psycopg.Connection[Any],
+    registration: Registration,
+    where: sql.Composable | None,
+    k: int,
+    exact_below_rows: float,
+    min_hnsw_selectivity: float,
+) -> int | None:
+    """How many chunks the first hnsw round asks for, or None for the exact path: the filter is estimated to
+    keep too few documents for the index to find k of them among the nearest chunks."""
+    table = registration.table_sql.as_string(conn)
+    row = conn.execute(
+        "SELECT pgsim.estimate_rows(%s::pg_catalog.regclass, NULL), pgsim.estimate_rows(%s::pg_catalog.regclass, %s)",
+        [table, table, None if where is None else where.as_string(conn)],
+    ).fetchone()
+    total, matching = (float(value or 0) for value in row) if row else (0.0, 0.0)
+    selectivity = matching / total if total > 0 else 1.0
+    if where is not None and (matching < exact_below_rows or selectivity < min_hnsw_selectivity):
+        return None
+    # a few chunks per document, and a filter that keeps a share of them: ask for enough to find k
+    return min(MAX_FETCH, max(64, math.ceil(8 * k / max(selectivity, min_hnsw_selectivity))))

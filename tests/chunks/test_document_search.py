@@ -1,0 +1,175 @@
+"""Document-level search over chunks, on the real server and model: k distinct documents ranked by their best
+chunk, a sentence deep inside a long document that the truncated whole-text vector misses, filters on the
+document's columns that keep k, fewer than k matching, and row-level security."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from chunked_docs import chunk_rows, chunked_table, owned_database, sync_as_worker
+from fixtures.roles import Roles, acting
+from psycopg import sql
+
+from pgsim.chunks.documents import search_documents
+from pgsim.chunks.settings import Chunks
+from pgsim.demo.corpus import Package
+from pgsim.encoding.encoder import Encoder
+from pgsim.errors import InvalidInput
+from pgsim.knn.filtered import search
+
+SHORT, LONG, PER_LONG, DEEP = 30, 6, 12, 9  # short documents, long ones, packages per long one, the deep one
+
+
+@dataclass(frozen=True)
+class Corpus:
+    dsn: str
+    texts: dict[int, str]
+    sections: dict[int, str]
+    deep_queries: dict[int, str]  # long document id -> the synopsis of a package deep inside it
+    deep_spans: dict[int, tuple[int, int]]  # long document id -> where that package's text is in it
+
+
+@pytest.fixture(scope="module")
+def corpus(server_dsn: str, roles: Roles, packages: list[Package]) -> Iterator[Corpus]:
+    """30 package descriptions and 6 long documents of 12 descriptions each (about 1,100 word pieces, four times
+    the model's window), chunked by 64 word pieces, encoded once."""
+    texts = {i + 1: p.text for i, p in enumerate(packages[:SHORT])}
+    sections = {i + 1: p.section for i, p in enumerate(packages[:SHORT])}
+    deep: dict[int, str] = {}
+    spans: dict[int, tuple[int, int]] = {}
+    for j in range(LONG):
+        parts = packages[100 + PER_LONG * j : 100 + PER_LONG * (j + 1)]
+        doc_id = 1000 + j
+        texts[doc_id] = "\n\n".join(p.text for p in parts)
+        sections[doc_id] = "long" if j < 2 else "manual"
+        deep[doc_id] = parts[DEEP].synopsis
+        start = texts[doc_id].index(parts[DEEP].text)
+        spans[doc_id] = (start, start + len(parts[DEEP].text))
+    with owned_database(server_dsn, roles, "document_search") as dsn, psycopg.connect(dsn, autocommit=True) as admin:
+        chunked_table(admin, roles, "docs", Chunks(64))
+        with (
+            acting(admin, roles.app),
+            admin.cursor() as cur,
+            cur.copy("COPY docs (id, section, body) FROM STDIN") as copy,
+        ):
+            for doc_id, text in texts.items():
+                copy.write_row((doc_id, sections[doc_id], text))
+        report = sync_as_worker(admin, roles, "docs")
+        assert report.embedded == len(texts)
+        admin.execute("ANALYZE docs")
+        yield Corpus(dsn, texts, sections, deep, spans)
+
+
+@pytest.fixture
+def app(corpus: Corpus, roles: Roles) -> Iterator[psycopg.Connection[Any]]:
+    """The application role's connection."""
+    with psycopg.connect(corpus.dsn, autocommit=True) as conn, acting(conn, roles.app):
+        yield conn
+
+
+def exact_documents(conn: Any, encoder: Encoder, query: str, keep: Any = lambda doc_id: True) -> list[int]:
+    """Every document with chunks, nearest best chunk first, by numpy."""
+    vector = encoder.encode_query(query)
+    best = {
+        doc_id: min(1 - float(np.dot(v, vector) / np.linalg.norm(v) / np.linalg.norm(vector)) for *_, v in chunks)
+        for doc_id, chunks in chunk_rows(conn, "docs").items()
+        if keep(doc_id)
+    }
+    return sorted(best, key=best.__getitem__)
+
+
+def test_search_returns_k_distinct_documents_by_their_best_chunk(
+    app: Any, corpus: Corpus, encoder: Encoder, roles: Roles
+) -> None:
+    query = "command line tool to convert image files"
+    hits = search_documents(app, "docs", "embedding", query, k=10)
+    ids = [hit.row["id"] for hit in hits]
+    assert len(ids) == 10 == len(set(ids))
+    assert [hit.distance for hit in hits] == sorted(hit.distance for hit in hits)
+    assert set(hits[0].row) == {"id", "section", "body"}  # the readable columns, not the embedding
+    with psycopg.connect(corpus.dsn, autocommit=True) as owner, acting(owner, roles.owner):
+        assert ids == exact_documents(owner, encoder, query)[:10]
+        stored = chunk_rows(owner, "docs")
+    for hit in hits:
+        no, start, end, _, _ = stored[hit.row["id"]][hit.chunk_no]
+        assert hit.span == (start, end) and start < end <= len(hit.row["body"])
+
+
+def test_a_sentence_deep_inside_a_long_document_finds_it_where_truncation_does_not(app: Any, corpus: Corpus) -> None:
+    chunk_ranks, truncated_ranks = [], []
+    for doc_id, query in corpus.deep_queries.items():
+        hits = search_documents(app, "docs", "embedding", query, k=10)
+        chunked = [hit.row["id"] for hit in hits]
+        whole = [hit.row["id"] for hit in search(app, "docs", "embedding", query, k=10)]
+        chunk_ranks.append(chunked.index(doc_id) + 1 if doc_id in chunked else None)
+        truncated_ranks.append(whole.index(doc_id) + 1 if doc_id in whole else None)
+        for hit in hits[:1]:
+            if hit.row["id"] == doc_id:  # the chunk that matched is the deep package's, far past the window
+                start, end = corpus.deep_spans[doc_id]
+                assert hit.span[0] < end and hit.span[1] > start and hit.span[0] > 2000
+
+    def mrr(ranks: list[int | None]) -> float:
+        return sum(1 / rank for rank in ranks if rank) / len(ranks)
+
+    assert mrr(chunk_ranks) >= 0.8, chunk_ranks
+    assert mrr(chunk_ranks) >= mrr(truncated_ranks) + 0.4, (chunk_ranks, truncated_ranks)
+
+
+@pytest.mark.parametrize("path", ["planned", "hnsw"])
+def test_a_filter_on_the_documents_columns_keeps_k(app: Any, corpus: Corpus, encoder: Encoder, path: str) -> None:
+    # "hnsw": the index path even for a narrow filter, which then needs more candidates than the first round
+    tuning = {"exact_below_rows": 0, "min_hnsw_selectivity": 0.0} if path == "hnsw" else {}
+    query = "documentation and reference manual"
+    for section, k in (("manual", 3), ("long", 2)):
+        where = sql.SQL("section = {}").format(sql.Literal(section))
+        hits = search_documents(app, "docs", "embedding", query, k=k, where=where, **tuning)
+        ids = [hit.row["id"] for hit in hits]
+        assert len(ids) == k == len(set(ids))
+        assert {corpus.sections[i] for i in ids} == {section}
+        with psycopg.connect(corpus.dsn, autocommit=True) as owner:
+            expected = exact_documents(owner, encoder, query, keep=lambda i, s=section: corpus.sections[i] == s)
+        assert ids == expected[:k]
+
+
+def test_fewer_matching_than_k_returns_them_all(app: Any, corpus: Corpus) -> None:
+    where = sql.SQL("section = {}").format(sql.Literal("long"))
+    assert sorted(hit.row["id"] for hit in search_documents(app, "docs", "embedding", "text", k=10, where=where)) == [
+        1000,
+        1001,
+    ]
+    everything = search_documents(app, "docs", "embedding", "software", k=100, exact_below_rows=0)
+    assert sorted(hit.row["id"] for hit in everything) == sorted(corpus.texts)
+    assert search_documents(app, "docs", "embedding", "x", k=5, where=sql.SQL("false")) == []
+
+
+def test_filters_hold_percent_signs_and_bad_input_is_refused(app: Any) -> None:
+    where = sql.SQL("body LIKE {}").format(sql.Literal("%library%"))
+    hits = search_documents(app, "docs", "embedding", "shared library", k=3, where=where)
+    assert len(hits) == 3 and all("library" in hit.row["body"] for hit in hits)
+    with pytest.raises(InvalidInput, match="Composable"):
+        search_documents(app, "docs", "embedding", "x", where="true; DROP TABLE docs")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInput, match="k must be"):
+        search_documents(app, "docs", "embedding", "x", k=0)
+
+
+def test_row_level_security_on_the_documents_holds_for_their_chunks(corpus: Corpus, roles: Roles) -> None:
+    with psycopg.connect(corpus.dsn, autocommit=True) as conn:
+        with acting(conn, roles.owner):
+            conn.execute("ALTER TABLE docs ENABLE ROW LEVEL SECURITY")
+            conn.execute(f"CREATE POLICY no_manuals ON docs TO {roles.app} USING (section <> 'manual')")
+        try:
+            with acting(conn, roles.app):
+                hits = search_documents(conn, "docs", "embedding", "documentation and reference manual", k=60)
+                assert hits and all(hit.row["section"] != "manual" for hit in hits)
+                assert len(hits) == len(corpus.texts) - 4  # the four manuals are hidden
+                visible = conn.execute("SELECT DISTINCT id FROM docs__embedding_chunks").fetchall()
+                assert {i for (i,) in visible} == {i for i, s in corpus.sections.items() if s != "manual"}
+        finally:
+            with acting(conn, roles.owner):
+                conn.execute("DROP POLICY no_manuals ON docs")
+                conn.execute("ALTER TABLE docs DISABLE ROW LEVEL SECURITY")

@@ -40,7 +40,9 @@ def owned_database(server_dsn: str, roles: Roles, label: str) -> Iterator[str]:
                     admin.execute(sql.SQL("DROP OWNED BY {} CASCADE").format(sql.Identifier(role)))
 
 
-def chunked_table(admin: psycopg.Connection[Any], roles: Roles, table: str, chunks: Chunks, *, extra: str = "") -> None:
+def chunked_table(
+    admin: psycopg.Connection[Any], roles: Roles, table: str, chunks: Chunks, *, dtype: str = "vector"
+) -> None:
     """``table`` (id int primary key, section, body), the owner's, with embedding ``embedding`` of ``body`` chunked
     by ``chunks``; the worker and the application granted what they need (the app writes rows too)."""
     with acting(admin, roles.owner):
@@ -48,11 +50,9 @@ def chunked_table(admin: psycopg.Connection[Any], roles: Roles, table: str, chun
         old_chunks = sql.Identifier(f"{table}__embedding_chunks")
         admin.execute(sql.SQL("DROP TABLE IF EXISTS {}, {} CASCADE").format(old_chunks, sql.Identifier(table)))
         admin.execute(
-            sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, section text, body text{})").format(
-                sql.Identifier(table), sql.SQL(extra)
-            )
+            sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, section text, body text)").format(sql.Identifier(table))
         )
-        add_embedding(admin, table, "embedding", source="body")
+        add_embedding(admin, table, "embedding", source="body", dtype=dtype)
         add_chunks(admin, table, "embedding", chunks)
         grant(admin, "worker", roles.worker, tables=[table])
         grant(admin, "search", roles.app, tables=[table])
@@ -77,5 +77,6 @@ def chunk_rows(conn: psycopg.Connection[Any], table: str) -> dict[int, list[tupl
         )
     ).fetchall()
     for id_, chunk_no, start, end, digest, vector in rows:
-        found.setdefault(id_, []).append((chunk_no, start, end, bytes(digest), np.asarray(vector.to_list())))
+        values = np.asarray(vector.to_list(), dtype=np.float32)
+        found.setdefault(id_, []).append((chunk_no, start, end, bytes(digest), values))
     return found

@@ -16,6 +16,7 @@ import pytest
 from chunked_docs import chunk_rows, chunked_table, owned_database, sync_as_worker
 from fixtures.roles import Roles, acting
 
+from pgsim.chunks.documents import search_documents
 from pgsim.chunks.settings import Chunks
 from pgsim.chunks.splitting import model_tokenizer, split
 from pgsim.chunks.storage import add_chunks, chunk_table_name, remove_chunks
@@ -152,6 +153,43 @@ def test_a_document_changed_while_its_chunks_encode_ends_with_its_new_texts_chun
     assert in_between not in [c.text for c in expected_chunks(encoder, new_text)]
 
 
+def test_a_document_deleted_while_its_chunks_encode_ends_without_chunks(
+    admin: Any, roles: Roles, database_dsn: str
+) -> None:
+    write_as_app(admin, roles, "INSERT INTO docs VALUES (1, 'a', %s), (2, 'b', 'kept')", ["\n\n".join(PARAGRAPHS)])
+    with psycopg.connect(database_dsn, autocommit=True) as writer:
+
+        @contextlib.contextmanager
+        def encoding_while_a_writer_deletes() -> Iterator[None]:
+            with acting(writer, roles.app):
+                writer.execute("DELETE FROM docs WHERE id = 1")
+            yield
+
+        with acting(admin, roles.worker):
+            registration = require_registration(admin, "docs", "embedding")
+            report = claim_and_encode(admin, registration, checked_encoder(registration), 10, retried=False,
+                                      max_attempts=5, retry_delay=1.0, cache=False,
+                                      encoding=encoding_while_a_writer_deletes())  # fmt: skip
+    assert report is not None and (report.embedded, report.failed) == (1, 0)
+    assert set(chunk_rows(admin, "docs")) == {2}
+    assert sync_as_worker(admin, roles, "docs").missing == 1  # its entry ends as a deleted row's
+    assert admin.execute("SELECT count(*) FROM pgsim.queue").fetchone()[0] == 0
+
+
+def test_halfvec_embeddings_chunk_and_search(database_dsn: str, roles: Roles, encoder: Encoder) -> None:
+    with psycopg.connect(database_dsn, autocommit=True) as admin:
+        chunked_table(admin, roles, "half", SETTINGS, dtype="halfvec")
+        write_as_app(admin, roles, "INSERT INTO half VALUES (1, 'a', %s), (2, 'b', 'pesto')", ["\n\n".join(PARAGRAPHS)])
+        assert sync_as_worker(admin, roles, "half").embedded == 2
+        stored = chunk_rows(admin, "half")
+        assert len(stored[1]) == len(expected_chunks(encoder, "\n\n".join(PARAGRAPHS)))
+        want = encoder.encode([expected_chunks(encoder, "\n\n".join(PARAGRAPHS))[0].text])[0]
+        assert float(np.abs(stored[1][0][4] - want).max()) < 1e-2  # half precision
+        with acting(admin, roles.app):
+            hits = search_documents(admin, "half", "embedding", "alpha-beta pruning in chess engines", k=2)
+        assert [hit.row["id"] for hit in hits] == [1, 2] and hits[0].chunk_no == len(stored[1]) - 1
+
+
 def wait_for(condition: Callable[[], Any], timeout: float = 60.0) -> Any:
     deadline = time.monotonic() + timeout
     while not (found := condition()):
@@ -212,15 +250,14 @@ def test_chunk_tables_follow_the_registration(admin: Any, roles: Roles) -> None:
         with pytest.raises(InvalidInput, match="at most 254"):
             add_chunks(admin, "docs", "embedding", Chunks(300))
         add_chunks(admin, "docs", "embedding", Chunks(64))
+    with acting(admin, roles.app), pytest.raises(InvalidInput, match="Only the owner"):
+        remove_chunks(admin, "docs", "embedding")
+    with acting(admin, roles.owner):
         remove_embedding(admin, "docs", "embedding")  # takes the chunk table with it
-        assert admin.execute(
-            "SELECT to_regclass('docs__embedding_chunks'), count(*) FROM pgsim.chunking"
-        ).fetchone() == (
-            None,
-            0,
+        left = (
+            "SELECT to_regclass('docs__embedding_chunks'), count(*) FROM pgsim.chunking WHERE table_oid = %s::regclass"
         )
-    with acting(admin, roles.app), pytest.raises(InvalidInput):  # not the table's owner
-        add_chunks(admin, "docs", "embedding", SETTINGS)
+        assert admin.execute(left, ["docs"]).fetchone() == (None, 0)
 
 
 def test_long_names_are_cut_with_a_hash() -> None:

@@ -266,14 +266,16 @@ def _first_fetch(
 ) -> int | None:
     """How many chunks the first hnsw round asks for, or None for the exact path: the filter is estimated to
     keep too few documents for the index to find k of them among the nearest chunks."""
+    if where is None:
+        return max(64, 8 * k)
     table = registration.table_sql.as_string(conn)
     row = conn.execute(
         "SELECT pgsim.estimate_rows(%s::pg_catalog.regclass, NULL), pgsim.estimate_rows(%s::pg_catalog.regclass, %s)",
-        [table, table, None if where is None else where.as_string(conn)],
+        [table, table, where.as_string(conn)],
     ).fetchone()
     total, matching = (float(value or 0) for value in row) if row else (0.0, 0.0)
     selectivity = matching / total if total > 0 else 1.0
-    if where is not None and (matching < exact_below_rows or selectivity < min_hnsw_selectivity):
+    if matching < exact_below_rows or selectivity < min_hnsw_selectivity:
         return None
     # a few chunks per document, and a filter that keeps a share of them: ask for enough to find k
-    return min(MAX_FETCH, max(64, math.ceil(8 * k / max(selectivity, min_hnsw_selectivity))))
+    return min(MAX_FETCH, max(64, math.ceil(8 * k / max(selectivity, min_hnsw_selectivity, 1e-4))))

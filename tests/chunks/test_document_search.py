@@ -144,7 +144,8 @@ def test_fewer_matching_than_k_returns_them_all(app: Any, corpus: Corpus) -> Non
     ]
     everything = search_documents(app, "docs", "embedding", "software", k=100, exact_below_rows=0)
     assert sorted(hit.row["id"] for hit in everything) == sorted(corpus.texts)
-    assert search_documents(app, "docs", "embedding", "x", k=5, where=sql.SQL("false")) == []
+    for tuning in ({}, {"exact_below_rows": 0, "min_hnsw_selectivity": 0.0}):
+        assert search_documents(app, "docs", "embedding", "x", k=5, where=sql.SQL("false"), **tuning) == []
 
 
 def test_filters_hold_percent_signs_and_bad_input_is_refused(app: Any) -> None:

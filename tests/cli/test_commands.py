@@ -1,15 +1,32 @@
-"""The pgsim command, run as a user runs it (a subprocess), against the test database."""
+"""The pgsim command, run as a user runs it (``python -m pgsim.cli`` in a process of its own), against the
+test database. The processes are forked from one that imported torch, sentence-transformers and pgsim
+already (:mod:`fixtures.forks`): each would otherwise spend seconds of CPU on those imports."""
 
 import os
 import subprocess
-import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from fixtures.forks import PGSIM_CLI, ForkServer
 
 from pgsim.cli.common import format_table
 from pgsim.cli.main import main
+
+FORKS = ForkServer(("torch", "sentence_transformers", "tqdm", "psycopg", "pgsim", "pgsim.cli.main"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_forks() -> Iterator[None]:
+    yield
+    FORKS.stop()
+
+
+def run_cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``python -m pgsim.cli ARGS`` with ``env``, forked from :data:`FORKS`."""
+    returncode, stdout, stderr = FORKS.run(PGSIM_CLI, env, timeout=600, argv=args)
+    return subprocess.CompletedProcess(["pgsim", *args], returncode, stdout, stderr)
 
 
 def pgsim(*args: str, dsn: str | None = None, home: Path | None = None) -> subprocess.CompletedProcess[str]:
@@ -17,8 +34,7 @@ def pgsim(*args: str, dsn: str | None = None, home: Path | None = None) -> subpr
     env.pop("PGSIM_DSN", None)
     if home is not None:
         env["PGSIM_HOME"] = str(home)
-    command = [sys.executable, "-m", "pgsim.cli"] + (["--dsn", dsn] if dsn else []) + list(args)
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    return run_cli((["--dsn", dsn] if dsn else []) + list(args), env)
 
 
 def test_demo_loads_encodes_indexes_searches_then_reuses(database: str) -> None:
@@ -138,9 +154,7 @@ def test_format_table_cells(cell: object, shown: str) -> None:
 
 
 def test_dsn_after_the_command_and_bad_arguments(database: str) -> None:
-    after = subprocess.run(
-        [sys.executable, "-m", "pgsim.cli", "status", "--dsn", database], capture_output=True, text=True, timeout=600
-    )
+    after = run_cli(["status", "--dsn", database], dict(os.environ))
     assert after.returncode == 0, after.stderr
     assert "pgvector 0.8" in after.stdout
     for option, value in [("--poll-interval", "0"), ("--poll-interval", "-1"), ("--batch-size", "0")]:
@@ -151,13 +165,8 @@ def test_dsn_after_the_command_and_bad_arguments(database: str) -> None:
 def test_a_query_that_is_not_utf8_is_a_clear_error(database: str) -> None:
     assert pgsim("demo", "--rows", "150", dsn=database).returncode == 0
     env = {key: value for key, value in os.environ.items() if key != "PGSIM_DSN"}
-    found = subprocess.run(
-        [sys.executable, "-m", "pgsim.cli", "--dsn", database, "search", b"\xff\xfe parser"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
+    # what Python makes of the bytes when it decodes argv (surrogateescape), as a process started with them has
+    found = run_cli(["--dsn", database, "search", os.fsdecode(b"\xff\xfe parser")], env)
     assert found.returncode == 2
     assert "pgsim: Text #0 is not valid Unicode" in found.stderr and "Traceback" not in found.stderr
 

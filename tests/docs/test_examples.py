@@ -9,25 +9,20 @@ links must resolve, and benchmark numbers stay in bench/README.md.
 from __future__ import annotations
 
 import ast
-import json
 import os
 import re
-import select
-import shutil
-import signal
+import shlex
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from subprocess import PIPE
 from typing import Any
 
 import psycopg
 import pytest
 from fixtures.database import dsn_for, scratch_database
+from fixtures.forks import PGSIM_CLI, ForkServer
 from fixtures.model import load_packages_table
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -114,122 +109,50 @@ def run_python(code: str, env: dict[str, str], timeout: int = 300) -> list[str]:
     """``code`` run as ``python -c`` runs it, in a process of its own with ``env``; its output lines (the test
     fails with its stderr if it fails). The process is forked from one that imported the heavy libraries
     (:data:`PRELOADED`) already, when ``env`` differs from this process's only where those do not look."""
-    if not Forks.serves(env):
+    if not FORKS.serves(env):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
         assert out.returncode == 0, out.stderr
         return out.stdout.strip().splitlines()
-    returncode, stdout, stderr = Forks.started().run(code, env, timeout)
+    returncode, stdout, stderr = FORKS.run(code, env, timeout)
     assert returncode == 0, stderr
     return stdout.strip().splitlines()
 
 
 # What an example's process spends most of its seconds on before its first line does anything: importing
 # these (sentence-transformers alone takes several seconds of CPU). pgsim itself is imported by each example.
-PRELOADED = ("torch", "sentence_transformers", "sqlalchemy", "sqlalchemy.ext.asyncio", "psycopg", "psycopg_pool")
-
-# Reads requests (JSON lines: code, env, output files) and forks a child per request that runs the code as
-# ``python -c`` does: a fresh __main__ module, its own environment, stdin empty, stdout and stderr to files,
-# an uncaught exception printed and exit status 1, atexit handlers at the end. Says the child's pid, then
-# its exit status. Nothing here runs torch or a tokenizer, so no thread pool exists to be forked.
-FORK_SERVER = """
-import json, os, sys, types
-for name in NAMES:
-    __import__(name)
-server_main = sys.modules["__main__"]
-print("ready", flush=True)
-for line in sys.stdin:
-    request = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        os.environ.clear()
-        os.environ.update(request["env"])
-        os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), fd)
-        main = types.ModuleType("__main__")
-        sys.modules["__main__"] = main
-        sys.argv = ["-c"]
-        exec(compile(request["code"], "<string>", "exec"), main.__dict__)
-        sys.exit(0)
-    print(pid, flush=True)
-    print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
-"""
+PRELOADED = (
+    "torch",
+    "sentence_transformers",
+    "sqlalchemy",
+    "sqlalchemy.ext.asyncio",
+    "psycopg",
+    "psycopg_pool",
+    "alembic.config",
+)
+FORKS = ForkServer(PRELOADED)
 
 
-class Forks:
-    """The fork server of this module's tests (:data:`FORK_SERVER`), started on first use."""
+# The alembic command (what its console script runs), as a fork server's code; its argv is the command's.
+ALEMBIC = "import sys; sys.argv[0] = 'alembic'; from alembic.config import main; sys.exit(main())"
 
-    current: Forks | None = None
 
-    def __init__(self) -> None:
-        self.env = dict(os.environ)
-        code = FORK_SERVER.replace("NAMES", repr(PRELOADED))
-        self.process = subprocess.Popen([sys.executable, "-c", code], env=self.env, stdin=PIPE, stdout=PIPE)
-        self.received = b""
-        assert self.read_line(300) == "ready"
-        self.directory = Path(tempfile.mkdtemp(prefix="pgsim-examples-"))
-
-    @classmethod
-    def serves(cls, env: dict[str, str]) -> bool:
-        """Whether a child forked from a server started with this process's environment runs as a fresh
-        interpreter with ``env`` would: the two differ only in pgsim's variables, DSNs, PATH and pytest's name
-        of the current test, which nothing reads before the example runs."""
-        base = dict(os.environ) if cls.current is None else cls.current.env
-        differing = {name for name in base.keys() | env.keys() if base.get(name) != env.get(name)}
-        return all(
-            name.startswith("PGSIM_") or name.endswith("_DSN") or name in ("PATH", "PYTEST_CURRENT_TEST")
-            for name in differing
-        )
-
-    @classmethod
-    def started(cls) -> Forks:
-        if cls.current is None:
-            cls.current = Forks()
-        return cls.current
-
-    @classmethod
-    def stop(cls) -> None:
-        if cls.current is not None:
-            cls.current.process.kill()
-            cls.current.process.wait(timeout=30)
-            shutil.rmtree(cls.current.directory, ignore_errors=True)
-            cls.current = None
-
-    def read_line(self, timeout: float) -> str | None:
-        """The server's next line, or None if none comes within ``timeout`` seconds."""
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.received:
-            ready, _, _ = select.select([self.process.stdout], [], [], max(0.0, deadline - time.monotonic()))
-            if not ready:
-                return None
-            chunk = os.read(self.process.stdout.fileno(), 4096)
-            assert chunk, f"the fork server exited ({self.process.wait()})"
-            self.received += chunk
-        line, self.received = self.received.split(b"\n", 1)
-        return line.decode().strip()
-
-    def run(self, code: str, env: dict[str, str], timeout: float) -> tuple[int, str, str]:
-        """``code`` run in a forked child with ``env``: its exit status, stdout and stderr."""
-        assert self.process.stdin is not None
-        stdout, stderr = self.directory / "stdout", self.directory / "stderr"
-        request = {"code": code, "env": env, "stdout": str(stdout), "stderr": str(stderr)}
-        self.process.stdin.write(json.dumps(request).encode() + b"\n")
-        self.process.stdin.flush()
-        pid = int(self.read_line(60) or 0)
-        assert pid, "the fork server did not start the example"
-        status = self.read_line(timeout)
-        if status is None:
-            os.kill(pid, signal.SIGKILL)
-            self.read_line(60)
-            pytest.fail(f"the example ran longer than {timeout} s: {stderr.read_text()}")
-        return int(status), stdout.read_text(), stderr.read_text()
+def run_command(command: str, env: dict[str, str], cwd: Path, timeout: int = 300) -> str:
+    """A documented shell command run in ``cwd`` with ``env``; its output (the test fails with its stderr if
+    it fails). A plain ``alembic ...`` command line is forked from :data:`FORKS` as its console script runs."""
+    words = shlex.split(command)
+    if words[:1] == ["alembic"] and not set("|&;<>$`*?") & set(command) and FORKS.serves(env):
+        returncode, stdout, stderr = FORKS.run(ALEMBIC, env, timeout, argv=words[1:], cwd=cwd)
+    else:
+        out = subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+        returncode, stdout, stderr = out.returncode, out.stdout, out.stderr
+    assert returncode == 0, f"{command}: {stderr}"
+    return stdout
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _stop_forks() -> Iterator[None]:
     yield
-    Forks.stop()
+    FORKS.stop()
 
 
 def test_python_blocks_are_run_or_say_why_not() -> None:
@@ -353,18 +276,12 @@ def test_search_example_runs_as_written(tmp_path: Path) -> None:
     env = dict(os.environ, PGSIM_HOME=str(tmp_path / "home"))
     env.pop("PGSIM_DSN", None)
     try:
-        demo = subprocess.run(
-            [sys.executable, "-m", "pgsim.cli", "demo", "--rows", "200"],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-        )
-        assert demo.returncode == 0, demo.stderr
+        returncode, _, stderr = FORKS.run(PGSIM_CLI, env, 600, argv=["demo", "--rows", "200"])  # python -m pgsim.cli
+        assert returncode == 0, stderr
         lines = run_python(example("search"), env)
         assert 1 <= len(lines) <= 5 and all(": " in line for line in lines)
     finally:
-        subprocess.run([sys.executable, "-m", "pgsim.cli", "server", "stop"], env=env, capture_output=True, timeout=120)
+        FORKS.run(PGSIM_CLI, env, 120, argv=["server", "stop"])
 
 
 def test_search_where_example_runs_as_written(database: str) -> None:
@@ -424,9 +341,7 @@ def alembic_walkthrough(database: str, tmp_path: Path) -> None:
     env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
 
     def run(command: str) -> str:
-        out = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, f"{command}: {out.stderr}"
-        return out.stdout
+        return run_command(command, env, tmp_path)
 
     (tmp_path / "models.py").write_text(example("alembic-models"))
     run("alembic init migrations")
@@ -466,9 +381,7 @@ def test_alembic_change_walkthrough_runs_as_written(server_dsn: str, tmp_path: P
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
 
     def run(command: str) -> str:
-        out = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, f"{command}: {out.stderr}"
-        return out.stdout
+        return run_command(command, env, tmp_path)
 
     with scratch_database(server_dsn, "docs_alembic_change") as database:
         env["PGSIM_DSN"] = database

@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 
 from pgsim.chunks.settings import Chunks
 from pgsim.chunks.splitting import Chunk, model_tokenizer, split
+from pgsim.columns.cache import lookup, merged, missing, store
 from pgsim.columns.registry import ChunkTable, Registration
 from pgsim.db.catalog import vector_schema
 from pgsim.encoding.encoder import Encoder, Vector
@@ -44,8 +45,19 @@ def digest(text: str) -> bytes:
 class ChunkStep:
     """The chunk work of one batch of ``registration`` (see the module's text)."""
 
-    def __init__(self, conn: psycopg.Connection[Any], registration: Registration, table: ChunkTable, encoder: Encoder):
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        registration: Registration,
+        table: ChunkTable,
+        encoder: Encoder,
+        *,
+        cache: bool = False,
+    ) -> None:
         self.conn, self.registration, self.table, self.encoder = conn, registration, table, encoder
+        self.cache = cache  # look new chunks up in pgsim.embedding_cache first, and add those encoded
+        self.cached: dict[str, Vector] = {}
+        self.encoded: tuple[list[str | None], list[Vector | None]] = ([], [])
         self.chunks: dict[int, list[Chunk]] = {}  # queue entry id -> the row's chunks
         self.digests: dict[int, list[bytes]] = {}
         self.keys: dict[int, Any] = {}
@@ -86,13 +98,19 @@ class ChunkStep:
             for chunk, chunk_digest in zip(chunks, self.digests[entry_id], strict=True)
             if chunk_digest not in known[entry_id]
         ]
+        if self.cache:
+            self.cached = lookup(self.conn, self.encoder, [self.chunks[e][no].text for e, no in self.new])
 
     def encode(self) -> float:
-        """Encode the new chunks in one call; the seconds it took."""
-        texts = [self.chunks[entry_id][chunk_no].text for entry_id, chunk_no in self.new]
+        """Encode the new chunks (those the cache lacks, with ``cache``) in one call; the seconds it took."""
+        texts: list[str | None] = [self.chunks[entry_id][chunk_no].text for entry_id, chunk_no in self.new]
+        to_encode = missing(texts, self.cached)
         started = time.perf_counter()
-        encoded = self.encoder.encode(texts) if texts else []
-        for place, vector in zip(self.new, encoded, strict=True):
+        encoded: list[Vector | None] = [None] * len(to_encode)
+        if any(to_encode):
+            encoded = self.encoder.encode(to_encode)
+        self.encoded = (to_encode, encoded)
+        for place, vector in zip(self.new, merged(texts, encoded, self.cached), strict=True):
             self.vectors[place] = vector
         return time.perf_counter() - started
 
@@ -102,6 +120,8 @@ class ChunkStep:
         if not entries:
             return
         conn, chunks_sql = self.conn, self.table.table_sql
+        if self.cache:
+            store(conn, self.encoder, *self.encoded)
         vectors_in = vector_schema(conn)
         conn.execute(sql.SQL(TEMP_TABLE).format(vector=sql.Identifier(vectors_in, "vector")))
         with conn.cursor() as cur:

@@ -105,12 +105,15 @@ class ChunkStep(Protocol):
     def write(self, done: set[int]) -> None: ...
 
 
-def chunk_step(conn: psycopg.Connection[Any], registration: Registration, encoder: Encoder) -> ChunkStep | None:
+def chunk_step(
+    conn: psycopg.Connection[Any], registration: Registration, encoder: Encoder, *, cache: bool
+) -> ChunkStep | None:
     """The chunk step of a batch of ``registration``, or None when its documents are not chunked."""
     table: ChunkTable | None = chunk_table(conn, registration)
     if table is None:
         return None
-    return cast(ChunkStep, importlib.import_module(CHUNK_STEP).ChunkStep(conn, registration, table, encoder))
+    step = importlib.import_module(CHUNK_STEP).ChunkStep(conn, registration, table, encoder, cache=cache)
+    return cast(ChunkStep, step)
 
 
 class TableMoved(Exception):
@@ -248,7 +251,7 @@ def encode_and_write(
     entries that are done (written, emptied, or whose row is gone) and of those whose row the current role
     may not see (row-level security): those are not dropped as gone."""
     # looked up first, so that the read below stays the batch's last statement while it encodes
-    chunks = chunk_step(conn, registration, encoder)
+    chunks = chunk_step(conn, registration, encoder, cache=cache)
     rows = conn.execute(
         sql.SQL(
             "SELECT _pgsim_q._pgsim_id, _pgsim_q._pgsim_key, s.found, s.source, md5(s.source) "

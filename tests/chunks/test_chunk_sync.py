@@ -118,6 +118,35 @@ def test_an_update_rechunks_and_encodes_only_the_chunks_that_changed(
     assert_chunks_of(admin, encoder, 1, after)
 
 
+def test_two_lanes_write_each_batchs_chunks_in_its_own_transaction(
+    admin: Any, roles: Roles, database_dsn: str, encoder: Encoder
+) -> None:
+    texts = {i: "\n\n".join(PARAGRAPHS[i % 3 :] + PARAGRAPHS[: i % 3]) + f" Document {i}." for i in range(1, 9)}
+    for doc_id, text in texts.items():
+        write_as_app(admin, roles, "INSERT INTO docs VALUES (%s, 'x', %s)", [doc_id, text])
+    with psycopg.connect(database_dsn, autocommit=True) as second, acting(second, roles.worker):
+        report = sync_as_worker(admin, roles, "docs", batch_size=2, overlap_with=second)
+    assert (report.embedded, report.batches) == (8, 4)
+    for doc_id, text in texts.items():
+        assert_chunks_of(admin, encoder, doc_id, text)
+
+
+def test_with_the_cache_rechunked_documents_are_looked_up_not_encoded(
+    admin: Any, roles: Roles, encoder: Encoder
+) -> None:
+    text = "\n\n".join(PARAGRAPHS) + " Cached."
+    write_as_app(admin, roles, "INSERT INTO docs VALUES (1, 'x', %s)", [text])
+    assert sync_as_worker(admin, roles, "docs", cache=True).cached == 0
+    with acting(admin, roles.owner):  # a new chunk table, every row queued; its grants follow the column's
+        remove_chunks(admin, "docs", "embedding")
+        add_chunks(admin, "docs", "embedding", SETTINGS)
+    worker_encoder = encoder_for(DEFAULT_MODEL)
+    encoded_before = worker_encoder.stats.encoded
+    assert sync_as_worker(admin, roles, "docs", cache=True).cached == 1
+    assert worker_encoder.stats.encoded == encoded_before  # neither the text nor a chunk was encoded again
+    assert_chunks_of(admin, encoder, 1, text)
+
+
 def test_a_deleted_document_takes_its_chunks(admin: Any, roles: Roles) -> None:
     write_as_app(admin, roles, "INSERT INTO docs VALUES (1, 'a', 'first document'), (2, 'b', 'second document')")
     sync_as_worker(admin, roles, "docs")

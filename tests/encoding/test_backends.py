@@ -355,6 +355,7 @@ def test_the_torch_backend_encodes_as_model_encode_does_default_prompt_included(
     assert float(np.max(np.sum(with_prompt * plain, axis=1))) < 0.9999  # the prompt was really prepended
 
 
+@warm_exports
 @pytest.mark.parametrize("name", EXPORTS)
 def test_exported_backends_prepend_the_default_prompt_as_model_encode_does(name: str, packages: list[Package]) -> None:
     import copy

@@ -11,6 +11,11 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # The suite compares stored vectors with numpy ground truth computed in other batches: float32 (the
 # reference backend) keeps them equal to 1e-6. tests/test_backends.py exercises every backend and "auto".
 os.environ.setdefault("PGSIM_BACKEND", "torch")
+# `make test` runs two workers, each with torch's threads on every core, plus the processes the tests start:
+# more threads than cores. OpenMP's threads then spin-wait for work by default, taking CPU the other worker
+# needs (a forward pass took about 25% more CPU and 40% more time that way with other work on the cores).
+# Passive waiting changes nothing torch computes, nor its thread counts; set before anything imports torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 pytest_plugins = ["fixtures.database", "fixtures.model", "fixtures.pgbouncer", "fixtures.roles"]
 

@@ -16,7 +16,13 @@ DECLARE
     column_type oid;
     type_name name;
     key_expression text;
-    changed bigint;
+    nodes tid[];
+    lefts integer[];
+    rights integer[];
+    parent integer[];
+    j integer;
+    x integer;
+    y integer;
     ef_search text := current_setting('hnsw.ef_search', true);
 BEGIN
     IF threshold IS NULL OR threshold <= 0 OR threshold > 1 THEN
@@ -58,44 +64,57 @@ BEGIN
             HINT = 'Add one: ALTER TABLE ... ADD PRIMARY KEY (<column>);';
     END IF;
 
-    -- left by an earlier call in this transaction? (DROP TABLE IF EXISTS would send a NOTICE when this session
-    -- has no temporary schema yet)
-    IF to_regclass('pg_temp.pgsim_near_link') IS NOT NULL THEN
-        DROP TABLE pg_temp.pgsim_near_link;
-    END IF;
-    IF to_regclass('pg_temp.pgsim_near_group') IS NOT NULL THEN
-        DROP TABLE pg_temp.pgsim_near_group;
-    END IF;
     -- ef_search must cover the neighbours asked for, plus the row itself
     PERFORM set_config('hnsw.ef_search', greatest(neighbours + 1, 40)::text, true);
+    -- the links, with their rows numbered in ctid order: no temporary table, so it runs on a hot standby too
     EXECUTE format(
-        'CREATE TEMP TABLE pg_temp.pgsim_near_link ON COMMIT DROP AS '
-        'SELECT a.ctid AS a, n.ctid AS b FROM %1$s a CROSS JOIN LATERAL ('
-        '  SELECT b.ctid, b.%2$I OPERATOR(%5$s.<=>) a.%2$I AS distance FROM %1$s b'
-        '  ORDER BY b.%2$I OPERATOR(%5$s.<=>) a.%2$I LIMIT %3$s'
-        ') n WHERE a.%2$I IS NOT NULL AND n.ctid <> a.ctid AND n.distance <= %4$s',
+        'WITH link AS MATERIALIZED ('
+        '  SELECT a.ctid AS a, n.ctid AS b FROM %1$s a CROSS JOIN LATERAL ('
+        '    SELECT b.ctid, b.%2$I OPERATOR(%5$s.<=>) a.%2$I AS distance FROM %1$s b'
+        '    ORDER BY b.%2$I OPERATOR(%5$s.<=>) a.%2$I LIMIT %3$s'
+        '  ) n WHERE a.%2$I IS NOT NULL AND n.ctid <> a.ctid AND n.distance <= %4$s'
+        '), node AS MATERIALIZED ('
+        '  SELECT s.t, (row_number() OVER (ORDER BY s.t))::integer AS i'
+        '  FROM (SELECT l.a FROM link l UNION SELECT l.b FROM link l) AS s (t)'
+        ') SELECT (SELECT array_agg(node.t ORDER BY node.i) FROM node), array_agg(na.i), array_agg(nb.i) '
+        'FROM link l JOIN node na ON na.t = l.a JOIN node nb ON nb.t = l.b',
         target, column_name, neighbours + 1, 1 - threshold, vector_schema
-    );
-    -- links both ways, then each row takes the smallest label among its neighbours until nothing changes
-    EXECUTE 'INSERT INTO pg_temp.pgsim_near_link SELECT b, a FROM pg_temp.pgsim_near_link';
-    EXECUTE 'CREATE TEMP TABLE pg_temp.pgsim_near_group ON COMMIT DROP AS '
-            'SELECT DISTINCT a AS node, a AS label FROM pg_temp.pgsim_near_link';
-    EXECUTE 'CREATE INDEX ON pg_temp.pgsim_near_group (node)';
-    EXECUTE 'ANALYZE pg_temp.pgsim_near_link, pg_temp.pgsim_near_group';
-    LOOP
-        EXECUTE 'UPDATE pg_temp.pgsim_near_group g SET label = m.label FROM ('
-                '  SELECT l.a AS node, min(h.label) AS label FROM pg_temp.pgsim_near_link l'
-                '  JOIN pg_temp.pgsim_near_group h ON h.node = l.b GROUP BY l.a'
-                ') m WHERE g.node = m.node AND m.label < g.label';
-        GET DIAGNOSTICS changed = ROW_COUNT;
-        EXIT WHEN changed = 0;
+    ) INTO nodes, lefts, rights;
+    IF nodes IS NULL THEN
+        PERFORM set_config('hnsw.ef_search', coalesce(ef_search, '40'), true);
+        RETURN;
+    END IF;
+    -- the groups are the links' connected components (union-find); a component's root is its first row in
+    -- ctid order
+    parent := array_fill(0, ARRAY[cardinality(nodes)]);
+    FOR j IN 1 .. cardinality(nodes) LOOP
+        parent[j] := j;
+    END LOOP;
+    FOR j IN 1 .. cardinality(lefts) LOOP
+        x := lefts[j];
+        WHILE parent[x] <> x LOOP
+            parent[x] := parent[parent[x]];
+            x := parent[x];
+        END LOOP;
+        y := rights[j];
+        WHILE parent[y] <> y LOOP
+            parent[y] := parent[parent[y]];
+            y := parent[y];
+        END LOOP;
+        IF x < y THEN
+            parent[y] := x;
+        ELSIF y < x THEN
+            parent[x] := y;
+        END IF;
+    END LOOP;
+    FOR j IN 1 .. cardinality(nodes) LOOP
+        parent[j] := parent[parent[j]];  -- a row's parent comes before it, so already names its root
     END LOOP;
     RETURN QUERY EXECUTE format(
         'SELECT %1$s, dense_rank() OVER (ORDER BY g.label), count(*) OVER (PARTITION BY g.label) '
-        'FROM pg_temp.pgsim_near_group g JOIN %2$s t ON t.ctid = g.node ORDER BY g.label, g.node',
+        'FROM unnest($1, $2) AS g (node, label) JOIN %2$s t ON t.ctid = g.node ORDER BY g.label, g.node',
         key_expression, target
-    );
-    DROP TABLE pg_temp.pgsim_near_link, pg_temp.pgsim_near_group;
+    ) USING nodes, parent;
     PERFORM set_config('hnsw.ef_search', coalesce(ef_search, '40'), true);
 END
 $$;

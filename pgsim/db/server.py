@@ -97,6 +97,39 @@ class EmbeddedServer:
         """The connection string of the running server; starts it when it is not running."""
         return self.start().dsn(dbname)
 
+    def make_standby(self, primary_dsn: str, *, slot: str | None = None, durable: bool = True) -> None:
+        """Make this (not yet initialised) cluster a streaming hot standby of the server at ``primary_dsn``, a
+        replication-capable role's DSN: ``pg_basebackup -R`` copies the primary and writes its
+        ``primary_conninfo`` and ``standby.signal``; with ``slot``, it creates that physical replication slot on
+        the primary, which keeps the WAL the standby has not received yet (drop it when the standby goes).
+        ``durable=False`` skips flushing the copy to disk (for tests). :meth:`start` then runs it."""
+        self._make_data_dir()
+        with self._locked():
+            if (self.pgdata / "PG_VERSION").exists():
+                raise ServerError(f"{self.pgdata} already holds a cluster; a standby needs an empty directory.")
+            user = self._service_user()
+            self.pgdata.mkdir(mode=0o700, exist_ok=True)
+            if user is not None:
+                entry = pwd.getpwnam(user)
+                os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
+                for path in (self.pgdata, _bin_dir()):
+                    _allow_traversal(path)
+            args = [str(_bin_dir() / "pg_basebackup"), "-D", str(self.pgdata), "-d", primary_dsn, "-R"]
+            args += ["-X", "stream", "--checkpoint=fast", *([] if durable else ["--no-sync"])]
+            if slot is not None:
+                args += ["-C", "-S", slot]
+            log.info("copying the primary into %s with pg_basebackup", self.pgdata)
+            try:
+                _run(args, user=user)
+            except ServerError:
+                for child in self.pgdata.iterdir():
+                    _remove(child)
+                raise
+            # a primary whose socket is in its data directory (as this server's is) leaves its socket's lock
+            # file in the copy, and a lock naming a live process stops the standby from starting
+            for lock in self.pgdata.glob(".s.PGSQL.*.lock"):
+                lock.unlink()
+
     def running(self) -> RunningServer | None:
         """The live server of this cluster, read from ``postmaster.pid``; None when none answers."""
         pidfile = self.pgdata / "postmaster.pid"

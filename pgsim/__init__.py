@@ -25,6 +25,7 @@ from pgsim.errors import (
     MissingDependency,
     ModelNotFound,
     PgsimError,
+    ReadOnlyStandby,
     SchemaMissing,
     ServerError,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "PgsimError",
     "SchemaMissing",
     "Plan",
+    "ReadOnlyStandby",
     "Registration",
     "RelevantHit",
     "ServerError",

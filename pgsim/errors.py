@@ -41,3 +41,7 @@ class MissingDependency(PgsimError, ImportError):
         )
         self.module = module
         self.extra = extra
+
+
+class ReadOnlyStandby(PgsimError):
+    """A call that writes was made on a hot standby (a read replica), where nothing can be written."""

@@ -27,6 +27,7 @@ from pgsim.columns.registry import (
 from pgsim.db.catalog import Table, pin_search_path, primary_key, relation_exists, resolve_table, table_columns
 from pgsim.db.hnsw import HNSW, create_hnsw_index
 from pgsim.db.names import derived_name
+from pgsim.db.standby import require_primary
 from pgsim.encoding.models import DEFAULT_MODEL, model_dimension, model_revision
 from pgsim.errors import InvalidInput, SchemaMissing
 
@@ -71,6 +72,7 @@ def add_embedding(
     (``replaces`` and ``planned_index`` are for :func:`change_model`: the index is recorded, built later.)"""
     if dtype not in DTYPES:
         raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
+    require_primary(conn, "pgsim.add_embedding")
     if stale not in STALE:
         raise InvalidInput(f"stale must be one of {', '.join(STALE)}; got {stale!r}.")
     if concurrently and not conn.autocommit:

@@ -29,6 +29,7 @@ from pgsim.columns.batches import checked_encoder
 from pgsim.columns.cache import Found, lookup, merged, missing, store
 from pgsim.columns.registry import Registration, registrations
 from pgsim.db.catalog import pin_search_path, resolve_table, vector_schema
+from pgsim.db.standby import require_primary
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput
 from pgsim.psycopg import register
@@ -67,6 +68,7 @@ def ingest(
     (:mod:`pgsim.columns.cache`)."""
     if chunk_size < 1:
         raise InvalidInput(f"chunk_size must be at least 1; got {chunk_size}.")
+    require_primary(conn, "pgsim.ingest")
     targets = _targets(conn, table)
     register(conn)
     encoders = [checked_encoder(target) for target in targets]

@@ -16,6 +16,7 @@ from pgsim.columns.registry import Registration, registration_by_id, remove_regi
 from pgsim.db.catalog import pin_search_path
 from pgsim.db.hnsw import HNSW, create_hnsw_index
 from pgsim.db.names import derived_name
+from pgsim.db.standby import require_primary
 from pgsim.encoding.models import model_revision
 from pgsim.errors import InvalidInput
 
@@ -57,6 +58,7 @@ def change_embedding(
     its vectors serve searches as they are, and rows written meanwhile are embedded in the new column only,
     where they become searchable at the switch. Nothing here loads the model: its dimension and revision
     come from its files."""
+    require_primary(conn, "pgsim.change_embedding")
     old = require_registration(conn, table, column)
     if old.replaces is not None:
         raise InvalidInput(f"{old.table}.{old.column} is itself the target of a change still being filled.")

@@ -26,6 +26,7 @@ from psycopg import sql
 from pgsim.db.calibration import Level
 from pgsim.db.catalog import has_schema_table, resolve_table
 from pgsim.db.names import table_identifier
+from pgsim.db.standby import require_primary
 from pgsim.errors import InvalidInput
 from pgsim.knn.caches import forget_plans
 from pgsim.knn.planner import DEFAULT_RECALL, DEFAULT_TUNING, Plan, Tuning, check_recall, plan
@@ -140,6 +141,7 @@ def create(conn: psycopg.Connection[Any], advice: Advice) -> None:
     """Build one advised index without blocking writes, then refresh the table's statistics."""
     if not conn.autocommit:
         raise InvalidInput("CREATE INDEX CONCURRENTLY needs an autocommit connection (psycopg: autocommit=True).")
+    require_primary(conn, "pgsim index-advise --create")
     conn.execute(advice.statement)
     schema = advice.table.split(".")[:-1]
     conn.execute(

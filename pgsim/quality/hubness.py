@@ -19,6 +19,7 @@ import numpy.typing as npt
 import psycopg
 
 from pgsim.db.catalog import resolve_table
+from pgsim.db.standby import require_primary
 from pgsim.encoding.encoder import encoder_for
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
@@ -47,6 +48,7 @@ def set_query_bank(conn: psycopg.Connection[Any] | Any, table: str, column: str,
     """Replace the query bank of ``table.column`` with ``queries`` (texts, encoded with the column's model;
     blank ones and repeats are dropped). Returns how many the bank holds."""
     conn = psycopg_connection(conn)
+    require_primary(conn, "pgsim.set_query_bank")
     texts = sorted({text for text in queries if isinstance(text, str) and text.strip()})
     if len(texts) < DEFAULT_NEIGHBOURS:
         raise InvalidInput(f"A query bank needs at least {DEFAULT_NEIGHBOURS} distinct queries; got {len(texts)}.")

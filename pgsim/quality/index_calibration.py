@@ -4,6 +4,7 @@ it keeps its recall (pgsim.db.calibration) and the relevance threshold and hybri
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -11,7 +12,11 @@ import numpy as np
 import psycopg
 
 from pgsim.db.calibration import DEFAULT_QUERIES, DEFAULT_SECONDS, Calibration, Progress, calibrate_index
+from pgsim.db.standby import require_primary
+from pgsim.encoding.encoder import encoder_for
+from pgsim.errors import InvalidInput
 from pgsim.knn.caches import forget_plans
+from pgsim.knn.target import vector_column
 from pgsim.quality.connections import psycopg_connection
 from pgsim.quality.relevance_calibration import RelevanceCalibration, calibrate_relevance
 
@@ -25,7 +30,7 @@ def calibrate(
     *,
     seconds: float = DEFAULT_SECONDS,
     k: int = 10,
-    queries: int | Sequence[Sequence[float]] | np.ndarray[Any, Any] = DEFAULT_QUERIES,
+    queries: int | Sequence[str] | Sequence[Sequence[float]] | np.ndarray[Any, Any] = DEFAULT_QUERIES,
     filters: Sequence[str] = (),
     progress: Progress | None = None,
     relevance: bool = True,
@@ -34,14 +39,19 @@ def calibrate(
     selectivities and ``ef_search`` values, within about ``seconds``, and store the curve the planner then
     follows (``pgsim.search(..., recall=...)``); then, with ``relevance``, the table's relevance threshold
     and hybrid fusion (``relevant_search``, ``hybrid_search``; at most 20 s more). ``queries``: how many
-    query vectors to sample from the table's rows, or vectors of real queries. ``filters``: SQL conditions
+    query vectors to sample from the table's rows, or real queries (a query log): their texts, encoded with
+    the column's registered model, or their vectors. ``filters``: SQL conditions
     your searches use (a workload), each measured as its own level besides the grid's.
     ``progress(fraction)`` after each level. Run it as the table's owner, after loading the data and again
     after large changes (a curve more than a fifth of the table out of date is not trusted). A table with
     too few rows stores nothing: ``Calibration.stored`` is false and ``reason`` says why."""
     conn = psycopg_connection(conn)
+    require_primary(conn, "pgsim.calibrate")
+    measured: int | Sequence[Sequence[float]] | np.ndarray[Any, Any] = queries  # type: ignore[assignment]
+    if not isinstance(queries, (int, np.ndarray)) and any(isinstance(query, str) for query in queries):
+        measured = query_log_vectors(conn, table, column, queries)  # type: ignore[arg-type]
     calibration = calibrate_index(
-        conn, table, column, k=k, seconds=seconds, queries=queries, filters=filters, progress=progress
+        conn, table, column, k=k, seconds=seconds, queries=measured, filters=filters, progress=progress
     )
     if relevance:
         relevance_of(conn, table, column, seconds)
@@ -52,3 +62,19 @@ def calibrate(
 def relevance_of(conn: psycopg.Connection[Any], table: str, column: str, seconds: float) -> RelevanceCalibration:
     """The relevance part of :func:`calibrate`, within ``seconds`` (at most RELEVANCE_SECONDS)."""
     return calibrate_relevance(conn, table, column, seconds=min(seconds, RELEVANCE_SECONDS))
+
+
+def query_log_vectors(
+    conn: psycopg.Connection[Any], table: str, column: str, texts: Sequence[str]
+) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """Query texts (a log of what users searched) as vectors of the column's registered model."""
+    if not all(isinstance(text, str) and text.strip() for text in texts):
+        raise InvalidInput("A query log is a list of query texts, none of them empty (or a list of vectors).")
+    registration = vector_column(conn, table, column).registration
+    if registration is None:
+        raise InvalidInput(
+            f"{table}.{column} is not a registered embedding column: its model is unknown, so give the queries "
+            "as vectors of that model."
+        )
+    print(f"pgsim: encoding {len(texts)} logged queries with {registration.model}", file=sys.stderr)
+    return np.asarray(encoder_for(registration.model).encode(list(texts)), dtype=np.float32)

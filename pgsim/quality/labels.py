@@ -12,6 +12,7 @@ import psycopg
 from psycopg import sql
 
 from pgsim.db.names import table_identifier
+from pgsim.db.standby import require_primary
 from pgsim.encoding.encoder import encoder_for
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
@@ -34,6 +35,7 @@ def label_rows(
     description, e.g. {"libs": "shared libraries used by other programs"}) whose description is nearest to
     the row's ``column`` embedding. Rows without an embedding get NULL. Returns how many rows got each label."""
     conn = psycopg_connection(conn)
+    require_primary(conn, "pgsim.label_rows")
     if not labels:
         raise InvalidInput("labels is empty: pass {label: description} for at least one label.")
     blank = [name for name, text in labels.items() if not isinstance(text, str) or not text.strip()]

@@ -39,6 +39,7 @@ from pgsim.db.calibration import pinned
 from pgsim.db.calibration_inputs import table_oid
 from pgsim.db.catalog import vector_schema
 from pgsim.db.names import table_identifier
+from pgsim.db.standby import require_primary
 from pgsim.errors import InvalidInput
 from pgsim.quality.connections import psycopg_connection
 
@@ -150,6 +151,7 @@ def calibrate_relevance(
     defaults stand. ``progress`` is called with the share done after each sampled row. Only the table's
     owner (or a member of the owning role) may calibrate it."""
     conn = psycopg_connection(conn)
+    require_primary(conn, "pgsim.calibrate")
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 < seconds <= 3600:
         raise InvalidInput(f"The time budget must be more than 0 and at most 3600 seconds; got {seconds!r}.")
     oid = table_oid(conn, table)  # the one name resolved on the caller's path; all else by OID, pinned

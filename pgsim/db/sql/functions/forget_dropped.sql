@@ -10,6 +10,10 @@ AS $$
 DECLARE
     gone integer[];
 BEGIN
+    IF pg_is_in_recovery() THEN  -- a hot standby: say so, rather than which statement was refused
+        RAISE EXCEPTION 'pgsim.forget_dropped (run by workers, backfills and registrations) writes, and this server '
+            'is a read-only standby; run it on the primary' USING ERRCODE = 'read_only_sql_transaction';
+    END IF;
     UPDATE pgsim.embedding e SET table_schema = n.nspname, table_name = c.relname
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
     WHERE c.oid = e.table_oid AND (n.nspname, c.relname) IS DISTINCT FROM (e.table_schema, e.table_name);

@@ -11,6 +11,10 @@ DECLARE
     target text;
     table_schema name;
 BEGIN
+    IF pg_is_in_recovery() THEN  -- a hot standby: say so, rather than which statement was refused
+        RAISE EXCEPTION 'pgsim.unregister_embedding writes, and this server is a read-only standby; run it on the '
+            'primary' USING ERRCODE = 'read_only_sql_transaction';
+    END IF;
     SELECT * INTO STRICT e FROM pgsim.embedding WHERE id = registration;
     SELECT c.oid::regclass::text, n.nspname INTO target, table_schema
     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = e.table_oid;

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pgsim.cli.common import format_table, open_connection
+from pgsim.db.calibration import DEFAULT_QUERIES, DEFAULT_SECONDS
 
 
 def add_calibrate_command(add_command: Callable[..., Any]) -> None:
@@ -18,9 +19,22 @@ def add_calibrate_command(add_command: Callable[..., Any]) -> None:
     )
     calibrate.add_argument("table")
     calibrate.add_argument("column")
-    calibrate.add_argument("--seconds", type=float, default=30.0, help="time budget (default: 30)")
+    calibrate.add_argument(
+        "--seconds", type=float, default=DEFAULT_SECONDS, help=f"time budget (default: {DEFAULT_SECONDS:g})"
+    )
     calibrate.add_argument("-k", type=int, default=10, help="the k measured (default: 10)")
-    calibrate.add_argument("--queries", type=int, default=30, help="query vectors sampled from the table (default: 30)")
+    calibrate.add_argument(
+        "--queries",
+        type=int,
+        default=DEFAULT_QUERIES,
+        help=f"query vectors sampled from the table (default: {DEFAULT_QUERIES})",
+    )
+    calibrate.add_argument(
+        "--query-log",
+        type=argparse.FileType("r", encoding="utf-8"),
+        metavar="FILE",
+        help="real queries instead of sampled ones: a text file, one query per line (- for standard input)",
+    )
     calibrate.add_argument(
         "--filter",
         action="append",
@@ -47,7 +61,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             args.column,
             seconds=args.seconds,
             k=args.k,
-            queries=args.queries,
+            queries=logged_queries(args.query_log) if args.query_log else args.queries,
             filters=args.filters,
             progress=lambda fraction: bar.update(round(fraction * 100) - bar.n),
             relevance=False,
@@ -82,3 +96,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         "(recall@k / median time of the HNSW path per ef_search; searches take the smallest that reaches their target)"
     )
     return 0
+
+
+def logged_queries(lines: Any) -> list[str]:
+    with lines:
+        return [line.strip() for line in lines if line.strip()]

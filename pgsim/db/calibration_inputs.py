@@ -124,7 +124,7 @@ def query_vectors(
     sampled = conn.execute(
         sql.SQL(
             "SELECT {col}::text FROM {table} TABLESAMPLE BERNOULLI ({percent}) REPEATABLE (7) WHERE {col} IS NOT NULL "
-            "ORDER BY pg_catalog.random() LIMIT {limit}"
+            "ORDER BY pg_catalog.hashtext(ctid::text || 'query') LIMIT {limit}"
         ).format(
             col=target.column, table=target.qualified, percent=sql.Literal(percent), limit=sql.Literal(2 * queries)
         )

@@ -1,5 +1,6 @@
 -- What the stored curve (pgsim.knn_calibration: fresh, for this index) says a search at this selectivity
--- should do: at the measured level next below it, the smallest ef_search whose recall reached `recall`,
+-- should do: at the measured level next below it (or at most a tenth above: a 20 % level speaks for a filter
+-- estimated at 19.9 %), the smallest ef_search whose recall reached `recall`,
 -- if that walk was faster than the exact scan there, else the exact path. All NULL when there is no fresh
 -- curve, or the filter is below every measured level: then pgsim.knn_plan's thresholds decide. A curve
 -- that cannot be read (a malformed row) counts as none. Its search_path is pinned: knn_plan runs under the
@@ -25,7 +26,7 @@ BEGIN
     END IF;
     BEGIN
         SELECT l INTO level FROM jsonb_array_elements(calibration -> 'levels') AS l
-        WHERE jsonb_typeof(l -> 'selectivity') = 'number' AND (l ->> 'selectivity')::double precision <= selectivity * 1.0001
+        WHERE jsonb_typeof(l -> 'selectivity') = 'number' AND (l ->> 'selectivity')::double precision <= selectivity * 1.1
         ORDER BY (l ->> 'selectivity')::double precision DESC LIMIT 1;
         IF level IS NULL THEN
             RETURN;

@@ -35,7 +35,7 @@ from pgsim.columns.bulk_load import ingest
 from pgsim.columns.grants import grant
 from pgsim.columns.model_change import change_model
 from pgsim.columns.registry import remove_embedding
-from pgsim.columns.worker import backfill, sync
+from pgsim.columns.worker import Worker, backfill, sync
 from pgsim.db.schema import install
 from pgsim.db.server import EmbeddedServer
 from pgsim.demo.corpus import Package
@@ -53,6 +53,7 @@ from pgsim.quality.relevance import relevant_search
 from pgsim.sqlalchemy import Embedding
 
 REPLAY_TIMEOUT = 30.0
+SLOT_PREFIX = "pgsim_test_standby_"
 LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1"}
 
 
@@ -122,11 +123,16 @@ def _allow_replication(conn: psycopg.Connection[Any]) -> None:
 def standby_server(server_dsn: str) -> Iterator[str]:
     """A hot standby of the session's server, streaming through a replication slot; its superuser DSN."""
     _local_or_skip(server_dsn)
-    slot = f"pgsim_test_{uuid.uuid4().hex[:8]}"
+    slot = f"{SLOT_PREFIX}{uuid.uuid4().hex[:8]}"
     directory = Path(tempfile.mkdtemp(prefix="pgsim-test-standby-"))
     server = EmbeddedServer(directory)
     with psycopg.connect(server_dsn, autocommit=True) as conn:
         _allow_replication(conn)
+        conn.execute(  # a killed run's slot would keep the primary's WAL for ever
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+            "WHERE slot_name LIKE %s AND NOT active",
+            [f"{SLOT_PREFIX}%"],
+        )
     try:
         server.make_standby(server_dsn, slot=slot, durable=False)
         running = server.start()
@@ -332,6 +338,9 @@ def test_writes_on_the_standby_say_to_run_them_on_the_primary_and_write_nothing(
             for drain in (sync, backfill):
                 with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match=refused):
                     drain(worker, table="pkgs")
+        # a worker pointed at a standby stops (PostgreSQL refuses its LISTEN there) instead of retrying forever
+        with pytest.raises(psycopg.errors.ReadOnlySqlTransaction, match="during recovery"):
+            Worker(dsn=make_conninfo(replica.standby, user=roles.worker), table="pkgs").run(until_empty=True)
         assert state(admin) == before
 
 

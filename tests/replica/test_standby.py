@@ -439,3 +439,32 @@ def test_a_model_switch_replayed_to_the_standby_while_it_searches(
     assert all(outcome == 5 for outcome in outcomes[replayed:])
     with psycopg.connect(replica.standby, autocommit=True) as conn:
         assert len(search(conn, "switching", "embedding", QUERY, k=5, model=small_model)) == 5
+
+
+def test_a_worker_that_asks_for_a_primary_waits_and_works_on_the_standby_once_it_is_promoted(
+    replica: Replica, roles: Roles
+) -> None:
+    """A failover: the worker's DSN asks for a writable server (target_session_attrs=read-write), so against a
+    standby it keeps reconnecting, and once the standby is promoted it keeps the table in sync there. (Last:
+    it ends the module's standby.)"""
+    dsn = make_conninfo(replica.standby, user=roles.worker, target_session_attrs="read-write")
+    worker = Worker(dsn=dsn, table="pkgs", poll_interval=0.2, reconnect_delay=0.1)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + REPLAY_TIMEOUT
+        while worker.reconnects < 1:  # refused: the standby is read-only
+            assert time.monotonic() < deadline and thread.is_alive(), "the worker did not retry"
+            time.sleep(0.02)
+        with psycopg.connect(replica.standby, autocommit=True) as admin:
+            assert admin.execute("SELECT pg_promote(wait => true)").fetchone() == (True,)
+        text = "a command that converts subtitles between formats"
+        with login(replica.standby, roles.owner) as owner:  # the new primary
+            owner.execute("INSERT INTO pkgs (package, section, synopsis) VALUES ('subconv', 'video', %s)", [text])
+            while owner.execute("SELECT embedding IS NULL FROM pkgs WHERE package = 'subconv'").fetchone() == (True,):
+                assert time.monotonic() < deadline + REPLAY_TIMEOUT and thread.is_alive(), "the worker did not embed"
+                time.sleep(0.05)
+            assert search(owner, "pkgs", "embedding", text, k=1, columns=["package"])[0].row == {"package": "subconv"}
+    finally:
+        worker.stop.set()
+        thread.join()

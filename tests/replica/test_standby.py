@@ -36,6 +36,7 @@ from pgsim.columns.grants import grant
 from pgsim.columns.model_change import change_model
 from pgsim.columns.registry import remove_embedding
 from pgsim.columns.worker import Worker, backfill, sync
+from pgsim.db.connection import connect
 from pgsim.db.schema import install
 from pgsim.db.server import EmbeddedServer
 from pgsim.demo.corpus import Package
@@ -214,13 +215,12 @@ def replica(server_dsn: str, standby_server: str, roles: Roles, packages: list[P
 
 @pytest.fixture(scope="module")
 def on_both(replica: Replica, roles: Roles) -> Iterator[tuple[psycopg.Connection[Any], psycopg.Connection[Any]]]:
-    """Connections to the primary and the standby, each acting as the application role."""
-    with psycopg.connect(replica.primary, autocommit=True) as primary:
-        with psycopg.connect(replica.standby, autocommit=True) as standby:
-            for conn in (primary, standby):
-                register(conn)
-                conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(roles.app)))
-            yield primary, standby
+    """Connections to the primary and (through pgsim.connect) the standby, each acting as the application role."""
+    with psycopg.connect(replica.primary, autocommit=True) as primary, connect(replica.standby) as standby:
+        register(primary)
+        for conn in (primary, standby):
+            conn.execute(sql.SQL("SET ROLE {}").format(sql.Identifier(roles.app)))
+        yield primary, standby
 
 
 def everything_read(conn: psycopg.Connection[Any]) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from pgsim.columns.registry import remove_embedding
 from pgsim.columns.worker import Worker, backfill, sync
 from pgsim.db.connection import connect
 from pgsim.db.schema import install
-from pgsim.db.server import EmbeddedServer
+from pgsim.db.server import PORT, EmbeddedServer
 from pgsim.demo.corpus import Package
 from pgsim.errors import InstallError, PgsimError, ReadOnlyStandby
 from pgsim.knn.filtered import explain, search, search_with_plan
@@ -137,7 +137,7 @@ def standby_server(server_dsn: str) -> Iterator[str]:
     try:
         server.make_standby(server_dsn, slot=slot, durable=False)
         running = server.start()
-        yield make_conninfo(server_dsn, host=str(running.socket_dir), port=str(5432), dbname="postgres")
+        yield make_conninfo(server_dsn, host=str(running.socket_dir), port=str(PORT), dbname="postgres")
     finally:
         server.stop()
         with psycopg.connect(server_dsn, autocommit=True) as conn:

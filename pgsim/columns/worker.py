@@ -11,11 +11,11 @@ changed while its batch was being encoded keeps its queue entry (the writer's tr
 added none), so it is encoded again from its new text: an older text's embedding never lands last.
 
 With a second connection (``overlap_with``), two batches are in flight, each its own transaction on its own
-connection: one is claimed, read and written while the other is encoded, so the model does not wait for
-the database. One forward pass runs at a time. This pays where the database's work does not take the
-model's cores and costs a little where both share few cores (bench/ingest.py --parts overlap), so the
-worker and ``pgsim backfill`` open the second connection only when the database is not on this machine
-(:func:`database_is_remote`).
+connection: one is claimed, read and written while the other is encoded (one forward pass at a time). This
+pays where the database does not share the model's cores (bench/ingest.py --parts overlap), so the worker
+and ``pgsim backfill`` open it only when the database is not on this machine (:func:`database_is_remote`).
+A worker, sync or backfill pointed at a hot standby stops at once with :class:`pgsim.ReadOnlyStandby` (a DSN
+with ``target_session_attrs=read-write`` makes the worker wait for a primary instead).
 
 A batch that fails (an error from the database or the model) is not lost either: its entries count an
 attempt and are retried one row at a time at once, so one bad row cannot take its neighbours down; a row
@@ -43,6 +43,7 @@ from pgsim.columns.registry import Registration, queue_rows, registration_by_id
 from pgsim.columns.worker_role import qualified_table, worker_targets
 from pgsim.db.catalog import is_local_host, pin_search_path, vector_schema
 from pgsim.db.connection import notifications_reach
+from pgsim.db.standby import require_primary
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput, PgsimError, ServerError
 from pgsim.psycopg import register
@@ -55,8 +56,6 @@ DEFAULT_RETRY_DELAY = 1.0  # seconds before the first retry; doubles with each a
 MAX_IDLE_BATCHES = 3  # batches in a row that finish no entry (every row changed meanwhile) end a drain
 WORKER_APPLICATION_NAME = "pgsim worker"
 
-
-# Behind a pooler in transaction mode (PgBouncer) LISTEN lasts one transaction: no NOTIFY wakes the worker.
 LISTEN_LOST = (
     "No notification reaches the worker's LISTEN connection (behind a pooler in transaction mode, such as "
     "PgBouncer, LISTEN lasts one transaction): it looks for queued rows every %.1fs (poll_interval) instead. "
@@ -107,6 +106,7 @@ def sync(
             )
     if overlap_with is not None and _server_and_database(conn) != _server_and_database(overlap_with):
         raise InvalidInput("overlap_with reaches another server or database than conn; it must reach the same one.")
+    require_primary(conn, "pgsim.sync")
     table = qualified_table(conn, table)
     for connection in connections:
         _register_pinned(connection)
@@ -220,6 +220,7 @@ def backfill(
     """Queue every row that has text but no embedding, then drain the queue. Interrupted, it resumes where it
     stopped: the queue is in the database, and each batch commits on its own. ``cache``, ``overlap_with``
     and ``allow_superuser`` as for :func:`sync`."""
+    require_primary(conn, "pgsim.backfill")
     queue_backfill(conn, table, column, allow_superuser=allow_superuser)
     return sync(conn, table=table, column=column, batch_size=batch_size, progress=progress, stop=stop, cache=cache,
                 overlap_with=overlap_with, allow_superuser=allow_superuser, owners=owners)  # fmt: skip
@@ -319,6 +320,7 @@ class Worker:
             try:
                 with contextlib.ExitStack() as connections:
                     work = connections.enter_context(self._connect())
+                    require_primary(work, "the pgsim worker")
                     overlap = database_is_remote(work) if self.overlap is None else self.overlap
                     second = connections.enter_context(self._connect()) if overlap else None
                     listen = connections.enter_context(self._connect())

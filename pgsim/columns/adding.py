@@ -24,7 +24,15 @@ from pgsim.columns.registry import (
     queue_rows,
     registration_by_id,
 )
-from pgsim.db.catalog import Table, pin_search_path, primary_key, relation_exists, resolve_table, table_columns
+from pgsim.db.catalog import (
+    Table,
+    pin_search_path,
+    pinned_path,
+    primary_key,
+    relation_exists,
+    resolve_table,
+    table_columns,
+)
 from pgsim.db.hnsw import HNSW, create_hnsw_index
 from pgsim.db.names import derived_name
 from pgsim.db.standby import require_primary
@@ -101,9 +109,9 @@ def add_embedding(
         try:
             row = conn.execute(
                 """
-                SELECT pgsim.register_embedding(target => %s::regclass, column_name => %s, source => %s,
+                SELECT pgsim.register_embedding(target => %s::pg_catalog.regclass, column_name => %s, source => %s,
                     model => %s, model_revision => %s, dimension => %s, dtype => %s, index_name => %s,
-                    index_m => %s, index_ef_construction => %s, source_columns => %s::name[], replaces => %s,
+                    index_m => %s, index_ef_construction => %s, source_columns => %s::pg_catalog.name[], replaces => %s,
                     stale => %s)
                 """,
                 [
@@ -149,15 +157,16 @@ def add_embedding(
 def _copy_column_grants(conn: psycopg.Connection[Any], new: Registration, replaces: int) -> None:
     """The new column of a model change gets the column privileges of the one it replaces: a worker role
     (pgsim grant worker) that may update the old column fills the new one, and readers keep reading it."""
-    grants = conn.execute(
-        """
-        SELECT a.privilege_type, a.grantee FROM pgsim.embedding e
-        JOIN pg_catalog.pg_attribute c ON c.attrelid = e.table_oid AND c.attname = e.column_name
-        CROSS JOIN LATERAL pg_catalog.aclexplode(c.attacl) AS a
-        WHERE e.id = %s
-        """,
-        [replaces],
-    ).fetchall()
+    with pinned_path(conn):  # a catalog read by OID (the rule in pgsim.db.catalog)
+        grants = conn.execute(
+            """
+            SELECT a.privilege_type, a.grantee FROM pgsim.embedding e
+            JOIN pg_attribute c ON c.attrelid = e.table_oid AND c.attname = e.column_name
+            CROSS JOIN LATERAL aclexplode(c.attacl) AS a
+            WHERE e.id = %s::int4
+            """,
+            [replaces],
+        ).fetchall()
     for privilege, grantee in grants:
         if privilege not in ("SELECT", "INSERT", "UPDATE", "REFERENCES"):
             continue
@@ -170,7 +179,9 @@ def _copy_column_grants(conn: psycopg.Connection[Any], new: Registration, replac
 
 
 def _role_name(conn: psycopg.Connection[Any], oid: int) -> str:
-    row = conn.execute("SELECT rolname FROM pg_catalog.pg_roles WHERE oid = %s", [oid]).fetchone()
+    row = conn.execute(
+        "SELECT rolname FROM pg_catalog.pg_roles WHERE oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid", [oid]
+    ).fetchone()
     return str(row[0]) if row else ""
 
 
@@ -272,15 +283,16 @@ def _check_column(target: TableShape, column: str, dtype: str, dimension: int, m
 
 
 def _is_hnsw_index_on(conn: psycopg.Connection[Any], target: TableShape, index_name: str, column: str) -> bool:
-    row = conn.execute(
-        """
-        SELECT am.amname = 'hnsw' AND i.indnatts = 1 AND a.attname = %s
-        FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
-        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-        WHERE i.indexrelid = to_regclass(%s) AND i.indrelid = to_regclass(%s)
-        """,
-        [column, sql.Identifier(target.schema, index_name).as_string(conn), target.identifier.as_string(conn)],
-    ).fetchone()
+    with pinned_path(conn):  # both names are schema-qualified: nothing needs the caller's path
+        row = conn.execute(
+            """
+            SELECT am.amname = 'hnsw' AND i.indnatts = 1 AND a.attname = %s::name
+            FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+            WHERE i.indexrelid = to_regclass(%s::text) AND i.indrelid = to_regclass(%s::text)
+            """,
+            [column, sql.Identifier(target.schema, index_name).as_string(conn), target.identifier.as_string(conn)],
+        ).fetchone()
     return bool(row and row[0])
 
 

@@ -24,7 +24,7 @@ import psycopg
 from psycopg import sql
 
 from pgsim.columns.registry import Registration, chunk_table, registrations
-from pgsim.db.catalog import has_schema_table, require_schema, resolve_table
+from pgsim.db.catalog import has_schema_table, pinned_path, require_schema, resolve_table
 from pgsim.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,13 @@ def revoke(conn: psycopg.Connection[Any], kind: Kind, role: str, *, tables: Sequ
     return _apply(conn, kind, role, tables, revoke=True)
 
 
-TABLE_OWNER = "SELECT relowner FROM pg_catalog.pg_class WHERE oid = %s"
+# Catalog reads here are fully qualified, their parameters cast (the rule in pgsim.db.catalog): they run with
+# the rights of a table's or pgsim's owner, on whatever search_path the caller's session has.
+TABLE_OWNER = "SELECT relowner FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid"
+PGSIM_OWNER = (
+    "SELECT nspowner FROM pg_catalog.pg_namespace WHERE nspname OPERATOR(pg_catalog.=) 'pgsim'::pg_catalog.name"
+)
+ROLE_EXISTS = "SELECT 1 FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) %s::pg_catalog.name"
 
 
 def _apply(
@@ -86,17 +92,19 @@ def _apply(
 ) -> list[str]:
     if kind not in KINDS:
         raise InvalidInput(f"Unknown kind of role {kind!r}; pgsim grants {', '.join(KINDS)}.")
-    usage = conn.execute("SELECT pg_catalog.has_schema_privilege(CURRENT_USER, 'pgsim', 'USAGE')").fetchone()
+    usage = conn.execute(
+        "SELECT pg_catalog.has_schema_privilege(CURRENT_USER, 'pgsim'::pg_catalog.text, 'USAGE'::pg_catalog.text)"
+    ).fetchone()
     if not (usage and usage[0]):
         raise InvalidInput(
             "The current role may not use schema pgsim: run this as pgsim's owner, or as a table's owner that "
             "pgsim's owner made a register role (pgsim grant register ROLE)."
         )
     require_schema(conn, "queue", f"pgsim {'revoke' if revoke else 'grant'}")
-    if conn.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", [role]).fetchone() is None:
+    if conn.execute(ROLE_EXISTS, [role]).fetchone() is None:
         raise InvalidInput(f"There is no role {role!r}; create it first (CREATE ROLE).")
     statements: list[sql.Composed] = []
-    owns_pgsim = _owns(conn, "SELECT nspowner FROM pg_catalog.pg_namespace WHERE nspname = 'pgsim'")
+    owns_pgsim = _owns(conn, PGSIM_OWNER)
     if owns_pgsim:
         statements += _pgsim_statements(kind, role, revoke, has_schema_table(conn, "chunking"))
     table_statements = _table_statements(conn, kind, role, tables, revoke)
@@ -184,19 +192,21 @@ def _worker_policies(
     named after the role's OID (role names can be longer than a policy name), and only a policy for exactly
     that role with ``USING (true)`` counts as pgsim's: anything else of that name is left alone."""
     secured = conn.execute(
-        "SELECT relrowsecurity FROM pg_catalog.pg_class WHERE oid = %s", [registration.table_oid]
+        "SELECT relrowsecurity FROM pg_catalog.pg_class WHERE oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid",
+        [registration.table_oid],
     ).fetchone()
     if not (secured and secured[0]):
         return []
     statements: list[sql.Composed] = []
     for command, clause in (("SELECT", "USING (true)"), ("UPDATE", "USING (true) WITH CHECK (true)")):
-        row = conn.execute(
-            "SELECT 'pgsim_worker_' || r.oid || '_' || %s, EXISTS (SELECT 1 FROM pg_catalog.pg_policy p "
-            "WHERE p.polrelid = %s AND p.polname = 'pgsim_worker_' || r.oid || '_' || %s AND p.polroles = "
-            "ARRAY[r.oid] AND pg_catalog.pg_get_expr(p.polqual, p.polrelid) = 'true') "
-            "FROM pg_catalog.pg_roles r WHERE r.rolname = %s",
-            [command.lower(), registration.table_oid, command.lower(), role],
-        ).fetchone()
+        with pinned_path(conn):  # ||, = on arrays and text: pg_catalog's only
+            row = conn.execute(
+                "SELECT 'pgsim_worker_' || r.oid || '_' || %(command)s::text, EXISTS (SELECT 1 FROM pg_policy p "
+                "WHERE p.polrelid = %(table)s::oid AND p.polname = ('pgsim_worker_' || r.oid || '_' || "
+                "%(command)s::text)::name AND p.polroles = ARRAY[r.oid] AND pg_get_expr(p.polqual, p.polrelid) = "
+                "'true'::text) FROM pg_roles r WHERE r.rolname = %(role)s::name",
+                {"command": command.lower(), "table": registration.table_oid, "role": role},
+            ).fetchone()
         assert row is not None  # the role was checked to exist
         name, ours = row
         if revoke and ours:

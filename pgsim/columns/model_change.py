@@ -63,8 +63,10 @@ def change_embedding(
     if old.replaces is not None:
         raise InvalidInput(f"{old.table}.{old.column} is itself the target of a change still being filled.")
     under_way = conn.execute(
-        "SELECT column_name FROM pgsim.embedding WHERE replaces = %s AND table_oid = %s", [old.id, old.table_oid]
-    ).fetchone()
+        "SELECT column_name FROM pgsim.embedding WHERE replaces OPERATOR(pg_catalog.=) %s::pg_catalog.int4 "
+        "AND table_oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid",
+        [old.id, old.table_oid],
+    ).fetchone()  # on the caller's search_path: qualified and cast (the rule in pgsim.db.catalog)
     if under_way:
         raise InvalidInput(
             f"A change of {old.table}.{old.column} is under way (into column {under_way[0]}); let the workers "
@@ -113,7 +115,8 @@ def switch_over(conn: psycopg.Connection[Any], new: Registration) -> bool:
     with conn.transaction():
         pin_search_path(conn)
         owns = conn.execute(
-            "SELECT pg_catalog.pg_has_role(CURRENT_USER, relowner, 'USAGE') FROM pg_catalog.pg_class WHERE oid = %s",
+            "SELECT pg_catalog.pg_has_role(CURRENT_USER, relowner, 'USAGE') FROM pg_catalog.pg_class "
+            "WHERE oid = %s::pg_catalog.oid",
             [new.table_oid],
         ).fetchone()
         old = registration_by_id(conn, new.replaces)
@@ -139,7 +142,7 @@ def switch_over(conn: psycopg.Connection[Any], new: Registration) -> bool:
             conn.execute("SET LOCAL lock_timeout = '2s'")
             conn.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(new.table_sql))
             current = conn.execute(
-                "SELECT replaces, column_name FROM pgsim.embedding WHERE id = %s FOR UPDATE", [new.id]
+                "SELECT replaces, column_name FROM pgsim.embedding WHERE id = %s::pg_catalog.int4 FOR UPDATE", [new.id]
             ).fetchone()
             if current != (old.id, new.column) or registration_by_id(conn, old.id) != old or _pending(conn, new.id):
                 return False  # cancelled, switched by another worker, or rows arrived
@@ -170,7 +173,7 @@ def _switch(
         """
         UPDATE pgsim.embedding SET column_name = %s, replaces = NULL, created_column = %s, index_name = %s,
             index_m = %s, index_ef_construction = %s
-        WHERE id = %s
+        WHERE id = %s::pg_catalog.int4
         """,
         [
             old.column,
@@ -188,8 +191,8 @@ def _switch(
 def _pending(conn: psycopg.Connection[Any], registration_id: int) -> bool:
     """Rows still queued or dead-lettered: switching now would drop their old embeddings for nothing."""
     row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pgsim.queue WHERE embedding_id = %(id)s) "
-        "OR EXISTS (SELECT 1 FROM pgsim.dead_letter WHERE embedding_id = %(id)s)",
+        "SELECT EXISTS (SELECT 1 FROM pgsim.queue WHERE embedding_id OPERATOR(pg_catalog.=) %(id)s::pg_catalog.int4) "
+        "OR EXISTS (SELECT 1 FROM pgsim.dead_letter WHERE embedding_id OPERATOR(pg_catalog.=) %(id)s::pg_catalog.int4)",
         {"id": registration_id},
     ).fetchone()
     return bool(row and row[0])
@@ -200,7 +203,7 @@ def _valid_index_exists(conn: psycopg.Connection[Any], schema: str, name: str) -
     with conn.transaction():
         pin_search_path(conn)
         row = conn.execute(
-            "SELECT indisvalid FROM pg_catalog.pg_index WHERE indexrelid = pg_catalog.to_regclass(%s)",
+            "SELECT indisvalid FROM pg_catalog.pg_index WHERE indexrelid = pg_catalog.to_regclass(%s::pg_catalog.text)",
             [sql.Identifier(schema, name).as_string(conn)],
         ).fetchone()
     return bool(row and row[0])

@@ -64,12 +64,15 @@ class Registration:
 
 
 # A registration's table is its OID: the schema and table names come from the catalog, never from the row's
-# stored names (which any writer of the row could set to another table's).
+# stored names (which any writer of the row could set to another table's). Every operator and function is
+# pg_catalog's, named so, and every parameter cast: get_registration runs on the caller's search_path (the rule
+# in pgsim.db.catalog).
 REGISTRY_SELECT = (
     "SELECT e.id, n.nspname, c.relname, e.column_name, e.source, e.source_columns, e.key_columns, e.model, "
     "e.model_revision, e.dimension, e.dtype, e.index_name, e.index_m, e.index_ef_construction, e.created_column, "
-    "e.replaces, e.table_oid, e.stale FROM pgsim.embedding e JOIN pg_catalog.pg_class c ON c.oid = e.table_oid "
-    "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+    "e.replaces, e.table_oid, e.stale FROM pgsim.embedding e "
+    "JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) e.table_oid "
+    "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace"
 )
 
 
@@ -110,14 +113,16 @@ def get_registration(conn: psycopg.Connection[Any], table: str, column: str) -> 
     if not has_schema_table(conn, "embedding"):
         return None
     row = conn.execute(
-        REGISTRY_SELECT + " WHERE e.table_oid = pg_catalog.to_regclass(%s) AND e.column_name = %s",
+        REGISTRY_SELECT + " WHERE e.table_oid OPERATOR(pg_catalog.=) "
+        "pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid "
+        "AND e.column_name OPERATOR(pg_catalog.=) %s::pg_catalog.name",
         [table_identifier(table).as_string(conn), column],
     ).fetchone()
     return registration_from_row(row) if row else None
 
 
 def registration_by_id(conn: psycopg.Connection[Any], registration_id: int) -> Registration | None:
-    query = REGISTRY_SELECT + " WHERE e.id = %s"
+    query = REGISTRY_SELECT + " WHERE e.id OPERATOR(pg_catalog.=) %s::pg_catalog.int4"
     row = conn.execute(query, [registration_id]).fetchone()
     return registration_from_row(row) if row else None
 
@@ -138,7 +143,8 @@ def remove_embedding(conn: psycopg.Connection[Any], table: str, column: str, *, 
     with conn.transaction():
         registration = require_registration(conn, table, column)
         pending = conn.execute(
-            "SELECT id FROM pgsim.embedding WHERE replaces = %s AND table_oid = %s",
+            "SELECT id FROM pgsim.embedding WHERE replaces OPERATOR(pg_catalog.=) %s::pg_catalog.int4 "
+            "AND table_oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid",
             [registration.id, registration.table_oid],
         ).fetchall()
         for (replacement_id,) in pending:
@@ -149,13 +155,14 @@ def remove_embedding(conn: psycopg.Connection[Any], table: str, column: str, *, 
         replaced = registration_by_id(conn, registration.replaces) if registration.replaces is not None else None
         if replaced is not None and not _has_triggers(conn, replaced):
             # a cancelled change of source: the old column is kept in sync again, from every row's text now
-            conn.execute("SELECT pgsim.create_triggers(%s)", [replaced.id])
+            conn.execute("SELECT pgsim.create_triggers(%s::pg_catalog.int4)", [replaced.id])
             queue_rows(conn, replaced, only_missing=False)
 
 
 def _has_triggers(conn: psycopg.Connection[Any], registration: Registration) -> bool:
     row = conn.execute(
-        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid = %s AND tgname = %s)",
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid OPERATOR(pg_catalog.=) %s::pg_catalog.oid "
+        "AND tgname OPERATOR(pg_catalog.=) %s::pg_catalog.name)",
         [registration.table_oid, f"pgsim_{registration.id}_insert"],
     ).fetchone()
     return bool(row and row[0])
@@ -195,13 +202,15 @@ class ChunkTable:
 def chunk_table(conn: psycopg.Connection[Any], registration: Registration) -> ChunkTable | None:
     """The chunk table of ``registration``, or None when it is not chunked (or pgsim.chunking is not installed).
     Its names come from the catalog by the recorded OID."""
-    installed = conn.execute("SELECT pg_catalog.to_regclass('pgsim.chunking') IS NOT NULL").fetchone()
+    installed = conn.execute("SELECT pg_catalog.to_regclass('pgsim.chunking'::pg_catalog.text) IS NOT NULL").fetchone()
     if not (installed and installed[0]):
         return None
     row = conn.execute(
         "SELECT n.nspname, c.relname, k.tokens, k.overlap, c.oid FROM pgsim.chunking k "
-        "JOIN pg_catalog.pg_class c ON c.oid = k.chunk_table JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE k.embedding_id = %s AND k.table_oid = %s",
+        "JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) k.chunk_table "
+        "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+        "WHERE k.embedding_id OPERATOR(pg_catalog.=) %s::pg_catalog.int4 "
+        "AND k.table_oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid",
         [registration.id, registration.table_oid],
     ).fetchone()
     return ChunkTable(row[0], row[1], row[2], row[3], int(row[4])) if row else None

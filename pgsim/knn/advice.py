@@ -223,8 +223,11 @@ def stored_curve(conn: psycopg.Connection[Any], table: str, column: str) -> Stor
     found = resolve_table(conn, table)
     if not has_schema_table(conn, "calibration"):
         return None
+    # On the caller's search_path (index names print as the caller sees them): every operator, function and
+    # type pg_catalog's, named so, and every parameter cast (the rule in pgsim.db.catalog).
     attnum = conn.execute(
-        "SELECT attnum FROM pg_catalog.pg_attribute WHERE attrelid = %s AND attname = %s AND attnum > 0 "
+        "SELECT attnum FROM pg_catalog.pg_attribute WHERE attrelid OPERATOR(pg_catalog.=) %s::pg_catalog.oid "
+        "AND attname OPERATOR(pg_catalog.=) %s::pg_catalog.name AND attnum OPERATOR(pg_catalog.>) 0 "
         "AND NOT attisdropped",
         [found.oid, column],
     ).fetchone()
@@ -233,16 +236,23 @@ def stored_curve(conn: psycopg.Connection[Any], table: str, column: str) -> Stor
     row = conn.execute(
         """
         SELECT c.measured, c.rows_measured, c.seconds, pg_catalog.pg_get_userbyid(c.measured_by),
-               c.measured_at, (SELECT i.indexrelid::regclass::text FROM pg_catalog.pg_index i
-                               WHERE i.indexrelid = c.index_oid),
-               (SELECT pg_catalog.min(i.indexrelid::regclass::text) FROM pg_catalog.pg_index i
-                JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid JOIN pg_catalog.pg_am am ON am.oid = ic.relam
-                JOIN pg_catalog.pg_opclass oc ON oc.oid = i.indclass[0]
-                WHERE i.indrelid = c.table_oid AND am.amname = 'hnsw' AND i.indkey[0] = c.column_attnum
-                  AND i.indisvalid AND i.indpred IS NULL AND oc.opcname LIKE '%%cosine%%'),
-               (SELECT CASE WHEN t.reltuples >= 0 THEN t.reltuples END FROM pg_catalog.pg_class t
-                WHERE t.oid = c.table_oid)
-        FROM pgsim.calibration c WHERE c.table_oid = %s AND c.column_attnum = %s AND c.kind = 'knn'
+               c.measured_at,
+               (SELECT i.indexrelid::pg_catalog.regclass::pg_catalog.text FROM pg_catalog.pg_index i
+                WHERE i.indexrelid OPERATOR(pg_catalog.=) c.index_oid),
+               (SELECT pg_catalog.min(i.indexrelid::pg_catalog.regclass::pg_catalog.text) FROM pg_catalog.pg_index i
+                JOIN pg_catalog.pg_class ic ON ic.oid OPERATOR(pg_catalog.=) i.indexrelid
+                JOIN pg_catalog.pg_am am ON am.oid OPERATOR(pg_catalog.=) ic.relam
+                JOIN pg_catalog.pg_opclass oc ON oc.oid OPERATOR(pg_catalog.=) i.indclass[0]
+                WHERE i.indrelid OPERATOR(pg_catalog.=) c.table_oid
+                  AND am.amname OPERATOR(pg_catalog.=) 'hnsw'::pg_catalog.name
+                  AND i.indkey[0] OPERATOR(pg_catalog.=) c.column_attnum
+                  AND i.indisvalid AND i.indpred IS NULL
+                  AND oc.opcname OPERATOR(pg_catalog.~~) '%%cosine%%'::pg_catalog.text),
+               (SELECT CASE WHEN t.reltuples OPERATOR(pg_catalog.>=) 0::pg_catalog.float4 THEN t.reltuples END
+                FROM pg_catalog.pg_class t WHERE t.oid OPERATOR(pg_catalog.=) c.table_oid)
+        FROM pgsim.calibration c WHERE c.table_oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid
+          AND c.column_attnum OPERATOR(pg_catalog.=) %s::pg_catalog.int2
+          AND c.kind OPERATOR(pg_catalog.=) 'knn'::pg_catalog.text
         """,
         [found.oid, attnum[0]],
     ).fetchone()

@@ -32,7 +32,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsim.db.catalog import resolve_table, table_columns, vector_schema
+from pgsim.db.catalog import pinned_path, resolve_table, table_columns, vector_schema
 from pgsim.errors import InvalidInput
 from pgsim.knn.planner import clear_errors
 from pgsim.knn.statements import Condition, Where, filter_sql
@@ -198,6 +198,11 @@ def _operators_after(filter_text: str, quoted: str) -> list[str]:
 
 
 def _columns(conn: psycopg.Connection[Any], oid: int, vector_column: str) -> list[_Column]:
+    with pinned_path(conn):  # catalog reads by OID: pg_catalog's operators only (the rule in pgsim.db.catalog)
+        return _columns_pinned(conn, oid, vector_column)
+
+
+def _columns_pinned(conn: psycopg.Connection[Any], oid: int, vector_column: str) -> list[_Column]:
     rows = conn.execute(
         """
         SELECT a.attname, pg_catalog.quote_ident(a.attname), pg_catalog.format_type(a.atttypid, a.atttypmod),
@@ -215,7 +220,8 @@ def _columns(conn: psycopg.Connection[Any], oid: int, vector_column: str) -> lis
         FROM pg_catalog.pg_attribute a
         JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
         JOIN pg_catalog.pg_type base ON base.oid = CASE WHEN t.typtype = 'd' THEN t.typbasetype ELSE t.oid END
-        WHERE a.attrelid = %s AND a.attnum > 0 AND NOT a.attisdropped AND a.attname <> %s
+        WHERE a.attrelid = %s::pg_catalog.oid AND a.attnum > 0 AND NOT a.attisdropped
+          AND a.attname <> %s::pg_catalog.name
         ORDER BY a.attnum
         """,
         [oid, vector_column],
@@ -224,7 +230,7 @@ def _columns(conn: psycopg.Connection[Any], oid: int, vector_column: str) -> lis
         "SELECT a.attname, am.amname FROM pg_catalog.pg_index i JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid "
         "JOIN pg_catalog.pg_am am ON am.oid = c.relam "
         "JOIN pg_catalog.pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0] "
-        "WHERE i.indrelid = %s AND i.indisvalid AND i.indpred IS NULL",
+        "WHERE i.indrelid = %s::pg_catalog.oid AND i.indisvalid AND i.indpred IS NULL",
         [oid],
     ).fetchall()
     leading = {(str(name), str(method)) for name, method in indexed}
@@ -247,20 +253,8 @@ def likely_filters(conn: psycopg.Connection[Any], table: str, column: str) -> li
     ``MAX_SHARE`` of the rows (else a value from the middle of its histogram); per array column, containment
     of its most common element. Columns ``pg_stats`` shows the current role nothing of are left out."""
     found = resolve_table(conn, table)
-    rows = conn.execute(
-        """
-        SELECT s.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), t.typcategory = 'A', s.n_distinct,
-               CASE WHEN t.typcategory <> 'A' THEN s.most_common_vals::text::text[] END, s.most_common_freqs,
-               CASE WHEN t.typcategory <> 'A' THEN s.histogram_bounds::text::text[] END,
-               s.most_common_elems::text::text[], s.most_common_elem_freqs
-        FROM pg_catalog.pg_stats s
-        JOIN pg_catalog.pg_attribute a ON a.attrelid = %s AND a.attname = s.attname
-        JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
-        WHERE s.schemaname = %s AND s.tablename = %s AND NOT s.inherited AND s.attname <> %s
-        ORDER BY a.attnum
-        """,
-        [found.oid, found.schema, found.name, column],
-    ).fetchall()
+    with pinned_path(conn):  # a catalog read by OID (the rule in pgsim.db.catalog)
+        rows = _statistics(conn, found.oid, found.schema, found.name, column)
     filters: list[tuple[str, sql.Composable]] = []
     for name, type_name, is_array, distinct, values, freqs, bounds, elems, elem_freqs in rows:
         if distinct is None or -1 <= distinct < -0.5 or 0 <= distinct <= 1:
@@ -286,3 +280,21 @@ def missing_indexes_for_likely_filters(conn: psycopg.Connection[Any], table: str
     for name, condition in likely_filters(conn, table, column):
         advice += [a for a in missing_filter_indexes(conn, table, column, condition) if a.column == name]
     return advice
+
+
+def _statistics(conn: psycopg.Connection[Any], oid: int, schema: str, name: str, column: str) -> list[Any]:
+    return conn.execute(
+        """
+        SELECT s.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), t.typcategory = 'A', s.n_distinct,
+               CASE WHEN t.typcategory <> 'A' THEN s.most_common_vals::text::text[] END, s.most_common_freqs,
+               CASE WHEN t.typcategory <> 'A' THEN s.histogram_bounds::text::text[] END,
+               s.most_common_elems::text::text[], s.most_common_elem_freqs
+        FROM pg_catalog.pg_stats s
+        JOIN pg_catalog.pg_attribute a ON a.attrelid = %s::pg_catalog.oid AND a.attname = s.attname
+        JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
+        WHERE s.schemaname = %s::pg_catalog.name AND s.tablename = %s::pg_catalog.name AND NOT s.inherited
+          AND s.attname <> %s::pg_catalog.name
+        ORDER BY a.attnum
+        """,
+        [oid, schema, name, column],
+    ).fetchall()

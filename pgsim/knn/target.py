@@ -57,9 +57,10 @@ def read_vector_column(conn: psycopg.Connection[Any], table: str, column: str) -
     if declared[2] is None:
         raise InvalidInput(f"Column {table}.{column} has no declared dimension; declare it as vector(n).")
     readable = conn.execute(
-        "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_catalog.pg_attribute "
-        "WHERE attrelid = %s::pg_catalog.oid AND attnum > 0 AND NOT attisdropped AND attname <> %s "
-        "AND pg_catalog.has_column_privilege(attrelid, attnum, 'SELECT')",
+        "SELECT pg_catalog.array_agg(attname::pg_catalog.text ORDER BY attnum) FROM pg_catalog.pg_attribute "
+        "WHERE attrelid OPERATOR(pg_catalog.=) %s::pg_catalog.oid AND attnum OPERATOR(pg_catalog.>) 0 "
+        "AND NOT attisdropped AND attname OPERATOR(pg_catalog.<>) %s::pg_catalog.name "
+        "AND pg_catalog.has_column_privilege(attrelid, attnum, 'SELECT'::pg_catalog.text)",
         [found.oid, column],
     ).fetchone()
     return VectorColumn(

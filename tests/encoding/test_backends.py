@@ -71,6 +71,7 @@ def test_every_backend_keeps_float32_vectors_and_truncation(name: str, packages:
 EXPORTS = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}  # the files each backend keeps
 
 
+@warm_exports  # the cached export is the session's; this test makes the two after it
 @pytest.mark.parametrize(("name", "damaged"), [(name, file) for name, files in EXPORTS.items() for file in files])
 def test_an_export_is_cached_and_a_corrupted_or_stale_one_is_rebuilt(name: str, damaged: str, cache: Path) -> None:
     model, revision = load_model(MODEL), model_revision(MODEL)

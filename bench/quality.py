@@ -56,6 +56,7 @@ from quality_data import (  # noqa: E402
     known_items,
     mrr_recall,
     pairwise_prf,
+    reciprocal_rank,
     skewness,
     threshold_prf,
     twin_groups,
@@ -1067,13 +1068,14 @@ def calibrated(conn: psycopg.Connection[Any], data: Data) -> tuple[list[Row], li
             ]
         known = [KnownItem(-1, text, relevant) for text, relevant in zip(qs.texts, qs.relevant, strict=True)]
         figures = {name: mrr_recall(ranked, known) for name, ranked in lists[id(qs)].items()}
-        best = max(figures[name][0] for name in ("vector", "OR", "AND before OR"))
+        best = max(("vector", "OR", "AND before OR"), key=lambda name: figures[name][0])
+        low, high = paired_difference_interval(lists[id(qs)]["new"], lists[id(qs)][best], known)
         hybrid_rows.append(
             [
                 qs.corpus,
                 qs.kind,
                 *(f"{figures[n][0]:.3f} / {figures[n][1]:.3f}" for n in HYBRID_COLUMNS),
-                f"{figures['new'][0] - best:+.3f}",
+                f"{figures['new'][0] - figures[best][0]:+.3f} ({low:+.3f} to {high:+.3f})",
             ]  # fmt: skip
         )
         for when, t in (
@@ -1093,6 +1095,24 @@ def calibrated(conn: psycopg.Connection[Any], data: Data) -> tuple[list[Row], li
 
 
 HYBRID_COLUMNS = ("vector", "OR", "AND before OR", "old", "new")
+BOOTSTRAP_ROUNDS = 2000
+
+
+def paired_difference_interval(
+    ours: list[list[int]], theirs: list[list[int]], known: list[KnownItem], k: int = K
+) -> tuple[float, float]:
+    """A 95 % interval of MRR@k(ours) - MRR@k(theirs) on the same queries (paired bootstrap over queries):
+    whether a difference of a few thousandths is one at all."""
+    difference = np.array(
+        [
+            reciprocal_rank(a, item.relevant, k) - reciprocal_rank(b, item.relevant, k)
+            for a, b, item in zip(ours, theirs, known, strict=True)
+        ]
+    )
+    rng = np.random.default_rng(23)
+    means = difference[rng.integers(0, len(difference), (BOOTSTRAP_ROUNDS, len(difference)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def _searches(conn: psycopg.Connection[Any], qs: QuerySet, how: str) -> list[list[int]]:
@@ -1260,7 +1280,7 @@ def main() -> None:
         print("\nrelevance cut, before and after calibration (pgsim.relevant_search, 10 hits, reference 50)")
         print(format_table(headers, relevance_rows, max_width=110))
         headers = ["corpus", "queries", "vector", "text OR", "text AND before OR", "hybrid before", "hybrid after",
-                   "after - best list"]  # fmt: skip
+                   "after - best list (95 % interval)"]  # fmt: skip
         print("\nhybrid search, MRR@10 / R@10, before and after calibration (pgsim.hybrid_search)")
         print(format_table(headers, hybrid_rows, max_width=110))
 

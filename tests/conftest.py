@@ -19,19 +19,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 pytest_plugins = ["fixtures.database", "fixtures.model", "fixtures.pgbouncer", "fixtures.roles"]
 
-# The files that take longest, longest first (measured on 2 cores, 2026-12-02). `make test`
-# runs with --dist loadfile: each worker takes the next file when it is done with one, so a long file
-# handed out last is the suite's tail while the other worker idles. Handing out these first, then the
-# rest as pytest-xdist would (most tests first), lets the short files fill in at the end.
+# The files that take longest, longest first (measured on 2 cores, 2026-12-02: a full run's test seconds
+# per file with other engineers' benches on the cores). `make test` runs with --dist loadfile: each worker
+# takes the next file when it is done with one, so a long file handed out last is the suite's tail while
+# the other worker idles. Handing out these first, then the rest as pytest-xdist would (most tests first),
+# lets the short files fill in at the end. The first two are about 70% of the suite's test time.
 LONGEST_FILES = (
-    "encoding/test_auto_measure.py",
-    "encoding/test_backends.py",
-    "cli/test_commands.py",
-    "docs/test_examples.py",
-    "columns/test_worker.py",
-    "sqlalchemy/test_orm.py",
-    "knn/test_filtered.py",
-    "encoding/test_first_query.py",
+    "encoding/test_auto_measure.py",  # 616 s
+    "encoding/test_backends.py",  # 597 s
+    "columns/test_worker.py",  # 105 s
+    "docs/test_examples.py",  # 74 s
+    "cli/test_commands.py",  # 44 s
+    "test_connections.py",  # 40 s
+    "sqlalchemy/test_orm.py",  # 31 s
+    "encoding/test_first_query.py",  # 24 s
 )
 
 

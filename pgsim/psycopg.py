@@ -15,11 +15,13 @@ registered connection is a :class:`VectorArray`: a 1-D float32 numpy array, as t
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import psycopg
+from psycopg import sql
 from psycopg.adapt import Dumper, Loader, PyFormat
 from psycopg.pq import Format
 from psycopg.types import TypeInfo
@@ -87,27 +89,60 @@ def bindable(conn: psycopg.BaseConnection[Any], vector: Vector) -> Any:
         return "[" + ",".join(map(repr, vector.tolist())) + "]"
 
 
+class CatalogTypeInfo(TypeInfo):
+    """:class:`psycopg.types.TypeInfo` whose look-up names only pg_catalog's objects. psycopg's own compares
+    ``t.oid = to_regtype(...)`` unqualified on the session's search_path, where a role that may create
+    objects in a schema on it (``public``) can plant an ``=(oid, regtype)``, an exact match that PostgreSQL
+    prefers to pg_catalog's ``=(oid, oid)``, and have it run with the rights of whoever connects (the rule in
+    pgsim.db.catalog). The type's name is still found on the caller's path, as ``::regtype`` finds it."""
+
+    @classmethod
+    def _get_info_query(cls, conn: psycopg.BaseConnection[Any]) -> sql.SQL:
+        return sql.SQL(
+            "SELECT t.typname AS name, t.oid, t.typarray AS array_oid, "
+            "t.oid::pg_catalog.regtype::pg_catalog.text AS regtype, t.typdelim AS delimiter "
+            "FROM pg_catalog.pg_type t "
+            "WHERE t.oid OPERATOR(pg_catalog.=) pg_catalog.to_regtype(%(name)s::pg_catalog.text)::pg_catalog.oid"
+        )
+
+
+PGVECTOR_TYPES = ("vector", "bit", "halfvec", "sparsevec")  # what pgvector.psycopg.register_vector adapts
+
+
 def register(conn: psycopg.Connection[Any], model: str = DEFAULT_MODEL) -> None:
     """Adapt pgvector's types and :class:`Text` on ``conn``; ``model`` encodes Text that names none."""
-    from pgvector.psycopg import register_vector
-
     if isinstance(conn, psycopg.AsyncConnection):
         raise InvalidInput(
             "pgsim.register takes a psycopg.Connection; for an AsyncConnection: await pgsim.register_async(conn)."
         )
-    _require_vector(conn, TypeInfo.fetch(conn, "vector"))
-    register_vector(conn)
-    _register_dumpers(conn, TypeInfo.fetch(conn, "vector"), model)
+    infos = {name: CatalogTypeInfo.fetch(conn, name) for name in PGVECTOR_TYPES}
+    _require_vector(conn, infos["vector"])
+    _register_pgvector(conn, infos)
+    _register_dumpers(conn, infos["vector"], model)
 
 
 async def register_async(conn: psycopg.AsyncConnection[Any], model: str = DEFAULT_MODEL) -> None:
     """:func:`register` for an async connection. Encoding a query runs on the event loop's thread."""
-    from pgvector.psycopg import register_vector_async
+    infos = {name: await CatalogTypeInfo.fetch(conn, name) for name in PGVECTOR_TYPES}
+    _require_vector(conn, infos["vector"])
+    _register_pgvector(conn, infos)
+    _register_dumpers(conn, infos["vector"], model)
 
-    info = await TypeInfo.fetch(conn, "vector")
-    _require_vector(conn, info)
-    await register_vector_async(conn)
-    _register_dumpers(conn, info, model)
+
+def _register_pgvector(conn: psycopg.BaseConnection[Any], infos: Mapping[str, TypeInfo | None]) -> None:
+    """pgvector.psycopg.register_vector's adapters, from types looked up as :class:`CatalogTypeInfo` does
+    (register_vector looks them up with psycopg's own query)."""
+    from pgvector.psycopg.bit import register_bit_info
+    from pgvector.psycopg.halfvec import register_halfvec_info
+    from pgvector.psycopg.sparsevec import register_sparsevec_info
+    from pgvector.psycopg.vector import register_vector_info
+
+    register_vector_info(conn, infos["vector"])
+    register_bit_info(conn, infos["bit"])
+    for name, register_info in (("halfvec", register_halfvec_info), ("sparsevec", register_sparsevec_info)):
+        info = infos[name]
+        if info is not None:
+            register_info(conn, info)
 
 
 def _require_vector(conn: psycopg.BaseConnection[Any], info: TypeInfo | None) -> None:

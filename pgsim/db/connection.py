@@ -35,7 +35,9 @@ def connect(
             f"Cannot connect to PostgreSQL ({str(exc).strip()}). Check --dsn / PGSIM_DSN, or leave both unset "
             "to use pgsim's embedded server."
         ) from None
-    row = conn.execute("SELECT to_regtype('vector') IS NOT NULL, pg_backend_pid()").fetchone()
+    row = conn.execute(
+        "SELECT pg_catalog.to_regtype('vector'::pg_catalog.text) IS NOT NULL, pg_catalog.pg_backend_pid()"
+    ).fetchone()
     assert row is not None
     if not autocommit:
         conn.rollback()  # handed over outside a transaction

@@ -21,7 +21,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsim.db.catalog import is_local_host, vector_schema
+from pgsim.db.catalog import is_local_host, pinned_path, vector_schema
 from pgsim.db.names import table_identifier
 from pgsim.encoding.backends.auto import say
 from pgsim.errors import InvalidInput
@@ -98,29 +98,34 @@ def build_settings(
 ) -> BuildSettings:
     """What pgsim sets for building an HNSW index on ``table.column``: memory for the whole graph (with
     headroom, capped at ``max_memory``, never below the session's setting) and parallel workers."""
-    row = conn.execute(
-        """
-        SELECT greatest(c.reltuples, 0) * (1 - coalesce(s.null_frac, 0)),
-               c.reltuples < 0,
-               a.atttypmod,
-               format_type(a.atttypid, NULL),
-               pg_size_bytes(current_setting('maintenance_work_mem')),
-               current_setting('max_parallel_maintenance_workers')::int,
-               current_setting('max_parallel_workers')::int
-        FROM pg_class c
-        JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = %s
-        LEFT JOIN pg_stats s ON s.schemaname = c.relnamespace::regnamespace::name AND s.tablename = c.relname
-            AND s.attname = a.attname
-        WHERE c.oid = to_regclass(%s)
-        """,
-        [column, table_identifier(table).as_string(conn)],
+    found = conn.execute(  # the name on the caller's path; the rest by OID, pinned (the rule in pgsim.db.catalog)
+        "SELECT pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid", [table_identifier(table).as_string(conn)]
     ).fetchone()
+    with pinned_path(conn):
+        row = conn.execute(
+            """
+            SELECT greatest(c.reltuples, 0) * (1 - coalesce(s.null_frac, 0)),
+                   c.reltuples < 0,
+                   a.atttypmod,
+                   t.typname::text,
+                   pg_size_bytes(current_setting('maintenance_work_mem')),
+                   current_setting('max_parallel_maintenance_workers')::int,
+                   current_setting('max_parallel_workers')::int
+            FROM pg_class c
+            JOIN pg_attribute a ON a.attrelid = c.oid AND a.attname = %s::name
+            JOIN pg_type t ON t.oid = a.atttypid
+            LEFT JOIN pg_stats s ON s.schemaname = c.relnamespace::regnamespace::name AND s.tablename = c.relname
+                AND s.attname = a.attname
+            WHERE c.oid = %s::oid
+            """,
+            [column, found[0] if found else None],
+        ).fetchone()
     if row is None:
         raise InvalidInput(f"Table {table!r} has no column {column!r} to index.")
     rows, never_analyzed, dimension, type_name, current_memory, workers, pool = row
     if never_analyzed:  # no statistics yet: count what the build will read
         counted = conn.execute(
-            sql.SQL("SELECT count(*) FROM {} WHERE {} IS NOT NULL").format(
+            sql.SQL("SELECT pg_catalog.count(*) FROM {} WHERE {} IS NOT NULL").format(
                 table_identifier(table), sql.Identifier(column)
             )
         ).fetchone()
@@ -190,7 +195,9 @@ def create_hnsw_index(
 
 def dimension_of(conn: psycopg.Connection[Any], table: str, column: str) -> int:
     row = conn.execute(
-        "SELECT atttypmod FROM pg_catalog.pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s",
+        "SELECT atttypmod FROM pg_catalog.pg_attribute WHERE attrelid OPERATOR(pg_catalog.=) "
+        "pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid "
+        "AND attname OPERATOR(pg_catalog.=) %s::pg_catalog.name",
         [table_identifier(table).as_string(conn), column],
     ).fetchone()
     return int(row[0]) if row else 384

@@ -37,7 +37,7 @@ from psycopg import sql
 
 from pgsim.db.calibration import pinned
 from pgsim.db.calibration_inputs import table_oid
-from pgsim.db.catalog import vector_schema
+from pgsim.db.catalog import pinned_path, vector_schema
 from pgsim.db.names import table_identifier
 from pgsim.db.standby import require_primary
 from pgsim.errors import InvalidInput
@@ -61,12 +61,13 @@ Progress = Callable[[float], None]
 
 # The calibration rows of a table's column that still describe it: the table has changed by at most a fifth
 # of its rows since, by the planner's row count and by rows inserted and deleted (as pgsim.knn_calibration).
+# Run under pinned_path (its mixed-type comparisons would otherwise pick a role's operator on the caller's path).
 FRESH = """
     SELECT c.kind, c.measured FROM pgsim.calibration c
     JOIN pg_catalog.pg_class t ON t.oid = c.table_oid
     JOIN pg_catalog.pg_attribute a ON a.attrelid = c.table_oid AND a.attnum = c.column_attnum
     LEFT JOIN pg_catalog.pg_stat_all_tables s ON s.relid = c.table_oid AND NOT pg_catalog.pg_is_in_recovery()
-    WHERE c.table_oid = to_regclass(%(table)s) AND a.attname = %(column)s AND c.kind IN ('relevance', 'hybrid')
+    WHERE c.table_oid = %(table)s::oid AND a.attname = %(column)s::name AND c.kind IN ('relevance', 'hybrid')
       AND (t.reltuples < 0 OR abs(t.reltuples - c.rows_measured) <= 0.2 * greatest(c.rows_measured, 1))
       AND (s.relid IS NULL OR c.changes_measured IS NULL OR s.n_tup_ins + s.n_tup_del < c.changes_measured
            OR s.n_tup_ins + s.n_tup_del - c.changes_measured <= 0.2 * greatest(c.rows_measured, 1))
@@ -127,7 +128,11 @@ class Calibrated:
 
 def calibrated(conn: psycopg.Connection[Any], table: str, column: str) -> Calibrated:
     """The fresh calibration of ``table.column`` (empty when there is none, or it is stale)."""
-    rows = conn.execute(FRESH, {"table": table_identifier(table).as_string(conn), "column": column}).fetchall()
+    found = conn.execute(  # the one name resolved on the caller's path; the rest pinned
+        "SELECT pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid", [table_identifier(table).as_string(conn)]
+    ).fetchone()
+    with pinned_path(conn):
+        rows = conn.execute(FRESH, {"table": found[0] if found else None, "column": column}).fetchall()
     measured = {kind: value for kind, value in rows}
     relevance, hybrid = measured.get("relevance") or {}, measured.get("hybrid") or {}
     return Calibrated(

@@ -25,6 +25,7 @@ from pgsim.knn.advice import advise, stored_curve
 from pgsim.knn.filter_indexes import missing_filter_indexes, missing_indexes_for_likely_filters
 from pgsim.knn.target import read_vector_column
 from pgsim.psycopg import register
+from pgsim.quality.relevance_calibration import calibrated
 
 ATTACKER, VICTIM, WORKER = "shadow_attacker", "shadow_victim", "shadow_worker"
 DIMENSION = 8
@@ -37,6 +38,8 @@ OPERATORS = [
     ("=", "oid", "bigint", "boolean", "a::oid OPERATOR(pg_catalog.=) b::oid"),
     ("=", "oid", "oid", "boolean", "a OPERATOR(pg_catalog.=) b"),
     ("=", "oid", "regtype", "boolean", "a OPERATOR(pg_catalog.=) b::oid"),  # psycopg's TypeInfo look-up
+    ("=", "oid", "regclass", "boolean", "a OPERATOR(pg_catalog.=) b::oid"),  # oid = to_regclass(...)
+    ("<", "real", "integer", "boolean", "a OPERATOR(pg_catalog.<) b::real"),  # reltuples < 0
     ("=", "name", "name", "boolean", "a OPERATOR(pg_catalog.=) b"),
     ("<>", "name", "name", "boolean", "a OPERATOR(pg_catalog.<>) b"),
     ("=", "smallint", "smallint", "boolean", "a OPERATOR(pg_catalog.=) b"),
@@ -158,8 +161,9 @@ def test_only_pg_catalog_operators_run_when_pg_catalog_is_listed_late(planted: s
 
 
 def test_registering_reading_and_changing_a_column(victim: psycopg.Connection[Any]) -> None:
-    registration = add_embedding(victim, "docs", "embedding", source="body", index=None)
+    registration = add_embedding(victim, "docs", "embedding", source="body")  # and its HNSW index, sized
     assert (registration.schema, registration.table_name, registration.column) == (VICTIM, "docs", "embedding")
+    assert calibrated(victim, "docs", "embedding") == calibrated(victim, f"{VICTIM}.docs", "embedding")
     found = get_registration(victim, "docs", "embedding")
     assert found == registration
     assert get_registration(victim, "docs", "nothing") is None

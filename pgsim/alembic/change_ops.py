@@ -234,7 +234,9 @@ def apply_change(conn: Any, operation: ChangeEmbeddingOp) -> None:
     model = operation.model or old.model
     wanted = Definition(source, model, model_revision(model), operation.dtype or old.dtype)
     row = conn.execute(
-        "SELECT id FROM pgsim.embedding WHERE replaces = %s AND table_oid = %s", [old.id, old.table_oid]
+        "SELECT id FROM pgsim.embedding WHERE replaces OPERATOR(pg_catalog.=) %s::pg_catalog.int4 "
+        "AND table_oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid",  # qualified: the rule in pgsim.db.catalog
+        [old.id, old.table_oid],
     ).fetchone()
     pending = registration_by_id(conn, row[0]) if row else None
     if pending is not None and definition_of(pending) == wanted:

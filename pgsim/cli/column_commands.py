@@ -31,7 +31,10 @@ def cmd_add_embedding(args: argparse.Namespace) -> int:
             index=index,
             concurrently=args.concurrently,
         )
-        queued = conn.execute("SELECT count(*) FROM pgsim.queue WHERE embedding_id = %s", [registration.id]).fetchone()
+        queued = conn.execute(  # qualified and cast: the rule in pgsim.db.catalog
+            "SELECT pg_catalog.count(*) FROM pgsim.queue WHERE embedding_id OPERATOR(pg_catalog.=) %s::pg_catalog.int4",
+            [registration.id],
+        ).fetchone()
     print(
         f"{registration.table}.{registration.column}: {registration.dtype}({registration.dimension}) of "
         f"{registration.source} by {registration.model}; "

@@ -74,7 +74,11 @@ def progress_bar(description: str) -> tuple[Any, Any]:
 
 
 def queued_count(conn: Any, ids: list[int]) -> int:
-    row = conn.execute("SELECT count(*) FROM pgsim.queue WHERE embedding_id = ANY(%s)", [ids]).fetchone()
+    row = conn.execute(  # qualified and cast: the rule in pgsim.db.catalog
+        "SELECT pg_catalog.count(*) FROM pgsim.queue WHERE embedding_id OPERATOR(pg_catalog.=) "
+        "ANY(%s::pg_catalog.int4[])",
+        [ids],
+    ).fetchone()
     return int(row[0])
 
 

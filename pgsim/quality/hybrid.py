@@ -239,6 +239,11 @@ def _text_column(conn: psycopg.Connection[Any], table: str, name: str | None, co
     if config is None:
         match = TEXT_CONFIG.search(expression or "")
         config = match.group(1) if match else "english"
-    if conn.execute("SELECT count(*) FROM pg_ts_config WHERE cfgname = %s", [config.split(".")[-1]]).fetchone() == (0,):
+    exists = conn.execute(  # qualified and cast: the rule in pgsim.db.catalog
+        "SELECT pg_catalog.count(*) FROM pg_catalog.pg_ts_config "
+        "WHERE cfgname OPERATOR(pg_catalog.=) %s::pg_catalog.name",
+        [config.split(".")[-1]],
+    ).fetchone()
+    if exists == (0,):
         raise InvalidInput(f"There is no text search configuration {config!r} here (see \\dF in psql).")
     return TextColumn(name, config)

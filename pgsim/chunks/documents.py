@@ -27,6 +27,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
+from pgsim.chunks.storage import require_same_owner
 from pgsim.columns.registry import ChunkTable, Registration, chunk_table, require_registration
 from pgsim.db.catalog import pin_search_path, vector_schema
 from pgsim.encoding.encoder import check_vector, encoder_for
@@ -81,6 +82,7 @@ def search_documents(
                 f"{registration.table}.{column} is not chunked: pgsim.chunks.add_chunks(conn, {table!r}, {column!r}, "
                 "Chunks(tokens=...)) first."
             )
+        require_same_owner(conn, registration, chunks)
         selected = list(columns) if columns is not None else _readable(conn, registration)
     params = _query_params(conn, registration, query)
     condition = sql.SQL("TRUE") if where is None else sql.SQL(where.as_string(conn).replace("%", "%%"))
@@ -156,24 +158,28 @@ class Statements:
 
     def hnsw(self) -> sql.Composed:
         """The nearest %(fetch)s chunks by the index, the nearest chunk per document, the k nearest documents
-        that pass the filter; one row at least, with the number of candidates the scan gave."""
+        that pass the filter; one row at least, with the number of candidates the scan gave. Its own names
+        start with ``_pgsim_``: a document table named ``best``, say, would otherwise take the references to
+        them inside the subquery that reads it."""
         doc_match = sql.SQL(" AND ").join(
-            sql.SQL("{}.{} = best.{}").format(self.registration.table_sql, key, key) for key in self.keys
+            sql.SQL("{}.{} = _pgsim_best.{}").format(self.registration.table_sql, key, key) for key in self.keys
         )
         return sql.SQL(
-            "WITH candidates AS MATERIALIZED ("
+            "WITH _pgsim_candidates AS MATERIALIZED ("
             "SELECT {c_keys}, c.chunk_no, c.span_start, c.span_end, {distance} AS distance FROM {chunks} AS c "
             "WHERE {guard} ORDER BY {distance} LIMIT %(fetch)s), "
-            "best AS (SELECT DISTINCT ON ({keys}) * FROM candidates ORDER BY {keys}, distance, chunk_no) "
-            "SELECT counted.n AS {candidates}, hits.* FROM (SELECT count(*) AS n FROM candidates) AS counted "
-            "LEFT JOIN LATERAL (SELECT doc.*, best.chunk_no AS {chunk_no}, best.span_start AS {span_start}, "
-            "best.span_end AS {span_end}, best.distance AS {distance_name} FROM best JOIN LATERAL "
-            "(SELECT {columns} FROM {table} WHERE {doc_match} AND ({condition})) AS doc ON true "
-            "ORDER BY best.distance, {best_keys} LIMIT %(k)s) AS hits ON true"
+            "_pgsim_best AS (SELECT DISTINCT ON ({keys}) * FROM _pgsim_candidates ORDER BY {keys}, distance, chunk_no) "
+            "SELECT _pgsim_counted.n AS {candidates}, _pgsim_hits.* "
+            "FROM (SELECT count(*) AS n FROM _pgsim_candidates) AS _pgsim_counted "
+            "LEFT JOIN LATERAL (SELECT _pgsim_doc.*, _pgsim_best.chunk_no AS {chunk_no}, "
+            "_pgsim_best.span_start AS {span_start}, _pgsim_best.span_end AS {span_end}, "
+            "_pgsim_best.distance AS {distance_name} FROM _pgsim_best JOIN LATERAL "
+            "(SELECT {columns} FROM {table} WHERE {doc_match} AND ({condition})) AS _pgsim_doc ON true "
+            "ORDER BY _pgsim_best.distance, {best_keys} LIMIT %(k)s) AS _pgsim_hits ON true"
         ).format(
             c_keys=self._names("c."),
             keys=self._names(""),
-            best_keys=self._names("best."),
+            best_keys=self._names("_pgsim_best."),
             distance=self.distance,
             chunks=self.chunks.table_sql,
             guard=self.guard,
@@ -188,15 +194,16 @@ class Statements:
     def exact(self) -> sql.Composed:
         """Every document that passes the filter with its nearest chunk (no index orders ``+ 0``), the k nearest."""
         chunk_match = sql.SQL(" AND ").join(
-            sql.SQL("c.{} = doc.{}").format(key, sql.Identifier(f"{PREFIX}key_{i}")) for i, key in enumerate(self.keys)
+            sql.SQL("c.{} = _pgsim_doc.{}").format(key, sql.Identifier(f"{PREFIX}key_{i}"))
+            for i, key in enumerate(self.keys)
         )
         return sql.SQL(
-            "SELECT doc.*, best.chunk_no AS {chunk_no}, best.span_start AS {span_start}, best.span_end AS {span_end}, "
-            "best.distance AS {distance_name} "
-            "FROM (SELECT {columns} FROM {table} WHERE {guard} AND ({condition})) AS doc "
+            "SELECT _pgsim_doc.*, _pgsim_best.chunk_no AS {chunk_no}, _pgsim_best.span_start AS {span_start}, "
+            "_pgsim_best.span_end AS {span_end}, _pgsim_best.distance AS {distance_name} "
+            "FROM (SELECT {columns} FROM {table} WHERE {guard} AND ({condition})) AS _pgsim_doc "
             "JOIN LATERAL (SELECT c.chunk_no, c.span_start, c.span_end, {distance} AS distance FROM {chunks} AS c "
-            "WHERE {chunk_match} ORDER BY ({distance}) + 0, c.chunk_no LIMIT 1) AS best ON true "
-            "ORDER BY best.distance, {doc_keys} LIMIT %(k)s"
+            "WHERE {chunk_match} ORDER BY ({distance}) + 0, c.chunk_no LIMIT 1) AS _pgsim_best ON true "
+            "ORDER BY _pgsim_best.distance, {doc_keys} LIMIT %(k)s"
         ).format(
             columns=self.columns,
             table=self.registration.table_sql,
@@ -206,7 +213,7 @@ class Statements:
             chunks=self.chunks.table_sql,
             chunk_match=chunk_match,
             doc_keys=sql.SQL(", ").join(
-                sql.SQL("doc.{}").format(sql.Identifier(f"{PREFIX}key_{i}")) for i in range(len(self.keys))
+                sql.SQL("_pgsim_doc.{}").format(sql.Identifier(f"{PREFIX}key_{i}")) for i in range(len(self.keys))
             ),
             **self._output_names(),
         )

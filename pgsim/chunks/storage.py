@@ -119,6 +119,26 @@ def remove_chunks(conn: psycopg.Connection[Any], table: str, column: str) -> Non
         conn.execute(sql.SQL("DROP TABLE {}").format(found.table_sql))
 
 
+def require_same_owner(conn: psycopg.Connection[Any], registration: Registration, table: ChunkTable) -> None:
+    """Refuse a chunk table whose owner is not the document table's: ``ALTER TABLE ... OWNER TO`` on the
+    documents leaves it with the former owner, whose triggers and policy there would run as the worker (and
+    as every searching role), and who would read the new owner's chunks."""
+    row = conn.execute(
+        "SELECT d.relowner = c.relowner, pg_catalog.pg_get_userbyid(d.relowner), "
+        "pg_catalog.pg_get_userbyid(c.relowner) FROM pg_catalog.pg_class d, pg_catalog.pg_class c "
+        "WHERE d.oid = %s AND c.oid = %s",  # (under the caller's pinned search_path)
+        [registration.table_oid, table.oid],
+    ).fetchone()
+    if row is None or not row[0]:
+        new_owner, old_owner = (row[1], row[2]) if row else ("?", "?")
+        raise InvalidInput(
+            f"The chunk table {table.schema}.{table.name} of {registration.table}.{registration.column} belongs to "
+            f"role {old_owner!r}, not to {new_owner!r}, the owner of {registration.table}: its owner changed, and "
+            "pgsim neither writes nor searches chunks another role controls. Its owner now: "
+            f"ALTER TABLE {table.table_sql.as_string(conn)} OWNER TO {sql.Identifier(str(new_owner)).as_string(conn)}"
+        )
+
+
 def _require_owner(conn: psycopg.Connection[Any], registration: Registration) -> None:
     row = conn.execute(
         "SELECT pg_catalog.pg_has_role(CURRENT_USER, c.relowner, 'USAGE') FROM pg_catalog.pg_class c WHERE c.oid = %s",

@@ -26,6 +26,7 @@ from psycopg.types.json import Jsonb
 
 from pgsim.chunks.settings import Chunks
 from pgsim.chunks.splitting import Chunk, model_tokenizer, split
+from pgsim.chunks.storage import require_same_owner
 from pgsim.columns.cache import lookup, merged, missing, store
 from pgsim.columns.registry import ChunkTable, Registration
 from pgsim.db.catalog import vector_schema
@@ -74,6 +75,7 @@ class ChunkStep:
 
     def prepare(self, rows: list[tuple[int, Any, str | None]]) -> None:
         """Cut each (entry id, key, text) row into chunks, and find which of them the document has already."""
+        require_same_owner(self.conn, self.registration, self.table)  # before any of the chunk table's code runs
         settings = Chunks(self.table.tokens, self.table.overlap)
         tokenizer = model_tokenizer(self.encoder)
         for entry_id, key, text in rows:

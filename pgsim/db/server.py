@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
 from pgsim.errors import ServerError
 
 log = logging.getLogger(__name__)
@@ -107,6 +109,8 @@ class EmbeddedServer:
         with self._locked():
             if (self.pgdata / "PG_VERSION").exists():
                 raise ServerError(f"{self.pgdata} already holds a cluster; a standby needs an empty directory.")
+            if self.pgdata.is_dir() and any(self.pgdata.iterdir()):  # a failed copy empties it: only its own files
+                raise ServerError(f"{self.pgdata} is not empty; a standby needs an empty directory.")
             user = self._service_user()
             self.pgdata.mkdir(mode=0o700, exist_ok=True)
             if user is not None:
@@ -114,13 +118,18 @@ class EmbeddedServer:
                 os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
                 for path in (self.pgdata, _bin_dir()):
                     _allow_traversal(path)
-            args = [str(_bin_dir() / "pg_basebackup"), "-D", str(self.pgdata), "-d", primary_dsn, "-R"]
+            # the password goes by the environment, not the command line every local user may read (libpq
+            # still writes it into primary_conninfo, in the standby's own data directory)
+            params = conninfo_to_dict(primary_dsn)
+            password = params.pop("password", None)
+            env = {**os.environ, "PGPASSWORD": str(password)} if password is not None else None
+            args = [str(_bin_dir() / "pg_basebackup"), "-D", str(self.pgdata), "-d", make_conninfo("", **params), "-R"]
             args += ["-X", "stream", "--checkpoint=fast", *([] if durable else ["--no-sync"])]
             if slot is not None:
                 args += ["-C", "-S", slot]
             log.info("copying the primary into %s with pg_basebackup", self.pgdata)
             try:
-                _run(args, user=user)
+                _run(args, user=user, env=env, timeout=None)  # a copy takes as long as the primary is big
             except ServerError:
                 for child in self.pgdata.iterdir():
                     _remove(child)
@@ -268,7 +277,9 @@ class EmbeddedServer:
             raise ServerError(f"{exc}\nLast lines of {self.log_file}:\n{tail}") from None
 
 
-def _run(args: list[str], user: str | None = None) -> None:
+def _run(
+    args: list[str], user: str | None = None, *, env: dict[str, str] | None = None, timeout: float | None = 300
+) -> None:
     # Drop root's groups too: a directory's group bits would otherwise apply to the service user.
     identity: dict[str, Any] = {"user": user, "group": user, "extra_groups": []} if user else {}
     try:
@@ -280,11 +291,14 @@ def _run(args: list[str], user: str | None = None) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            timeout=300,
+            timeout=timeout,
+            env=env,
         )
     except subprocess.CalledProcessError as exc:
         raise ServerError(f"{Path(args[0]).name} failed with exit code {exc.returncode}:\n{exc.stdout}") from None
-    except (OSError, subprocess.TimeoutExpired) as exc:
+    except subprocess.TimeoutExpired as exc:  # its text repeats the whole command line
+        raise ServerError(f"{Path(args[0]).name} did not finish within {exc.timeout:g} seconds") from None
+    except OSError as exc:
         raise ServerError(f"could not run {Path(args[0]).name}: {exc}") from None
 
 

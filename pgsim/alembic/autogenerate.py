@@ -86,7 +86,11 @@ def _registrations(autogen_context: AutogenContext) -> tuple[Registered, dict[in
     way by the id of the registration they replace. A registration's table is its OID's (a renamed table
     keeps its registrations)."""
     connection = autogen_context.connection
-    if connection is None or connection.execute(text("SELECT to_regclass('pgsim.embedding')")).scalar() is None:
+    if (
+        connection is None
+        or connection.execute(text("SELECT pg_catalog.to_regclass('pgsim.embedding'::pg_catalog.text)")).scalar()
+        is None
+    ):
         return {}, {}
     default_schema = autogen_context.dialect.default_schema_name
     rows = connection.execute(
@@ -265,7 +269,11 @@ def _drop_embedding(row: Any, schema: str | None, *, drop_column: bool = True) -
 def _needs_install(autogen_context: AutogenContext, upgrade_ops: alembic_ops.UpgradeOps) -> bool:
     """Whether the migration uses pgvector's types or pgsim's operations on a database without pgsim."""
     connection = autogen_context.connection
-    if connection is None or connection.execute(text("SELECT to_regclass('pgsim.migration')")).scalar() is not None:
+    if (
+        connection is None
+        or connection.execute(text("SELECT pg_catalog.to_regclass('pgsim.migration'::pg_catalog.text)")).scalar()
+        is not None
+    ):
         return False
     for op in _all_ops(upgrade_ops.ops):
         if isinstance(op, (CreateEmbeddingOp, CreateHnswIndexOp)):

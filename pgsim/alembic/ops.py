@@ -300,8 +300,10 @@ def _check_vector_column(operations: Operations, operation: CreateHnswIndexOp) -
         operations.get_bind()
         .execute(
             text(
-                "SELECT format_type(atttypid, NULL) FROM pg_attribute "
-                "WHERE attrelid = to_regclass(:table) AND attname = :column AND NOT attisdropped"
+                "SELECT pg_catalog.format_type(atttypid, NULL) FROM pg_catalog.pg_attribute "
+                "WHERE attrelid OPERATOR(pg_catalog.=) "
+                "CAST(pg_catalog.to_regclass(CAST(:table AS pg_catalog.text)) AS pg_catalog.oid) "
+                "AND attname OPERATOR(pg_catalog.=) CAST(:column AS pg_catalog.name) AND NOT attisdropped"
             ),
             {"table": table, "column": operation.column_name},
         )

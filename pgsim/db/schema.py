@@ -272,7 +272,7 @@ def drop_functions_script() -> str:
 def applied_files(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
     """(name, package version) of every applied file, the most recently applied last; empty when pgsim is
     not installed."""
-    if conn.execute("SELECT to_regclass('pgsim.migration')").fetchone() == (None,):
+    if conn.execute("SELECT pg_catalog.to_regclass('pgsim.migration'::pg_catalog.text)").fetchone() == (None,):
         return []
     rows = conn.execute(
         'SELECT name, package_version FROM pgsim.migration ORDER BY applied_at, name COLLATE "C"'
@@ -281,7 +281,10 @@ def applied_files(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
 
 
 def _ensure_vector_extension(conn: psycopg.Connection[Any]) -> str:
-    row = conn.execute("SELECT extnamespace::regnamespace::text FROM pg_extension WHERE extname = 'vector'").fetchone()
+    row = conn.execute(
+        "SELECT extnamespace::pg_catalog.regnamespace::pg_catalog.text FROM pg_catalog.pg_extension "
+        "WHERE extname OPERATOR(pg_catalog.=) 'vector'::pg_catalog.name"
+    ).fetchone()
     if row is not None:
         return str(row[0]).strip('"')
     database, role = conn.execute("SELECT current_database(), current_user").fetchone() or ("?", "?")

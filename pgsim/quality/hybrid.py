@@ -216,11 +216,14 @@ def _fused(
 
 def _text_column(conn: psycopg.Connection[Any], table: str, name: str | None, config: str | None) -> TextColumn:
     """The tsvector column to rank by, and the configuration its text was parsed with."""
-    found = conn.execute(
-        "SELECT a.attname, pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a "
-        "LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
-        "WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 AND NOT a.attisdropped "
-        "AND a.atttypid = 'tsvector'::regtype ORDER BY a.attnum",
+    found = conn.execute(  # on the caller's path, so pg_catalog's objects only, named (the rule in pgsim.db.catalog)
+        "SELECT a.attname, pg_catalog.pg_get_expr(d.adbin, d.adrelid) FROM pg_catalog.pg_attribute a "
+        "LEFT JOIN pg_catalog.pg_attrdef d "
+        "ON d.adrelid OPERATOR(pg_catalog.=) a.attrelid AND d.adnum OPERATOR(pg_catalog.=) a.attnum "
+        "WHERE a.attrelid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid "
+        "AND a.attnum OPERATOR(pg_catalog.>) 0 AND NOT a.attisdropped "
+        "AND a.atttypid OPERATOR(pg_catalog.=) 'pg_catalog.tsvector'::pg_catalog.regtype::pg_catalog.oid "
+        "ORDER BY a.attnum",
         [table_identifier(table).as_string(conn)],
     ).fetchall()
     add = (

@@ -28,3 +28,7 @@ CREATE POLICY chunking_owners ON pgsim.chunking FOR ALL
         (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = table_oid), 'USAGE')
         AND (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = chunk_table)
             = (SELECT c.relowner FROM pg_catalog.pg_class c WHERE c.oid = table_oid));
+-- Every batch of every registration looks its chunk table up here, so every role that reaches schema pgsim
+-- may read it (the policy above shows the rows of tables it may read): a worker role granted before this
+-- table existed would otherwise fail every batch, chunked or not, from the upgrade on.
+GRANT SELECT ON pgsim.chunking TO PUBLIC;

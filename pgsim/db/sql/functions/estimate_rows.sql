@@ -10,7 +10,8 @@ BEGIN
     FOR plan IN EXECUTE pg_catalog.format('EXPLAIN (FORMAT JSON) SELECT 1 FROM %s WHERE %s', tbl, coalesce(nullif(filter, ''), 'true'))
     LOOP
     END LOOP;
-    RETURN (plan -> 0 -> 'Plan' ->> 'Plan Rows')::double precision;
+    -- keys typed: an unknown literal would match a ->(json, json) of another role's in a schema on the path
+    RETURN (plan -> 0 -> 'Plan'::pg_catalog.text ->> 'Plan Rows'::pg_catalog.text)::double precision;
 END;
 $$;
 COMMENT ON FUNCTION pgsim.estimate_rows(regclass, text) IS

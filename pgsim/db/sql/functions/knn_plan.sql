@@ -10,6 +10,9 @@
 -- curve decides instead of the fixed thresholds: the hnsw path with the smallest ef_search whose recall@k
 -- reached `recall` at the measured selectivity next below this filter's, when it was faster than the exact
 -- scan there; else the exact path.
+-- It runs on the caller's search_path (the filter is the caller's SQL), so every operator it applies has
+-- operands of exactly the types of pg_catalog's (tbl::pg_catalog.oid, never oid = regclass): an operator
+-- another role made for the looser types in a schema on that path would be an exact match, and win.
 CREATE OR REPLACE FUNCTION pgsim.knn_plan(
     tbl regclass,
     col name,
@@ -47,7 +50,7 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     SELECT a.attnum, a.atttypmod, a.atttypid::regtype::text INTO attnum, dimension, column_type FROM pg_catalog.pg_attribute a
-    WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
+    WHERE a.attrelid = tbl::pg_catalog.oid AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped;
     IF attnum IS NULL THEN
         RAISE EXCEPTION 'pgsim.knn_plan: table % has no column %', tbl, pg_catalog.quote_ident(col)
             USING ERRCODE = 'undefined_column';
@@ -64,8 +67,8 @@ BEGIN
     JOIN pg_catalog.pg_class c ON c.oid = i.indexrelid
     JOIN pg_catalog.pg_am am ON am.oid = c.relam
     JOIN pg_catalog.pg_opclass oc ON oc.oid = i.indclass[0]
-    WHERE i.indrelid = tbl AND am.amname = 'hnsw' AND i.indkey[0] = attnum AND i.indisvalid
-      AND oc.opcname LIKE '%cosine%';
+    WHERE i.indrelid = tbl::pg_catalog.oid AND am.amname = 'hnsw'::pg_catalog.name AND i.indkey[0] = attnum
+      AND i.indisvalid AND oc.opcname LIKE '%cosine%'::pg_catalog.text;
     result.index_name := full_name;
     IF partial_names IS NOT NULL THEN
         -- Plan with the ef_search the search will run with: pgvector's cost grows with it, and at a higher
@@ -93,7 +96,7 @@ BEGIN
             IF position(('"Index Name": ' || pg_catalog.to_json(pg_catalog.split_part(candidate, '.', -1))::text) IN plan::text) > 0 THEN
                 result.index_name := candidate;
                 SELECT pg_catalog.pg_get_expr(i.indpred, i.indrelid) INTO predicate FROM pg_catalog.pg_index i
-                WHERE i.indexrelid = candidate::regclass;
+                WHERE i.indexrelid = candidate::pg_catalog.regclass::pg_catalog.oid;
                 EXIT;
             END IF;
         END LOOP;
@@ -105,7 +108,7 @@ BEGIN
         RETURN result;
     END IF;
     IF predicate IS NULL THEN
-        SELECT CASE WHEN c.reltuples >= 0::real THEN c.reltuples END INTO total_rows FROM pg_catalog.pg_class c WHERE c.oid = tbl;
+        SELECT CASE WHEN c.reltuples >= 0::real THEN c.reltuples END INTO total_rows FROM pg_catalog.pg_class c WHERE c.oid = tbl::pg_catalog.oid;
     END IF;
     result.indexed_rows := greatest(coalesce(total_rows, pgsim.estimate_rows(tbl, predicate)), 1);
     result.selectivity := least(result.estimated_rows / result.indexed_rows, 1);

@@ -170,3 +170,21 @@ def test_a_long_query_log_is_sampled_before_it_is_encoded(registered: psycopg.Co
     log = [f"query number {i} about packages" for i in range(1500)]
     calibrate(registered, "logged", "embedding", queries=log, seconds=5, relevance=False)
     assert encoder.stats.texts - before <= 1000
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pgsim/quality/index_calibration.py calibrate takes a bare str for a query log (any() over its "
+    "characters): refuse a str (or bytes) for queries before looking into it",
+)
+def test_one_query_text_is_not_taken_for_a_log_of_its_characters(registered: psycopg.Connection[Any]) -> None:
+    """calibrate(..., queries="queries.log"), the log file's path as the CLI's --query-log takes it (or one query
+    without a space), encoded every character as a query of its own and measured the curve with them, without
+    a word (a text with a space was refused only by chance: its space is a blank query)."""
+    from pgsim.quality.index_calibration import calibrate
+
+    encoder = encoder_for("all-MiniLM-L6-v2")
+    before = encoder.stats.texts
+    with pytest.raises(InvalidInput, match="quer"):
+        calibrate(registered, "logged", "embedding", queries="queries.log", seconds=5, relevance=False)
+    assert encoder.stats.texts == before

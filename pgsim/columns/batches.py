@@ -81,11 +81,11 @@ MAY_BE_HIDDEN = """
 WITH applying AS (
     SELECT p.polpermissive, pg_catalog.pg_get_expr(p.polqual, p.polrelid) AS qual
     FROM pg_catalog.pg_policy p
-    WHERE p.polrelid = %(table)s AND p.polcmd IN ('r', '*')
-      AND (0 = ANY(p.polroles) OR EXISTS (SELECT 1 FROM unnest(p.polroles) AS r(oid)
+    WHERE p.polrelid = %(table)s::pg_catalog.oid AND p.polcmd IN ('r', '*')
+      AND (0::pg_catalog.oid = ANY(p.polroles) OR EXISTS (SELECT 1 FROM pg_catalog.unnest(p.polroles) AS r(oid)
                                           WHERE pg_catalog.pg_has_role(CURRENT_USER, r.oid, 'USAGE')))
 )
-SELECT pg_catalog.row_security_active(%(table)s)
+SELECT pg_catalog.row_security_active(%(table)s::pg_catalog.oid)
    AND NOT (EXISTS (SELECT 1 FROM applying WHERE polpermissive AND qual = 'true')
             AND NOT EXISTS (SELECT 1 FROM applying WHERE NOT polpermissive))
 """

@@ -31,11 +31,13 @@ WITH RECURSIVE me(role) AS (SELECT pg_catalog.to_regrole(pg_catalog.quote_ident(
 trusted(role) AS (
     SELECT role FROM me
     UNION
-    SELECT m.roleid FROM pg_catalog.pg_auth_members m JOIN trusted t ON m.member = t.role
+    SELECT m.roleid FROM pg_catalog.pg_auth_members m JOIN trusted t ON m.member OPERATOR(pg_catalog.=) t.role
 )
 SELECT digest, embedding FROM pgsim.embedding_cache
-WHERE model = %s AND model_revision = %s AND digest = ANY(%s) AND stored_by IN (SELECT role FROM trusted)
-"""
+WHERE model OPERATOR(pg_catalog.=) %s::pg_catalog.text AND model_revision OPERATOR(pg_catalog.=) %s::pg_catalog.text
+  AND digest OPERATOR(pg_catalog.=) ANY(%s::pg_catalog.bytea[])
+  AND stored_by OPERATOR(pg_catalog.=) ANY(ARRAY(SELECT role FROM trusted))
+"""  # pg_catalog's operators, named: ingest runs it on the caller's search_path (the rule in pgsim.db.catalog)
 
 
 def lookup(conn: psycopg.Connection[Any], encoder: Encoder, texts: Sequence[str | None]) -> Found:

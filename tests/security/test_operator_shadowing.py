@@ -207,10 +207,12 @@ def test_grant_and_revoke(victim: psycopg.Connection[Any]) -> None:
 
 
 def test_doctor_filter_index_advice(victim: psycopg.Connection[Any]) -> None:
+    path = victim.execute("SHOW search_path").fetchone()
     missing = missing_filter_indexes(victim, "items", "embedding", {"section": "s3"})
     assert [(a.column, a.method) for a in missing] == [("section", "btree")]
     likely = missing_indexes_for_likely_filters(victim, "items", "embedding")
     assert [(a.column, a.method) for a in likely] == [("section", "btree")]
+    assert victim.execute("SHOW search_path").fetchone() == path  # pinned for the catalog reads only
     assert ran(victim) == []
 
 
@@ -265,3 +267,15 @@ def _policies(conn: psycopg.Connection[Any]) -> list[str]:
         [f"{VICTIM}.docs"],
     ).fetchall()
     return [str(name) for (name,) in rows]
+
+
+def test_the_callers_path_and_transaction_are_left_as_they_were(planted: str) -> None:
+    with psycopg.connect(dsn_for(planted, user=VICTIM)) as conn:  # not autocommit: the caller's transaction
+        conn.execute(sql.SQL("SET search_path = {}").format(sql.SQL(PATHS["catalog_last"])))
+        conn.commit()
+        conn.execute("SELECT 1")
+        assert [a.column for a in missing_filter_indexes(conn, "items", "embedding", {"section": "s3"})] == ["section"]
+        assert conn.execute("SHOW search_path").fetchone() == (PATHS["catalog_last"],)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+        conn.rollback()
+        assert conn.execute("SHOW search_path").fetchone() == (PATHS["catalog_last"],)

@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from pgsim.chunks.storage import require_same_owner
+from pgsim.chunks.storage import caller_path_kept, require_same_owner
 from pgsim.columns.registry import ChunkTable, Registration, chunk_table, require_registration
 from pgsim.db.catalog import pin_search_path, vector_schema
 from pgsim.encoding.encoder import check_vector, encoder_for
@@ -73,7 +73,7 @@ def search_documents(
         raise InvalidInput(f"k must be a whole number from 1 to {MAX_K}; got {k!r}.")
     if where is not None and not isinstance(where, sql.Composable):
         raise InvalidInput("where must be a psycopg.sql.Composable condition (sql.SQL(...).format(...)), or None.")
-    with conn.transaction():
+    with conn.transaction(), caller_path_kept(conn):
         registration = require_registration(conn, table, column)  # the name as the caller's search_path reads it
         pin_search_path(conn)
         chunks = chunk_table(conn, registration)

@@ -15,6 +15,8 @@ table, those that may update it (workers) SELECT, INSERT and DELETE. Later grant
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
@@ -45,6 +47,17 @@ WHERE a.privilege_type = %(privilege)s
 """
 
 
+@contextmanager
+def caller_path_kept(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """Inside a ``conn.transaction()`` block that pins the search_path: the caller's path back at its end. The
+    block is a savepoint when the caller has a transaction open (psycopg's default), and a pinned path would
+    outlive it there, until the caller's transaction ends. (After an error, the savepoint's rollback
+    restores the path itself.)"""
+    row = conn.execute("SELECT pg_catalog.current_setting('search_path')").fetchone()
+    yield
+    conn.execute("SELECT pg_catalog.set_config('search_path', %s, true)", [row[0] if row else ""])
+
+
 def fitted_name(stem: str, suffix: str) -> str:
     """``<stem>_<suffix>``, or where that is past PostgreSQL's 63 bytes, the stem cut and a hash of the whole
     name before the suffix, so two long names that share their start still differ."""
@@ -65,7 +78,7 @@ def add_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks: C
     as it is). Only the table's owner may; in one transaction, every check first."""
     if not isinstance(chunks, Chunks):
         raise InvalidInput(f"chunks must be pgsim.chunks.Chunks(tokens=..., overlap=...); got {chunks!r}.")
-    with conn.transaction():
+    with conn.transaction(), caller_path_kept(conn):
         registration = require_registration(conn, table, column)  # the name as the caller's search_path reads it
         pin_search_path(conn)
         require_schema(conn, "chunking", "chunked embeddings")
@@ -108,7 +121,7 @@ def add_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks: C
 
 def remove_chunks(conn: psycopg.Connection[Any], table: str, column: str) -> None:
     """Undo :func:`add_chunks`: the chunk table and its row in pgsim.chunking. The registration stays."""
-    with conn.transaction():
+    with conn.transaction(), caller_path_kept(conn):
         registration = require_registration(conn, table, column)
         pin_search_path(conn)
         _require_owner(conn, registration)

@@ -15,6 +15,7 @@ from psycopg import sql
 
 from pgsim.chunks.documents import search_documents
 from pgsim.chunks.settings import Chunks
+from pgsim.chunks.storage import add_chunks, remove_chunks
 from pgsim.columns.adding import add_embedding
 from pgsim.columns.grants import grant
 from pgsim.columns.model_change import change_embedding
@@ -134,3 +135,29 @@ def test_a_worker_granted_before_chunking_existed_still_embeds_unchunked_tables(
         admin.execute("INSERT INTO plain VALUES (1, 'x', 'Parse JSON fast'), (2, 'x', 'Tune PostgreSQL')")
     report = sync_as_worker(admin, roles, "plain")
     assert (report.embedded, report.failed, report.dead) == (2, 0, 0)
+
+
+def test_a_search_leaves_the_callers_search_path_as_it_was(
+    admin: psycopg.Connection[Any], roles: Roles, database_dsn: str
+) -> None:
+    """In a transaction the caller had open (psycopg's default: not autocommit), search_documents' first
+    block is a savepoint whose pinned search_path outlived it: the caller's next unqualified name
+    (its own table, a function of its schema) no longer resolved until its transaction ended."""
+    fill(admin, roles, "pathed")
+    with psycopg.connect(database_dsn) as conn:  # not autocommit
+        register(conn)
+        with acting(conn, roles.app):
+            conn.execute("SET search_path = public")
+            conn.execute("SELECT count(*) FROM pathed").fetchone()  # the caller's transaction is open
+            search_documents(conn, "pathed", "embedding", "garlic and basil", k=1)
+            assert conn.execute("SELECT pg_catalog.current_setting('search_path')").fetchone() == ("public",)
+            conn.execute("SELECT count(*) FROM pathed").fetchone()
+            conn.rollback()
+        with acting(conn, roles.owner):  # and so do the owner's remove_chunks and add_chunks
+            conn.execute("SET search_path = public")
+            conn.execute("SELECT count(*) FROM pathed").fetchone()
+            remove_chunks(conn, "pathed", "embedding")
+            assert conn.execute("SELECT pg_catalog.current_setting('search_path')").fetchone() == ("public",)
+            add_chunks(conn, "pathed", "embedding", Chunks(32, 8))
+            assert conn.execute("SELECT pg_catalog.current_setting('search_path')").fetchone() == ("public",)
+            conn.rollback()

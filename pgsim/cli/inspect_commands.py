@@ -63,7 +63,7 @@ def cmd_install(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from pgsim.db.catalog import has_schema_table
+    from pgsim.db.catalog import has_schema_table, pinned_path
     from pgsim.db.schema import applied_files, package_version
 
     if not (args.dsn or os.environ.get("PGSIM_DSN")):
@@ -73,10 +73,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         running = server.running()
         print(f"embedded server: {server.data_dir} - " + (f"running (pid {running.pid})" if running else "not running"))
     with open_connection(args) as conn:
-        info = conn.execute(
-            "SELECT current_database(), current_user, current_setting('server_version'), "
-            "(SELECT extversion FROM pg_extension WHERE extname = 'vector')"
-        ).fetchone()
+        with pinned_path(conn):  # || on name and int, say: pg_catalog's only (the rule in pgsim.db.catalog)
+            info = conn.execute(
+                "SELECT current_database(), current_user, current_setting('server_version'), "
+                "(SELECT extversion FROM pg_extension WHERE extname = 'vector')"
+            ).fetchone()
         assert info is not None
         print(f"database: {info[0]} as {info[1]}, PostgreSQL {info[2]}, pgvector {info[3] or 'not installed'}")
         files = applied_files(conn)
@@ -87,11 +88,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         else:
             print("pgsim schema: not installed (run: pgsim install)")
         if has_schema_table(conn, "sync_status"):
-            rows = conn.execute(
-                "SELECT table_name || '.' || column_name, model, coalesce('replaces #' || replaces, ''), queued, "
-                "retrying, dead_letters, coalesce(round(extract(epoch FROM lag)::numeric, 1) || ' s', '') "
-                "FROM pgsim.sync_status ORDER BY id"
-            ).fetchall()
+            with pinned_path(conn):
+                rows = conn.execute(
+                    "SELECT table_name || '.' || column_name, model, coalesce('replaces #' || replaces, ''), queued, "
+                    "retrying, dead_letters, coalesce(round(extract(epoch FROM lag)::numeric, 1) || ' s', '') "
+                    "FROM pgsim.sync_status ORDER BY id"
+                ).fetchall()
             if rows:
                 print("\nembedding columns (lag: age of the oldest queued row):")
                 headers = ["column", "model", "model change", "queued", "retrying", "dead letters", "lag"]

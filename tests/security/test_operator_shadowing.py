@@ -49,6 +49,8 @@ OPERATORS = [
     ("=", "integer", "bigint", "boolean", "a OPERATOR(pg_catalog.=) b"),
     ("=", "oid[]", "oid[]", "boolean", "a OPERATOR(pg_catalog.=) b"),
     ("||", "text", "oid", "text", "a OPERATOR(pg_catalog.||) b::text"),
+    ("||", "text", "integer", "text", "a OPERATOR(pg_catalog.||) b::text"),  # pgsim status: 'replaces #' || id
+    ("||", "text", "name", "text", "a OPERATOR(pg_catalog.||) b::text"),  # ... || column_name
     ("~~", "name", "text", "boolean", "a OPERATOR(pg_catalog.~~) b"),
     ("~~", "name", "name", "boolean", "a OPERATOR(pg_catalog.~~) b::text"),  # name LIKE 'literal'
     ("->", "json", "json", "json", "a OPERATOR(pg_catalog.->) (b #>> '{}')"),  # plan -> 'Plan'
@@ -242,6 +244,16 @@ def test_connecting_and_registering_the_adapters(planted: str) -> None:
             assert conn.execute("SELECT '[1,2]'::vector").fetchone()[0].tolist() == [1.0, 2.0]  # type: ignore[index]
             assert conn.execute("SELECT '[1,2]'::halfvec").fetchone()[0].tolist() == [1.0, 2.0]  # type: ignore[index]
             assert ran(conn) == []
+
+
+def test_the_status_command(victim: psycopg.Connection[Any], planted: str, capsys: pytest.CaptureFixture[str]) -> None:
+    add_embedding(victim, "docs", "embedding", source="body", index=None)
+    path = victim.execute("SHOW search_path").fetchone()
+    assert path is not None
+    options = "-c search_path=" + path[0].replace(" ", "").replace('"$user"', VICTIM)
+    assert main(["status", "--dsn", dsn_for(planted, options=options)]) == 0  # as the test's superuser
+    assert f"{VICTIM}.docs.embedding" in capsys.readouterr().out
+    assert ran(victim) == []
 
 
 def test_the_doctor_command(planted: str, capsys: pytest.CaptureFixture[str]) -> None:

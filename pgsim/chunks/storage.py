@@ -137,9 +137,9 @@ def require_same_owner(conn: psycopg.Connection[Any], registration: Registration
     documents leaves it with the former owner, whose triggers and policy there would run as the worker (and
     as every searching role), and who would read the new owner's chunks."""
     row = conn.execute(
-        "SELECT d.relowner = c.relowner, pg_catalog.pg_get_userbyid(d.relowner), "
+        "SELECT d.relowner OPERATOR(pg_catalog.=) c.relowner, pg_catalog.pg_get_userbyid(d.relowner), "
         "pg_catalog.pg_get_userbyid(c.relowner) FROM pg_catalog.pg_class d, pg_catalog.pg_class c "
-        "WHERE d.oid = %s AND c.oid = %s",  # (under the caller's pinned search_path)
+        "WHERE d.oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid AND c.oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid",
         [registration.table_oid, table.oid],
     ).fetchone()
     if row is None or not row[0]:

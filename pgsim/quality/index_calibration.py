@@ -16,11 +16,12 @@ from pgsim.db.standby import require_primary
 from pgsim.encoding.encoder import encoder_for
 from pgsim.errors import InvalidInput
 from pgsim.knn.caches import forget_plans
-from pgsim.knn.target import vector_column
+from pgsim.knn.target import read_vector_column
 from pgsim.quality.connections import psycopg_connection
 from pgsim.quality.relevance_calibration import RelevanceCalibration, calibrate_relevance
 
 RELEVANCE_SECONDS = 20.0
+MAX_LOGGED_QUERIES = 1000  # as many as calibrate samples at most: the budget measures no more
 
 
 def calibrate(
@@ -47,6 +48,11 @@ def calibrate(
     too few rows stores nothing: ``Calibration.stored`` is false and ``reason`` says why."""
     conn = psycopg_connection(conn)
     require_primary(conn, "pgsim.calibrate")
+    if isinstance(queries, (str, bytes)):
+        raise InvalidInput(
+            "queries is a count, a list of query texts or a list of vectors; got one text (read a log file's "
+            "lines into a list, or run pgsim calibrate --query-log FILE)."
+        )
     measured: int | Sequence[Sequence[float]] | np.ndarray[Any, Any] = queries  # type: ignore[assignment]
     if not isinstance(queries, (int, np.ndarray)) and any(isinstance(query, str) for query in queries):
         measured = query_log_vectors(conn, table, column, queries)  # type: ignore[arg-type]
@@ -67,14 +73,23 @@ def relevance_of(conn: psycopg.Connection[Any], table: str, column: str, seconds
 def query_log_vectors(
     conn: psycopg.Connection[Any], table: str, column: str, texts: Sequence[str]
 ) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """Query texts (a log of what users searched) as vectors of the column's registered model."""
+    """Query texts (a log of what users searched) as the column's registered model encodes a search's query;
+    a log longer than MAX_LOGGED_QUERIES is thinned to that many, evenly, before anything is encoded."""
     if not all(isinstance(text, str) and text.strip() for text in texts):
         raise InvalidInput("A query log is a list of query texts, none of them empty (or a list of vectors).")
-    registration = vector_column(conn, table, column).registration
+    registration = read_vector_column(conn, table, column).registration  # not cached: read as it is now
     if registration is None:
         raise InvalidInput(
             f"{table}.{column} is not a registered embedding column: its model is unknown, so give the queries "
             "as vectors of that model."
         )
-    print(f"pgsim: encoding {len(texts)} logged queries with {registration.model}", file=sys.stderr)
-    return np.asarray(encoder_for(registration.model).encode(list(texts)), dtype=np.float32)
+    encoder = encoder_for(registration.model)
+    if encoder.revision != registration.model_revision:
+        raise InvalidInput(
+            f"Model {registration.model!r} here (revision {encoder.revision}) is not the one {table}.{column} "
+            f"holds (revision {registration.model_revision}): its queries would measure another model's vectors."
+        )
+    step = max(1, -(-len(texts) // MAX_LOGGED_QUERIES))  # ceiling: at most MAX_LOGGED_QUERIES, in log order
+    chosen = list(texts)[::step]
+    print(f"pgsim: encoding {len(chosen)} logged queries with {registration.model}", file=sys.stderr)
+    return np.asarray(encoder.encode(chosen, kind="query"), dtype=np.float32)

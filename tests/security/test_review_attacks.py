@@ -119,11 +119,6 @@ def registered(shared: str, roles: Roles) -> Iterator[psycopg.Connection[Any]]:
         yield admin
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pgsim/quality/index_calibration.py query_log_vectors encodes the log with encode() (the document "
-    "prefix), where searches use encode_query() (the query prefix): fix there with kind='query'",
-)
 def test_a_query_log_is_encoded_as_the_queries_it_stands_for(registered: psycopg.Connection[Any]) -> None:
     """For a model with a query prefix (e5, bge, nomic: pgsim.encoding's PREFIXES), calibration measured
     documents, not queries: its curve is of another distribution than the searches that follow it."""
@@ -138,11 +133,6 @@ def test_a_query_log_is_encoded_as_the_queries_it_stands_for(registered: psycopg
     assert float(np.abs(logged[0] - expected).max()) < 1e-5
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pgsim/quality/index_calibration.py query_log_vectors does not compare the local model's revision "
-    "with the registration's (search_documents and pgsim.search do): fix there the same way",
-)
 def test_a_query_log_is_not_encoded_with_another_revision_of_the_model(
     registered: psycopg.Connection[Any], roles: Roles
 ) -> None:
@@ -154,12 +144,6 @@ def test_a_query_log_is_not_encoded_with_another_revision_of_the_model(
         query_log_vectors(registered, "logged", "embedding", ["fast json parser"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pgsim/quality/index_calibration.py encodes every line of a query log before the time budget starts, "
-    "and pgsim.db.calibration then spends the budget on the first level: sample at most 1,000 (the cap on "
-    "sampled queries), deterministically, before encoding",
-)
 def test_a_long_query_log_is_sampled_before_it_is_encoded(registered: psycopg.Connection[Any]) -> None:
     """A log of every query users sent (thousands to millions of lines) was encoded whole, minutes to hours
     before the 60 s budget began, and a curve's first level then measured queries until the budget ran out."""
@@ -172,11 +156,6 @@ def test_a_long_query_log_is_sampled_before_it_is_encoded(registered: psycopg.Co
     assert encoder.stats.texts - before <= 1000
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pgsim/quality/index_calibration.py calibrate takes a bare str for a query log (any() over its "
-    "characters): refuse a str (or bytes) for queries before looking into it",
-)
 def test_one_query_text_is_not_taken_for_a_log_of_its_characters(registered: psycopg.Connection[Any]) -> None:
     """calibrate(..., queries="queries.log"), the log file's path as the CLI's --query-log takes it (or one query
     without a space), encoded every character as a query of its own and measured the curve with them, without

@@ -12,7 +12,13 @@ import psycopg
 from psycopg import sql
 
 from pgsim.columns.adding import add_embedding, read_table, source_expression
-from pgsim.columns.registry import Registration, registration_by_id, remove_registration, require_registration
+from pgsim.columns.registry import (
+    Registration,
+    chunk_table,
+    registration_by_id,
+    remove_registration,
+    require_registration,
+)
 from pgsim.db.catalog import pin_search_path
 from pgsim.db.hnsw import HNSW, create_hnsw_index
 from pgsim.db.names import derived_name
@@ -62,6 +68,11 @@ def change_embedding(
     old = require_registration(conn, table, column)
     if old.replaces is not None:
         raise InvalidInput(f"{old.table}.{old.column} is itself the target of a change still being filled.")
+    if chunk_table(conn, old) is not None:  # the switch would drop its chunks with the old registration
+        raise InvalidInput(
+            f"{old.table}.{old.column} is chunked: a change of its model, source or type cannot carry its chunks "
+            "over yet. Remove the chunks first (pgsim.chunks.remove_chunks), change it, then chunk it again."
+        )
     under_way = conn.execute(
         "SELECT column_name FROM pgsim.embedding WHERE replaces OPERATOR(pg_catalog.=) %s::pg_catalog.int4 "
         "AND table_oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid",

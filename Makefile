@@ -18,8 +18,9 @@ $(BIN)/.installed: pyproject.toml
 demo: $(BIN)/.installed
 	$(BIN)/pgsim demo
 
-# Two workers, one test file each at a time (their module-scoped databases stay whole): about 6 minutes here
-# against about 8 in one process.
+# Two workers, one test file each at a time (their module-scoped databases stay whole). Budget: 8 minutes on
+# 2 cores. Last measured only with other work on the same cores (load average 2-9): 14:50 for 516 tests
+# (CI, quiet, had 8:52 for 475 before the CLI's and docs' processes were forked from a preloaded one).
 test: $(BIN)/.installed tools
 	$(BIN)/python -m pytest -n 2 --dist loadfile
 

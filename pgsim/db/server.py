@@ -111,13 +111,7 @@ class EmbeddedServer:
                 raise ServerError(f"{self.pgdata} already holds a cluster; a standby needs an empty directory.")
             if self.pgdata.is_dir() and any(self.pgdata.iterdir()):  # a failed copy empties it: only its own files
                 raise ServerError(f"{self.pgdata} is not empty; a standby needs an empty directory.")
-            user = self._service_user()
-            self.pgdata.mkdir(mode=0o700, exist_ok=True)
-            if user is not None:
-                entry = pwd.getpwnam(user)
-                os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
-                for path in (self.pgdata, _bin_dir()):
-                    _allow_traversal(path)
+            user = self._owned_pgdata()
             # the password goes by the environment, not the command line every local user may read (libpq
             # still writes it into primary_conninfo, in the standby's own data directory)
             params = conninfo_to_dict(primary_dsn)
@@ -222,7 +216,9 @@ class EmbeddedServer:
                 pwd.getpwnam(SERVICE_USER)  # another process made it meanwhile (else the KeyError says so)
         return SERVICE_USER
 
-    def _initdb(self) -> None:
+    def _owned_pgdata(self) -> str | None:
+        """The data directory made (mode 0700) and handed to the user the server runs as; that user (None: this
+        one)."""
         user = self._service_user()
         self.pgdata.mkdir(mode=0o700, exist_ok=True)
         if user is not None:
@@ -230,6 +226,10 @@ class EmbeddedServer:
             os.chown(self.pgdata, entry.pw_uid, entry.pw_gid)
             for path in (self.pgdata, _bin_dir()):
                 _allow_traversal(path)
+        return user
+
+    def _initdb(self) -> None:
+        user = self._owned_pgdata()
         log.info("initialising a PostgreSQL cluster in %s", self.pgdata)
         args = [str(_bin_dir() / "initdb"), "-D", str(self.pgdata), "-U", "postgres", "--auth=trust"]
         args += ["--encoding=UTF8", "--locale=C.UTF-8", "--no-instructions"]

@@ -7,18 +7,18 @@ an attempt, wait, and end in ``pgsim.dead_letter``.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import time
 from dataclasses import dataclass, fields
-from typing import Any, Protocol, cast
+from typing import Any
 
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from pgsim.columns.cache import lookup, merged, missing, store
-from pgsim.columns.registry import ChunkTable, Registration, chunk_table, key_match
+from pgsim.columns.chunking.sync_step import ChunkStep
+from pgsim.columns.registry import Registration, chunk_table, key_match
 from pgsim.db.catalog import pin_search_path, vector_schema
 from pgsim.encoding.encoder import Encoder, encoder_for
 from pgsim.errors import InvalidInput
@@ -94,26 +94,13 @@ SELECT pg_catalog.row_security_active(%(table)s::pg_catalog.oid)
 SAME_TABLE = "SELECT pg_catalog.to_regclass(%s) = %s::pg_catalog.oid AND NOT EXISTS (SELECT FROM {} WHERE false)"
 
 
-# A chunked registration's batch also replaces its documents' chunks (pgsim.chunks.worker_step). The chunks
-# layer builds on this one, so the batch finds that step by name instead of importing it.
-CHUNK_STEP = "pgsim.chunks.worker_step"
-
-
-class ChunkStep(Protocol):
-    def prepare(self, rows: list[tuple[int, Any, str | None]]) -> None: ...
-    def encode(self) -> float: ...
-    def write(self, done: set[int]) -> None: ...
-
-
 def chunk_step(
     conn: psycopg.Connection[Any], registration: Registration, encoder: Encoder, *, cache: bool
 ) -> ChunkStep | None:
-    """The chunk step of a batch of ``registration``, or None when its documents are not chunked."""
-    table: ChunkTable | None = chunk_table(conn, registration)
-    if table is None:
-        return None
-    step = importlib.import_module(CHUNK_STEP).ChunkStep(conn, registration, table, encoder, cache=cache)
-    return cast(ChunkStep, step)
+    """The chunk step of a batch of ``registration`` (it replaces the documents' chunks in the batch's own
+    transaction), or None when its documents are not chunked."""
+    table = chunk_table(conn, registration)
+    return None if table is None else ChunkStep(conn, registration, table, encoder, cache=cache)
 
 
 class TableMoved(Exception):

@@ -71,7 +71,7 @@ def change_embedding(
     if chunk_table(conn, old) is not None:  # the switch would drop its chunks with the old registration
         raise InvalidInput(
             f"{old.table}.{old.column} is chunked: a change of its model, source or type cannot carry its chunks "
-            "over yet. Remove the chunks first (pgsim.chunks.remove_chunks), change it, then chunk it again."
+            "over yet. Remove the chunks first (pgsim.columns.chunking.remove_chunks), change it, then chunk it again."
         )
     under_way = conn.execute(
         "SELECT column_name FROM pgsim.embedding WHERE replaces OPERATOR(pg_catalog.=) %s::pg_catalog.int4 "

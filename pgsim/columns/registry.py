@@ -186,7 +186,8 @@ def remove_registration(conn: psycopg.Connection[Any], registration: Registratio
 
 @dataclass(frozen=True)
 class ChunkTable:
-    """Where a chunked registration keeps its chunk vectors (a row of ``pgsim.chunking``, see pgsim.chunks)."""
+    """Where a chunked registration keeps its chunk vectors (a row of ``pgsim.chunking``; see
+    pgsim.columns.chunking)."""
 
     schema: str
     name: str

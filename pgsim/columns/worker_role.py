@@ -47,7 +47,7 @@ WHERE pg_catalog.pg_has_role(CURRENT_USER, c.relowner, 'USAGE')
 UNTRUSTED_CODE = """
 WITH RECURSIVE tree(root, relid) AS (
     SELECT t, t FROM pg_catalog.unnest(%(tables)s::pg_catalog.oid[]) AS t
-    UNION  -- the chunk tables the worker writes too (pgsim.chunks), under their documents' table
+    UNION  -- the chunk tables the worker writes too (pgsim.columns.chunking), under their documents' table
     SELECT c.root, c.relid FROM ROWS FROM (pg_catalog.unnest(%(chunk_roots)s::pg_catalog.oid[]),
                                            pg_catalog.unnest(%(chunk_tables)s::pg_catalog.oid[])) AS c(root, relid)
     UNION

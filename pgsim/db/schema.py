@@ -281,10 +281,8 @@ def applied_files(conn: psycopg.Connection[Any]) -> list[tuple[str, str]]:
 
 
 def _ensure_vector_extension(conn: psycopg.Connection[Any]) -> str:
-    row = conn.execute(
-        "SELECT extnamespace::pg_catalog.regnamespace::pg_catalog.text FROM pg_catalog.pg_extension "
-        "WHERE extname OPERATOR(pg_catalog.=) 'vector'::pg_catalog.name"
-    ).fetchone()
+    found = "SELECT extnamespace::pg_catalog.regnamespace::pg_catalog.text FROM pg_catalog.pg_extension WHERE"
+    row = conn.execute(found + " extname OPERATOR(pg_catalog.=) 'vector'::pg_catalog.name").fetchone()
     if row is not None:
         return str(row[0]).strip('"')
     database, role = conn.execute("SELECT current_database(), current_user").fetchone() or ("?", "?")

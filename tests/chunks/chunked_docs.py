@@ -14,9 +14,9 @@ from fixtures.database import scratch_database
 from fixtures.roles import Roles, acting
 from psycopg import sql
 
-from pgsim.chunks.settings import Chunks
-from pgsim.chunks.storage import add_chunks
 from pgsim.columns.adding import add_embedding
+from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.tables import add_chunks
 from pgsim.columns.grants import grant
 from pgsim.columns.worker import SyncReport, sync
 from pgsim.psycopg import register

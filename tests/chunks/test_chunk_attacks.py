@@ -13,14 +13,14 @@ from chunked_docs import chunked_table, owned_database, sync_as_worker
 from fixtures.roles import Roles, acting
 from psycopg import sql
 
-from pgsim.chunks.documents import search_documents
-from pgsim.chunks.settings import Chunks
-from pgsim.chunks.storage import add_chunks, remove_chunks
 from pgsim.columns.adding import add_embedding
+from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.tables import add_chunks, remove_chunks
 from pgsim.columns.grants import grant
 from pgsim.columns.model_change import change_embedding
 from pgsim.columns.registry import require_registration
 from pgsim.errors import InvalidInput
+from pgsim.knn.documents import search_documents
 from pgsim.psycopg import register
 
 TEXTS = {

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from pgsim.chunks.settings import Chunks
-from pgsim.chunks.splitting import model_tokenizer, split, window
+from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.splitting import model_tokenizer, split, window
 from pgsim.demo.corpus import Package
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput

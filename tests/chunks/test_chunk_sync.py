@@ -16,16 +16,16 @@ import pytest
 from chunked_docs import chunk_rows, chunked_table, owned_database, sync_as_worker
 from fixtures.roles import Roles, acting
 
-from pgsim.chunks.documents import search_documents
-from pgsim.chunks.settings import Chunks
-from pgsim.chunks.splitting import model_tokenizer, split
-from pgsim.chunks.storage import add_chunks, chunk_table_name, remove_chunks
-from pgsim.chunks.worker_step import digest
 from pgsim.columns.batches import checked_encoder, claim_and_encode
+from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.splitting import model_tokenizer, split
+from pgsim.columns.chunking.sync_step import digest
+from pgsim.columns.chunking.tables import add_chunks, chunk_table_name, remove_chunks
 from pgsim.columns.registry import remove_embedding, require_registration
 from pgsim.encoding.encoder import Encoder, encoder_for
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
+from pgsim.knn.documents import search_documents
 from pgsim.psycopg import register
 
 SETTINGS = Chunks(32, 8)

@@ -15,11 +15,11 @@ from chunked_docs import chunk_rows, chunked_table, owned_database, sync_as_work
 from fixtures.roles import Roles, acting
 from psycopg import sql
 
-from pgsim.chunks.documents import search_documents
-from pgsim.chunks.settings import Chunks
+from pgsim.columns.chunking.settings import Chunks
 from pgsim.demo.corpus import Package
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput
+from pgsim.knn.documents import search_documents
 from pgsim.knn.filtered import search
 
 SHORT, LONG, PER_LONG, DEEP = 30, 6, 12, 9  # short documents, long ones, packages per long one, the deep one

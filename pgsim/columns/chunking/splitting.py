@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from pgsim.chunks.settings import Chunks
+from pgsim.columns.chunking.settings import Chunks
 from pgsim.encoding.encoder import MAX_CHARS, Encoder
 from pgsim.encoding.models import model_directory
 from pgsim.errors import InvalidInput

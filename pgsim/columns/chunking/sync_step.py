@@ -1,9 +1,8 @@
-"""What the queue worker's batch does for a chunked registration (:mod:`pgsim.columns.batches` finds this module
-by name: the chunks layer builds on the columns layer, so that one does not import this one).
+"""What the queue worker's batch (:mod:`pgsim.columns.batches`) does for a chunked registration.
 
 In the batch's own transaction, around the batch's read, encode and write:
 
-1. :meth:`ChunkStep.prepare`: each row's text is cut into chunks (:func:`pgsim.chunks.splitting.split`) and each
+1. :meth:`ChunkStep.prepare`: each row's text is cut into chunks (:func:`.splitting.split`) and each
    chunk's sha256 compared with the digests the document's chunks have now;
 2. :meth:`ChunkStep.encode`: only the chunks whose digest is new are encoded, in one call;
 3. :meth:`ChunkStep.write`: for the rows whose vector the batch wrote (their text unchanged since it was read),
@@ -24,10 +23,10 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from pgsim.chunks.settings import Chunks
-from pgsim.chunks.splitting import Chunk, model_tokenizer, split
-from pgsim.chunks.storage import require_same_owner
 from pgsim.columns.cache import lookup, merged, missing, store
+from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.splitting import Chunk, model_tokenizer, split
+from pgsim.columns.chunking.tables import require_same_owner
 from pgsim.columns.registry import ChunkTable, Registration
 from pgsim.db.catalog import vector_schema
 from pgsim.encoding.encoder import Encoder, Vector

@@ -22,8 +22,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsim.chunks.settings import Chunks
-from pgsim.chunks.splitting import window
+from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.splitting import window
 from pgsim.columns.registry import ChunkTable, Registration, chunk_table, queue_rows, require_registration
 from pgsim.db.catalog import pin_search_path, require_schema, vector_schema
 from pgsim.db.names import MAX_IDENTIFIER_BYTES
@@ -77,7 +77,7 @@ def add_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks: C
     row with text, so the workers fill the chunks (the column's own vector, the truncated whole text, stays
     as it is). Only the table's owner may; in one transaction, every check first."""
     if not isinstance(chunks, Chunks):
-        raise InvalidInput(f"chunks must be pgsim.chunks.Chunks(tokens=..., overlap=...); got {chunks!r}.")
+        raise InvalidInput(f"chunks must be pgsim.columns.chunking.Chunks(tokens=..., overlap=...); got {chunks!r}.")
     with conn.transaction(), caller_path_kept(conn):
         registration = require_registration(conn, table, column)  # the name as the caller's search_path reads it
         pin_search_path(conn)
@@ -88,7 +88,7 @@ def add_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks: C
         if chunk_table(conn, registration) is not None:
             raise InvalidInput(
                 f"{registration.table}.{column} is chunked already. Remove its chunks first: "
-                f"pgsim.chunks.remove_chunks(conn, {registration.table!r}, {column!r})"
+                f"pgsim.columns.chunking.remove_chunks(conn, {registration.table!r}, {column!r})"
             )
         clash = sorted(set(registration.key_columns) & set(CHUNK_COLUMNS))
         if clash:

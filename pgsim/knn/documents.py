@@ -27,7 +27,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 
-from pgsim.chunks.storage import caller_path_kept, require_same_owner
+from pgsim.columns.chunking.tables import caller_path_kept, require_same_owner
 from pgsim.columns.registry import ChunkTable, Registration, chunk_table, require_registration
 from pgsim.db.catalog import pin_search_path, vector_schema
 from pgsim.encoding.encoder import check_vector, encoder_for
@@ -79,8 +79,8 @@ def search_documents(
         chunks = chunk_table(conn, registration)
         if chunks is None:
             raise InvalidInput(
-                f"{registration.table}.{column} is not chunked: pgsim.chunks.add_chunks(conn, {table!r}, {column!r}, "
-                "Chunks(tokens=...)) first."
+                f"{registration.table}.{column} is not chunked: pgsim.columns.chunking.add_chunks(conn, {table!r}, "
+                f"{column!r}, Chunks(tokens=...)) first."
             )
         require_same_owner(conn, registration, chunks)
         selected = list(columns) if columns is not None else _readable(conn, registration)

@@ -62,9 +62,9 @@ def _render(match: re.Match[str], obj: griffe.Object, pkg: griffe.Module, public
     for candidate in _candidates(target, obj):
         try:
             found = pkg.modules_collection[candidate]
-        except (KeyError, ValueError):
-            continue
-        path = found.final_target.path if found.is_alias else found.path
+            path = found.final_target.path if found.is_alias else found.path
+        except (KeyError, ValueError, griffe.AliasResolutionError, griffe.CyclicAliasError):
+            continue  # not there, or an alias into another package (psycopg.types.TypeInfo, say)
         if path in public:
             return f"[`{shown}`][{public[path]}]"
     return f"`{shown}`"

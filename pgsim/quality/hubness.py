@@ -118,21 +118,6 @@ def hubness_of(vectors: npt.NDArray[np.float32], bank: npt.NDArray[np.float32], 
     return nearest.mean(axis=1)
 
 
-def banked_queries(conn: psycopg.Connection[Any], table: str, column: str) -> npt.NDArray[np.float32] | None:
-    """The column's query bank (typical queries, encoded as queries, unit length), or None when it has none
-    or this role may not read banks."""
-    readable = conn.execute(
-        "SELECT pg_catalog.has_table_privilege(b, 'SELECT'::pg_catalog.text) "
-        "FROM (SELECT pg_catalog.to_regclass('pgsim.query_bank'::pg_catalog.text) AS b) AS found"
-    ).fetchone()
-    if not (readable and readable[0]):
-        return None
-    try:
-        return _bank(conn, table, column)
-    except InvalidInput:
-        return None
-
-
 def _bank(conn: psycopg.Connection[Any], table: str, column: str) -> npt.NDArray[np.float32]:
     key = (database_key(conn), table, column)
     bank = _banks.get(key)

@@ -18,7 +18,6 @@ from pgsim.errors import InvalidInput
 from pgsim.knn.caches import forget_plans
 from pgsim.knn.target import read_vector_column
 from pgsim.quality.connections import psycopg_connection
-from pgsim.quality.hubness import banked_queries
 from pgsim.quality.relevance_calibration import RelevanceCalibration, calibrate_relevance
 
 RELEVANCE_SECONDS = 20.0
@@ -41,9 +40,8 @@ def calibrate(
     selectivities and ``ef_search`` values, within about ``seconds``, and store the curve the planner then
     follows (``pgsim.search(..., recall=...)``); then, with ``relevance``, the table's relevance threshold
     and hybrid fusion (``relevant_search``, ``hybrid_search``; at most 20 s more). ``queries``: how many
-    queries to measure with (taken from the column's query bank, :func:`pgsim.set_query_bank`, when it has
-    one, else sampled from the table's rows), or real queries (a query log): their texts, encoded with the
-    column's registered model, or their vectors. ``filters``: SQL conditions
+    query vectors to sample from the table's rows, or real queries (a query log): their texts, encoded with
+    the column's registered model, or their vectors. ``filters``: SQL conditions
     your searches use (a workload), each measured as its own level besides the grid's.
     ``progress(fraction)`` after each level. Run it as the table's owner, after loading the data and again
     after large changes (a curve more than a fifth of the table out of date is not trusted). A table with
@@ -58,11 +56,6 @@ def calibrate(
     measured: int | Sequence[Sequence[float]] | np.ndarray[Any, Any] = queries  # type: ignore[assignment]
     if not isinstance(queries, (int, np.ndarray)) and any(isinstance(query, str) for query in queries):
         measured = query_log_vectors(conn, table, column, queries)  # type: ignore[arg-type]
-    elif isinstance(queries, int) and not isinstance(queries, bool) and 1 <= queries <= 1000:
-        # real queries, where the column has them, are the better measure than rows moved towards rows
-        banked = banked_queries(conn, table, column)
-        if banked is not None:
-            measured = banked[:: -(-len(banked) // queries)]  # at most `queries`, evenly
     calibration = calibrate_index(
         conn, table, column, k=k, seconds=seconds, queries=measured, filters=filters, progress=progress
     )

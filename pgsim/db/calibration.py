@@ -5,8 +5,9 @@ pgsim.knn_plan reads the stored curve (when it is fresh and names the column's c
 HNSW path only where some ``ef_search`` reaches the search's recall target, with the smallest such
 ``ef_search``. The measurement:
 
-- queries: a row's vector moved towards another row's (``a + b/2``, normalised), so that no query is a row
-  of the table, as real queries are not; or vectors the caller gives (a query log);
+- queries: vectors the caller gives (a query log); else the column's query bank (pgsim.set_query_bank), when
+  it has one; else a row's vector moved towards another row's (``a + b/2``, normalised), so that no query is
+  a row of the table, as real queries are not;
 - filters: for each selectivity of the grid, the most common value of one of the table's own columns whose
   share is closest (a filter correlated with the data, the hard case for a graph walk), and a filter on a
   hash of the row's position (uncorrelated); a level's recall is the worse of the two;

@@ -120,6 +120,9 @@ def query_vectors(
                 f"Query vectors must be a non-empty list of finite vectors of {target.dimension} dimensions."
             )
         return np.asarray(given[np.linalg.norm(given, axis=1) > 0], dtype=np.float32)
+    banked = banked_queries(conn, target)
+    if len(banked):  # real queries are the better measure than rows moved towards rows (bench/sweep.py)
+        return banked[:: -(-len(banked) // queries)]  # at most `queries` of them, evenly
     percent = min(100.0, 100.0 * 8 * queries / rows)
     sampled = conn.execute(
         sql.SQL(
@@ -140,6 +143,28 @@ def query_vectors(
     # below it (bench/sweep.py runs both).
     moved = matrix[:half] + 0.5 * matrix[half : 2 * half]
     return np.asarray(moved / np.linalg.norm(moved, axis=1, keepdims=True), dtype=np.float32)
+
+
+def banked_queries(conn: psycopg.Connection[Any], target: Target) -> np.ndarray[Any, np.dtype[np.float32]]:
+    """The column's query bank (pgsim.set_query_bank: typical queries, encoded as queries), unit length; none
+    when it has no bank or this role may not read banks. Run with search_path pinned."""
+    readable = conn.execute(
+        "SELECT pg_catalog.has_table_privilege(pg_catalog.to_regclass('pgsim.query_bank'), 'SELECT')"
+    ).fetchone()
+    if not (readable and readable[0]):
+        return np.zeros((0, target.dimension), dtype=np.float32)
+    rows = conn.execute(
+        """
+        SELECT b.embedding::text FROM pgsim.query_bank b, pg_catalog.pg_class c, pg_catalog.pg_namespace n
+        WHERE c.oid = %s::pg_catalog.oid AND n.oid = c.relnamespace AND b.table_schema = n.nspname
+          AND b.table_name = c.relname AND b.column_name = %s::pg_catalog.name
+        """,
+        [target.oid, target.name],
+    ).fetchall()
+    parsed = [json.loads(text) for (text,) in rows]  # a bank left from another model may not fit: left out
+    matrix = np.array([v for v in parsed if len(v) == target.dimension], dtype=np.float32).reshape(-1, target.dimension)
+    matrix = matrix[np.linalg.norm(matrix, axis=1) > 0]
+    return np.asarray(matrix / np.linalg.norm(matrix, axis=1, keepdims=True), dtype=np.float32)
 
 
 def level_filters(conn: psycopg.Connection[Any], target: Target, rows: int) -> list[tuple[float, tuple[str, ...], int]]:

@@ -398,3 +398,22 @@ def test_a_query_log_is_encoded_with_the_columns_model_and_measured(
     result = calibrate(conn, "logged", "embedding", queries=["a note", "another note"], relevance=False)
     assert "encoding 2 logged queries with all-MiniLM-L6-v2" in capsys.readouterr().err
     assert not result.stored and "fewer than 2000" in result.reason  # three rows: the defaults stand
+
+
+def test_a_columns_query_bank_is_what_it_measures_with(conn: psycopg.Connection[Any]) -> None:
+    fill(conn, "banked", 2500, seed=12)
+    sampled = calibrate(conn, "banked", "embedding", seconds=30, queries=12, relevance=False)
+    assert sampled.stored and sampled.queries == 12  # no bank: rows moved towards rows
+    bank = vectors(2500 + 30, seed=12)[2500:]  # new points of the table's clusters: its typical queries
+    conn.execute(
+        "INSERT INTO pgsim.query_bank (table_schema, table_name, column_name, embedding) "
+        "SELECT 'public', 'banked', 'embedding', v::vector FROM unnest(%s::text[]) AS v",
+        [["[" + ",".join(f"{x:.6f}" for x in vector) + "]" for vector in bank] + ["[1,0,0]"]],
+    )  # and one left from a model of 3 dimensions: it does not fit, and is left out
+    try:
+        banked = calibrate(conn, "banked", "embedding", seconds=30, queries=12, relevance=False)
+        assert banked.stored and banked.queries == 10  # the bank's 30, every third: at most 12, evenly
+        given = calibrate(conn, "banked", "embedding", seconds=30, queries=bank[:7], relevance=False)
+        assert given.queries == 7  # vectors given win over the bank
+    finally:
+        conn.execute("DELETE FROM pgsim.query_bank WHERE table_name = 'banked'")

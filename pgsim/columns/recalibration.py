@@ -43,12 +43,26 @@ WHERE c.oid = %(table)s::pg_catalog.oid
   AND pgsim.knn_calibration(c.oid, a.attnum, i.index::pg_catalog.regclass) IS NULL
 """.replace("{index}", FULL_COSINE_INDEX)
 
+
+class _Stopped(Exception):
+    """The worker was asked to stop while it measured: the measurement is dropped, nothing stored."""
+
+
 _tried: dict[tuple[int, str], float] = {}  # (table OID, column): its row count at this process's last try
 _tried_lock = threading.Lock()
 
 
-def recalibrate_if_stale(conn: psycopg.Connection[Any], registration: Registration) -> Calibration | None:
-    """The new calibration of ``registration``'s column, or None when none was needed or possible."""
+def recalibrate_if_stale(
+    conn: psycopg.Connection[Any], registration: Registration, stop: threading.Event | None = None
+) -> Calibration | None:
+    """The new calibration of ``registration``'s column, or None when none was needed or possible, or
+    ``stop`` was set while it measured (checked after each level: a stopping worker does not wait out the
+    budget)."""
+
+    def stopping(_: float) -> None:
+        if stop is not None and stop.is_set():
+            raise _Stopped
+
     key = (registration.table_oid, registration.column)
     try:
         with conn.transaction():
@@ -68,7 +82,12 @@ def recalibrate_if_stale(conn: psycopg.Connection[Any], registration: Registrati
             _tried[key] = rows
         log.info("measuring %s.%s's index again: its calibration is missing or stale", registration.table,
                  registration.column)  # fmt: skip
-        calibration = calibrate_index(conn, registration.table_oid, registration.column, seconds=AUTO_SECONDS)
+        calibration = calibrate_index(
+            conn, registration.table_oid, registration.column, seconds=AUTO_SECONDS, progress=stopping
+        )
+    except _Stopped:
+        log.info("stopped measuring %s.%s's index: nothing stored", registration.table, registration.column)
+        return None
     except (psycopg.Error, ValueError) as exc:
         if conn.broken:
             raise

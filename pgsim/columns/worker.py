@@ -199,7 +199,7 @@ def _sync(
         if registration.replaces is not None and (stop is None or not stop.is_set()):
             report.switched += int(switch_over(conn, registration))
         elif calibrate and report.done > embedded_before and (stop is None or not stop.is_set()):
-            recalibrate_if_stale(conn, registration)
+            recalibrate_if_stale(conn, registration, stop)
     report.seconds = time.perf_counter() - started
     return report
 

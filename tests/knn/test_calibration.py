@@ -417,3 +417,22 @@ def test_a_columns_query_bank_is_what_it_measures_with(conn: psycopg.Connection[
         assert given.queries == 7  # vectors given win over the bank
     finally:
         conn.execute("DELETE FROM pgsim.query_bank WHERE table_name = 'banked'")
+
+
+def test_a_worker_asked_to_stop_drops_its_measurement_and_stores_nothing(conn: psycopg.Connection[Any]) -> None:
+    import threading
+
+    from pgsim.columns.recalibration import recalibrate_if_stale
+    from pgsim.columns.registry import Registration
+
+    fill(conn, "stopping", 3000, seed=13)
+    conn.execute("ANALYZE stopping")
+    (oid,) = conn.execute("SELECT 'stopping'::regclass::oid").fetchone()  # type: ignore[misc]
+    registration = Registration(
+        -1, "public", "stopping", "embedding", "kind", ("kind",), ("id",), "m", "r", DIMENSION, "vector", None, None,
+        False, None, oid,
+    )  # fmt: skip
+    stop = threading.Event()
+    stop.set()  # as Ctrl-C on `pgsim worker` sets it, here before the first level ends
+    assert recalibrate_if_stale(conn, registration, stop) is None
+    assert stored_curve(conn, "stopping") is None  # the levels measured were dropped, not stored

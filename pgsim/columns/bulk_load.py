@@ -285,9 +285,12 @@ def _write(
 
 def _check_registrations(conn: psycopg.Connection[Any], targets: list[Registration]) -> None:
     """The registrations are still those the encoders were chosen for (a model change may have completed
-    since the ingest began); FOR SHARE keeps them so until this chunk commits."""
+    since the ingest began). The table's ROW EXCLUSIVE lock, which the INSERT takes anyway, keeps them so until
+    this chunk commits: a model change completes under a lock that conflicts with it. (FOR SHARE on the registry
+    would need UPDATE on it, which an application role that ingests has not.)"""
+    conn.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(targets[0].table_sql))
     current = conn.execute(
-        "SELECT id, column_name, model, model_revision FROM pgsim.embedding WHERE id = ANY(%s) ORDER BY id FOR SHARE",
+        "SELECT id, column_name, model, model_revision FROM pgsim.embedding WHERE id = ANY(%s) ORDER BY id",
         [[target.id for target in targets]],
     ).fetchall()
     expected = sorted((t.id, t.column, t.model, t.model_revision) for t in targets)

@@ -153,13 +153,13 @@ def remove_embedding(conn: psycopg.Connection[Any], table: str, column: str, *, 
             remove_registration(conn, replacement, drop_column=True)
         remove_registration(conn, registration, drop_column=drop_column)
         replaced = registration_by_id(conn, registration.replaces) if registration.replaces is not None else None
-        if replaced is not None and not _has_triggers(conn, replaced):
+        if replaced is not None and not has_triggers(conn, replaced):
             # a cancelled change of source: the old column is kept in sync again, from every row's text now
             conn.execute("SELECT pgsim.create_triggers(%s::pg_catalog.int4)", [replaced.id])
             queue_rows(conn, replaced, only_missing=False)
 
 
-def _has_triggers(conn: psycopg.Connection[Any], registration: Registration) -> bool:
+def has_triggers(conn: psycopg.Connection[Any], registration: Registration) -> bool:
     row = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_trigger WHERE tgrelid OPERATOR(pg_catalog.=) %s::pg_catalog.oid "
         "AND tgname OPERATOR(pg_catalog.=) %s::pg_catalog.name)",

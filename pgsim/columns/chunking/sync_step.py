@@ -125,6 +125,7 @@ class ChunkStep:
             store(conn, self.encoder, *self.encoded)
         vectors_in = vector_schema(conn)
         conn.execute(sql.SQL(TEMP_TABLE).format(vector=sql.Identifier(vectors_in, "vector")))
+        conn.execute("DELETE FROM pg_temp.pgsim_chunk_sync")  # a batch earlier in the caller's transaction left rows
         with conn.cursor() as cur:
             with cur.copy(
                 "COPY pgsim_chunk_sync (_pgsim_key, chunk_no, span_start, span_end, digest, embedding) "

@@ -24,7 +24,14 @@ from psycopg import sql
 
 from pgsim.columns.chunking.settings import Chunks
 from pgsim.columns.chunking.splitting import window
-from pgsim.columns.registry import ChunkTable, Registration, chunk_table, queue_rows, require_registration
+from pgsim.columns.registry import (
+    ChunkTable,
+    Registration,
+    chunk_table,
+    has_triggers,
+    queue_rows,
+    require_registration,
+)
 from pgsim.db.catalog import pin_search_path, require_schema, vector_schema
 from pgsim.db.names import MAX_IDENTIFIER_BYTES
 from pgsim.encoding.encoder import encoder_for
@@ -113,6 +120,7 @@ def add_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks: C
         )
         for privileges, statement in ((READERS, "SELECT"), (WORKERS, "UPDATE")):
             grant_to_column_grantees(conn, registration, made, privileges, statement)
+        remake_triggers(conn, registration)
         queue_rows(conn, registration, only_missing=False)
         recorded = chunk_table(conn, registration)
     assert recorded is not None
@@ -130,6 +138,22 @@ def remove_chunks(conn: psycopg.Connection[Any], table: str, column: str) -> Non
             raise InvalidInput(f"{registration.table}.{column} is not chunked.")
         conn.execute("DELETE FROM pgsim.chunking WHERE embedding_id = %s", [registration.id])
         conn.execute(sql.SQL("DROP TABLE {}").format(found.table_sql))
+        remake_triggers(conn, registration)
+
+
+def remake_triggers(conn: psycopg.Connection[Any], registration: Registration) -> None:
+    """The registration's triggers made again for what pgsim.chunking says now (a chunked registration queues
+    rows written with a vector too: see pgsim.create_triggers). A registration that has none, frozen while a
+    model change fills its successor, gets none."""
+    if not has_triggers(conn, registration):
+        return
+    for kind in ("insert", "update", "hide"):
+        conn.execute(
+            sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+                sql.Identifier(f"pgsim_{registration.id}_{kind}"), registration.table_sql
+            )
+        )
+    conn.execute("SELECT pgsim.create_triggers(%s::pg_catalog.int4)", [registration.id])
 
 
 def require_same_owner(conn: psycopg.Connection[Any], registration: Registration, table: ChunkTable) -> None:

@@ -1,0 +1,119 @@
+"""Every way an application writes a chunked document ends with its chunks: ``pgsim.ingest``, an ORM flush that
+encodes the document's vector itself, and hand-written SQL that supplies the vector, on one table with the
+worker role keeping the chunks (a writer that supplies the document's vector does not supply its chunks)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+from chunked_docs import chunk_rows, chunked_table, owned_database, sync_as_worker
+from fixtures.roles import Roles, acting
+from psycopg.conninfo import conninfo_to_dict
+from sqlalchemy import String, create_engine
+from sqlalchemy.engine import URL
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+from pgsim.columns.bulk_load import ingest
+from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.splitting import model_tokenizer, split
+from pgsim.columns.chunking.sync_step import digest
+from pgsim.columns.chunking.tables import remove_chunks
+from pgsim.encoding.encoder import Encoder
+from pgsim.psycopg import register
+from pgsim.sqlalchemy import embedding_column
+
+SETTINGS = Chunks(24, 4)
+LONG = (
+    "The planner estimates how many rows a filter keeps from the statistics ANALYZE gathers. "
+    "An index scan pays off when the filter keeps few rows; a sequential scan reads them all.\n\n"
+    "Vacuum removes dead tuples and keeps the visibility map current, so index-only scans skip the heap."
+)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Doc(Base):
+    __tablename__ = "writers"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    section: Mapped[str | None] = mapped_column(String, nullable=True)
+    body: Mapped[str | None] = mapped_column(String, nullable=True)
+    embedding = embedding_column(source="body", sync="flush")
+
+
+@pytest.fixture(scope="module")
+def database_dsn(server_dsn: str, roles: Roles) -> Iterator[str]:
+    with owned_database(server_dsn, roles, "chunk_writers") as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def admin(database_dsn: str, roles: Roles) -> Iterator[psycopg.Connection[Any]]:
+    with psycopg.connect(database_dsn, autocommit=True) as conn:
+        chunked_table(conn, roles, "writers", SETTINGS)
+        register(conn)
+        yield conn
+
+
+def chunk_texts(admin: psycopg.Connection[Any], encoder: Encoder) -> dict[int, tuple[bool, bool]]:
+    """id -> (its chunks are those of its current body, its vector is there)."""
+    stored = chunk_rows(admin, "writers")
+    found = {}
+    for id_, body, has_vector in admin.execute("SELECT id, body, embedding IS NOT NULL FROM writers ORDER BY id"):
+        want = [(c.chunk_no, c.start, c.end, digest(c.text)) for c in split(body, SETTINGS, model_tokenizer(encoder))]
+        have = [(no, start, end, d) for no, start, end, d, _ in stored.get(id_, [])]
+        found[id_] = (bool(want) and have == want, has_vector)
+    return found
+
+
+def test_ingest_orm_flush_and_sql_with_a_vector_all_end_with_chunks(
+    admin: psycopg.Connection[Any], roles: Roles, database_dsn: str, encoder: Encoder
+) -> None:
+    with acting(admin, roles.app):
+        report = ingest(
+            admin, "writers", [{"id": 1, "section": "db", "body": LONG}, {"id": 2, "section": None, "body": "pesto"}]
+        )
+        assert report.rows == 2
+        vector = admin.execute("SELECT embedding FROM writers WHERE id = 1").fetchone()[0]
+        admin.execute("INSERT INTO writers VALUES (3, 'db', %s, %s)", ["A hand-written row.\n\n" + LONG, vector])
+    params = conninfo_to_dict(database_dsn)
+    url = URL.create(
+        "postgresql+psycopg",
+        username=str(params.get("user")),
+        password=str(params.get("password") or "") or None,
+        host=str(params.get("host")),
+        port=int(str(params.get("port"))),
+        database=str(params.get("dbname")),
+        query={"options": f"-c role={roles.app}"},
+    )
+    engine = create_engine(url)
+    try:
+        with Session(engine) as session:
+            session.add(Doc(id=4, section="db", body=LONG + "\n\nWritten through the ORM."))
+            session.commit()
+            assert session.get(Doc, 4).embedding is not None  # the flush encoded the document's vector itself
+    finally:
+        engine.dispose()
+    assert chunk_rows(admin, "writers") == {}  # the writers supplied vectors, not chunks
+    assert sync_as_worker(admin, roles, "writers").failed == 0
+    assert chunk_texts(admin, encoder) == {i: (True, True) for i in (1, 2, 3, 4)}
+    with acting(admin, roles.app):  # a new text with the old vector: its chunks follow the new text
+        admin.execute("UPDATE writers SET body = %s, embedding = embedding WHERE id = 2", ["pesto, with basil"])
+    sync_as_worker(admin, roles, "writers")
+    assert chunk_texts(admin, encoder)[2] == (True, True)
+
+
+def test_a_registration_no_longer_chunked_queues_no_row_written_with_its_vector(
+    admin: psycopg.Connection[Any], roles: Roles
+) -> None:
+    with acting(admin, roles.owner):
+        remove_chunks(admin, "writers", "embedding")
+    with acting(admin, roles.app):
+        ingest(admin, "writers", [{"id": 1, "body": "first"}])
+        admin.execute("INSERT INTO writers (id, body) VALUES (2, 'second')")
+    queued = admin.execute("SELECT key FROM pgsim.queue ORDER BY key").fetchall()
+    assert queued == [({"id": 2},)]  # only the row written without a vector

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 from chunked_docs import chunked_table, owned_database, sync_as_worker
@@ -95,6 +96,12 @@ def test_a_former_owner_keeps_neither_the_chunks_nor_the_workers_rights(
         assert admin.execute("SELECT count(*) FROM handed__embedding_chunks WHERE id = 4").fetchone() == (0,)
     with acting(admin, roles.app), pytest.raises(InvalidInput, match="owner"):
         search_documents(admin, "handed", "embedding", "secret document", k=1)
+    register(admin)
+    vector = np.ones(384, dtype=np.float32)
+    for function in ("knn_documents", "knn"):  # the SQL searches refuse it too
+        statement = sql.SQL("SELECT * FROM {}('handed', 'embedding', %s, 1)").format(sql.Identifier("pgsim", function))
+        with acting(admin, roles.app), pytest.raises(psycopg.errors.InsufficientPrivilege, match="not owned"):
+            admin.execute(statement, [vector])
 
 
 def test_a_model_change_of_a_chunked_column_is_refused_and_keeps_the_chunks(

@@ -174,3 +174,67 @@ def test_row_level_security_on_the_documents_holds_for_their_chunks(corpus: Corp
             with acting(conn, roles.owner):
                 conn.execute("DROP POLICY no_manuals ON docs")
                 conn.execute("ALTER TABLE docs DISABLE ROW LEVEL SECURITY")
+
+
+def sql_documents(
+    conn: Any, statement: str, vector: Any, *params: Any
+) -> list[tuple[int, float, int, tuple[int, int]]]:
+    rows = conn.execute(statement, [vector, *params]).fetchall()
+    return [(row[0]["id"], row[1], row[2], (row[3], row[4])) for row in rows]
+
+
+@pytest.mark.parametrize("tuning", [(1000.0, 0.05), (0.0, 0.0)], ids=["planned", "hnsw"])
+def test_sql_knn_documents_and_pgsim_knn_agree_with_the_python_search(
+    app: Any, encoder: Encoder, tuning: tuple[float, float]
+) -> None:
+    """pgsim.knn_documents (SQL) returns what search_documents returns, chunk spans included, on both paths; on a
+    chunked column pgsim.knn returns the same documents."""
+    from pgsim.psycopg import register
+
+    register(app)
+    exact_below_rows, min_selectivity = tuning
+    for query, filter_, k in (
+        ("command line tool to convert image files", None, 10),
+        ("documentation and reference manual", "section = 'manual'", 3),
+        ("shared library", "docs.body LIKE '%library%'", 4),
+        ("anything", "false", 5),
+    ):
+        where = None if filter_ is None else sql.SQL(filter_.replace("docs.", "")).format()  # type: ignore[arg-type]
+        expected = [
+            (hit.row["id"], hit.distance, hit.chunk_no, hit.span)
+            for hit in search_documents(
+                app, "docs", "embedding", query, k=k, where=where, exact_below_rows=exact_below_rows,
+                min_hnsw_selectivity=min_selectivity,
+            )
+        ]  # fmt: skip
+        vector = encoder.encode_query(query)
+        found = sql_documents(
+            app,
+            "SELECT * FROM pgsim.knn_documents('docs', 'embedding', %s, %s, %s, exact_below_rows => %s, "
+            "min_hnsw_selectivity => %s)",
+            vector, k, filter_, exact_below_rows, min_selectivity,
+        )  # fmt: skip
+        assert [(i, no, span) for i, _, no, span in found] == [(i, no, span) for i, _, no, span in expected]
+        assert np.allclose([d for _, d, _, _ in found], [d for _, d, _, _ in expected], atol=1e-6)
+        knn = app.execute("SELECT row, distance FROM pgsim.knn('docs', 'embedding', %s, %s, %s)", [vector, k, filter_])
+        assert [row["id"] for row, _ in knn.fetchall()] == [i for i, *_ in expected]
+
+
+def test_sql_knn_documents_refuses_bad_input(app: Any, encoder: Encoder) -> None:
+    from pgsim.psycopg import register
+
+    register(app)
+    vector = encoder.encode_query("x")
+    bad = [
+        ((np.zeros(384, dtype=np.float32), 3, None), "all zeros"),
+        ((vector, 0, None), "k must be"),
+        ((vector, 3, "true; DROP TABLE docs"), "multi-query|syntax error"),
+        ((vector, 3, "section = 'x') OR (true"), "syntax error"),  # a filter cannot close its parentheses
+    ]
+    for (query, k, filter_), error in bad:
+        statement = "SELECT * FROM pgsim.knn_documents('docs', 'embedding', %s, %s, %s)"
+        with pytest.raises(psycopg.Error, match=error):
+            app.execute(statement, [query, k, filter_])
+    assert app.execute("SELECT count(*) FROM docs").fetchone()[0] > 0
+    with pytest.raises(psycopg.Error, match="not a registered embedding"):
+        app.execute("SELECT * FROM pgsim.knn_documents('docs', 'body', %s, 3)", [vector])

@@ -7,6 +7,7 @@
 -- comes up short, and restores the settings it changed. Runs with the caller's rights (row-level security
 -- holds). query is compared with col's type (vector or halfvec). Rows whose embedding is still NULL
 -- (waiting for the worker) are left out: the index never returns them, and the exact scan must not either.
+-- On a chunked embedding it returns documents, each once, by its nearest chunk (pgsim.knn_documents).
 -- The filter is read with this function's search_path, pg_catalog, pg_temp: a function, type or table of
 -- your own in it must be schema-qualified (public.f(x)), as public is not on that path.
 CREATE OR REPLACE FUNCTION pgsim.knn(
@@ -37,6 +38,12 @@ BEGIN
         RAISE EXCEPTION 'pgsim.knn: the query vector is %', CASE WHEN query IS NULL THEN 'NULL' ELSE 'all zeros' END
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Pass the embedding of the query text; a zero vector has no cosine distance to anything.';
+    END IF;
+    -- a chunked embedding: k documents by their nearest chunk (pgsim.knn_documents says how)
+    IF EXISTS (SELECT FROM pgsim.chunking c JOIN pgsim.embedding e ON e.id = c.embedding_id
+               WHERE e.table_oid = tbl::oid AND e.column_name = col) THEN
+        RETURN QUERY SELECT d.row, d.distance FROM pgsim.knn_documents(tbl, col, query, k, filter) AS d;
+        RETURN;
     END IF;
     plan := pgsim.prepare_knn(tbl, col, k, filter, exact_below_rows, hnsw_ef_search, min_hnsw_selectivity, recall);
     -- The k nearest by ctid first, then their rows as jsonb: to_jsonb on every candidate of a top-N sort

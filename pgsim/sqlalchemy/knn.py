@@ -37,6 +37,7 @@ from sqlalchemy.sql.util import find_tables
 
 from pgsim.errors import InvalidInput
 from pgsim.knn.planner import DEFAULT_TUNING, Tuning
+from pgsim.sqlalchemy.documents import chunk_table_of, nearest_documents
 from pgsim.sqlalchemy.types import NEAREST
 
 log = logging.getLogger(__name__)
@@ -73,6 +74,10 @@ def filtered_knn(state: ORMExecuteState) -> Any:
     # no index can order by distance + 0: the filter runs first, then the distances of the rows that pass;
     # a row not embedded yet has no distance (and no place in the HNSW index): the scan leaves it out too
     column = nearest._annotations[NEAREST]
+    connection = state.session.connection(bind_arguments=state.bind_arguments)
+    chunks = chunk_table_of(connection, column)
+    if chunks is not None:  # documents by their nearest chunk
+        return _documents(state, connection, statement, nearest, column, chunks)
     exact = (
         statement.order_by(None)
         .order_by(*[term + literal(0, Float) if term is nearest else term for term in order])
@@ -87,7 +92,6 @@ def filtered_knn(state: ORMExecuteState) -> Any:
         return state.invoke_statement(statement=exact)
     if limit <= 0:
         return None  # LIMIT 0 returns no row on any path (a negative one is the server's error to give)
-    connection = state.session.connection(bind_arguments=state.bind_arguments)
     tuning = state.execution_options.get("pgsim_tuning", DEFAULT_TUNING)
     plan = _plan(connection, column, limit + max(offset, 0), statement, tuning)  # the scan must reach them all
     log.info("k-NN on %s: %s path", column, plan.path if plan else "exact (filter not plannable)")
@@ -118,6 +122,22 @@ def filtered_knn(state: ORMExecuteState) -> Any:
         log.info("hnsw path gave %d of %d rows; exact scan instead", found, limit)
         return state.invoke_statement(statement=exact)
     return frozen()
+
+
+def _documents(
+    state: ORMExecuteState, connection: Any, statement: Select[Any], nearest: Any, column: Any, chunks: Any
+) -> Any:
+    """A chunked column's statement: its k (LIMIT + OFFSET, if known) and its filter, for pgsim.sqlalchemy.documents."""
+    parameters = state.parameters if isinstance(state.parameters, Mapping) else {}
+    limit = None if statement._limit_clause is None else _bound_int(statement._limit_clause, parameters)
+    offset = 0 if statement._offset_clause is None else _bound_int(statement._offset_clause, parameters)
+    if offset is None or statement._fetch_clause is not None:
+        limit = None  # no k known here
+    if limit is not None and limit <= 0:
+        return None  # LIMIT 0 returns no row on any path
+    planned = _filter(connection, column, statement)
+    condition = planned[0] if planned is not None else None
+    return nearest_documents(state, connection, nearest, chunks, limit, max(offset or 0, 0), condition, bool(planned))
 
 
 @dataclass(frozen=True)
@@ -223,21 +243,11 @@ _LITERAL_DIALECTS: dict[type, Any] = {}
 
 def _plan(connection: Any, column: Any, k: int, statement: Select[Any], tuning: Tuning) -> _Plan | None:
     """The path pgsim.knn_plan picks (with its settings), or None when the filter cannot be planned."""
-    table = getattr(column, "table", None)
-    table = table._deannotate() if table is not None else None
-    # knn_plan estimates the filter on the column's table alone: joins, aliases, inheritance and subqueries
-    # that read other tables are not plannable
-    if not isinstance(table, Table) or _tables(statement) != {table}:
+    planned = _filter(connection, column, statement)
+    if planned is None:
         return None
-    criteria = where_criteria(statement, connection.dialect)
-    if criteria is None:
-        if _orm_adds_criteria(statement):
-            return None  # conditions the plan would not see
-        criteria = tuple(statement._where_criteria)
-    try:
-        condition = _literal_sql(and_(*criteria), connection.dialect) if criteria else None
-    except (CompileError, ValueError, TypeError, InvalidInput):  # e.g. a bound query text, a custom type
-        return None
+    condition, criteria = planned
+    table = column.table._deannotate()
     parameters = {
         "table": connection.dialect.identifier_preparer.format_table(table),  # quoted as the statement has it
         "column": column.name,
@@ -262,7 +272,28 @@ def _plan(connection: Any, column: Any, k: int, statement: Select[Any], tuning: 
             reason = (str(exc.orig).strip() or type(exc.orig).__name__).splitlines()[0]
             log.warning("pgsim.knn_plan could not plan the filter %r (%s): this query scans exactly", condition, reason)
         return None
-    return _Plan(str(row[0]), row[1], row[2], len(criteria))
+    return _Plan(str(row[0]), row[1], row[2], criteria)
+
+
+def _filter(connection: Any, column: Any, statement: Select[Any]) -> tuple[str | None, int] | None:
+    """The statement's filter as literal SQL over the column's table (None: no filter) and how many conditions
+    it has, or None when it cannot be planned: pgsim estimates a filter on the column's table alone, so joins,
+    aliases, inheritance and subqueries that read other tables are not plannable, nor are conditions that do
+    not compile to literal SQL."""
+    table = getattr(column, "table", None)
+    table = table._deannotate() if table is not None else None
+    if not isinstance(table, Table) or _tables(statement) != {table}:
+        return None
+    criteria = where_criteria(statement, connection.dialect)
+    if criteria is None:
+        if _orm_adds_criteria(statement):
+            return None  # conditions the plan would not see
+        criteria = tuple(statement._where_criteria)
+    try:
+        condition = _literal_sql(and_(*criteria), connection.dialect) if criteria else None
+    except (CompileError, ValueError, TypeError, InvalidInput):  # e.g. a bound query text, a custom type
+        return None
+    return condition, len(criteria)
 
 
 def _missing_knn_plan(error: Any) -> bool:

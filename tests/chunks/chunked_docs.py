@@ -61,6 +61,25 @@ def chunked_table(
         )
 
 
+def engine_as(dsn: str, role: str) -> Any:
+    """A SQLAlchemy engine on ``dsn`` whose sessions run as ``role`` (set at connection start)."""
+    from psycopg.conninfo import conninfo_to_dict
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import URL
+
+    params = conninfo_to_dict(dsn)
+    url = URL.create(
+        "postgresql+psycopg",
+        username=str(params.get("user")),
+        password=str(params.get("password") or "") or None,
+        host=str(params.get("host")),
+        port=int(str(params.get("port"))),
+        database=str(params.get("dbname")),
+        query={"options": f"-c role={role}"},
+    )
+    return create_engine(url)
+
+
 def sync_as_worker(conn: psycopg.Connection[Any], roles: Roles, table: str, **options: Any) -> SyncReport:
     """The worker role's drain of ``table`` (a superuser's session that SET ROLE: allowed explicitly)."""
     with acting(conn, roles.worker):

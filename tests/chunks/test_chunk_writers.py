@@ -9,11 +9,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from chunked_docs import chunk_rows, chunked_table, owned_database, sync_as_worker
+from chunked_docs import chunk_rows, chunked_table, engine_as, owned_database, sync_as_worker
 from fixtures.roles import Roles, acting
-from psycopg.conninfo import conninfo_to_dict
-from sqlalchemy import String, create_engine
-from sqlalchemy.engine import URL
+from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from pgsim.columns.bulk_load import ingest
@@ -80,17 +78,7 @@ def test_ingest_orm_flush_and_sql_with_a_vector_all_end_with_chunks(
         assert report.rows == 2
         vector = admin.execute("SELECT embedding FROM writers WHERE id = 1").fetchone()[0]
         admin.execute("INSERT INTO writers VALUES (3, 'db', %s, %s)", ["A hand-written row.\n\n" + LONG, vector])
-    params = conninfo_to_dict(database_dsn)
-    url = URL.create(
-        "postgresql+psycopg",
-        username=str(params.get("user")),
-        password=str(params.get("password") or "") or None,
-        host=str(params.get("host")),
-        port=int(str(params.get("port"))),
-        database=str(params.get("dbname")),
-        query={"options": f"-c role={roles.app}"},
-    )
-    engine = create_engine(url)
+    engine = engine_as(database_dsn, roles.app)
     try:
         with Session(engine) as session:
             session.add(Doc(id=4, section="db", body=LONG + "\n\nWritten through the ORM."))

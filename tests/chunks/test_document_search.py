@@ -11,9 +11,11 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-from chunked_docs import chunk_rows, chunked_table, owned_database, sync_as_worker
+from chunked_docs import chunk_rows, chunked_table, engine_as, owned_database, sync_as_worker
 from fixtures.roles import Roles, acting
 from psycopg import sql
+from sqlalchemy import String, event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
 
 from pgsim.columns.chunking.settings import Chunks
 from pgsim.demo.corpus import Package
@@ -21,6 +23,7 @@ from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput
 from pgsim.knn.documents import search_documents
 from pgsim.knn.filtered import search
+from pgsim.sqlalchemy import embedding_column
 
 SHORT, LONG, PER_LONG, DEEP = 30, 6, 12, 9  # short documents, long ones, packages per long one, the deep one
 
@@ -238,3 +241,55 @@ def test_sql_knn_documents_refuses_bad_input(app: Any, encoder: Encoder) -> None
     assert app.execute("SELECT count(*) FROM docs").fetchone()[0] > 0
     with pytest.raises(psycopg.Error, match="not a registered embedding"):
         app.execute("SELECT * FROM pgsim.knn_documents('docs', 'body', %s, 3)", [vector])
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Doc(Base):
+    __tablename__ = "docs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    section: Mapped[str | None] = mapped_column(String, nullable=True)
+    body: Mapped[str | None] = mapped_column(String, nullable=True)
+    embedding = embedding_column(source="body", sync="worker")
+
+
+def test_the_orms_nearest_on_a_chunked_column_yields_documents_as_the_other_searches_do(
+    app: Any, corpus: Corpus, roles: Roles
+) -> None:
+    engine = engine_as(corpus.dsn, roles.app)
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda _c, _cur, statement, *_: statements.append(statement))
+    query = "documentation and reference manual"
+    try:
+        with Session(engine) as session:
+            nearest = Doc.embedding.nearest(query)
+            for where, k, offset in ((None, 10, 0), (Doc.section == "manual", 3, 0), (None, 4, 3)):
+                statement = select(Doc).order_by(nearest).limit(k).offset(offset)
+                condition = None
+                if where is not None:
+                    statement = statement.where(where)
+                    condition = sql.SQL("section = {}").format(sql.Literal("manual"))
+                found = [doc.id for doc in session.scalars(statement)]
+                expected = [hit.row["id"] for hit in search_documents(app, "docs", "embedding", query, k=k + offset,
+                                                                        where=condition)][offset:]  # fmt: skip
+                assert found == expected and len(found) == k
+                assert "pgsim.knn_documents" in statements[-1]  # the planned path, no fallback after it
+            # not plannable (another ORDER BY term first; a subquery on another table): the exact path, same answer
+            by_section = [doc.id for doc in session.scalars(select(Doc).order_by(Doc.section, nearest).limit(40))]
+            assert len(by_section) == len(set(by_section)) == len(corpus.texts)
+            assert "knn_documents" not in statements[-1] and "min(" in statements[-1]  # the exact path
+            everything = [hit.row["id"] for hit in search_documents(app, "docs", "embedding", query, k=40)]
+            assert by_section == sorted(everything, key=lambda i: (corpus.sections[i], everything.index(i)))
+            other = aliased(Doc)
+            joined = select(Doc).where(Doc.id.in_(select(other.id).where(other.section == "long"))).order_by(nearest)
+            joined = joined.limit(5)
+            assert sorted(doc.id for doc in session.scalars(joined)) == [1000, 1001]
+            rows = session.execute(select(Doc.id, Doc.section).order_by(nearest).limit(5)).all()
+            assert [row.id for row in rows] == everything[:5]
+            other = aliased(Doc)  # an alias of the documents: the exact path, documents still
+            by_alias = session.scalars(select(other).order_by(other.embedding.nearest(query)).limit(5))
+            assert [doc.id for doc in by_alias] == everything[:5]
+    finally:
+        engine.dispose()

@@ -1,0 +1,133 @@
+"""``.nearest()`` on a chunked embedding (pgsim.chunking): the ORM query returns documents, each once, nearest
+first by their nearest chunk, as ``pgsim.knn`` does.
+
+pgsim's ``do_orm_execute`` hook (pgsim.sqlalchemy.knn) hands such a statement here. When ``.nearest()`` is its
+first ORDER BY term, its LIMIT is known and its filter can be planned (the column's table alone, conditions
+that compile to literal SQL), the statement is joined to ``pgsim.knn_documents`` under that same filter and
+ordered by its distance: the SQL function keeps the k-documents contract, with the chunk index and its exact
+fallback. Otherwise, or if that still gives fewer rows than the LIMIT, the statement is ordered by each
+document's nearest chunk computed over all its chunks (exact: every document that passes the filter, its chunks
+found by the chunk table's primary key). A document without chunks yet is left out on both paths.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from sqlalchemy import Float, Select, Table, Text, and_, cast, column, func, literal, null, select, table, text
+from sqlalchemy.dialects.postgresql import JSONB, REGCLASS
+from sqlalchemy.orm import ORMExecuteState
+
+from pgsim.knn.caches import TtlCache
+
+log = logging.getLogger(__name__)
+
+HAS_CHUNKING = text("SELECT pg_catalog.to_regclass('pgsim.chunking') IS NOT NULL")
+CHUNK_TABLE = text(
+    "SELECT n.nspname, c.relname FROM pgsim.chunking k JOIN pgsim.embedding e ON e.id = k.embedding_id "
+    "JOIN pg_catalog.pg_class c ON c.oid = k.chunk_table JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE e.table_oid = pg_catalog.to_regclass(:table) AND e.column_name = :column"
+)
+# (database URL, table, column) -> the chunk table's (schema, name), or () when the column is not chunked
+_chunk_tables: TtlCache[tuple[str, str, str], tuple[str, ...]] = TtlCache(60.0)
+
+
+def chunk_table_of(connection: Any, embedding: Any) -> Any | None:
+    """The chunk table of the embedding column ``embedding`` as a Core table (its key columns and
+    ``embedding``), or None when the column is not chunked or pgsim's schema is not there."""
+    documents = getattr(embedding, "table", None)
+    if documents is None or not getattr(documents, "primary_key", None):
+        return None
+    base = getattr(documents, "element", documents)  # an alias's table
+    if not isinstance(base, Table):
+        return None
+    name = connection.dialect.identifier_preparer.format_table(base)
+    key = (str(connection.engine.url), name, str(embedding.name))
+    found = _chunk_tables.get(key)
+    if found is None:
+        found = ()
+        if connection.execute(HAS_CHUNKING).scalar():
+            row = connection.execute(CHUNK_TABLE, {"table": name, "column": embedding.name}).first()
+            found = (str(row[0]), str(row[1])) if row else ()
+        _chunk_tables.put(key, found)
+    if not found:
+        return None
+    keys: list[Any] = [column(key_column.name) for key_column in _keys(documents)]
+    return table(found[1], *keys, column("embedding"), schema=found[0])
+
+
+def nearest_documents(
+    state: ORMExecuteState,
+    connection: Any,
+    nearest: Any,
+    chunks: Any,
+    limit: int | None,
+    offset: int,
+    condition: str | None,
+    plannable: bool,
+) -> Any:
+    """The result of ``state``'s statement with documents in place of rows (see the module's text); ``limit``:
+    its LIMIT, None when unknown; ``condition``: its filter as literal SQL, when ``plannable``."""
+    statement: Select[Any] = state.statement  # type: ignore[assignment]
+    order = list(statement._order_by_clauses)
+    embedding = nearest._annotations["pgsim_nearest"]
+    documents = embedding.table
+    if limit is not None and plannable and order and order[0] is nearest:
+        k = limit + offset  # the function must find the rows the offset skips too
+        planned = _planned(statement, order, nearest, documents, connection, k, condition, embedding.name)
+        frozen = state.invoke_statement(statement=planned).freeze()
+        if len(frozen.data) >= limit:  # rows, or ORM objects: each document is one row of the join
+            return frozen()
+        log.info("pgsim.knn_documents gave %d of %d documents; exact scan instead", len(frozen.data), limit)
+    return state.invoke_statement(statement=_exact(statement, order, nearest, documents, chunks))
+
+
+def _exact(statement: Select[Any], order: list[Any], nearest: Any, documents: Any, chunks: Any) -> Select[Any]:
+    """``statement`` ordered by each document's nearest chunk where it ordered by ``nearest``."""
+    match = and_(*[chunks.c[key.name] == key for key in _keys(documents)])
+    distance = (
+        select(func.min(chunks.c.embedding.op("<=>", return_type=Float)(nearest.right))).where(match).scalar_subquery()
+    )
+    return (
+        statement.order_by(None)
+        .order_by(*[distance if term is nearest else term for term in order])
+        .where(distance.is_not(None))
+    )
+
+
+def _planned(
+    statement: Select[Any],
+    order: list[Any],
+    nearest: Any,
+    documents: Any,
+    connection: Any,
+    k: int,
+    condition: str | None,
+    column_name: str,
+) -> Select[Any]:
+    """``statement`` joined to the k documents pgsim.knn_documents finds under ``condition``, ordered by their
+    distance where it ordered by ``nearest``."""
+    name = connection.dialect.identifier_preparer.format_table(documents)
+    hits = (
+        func.pgsim.knn_documents(
+            cast(literal(name, Text), REGCLASS),
+            literal(column_name, Text),
+            nearest.right,
+            literal(k),
+            literal(condition, Text) if condition is not None else null(),
+        )
+        .table_valued(column("row", JSONB), column("distance", Float))
+        .alias("_pgsim_documents")
+    )
+    match = and_(*[key == cast(hits.c.row.op("->>")(key.name), key.type) for key in _keys(documents)])
+    return (
+        statement.join(hits, match)
+        .order_by(None)
+        .order_by(*[hits.c.distance if term is nearest else term for term in order])
+    )
+
+
+def _keys(documents: Any) -> list[Any]:
+    """The primary key columns of a table or of an alias of one."""
+    return list(documents.primary_key)

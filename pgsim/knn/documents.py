@@ -28,13 +28,11 @@ from psycopg import sql
 from psycopg.rows import dict_row
 
 from pgsim.columns.chunking.tables import caller_path_kept, require_same_owner
-from pgsim.columns.registry import ChunkTable, Registration, chunk_table, require_registration
+from pgsim.columns.registry import ChunkTable, Registration, chunk_table
 from pgsim.db.catalog import pin_search_path, vector_schema
-from pgsim.encoding.encoder import check_vector, encoder_for
 from pgsim.errors import InvalidInput
-from pgsim.psycopg import bindable
+from pgsim.knn.target import VectorColumn, check_k, target_and_params
 
-MAX_K = 10_000
 MAX_FETCH = 20_000  # chunks one hnsw round may ask for; pgvector's hnsw.max_scan_tuples is raised to match
 PREFIX = "_pgsim_"  # the columns a statement adds beside the document's
 
@@ -69,28 +67,44 @@ def search_documents(
     current role may read, but the embedding)."""
     if isinstance(conn, psycopg.AsyncConnection):
         raise InvalidInput("search_documents takes a psycopg.Connection, not an AsyncConnection.")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-        raise InvalidInput(f"k must be a whole number from 1 to {MAX_K}; got {k!r}.")
+    check_k(k)
     if where is not None and not isinstance(where, sql.Composable):
         raise InvalidInput("where must be a psycopg.sql.Composable condition (sql.SQL(...).format(...)), or None.")
+    target, params = target_and_params(conn, table, column, query, None)
+    return documents_of(conn, target, params, k, where, columns, ef_search, exact_below_rows, min_hnsw_selectivity)[0]
+
+
+def documents_of(
+    conn: psycopg.Connection[Any],
+    target: VectorColumn,
+    params: dict[str, Any],
+    k: int,
+    where: sql.Composable | None,
+    columns: Sequence[str] | None,
+    ef_search: int,
+    exact_below_rows: float,
+    min_hnsw_selectivity: float,
+) -> tuple[list[DocumentHit], str]:
+    """:func:`search_documents` on a column already read and a query already made parameters
+    (pgsim.knn.target), and the path it took: ``hnsw`` or ``exact``."""
+    registration = target.registration
     with conn.transaction(), caller_path_kept(conn):
-        registration = require_registration(conn, table, column)  # the name as the caller's search_path reads it
         pin_search_path(conn)
-        chunks = chunk_table(conn, registration)
-        if chunks is None:
+        chunks = chunk_table(conn, registration) if registration is not None else None
+        if registration is None or chunks is None:
             raise InvalidInput(
-                f"{registration.table}.{column} is not chunked: pgsim.columns.chunking.add_chunks(conn, {table!r}, "
-                f"{column!r}, Chunks(tokens=...)) first."
+                f"{target.table}.{target.column} is not chunked: pgsim.columns.chunking.add_chunks(conn, "
+                f"{target.table!r}, {target.column!r}, Chunks(tokens=...)) first."
             )
         require_same_owner(conn, registration, chunks)
-        selected = list(columns) if columns is not None else _readable(conn, registration)
-    params = _query_params(conn, registration, query)
+    selected = list(columns) if columns is not None else list(target.default_columns)
     condition = sql.SQL("TRUE") if where is None else sql.SQL(where.as_string(conn).replace("%", "%%"))
+    path = "exact"
     with conn.transaction() as tx, conn.cursor(row_factory=dict_row) as cur:
         pin_search_path(conn)
         vectors_in = vector_schema(conn)
         statements = Statements(registration, chunks, selected, condition, vectors_in)
-        params["k"] = k
+        params = {**params, "k": k}
         fetch = _first_fetch(conn, registration, where, k, exact_below_rows, min_hnsw_selectivity)
         rows: list[dict[str, Any]] | None = None
         if fetch is not None:
@@ -105,7 +119,7 @@ def search_documents(
                 found = cur.execute(hnsw, {**params, "fetch": fetch}, prepare=False).fetchall()
                 hits = [row for row in found if row[PREFIX + "distance"] is not None]
                 if len(hits) >= k:
-                    rows = hits
+                    rows, path = hits, "hnsw"
                 elif found[0][PREFIX + "candidates"] < fetch:
                     break  # every chunk the scan would give was seen: only an exact scan can find more
                 else:
@@ -114,7 +128,7 @@ def search_documents(
             rows = cur.execute(statements.exact().as_bytes(conn), params, prepare=False).fetchall()
         result = [_hit(row) for row in rows]
         raise psycopg.Rollback(tx)  # the settings and the pinned path end with it
-    return result
+    return result, path
 
 
 def _hit(row: dict[str, Any]) -> DocumentHit:
@@ -224,43 +238,6 @@ class Statements:
             name if name != "distance" else "distance_name": sql.Identifier(PREFIX + name)
             for name in ("chunk_no", "span_start", "span_end", "distance")
         }
-
-
-def _readable(conn: psycopg.Connection[Any], registration: Registration) -> list[str]:
-    """The document columns the current role may read, but the embedding column."""
-    row = conn.execute(
-        "SELECT array_agg(attname::text ORDER BY attnum) FROM pg_catalog.pg_attribute "
-        "WHERE attrelid = %s::pg_catalog.oid AND attnum > 0 AND NOT attisdropped AND attname <> %s "
-        "AND pg_catalog.has_column_privilege(attrelid, attnum, 'SELECT')",
-        [registration.table_oid, registration.column],
-    ).fetchone()
-    return list(row[0] or []) if row else []
-
-
-def _query_params(conn: psycopg.Connection[Any], registration: Registration, query: Any) -> dict[str, Any]:
-    """The query as a vector of the column's dimension (text encoded with its model), and the model check."""
-    model = revision = None
-    if isinstance(query, str):
-        encoder = encoder_for(registration.model)
-        if encoder.revision != registration.model_revision:
-            raise InvalidInput(
-                f"Model {registration.model!r} here (revision {encoder.revision}) is not the one "
-                f"{registration.table}.{registration.column} holds (revision {registration.model_revision})."
-            )
-        vector = encoder.encode_query(query)
-        model, revision = registration.model, encoder.revision
-    else:
-        vector = check_vector(query, registration.dimension)
-    if not vector.any():
-        raise InvalidInput("The query vector is all zeros: it has no direction, so no cosine distance to it exists.")
-    return {
-        "q": bindable(conn, vector),
-        "g_schema": registration.schema,
-        "g_table": registration.table_name,
-        "g_column": registration.column,
-        "g_model": model,
-        "g_revision": revision,
-    }
 
 
 def _first_fetch(

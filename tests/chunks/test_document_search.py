@@ -293,3 +293,41 @@ def test_the_orms_nearest_on_a_chunked_column_yields_documents_as_the_other_sear
             assert [doc.id for doc in by_alias] == everything[:5]
     finally:
         engine.dispose()
+
+
+@pytest.fixture
+def full_text(corpus: Corpus, roles: Roles) -> Iterator[None]:
+    """A tsvector column on the documents, for hybrid search, while the test runs."""
+    with psycopg.connect(corpus.dsn, autocommit=True) as owner, acting(owner, roles.owner):
+        owner.execute(
+            "ALTER TABLE docs ADD COLUMN fts tsvector GENERATED ALWAYS AS (to_tsvector('english', coalesce(body, ''))) "
+            "STORED"
+        )
+        try:
+            yield
+        finally:
+            owner.execute("ALTER TABLE docs DROP COLUMN fts")
+
+
+def test_sql_hybrid_and_relevant_search_rank_documents_by_their_chunks(
+    app: Any, corpus: Corpus, encoder: Encoder, full_text: None
+) -> None:
+    """pgsim.hybrid_search and pgsim.relevant_search (SQL) take their vector list from pgsim.knn, so on a chunked
+    column they fuse and judge documents by their nearest chunk: a sentence deep inside a long document finds it."""
+    from pgsim.psycopg import register
+
+    register(app)
+    for doc_id, query in corpus.deep_queries.items():
+        vector = encoder.encode_query(query)
+        relevant = app.execute(
+            "SELECT row, distance FROM pgsim.relevant_search('docs', 'embedding', %s, 10, min_score => 0)", [vector]
+        ).fetchall()
+        knn = app.execute("SELECT row FROM pgsim.knn_documents('docs', 'embedding', %s, 10)", [vector]).fetchall()
+        assert [row["id"] for row, _ in relevant] == [row["id"] for (row,) in knn]
+        fused = app.execute(
+            "SELECT row, vector_rank FROM pgsim.hybrid_search('docs', 'embedding', %s, %s, 10)", [vector, query]
+        ).fetchall()
+        ids = [row["id"] for row, _ in fused]
+        assert len(ids) == len(set(ids)) == 10
+        assert ids[0] == doc_id, (query, ids)  # its words and its chunk both name it
+        assert "embedding" not in fused[0][0]

@@ -31,10 +31,17 @@ from pgsim.columns.chunking.tables import caller_path_kept, require_same_owner
 from pgsim.columns.registry import ChunkTable, Registration, chunk_table
 from pgsim.db.catalog import pin_search_path, vector_schema
 from pgsim.errors import InvalidInput
+from pgsim.knn.planner import Tuning
 from pgsim.knn.target import VectorColumn, check_k, target_and_params
 
 MAX_FETCH = 20_000  # chunks one hnsw round may ask for; pgvector's hnsw.max_scan_tuples is raised to match
 PREFIX = "_pgsim_"  # the columns a statement adds beside the document's
+# The fetch grows until k documents come: a far smaller share than pgsim.search's 0.5 still takes the index
+DOCUMENT_TUNING = Tuning(exact_below_rows=1000, hnsw_ef_search=100, min_hnsw_selectivity=0.05)
+
+
+class NotChunked(InvalidInput):
+    """The column searched for documents is not chunked."""
 
 
 @dataclass(frozen=True)
@@ -56,9 +63,9 @@ def search_documents(
     k: int = 10,
     where: sql.Composable | None = None,
     columns: Sequence[str] | None = None,
-    ef_search: int = 100,
-    exact_below_rows: float = 1000,
-    min_hnsw_selectivity: float = 0.05,
+    ef_search: int = DOCUMENT_TUNING.hnsw_ef_search,
+    exact_below_rows: float = DOCUMENT_TUNING.exact_below_rows,
+    min_hnsw_selectivity: float = DOCUMENT_TUNING.min_hnsw_selectivity,
 ) -> list[DocumentHit]:
     """The k documents of ``table`` whose chunks of the chunked embedding ``column`` come nearest to ``query``
     (text, encoded with the column's model, or a vector), among those that pass ``where`` (a
@@ -71,7 +78,8 @@ def search_documents(
     if where is not None and not isinstance(where, sql.Composable):
         raise InvalidInput("where must be a psycopg.sql.Composable condition (sql.SQL(...).format(...)), or None.")
     target, params = target_and_params(conn, table, column, query, None)
-    return documents_of(conn, target, params, k, where, columns, ef_search, exact_below_rows, min_hnsw_selectivity)[0]
+    tuning = Tuning(exact_below_rows, ef_search, min_hnsw_selectivity)
+    return documents_of(conn, target, params, k, where, columns, tuning)[0]
 
 
 def documents_of(
@@ -81,9 +89,7 @@ def documents_of(
     k: int,
     where: sql.Composable | None,
     columns: Sequence[str] | None,
-    ef_search: int,
-    exact_below_rows: float,
-    min_hnsw_selectivity: float,
+    tuning: Tuning = DOCUMENT_TUNING,
 ) -> tuple[list[DocumentHit], str]:
     """:func:`search_documents` on a column already read and a query already made parameters
     (pgsim.knn.target), and the path it took: ``hnsw`` or ``exact``."""
@@ -92,7 +98,7 @@ def documents_of(
         pin_search_path(conn)
         chunks = chunk_table(conn, registration) if registration is not None else None
         if registration is None or chunks is None:
-            raise InvalidInput(
+            raise NotChunked(
                 f"{target.table}.{target.column} is not chunked: pgsim.columns.chunking.add_chunks(conn, "
                 f"{target.table!r}, {target.column!r}, Chunks(tokens=...)) first."
             )
@@ -105,14 +111,14 @@ def documents_of(
         vectors_in = vector_schema(conn)
         statements = Statements(registration, chunks, selected, condition, vectors_in)
         params = {**params, "k": k}
-        fetch = _first_fetch(conn, registration, where, k, exact_below_rows, min_hnsw_selectivity)
+        fetch = _first_fetch(conn, registration, where, k, tuning.exact_below_rows, tuning.min_hnsw_selectivity)
         rows: list[dict[str, Any]] | None = None
         if fetch is not None:
             cur.execute(
                 "SELECT pg_catalog.set_config('hnsw.iterative_scan', 'relaxed_order', true), "
                 "pg_catalog.set_config('hnsw.ef_search', %s, true), "
                 "pg_catalog.set_config('hnsw.max_scan_tuples', %s, true)",
-                [str(min(max(ef_search, 1), 1000)), str(MAX_FETCH * 2)],
+                [str(min(max(tuning.hnsw_ef_search, 1), 1000)), str(MAX_FETCH * 2)],
             )
             hnsw = statements.hnsw().as_bytes(conn)
             while rows is None and fetch <= MAX_FETCH:

@@ -24,6 +24,7 @@ from psycopg.rows import dict_row
 
 from pgsim.errors import InvalidInput
 from pgsim.knn.caches import database_key, forget_plans, plan_cache, statement_cache
+from pgsim.knn.documents import DOCUMENT_TUNING, NotChunked, documents_of
 from pgsim.knn.planner import (
     DEFAULT_RECALL,
     DEFAULT_TUNING,
@@ -40,7 +41,7 @@ from pgsim.knn.planner import (
     under_hnsw_settings,
 )
 from pgsim.knn.statements import DISTANCE, PATHS, QUERY_LITERAL, Where, filter_sql, search_statement
-from pgsim.knn.target import check_k, target_and_params
+from pgsim.knn.target import VectorColumn, check_k, target_and_params
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 class Hit:
     row: dict[str, Any]
     distance: float
+    # on a chunked embedding: the document's nearest chunk, its number and its character span in the source text
+    chunk_no: int | None = None
+    span: tuple[int, int] | None = None
 
 
 def search(
@@ -123,6 +127,8 @@ def _search(
     recall: float,
 ) -> tuple[list[Hit], Plan]:
     target, params = target_and_params(conn, table, column, query, model)
+    if target.chunked:
+        return _documents(conn, target, params, k, where, columns, tuning)
     params["k"] = k
     condition = filter_sql(where)
     planned = plan_params(conn, target, k, condition, tuning, recall)
@@ -154,6 +160,29 @@ def _search(
             stacklevel=4,
         )
     return [Hit(row=row, distance=float(row.pop(DISTANCE))) for row in rows], chosen
+
+
+def _documents(
+    conn: psycopg.Connection[Any],
+    target: VectorColumn,
+    params: dict[str, Any],
+    k: int,
+    where: Where,
+    columns: Sequence[str] | None,
+    tuning: Tuning,
+) -> tuple[list[Hit], Plan]:
+    """A chunked column's search: k documents by their nearest chunk (pgsim.knn.documents), with its own
+    thresholds unless ``tuning`` gives others."""
+    condition = None if where is None else filter_sql(where).condition
+    try:
+        found, path = documents_of(
+            conn, target, params, k, condition, columns, DOCUMENT_TUNING if tuning == DEFAULT_TUNING else tuning
+        )
+    except NotChunked:  # chunking removed since the column was cached
+        raise UnknownColumn(f"{target.table}.{target.column} is no longer chunked.") from None
+    hits = [Hit(row=hit.row, distance=hit.distance, chunk_no=hit.chunk_no, span=hit.span) for hit in found]
+    reason = "documents by their nearest chunk"
+    return hits, Plan(path, None, float("nan"), None, None, None, None, reason, 1.0 if path == "exact" else None)
 
 
 def explain(

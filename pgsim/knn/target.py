@@ -10,7 +10,7 @@ from typing import Any
 
 import psycopg
 
-from pgsim.columns.registry import Registration, get_registration
+from pgsim.columns.registry import Registration, chunk_table, get_registration
 from pgsim.db.catalog import resolve_table, table_columns
 from pgsim.encoding.encoder import check_vector, encoder_for
 from pgsim.encoding.models import DEFAULT_MODEL
@@ -30,6 +30,9 @@ class VectorColumn:
     other_columns: tuple[str, ...]
     registration: Registration | None = None  # set when pgsim keeps this column in sync (pgsim.add_embedding)
     readable_columns: tuple[str, ...] = ()  # of other_columns, those the current role may SELECT: the default
+    # its documents are chunked (pgsim.chunking): searches return documents by their nearest chunk. Cached with
+    # the rest for PLAN_SECONDS, so another process's add_chunks shows within that time.
+    chunked: bool = False
 
     @property
     def default_columns(self) -> tuple[str, ...]:
@@ -63,14 +66,16 @@ def read_vector_column(conn: psycopg.Connection[Any], table: str, column: str) -
         "AND pg_catalog.has_column_privilege(attrelid, attnum, 'SELECT'::pg_catalog.text)",
         [found.oid, column],
     ).fetchone()
+    registration = get_registration(conn, table, column)
     return VectorColumn(
         table,
         column,
         declared[1],
         int(declared[2]),
         tuple(name for name in columns if name != column),
-        get_registration(conn, table, column),
+        registration,
         tuple(readable[0] or ()) if readable else (),
+        registration is not None and chunk_table(conn, registration) is not None,
     )
 
 

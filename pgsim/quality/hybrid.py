@@ -109,6 +109,11 @@ def hybrid_search(
             raise InvalidInput(f"{name} must be a whole number from {low} to 10000; got {value!r}.")
     with model_change_as_input_error():
         target, params = target_and_params(conn, table, column, query, None)
+        if target.chunked:
+            params.update(text=query, k=k, min_score=min_score, candidates=candidates, rrf_k=rrf_k)
+            params.update(text_column=text_column, text_config=text_config, **_thresholds(tuning))
+            params["filter"] = None if where is None else filter_sql(where).condition.as_string(conn)
+            return _documents(conn, target, params, columns)
         text = _text_column(conn, table, text_column, text_config)
         fusion = calibrated(conn, table, column).fusion_for(candidates)
         params.update(n=candidates, k=k, text=query, config=text.config, min_score=min_score)
@@ -125,6 +130,45 @@ def hybrid_search(
             if chosen.path == "exact" or chosen.fell_back or not rows:
                 rows = cur.execute(exact, params, prepare=False).fetchall()
     return [_hit(row) for row in rows]
+
+
+DOCUMENTS = """
+SELECT row, score, distance, vector_rank, text_rank, relevance FROM pgsim.hybrid_search(
+    %(table)s::pg_catalog.regclass, %(column)s, %(q)s, %(text)s, %(k)s, %(filter)s, %(min_score)s, %(candidates)s,
+    %(rrf_k)s, %(text_column)s, %(text_config)s::pg_catalog.regconfig, %(exact_below_rows)s, %(hnsw_ef_search)s,
+    %(min_hnsw_selectivity)s)
+WHERE pgsim.expect_model(%(g_schema)s, %(g_table)s, %(g_column)s, %(g_model)s, %(g_revision)s)
+"""
+
+
+def _thresholds(tuning: Tuning) -> dict[str, Any]:
+    return {
+        "exact_below_rows": tuning.exact_below_rows,
+        "hnsw_ef_search": tuning.hnsw_ef_search,
+        "min_hnsw_selectivity": tuning.min_hnsw_selectivity,
+    }
+
+
+def _documents(
+    conn: psycopg.Connection[Any], target: VectorColumn, params: dict[str, Any], columns: Sequence[str] | None
+) -> list[FusedHit]:
+    """On a chunked column: documents, their vector list by their nearest chunk. pgsim.hybrid_search (SQL)
+    fuses them, taking its vector list from pgsim.knn (pgsim.knn_documents on a chunked column)."""
+    assert target.registration is not None  # a chunked column is a registered one
+    params.update(table=target.registration.table_sql.as_string(conn), column=target.column)
+    with conn.cursor() as cur:  # the function reads the filter under pg_catalog, pg_temp, as Python's search does
+        rows = cur.execute(DOCUMENTS, params, prepare=False).fetchall()
+    return [
+        FusedHit(
+            row=row if columns is None else {name: value for name, value in row.items() if name in columns},
+            score=float(score),
+            distance=None if distance is None else float(distance),
+            vector_rank=vector_rank,
+            text_rank=text_rank,
+            relevance=None if relevance is None else float(relevance),
+        )
+        for row, score, distance, vector_rank, text_rank, relevance in rows
+    ]
 
 
 def _fusion_params(fusion: Fusion | None, rrf_k: int | None) -> dict[str, Any]:

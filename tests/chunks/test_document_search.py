@@ -22,7 +22,10 @@ from pgsim.demo.corpus import Package
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput
 from pgsim.knn.documents import search_documents
-from pgsim.knn.filtered import search
+from pgsim.knn.filtered import search, search_with_plan
+from pgsim.psycopg import register
+from pgsim.quality.hybrid import hybrid_search
+from pgsim.quality.relevance import relevant_search
 from pgsim.sqlalchemy import embedding_column
 
 SHORT, LONG, PER_LONG, DEEP = 30, 6, 12, 9  # short documents, long ones, packages per long one, the deep one
@@ -103,12 +106,25 @@ def test_search_returns_k_distinct_documents_by_their_best_chunk(
         assert hit.span == (start, end) and start < end <= len(hit.row["body"])
 
 
-def test_a_sentence_deep_inside_a_long_document_finds_it_where_truncation_does_not(app: Any, corpus: Corpus) -> None:
+def truncated(conn: Any, encoder: Encoder, query: str) -> list[int]:
+    """The 10 documents nearest by their own (truncated) vector, exactly."""
+    register(conn)
+    vector = encoder.encode_query(query)
+    found = conn.execute("SELECT id FROM docs ORDER BY (embedding <=> %s) + 0 LIMIT 10", [vector]).fetchall()
+    return [i for (i,) in found]
+
+
+def test_a_sentence_deep_inside_a_long_document_finds_it_where_truncation_does_not(
+    app: Any, corpus: Corpus, encoder: Encoder
+) -> None:
     chunk_ranks, truncated_ranks = [], []
     for doc_id, query in corpus.deep_queries.items():
         hits = search_documents(app, "docs", "embedding", query, k=10)
         chunked = [hit.row["id"] for hit in hits]
-        whole = [hit.row["id"] for hit in search(app, "docs", "embedding", query, k=10)]
+        assert [(h.row["id"], h.chunk_no, h.span) for h in search(app, "docs", "embedding", query, k=10)] == [
+            (h.row["id"], h.chunk_no, h.span) for h in hits
+        ]  # pgsim.search on a chunked column: the same documents
+        whole = truncated(app, encoder, query)
         chunk_ranks.append(chunked.index(doc_id) + 1 if doc_id in chunked else None)
         truncated_ranks.append(whole.index(doc_id) + 1 if doc_id in whole else None)
         for hit in hits[:1]:
@@ -137,6 +153,9 @@ def test_a_filter_on_the_documents_columns_keeps_k(app: Any, corpus: Corpus, enc
         with psycopg.connect(corpus.dsn, autocommit=True) as owner:
             expected = exact_documents(owner, encoder, query, keep=lambda i, s=section: corpus.sections[i] == s)
         assert ids == expected[:k]
+        if path == "planned":  # pgsim.search with a dict filter: the same documents, the plan says so
+            found, plan = search_with_plan(app, "docs", "embedding", query, k=k, where={"section": section})
+            assert [hit.row["id"] for hit in found] == ids and plan.reason == "documents by their nearest chunk"
 
 
 def test_fewer_matching_than_k_returns_them_all(app: Any, corpus: Corpus) -> None:
@@ -330,4 +349,13 @@ def test_sql_hybrid_and_relevant_search_rank_documents_by_their_chunks(
         ids = [row["id"] for row, _ in fused]
         assert len(ids) == len(set(ids)) == 10
         assert ids[0] == doc_id, (query, ids)  # its words and its chunk both name it
+        python_fused = hybrid_search(app, "docs", "embedding", query, k=10)  # Python's: the same documents
+        assert [hit.row["id"] for hit in python_fused] == ids and set(python_fused[0].row) == {
+            "id",
+            "section",
+            "body",
+            "fts",
+        }
+        python_relevant = relevant_search(app, "docs", "embedding", query, k=10, min_score=0)
+        assert [hit.row["id"] for hit in python_relevant] == [row["id"] for row, _ in relevant]
         assert "embedding" not in fused[0][0]

@@ -16,31 +16,34 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fixtures import calibration
 
 from pgsim.encoding import models
 from pgsim.encoding.backends import measure
 from pgsim.encoding.backends.auto import _choice_key, choose, measure_again
-from pgsim.encoding.models import _calibration_texts, load_model, model_revision
+from pgsim.encoding.models import load_model, model_revision
 
 MODEL = "all-MiniLM-L6-v2"
 FIRST_USE = "import pgsim; pgsim.Encoder().encode(['a first text'])"
-
-
-def calibration_half() -> list[str]:
-    """What the tests that measure in this process time the backends on: every other of auto's 64 calibration
-    texts, with their spread of lengths. 32 texts make two batches of 16, one per lane on two cores, as the 64
-    make four: each pass takes half as long, and the passes run on the lanes as the full set's do."""
-    return _calibration_texts()[::2]
+# The first run measures on the texts the in-process measurements below time (calibration.every_other, which
+# the busy test checks by their count), so its rates are the quiet ones they are compared with; half the
+# encoding of the whole set's measurement.
+EVERY_OTHER = (
+    "from pgsim.encoding import models; "
+    "texts = models._calibration_texts()[::2]; models._calibration_texts = lambda: list(texts)\n"
+)
 
 
 @pytest.fixture(scope="module")
 def first_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, str]:
-    """Two fresh processes encoding with ``auto`` and an empty cache directory: its path, each one's stderr."""
+    """Two fresh processes encoding with ``auto`` and an empty cache directory: its path, each one's stderr.
+    The first converts the model for both exported backends and measures (quietly: nothing of this file's
+    loads the machine then) on every other calibration text; the second reuses what it left."""
     directory = tmp_path_factory.mktemp("first-runs")
     env = {**os.environ, "PGSIM_CACHE_DIR": str(directory), "PGSIM_BACKEND": "auto", "HF_HUB_OFFLINE": "1"}
     stderr = []
-    for _ in range(2):
-        done = subprocess.run([sys.executable, "-c", FIRST_USE], env=env, capture_output=True, text=True, timeout=600)
+    for code in (EVERY_OTHER + FIRST_USE, FIRST_USE):
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stderr
         stderr.append(done.stderr)
     return directory, stderr[0], stderr[1]
@@ -84,10 +87,20 @@ def spinners(count: int) -> Iterator[list[subprocess.Popen[str]]]:
 
 
 @pytest.fixture
-def busy_machine() -> Iterator[int]:
-    """One process per core spinning until the test ends."""
-    with spinners(os.cpu_count() or 1) as workers:
-        yield len(workers)
+def busy_while_measuring(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One process per core spinning whenever auto times its candidates (each call of measure.rates, the
+    interleaved rounds), started before the rounds and killed after them; building the candidates and their
+    warm-up passes, which time nothing, run without them. How many spun, per call."""
+    spun: list[int] = []
+    rates = measure.rates
+
+    def busy_rates(*args: Any, **kwargs: Any) -> tuple[dict[str, float], float]:
+        with spinners(os.cpu_count() or 1) as workers:
+            spun.append(len(workers))
+            return rates(*args, **kwargs)
+
+    monkeypatch.setattr(measure, "rates", busy_rates)
+    return spun
 
 
 def remembered(cache: Path) -> dict[str, Any]:
@@ -96,27 +109,28 @@ def remembered(cache: Path) -> dict[str, Any]:
 
 
 def test_a_busy_machine_chooses_what_a_quiet_one_does(
-    first_runs: tuple[Path, str, str], cache: Path, request: pytest.FixtureRequest
+    first_runs: tuple[Path, str, str], cache: Path, busy_while_measuring: list[int]
 ) -> None:
     """The quiet choice (the first run's, which measured with no load of this test's), then the choice with a
-    spinning process on every core (each of auto's passes gets about half the CPU it would have): the same
-    backend, or one whose quiet rate is within TIE_MARGIN of the quiet winner's (two backends that close are
-    a tie the measurement cannot and need not split). The busy one times half the calibration texts (the
-    rates compared are texts/s, and the choice follows their ratios, which the half shares with the whole)."""
+    spinning process on every core while auto times the candidates (each of its passes gets about half the
+    CPU it would have): the same backend, or one whose quiet rate is within TIE_MARGIN of the quiet winner's
+    (two backends that close are a tie the measurement cannot and need not split). Both time the same texts,
+    every other calibration text."""
     model, revision = load_model(MODEL), model_revision(MODEL)
     quiet = remembered(first_runs[0])
     quiet_rates = quiet["rates"]
-    request.getfixturevalue("busy_machine")
-    busy = choose(model, MODEL, revision, calibration_half())
+    busy = choose(model, MODEL, revision, calibration.every_other())
     record = remembered(cache)
+    assert busy_while_measuring and all(spun == (os.cpu_count() or 1) for spun in busy_while_measuring)
     assert busy.name in measure.ties(quiet_rates), (quiet["why"], busy.reason)
     assert record["method"] == measure.METHOD and "other processes, which took up to" in record["why"]
+    assert "on 32 texts" in record["why"] and "on 32 texts" in quiet["why"]  # the same texts, quiet and busy
 
 
 def test_an_implausible_choice_measured_by_wall_clock_is_measured_again(cache: Path) -> None:
     if not measure.native_bfloat16():
         pytest.skip("the prior speaks only on a CPU with bfloat16 instructions")
-    model, revision, texts = load_model(MODEL), model_revision(MODEL), _calibration_texts()[:8]
+    model, revision, texts = load_model(MODEL), model_revision(MODEL), calibration.shortest()
     choices = cache / "backend-choices.json"
     cache.mkdir(exist_ok=True)
     old = "measured torch 51 texts/s, torch-bf16 17 texts/s, onnx 38 texts/s, openvino 44 texts/s on 64 texts"
@@ -137,27 +151,29 @@ def test_measure_again_measures_whatever_is_remembered(
     cache: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model, revision = load_model(MODEL), model_revision(MODEL)
-    # what it measures on is not the point here: measure_again times the first 8 calibration texts
-    few = _calibration_texts()[:8]
+    # what it measures on is not the point here: measure_again times the 8 shortest calibration texts
+    few = calibration.shortest()
     monkeypatch.setattr(models, "_calibration_texts", lambda: list(few))
     cache.mkdir(exist_ok=True)
     record = {"backend": "onnx", "why": "chosen by hand", "method": measure.METHOD, "rates": {"onnx": 1.0}}
     (cache / "backend-choices.json").write_text(json.dumps({_choice_key(revision): record}))
-    assert choose(model, MODEL, revision, _calibration_texts()[:8]).name == "onnx"
+    assert choose(model, MODEL, revision, few).name == "onnx"
     again = measure_again(MODEL)
     assert again.reason.startswith("auto: measured ") and remembered(cache)["why"] != "chosen by hand"
     assert "pgsim: measuring encoder backends" in capfd.readouterr().err
 
 
-def test_load_on_the_fastest_candidates_only_does_not_decide(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_load_on_the_fastest_candidates_only_does_not_decide(
+    first_runs: tuple[Path, str, str], cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Load that falls on some candidates' passes only, as when a first run overlaps other work that comes and
     goes: two spinning processes per core run only while the quiet winner (and those tied with it) are timed.
     A wall-clock measurement picks a float32 backend here, as the issue's first run did (torch 49, torch-bf16
-    19, onnx 42, openvino 23 texts/s in one run; onnx in another); the corrected one keeps the quiet choice."""
+    19, onnx 42, openvino 23 texts/s in one run; onnx in another); the corrected one keeps the quiet choice,
+    the first run's, which timed the same texts with no load of this test's."""
     model, revision = load_model(MODEL), model_revision(MODEL)
-    choose(model, MODEL, revision, calibration_half())  # quiet and loaded time the same texts
-    quiet_rates = remembered(cache)["rates"]
-    (cache / "backend-choices.json").unlink()
+    quiet_rates = remembered(first_runs[0])["rates"]
+    loaded_passes: list[str] = []
     with spinners(2 * (os.cpu_count() or 1)) as workers:
 
         def pause(pausing: bool) -> None:
@@ -168,6 +184,8 @@ def test_load_on_the_fastest_candidates_only_does_not_decide(cache: Path, monkey
 
         def loaded_pass(backend: Any, batches: list[list[str]]) -> measure.Timing:
             loaded = backend.name in measure.ties(quiet_rates)
+            if loaded:
+                loaded_passes.append(backend.name)
             pause(not loaded)
             try:
                 return timed_pass(backend, batches)
@@ -176,5 +194,6 @@ def test_load_on_the_fastest_candidates_only_does_not_decide(cache: Path, monkey
 
         monkeypatch.setattr(measure, "timed_pass", loaded_pass)
         pause(True)
-        busy = choose(model, MODEL, revision, calibration_half())
+        busy = choose(model, MODEL, revision, calibration.every_other())
+    assert set(loaded_passes) == measure.ties(quiet_rates)  # every tied candidate's timed passes ran loaded
     assert busy.name in measure.ties(quiet_rates), (quiet_rates, busy.reason)

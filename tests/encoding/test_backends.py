@@ -8,10 +8,12 @@ import logging
 import shutil
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fixtures import calibration
 
 from pgsim.demo.corpus import Package
 from pgsim.encoding.backends import base as backends
@@ -94,77 +96,77 @@ def test_an_export_is_cached_and_a_corrupted_or_stale_one_is_rebuilt(name: str, 
     assert exported.stat().st_mtime_ns != written and json.loads(meta.read_text())["format"] == EXPORT_FORMAT
 
 
-@warm_exports
-@pytest.mark.parametrize(
-    ("name", "package", "advice"),
-    [("onnx", "onnxruntime", r"pip install 'pgsim\[onnx\]'"), ("openvino", "openvino", "pip install openvino")],
-)
+MISSING_RUNTIMES = {  # backend: (the package it imports, what the error tells the user to install)
+    "onnx": ("onnxruntime", r"pip install 'pgsim\[onnx\]'"),
+    "openvino": ("openvino", "pip install openvino"),
+}
+
+
 def test_a_missing_runtime_says_what_to_install_and_auto_goes_on_without_it(
-    name: str, package: str, advice: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setitem(sys.modules, package, None)  # what an environment without the package sees
+    """Both runtimes missing at once: each backend says what to install, and one measurement by auto shows
+    that it goes on without either (one measurement instead of one per runtime: auto's is the slow part)."""
+    for package, _ in MISSING_RUNTIMES.values():
+        monkeypatch.setitem(sys.modules, package, None)  # what an environment without the package sees
     model, revision = load_model(MODEL), model_revision(MODEL)
-    with pytest.raises(BackendUnavailable, match=advice):
-        build(name, model, MODEL, revision)
+    for name, (_, advice) in MISSING_RUNTIMES.items():
+        with pytest.raises(BackendUnavailable, match=advice):
+            build(name, model, MODEL, revision)
     with caplog.at_level(logging.INFO, logger="pgsim.encoding.backends"):
         chosen = choose(model, MODEL, revision, calibration_texts())
-    assert chosen.name != name
-    assert f"{name} is not a candidate here" in caplog.text and "encoder backend" in caplog.text
+    assert chosen.name not in MISSING_RUNTIMES
+    for name in MISSING_RUNTIMES:
+        assert f"{name} is not a candidate here" in caplog.text
+    assert "encoder backend" in caplog.text
 
 
-@pytest.mark.parametrize(
-    ("name", "module", "function", "written", "message"),
-    [
-        ("onnx", "torch.onnx", "export", 2, "Exporting the model to ONNX failed: RuntimeError"),
-        ("openvino", "openvino", "save_model", 1, "Converting the model to OpenVINO failed: RuntimeError"),
-    ],
-)
+FAILING_EXPORTS = {  # backend: (module, function that writes the export, its argument that is the file, message)
+    "onnx": ("torch.onnx", "export", 2, "Exporting the model to ONNX failed: RuntimeError"),
+    "openvino": ("openvino", "save_model", 1, "Converting the model to OpenVINO failed: RuntimeError"),
+}
+
+
 def test_a_failed_export_leaves_nothing_behind_and_falls_back_with_a_warning(
-    name: str,
-    module: str,
-    function: str,
-    written: int,
-    message: str,
-    monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-    cache: Path,
-    session_exports: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Both exports fail at once, each after writing half a file: auto measures once, warns why each is not
+    a candidate (the BackendUnavailable that building it raised, message included) and chooses another, and
+    neither failure leaves a file behind."""
     import importlib
 
-    # the other exported backend starts exported (from the session's exports): auto falls back to it without
-    # converting the model for it, which is not what this test is about
-    (other,) = (other for other in EXPORTS if other != name)
-    shutil.copytree(session_exports / other, cache / other)
+    def broken_export(name: str, written: int) -> Callable[..., None]:
+        def export(*args: object, **kwargs: object) -> None:
+            partial = Path(str(args[written]))  # half a file, as a crash or a full disk leaves it
+            partial.write_bytes(b"half")
+            if name == "openvino":  # its weights go to a .bin beside the .xml
+                partial.with_suffix(".bin").write_bytes(b"half")
+            raise RuntimeError("unsupported operator aten::something")
 
-    def broken_export(*args: object, **kwargs: object) -> None:
-        partial = Path(str(args[written]))  # half a file, as a crash or a full disk leaves it
-        partial.write_bytes(b"half")
-        if name == "openvino":  # its weights go to a .bin beside the .xml
-            partial.with_suffix(".bin").write_bytes(b"half")
-        raise RuntimeError("unsupported operator aten::something")
+        return export
 
-    monkeypatch.setattr(importlib.import_module(module), function, broken_export)
+    for name, (module, function, written, _) in FAILING_EXPORTS.items():
+        monkeypatch.setattr(importlib.import_module(module), function, broken_export(name, written))
     model, revision = load_model(MODEL), model_revision(MODEL)
-    with pytest.raises(BackendUnavailable, match=message):
-        build(name, model, MODEL, revision)
-    assert not list(Path(backends.cache_dir()).glob(f"{name}/*/*"))  # the partial files were removed
     with caplog.at_level(logging.WARNING, logger="pgsim.encoding.backends"):
-        assert choose(model, MODEL, revision, calibration_texts()).name != name
-    assert f"{name} is not a candidate here: {message}" in caplog.text
+        assert choose(model, MODEL, revision, calibration_texts()).name not in FAILING_EXPORTS
+    for name, (*_, message) in FAILING_EXPORTS.items():
+        assert f"{name} is not a candidate here: {message}" in caplog.text
+        assert not list(Path(backends.cache_dir()).glob(f"{name}/*/*"))  # the partial files were removed
+        assert Path(backends.cache_dir(), name).is_dir()  # the export was attempted where it would be kept
 
 
-@pytest.mark.parametrize("name", EXPORTS)
 def test_a_cache_that_cannot_be_written_is_a_clear_error_and_auto_goes_on(
-    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     not_a_directory = tmp_path / "a-file"
     not_a_directory.write_text("")
     monkeypatch.setenv("PGSIM_CACHE_DIR", str(not_a_directory))
     model, revision = load_model(MODEL), model_revision(MODEL)
-    with pytest.raises(BackendUnavailable, match="Cannot write the export to .*set PGSIM_CACHE_DIR"):
-        build(name, model, MODEL, revision)
-    assert choose(model, MODEL, revision, calibration_texts()).name not in EXPORTS
+    for name in EXPORTS:
+        with pytest.raises(BackendUnavailable, match="Cannot write the export to .*set PGSIM_CACHE_DIR"):
+            build(name, model, MODEL, revision)
+    assert choose(model, MODEL, revision, calibration_texts()).name not in EXPORTS  # one measurement for both
 
 
 @warm_exports
@@ -227,9 +229,7 @@ def test_an_unknown_backend_is_an_error() -> None:
 
 
 def calibration_texts() -> list[str]:
-    from pgsim.encoding.models import _calibration_texts
-
-    return _calibration_texts()[:8]  # enough to compare and to time; keeps the tests quick
+    return calibration.shortest()  # enough to compare and to time; keeps the tests quick
 
 
 class Recording:

@@ -12,6 +12,8 @@ import psycopg
 from psycopg import sql
 
 from pgsim.columns.adding import add_embedding, read_table, source_expression
+from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.tables import add_chunks, chunk_table_name, fitted_name
 from pgsim.columns.registry import (
     Registration,
     chunk_table,
@@ -64,15 +66,38 @@ def change_embedding(
     its vectors serve searches as they are, and rows written meanwhile are embedded in the new column only,
     where they become searchable at the switch. Nothing here loads the model: its dimension and revision
     come from its files."""
+    return _start_change(conn, table, column, source, model, dtype, index, None)
+
+
+def change_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks: Chunks) -> Registration:
+    """Start re-chunking the documents of ``table.column`` with ``chunks`` (or chunking them, if they are not
+    yet) in the background, as :func:`change_embedding` re-embeds them: a new registration (``<column>_next``)
+    with its own chunk table, filled by the workers while searches use the current chunks; the switch swaps
+    both at once, and the chunk table takes the current one's name."""
+    if not isinstance(chunks, Chunks):
+        raise InvalidInput(f"chunks must be pgsim.columns.chunking.Chunks(tokens=..., overlap=...); got {chunks!r}.")
+    return _start_change(conn, table, column, None, None, None, None, chunks)
+
+
+def _start_change(
+    conn: psycopg.Connection[Any],
+    table: str,
+    column: str,
+    source: str | Sequence[str] | sql.Composable | None,
+    model: str | None,
+    dtype: str | None,
+    index: HNSW | None,
+    chunks: Chunks | None,
+) -> Registration:
+    """:func:`change_embedding`, and :func:`change_chunks` when ``chunks`` is given: the new registration is
+    chunked with ``chunks``, else as the current one is (its chunks are carried over: re-made by the workers)."""
     require_primary(conn, "pgsim.change_embedding")
     old = require_registration(conn, table, column)
     if old.replaces is not None:
         raise InvalidInput(f"{old.table}.{old.column} is itself the target of a change still being filled.")
-    if chunk_table(conn, old) is not None:  # the switch would drop its chunks with the old registration
-        raise InvalidInput(
-            f"{old.table}.{old.column} is chunked: a change of its model, source or type cannot carry its chunks "
-            "over yet. Remove the chunks first (pgsim.columns.chunking.remove_chunks), change it, then chunk it again."
-        )
+    current = chunk_table(conn, old)
+    now = Chunks(current.tokens, current.overlap) if current is not None else None
+    wanted = chunks if chunks is not None else now
     under_way = conn.execute(
         "SELECT column_name FROM pgsim.embedding WHERE replaces OPERATOR(pg_catalog.=) %s::pg_catalog.int4 "
         "AND table_oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid",
@@ -87,10 +112,11 @@ def change_embedding(
     expression = old.source if source is None else source_expression(conn, shape, source)
     new_model = model or old.model
     same_model = new_model == old.model and model_revision(new_model) == old.model_revision
-    if expression == old.source and same_model and (dtype or old.dtype) == old.dtype:
+    if expression == old.source and same_model and (dtype or old.dtype) == old.dtype and wanted == now:
+        chunked = f", chunked by {now.tokens}/{now.overlap} word pieces" if now else ""
         raise InvalidInput(
-            f"{old.table}.{old.column} already holds embeddings of {expression} by {new_model!r} as {old.dtype}: "
-            "nothing to change."
+            f"{old.table}.{old.column} already holds embeddings of {expression} by {new_model!r} as {old.dtype}"
+            f"{chunked}: nothing to change."
         )
     next_column = derived_name(old.column, suffix="next")
     if next_column in shape.columns:
@@ -112,6 +138,8 @@ def change_embedding(
             planned_index=index or old.index,
             stale=old.stale,
         )
+        if wanted is not None:  # the workers fill its chunks with its vectors
+            add_chunks(conn, old.table, next_column, wanted)
         if expression != old.source:
             conn.execute("SELECT pgsim.freeze_embedding(%s)", [old.id])
     return new
@@ -173,6 +201,15 @@ def _switch(
             new.table_sql, sql.Identifier(new.column), sql.Identifier(old.column)
         )
     )
+    chunks = chunk_table(conn, new)  # the old one went with the old registration: the new takes its name
+    if chunks is not None:
+        final = chunk_table_name(new.table_name, old.column)
+        conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(chunks.table_sql, sql.Identifier(final)))
+        conn.execute(
+            sql.SQL("ALTER INDEX IF EXISTS {} RENAME TO {}").format(
+                sql.Identifier(new.schema, fitted_name(chunks.name, "hnsw")), sql.Identifier(fitted_name(final, "hnsw"))
+            )
+        )
     final_index = old.index_name or (derived_name(new.table_name, old.column, suffix="hnsw") if index else None)
     if staged_index and final_index:
         conn.execute(

@@ -18,8 +18,6 @@ from pgsim.columns.adding import add_embedding
 from pgsim.columns.chunking.settings import Chunks
 from pgsim.columns.chunking.tables import add_chunks, remove_chunks
 from pgsim.columns.grants import grant
-from pgsim.columns.model_change import change_embedding
-from pgsim.columns.registry import require_registration
 from pgsim.errors import InvalidInput
 from pgsim.knn.documents import search_documents
 from pgsim.psycopg import register
@@ -102,23 +100,6 @@ def test_a_former_owner_keeps_neither_the_chunks_nor_the_workers_rights(
         statement = sql.SQL("SELECT * FROM {}('handed', 'embedding', %s, 1)").format(sql.Identifier("pgsim", function))
         with acting(admin, roles.app), pytest.raises(psycopg.errors.InsufficientPrivilege, match="not owned"):
             admin.execute(statement, [vector])
-
-
-def test_a_model_change_of_a_chunked_column_is_refused_and_keeps_the_chunks(
-    admin: psycopg.Connection[Any], roles: Roles, database_dsn: str
-) -> None:
-    """A change of dtype (or model, or source) of a chunked column: at the switch the chunk table was dropped
-    with the old registration, with no word, and search_documents said the column was not chunked. Until a
-    change carries chunks over, it is refused before anything changes."""
-    fill(admin, roles, "changed")
-    with psycopg.connect(database_dsn, autocommit=True) as conn, acting(conn, roles.owner):
-        with pytest.raises(InvalidInput, match="is chunked"):
-            change_embedding(conn, "changed", "embedding", dtype="halfvec")
-        assert require_registration(conn, "changed", "embedding").dtype == "vector"
-        assert conn.execute("SELECT count(*) FROM pgsim.embedding WHERE table_name = 'changed'").fetchone() == (1,)
-    with acting(admin, roles.app):
-        hits = search_documents(admin, "changed", "embedding", "garlic and basil in a tomato sauce", k=1)
-    assert [hit.row["id"] for hit in hits] == [2]
 
 
 def test_a_worker_granted_before_chunking_existed_still_embeds_unchunked_tables(

@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -54,20 +55,34 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixtu
     return directory
 
 
-@warm_exports
-@pytest.mark.parametrize("name", BACKENDS)
-def test_every_backend_keeps_float32_vectors_and_truncation(name: str, packages: list[Package]) -> None:
+@pytest.fixture(scope="module")
+def float32_reference(
+    packages: list[Package], tmp_path_factory: pytest.TempPathFactory
+) -> tuple[list[str], str, list[Any], int]:
+    """40 texts, one past the 256-token limit, float32's vectors for them and how many it counted as cut:
+    what every backend is compared with, encoded once for all of them."""
     texts = [p.text for p in packages[:40]]
     long_text = " ".join(p.text for p in packages[:60])  # thousands of words: past the 256-token limit
-    float32 = Encoder(MODEL, backend="torch", warn_truncation=False)
-    reference = float32.encode([*texts, long_text])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PGSIM_CACHE_DIR", str(tmp_path_factory.mktemp("float32")))
+        float32 = Encoder(MODEL, backend="torch", warn_truncation=False)
+        reference = float32.encode([*texts, long_text])
+    return texts, long_text, reference, float32.stats.truncated
+
+
+@warm_exports
+@pytest.mark.parametrize("name", BACKENDS)
+def test_every_backend_keeps_float32_vectors_and_truncation(
+    name: str, float32_reference: tuple[list[str], str, list[Any], int]
+) -> None:
+    texts, long_text, reference, truncated = float32_reference
     encoder = Encoder(MODEL, backend=name, warn_truncation=False)
     vectors = encoder.encode([*texts, long_text, long_text + " and then some more words at the very end"])
     assert encoder.backend.name == name
     cosines = [float(np.dot(ours, theirs)) for ours, theirs in zip(vectors, reference, strict=False)]  # type: ignore[arg-type]
     assert min(cosines) >= 0.999
     assert float(np.dot(vectors[-1], vectors[-2])) >= 0.99999  # words past the limit change nothing  # type: ignore[arg-type]
-    assert encoder.stats.truncated == float32.stats.truncated + 1  # the same texts count as cut
+    assert encoder.stats.truncated == truncated + 1  # the same texts count as cut
 
 
 EXPORTS = {"onnx": ("model.onnx",), "openvino": ("model.xml", "model.bin")}  # the files each backend keeps

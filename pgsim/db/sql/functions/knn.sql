@@ -78,11 +78,7 @@ BEGIN
         FOR hits IN EXECUTE search USING query, k LOOP
         END LOOP;
     END IF;
-    FOR i IN 1 .. array_length(settings, 1) LOOP
-        IF saved[i] IS NOT NULL THEN
-            PERFORM set_config(settings[i], saved[i], true);
-        END IF;
-    END LOOP;
+    PERFORM pgsim.restore_settings(settings, saved);
     RETURN QUERY SELECT * FROM unnest(hits);
 END;
 $$;

@@ -147,11 +147,7 @@ BEGIN
         FOR hits IN EXECUTE exact_sql USING query, k LOOP
         END LOOP;
     END IF;
-    FOR i IN 1 .. array_length(settings, 1) LOOP
-        IF saved[i] IS NOT NULL THEN
-            PERFORM set_config(settings[i], saved[i], true);
-        END IF;
-    END LOOP;
+    PERFORM pgsim.restore_settings(settings, saved);
     RETURN QUERY
         SELECT h.value -> 0, (h.value ->> 1)::double precision, (h.value ->> 2)::integer, (h.value ->> 3)::integer,
                (h.value ->> 4)::integer

@@ -120,7 +120,7 @@ def hybrid_search(
         params.update(_fusion_params(fusion, rrf_k))
         condition = filter_sql(where)
         exact, hnsw = (_fused(target, text, condition, columns, path).as_bytes(conn) for path in PATHS)
-        vectors_only = search_statement(target, condition, ["ctid"], "hnsw", limit="n").as_bytes(conn)
+        vectors_only = search_statement(target, condition, ROW_IDENTITY, "hnsw", limit="n").as_bytes(conn)
         with clear_errors(), conn.cursor(row_factory=dict_row) as cur:
             chosen = run_plan(conn, plan_params(conn, target, candidates, condition, tuning), apply=False)
             chosen = checked_plan(conn, chosen, vectors_only, params)
@@ -132,6 +132,9 @@ def hybrid_search(
     return [_hit(row) for row in rows]
 
 
+# A row's identity across the statement: its ctid, and its table's OID, as a partitioned table's partitions
+# each number their rows from the start
+ROW_IDENTITY = ["tableoid", "ctid"]
 DOCUMENTS = """
 SELECT row, score, distance, vector_rank, text_rank, relevance FROM pgsim.hybrid_search(
     %(table)s::pg_catalog.regclass, %(column)s, %(q)s, %(text)s, %(k)s, %(filter)s, %(min_score)s, %(candidates)s,
@@ -204,41 +207,44 @@ def _hit(row: dict[str, Any]) -> FusedHit:
 def _fused(
     target: VectorColumn, text: TextColumn, condition: sql.Composable, columns: Sequence[str] | None, path: str
 ) -> sql.Composed:
-    nearest = search_statement(target, condition, ["ctid"], path, limit="n")
+    nearest = search_statement(target, condition, ROW_IDENTITY, path, limit="n")
     query = sql.SQL("%(q)s::halfvec") if target.type_name == "halfvec" else sql.SQL("%(q)s")
     # the text list names the table as the filter does (no alias), so a filter written with the table's
     # name (as the ORM compiles one) reads the same columns in both lists
     return sql.SQL(
         "WITH _pgsim_nearest AS MATERIALIZED ({nearest}), "
-        "_pgsim_vector AS (SELECT ctid AS _pgsim_row, row_number() OVER (ORDER BY {distance}) AS _pgsim_rank "
-        "  FROM _pgsim_nearest), "
+        "_pgsim_vector AS (SELECT tableoid AS _pgsim_rel, ctid AS _pgsim_row, "
+        "  row_number() OVER (ORDER BY {distance}) AS _pgsim_rank FROM _pgsim_nearest), "
         "_pgsim_floor AS (SELECT max({distance}) AS _pgsim_floor, count(*) AS _pgsim_found, "
         "  max({distance}) - min({distance}) AS _pgsim_best FROM _pgsim_nearest), "
         "_pgsim_query AS (SELECT (SELECT string_agg(quote_literal(lexeme), ' | ')::tsquery "
         "  FROM unnest(to_tsvector(%(config)s::regconfig, %(text)s))) AS _pgsim_tsquery, "
         "  (SELECT string_agg(quote_literal(lexeme), ' & ')::tsquery "
         "  FROM unnest(to_tsvector(%(config)s::regconfig, %(text)s))) AS _pgsim_all), "
-        "_pgsim_matches AS (SELECT {table}.ctid AS _pgsim_row, "
+        "_pgsim_matches AS (SELECT {table}.tableoid AS _pgsim_rel, {table}.ctid AS _pgsim_row, "
         "  %(and_first)s AND {table}.{tsv} @@ _pgsim_all AS _pgsim_every, CASE WHEN %(and_first)s AND "
         "  {table}.{tsv} @@ _pgsim_all THEN ts_rank({table}.{tsv}, _pgsim_all, 1) "
         "  ELSE ts_rank({table}.{tsv}, _pgsim_tsquery, 1) END AS _pgsim_text_score "
         "  FROM {table}, _pgsim_query WHERE {table}.{tsv} @@ _pgsim_tsquery AND ({condition}) "
-        "  ORDER BY 2 DESC, 3 DESC, {table}.ctid LIMIT %(n)s), "
-        "_pgsim_text AS (SELECT _pgsim_row, row_number() OVER (ORDER BY _pgsim_every DESC, _pgsim_text_score DESC, "
-        "  _pgsim_row) AS _pgsim_rank, CASE WHEN _pgsim_every AND count(*) FILTER (WHERE _pgsim_every) OVER () "
+        "  ORDER BY 3 DESC, 4 DESC, {table}.tableoid, {table}.ctid LIMIT %(n)s), "
+        "_pgsim_text AS (SELECT _pgsim_rel, _pgsim_row, row_number() OVER (ORDER BY _pgsim_every DESC, "
+        "  _pgsim_text_score DESC, _pgsim_rel, _pgsim_row) AS _pgsim_rank, "
+        "  CASE WHEN _pgsim_every AND count(*) FILTER (WHERE _pgsim_every) OVER () "
         "  <= CASE WHEN length(to_tsvector(%(config)s::regconfig, %(text)s)) >= %(long_words)s "
         "  THEN greatest(%(and_rows)s, %(long_rows)s) ELSE %(and_rows)s END "
         "  THEN %(and_weight)s::double precision ELSE 1.0 END AS _pgsim_weight FROM _pgsim_matches), "
         "_pgsim_weight AS (SELECT CASE WHEN %(gate)s::double precision IS NULL OR l._pgsim_best >= %(gate)s "
         "  OR NOT EXISTS (SELECT FROM _pgsim_matches WHERE _pgsim_every) THEN 1.0 "
         "  ELSE %(weak)s::double precision END AS _pgsim_weight FROM _pgsim_floor AS l), "
-        "_pgsim_fused AS (SELECT _pgsim_row, w._pgsim_weight * pgsim.rrf(v._pgsim_rank, %(rrf_k)s) "
+        "_pgsim_fused AS (SELECT _pgsim_rel, _pgsim_row, w._pgsim_weight * pgsim.rrf(v._pgsim_rank, %(rrf_k)s) "
         "  + coalesce(x._pgsim_weight, 1.0) * pgsim.rrf(x._pgsim_rank, %(rrf_k)s) AS {score}, "
         "  v._pgsim_rank AS {vector_rank}, x._pgsim_rank AS {text_rank} "
-        "  FROM _pgsim_vector AS v FULL JOIN _pgsim_text AS x USING (_pgsim_row) CROSS JOIN _pgsim_weight AS w) "
+        "  FROM _pgsim_vector AS v FULL JOIN _pgsim_text AS x USING (_pgsim_rel, _pgsim_row) "
+        "  CROSS JOIN _pgsim_weight AS w) "
         "SELECT {selected}, f.{score}, f.{vector_rank}, f.{text_rank}, t.{column} <=> {query} AS {distance}, "
         "  l._pgsim_floor - (t.{column} <=> {query}) AS {relevance}, l._pgsim_found AS {found} "
-        "FROM _pgsim_fused AS f JOIN {table} AS t ON t.ctid = f._pgsim_row CROSS JOIN _pgsim_floor AS l "
+        "FROM _pgsim_fused AS f JOIN {table} AS t ON t.tableoid = f._pgsim_rel AND t.ctid = f._pgsim_row "
+        "CROSS JOIN _pgsim_floor AS l "
         "WHERE %(min_score)s::double precision IS NULL OR l._pgsim_floor - (t.{column} <=> {query}) >= %(min_score)s "
         "ORDER BY f.{score} DESC, f.{vector_rank} NULLS LAST, f.{text_rank} NULLS LAST LIMIT %(k)s"
     ).format(

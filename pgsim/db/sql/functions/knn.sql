@@ -46,12 +46,14 @@ BEGIN
         RETURN;
     END IF;
     plan := pgsim.prepare_knn(tbl, col, k, filter, exact_below_rows, hnsw_ef_search, min_hnsw_selectivity, recall);
-    -- The k nearest by ctid first, then their rows as jsonb: to_jsonb on every candidate of a top-N sort
+    -- The k nearest by (tableoid, ctid) first (a partitioned table's partitions each number their rows from the
+    -- start), then their rows as jsonb: to_jsonb on every candidate of a top-N sort
     -- cost more than the search itself (bench/filtered.py).
     search := format(
         'SELECT array_agg((to_jsonb(t) - %L, found.distance)::pgsim.knn_hit ORDER BY found.distance) FROM ('
-        'SELECT s.ctid AS id, s.%I OPERATOR(%s.<=>) $1::%s AS distance FROM %s AS s WHERE (%s) AND s.%I IS NOT NULL '
-        'ORDER BY s.%I OPERATOR(%s.<=>) $1::%s LIMIT $2) AS found JOIN %s AS t ON t.ctid = found.id',
+        'SELECT s.tableoid AS rel, s.ctid AS id, s.%I OPERATOR(%s.<=>) $1::%s AS distance FROM %s AS s '
+        'WHERE (%s) AND s.%I IS NOT NULL ORDER BY s.%I OPERATOR(%s.<=>) $1::%s LIMIT $2) AS found '
+        'JOIN %s AS t ON t.tableoid = found.rel AND t.ctid = found.id',
         col, col, vector_schema, column_type, tbl, coalesce(nullif(filter, ''), 'true'), col,
         col, vector_schema, column_type, tbl);
     IF plan.path = 'hnsw' THEN

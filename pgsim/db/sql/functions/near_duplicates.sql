@@ -17,6 +17,7 @@ DECLARE
     type_name name;
     key_expression text;
     nodes tid[];
+    node_tables oid[];  -- with nodes: a row is its table's OID and its ctid (partitions number rows alike)
     lefts integer[];
     rights integer[];
     parent integer[];
@@ -66,26 +67,28 @@ BEGIN
 
     -- ef_search must cover the neighbours asked for, plus the row itself
     PERFORM set_config('hnsw.ef_search', greatest(neighbours + 1, 40)::text, true);
-    -- the links, with their rows numbered in ctid order: no temporary table, so it runs on a hot standby too
+    -- the links, with their rows numbered in (table, ctid) order: no temporary table, so it runs on a hot
+    -- standby too
     EXECUTE format(
         'WITH link AS MATERIALIZED ('
-        '  SELECT a.ctid AS a, n.ctid AS b FROM %1$s a CROSS JOIN LATERAL ('
-        '    SELECT b.ctid, b.%2$I OPERATOR(%5$s.<=>) a.%2$I AS distance FROM %1$s b'
+        '  SELECT a.tableoid AS ar, a.ctid AS a, n.tableoid AS br, n.ctid AS b FROM %1$s a CROSS JOIN LATERAL ('
+        '    SELECT b.tableoid, b.ctid, b.%2$I OPERATOR(%5$s.<=>) a.%2$I AS distance FROM %1$s b'
         '    ORDER BY b.%2$I OPERATOR(%5$s.<=>) a.%2$I LIMIT %3$s'
-        '  ) n WHERE a.%2$I IS NOT NULL AND n.ctid <> a.ctid AND n.distance <= %4$s'
+        '  ) n WHERE a.%2$I IS NOT NULL AND (n.tableoid, n.ctid) <> (a.tableoid, a.ctid) AND n.distance <= %4$s'
         '), node AS MATERIALIZED ('
-        '  SELECT s.t, (row_number() OVER (ORDER BY s.t))::integer AS i'
-        '  FROM (SELECT l.a FROM link l UNION SELECT l.b FROM link l) AS s (t)'
-        ') SELECT (SELECT array_agg(node.t ORDER BY node.i) FROM node), array_agg(na.i), array_agg(nb.i) '
-        'FROM link l JOIN node na ON na.t = l.a JOIN node nb ON nb.t = l.b',
+        '  SELECT s.r, s.t, (row_number() OVER (ORDER BY s.r, s.t))::integer AS i'
+        '  FROM (SELECT l.ar, l.a FROM link l UNION SELECT l.br, l.b FROM link l) AS s (r, t)'
+        ') SELECT (SELECT array_agg(node.r ORDER BY node.i) FROM node), '
+        '(SELECT array_agg(node.t ORDER BY node.i) FROM node), array_agg(na.i), array_agg(nb.i) '
+        'FROM link l JOIN node na ON na.r = l.ar AND na.t = l.a JOIN node nb ON nb.r = l.br AND nb.t = l.b',
         target, column_name, neighbours + 1, 1 - threshold, vector_schema
-    ) INTO nodes, lefts, rights;
+    ) INTO node_tables, nodes, lefts, rights;
     IF nodes IS NULL THEN
         PERFORM set_config('hnsw.ef_search', coalesce(ef_search, '40'), true);
         RETURN;
     END IF;
     -- the groups are the links' connected components (union-find); a component's root is its first row in
-    -- ctid order
+    -- (table, ctid) order
     parent := array_fill(0, ARRAY[cardinality(nodes)]);
     FOR j IN 1 .. cardinality(nodes) LOOP
         parent[j] := j;
@@ -112,9 +115,10 @@ BEGIN
     END LOOP;
     RETURN QUERY EXECUTE format(
         'SELECT %1$s, dense_rank() OVER (ORDER BY g.label), count(*) OVER (PARTITION BY g.label) '
-        'FROM unnest($1, $2) AS g (node, label) JOIN %2$s t ON t.ctid = g.node ORDER BY g.label, g.node',
+        'FROM unnest($1, $2, $3) AS g (rel, node, label) JOIN %2$s t ON t.tableoid = g.rel AND t.ctid = g.node '
+        'ORDER BY g.label, g.rel, g.node',
         key_expression, target
-    ) USING nodes, parent;
+    ) USING node_tables, nodes, parent;
     PERFORM set_config('hnsw.ef_search', coalesce(ef_search, '40'), true);
 END
 $$;

@@ -112,6 +112,8 @@ def checked_plan(conn: psycopg.Connection[Any], chosen: Plan, hnsw: bytes, param
     ordering = set(ordering_indexes(explained))
     if not ordering or chosen.index_name.split(".")[-1].strip('"') in ordering:
         return chosen  # the planned index, or no index ordering at all (then the rows are exact anyway)
+    if ordering <= index_partitions(conn, chosen.index_name):
+        return chosen  # on a partitioned table: the planned index's partitions
     return replace(
         chosen,
         path="exact",
@@ -120,6 +122,17 @@ def checked_plan(conn: psycopg.Connection[Any], chosen: Plan, hnsw: bytes, param
         reason=f"planned for index {chosen.index_name}, but at these settings PostgreSQL would scan "
         f"{', '.join(sorted(ordering))} instead: an exact scan keeps the recall",
     )
+
+
+def index_partitions(conn: psycopg.Connection[Any], index_name: str) -> set[str]:
+    """The bare names of a partitioned index and its partitions, as EXPLAIN names them (none for a plain table's)."""
+    rows = conn.execute(  # the name as knn_plan gave it, on the caller's path: so every name here qualified
+        "SELECT c.relname::pg_catalog.text "
+        "FROM pg_catalog.pg_partition_tree(pg_catalog.to_regclass(%s::pg_catalog.text)) AS t "
+        "JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid",
+        [index_name],
+    ).fetchall()
+    return {name for (name,) in rows}
 
 
 def ordering_indexes(node: Any) -> Iterator[str]:

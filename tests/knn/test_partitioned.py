@@ -15,7 +15,8 @@ from fixtures.database import scratch_database
 
 from pgsim.columns.adding import add_embedding
 from pgsim.db.schema import install
-from pgsim.knn.filtered import search
+from pgsim.knn.filtered import search_with_plan
+from pgsim.knn.planner import Tuning
 from pgsim.psycopg import register
 from pgsim.quality.duplicates import near_duplicates
 from pgsim.quality.hybrid import hybrid_search
@@ -70,9 +71,11 @@ def test_every_search_returns_the_k_nearest_rows_of_the_filter_each_once(table: 
                 keep = (lambda i: True) if tenant is None else (lambda i, t=tenant: i % TENANTS == t)
                 expected = exact(vectors, query, keep)
                 where = None if tenant is None else {"tenant": tenant}
-                assert [
-                    hit.row["id"] for hit in search(conn, "parts", "embedding", query, k=K, where=where)
-                ] == expected
+                small = Tuning(exact_below_rows=0)  # the partitions are small: their size alone would scan them
+                hits, plan = search_with_plan(conn, "parts", "embedding", query, k=K, where=where, tuning=small)
+                assert [hit.row["id"] for hit in hits] == expected
+                # a filter on the partition key keeps all of its partition: the index path, one partition's index
+                assert (plan.path, plan.selectivity, plan.fell_back) == ("hnsw", 1.0, False), plan
                 filter_ = None if tenant is None else f"tenant = {tenant}"
                 rows = conn.execute(
                     "SELECT row FROM pgsim.knn('parts', 'embedding', %s, %s, %s)", [query, K, filter_]

@@ -63,11 +63,13 @@ BEGIN
         -- FOR ... IN EXECUTE: one statement only, whatever the filter holds (EXECUTE ... INTO would run a list)
         FOR explained IN EXECUTE 'EXPLAIN (FORMAT JSON) ' || search USING query, k LOOP
         END LOOP;
-        -- EXPLAIN names the index by its bare name, unquoted: compare with pg_class's
+        -- EXPLAIN names the index by its bare name, unquoted: compare with pg_class's (on a partitioned table,
+        -- the planned index's partitions, one per partition, scan)
         IF position('"Order By"' IN explained::text) > 0
-           AND position(('"Index Name": ' || to_json((SELECT c.relname FROM pg_class c
-                                                      WHERE c.oid = plan.index_name::regclass))::text)
-                        IN explained::text) = 0
+           AND NOT EXISTS (SELECT FROM pg_class c
+                           WHERE (c.oid = plan.index_name::regclass
+                                  OR c.oid IN (SELECT t.relid FROM pg_partition_tree(plan.index_name::regclass) AS t))
+                             AND position(('"Index Name": ' || to_json(c.relname))::text IN explained::text) > 0)
         THEN
             plan.path := 'exact';
             PERFORM set_config('enable_indexscan', 'off', true);

@@ -109,6 +109,21 @@ BEGIN
     END IF;
     IF predicate IS NULL THEN
         SELECT CASE WHEN c.reltuples >= 0::real THEN c.reltuples END INTO total_rows FROM pg_catalog.pg_class c WHERE c.oid = tbl::pg_catalog.oid;
+        -- a partitioned table: the rows of the partitions the filter leaves (partition pruning), which the
+        -- search's scan walks, are what the filter's share is of: a filter on the partition key keeps 100 %
+        IF (SELECT c.relkind FROM pg_catalog.pg_class c WHERE c.oid = tbl::pg_catalog.oid) = 'p'::"char" THEN
+            FOR plan IN EXECUTE pg_catalog.format('EXPLAIN (FORMAT JSON, VERBOSE) SELECT 1 FROM %s WHERE %s', tbl,
+                                                  coalesce(nullif(filter, ''), 'true'))
+            LOOP
+            END LOOP;
+            SELECT pg_catalog.sum(GREATEST(c.reltuples, 0::real)) INTO total_rows
+            FROM pg_catalog.jsonb_path_query(plan::pg_catalog.jsonb, 'strict $.**'::pg_catalog.jsonpath) AS node(value)
+            JOIN pg_catalog.pg_class c ON c.oid = pg_catalog.to_regclass(pg_catalog.format('%I.%I',
+                pg_catalog.jsonb_extract_path_text(node.value, 'Schema'::pg_catalog.text),
+                pg_catalog.jsonb_extract_path_text(node.value, 'Relation Name'::pg_catalog.text)))::pg_catalog.oid
+            WHERE pg_catalog.jsonb_typeof(node.value) = 'object'::pg_catalog.text
+              AND pg_catalog.jsonb_extract_path_text(node.value, 'Relation Name'::pg_catalog.text) IS NOT NULL;
+        END IF;
     END IF;
     result.indexed_rows := greatest(coalesce(total_rows, pgsim.estimate_rows(tbl, predicate)), 1);
     result.selectivity := least(result.estimated_rows / result.indexed_rows, 1);

@@ -14,6 +14,7 @@ import pytest
 from fixtures.database import scratch_database
 
 from pgsim.columns.adding import add_embedding
+from pgsim.columns.worker import sync
 from pgsim.db.schema import install
 from pgsim.knn.filtered import search_with_plan
 from pgsim.knn.planner import Tuning
@@ -91,3 +92,26 @@ def test_near_duplicates_on_a_partitioned_table_are_the_near_rows_only(table: tu
     with psycopg.connect(dsn, autocommit=True) as conn:
         groups = near_duplicates(conn, "parts", "embedding", threshold=0.99)
     assert [sorted((row["id"], row["tenant"]) for row in group) for group in groups] == [[(0, 0), (TENANTS, 0)]]
+
+
+def test_the_worker_embeds_rows_of_every_partition_and_a_partition_without_the_column_is_refused(
+    table: tuple[str, np.ndarray], encoder: Any
+) -> None:
+    dsn, _ = table
+    texts = {
+        90001: (0, "PostgreSQL backup and point-in-time recovery"),
+        90002: (3, "A recipe for tomato sauce with basil"),  # the partition attached after registration
+    }
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        register(conn)
+        for key, (tenant, text) in texts.items():
+            conn.execute("INSERT INTO parts (id, tenant, body) VALUES (%s, %s, %s)", [key, tenant, text])
+        report = sync(conn, table="parts", allow_superuser=True)
+        assert (report.embedded, report.failed) == (2, 0)
+        for key, (tenant, text) in texts.items():
+            hits = search_with_plan(conn, "parts", "embedding", text, k=1, where={"tenant": tenant})[0]
+            assert [hit.row["id"] for hit in hits] == [key]
+        conn.execute("CREATE TABLE parts_9 (id int NOT NULL, tenant int NOT NULL, body text)")
+        with pytest.raises(psycopg.errors.DatatypeMismatch, match="embedding|fts"):
+            conn.execute("ALTER TABLE parts ATTACH PARTITION parts_9 FOR VALUES IN (9)")
+        conn.execute("DELETE FROM parts WHERE id > 90000")

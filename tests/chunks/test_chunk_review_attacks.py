@@ -13,7 +13,7 @@ import pytest
 from chunked_docs import engine_as, owned_database
 from fixtures.roles import Roles, acting
 from psycopg import sql
-from sqlalchemy import String, bindparam, event, select
+from sqlalchemy import String, bindparam, event, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from pgsim.columns.adding import add_embedding
@@ -59,6 +59,7 @@ def make_documents(
     *,
     stale: str = "keep",
     keys: tuple[str, str] = KEYS,
+    partitioned: bool = False,
 ) -> tuple[dict[tuple[str, str], np.ndarray], str, int]:
     """``table`` (two text key columns, section, body), the owner's, chunked embedding ``COLUMN`` of ``body``;
     every document gets ``chunks_per_document`` random chunks written by hand (the owner is not under row-level
@@ -69,10 +70,20 @@ def make_documents(
         old_chunks = sql.Identifier(f"{table}__{COLUMN}_chunks")  # a document table dropped leaves it
         admin.execute(sql.SQL("DROP TABLE IF EXISTS {}, {} CASCADE").format(old_chunks, ident))
         admin.execute(
-            sql.SQL("CREATE TABLE {} ({} text, {} text, section text, body text, PRIMARY KEY ({}, {}))").format(
-                ident, *map(sql.Identifier, keys), *map(sql.Identifier, keys)
+            sql.SQL("CREATE TABLE {} ({} text, {} text, section text, body text, PRIMARY KEY ({}, {})){}").format(
+                ident,
+                *map(sql.Identifier, keys),
+                *map(sql.Identifier, keys),
+                sql.SQL(" PARTITION BY LIST ({})").format(sql.Identifier(keys[0])) if partitioned else sql.SQL(""),
             )
         )
+        for n in range(3 if partitioned else 0):  # one partition per tenant
+            admin.execute(
+                sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES IN (%s)")
+                .format(sql.Identifier(f"{table} part{n}"), ident)
+                .as_string(admin)
+                .replace("%s", sql.Literal(f"t{n}").as_string(admin))
+            )
         quoted = TABLE  # pgsim's Python API takes the plain name
         add_embedding(admin, quoted, COLUMN, source="body", stale=stale)
         add_chunks(admin, quoted, COLUMN, Chunks(32, 8))
@@ -131,14 +142,16 @@ def knn_documents(conn: psycopg.Connection[Any], query: np.ndarray, k: int, filt
     return [((row[KEYS[0]], row[KEYS[1]]), distance) for row, distance in rows]
 
 
+@pytest.mark.parametrize("partitioned", [False, True], ids=["plain", "partitioned"])
 @pytest.mark.parametrize("path", ["hnsw", "exact"])
 @pytest.mark.parametrize("where", [None, "section = 'odd'"])
 def test_odd_names_and_composite_text_keys_give_the_exact_k_documents(
-    admin: psycopg.Connection[Any], roles: Roles, path: str, where: str | None
+    admin: psycopg.Connection[Any], roles: Roles, path: str, where: str | None, partitioned: bool
 ) -> None:
-    """A quoted table and column name and a two-column text key with quotes, backslashes, ``--`` and ``/*``:
-    k distinct documents, in numpy's order, on both paths, with and without a filter."""
-    vectors, _, dimension = make_documents(admin, roles, TABLE, 60, 4)
+    """A quoted table and column name and a two-column text key with quotes, backslashes, ``--`` and ``/*``,
+    the table partitioned by the key's first column or not: k distinct documents, in numpy's order, on both
+    paths, with and without a filter; pgsim.knn (SQL) and pgsim.search (Python) give the same documents."""
+    vectors, _, dimension = make_documents(admin, roles, TABLE, 60, 4, partitioned=partitioned)
     query = np.random.default_rng(7).standard_normal(dimension).astype(np.float32)
     keep = (lambda key: True) if where is None else (lambda key: int(key[1].rsplit('"', 1)[1]) % 2 == 1)
     expected = exact(vectors, query, keep)[:10]
@@ -146,6 +159,11 @@ def test_odd_names_and_composite_text_keys_give_the_exact_k_documents(
         found = knn_documents(admin, query, 10, where, path)
     assert [key for key, _ in found] == expected
     assert [d for _, d in found] == sorted(d for _, d in found)
+    if where is None:
+        with acting(admin, roles.app):
+            assert pgsim_knn(admin, query, 10) == expected
+            hits = search(admin, TABLE, COLUMN, query.tolist(), k=10)
+        assert [(hit.row[KEYS[0]], hit.row[KEYS[1]]) for hit in hits] == expected
 
 
 def pgsim_knn(conn: psycopg.Connection[Any], query: np.ndarray, k: int, filter: str | None = None) -> list:
@@ -448,3 +466,30 @@ def test_ingest_in_an_older_snapshot_than_a_switch_writes_no_vector_of_the_old_s
         "SELECT (a.embedding <=> b.embedding) FROM ingested a, ingested b WHERE a.id = 1 AND b.id = 2"
     ).fetchone()
     assert distance is not None and distance[0] < 1e-3  # row 2's vector is its section's, as row 1's is
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pgsim.sqlalchemy.documents hands the statement's filter, compiled to literal SQL, to "
+    "pgsim.knn_documents, which reads it under search_path pg_catalog, pg_temp: a function of the caller's "
+    "search_path in the filter (an extension's in public, say) is not found and the ORM query fails, where the "
+    "unchunked path falls back to the exact scan when pgsim.knn_plan cannot read the filter",
+)
+def test_the_orm_with_a_filter_calling_a_function_in_public(
+    admin: psycopg.Connection[Any], roles: Roles, database_dsn: str
+) -> None:
+    vectors, _, dimension = make_documents(admin, roles, TABLE, 20, 2, keys=ORM_KEYS)
+    with acting(admin, roles.owner):
+        admin.execute(
+            "CREATE OR REPLACE FUNCTION public.is_odd(s text) RETURNS boolean LANGUAGE sql AS $$ SELECT s = 'odd' $$"
+        )
+    query = np.random.default_rng(13).standard_normal(dimension).astype(np.float32)
+    Doc = orm_model()
+    engine = engine_as(database_dsn, roles.app)
+    odd = lambda key: int(key[1].rsplit('"', 1)[1]) % 2 == 1  # noqa: E731
+    try:
+        with Session(engine) as session:
+            statement = select(Doc).where(func.is_odd(Doc.section)).order_by(Doc.emb.nearest(query.tolist())).limit(3)
+            assert [(d.Tenant, d.doc_key) for d in session.scalars(statement)] == exact(vectors, query, odd)[:3]
+    finally:
+        engine.dispose()

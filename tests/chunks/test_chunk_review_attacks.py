@@ -493,3 +493,23 @@ def test_the_orm_with_a_filter_calling_a_function_in_public(
             assert [(d.Tenant, d.doc_key) for d in session.scalars(statement)] == exact(vectors, query, odd)[:3]
     finally:
         engine.dispose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pgsim.sqlalchemy.documents asks pgsim.knn_documents for LIMIT + OFFSET documents; past 10,000 "
+    "(pgsim.knn.target.MAX_K) the function raises and the ORM query fails instead of taking the exact path",
+)
+def test_the_orm_with_an_offset_past_the_largest_k(
+    admin: psycopg.Connection[Any], roles: Roles, database_dsn: str
+) -> None:
+    vectors, _, dimension = make_documents(admin, roles, TABLE, 12, 2, keys=ORM_KEYS)
+    query = np.random.default_rng(17).standard_normal(dimension).astype(np.float32)
+    Doc = orm_model()
+    engine = engine_as(database_dsn, roles.app)
+    try:
+        with Session(engine) as session:
+            nearest = Doc.emb.nearest(query.tolist())
+            assert session.scalars(select(Doc).order_by(nearest).limit(5).offset(10_000)).all() == []
+    finally:
+        engine.dispose()

@@ -285,14 +285,23 @@ def _write(
 
 def _check_registrations(conn: psycopg.Connection[Any], targets: list[Registration]) -> None:
     """The registrations are still those the encoders were chosen for (a model change may have completed
-    since the ingest began). The table's ROW EXCLUSIVE lock, which the INSERT takes anyway, keeps them so until
-    this chunk commits: a model change completes under a lock that conflicts with it. (FOR SHARE on the registry
-    would need UPDATE on it, which an application role that ingests has not.)"""
+    since the ingest began). Read committed: the table's ROW EXCLUSIVE lock, which the INSERT takes anyway,
+    keeps them so until this chunk commits (a model change completes under a lock that conflicts with it), and
+    the registry read after it sees a switch that committed meanwhile. In a repeatable read or serializable
+    transaction, whose snapshot may predate the switch, FOR SHARE on the registry rows (a serialization failure
+    if they changed since), which needs UPDATE on pgsim.embedding."""
     conn.execute(sql.SQL("LOCK TABLE {} IN ROW EXCLUSIVE MODE").format(targets[0].table_sql))
-    current = conn.execute(
-        "SELECT id, column_name, model, model_revision FROM pgsim.embedding WHERE id = ANY(%s) ORDER BY id",
-        [[target.id for target in targets]],
-    ).fetchall()
+    isolation = conn.execute("SELECT pg_catalog.current_setting('transaction_isolation')").fetchone()
+    lock = sql.SQL("" if isolation == ("read committed",) else " FOR SHARE")
+    read = sql.SQL("SELECT id, column_name, model, model_revision FROM pgsim.embedding WHERE id = ANY(%s) ORDER BY id")
+    try:
+        current = conn.execute(read + lock, [[target.id for target in targets]]).fetchall()
+    except psycopg.errors.InsufficientPrivilege:
+        raise InvalidInput(
+            f"pgsim.ingest in a {isolation[0] if isolation else ''} transaction must lock the table's registrations, "
+            "which needs UPDATE on pgsim.embedding: ingest in a read committed transaction (psycopg's default), or as "
+            "the table's owner."
+        ) from None
     expected = sorted((t.id, t.column, t.model, t.model_revision) for t in targets)
     if [tuple(row) for row in current] != expected:
         raise InvalidInput(

@@ -194,7 +194,8 @@ class Statements:
             "LEFT JOIN LATERAL (SELECT _pgsim_doc.*, _pgsim_best.chunk_no AS {chunk_no}, "
             "_pgsim_best.span_start AS {span_start}, _pgsim_best.span_end AS {span_end}, "
             "_pgsim_best.distance AS {distance_name} FROM _pgsim_best JOIN LATERAL "
-            "(SELECT {columns} FROM {table} WHERE {doc_match} AND ({condition})) AS _pgsim_doc ON true "
+            "(SELECT {columns} FROM {table} WHERE {doc_match} AND {table}.{column} IS NOT NULL AND ({condition})) "
+            "AS _pgsim_doc ON true "
             "ORDER BY _pgsim_best.distance, {best_keys} LIMIT %(k)s) AS _pgsim_hits ON true"
         ).format(
             c_keys=self._names("c."),
@@ -206,6 +207,7 @@ class Statements:
             columns=self.columns,
             table=self.registration.table_sql,
             doc_match=doc_match,
+            column=sql.Identifier(self.registration.column),
             condition=self.condition,
             **self._output_names(),
             candidates=sql.Identifier(PREFIX + "candidates"),
@@ -220,7 +222,8 @@ class Statements:
         return sql.SQL(
             "SELECT _pgsim_doc.*, _pgsim_best.chunk_no AS {chunk_no}, _pgsim_best.span_start AS {span_start}, "
             "_pgsim_best.span_end AS {span_end}, _pgsim_best.distance AS {distance_name} "
-            "FROM (SELECT {columns} FROM {table} WHERE {guard} AND ({condition})) AS _pgsim_doc "
+            "FROM (SELECT {columns} FROM {table} WHERE {guard} AND {table}.{column} IS NOT NULL AND ({condition})) "
+            "AS _pgsim_doc "
             "JOIN LATERAL (SELECT c.chunk_no, c.span_start, c.span_end, {distance} AS distance FROM {chunks} AS c "
             "WHERE {chunk_match} ORDER BY ({distance}) + 0, c.chunk_no LIMIT 1) AS _pgsim_best ON true "
             "ORDER BY _pgsim_best.distance, {doc_keys} LIMIT %(k)s"
@@ -228,6 +231,7 @@ class Statements:
             columns=self.columns,
             table=self.registration.table_sql,
             guard=self.guard,
+            column=sql.Identifier(self.registration.column),
             condition=self.condition,
             distance=self.distance,
             chunks=self.chunks.table_sql,

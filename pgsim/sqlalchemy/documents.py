@@ -7,19 +7,23 @@ that compile to literal SQL), the statement is joined to ``pgsim.knn_documents``
 ordered by its distance: the SQL function keeps the k-documents contract, with the chunk index and its exact
 fallback. Otherwise, or if that still gives fewer rows than the LIMIT, the statement is ordered by each
 document's nearest chunk computed over all its chunks (exact: every document that passes the filter, its chunks
-found by the chunk table's primary key). A document without chunks yet is left out on both paths.
+found by the chunk table's primary key). A document without chunks yet, or without its own vector (hidden as
+stale after a change of its text), is left out on both paths.
 """
 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Any
 
 from sqlalchemy import Float, Select, Table, Text, and_, cast, column, func, literal, null, select, table, text
 from sqlalchemy.dialects.postgresql import JSONB, REGCLASS
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import ORMExecuteState
 
 from pgsim.knn.caches import TtlCache
+from pgsim.knn.target import MAX_K
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +33,9 @@ CHUNK_TABLE = text(
     "JOIN pg_catalog.pg_class c ON c.oid = k.chunk_table JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
     "WHERE e.table_oid = pg_catalog.to_regclass(:table) AND e.column_name = :column"
 )
-# (database URL, table, column) -> the chunk table's (schema, name), or () when the column is not chunked
-_chunk_tables: TtlCache[tuple[str, str, str], tuple[str, ...]] = TtlCache(60.0)
+# database URL -> whether pgsim.chunking is there (a chunk table itself is looked up every time: a column's
+# chunking can be removed at any moment, and a query on a chunk table that is gone would fail)
+_has_chunking: TtlCache[str, bool] = TtlCache(60.0)
 
 
 def chunk_table_of(connection: Any, embedding: Any) -> Any | None:
@@ -43,18 +48,15 @@ def chunk_table_of(connection: Any, embedding: Any) -> Any | None:
     if not isinstance(base, Table):
         return None
     name = connection.dialect.identifier_preparer.format_table(base)
-    key = (str(connection.engine.url), name, str(embedding.name))
-    found = _chunk_tables.get(key)
-    if found is None:
-        found = ()
-        if connection.execute(HAS_CHUNKING).scalar():
-            row = connection.execute(CHUNK_TABLE, {"table": name, "column": embedding.name}).first()
-            found = (str(row[0]), str(row[1])) if row else ()
-        _chunk_tables.put(key, found)
-    if not found:
+    url = str(connection.engine.url)
+    installed = _has_chunking.get(url)
+    if installed is None:
+        installed = _has_chunking.put(url, bool(connection.execute(HAS_CHUNKING).scalar()))
+    row = connection.execute(CHUNK_TABLE, {"table": name, "column": embedding.name}).first() if installed else None
+    if row is None:
         return None
-    keys: list[Any] = [column(key_column.name) for key_column in _keys(documents)]
-    return table(found[1], *keys, column("embedding"), schema=found[0])
+    keys: list[Any] = [column(str(key_column.name)) for key_column in _keys(documents)]
+    return table(str(row[1]), *keys, column("embedding"), schema=str(row[0]))
 
 
 def nearest_documents(
@@ -73,26 +75,38 @@ def nearest_documents(
     order = list(statement._order_by_clauses)
     embedding = nearest._annotations["pgsim_nearest"]
     documents = embedding.table
-    if limit is not None and plannable and order and order[0] is nearest:
-        k = limit + offset  # the function must find the rows the offset skips too
+    k = None if limit is None else limit + offset  # the function must find the rows the offset skips too
+    if limit is not None and k is not None and k <= MAX_K and plannable and order and order[0] is nearest:
         planned = _planned(statement, order, nearest, documents, connection, k, condition, embedding.name)
-        frozen = state.invoke_statement(statement=planned).freeze()
-        if len(frozen.data) >= limit:  # rows, or ORM objects: each document is one row of the join
-            return frozen()
-        log.info("pgsim.knn_documents gave %d of %d documents; exact scan instead", len(frozen.data), limit)
+        try:
+            # in a savepoint: a filter the function cannot read (a function of the caller's search_path, say)
+            # leaves the caller's transaction as it was, and the exact path runs instead
+            with nullcontext() if not local_transaction(connection) else connection.begin_nested():
+                frozen = state.invoke_statement(statement=planned).freeze()
+        except DBAPIError as exc:
+            log.warning("pgsim.knn_documents could not run this query (%s): exact scan instead", exc.orig)
+        else:
+            if len(frozen.data) >= limit:  # rows, or ORM objects: each document is one row of the join
+                return frozen()
+            log.info("pgsim.knn_documents gave %d of %d documents; exact scan instead", len(frozen.data), limit)
     return state.invoke_statement(statement=_exact(statement, order, nearest, documents, chunks))
+
+
+def local_transaction(connection: Any) -> bool:
+    """Whether statements on ``connection`` run in a transaction (not autocommit)."""
+    return not getattr(connection.connection.driver_connection, "autocommit", False)
 
 
 def _exact(statement: Select[Any], order: list[Any], nearest: Any, documents: Any, chunks: Any) -> Select[Any]:
     """``statement`` ordered by each document's nearest chunk where it ordered by ``nearest``."""
-    match = and_(*[chunks.c[key.name] == key for key in _keys(documents)])
+    match = and_(*[chunks.c[str(key.name)] == key for key in _keys(documents)])
     distance = (
         select(func.min(chunks.c.embedding.op("<=>", return_type=Float)(nearest.right))).where(match).scalar_subquery()
     )
     return (
         statement.order_by(None)
         .order_by(*[distance if term is nearest else term for term in order])
-        .where(distance.is_not(None))
+        .where(distance.is_not(None), nearest._annotations["pgsim_nearest"].is_not(None))
     )
 
 
@@ -120,7 +134,9 @@ def _planned(
         .table_valued(column("row", JSONB), column("distance", Float))
         .alias("_pgsim_documents")
     )
-    match = and_(*[key == cast(hits.c.row.op("->>")(key.name), key.type) for key in _keys(documents)])
+    match = and_(
+        *[key == cast(hits.c.row.op("->>")(literal(str(key.name), Text)), key.type) for key in _keys(documents)]
+    )
     return (
         statement.join(hits, match)
         .order_by(None)

@@ -37,7 +37,7 @@ from sqlalchemy.sql.util import find_tables
 
 from pgsim.errors import InvalidInput
 from pgsim.knn.planner import DEFAULT_TUNING, Tuning
-from pgsim.sqlalchemy.documents import chunk_table_of, nearest_documents
+from pgsim.sqlalchemy.documents import chunk_table_of, local_transaction, nearest_documents
 from pgsim.sqlalchemy.types import NEAREST
 
 log = logging.getLogger(__name__)
@@ -307,8 +307,3 @@ def _missing_knn_plan(error: Any) -> bool:
     if getattr(diag, "context", None):  # raised while knn_plan ran: its EXECUTE of the filter, say
         return False
     return "pgsim" in (getattr(diag, "message_primary", None) or str(error))
-
-
-def local_transaction(connection: Any) -> bool:
-    """Whether statements on ``connection`` run in a transaction (not autocommit)."""
-    return not getattr(connection.connection.driver_connection, "autocommit", False)

@@ -80,6 +80,11 @@ def engine_as(dsn: str, role: str) -> Any:
     return create_engine(url)
 
 
+def last_query(statements: list[str]) -> str:
+    """The last statement recorded, savepoints aside (the ORM's document path runs in one)."""
+    return [statement for statement in statements if "SAVEPOINT" not in statement][-1]
+
+
 def sync_as_worker(conn: psycopg.Connection[Any], roles: Roles, table: str, **options: Any) -> SyncReport:
     """The worker role's drain of ``table`` (a superuser's session that SET ROLE: allowed explicitly)."""
     with acting(conn, roles.worker):

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-from chunked_docs import chunk_rows, chunked_table, engine_as, owned_database, sync_as_worker
+from chunked_docs import chunk_rows, chunked_table, engine_as, last_query, owned_database, sync_as_worker
 from fixtures.roles import Roles, acting
 from psycopg import sql
 from sqlalchemy import String, event, select
@@ -294,11 +294,11 @@ def test_the_orms_nearest_on_a_chunked_column_yields_documents_as_the_other_sear
                 expected = [hit.row["id"] for hit in search_documents(app, "docs", "embedding", query, k=k + offset,
                                                                         where=condition)][offset:]  # fmt: skip
                 assert found == expected and len(found) == k
-                assert "pgsim.knn_documents" in statements[-1]  # the planned path, no fallback after it
+                assert "pgsim.knn_documents" in last_query(statements)  # the planned path, no fallback after it
             # not plannable (another ORDER BY term first; a subquery on another table): the exact path, same answer
             by_section = [doc.id for doc in session.scalars(select(Doc).order_by(Doc.section, nearest).limit(40))]
             assert len(by_section) == len(set(by_section)) == len(corpus.texts)
-            assert "knn_documents" not in statements[-1] and "min(" in statements[-1]  # the exact path
+            assert "knn_documents" not in last_query(statements) and "min(" in last_query(statements)  # the exact path
             everything = [hit.row["id"] for hit in search_documents(app, "docs", "embedding", query, k=40)]
             assert by_section == sorted(everything, key=lambda i: (corpus.sections[i], everything.index(i)))
             other = aliased(Doc)

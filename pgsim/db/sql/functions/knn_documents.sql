@@ -12,7 +12,9 @@
 --   exact - every document that passes the filter with its nearest chunk (the chunk table's primary key
 --           finds them), the k nearest; taken first when the filter is estimated to keep fewer than
 --           exact_below_rows documents, or a share below min_hnsw_selectivity.
--- Runs with the caller's rights (row-level security on the documents holds for their chunks); the filter is
+-- A document whose vector is NULL (stale = 'hide' after a change of its text, or not embedded yet) is left out,
+-- as pgsim.knn leaves such a row out: its chunks are still the old text's. Its row holds the columns the caller
+-- may read. Runs with the caller's rights (row-level security on the documents holds for their chunks); the filter is
 -- read under this function's search_path, pg_catalog, pg_temp, and may name the table (schema-qualified) or
 -- its columns. The settings it changes are restored before it returns.
 CREATE OR REPLACE FUNCTION pgsim.knn_documents(
@@ -44,6 +46,7 @@ DECLARE
     doc_keys text;
     doc_match text;
     chunk_match text;
+    row_sql text;
     total double precision;
     matching double precision;
     selectivity double precision;
@@ -90,6 +93,13 @@ BEGIN
     INTO chunk_keys, best_keys, best_qualified, doc_keys, doc_match, chunk_match
     FROM unnest(registration.key_columns) WITH ORDINALITY AS key(name, position);
 
+    -- a document's row: the columns the caller may read but col (column privileges hold, as pgsim.search's do)
+    SELECT coalesce(string_agg(format('jsonb_build_object(%L, %s.%I)', a.attname, tbl, a.attname), ' || '
+                               ORDER BY a.attnum), '''{}''::jsonb')
+    INTO row_sql FROM pg_attribute a
+    WHERE a.attrelid = tbl::oid AND a.attnum > 0 AND NOT a.attisdropped AND a.attname <> col
+      AND has_column_privilege(tbl::oid, a.attnum, 'SELECT');
+
     total := pgsim.estimate_rows(tbl, NULL);
     matching := CASE WHEN filter IS NULL OR filter = '' THEN total ELSE pgsim.estimate_rows(tbl, filter) END;
     selectivity := CASE WHEN total > 0 THEN matching / total ELSE 1 END;
@@ -114,12 +124,13 @@ BEGIN
             '_pgsim_best AS (SELECT DISTINCT ON (%4$s) * FROM _pgsim_candidates '
             'ORDER BY %4$s, _pgsim_distance, _pgsim_chunk_no), '
             '_pgsim_hits AS (SELECT _pgsim_doc._pgsim_row, _pgsim_best.* FROM _pgsim_best CROSS JOIN LATERAL '
-            '(SELECT to_jsonb(%5$s.*) - %6$L AS _pgsim_row FROM %5$s WHERE %7$s AND (%8$s)) AS _pgsim_doc '
+            '(SELECT %6$s AS _pgsim_row FROM %5$s WHERE %7$s AND %5$s.%10$I IS NOT NULL AND (%8$s)) AS _pgsim_doc '
             'ORDER BY _pgsim_best._pgsim_distance, %9$s LIMIT $3) '
             'SELECT (SELECT count(*) FROM _pgsim_candidates), (SELECT jsonb_agg(jsonb_build_array(_pgsim_row, '
             '_pgsim_distance, _pgsim_chunk_no, _pgsim_span_start, _pgsim_span_end) ORDER BY _pgsim_distance, %4$s) '
             'FROM _pgsim_hits)',
-            chunk_keys, distance_sql, chunks::regclass, best_keys, tbl, col, doc_match, condition, best_qualified);
+            chunk_keys, distance_sql, chunks::regclass, best_keys, tbl, row_sql, doc_match, condition, best_qualified,
+            col);
         LOOP
             -- FOR ... IN EXECUTE: one statement only, whatever the filter holds
             FOR candidates, hits IN EXECUTE hnsw_sql USING query, fetch_chunks, k LOOP
@@ -134,16 +145,18 @@ BEGIN
     END IF;
     IF hits IS NULL OR jsonb_array_length(hits) < k THEN
         PERFORM set_config('enable_indexscan', 'off', true);
+        -- the k nearest by (tableoid, ctid) first, their rows after: not a row built for every document
         exact_sql := format(
-            'SELECT jsonb_agg(jsonb_build_array(_pgsim_h._pgsim_row, _pgsim_h._pgsim_distance, _pgsim_h._pgsim_chunk_no, '
-            '_pgsim_h._pgsim_span_start, _pgsim_h._pgsim_span_end) ORDER BY _pgsim_h._pgsim_distance, _pgsim_h._pgsim_n) '
-            'FROM (SELECT to_jsonb(%1$s.*) - %2$L AS _pgsim_row, _pgsim_best.*, '
+            'SELECT jsonb_agg(jsonb_build_array(%2$s, _pgsim_h._pgsim_distance, _pgsim_h._pgsim_chunk_no, '
+            '_pgsim_h._pgsim_span_start, _pgsim_h._pgsim_span_end) ORDER BY _pgsim_h._pgsim_n) '
+            'FROM (SELECT %1$s.tableoid AS _pgsim_rel, %1$s.ctid AS _pgsim_tid, _pgsim_best.*, '
             'row_number() OVER (ORDER BY _pgsim_best._pgsim_distance, %3$s) AS _pgsim_n '
             'FROM %1$s CROSS JOIN LATERAL (SELECT _pgsim_x.chunk_no AS _pgsim_chunk_no, '
             '_pgsim_x.span_start AS _pgsim_span_start, _pgsim_x.span_end AS _pgsim_span_end, %4$s AS _pgsim_distance '
             'FROM %5$s AS _pgsim_x WHERE %6$s ORDER BY (%4$s) + 0, _pgsim_x.chunk_no LIMIT 1) AS _pgsim_best '
-            'WHERE (%7$s) ORDER BY _pgsim_best._pgsim_distance, %3$s LIMIT $2) AS _pgsim_h',
-            tbl, col, doc_keys, distance_sql, chunks::regclass, chunk_match, condition);
+            'WHERE %1$s.%8$I IS NOT NULL AND (%7$s) ORDER BY _pgsim_best._pgsim_distance, %3$s LIMIT $2) AS _pgsim_h '
+            'JOIN %1$s ON %1$s.tableoid = _pgsim_h._pgsim_rel AND %1$s.ctid = _pgsim_h._pgsim_tid',
+            tbl, row_sql, doc_keys, distance_sql, chunks::regclass, chunk_match, condition, col);
         FOR hits IN EXECUTE exact_sql USING query, k LOOP
         END LOOP;
     END IF;

@@ -13,6 +13,8 @@ import psycopg
 from fixtures.database import scratch_database
 from fixtures.roles import Roles, acting
 from psycopg import sql
+from sqlalchemy import String
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from pgsim.columns.adding import add_embedding
 from pgsim.columns.chunking.settings import Chunks
@@ -20,6 +22,7 @@ from pgsim.columns.chunking.tables import add_chunks
 from pgsim.columns.grants import grant
 from pgsim.columns.worker import SyncReport, sync
 from pgsim.psycopg import register
+from pgsim.sqlalchemy import embedding_column
 
 
 @contextmanager
@@ -59,6 +62,22 @@ def chunked_table(
         admin.execute(
             sql.SQL("GRANT INSERT, UPDATE, DELETE ON {} TO {}").format(sql.Identifier(table), sql.Identifier(roles.app))
         )
+
+
+def document_class(table: str, sync: str) -> Any:
+    """A mapped class over ``table`` (id, section, body) with its embedding of ``body`` kept by ``sync``."""
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Doc(Base):
+        __tablename__ = table
+        id: Mapped[int] = mapped_column(primary_key=True)
+        section: Mapped[str | None] = mapped_column(String, nullable=True)
+        body: Mapped[str | None] = mapped_column(String, nullable=True)
+        embedding = embedding_column(source="body", sync=sync)
+
+    return Doc
 
 
 def engine_as(dsn: str, role: str) -> Any:

@@ -360,9 +360,9 @@ def test_the_orm_after_the_chunks_are_removed(admin: psycopg.Connection[Any], ro
 
 @pytest.mark.xfail(  # REVIEW
     strict=True,
-    reason="pgsim.quality.hybrid on a chunked column goes through pgsim.hybrid_search (SQL), whose vector list "
-    "(pgsim.knn -> pgsim.knn_documents) reads to_jsonb(table.*): a role with column-level SELECT, which "
-    "pgsim.search serves (the readable columns), gets permission denied",
+    reason="pgsim.quality.hybrid on a chunked column goes through pgsim.hybrid_search (SQL), whose full-text list "
+    "reads to_jsonb(table.*) (hybrid_search.sql): a role with column-level SELECT, which pgsim.search serves (the "
+    "readable columns), gets permission denied",
 )
 def test_python_hybrid_search_serves_a_role_with_column_level_select(
     admin: psycopg.Connection[Any], roles: Roles

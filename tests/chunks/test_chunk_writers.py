@@ -9,10 +9,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from chunked_docs import chunk_rows, chunked_table, engine_as, owned_database, sync_as_worker
+from chunked_docs import chunk_rows, chunked_table, document_class, engine_as, owned_database, sync_as_worker
 from fixtures.roles import Roles, acting
-from sqlalchemy import String
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy.orm import Session
 
 from pgsim.columns.bulk_load import ingest
 from pgsim.columns.chunking.settings import Chunks
@@ -21,7 +20,6 @@ from pgsim.columns.chunking.sync_step import digest
 from pgsim.columns.chunking.tables import remove_chunks
 from pgsim.encoding.encoder import Encoder
 from pgsim.psycopg import register
-from pgsim.sqlalchemy import embedding_column
 
 SETTINGS = Chunks(24, 4)
 LONG = (
@@ -31,16 +29,7 @@ LONG = (
 )
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class Doc(Base):
-    __tablename__ = "writers"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    section: Mapped[str | None] = mapped_column(String, nullable=True)
-    body: Mapped[str | None] = mapped_column(String, nullable=True)
-    embedding = embedding_column(source="body", sync="flush")
+Doc = document_class("writers", "flush")
 
 
 @pytest.fixture(scope="module")

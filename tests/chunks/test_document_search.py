@@ -11,11 +11,19 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-from chunked_docs import chunk_rows, chunked_table, engine_as, last_query, owned_database, sync_as_worker
+from chunked_docs import (
+    chunk_rows,
+    chunked_table,
+    document_class,
+    engine_as,
+    last_query,
+    owned_database,
+    sync_as_worker,
+)
 from fixtures.roles import Roles, acting
 from psycopg import sql
-from sqlalchemy import String, event, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_column
+from sqlalchemy import event, select
+from sqlalchemy.orm import Session, aliased
 
 from pgsim.columns.chunking.settings import Chunks
 from pgsim.demo.corpus import Package
@@ -26,7 +34,6 @@ from pgsim.knn.filtered import search, search_with_plan
 from pgsim.psycopg import register
 from pgsim.quality.hybrid import hybrid_search
 from pgsim.quality.relevance import relevant_search
-from pgsim.sqlalchemy import embedding_column
 
 SHORT, LONG, PER_LONG, DEEP = 30, 6, 12, 9  # short documents, long ones, packages per long one, the deep one
 
@@ -262,16 +269,7 @@ def test_sql_knn_documents_refuses_bad_input(app: Any, encoder: Encoder) -> None
         app.execute("SELECT * FROM pgsim.knn_documents('docs', 'body', %s, 3)", [vector])
 
 
-class Base(DeclarativeBase):
-    pass
-
-
-class Doc(Base):
-    __tablename__ = "docs"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    section: Mapped[str | None] = mapped_column(String, nullable=True)
-    body: Mapped[str | None] = mapped_column(String, nullable=True)
-    embedding = embedding_column(source="body", sync="worker")
+Doc = document_class("docs", "worker")
 
 
 def test_the_orms_nearest_on_a_chunked_column_yields_documents_as_the_other_searches_do(

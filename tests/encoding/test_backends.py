@@ -18,7 +18,7 @@ from fixtures import calibration
 
 from pgsim.demo.corpus import Package
 from pgsim.encoding.backends import base as backends
-from pgsim.encoding.backends import lanes
+from pgsim.encoding.backends import lanes, measure
 from pgsim.encoding.backends.auto import build, choose
 from pgsim.encoding.backends.base import BACKENDS, BackendUnavailable
 from pgsim.encoding.backends.exported import EXPORT_FORMAT
@@ -230,6 +230,11 @@ def test_auto_measures_once_says_which_and_remembers(cache: Path, caplog: pytest
     assert f"encoder backend {first.name} (auto: measured " in caplog.text and " torch " in caplog.text
     (remembered,) = json.loads((cache / "backend-choices.json").read_text()).values()
     assert remembered["backend"] == first.name
+    # the CPU's instructions decide whether bfloat16 torch is timed at all: it emulates them where they lack
+    if measure.native_bfloat16():
+        assert "torch-bf16" in remembered["rates"]
+    else:
+        assert "torch-bf16" not in remembered["rates"] and "torch-bf16 no candidate" in remembered["why"]
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="pgsim.encoding.backends"):
         again = choose(model, MODEL, revision, calibration_texts())

@@ -153,6 +153,10 @@ def _recheck(remembered: dict[str, Any]) -> bool:
     return False
 
 
+# backends that compute in bfloat16 whatever the CPU: on one without bfloat16 instructions they emulate them
+EMULATED_WITHOUT_BFLOAT16 = ("torch-bf16",)
+
+
 def _measure(
     model: SentenceTransformer, model_name: str, revision: str, texts: list[str]
 ) -> tuple[Backend, dict[str, Any]]:
@@ -164,6 +168,9 @@ def _measure(
     candidates: dict[str, Backend] = {"torch": reference}
     notes = []
     for name in BACKENDS[1:]:
+        if name in EMULATED_WITHOUT_BFLOAT16 and not measure.native_bfloat16():
+            notes.append(f"{name} no candidate: this CPU has no bfloat16 instructions, which torch then emulates")
+            continue  # the slowest candidate by far there in auto's own timings, which it took most of
         try:
             candidate = build(name, model, model_name, revision)
         except BackendUnavailable as exc:

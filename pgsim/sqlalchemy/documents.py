@@ -28,10 +28,15 @@ from pgsim.knn.target import MAX_K
 log = logging.getLogger(__name__)
 
 HAS_CHUNKING = text("SELECT pg_catalog.to_regclass('pgsim.chunking') IS NOT NULL")
+# on the caller's search_path (the ORM's session): every operator qualified and its operands typed exactly, so
+# that no operator of another role's in a schema on that path matches better (the rule in pgsim.db.catalog)
 CHUNK_TABLE = text(
-    "SELECT n.nspname, c.relname FROM pgsim.chunking k JOIN pgsim.embedding e ON e.id = k.embedding_id "
-    "JOIN pg_catalog.pg_class c ON c.oid = k.chunk_table JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE e.table_oid = pg_catalog.to_regclass(:table) AND e.column_name = :column"
+    "SELECT n.nspname, c.relname FROM pgsim.chunking k "
+    "JOIN pgsim.embedding e ON e.id OPERATOR(pg_catalog.=) k.embedding_id "
+    "JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) k.chunk_table "
+    "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace "
+    "WHERE e.table_oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(CAST(:table AS pg_catalog.text))::pg_catalog.oid "
+    "AND e.column_name OPERATOR(pg_catalog.=) CAST(:column AS pg_catalog.name)"
 )
 # database URL -> whether pgsim.chunking is there (a chunk table itself is looked up every time: a column's
 # chunking can be removed at any moment, and a query on a chunk table that is gone would fail)

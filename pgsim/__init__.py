@@ -6,6 +6,7 @@ Importing pgsim loads no model and starts no server; each happens on first use.
 from pgsim.columns.adding import add_embedding
 from pgsim.columns.batches import SyncReport
 from pgsim.columns.bulk_load import IngestReport, ingest
+from pgsim.columns.chunking import Chunks, remove_chunks
 from pgsim.columns.grants import grant, revoke
 from pgsim.columns.model_change import change_embedding, change_model
 from pgsim.columns.registry import Registration, get_registration, remove_embedding
@@ -45,6 +46,7 @@ __all__ = [
     "HNSW",
     "Between",
     "Calibration",
+    "Chunks",
     "CorrectedHit",
     "DEFAULT_MODEL",
     "EmbeddedServer",
@@ -89,6 +91,7 @@ __all__ = [
     "register",
     "register_async",
     "relevant_search",
+    "remove_chunks",
     "remove_embedding",
     "revoke",
     "resolve_dsn",

@@ -19,6 +19,7 @@ def cmd_add_embedding(args: argparse.Namespace) -> int:
 
     source: Any = args.source if len(args.source) > 1 else args.source[0]
     index = None if args.no_index else HNSW(args.m, args.ef_construction)
+    chunks = chunks_of(args)
     with open_connection(args) as conn:
         install(conn)
         registration = add_embedding(
@@ -30,6 +31,7 @@ def cmd_add_embedding(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             index=index,
             concurrently=args.concurrently,
+            chunks=chunks,
         )
         queued = conn.execute(  # qualified and cast: the rule in pgsim.db.catalog
             "SELECT pg_catalog.count(*) FROM pgsim.queue WHERE embedding_id OPERATOR(pg_catalog.=) %s::pg_catalog.int4",
@@ -39,9 +41,22 @@ def cmd_add_embedding(args: argparse.Namespace) -> int:
         f"{registration.table}.{registration.column}: {registration.dtype}({registration.dimension}) of "
         f"{registration.source} by {registration.model}; "
         + (f"index {registration.index_name}; " if registration.index_name else "no index; ")
+        + (f"chunks of {chunks.tokens} word pieces (overlap {chunks.overlap}); " if chunks else "")
         + f"{queued[0] if queued else 0} existing rows queued. Embed them: pgsim backfill (or run pgsim worker)"
     )
     return 0
+
+
+def chunks_of(args: argparse.Namespace) -> Any:
+    """``--chunk-tokens``/``--chunk-overlap`` as :class:`pgsim.Chunks`, or None without ``--chunk-tokens``."""
+    from pgsim.columns.chunking.settings import Chunks
+    from pgsim.errors import InvalidInput
+
+    if args.chunk_tokens is None:
+        if args.chunk_overlap is not None:
+            raise InvalidInput("--chunk-overlap needs --chunk-tokens: the chunk size in the model's word pieces.")
+        return None
+    return Chunks(args.chunk_tokens, args.chunk_overlap or 0)
 
 
 def cmd_remove_embedding(args: argparse.Namespace) -> int:
@@ -70,9 +85,13 @@ def cmd_change_embedding(args: argparse.Namespace) -> int:
 
     source: Any = None if args.source is None else args.source if len(args.source) > 1 else args.source[0]
     with open_connection(args) as conn:
-        new = change_embedding(conn, args.table, args.column, source=source, model=args.model, dtype=args.dtype)
+        new = change_embedding(
+            conn, args.table, args.column, source=source, model=args.model, dtype=args.dtype, chunks=chunks_of(args)
+        )
     print(
-        f"filling {new.table}.{new.column} with {new.dtype}({new.dimension}) of {new.source} by {new.model}; "
+        f"filling {new.table}.{new.column} with {new.dtype}({new.dimension}) of {new.source} by {new.model}"
+        + (f" in chunks of {args.chunk_tokens} word pieces" if args.chunk_tokens else "")
+        + "; "
         f"searches keep using {args.column} until it is full. Run pgsim backfill (or pgsim worker): it switches "
         "over when done."
     )

@@ -61,6 +61,18 @@ def _connection_options(parser: argparse.ArgumentParser, default: Any, verbose_d
     parser.add_argument("-v", "--verbose", action="store_true", default=verbose_default, help="log what pgsim does")
 
 
+def chunk_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--chunk-tokens",
+        type=_positive,
+        help="also cut each text into chunks of at most this many of the model's word pieces; searches then "
+        "return documents ranked by their best chunk",
+    )
+    parser.add_argument(
+        "--chunk-overlap", type=int, help="word pieces each chunk repeats of the one before (default 0)"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="pgsim", description="Similarity search in PostgreSQL.", epilog=SETUP_HINT)
@@ -151,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--ef-construction", type=int, default=64, help="HNSW ef_construction (default 64)")
     add.add_argument("--no-index", action="store_true", help="no HNSW index")
     add.add_argument("--concurrently", action="store_true", help="build the index without blocking writes")
+    chunk_arguments(add)
     add.set_defaults(run=cmd_add_embedding)
 
     remove = add_command("remove-embedding", help="undo add-embedding: triggers, queue, index, column")
@@ -176,6 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     changing.add_argument("--source", nargs="+", help="the new source column(s), or an SQL expression")
     changing.add_argument("--model", help="the new model")
     changing.add_argument("--dtype", choices=["vector", "halfvec"], help="the new vector type")
+    chunk_arguments(changing)
     changing.set_defaults(run=cmd_change_embedding)
 
     for name, run, text in (

@@ -14,6 +14,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.splitting import window
+from pgsim.columns.chunking.tables import add_chunks
 from pgsim.columns.registry import (
     DTYPES,
     STALE,
@@ -36,6 +39,7 @@ from pgsim.db.catalog import (
 from pgsim.db.hnsw import HNSW, create_hnsw_index
 from pgsim.db.names import derived_name
 from pgsim.db.standby import require_primary
+from pgsim.encoding.encoder import encoder_for
 from pgsim.encoding.models import DEFAULT_MODEL, model_dimension, model_revision
 from pgsim.errors import InvalidInput, SchemaMissing
 
@@ -65,6 +69,7 @@ def add_embedding(
     planned_index: HNSW | None = None,
     index_name: str | None = None,
     stale: str = "keep",
+    chunks: Chunks | None = None,
 ) -> Registration:
     """Register ``table.column`` as the embedding of ``source`` under ``model``.
 
@@ -77,6 +82,8 @@ def add_embedding(
     column that exists already is adopted, not built again. ``stale`` says what a row's vector does after an
     UPDATE of its source text until the worker re-embeds it: ``"keep"`` (searches find the row by its old
     vector) or ``"hide"`` (the vector becomes NULL in the same statement: the row is not found until then).
+    ``chunks`` (:class:`Chunks`) also cuts each row's text into chunks of the model's word pieces, kept in a
+    table next to this one: searches on the column then return documents ranked by their best chunk.
     (``replaces`` and ``planned_index`` are for :func:`change_model`: the index is recorded, built later.)"""
     if dtype not in DTYPES:
         raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
@@ -89,6 +96,10 @@ def add_embedding(
         raise InvalidInput(f"The embedding column name must be a non-empty string; got {column!r}.")
     # an unknown model fails here, before any change; read from the model's files, without loading it
     revision, dimension = model_revision(model), model_dimension(model)
+    if chunks is not None:
+        if not isinstance(chunks, Chunks):
+            raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...); got {chunks!r}.")
+        chunks.check(window(encoder_for(model)), model)
     with conn.transaction():
         target = read_table(conn, table)
         forget_dropped(conn)
@@ -140,6 +151,8 @@ def add_embedding(
         assert registration is not None
         if replaces is not None:
             _copy_column_grants(conn, registration, replaces)
+        if chunks is not None:
+            add_chunks(conn, target.qualified, column, chunks, queue=queue_existing and not concurrently)
         if index is not None and adopt_index:
             index = None  # the HNSW index of that name is there already (declared by the ORM, say)
         if index is not None and not concurrently:
@@ -147,8 +160,8 @@ def add_embedding(
         if queue_existing and not concurrently:
             queue_rows(conn, registration)
     if concurrently:  # outside the transaction that locked the table for ADD COLUMN and the triggers
-        if queue_existing:
-            queue_rows(conn, registration)  # rows written meanwhile were queued by the triggers
+        if queue_existing:  # rows written meanwhile were queued by the triggers
+            queue_rows(conn, registration, only_missing=chunks is None)
         if index is not None:
             build_index(conn, registration, concurrently=True)
     return registration

@@ -13,7 +13,7 @@ from psycopg import sql
 
 from pgsim.columns.adding import add_embedding, read_table, source_expression
 from pgsim.columns.chunking.settings import Chunks
-from pgsim.columns.chunking.tables import add_chunks, chunk_table_name, fitted_name
+from pgsim.columns.chunking.tables import chunk_table_name, fitted_name
 from pgsim.columns.registry import (
     Registration,
     chunk_table,
@@ -53,9 +53,11 @@ def change_embedding(
     model: str | None = None,
     dtype: str | None = None,
     index: HNSW | None = None,
+    chunks: Chunks | None = None,
 ) -> Registration:
-    """Start re-embedding ``table.column`` under a new definition: another ``source``, ``model`` or
-    ``dtype`` (each left out stays as registered). A new column (``<column>_next``) is registered for it and
+    """Start re-embedding ``table.column`` under a new definition: another ``source``, ``model``, ``dtype``
+    or ``chunks`` (each left out stays as registered; a chunked column's chunks are made again for the new
+    definition). A new column (``<column>_next``) is registered for it and
     every row with text is queued, those that have vectors too. Searches keep using the old column meanwhile.
     When the workers have filled the new column, :func:`switch_over` (run by every drain) builds its index
     and, in one transaction, drops the old column and gives the new one its name. Returns the new
@@ -66,7 +68,9 @@ def change_embedding(
     its vectors serve searches as they are, and rows written meanwhile are embedded in the new column only,
     where they become searchable at the switch. Nothing here loads the model: its dimension and revision
     come from its files."""
-    return _start_change(conn, table, column, source, model, dtype, index, None)
+    if chunks is not None and not isinstance(chunks, Chunks):
+        raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...); got {chunks!r}.")
+    return _start_change(conn, table, column, source, model, dtype, index, chunks)
 
 
 def change_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks: Chunks) -> Registration:
@@ -75,7 +79,7 @@ def change_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks
     with its own chunk table, filled by the workers while searches use the current chunks; the switch swaps
     both at once, and the chunk table takes the current one's name."""
     if not isinstance(chunks, Chunks):
-        raise InvalidInput(f"chunks must be pgsim.columns.chunking.Chunks(tokens=..., overlap=...); got {chunks!r}.")
+        raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...); got {chunks!r}.")
     return _start_change(conn, table, column, None, None, None, None, chunks)
 
 
@@ -137,9 +141,8 @@ def _start_change(
             replaces=old.id,
             planned_index=index or old.index,
             stale=old.stale,
+            chunks=wanted,  # the workers fill its chunks with its vectors
         )
-        if wanted is not None:  # the workers fill its chunks with its vectors
-            add_chunks(conn, old.table, next_column, wanted)
         if expression != old.source:
             conn.execute("SELECT pgsim.freeze_embedding(%s)", [old.id])
     return new

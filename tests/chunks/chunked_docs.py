@@ -18,7 +18,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from pgsim.columns.adding import add_embedding
 from pgsim.columns.chunking.settings import Chunks
-from pgsim.columns.chunking.tables import add_chunks
 from pgsim.columns.grants import grant
 from pgsim.columns.worker import SyncReport, sync
 from pgsim.psycopg import register
@@ -55,8 +54,7 @@ def chunked_table(
         admin.execute(
             sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, section text, body text)").format(sql.Identifier(table))
         )
-        add_embedding(admin, table, "embedding", source="body", dtype=dtype)
-        add_chunks(admin, table, "embedding", chunks)
+        add_embedding(admin, table, "embedding", source="body", dtype=dtype, chunks=chunks)
         grant(admin, "worker", roles.worker, tables=[table])
         grant(admin, "search", roles.app, tables=[table])
         admin.execute(

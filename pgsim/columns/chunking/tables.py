@@ -15,6 +15,7 @@ table, those that may update it (workers) SELECT, INSERT and DELETE. Later grant
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,6 +37,8 @@ from pgsim.db.catalog import pin_search_path, require_schema, vector_schema
 from pgsim.db.names import MAX_IDENTIFIER_BYTES
 from pgsim.encoding.encoder import encoder_for
 from pgsim.errors import InvalidInput
+
+log = logging.getLogger(__name__)
 
 CHUNK_COLUMNS = ("chunk_no", "span_start", "span_end", "digest", "embedding")
 READERS = "SELECT"
@@ -79,10 +82,12 @@ def chunk_table_name(table_name: str, column: str) -> str:
     return fitted_name(f"{table_name}__{column}", "chunks")
 
 
-def add_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks: Chunks) -> ChunkTable:
+def add_chunks(
+    conn: psycopg.Connection[Any], table: str, column: str, chunks: Chunks, *, queue: bool = True
+) -> ChunkTable:
     """Chunk the documents of the registered embedding ``table.column``: make its chunk table and queue every
-    row with text, so the workers fill the chunks (the column's own vector, the truncated whole text, stays
-    as it is). Only the table's owner may; in one transaction, every check first."""
+    row with text (unless ``queue`` is false), so the workers fill the chunks (the column's own vector, the
+    truncated whole text, stays as it is). Only the table's owner may; in one transaction, every check first."""
     if not isinstance(chunks, Chunks):
         raise InvalidInput(f"chunks must be pgsim.columns.chunking.Chunks(tokens=..., overlap=...); got {chunks!r}.")
     with conn.transaction(), caller_path_kept(conn):
@@ -105,12 +110,17 @@ def add_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks: C
             )
         name = chunk_table_name(registration.table_name, column)
         taken = conn.execute(
-            "SELECT pg_catalog.to_regclass(%s)", [sql.Identifier(registration.schema, name).as_string(conn)]
+            "SELECT pg_catalog.to_regclass(%s)::pg_catalog.oid",
+            [sql.Identifier(registration.schema, name).as_string(conn)],
         ).fetchone()
         if taken and taken[0] is not None:
-            raise InvalidInput(
-                f"{registration.schema}.{name} exists already; pgsim makes the chunk table there. Drop or rename it."
-            )
+            if not _left_by_a_dropped_table(conn, registration, int(taken[0])):
+                raise InvalidInput(
+                    f"{registration.schema}.{name} exists already; pgsim makes the chunk table there. Drop or "
+                    "rename it."
+                )
+            log.warning("dropping %s.%s, the chunk table of a dropped table of that name", registration.schema, name)
+            conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(registration.schema, name)))
         made = ChunkTable(registration.schema, name, chunks.tokens, chunks.overlap)
         _create(conn, registration, made)
         conn.execute(
@@ -121,10 +131,32 @@ def add_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks: C
         for privileges, statement in ((READERS, "SELECT"), (WORKERS, "UPDATE")):
             grant_to_column_grantees(conn, registration, made, privileges, statement)
         remake_triggers(conn, registration)
-        queue_rows(conn, registration, only_missing=False)
+        if queue:
+            queue_rows(conn, registration, only_missing=False)
         recorded = chunk_table(conn, registration)
     assert recorded is not None
     return recorded
+
+
+def _left_by_a_dropped_table(conn: psycopg.Connection[Any], registration: Registration, table_oid: int) -> bool:
+    """Whether the table ``table_oid`` is the chunk table of a document table dropped with ``CASCADE`` (which
+    drops the foreign key, not the chunk table): a chunk table's columns, the document table's owner, no
+    foreign key left, and not recorded for any registration. Anything else in its place is the user's."""
+    row = conn.execute(
+        "SELECT c.relowner OPERATOR(pg_catalog.=) d.relowner "
+        "AND NOT EXISTS (SELECT FROM pg_catalog.pg_constraint k WHERE k.conrelid OPERATOR(pg_catalog.=) c.oid "
+        "    AND k.contype OPERATOR(pg_catalog.=) 'f') "
+        "AND NOT EXISTS (SELECT FROM pgsim.chunking r WHERE r.chunk_table OPERATOR(pg_catalog.=) c.oid) "
+        "AND (SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attname) FROM pg_catalog.pg_attribute a "
+        "     WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0 "
+        "       AND NOT a.attisdropped AND a.attname OPERATOR(pg_catalog.=) ANY (%s::pg_catalog.name[])) "
+        "    OPERATOR(pg_catalog.=) %s::text[] "
+        "FROM pg_catalog.pg_class c, pg_catalog.pg_class d "
+        "WHERE c.oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid AND d.oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid "
+        "  AND c.relkind OPERATOR(pg_catalog.=) 'r'",
+        [list(CHUNK_COLUMNS), sorted(CHUNK_COLUMNS), table_oid, registration.table_oid],
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def remove_chunks(conn: psycopg.Connection[Any], table: str, column: str) -> None:

@@ -54,6 +54,8 @@ CHECKED = {
     "alembic-change-generated",
     "alembic-change-sync",
     "security",
+    "long-documents",
+    "long-documents-sql",
 }
 
 
@@ -289,6 +291,14 @@ def test_search_where_example_runs_as_written(database: str) -> None:
     small, photos = run_python(example("search-where"), env)
     assert ast.literal_eval(small) == ["jq", "ujson"]  # the only rows under 1000 KiB: k rows when k match
     assert photos.split()[0] == "gimp"
+
+
+def test_long_documents_examples_run_as_written(database: str) -> None:
+    env = dict(os.environ, PGSIM_DSN=database)
+    *printed, sql_rows = run_python(example("long-documents") + example("long-documents-sql"), env)
+    shown = next(b for b in blocks(ROOT / "docs" / "long_documents.md") if b.language == "text")
+    assert printed == shown.code.strip().splitlines()  # the page shows what the example prints
+    assert [(row[0], row[2]) for row in ast.literal_eval(sql_rows)] == [(1, True), (2, False)]  # the answer's chunk
 
 
 def test_encoder_example_runs_as_written() -> None:

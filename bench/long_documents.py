@@ -1,25 +1,33 @@
 """Long documents (issue 21): truncation against chunks, multi-vector re-ranking, MUVERA and hybrid, on man pages.
 
     python bench/long_documents.py [--dsn DSN] [--pages N] [--queries 300] [--chunks 128/16 254/32] [--fresh]
+        [--held-out] [--skip muvera hybrid] [--temperatures T ...] [--more-candidates N ...]
 
 Corpus: Debian's man pages (bench/manpages.py, sections 2, 3, 5 and 7), each page's text without its NAME
 section; queries ``name`` (the NAME one-liner) and ``deep`` (a sentence from the page's second half), each
-with and without a filter on the section of the page it came from. One table per chunk setting, filled by
-pgsim.sync (the truncated page vector and the chunks), timed against encoder.encode on a random sample of
-the same chunk texts; then, since another session shares the cores, ``--ingest-rounds`` rounds of sync of
-``--ingest-pages`` pages into a fresh table and encoder.encode of exactly its chunk texts, in alternating order.
+with and without a filter on the section of the page it came from; ``--held-out`` draws other queries of both
+kinds instead (no page of the default sets, no text equal to a default query), to check what was chosen on
+the default ones. One table per chunk setting, filled by pgsim.sync (the truncated page vector and the
+chunks), timed against encoder.encode on a random sample of the same chunk texts; then, since another
+session shares the cores, ``--ingest-rounds`` rounds of sync of ``--ingest-pages`` pages into a fresh table
+and encoder.encode of exactly its chunk texts, in alternating order.
 Modes, same run, same data, k = 10:
 
 - truncated: an exact scan of the page's single vector (its first 254 word pieces), in SQL: pgsim.search
   on a chunked column searches its chunks since 8339e2f;
 - best chunk: pgsim.knn.documents.search_documents, for each chunk setting; the rest use the best setting;
 - multi-vector re-rank: the best-chunk top ``--candidates`` documents re-scored by an aggregate of all their
-  chunk similarities (numpy, chunk vectors read from the chunk table);
+  chunk similarities (numpy, chunk vectors read from the chunk table); ``--temperatures`` adds log-mean-exp
+  aggregates, ``--more-candidates`` re-ranks other candidate counts too (max and every log-mean-exp);
+  paired bootstrap intervals (queries resampled) of log-mean-exp's MRR@10 against best chunk and truncated;
 - MUVERA: fixed-dimensional encodings of each page's chunk set, brute force in numpy for ``--candidates``
   documents, then exact best chunk over them;
 - hybrid: reciprocal rank fusion (k = 60) of the best-chunk list and a full-text list (ts_rank over
   to_tsvector('english', body), every word first, then any), computed here; pgsim.hybrid_search on the
   chunked column (its vector list from the chunks since 8339e2f) is shown too.
+
+``--skip muvera hybrid`` leaves out the MUVERA and the hybrid and full-text modes (``--ingest-rounds 0`` the
+interleaved ingest) for a short quality-only run.
 
 Latency: query vectors are encoded before timing, except for pgsim.hybrid_search, which takes text.
 """
@@ -46,6 +54,9 @@ from long_documents_data import Ingest, Matrix, build, chunk_vectors, interleave
 from long_documents_scores import (  # noqa: E402
     AGGREGATES,
     MUVERAS,
+    Aggregate,
+    log_sum_exp,
+    paired_bootstrap,
     percentile,
     recall,
     reciprocal_rank,
@@ -72,9 +83,15 @@ Run = tuple[list[int], float]  # documents found, seconds
 Key = tuple[str, bool]  # query kind, filtered
 
 
+HELD_OUT_SEEDS = {"name": 241, "deep": 243}  # the default sets' are 141 and 143
+LOG_MEAN_EXP = "log-mean-exp t=0.05"
+
+
 class Bench:
     def __init__(self, conn: psycopg.Connection[Any], pages: list[Any], queries: dict[str, list[Query]]) -> None:
         self.conn, self.pages, self.queries = conn, pages, queries
+        self.aggregates: dict[str, Aggregate] = dict(AGGREGATES)
+        self.reranked: list[str] = []  # the re-rank modes, in the order run
         encoder = encoder_for(pgsim.DEFAULT_MODEL)
         self.vectors = {
             kind: unit(np.asarray(encoder.encode([q.text for q in qs], kind="query"), dtype=np.float32))
@@ -120,6 +137,16 @@ class Bench:
         ]
         return statistics.mean(values)
 
+    def per_query(self, mode: str, kind: str, filtered: bool) -> list[float]:
+        runs = self.runs[mode][(kind, filtered)]
+        return [reciprocal_rank(found, q.relevant) for (found, _), q in zip(runs, self.queries[kind], strict=True)]
+
+    def recall(self, mode: str, kind: str, filtered: bool) -> float:
+        runs = self.runs[mode][(kind, filtered)]
+        return statistics.mean(
+            recall(found, q.relevant) for (found, _), q in zip(runs, self.queries[kind], strict=True)
+        )
+
 
 def unit(matrix: Matrix) -> Matrix:
     return matrix / np.maximum(np.linalg.norm(matrix, axis=-1, keepdims=True), 1e-12)
@@ -149,6 +176,21 @@ def main() -> None:
     parser.add_argument("--ingest-pages", type=int, default=80, help="pages of the interleaved ingest rounds")
     parser.add_argument("--ingest-rounds", type=int, default=3, help="interleaved ingest rounds per chunk setting")
     parser.add_argument("--fresh", action="store_true", help="rebuild the tables even if they exist")
+    parser.add_argument(
+        "--held-out",
+        action="store_true",
+        help="held-out queries: NAME lines of pages outside the default NAME sample (seed 241), sentences of pages "
+        "outside the default deep sample (seed 243), none equal to a default query",
+    )
+    parser.add_argument("--skip", nargs="*", default=[], choices=["muvera", "hybrid"], help="modes to leave out")
+    parser.add_argument("--temperatures", nargs="*", type=float, default=[], help="more log-mean-exp temperatures")
+    parser.add_argument(
+        "--more-candidates",
+        nargs="*",
+        type=int,
+        default=[],
+        help="more candidate counts to re-rank (max, log-mean-exp)",
+    )
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -159,6 +201,15 @@ def main() -> None:
         "name": name_queries(pages, args.queries, seed=141),
         "deep": deep_queries(pages, args.queries, seed=143),
     }
+    if args.held_out:
+        defaults = queries
+        queries = {
+            "name": name_queries(pages, args.queries, seed=HELD_OUT_SEEDS["name"], exclude=defaults["name"]),
+            "deep": deep_queries(pages, args.queries, seed=HELD_OUT_SEEDS["deep"], exclude=defaults["deep"]),
+        }
+        for kind, qs in queries.items():
+            assert not {q.text for q in qs} & {q.text for q in defaults[kind]}, kind
+            assert not {q.doc for q in qs} & {q.doc for q in defaults[kind]}, kind
     conn = connect(args.dsn)
     pgsim.install(conn)
     pgsim.register(conn)
@@ -168,6 +219,8 @@ def main() -> None:
     sample = [pages[i] for i in sorted(random.Random(5).sample(range(len(pages)), min(args.ingest_pages, len(pages))))]
     rounds = {c: interleaved(conn, sample, c, args.ingest_rounds) for c in settings if args.ingest_rounds}
     bench = Bench(conn, pages, queries)
+    for t in args.temperatures:
+        bench.aggregates.setdefault(f"log-mean-exp t={t:g}", log_sum_exp(t, mean=True))
     print(f"{len(pages)} pages, queries {[len(q) for q in queries.values()]}; searching ...", file=sys.stderr)
 
     first = tables[settings[0]]
@@ -184,25 +237,41 @@ def main() -> None:
     best = max(settings, key=lambda c: bench.mrr(f"best chunk {c.tokens}/{c.overlap}"))
     table = tables[best]
     chunks = chunk_vectors(conn, table)
-    candidates: dict[tuple[int, bool], tuple[list[int], float]] = {}
 
-    def candidates_of(query: Query, vector: Matrix, section: str | None) -> list[int]:
-        found = documents(conn, table, vector, section, args.candidates)
-        candidates[(id(query), section is not None)] = (found, 0.0)
-        return found
+    def rerank_top(n: int, names: list[str], prefix: str) -> dict[tuple[int, bool], tuple[list[int], float]]:
+        """The best-chunk top ``n`` of every query, re-ranked by each aggregate of ``names`` (modes ``prefix`` name)."""
+        pool: dict[tuple[int, bool], tuple[list[int], float]] = {}
 
-    bench.each(f"best-chunk candidates ({args.candidates})", candidates_of)
+        def candidates_of(query: Query, vector: Matrix, section: str | None) -> list[int]:
+            found = documents(conn, table, vector, section, n)
+            pool[(id(query), section is not None)] = (found, 0.0)
+            return found
+
+        bench.each(f"best-chunk candidates ({n})", candidates_of)
+        seconds = {
+            (id(q), f): s
+            for (kind, f), runs in bench.runs[f"best-chunk candidates ({n})"].items()
+            for q, (_, s) in zip(queries[kind], runs, strict=True)
+        }
+        for name in names:
+            aggregate = bench.aggregates[name]
+            bench.each(
+                f"{prefix}{name}", lambda q, v, s, a=aggregate: rerank(v, pool[(id(q), s is not None)][0], chunks, a, K)
+            )
+            add_seconds(bench, f"{prefix}{name}", seconds)
+            bench.reranked.append(f"{prefix}{name}")
+        return pool
+
+    candidates = rerank_top(args.candidates, list(bench.aggregates), "re-rank: ")
     cand_seconds = {
         (id(q), f): s
         for (kind, f), runs in bench.runs[f"best-chunk candidates ({args.candidates})"].items()
         for q, (_, s) in zip(queries[kind], runs, strict=True)
     }
-    for name, aggregate in AGGREGATES.items():
-        bench.each(
-            f"re-rank: {name}",
-            lambda q, v, s, a=aggregate: rerank(v, candidates[(id(q), s is not None)][0], chunks, a, K),
-        )
-        add_seconds(bench, f"re-rank: {name}", cand_seconds)
+    log_mean_exps = [name for name in bench.aggregates if name.startswith("log-mean-exp")]
+    for n in args.more_candidates:
+        if n != args.candidates:
+            rerank_top(n, ["max (= best chunk)", *log_mean_exps], f"re-rank top {n}: ")
 
     ids = sorted(chunks)
     sections = np.asarray([pages[i].section for i in ids])
@@ -218,7 +287,7 @@ def main() -> None:
 
     bench.each("best chunk, exact (numpy)", exact)
     muvera_rows = []
-    for muvera in MUVERAS:
+    for muvera in () if "muvera" in args.skip else MUVERAS:
         built = time.perf_counter()
         fdes = muvera.documents(chunks, ids)
         build_seconds = time.perf_counter() - built
@@ -249,11 +318,12 @@ def main() -> None:
         vector_list = candidates[(id(q), s is not None)][0][:50]
         return rrf([vector_list, full_text(conn, table, q.text, s, 50)], K)
 
-    bench.each("hybrid: best chunk + full text (RRF)", hybrid)
-    add_seconds(bench, "hybrid: best chunk + full text (RRF)", cand_seconds)
-    bench.each("full text alone", lambda q, v, s: full_text(conn, table, q.text, s, K))
-    bench.each("pgsim.hybrid_search (chunked column)", lambda q, v, s: [h.row["id"] for h in pgsim.hybrid_search(
-        conn, table, "embedding", q.text, k=K, where=None if s is None else {"section": s})])  # fmt: skip
+    if "hybrid" not in args.skip:
+        bench.each("hybrid: best chunk + full text (RRF)", hybrid)
+        add_seconds(bench, "hybrid: best chunk + full text (RRF)", cand_seconds)
+        bench.each("full text alone", lambda q, v, s: full_text(conn, table, q.text, s, K))
+        bench.each("pgsim.hybrid_search (chunked column)", lambda q, v, s: [h.row["id"] for h in pgsim.hybrid_search(
+            conn, table, "embedding", q.text, k=K, where=None if s is None else {"section": s})])  # fmt: skip
     report(bench, args, pages, settings, best, ingests, rounds, tables, muvera_rows, time.perf_counter() - started)
 
 
@@ -279,31 +349,56 @@ def report(
     seconds: float,
 ) -> None:
     conn = bench.conn
-    print(f"\n{len(pages)} pages, {', '.join(f'{len(q)} {k}' for k, q in bench.queries.items())} queries, k = {K}; "
-          f"best chunk setting {best.tokens}/{best.overlap}; {seconds:.0f}s")  # fmt: skip
+    held_out = f" (held out, seeds {HELD_OUT_SEEDS['name']}/{HELD_OUT_SEEDS['deep']})" if args.held_out else ""
+    print(f"\n{len(pages)} pages, {', '.join(f'{len(q)} {k}' for k, q in bench.queries.items())} queries{held_out}, "
+          f"k = {K}; best chunk setting {best.tokens}/{best.overlap}; {seconds:.0f}s")  # fmt: skip
     headers = ["mode", "query", "filter", "MRR@10", "R@10", "distinct: min (=k)", "p50 ms", "p95 ms"]
-    aggregates = {name: bench.mrr(f"re-rank: {name}") for name in AGGREGATES}
-    winner = max(aggregates, key=lambda name: aggregates[name])
-    muvera_best = max(MUVERAS, key=lambda m: bench.mrr(f"MUVERA {m.label()}"))
+    aggregates = {name: bench.mrr(f"re-rank: {name}") for name in bench.aggregates}
+    # held out: the aggregate chosen on the default queries, not the best on these
+    winner = LOG_MEAN_EXP if args.held_out else max(aggregates, key=lambda name: aggregates[name])
+    muveras = [m for m in MUVERAS if f"MUVERA {m.label()}" in bench.runs]
+    muvera_best = max(muveras, key=lambda m: bench.mrr(f"MUVERA {m.label()}")) if muveras else None
     main_modes = [
         "truncated",
         *(f"best chunk {c.tokens}/{c.overlap}" for c in settings),
         f"re-rank: {winner}",
-        f"MUVERA {muvera_best.label()}",
+        *([f"MUVERA {muvera_best.label()}"] if muvera_best else []),
         "hybrid: best chunk + full text (RRF)",
         "full text alone",
         "pgsim.hybrid_search (chunked column)",
         "best chunk, exact (numpy)",
     ]
+    main_modes = [mode for mode in main_modes if mode in bench.runs]
     rows = [row for mode in main_modes for row in sorted(bench.summary(mode), key=lambda r: (r[1] != "name", r[2]))]
     print(format_table(headers, rows, max_width=60))
     print(f"\nmulti-vector re-rank of the best-chunk top {args.candidates} ({best.tokens}/{best.overlap}), MRR@10")
     rows = [[name, *(bench.mrr(f"re-rank: {name}", kind, f) for kind in bench.queries for f in (False, True))]
-            for name in AGGREGATES]  # fmt: skip
+            for name in bench.aggregates]  # fmt: skip
     print(format_table(["aggregate", "name", "name, section", "deep", "deep, section"], rows))
-    print(f"\nMUVERA candidates ({args.candidates} by FDE dot product, numpy) then exact best chunk")
-    print(format_table(["FDE", "query", "build s", f"R@{args.candidates}", "exact top-10 covered",
-                        "MRR@10", "MRR@10, section"], muvera_rows))  # fmt: skip
+    keys = [(kind, f) for kind in bench.queries for f in (False, True)]
+    reference = f"best chunk {best.tokens}/{best.overlap}"
+    print(f"\nMRR@10 / R@10 of truncated, best chunk and every re-rank{held_out}")
+    rows = [[mode.removeprefix("re-rank: "), *(f"{bench.mrr(mode, k, f):.4f} / {bench.recall(mode, k, f):.4f}"
+                                               for k, f in keys)]
+            for mode in ["truncated", reference, *bench.reranked]]  # fmt: skip
+    print(format_table(["mode", "name", "name, section", "deep", "deep, section"], rows))
+    print("\npaired bootstrap over queries (2,000 draws, seed 23): MRR@10 difference [95 % interval]")
+    pairs = [(f"re-rank: {LOG_MEAN_EXP}", "truncated")]
+    pairs += [(mode, reference) for mode in bench.reranked if "log-mean-exp" in mode]
+    rows = []
+    for ours, theirs in pairs:
+        if ours not in bench.runs:
+            continue
+        cells = []
+        for k, f in keys:
+            mean, low, high = paired_bootstrap(bench.per_query(ours, k, f), bench.per_query(theirs, k, f))
+            cells.append(f"{mean:+.4f} [{low:+.4f}, {high:+.4f}]")
+        rows.append([f"{ours.removeprefix('re-rank: ')} - {theirs}", *cells])
+    print(format_table(["difference", "name", "name, section", "deep", "deep, section"], rows))
+    if muvera_rows:
+        print(f"\nMUVERA candidates ({args.candidates} by FDE dot product, numpy) then exact best chunk")
+        print(format_table(["FDE", "query", "build s", f"R@{args.candidates}", "exact top-10 covered",
+                            "MRR@10", "MRR@10, section"], muvera_rows))  # fmt: skip
     print("\nstorage (bytes; totals include TOAST and indexes)")
     rows = [[f"{c.tokens}/{c.overlap}", name, size] for c in settings for name, size in sizes(conn, tables[c]).items()]
     print(format_table(["chunks", "relation", "bytes"], rows))
@@ -324,6 +419,8 @@ def report(
     print(
         f"(encoder rates on a fixed-seed sample of {ingests[settings[0]].sample} chunk texts and a tenth as many pages)"
     )
+    if not rounds:
+        return
     print(f"\ningest, interleaved: {args.ingest_rounds} rounds of pgsim.sync of {args.ingest_pages} pages into a "
           "fresh table and encoder.encode of exactly its chunk texts (and of the page texts, which sync encodes "
           "too), in alternating order")  # fmt: skip

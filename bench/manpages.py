@@ -23,6 +23,7 @@ import re
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,27 +118,38 @@ def render(filename: str, section: str, source: str) -> ManPage | None:
     return ManPage(f"{name}({section})", section, description, "\n\n".join(paragraphs))
 
 
-def name_queries(pages: list[ManPage], count: int, seed: int) -> list[Query]:
+def name_queries(pages: list[ManPage], count: int, seed: int, exclude: Collection[Query] = ()) -> list[Query]:
+    """``count`` NAME-line queries from a seeded sample of the pages; none from a page of ``exclude`` or with
+    the description of one of its queries (a held-out set: no query equals one of ``exclude``)."""
     by_description: dict[str, set[int]] = defaultdict(set)
     for i, page in enumerate(pages):
         by_description[page.description].add(i)
-    chosen = sorted(random.Random(seed).sample(range(len(pages)), min(count, len(pages))))
+    taken = {q.text for q in exclude}
+    skipped = {q.doc for q in exclude}
+    population = [i for i in range(len(pages)) if i not in skipped and pages[i].description not in taken]
+    chosen = sorted(random.Random(seed).sample(population, min(count, len(population))))
     return [Query(i, pages[i].description, frozenset(by_description[pages[i].description])) for i in chosen]
 
 
-def deep_queries(pages: list[ManPage], count: int, seed: int) -> list[Query]:
+def deep_queries(pages: list[ManPage], count: int, seed: int, exclude: Collection[Query] = ()) -> list[Query]:
+    """``count`` deep-sentence queries, one per page of a seeded order; none from a page of ``exclude`` nor
+    equal to one of its sentences (a held-out set)."""
     rng = random.Random(seed)
     order = list(range(len(pages)))
     rng.shuffle(order)
+    taken = {q.text for q in exclude}
+    skipped = {q.doc for q in exclude}
     queries = []
     for i in order:
+        if i in skipped:
+            continue
         text = pages[i].text
         half = text[len(text) // 2 :]
         sentences = [
             s.strip()
             for paragraph in half.split("\n\n")[1:]  # the first may be cut mid-paragraph
             for s in SENTENCE_END.split(paragraph)
-            if 8 <= len(s.split()) <= 30 and not HEADING.match(s)
+            if 8 <= len(s.split()) <= 30 and not HEADING.match(s) and s.strip() not in taken
         ]
         if not sentences:
             continue

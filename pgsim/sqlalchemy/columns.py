@@ -16,6 +16,8 @@
   psycopg connection, the column is registered in ``pgsim.embedding`` (with its
   triggers), so rows written by other clients are embedded too; see :func:`register_embeddings`.
 - Assigning a vector of the wrong dimension (or with NaN) to the attribute is an error at once.
+- ``chunks=pgsim.Chunks(tokens, overlap)`` registers the column chunked (see :func:`pgsim.add_embedding`):
+  ``.nearest()`` then returns documents ranked by their best chunk, once the worker has made the chunks.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from sqlalchemy.orm import MappedColumn, Mapper, Session, mapped_column
 from sqlalchemy.sql.elements import quoted_name
 
 from pgsim.columns.adding import DEFAULT_HNSW
+from pgsim.columns.chunking.settings import Chunks
 from pgsim.db.hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, HNSW
 from pgsim.db.names import derived_name
 from pgsim.encoding.models import DEFAULT_MODEL, model_dimension
@@ -54,6 +57,7 @@ class EmbeddingSpec:
     dtype: str
     index: HNSW | None
     sync: str
+    chunks: Chunks | None = None  # the documents are also kept as chunks (pgsim.chunking)
 
     @property
     def source_sql(self) -> Any:
@@ -68,9 +72,13 @@ def embedding_column(
     index: HNSW | None = DEFAULT_HNSW,
     sync: str = "flush",
     dimension: int | None = None,
+    chunks: Chunks | None = None,
 ) -> MappedColumn[Any]:
     """A nullable embedding column filled from ``source`` (a column name, several, or with
-    ``sync="worker"`` an SQL expression over the table's columns) by ``model``."""
+    ``sync="worker"`` an SQL expression over the table's columns) by ``model``; ``chunks``
+    (:class:`pgsim.Chunks`) also keeps each document's text as chunks, which searches rank documents by."""
+    if chunks is not None and not isinstance(chunks, Chunks):
+        raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...); got {chunks!r}.")
     if sync not in SYNC_MODES:
         raise InvalidInput(f"sync must be one of {', '.join(SYNC_MODES)}; got {sync!r}.")
     if dtype not in ("vector", "halfvec"):
@@ -84,7 +92,7 @@ def embedding_column(
             f"source {names[0]!r} is an SQL expression, which only the database can evaluate: use sync='worker', "
             "or name the columns that hold the text."
         )
-    spec = EmbeddingSpec(names[0] if expression else names, model, dtype, index, sync)
+    spec = EmbeddingSpec(names[0] if expression else names, model, dtype, index, sync, chunks)
     if dimension is not None:
         known = _local_model_dimension(model)
         if known is not None and known != dimension:
@@ -160,7 +168,9 @@ def embedding_specs(table: Table) -> list[tuple[Column[Any], EmbeddingSpec]]:
 
 def register_embeddings(connection: Any, tables: Sequence[Table]) -> None:
     """Register the embedding columns of ``tables`` in ``pgsim.embedding`` (installing pgsim's schema if
-    needed), with their triggers; the ORM-declared HNSW indexes are adopted. ``connection`` is a SQLAlchemy
+    needed), with their triggers (and their chunk tables, when declared with ``chunks``); the ORM-declared
+    HNSW indexes are adopted. A column registered already is left as it is (a difference from the declaration
+    is reported at flush: :mod:`pgsim.sqlalchemy.definition`). ``connection`` is a SQLAlchemy
     Connection on the psycopg driver. Idempotent. Run by ``create_all`` for you."""
     import psycopg
 
@@ -184,7 +194,8 @@ def register_embeddings(connection: Any, tables: Sequence[Table]) -> None:
         if get_registration(raw, name, column.name) is None:
             index_name, index = _declared_hnsw(table, column)
             add_embedding(raw, name, column.name, source=spec.source_sql, model=spec.model, dtype=spec.dtype,
-                          index=index, index_name=index_name, queue_existing=spec.sync == "worker")  # fmt: skip
+                          index=index, index_name=index_name, queue_existing=spec.sync == "worker",
+                          chunks=spec.chunks)  # fmt: skip
 
 
 def _declared_hnsw(table: Table, column: Column[Any]) -> tuple[str | None, HNSW | None]:

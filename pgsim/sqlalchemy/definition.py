@@ -1,5 +1,5 @@
-"""One definition of an embedding: before encode-on-flush writes a vector, the source, model and dtype that
-``embedding_column`` declares are compared with the column's registration in ``pgsim.embedding``, which is
+"""One definition of an embedding: before encode-on-flush writes a vector, the source, model, dtype and chunk
+settings that ``embedding_column`` declares are compared with the column's registration in ``pgsim.embedding``, which is
 what the database's triggers and ``pgsim worker`` encode. When they differ, the two write paths would store
 vectors of different text (or models) in one column, and no search could tell: the flush is refused, with
 the migration that brings the database to the declared definition.
@@ -39,22 +39,37 @@ log = logging.getLogger(__name__)
 CHECK_SECONDS = 30.0
 READABLE = text(
     "SELECT CASE WHEN pg_catalog.to_regclass('pgsim.embedding') IS NOT NULL "
-    "THEN pg_catalog.has_table_privilege(pg_catalog.to_regclass('pgsim.embedding'), 'SELECT') END"
+    "THEN pg_catalog.has_table_privilege(pg_catalog.to_regclass('pgsim.embedding'), 'SELECT') END, "
+    "CASE WHEN pg_catalog.to_regclass('pgsim.chunking') IS NOT NULL "
+    "THEN pg_catalog.has_table_privilege(pg_catalog.to_regclass('pgsim.chunking'), 'SELECT') END"
 )
-# the column's registration, and one that replaces it (a change under way), by the table's OID
+# the column's registration, and one that replaces it (a change under way), by the table's OID; their chunk
+# settings ({chunks}: pgsim.chunking's, or NULLs where it is not there). Operators qualified and operands typed:
+# this runs on the session's search_path (the rule in pgsim.db.catalog).
+_REGISTERED = (
+    "SELECT e.column_name, e.source, e.model, e.model_revision, e.dtype, {chunks}, r.column_name "
+    "FROM pgsim.embedding e LEFT JOIN pgsim.embedding r ON r.id OPERATOR(pg_catalog.=) e.replaces "
+    "AND r.table_oid OPERATOR(pg_catalog.=) e.table_oid {join}"
+    "WHERE e.table_oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(CAST(:table AS pg_catalog.text)) "
+    "AND (e.column_name OPERATOR(pg_catalog.=) CAST(:column AS pg_catalog.name) "
+    "OR r.column_name OPERATOR(pg_catalog.=) CAST(:column AS pg_catalog.name)) ORDER BY e.id"
+)
 REGISTERED = text(
-    "SELECT e.column_name, e.source, e.model, e.model_revision, e.dtype, r.column_name "
-    "FROM pgsim.embedding e LEFT JOIN pgsim.embedding r ON r.id = e.replaces AND r.table_oid = e.table_oid "
-    "WHERE e.table_oid = pg_catalog.to_regclass(:table) AND (e.column_name = :column OR r.column_name = :column) "
-    "ORDER BY e.id"
+    _REGISTERED.format(
+        chunks="k.tokens, k.overlap",
+        join="LEFT JOIN pgsim.chunking k ON k.embedding_id OPERATOR(pg_catalog.=) e.id "
+        "AND k.table_oid OPERATOR(pg_catalog.=) e.table_oid ",
+    )
 )
+REGISTERED_UNCHUNKED = text(_REGISTERED.format(chunks="NULL::pg_catalog.int4, NULL::pg_catalog.int4", join=""))
 ENCODE, WORKER = "encode", "worker"
 _verdicts: weakref.WeakKeyDictionary[Any, TtlCache[tuple[Any, ...], str]] = weakref.WeakKeyDictionary()
 
 
 class DefinitionMismatch(InvalidInput):
-    """The ORM declares an embedding column differently (source, model or dtype) from its registration in
-    the database: encoding on flush would write vectors the triggers and the worker would not."""
+    """The ORM declares an embedding column differently (source, model, dtype or chunks) from its
+    registration in the database: encoding on flush would write vectors the triggers and the worker would not
+    (or the documents' chunks the ORM expects would not be there)."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,7 @@ class Definition:
     model: str
     model_revision: str
     dtype: str
+    chunks: tuple[int, int] | None = None  # (tokens, overlap) when the documents are chunked
 
 
 def encodes_on_flush(connection: Any, column: Column[Any], spec: EmbeddingSpec) -> bool:
@@ -90,21 +106,30 @@ def forget_definitions() -> None:
 
 def declared(spec: EmbeddingSpec) -> Definition:
     source = spec.source if isinstance(spec.source, str) else columns_expression(list(spec.source))
-    return Definition(source, spec.model, model_revision(spec.model), spec.dtype)
+    chunks = (spec.chunks.tokens, spec.chunks.overlap) if spec.chunks is not None else None
+    return Definition(source, spec.model, model_revision(spec.model), spec.dtype, chunks)
+
+
+def _definition(row: Any) -> Definition:
+    """A row of REGISTERED (column, source, model, revision, dtype, tokens, overlap, replaced) as a Definition."""
+    chunks = (int(row[5]), int(row[6])) if row[5] is not None else None
+    return Definition(row[1], row[2], row[3], row[4], chunks)
 
 
 def _verdict(connection: Any, column: Column[Any], spec: EmbeddingSpec) -> str:
     table = column.table
-    if not connection.execute(READABLE).scalar():
+    readable, chunking = connection.execute(READABLE).one()
+    if not readable:
         log.debug("no readable pgsim.embedding here: %s.%s is encoded as declared", table.name, column.name)
         return ENCODE
     name = connection.dialect.identifier_preparer.format_table(table)
-    rows = connection.execute(REGISTERED, {"table": name, "column": column.name}).all()
+    query = REGISTERED if chunking else REGISTERED_UNCHUNKED  # before pgsim.chunking, nothing was chunked
+    rows = connection.execute(query, {"table": name, "column": column.name}).all()
     if not rows:
         return ENCODE
     wanted = declared(spec)
-    own = [Definition(*row[1:5]) for row in rows if row[0] == column.name]
-    changes = [Definition(*row[1:5]) for row in rows if row[5] == column.name]
+    own = [_definition(row) for row in rows if row[0] == column.name]
+    changes = [_definition(row) for row in rows if row[7] == column.name]
     registered = own[0] if own else None
     if registered == wanted:
         return ENCODE
@@ -127,9 +152,19 @@ def _message(
         options.append((f"--model {wanted.model}", f"model={wanted.model!r}"))
     if registered is None or wanted.dtype != registered.dtype:
         options.append((f"--dtype {wanted.dtype}", f"dtype={wanted.dtype!r}"))
-    command = " ".join(["pgsim change-embedding", qualified, column.name, *(flag for flag, _ in options)])
+    if wanted.chunks is not None and (registered is None or wanted.chunks != registered.chunks):
+        tokens, overlap = wanted.chunks
+        options.append(
+            (f"--chunk-tokens {tokens} --chunk-overlap {overlap}", f"chunks=pgsim.Chunks({tokens}, {overlap})")
+        )
     schema = [f"schema={table.schema!r}"] if table.schema else []
+    if registered is not None and not options and wanted.chunks is None:  # only the chunks go
+        return _unchunk_message(qualified, table, column, wanted, registered, schema)
+    command = " ".join(["pgsim change-embedding", qualified, column.name, *(flag for flag, _ in options)])
     operation = ", ".join([repr(table.name), repr(column.name), *(argument for _, argument in options), *schema])
+    unchunk = ""  # the change keeps the chunks: they go after it
+    if registered is not None and registered.chunks is not None and wanted.chunks is None:
+        unchunk = f", and remove its chunks: pgsim.remove_chunks(conn, {qualified!r}, {column.name!r})"
     under_way = (
         f" (a change under way makes it {', '.join(_describe(change) for change in changes)}, not the declared one)"
         if changes
@@ -139,8 +174,23 @@ def _message(
         f"{qualified}.{column.name}: the ORM declares {_describe(wanted)}, but the database's registration "
         f"(pgsim.embedding) has {'; '.join(differences)}{under_way}. Encoding on flush would store vectors of other "
         "text than the database's triggers and worker make, so nothing was written. Bring the database to the "
-        f"declared definition with a migration: `{command}` (Alembic: op.change_embedding({operation})), then let "
-        "the worker switch over; or declare what the database has in embedding_column()."
+        f"declared definition with a migration: `{command}` (Alembic: op.change_embedding({operation}"
+        f"{', chunks=False' if unchunk else ''})), then let the worker switch over{unchunk}; or declare what the "
+        "database has in embedding_column()."
+    )
+
+
+def _unchunk_message(
+    qualified: str, table: Any, column: Column[Any], wanted: Definition, registered: Definition, schema: list[str]
+) -> str:
+    """The database keeps the column's documents as chunks, and the ORM declares none: remove_chunks."""
+    operation = ", ".join([repr(table.name), repr(column.name), *schema])
+    return (
+        f"{qualified}.{column.name}: the ORM declares {_describe(wanted)}, but the database's registration has "
+        f"{'; '.join(_differences(wanted, registered))}. Nothing was written. Bring the database to the declared "
+        f"definition with pgsim.remove_chunks(conn, {qualified!r}, {column.name!r}) (Alembic: "
+        f"op.remove_chunks({operation})); or declare embedding_column(..., chunks=pgsim.Chunks"
+        f"{registered.chunks}) as the database has it."
     )
 
 
@@ -157,8 +207,17 @@ def _differences(wanted: Definition, registered: Definition) -> list[str]:
         )
     if wanted.dtype != registered.dtype:
         found.append(f"dtype {registered.dtype} where the ORM's is {wanted.dtype}")
+    if wanted.chunks != registered.chunks:
+        found.append(f"{_chunks(registered.chunks)} where the ORM declares {_chunks(wanted.chunks)}")
     return found
 
 
+def _chunks(chunks: tuple[int, int] | None) -> str:
+    if chunks is None:
+        return "no chunks"
+    return f"chunks of {chunks[0]} word pieces (overlap {chunks[1]})"
+
+
 def _describe(definition: Definition) -> str:
-    return f"source {definition.source} by {definition.model!r} as {definition.dtype}"
+    chunked = f", in {_chunks(definition.chunks)}" if definition.chunks is not None else ""
+    return f"source {definition.source} by {definition.model!r} as {definition.dtype}{chunked}"

@@ -52,6 +52,7 @@ class DocumentHit:
     distance: float
     chunk_no: int
     span: tuple[int, int]
+    key: tuple[Any, ...] = ()  # the document's primary key, in the registration's key order
 
 
 def search_documents(
@@ -93,23 +94,11 @@ def documents_of(
 ) -> tuple[list[DocumentHit], str]:
     """:func:`search_documents` on a column already read and a query already made parameters
     (pgsim.knn.target), and the path it took: ``hnsw`` or ``exact``."""
-    registration = target.registration
-    with conn.transaction(), caller_path_kept(conn):
-        pin_search_path(conn)
-        chunks = chunk_table(conn, registration) if registration is not None else None
-        if registration is None or chunks is None:
-            raise NotChunked(
-                f"{target.table}.{target.column} is not chunked: pgsim.columns.chunking.add_chunks(conn, "
-                f"{target.table!r}, {target.column!r}, Chunks(tokens=...)) first."
-            )
-        require_same_owner(conn, registration, chunks)
-    selected = list(columns) if columns is not None else list(target.default_columns)
-    condition = sql.SQL("TRUE") if where is None else sql.SQL(where.as_string(conn).replace("%", "%%"))
+    statements = chunked_statements(conn, target, columns, where)
+    registration = statements.registration
     path = "exact"
     with conn.transaction() as tx, conn.cursor(row_factory=dict_row) as cur:
         pin_search_path(conn)
-        vectors_in = vector_schema(conn)
-        statements = Statements(registration, chunks, selected, condition, vectors_in)
         params = {**params, "k": k}
         fetch = _first_fetch(conn, registration, where, k, tuning.exact_below_rows, tuning.min_hnsw_selectivity)
         rows: list[dict[str, Any]] | None = None
@@ -137,13 +126,44 @@ def documents_of(
     return result, path
 
 
+def chunked_statements(
+    conn: psycopg.Connection[Any], target: VectorColumn, columns: Sequence[str] | None, where: sql.Composable | None
+) -> Statements:
+    """The statements of a search of ``target``'s documents (its chunk table checked), selecting ``columns``
+    (default: those the current role may read, but the embedding) of those that pass ``where``."""
+    registration = target.registration
+    with conn.transaction(), caller_path_kept(conn):
+        pin_search_path(conn)
+        chunks = chunk_table(conn, registration) if registration is not None else None
+        if registration is None or chunks is None:
+            raise NotChunked(
+                f"{target.table}.{target.column} is not chunked: pgsim.change_embedding(conn, "
+                f"{target.table!r}, {target.column!r}, chunks=pgsim.Chunks(tokens=...)) first."
+            )
+        require_same_owner(conn, registration, chunks)
+        vectors_in = vector_schema(conn)
+    selected = list(columns) if columns is not None else list(target.default_columns)
+    condition = sql.SQL("TRUE") if where is None else sql.SQL(where.as_string(conn).replace("%", "%%"))
+    return Statements(registration, chunks, selected, condition, vectors_in)
+
+
 def _hit(row: dict[str, Any]) -> DocumentHit:
     return DocumentHit(
         row={name: value for name, value in row.items() if not name.startswith(PREFIX)},
         distance=float(row[PREFIX + "distance"]),
         chunk_no=int(row[PREFIX + "chunk_no"]),
         span=(int(row[PREFIX + "span_start"]), int(row[PREFIX + "span_end"])),
+        key=key_of(row),
     )
+
+
+def key_of(row: dict[str, Any]) -> tuple[Any, ...]:
+    """The document key a statement of :class:`Statements` returns beside the selected columns."""
+    return tuple(row[name] for name in sorted((n for n in row if n.startswith(PREFIX + "key_")), key=_key_position))
+
+
+def _key_position(name: str) -> int:
+    return int(name.rsplit("_", 1)[1])
 
 
 class Statements:

@@ -35,6 +35,7 @@ from psycopg.rows import dict_row
 
 from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput
+from pgsim.knn.documents import DOCUMENT_TUNING
 from pgsim.knn.planner import (
     DEFAULT_TUNING,
     Tuning,
@@ -48,6 +49,7 @@ from pgsim.knn.planner import (
 from pgsim.knn.statements import DISTANCE, PATHS, Where, check_no_nul, filter_sql, search_statement
 from pgsim.knn.target import VectorColumn, check_k, target_and_params
 from pgsim.quality.connections import psycopg_connection
+from pgsim.quality.hybrid_documents import fused_documents
 from pgsim.quality.relevance import check_min_score
 from pgsim.quality.relevance_calibration import Fusion, calibrated
 
@@ -66,6 +68,9 @@ class FusedHit:
     vector_rank: int | None  # 1-based rank among the nearest rows; None: not among the candidates
     text_rank: int | None  # 1-based rank among the full-text matches; None: not among them
     relevance: float | None = None  # similarity minus the vector list's last row's (what min_score cuts)
+    # on a chunked embedding: the document's nearest chunk, its number and its character span in the source text
+    chunk_no: int | None = None
+    span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -109,13 +114,17 @@ def hybrid_search(
             raise InvalidInput(f"{name} must be a whole number from {low} to 10000; got {value!r}.")
     with model_change_as_input_error():
         target, params = target_and_params(conn, table, column, query, None)
-        if target.chunked:
-            params.update(text=query, k=k, min_score=min_score, candidates=candidates, rrf_k=rrf_k)
-            params.update(text_column=text_column, text_config=text_config, **_thresholds(tuning))
-            params["filter"] = None if where is None else filter_sql(where).condition.as_string(conn)
-            return _documents(conn, target, params, columns)
         text = _text_column(conn, table, text_column, text_config)
         fusion = calibrated(conn, table, column).fusion_for(candidates)
+        if target.chunked:
+            params.update(text=query)
+            documents = fused_documents(
+                conn, target, params, where=None if where is None else filter_sql(where).condition, columns=columns,
+                text_column=text.name, config=text.config, fusion=_fusion_params(fusion, rrf_k), k=k,
+                candidates=candidates, min_score=min_score,
+                tuning=DOCUMENT_TUNING if tuning == DEFAULT_TUNING else tuning,
+            )  # fmt: skip
+            return [FusedHit(**vars(document)) for document in documents]
         params.update(n=candidates, k=k, text=query, config=text.config, min_score=min_score)
         params.update(_fusion_params(fusion, rrf_k))
         condition = filter_sql(where)
@@ -135,43 +144,6 @@ def hybrid_search(
 # A row's identity across the statement: its ctid, and its table's OID, as a partitioned table's partitions
 # each number their rows from the start
 ROW_IDENTITY = ["tableoid", "ctid"]
-DOCUMENTS = """
-SELECT row, score, distance, vector_rank, text_rank, relevance FROM pgsim.hybrid_search(
-    %(table)s::pg_catalog.regclass, %(column)s, %(q)s, %(text)s, %(k)s, %(filter)s, %(min_score)s, %(candidates)s,
-    %(rrf_k)s, %(text_column)s, %(text_config)s::pg_catalog.regconfig, %(exact_below_rows)s, %(hnsw_ef_search)s,
-    %(min_hnsw_selectivity)s)
-WHERE pgsim.expect_model(%(g_schema)s, %(g_table)s, %(g_column)s, %(g_model)s, %(g_revision)s)
-"""
-
-
-def _thresholds(tuning: Tuning) -> dict[str, Any]:
-    return {
-        "exact_below_rows": tuning.exact_below_rows,
-        "hnsw_ef_search": tuning.hnsw_ef_search,
-        "min_hnsw_selectivity": tuning.min_hnsw_selectivity,
-    }
-
-
-def _documents(
-    conn: psycopg.Connection[Any], target: VectorColumn, params: dict[str, Any], columns: Sequence[str] | None
-) -> list[FusedHit]:
-    """On a chunked column: documents, their vector list by their nearest chunk. pgsim.hybrid_search (SQL)
-    fuses them, taking its vector list from pgsim.knn (pgsim.knn_documents on a chunked column)."""
-    assert target.registration is not None  # a chunked column is a registered one
-    params.update(table=target.registration.table_sql.as_string(conn), column=target.column)
-    with conn.cursor() as cur:  # the function reads the filter under pg_catalog, pg_temp, as Python's search does
-        rows = cur.execute(DOCUMENTS, params, prepare=False).fetchall()
-    return [
-        FusedHit(
-            row=row if columns is None else {name: value for name, value in row.items() if name in columns},
-            score=float(score),
-            distance=None if distance is None else float(distance),
-            vector_rank=vector_rank,
-            text_rank=text_rank,
-            relevance=None if relevance is None else float(relevance),
-        )
-        for row, score, distance, vector_rank, text_rank, relevance in rows
-    ]
 
 
 def _fusion_params(fusion: Fusion | None, rrf_k: int | None) -> dict[str, Any]:

@@ -358,12 +358,6 @@ def test_the_orm_after_the_chunks_are_removed(admin: psycopg.Connection[Any], ro
         engine.dispose()
 
 
-@pytest.mark.xfail(  # REVIEW
-    strict=True,
-    reason="pgsim.quality.hybrid on a chunked column goes through pgsim.hybrid_search (SQL), whose full-text list "
-    "reads to_jsonb(table.*) (hybrid_search.sql): a role with column-level SELECT, which pgsim.search serves (the "
-    "readable columns), gets permission denied",
-)
 def test_python_hybrid_search_serves_a_role_with_column_level_select(
     admin: psycopg.Connection[Any], roles: Roles
 ) -> None:
@@ -392,6 +386,8 @@ def test_python_hybrid_search_serves_a_role_with_column_level_select(
         assert (hits[0].row[KEYS[0]], hits[0].row[KEYS[1]]) == key_of(3) and "secret" not in hits[0].row
         fused = hybrid_search(admin, TABLE, COLUMN, "document 3", k=3)
     assert fused and all("secret" not in hit.row for hit in fused)
+    assert (fused[0].row[KEYS[0]], fused[0].row[KEYS[1]]) == key_of(3)  # its words and its chunk name it
+    assert fused[0].chunk_no is not None and fused[0].span is not None
 
 
 def test_ingest_in_an_older_snapshot_than_a_switch_writes_no_vector_of_the_old_source(

@@ -29,6 +29,7 @@ from pgsim.columns.chunking.settings import Chunks
 from pgsim.demo.corpus import Package
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput
+from pgsim.knn.caches import forget_plans
 from pgsim.knn.documents import search_documents
 from pgsim.knn.filtered import search, search_with_plan
 from pgsim.psycopg import register
@@ -320,6 +321,7 @@ def full_text(corpus: Corpus, roles: Roles) -> Iterator[None]:
             "ALTER TABLE docs ADD COLUMN fts tsvector GENERATED ALWAYS AS (to_tsvector('english', coalesce(body, ''))) "
             "STORED"
         )
+        forget_plans()  # the table's columns as searches knew them, before ALTER TABLE
         try:
             yield
         finally:
@@ -354,6 +356,10 @@ def test_sql_hybrid_and_relevant_search_rank_documents_by_their_chunks(
             "body",
             "fts",
         }
+        sql_distances = [distance for _, distance in app.execute(
+            "SELECT row, distance FROM pgsim.hybrid_search('docs', 'embedding', %s, %s, 10)", [vector, query]
+        ).fetchall()]  # fmt: skip
+        assert [hit.distance for hit in python_fused] == pytest.approx(sql_distances, abs=1e-6)
         python_relevant = relevant_search(app, "docs", "embedding", query, k=10, min_score=0)
         assert [hit.row["id"] for hit in python_relevant] == [row["id"] for row, _ in relevant]
         assert "embedding" not in fused[0][0]

@@ -89,7 +89,7 @@ def add_chunks(
     row with text (unless ``queue`` is false), so the workers fill the chunks (the column's own vector, the
     truncated whole text, stays as it is). Only the table's owner may; in one transaction, every check first."""
     if not isinstance(chunks, Chunks):
-        raise InvalidInput(f"chunks must be pgsim.columns.chunking.Chunks(tokens=..., overlap=...); got {chunks!r}.")
+        raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...); got {chunks!r}.")
     with conn.transaction(), caller_path_kept(conn):
         registration = require_registration(conn, table, column)  # the name as the caller's search_path reads it
         pin_search_path(conn)
@@ -100,7 +100,7 @@ def add_chunks(
         if chunk_table(conn, registration) is not None:
             raise InvalidInput(
                 f"{registration.table}.{column} is chunked already. Remove its chunks first: "
-                f"pgsim.columns.chunking.remove_chunks(conn, {registration.table!r}, {column!r})"
+                f"pgsim.remove_chunks(conn, {registration.table!r}, {column!r})"
             )
         clash = sorted(set(registration.key_columns) & set(CHUNK_COLUMNS))
         if clash:

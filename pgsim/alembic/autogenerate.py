@@ -9,6 +9,10 @@ turns them into pgsim's operations, and adds what Alembic does not see:
   when the column was there before pgsim registered it (pgsim drops only the columns it added);
 - a dropped table with registered columns is preceded by ``op.drop_embedding(..., drop_column=False)`` for
   each (the registry forgets them; the downgrade registers them again on the re-created table);
+- an ``embedding_column(..., chunks=pgsim.Chunks(...))`` is created with ``chunks=``; a registered column whose
+  declared chunks differ from ``pgsim.chunking``'s (or are added) becomes ``op.change_embedding(..., chunks=...)``,
+  and one whose declaration drops them ``op.remove_chunks(...)``; pgsim's chunk tables (next to the document
+  tables) are pgsim's: never dropped;
 - a registered column whose source, model or dtype the models changed becomes ``op.change_embedding(...)``
   (:mod:`pgsim.alembic.changes`), re-embedded without downtime; its downgrade is a change back. Alembic's
   ALTER COLUMN TYPE for it goes (the switch-over changes the type). In a table, the changes and the
@@ -36,12 +40,20 @@ from typing import Any
 
 from alembic.autogenerate import comparators
 from alembic.autogenerate.api import AutogenContext
+from alembic.operations import MigrateOperation
 from alembic.operations import ops as alembic_ops
 from alembic.util import DispatchPriority, PriorityDispatchResult
 from sqlalchemy import Column, Index, Table, text
 
-from pgsim.alembic.change_ops import ChangeEmbeddingOp
-from pgsim.alembic.changes import ColumnKey, TableKey, embedding_spec, pending_columns, plan_changes, source_argument
+from pgsim.alembic.changes import (
+    ColumnKey,
+    TableKey,
+    embedding_spec,
+    pending_columns,
+    plan_changes,
+    row_chunks,
+    source_argument,
+)
 from pgsim.alembic.embedding_ops import CreateEmbeddingOp, DropEmbeddingOp
 from pgsim.alembic.index_compare import Tables, index_params, is_hnsw, rebuild_changed_indexes, table_ops
 from pgsim.alembic.ops import CreateHnswIndexOp, DropHnswIndexOp, InstallPgsimOp
@@ -58,14 +70,14 @@ def compare(autogen_context: AutogenContext, upgrade_ops: alembic_ops.UpgradeOps
         return PriorityDispatchResult.CONTINUE
     setattr(autogen_context, DONE, True)
     tables = _metadata_tables(autogen_context)
-    registered, pending = _registrations(autogen_context)
+    registered, pending, chunk_tables = _registrations(autogen_context)
     new_tables = {(op.schema, op.table_name) for op in upgrade_ops.ops if isinstance(op, alembic_ops.CreateTableOp)}
     dropped_tables = {(op.schema, op.table_name) for op in upgrade_ops.ops if isinstance(op, alembic_ops.DropTableOp)}
     planned = plan_changes(tables, registered, pending, new_tables | dropped_tables)
     for schema, name, _ in [key for key, change in planned.items() if change is not None]:
         table_ops(upgrade_ops, name, schema)  # a table with nothing else to change gets its ModifyTableOps
     changes = _Changes(tables, registered, new_tables, dropped_tables, pending, planned,
-                       autogen_context.dialect.default_schema_name)  # fmt: skip
+                       autogen_context.dialect.default_schema_name, chunk_tables)  # fmt: skip
     upgrade_ops.ops[:] = [rewritten for op in upgrade_ops.ops for rewritten in _rewrite(op, changes)]
     rebuild_changed_indexes(autogen_context, upgrade_ops, tables, set(planned))  # a change sizes its own index
     if _needs_install(autogen_context, upgrade_ops):
@@ -81,9 +93,10 @@ def _metadata_tables(autogen_context: AutogenContext) -> dict[tuple[str | None, 
     }
 
 
-def _registrations(autogen_context: AutogenContext) -> tuple[Registered, dict[int, Any]]:
-    """pgsim.embedding's rows by (schema or None for the default one, table, column), and the changes under
-    way by the id of the registration they replace. A registration's table is its OID's (a renamed table
+def _registrations(autogen_context: AutogenContext) -> tuple[Registered, dict[int, Any], set[TableKey]]:
+    """pgsim.embedding's rows by (schema or None for the default one, table, column), with their chunk settings
+    (``chunk_tokens``, ``chunk_overlap``: NULL when not chunked); the changes under way by the id of the
+    registration they replace; and the chunk tables. A registration's table is its OID's (a renamed table
     keeps its registrations)."""
     connection = autogen_context.connection
     if (
@@ -91,14 +104,17 @@ def _registrations(autogen_context: AutogenContext) -> tuple[Registered, dict[in
         or connection.execute(text("SELECT pg_catalog.to_regclass('pgsim.embedding'::pg_catalog.text)")).scalar()
         is None
     ):
-        return {}, {}
+        return {}, {}, set()
     default_schema = autogen_context.dialect.default_schema_name
+    chunking = (
+        connection.execute(text("SELECT pg_catalog.to_regclass('pgsim.chunking'::pg_catalog.text)")).scalar()
+        is not None
+    )
     rows = connection.execute(
         text(
             "SELECT e.id, e.replaces, n.nspname AS table_schema, c.relname AS table_name, e.column_name, e.source, "
             "e.source_columns, e.model, e.dtype, e.index_name, e.index_m, e.index_ef_construction, "
-            "e.created_column FROM pgsim.embedding e JOIN pg_catalog.pg_class c ON c.oid = e.table_oid "
-            "JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace"
+            "e.created_column, " + (CHUNKED if chunking else UNCHUNKED)
         )
     ).all()
     registered = {
@@ -106,9 +122,28 @@ def _registrations(autogen_context: AutogenContext) -> tuple[Registered, dict[in
         for row in rows
         if row.replaces is None
     }
-    return registered, {row.replaces: row for row in rows if row.replaces is not None}
+    pending = {row.replaces: row for row in rows if row.replaces is not None}
+    if not chunking:
+        return registered, pending, set()
+    chunk_tables = connection.execute(
+        text(
+            "SELECT n.nspname, c.relname FROM pgsim.chunking k JOIN pg_catalog.pg_class c "
+            "ON c.oid OPERATOR(pg_catalog.=) k.chunk_table JOIN pg_catalog.pg_namespace n "
+            "ON n.oid OPERATOR(pg_catalog.=) c.relnamespace"
+        )
+    ).all()
+    return registered, pending, {(schema if schema != default_schema else None, name) for schema, name in chunk_tables}
 
 
+_REGISTRATIONS = (
+    "FROM pgsim.embedding e JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) e.table_oid "
+    "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace"
+)
+CHUNKED = (
+    "k.tokens AS chunk_tokens, k.overlap AS chunk_overlap " + _REGISTRATIONS + " LEFT JOIN pgsim.chunking k "
+    "ON k.embedding_id OPERATOR(pg_catalog.=) e.id AND k.table_oid OPERATOR(pg_catalog.=) e.table_oid"
+)
+UNCHUNKED = "NULL::pg_catalog.int4 AS chunk_tokens, NULL::pg_catalog.int4 AS chunk_overlap " + _REGISTRATIONS
 Registered = dict[ColumnKey, Any]
 
 
@@ -122,8 +157,9 @@ class _Changes:
     new_tables: set[TableKey]
     dropped_tables: set[TableKey]
     pending: dict[int, Any] = field(default_factory=dict)
-    planned: dict[ColumnKey, ChangeEmbeddingOp | None] = field(default_factory=dict)
+    planned: dict[ColumnKey, MigrateOperation | None] = field(default_factory=dict)
     default_schema: str | None = None
+    chunk_tables: set[TableKey] = field(default_factory=set)  # pgsim's, next to the document tables
 
     def registered_on(self, schema: str | None, table_name: str) -> list[Any]:
         return [row for key, row in self.registered.items() if key[:2] == (schema, table_name)]
@@ -133,6 +169,8 @@ def _rewrite(op: Any, changes: _Changes) -> list[Any]:
     """``op`` as pgsim's operations (a list: a new table is followed by its embeddings)."""
     if getattr(op, "schema", None) == "pgsim":
         return []  # pgsim's own tables and indexes, seen with include_schemas=True
+    if (getattr(op, "schema", None), getattr(op, "table_name", None)) in changes.chunk_tables:
+        return []  # a chunk table (and its index): pgsim's, not in the models
     if isinstance(op, alembic_ops.CreateTableOp):
         table = changes.tables.get((op.schema, op.table_name))
         embeddings = [
@@ -222,6 +260,7 @@ def _create_embedding(table_name: str, column: str, spec: Any, schema: str | Non
         m=params.m if params else None,
         ef_construction=params.ef_construction if params else 64,
         schema=schema,
+        chunks=spec.chunks,
     )
 
 
@@ -262,7 +301,7 @@ def _drop_embedding(row: Any, schema: str | None, *, drop_column: bool = True) -
         row.table_name, row.column_name, schema=schema,
         source=source_argument(row.source, list(row.source_columns or [])), model=row.model, dtype=row.dtype,
         m=row.index_m if row.index_name is not None else None, ef_construction=row.index_ef_construction or 64,
-        drop_column=drop_column,
+        drop_column=drop_column, chunks=row_chunks(row),
     )  # fmt: skip
 
 

@@ -1,6 +1,6 @@
-"""``op.change_embedding``: a registered column re-embedded under another source, model or dtype, without
-downtime (:func:`pgsim.change_embedding`): a column ``<column>_next`` filled by the workers while searches
-keep the old one, then switched over atomically by the drain that fills it.
+"""``op.change_embedding``: a registered column re-embedded under another source, model, dtype or chunk
+settings, without downtime (:func:`pgsim.change_embedding`): a column ``<column>_next`` filled by the workers
+while searches keep the old one, then switched over atomically by the drain that fills it.
 
 The operation says what the column should be made of; what it does depends on what the database holds
 when it runs, so that an upgrade and its downgrade work whether or not the workers have switched over in
@@ -10,19 +10,22 @@ between:
 - otherwise a change still filling is cancelled and a new one starts.
 Online this runs :func:`pgsim.change_embedding` (the model is not loaded: its dimension and revision come
 from its files); offline (``--sql``) the same steps are one DO block over pgsim's SQL functions, which
-decides when the script runs.
+decides when the script runs. A change of chunks (``chunks=pgsim.Chunks(...)``, or ``chunks=False``: no
+chunks) runs online only: offline it is refused, as chunking is made by pgsim's Python code.
+``op.remove_chunks`` (:mod:`pgsim.alembic.chunk_ops`) is ``change_embedding(..., chunks=False)`` alone.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from alembic.operations import MigrateOperation, Operations
 from psycopg import sql
 
 from pgsim.alembic.ops import check_name, check_schema, offline, table_identifier
+from pgsim.columns.chunking.settings import Chunks
 from pgsim.columns.registry import DTYPES
 from pgsim.db.hnsw import DEFAULT_EF_CONSTRUCTION, HNSW
 from pgsim.db.names import derived_name
@@ -39,6 +42,16 @@ class Definition:
     model: str
     model_revision: str
     dtype: str
+    chunks: Chunks | None = None
+
+
+ChunksArgument = Chunks | Literal[False] | None  # None: as registered; False: no chunks
+
+
+def check_chunks(chunks: Any) -> ChunksArgument:
+    if chunks is None or chunks is False or isinstance(chunks, Chunks):
+        return chunks
+    raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...) or False (no chunks); got {chunks!r}.")
 
 
 @Operations.register_operation("change_embedding")
@@ -56,7 +69,8 @@ class ChangeEmbeddingOp(MigrateOperation):
         m: int | None = None,
         ef_construction: int | None = None,
         schema: str | None = None,
-        _reverse: ChangeEmbeddingOp | None = None,
+        chunks: ChunksArgument = None,
+        _reverse: MigrateOperation | None = None,
     ) -> None:
         self.table_name = check_name("table", table_name)
         self.column_name = check_name("column", column_name)
@@ -67,6 +81,7 @@ class ChangeEmbeddingOp(MigrateOperation):
         self.source = list(source) if isinstance(source, (list, tuple)) else source
         self.model, self.dtype, self.m, self.ef_construction = model, dtype, m, ef_construction
         self.schema = check_schema(schema)
+        self.chunks = check_chunks(chunks)
         self._reverse = _reverse
         self.reverting = False  # the downgrade of a generated change (its comment says so)
 
@@ -83,10 +98,12 @@ class ChangeEmbeddingOp(MigrateOperation):
         m: int | None = None,
         ef_construction: int | None = None,
         schema: str | None = None,
+        chunks: ChunksArgument = None,
     ) -> None:
         """Re-embed the registered column ``table_name.column_name`` as the embedding of ``source`` (a column,
         a list of columns, or an SQL expression) by ``model`` as ``dtype``; each left out stays as registered,
-        and ``m``/``ef_construction`` size the new column's HNSW index (default: the old one's). As
+        and ``m``/``ef_construction`` size the new column's HNSW index (default: the old one's); ``chunks``
+        (:class:`pgsim.Chunks`) re-chunks the documents (``False``: no chunks; left out: as registered). As
         :func:`pgsim.change_embedding` does: a column ``<column>_next`` is registered and every row queued;
         searches keep the old column until pgsim's worker has filled the new one and switches over (drops
         the old column, gives the new one its name). A change of source stops the old column's triggers at
@@ -99,7 +116,7 @@ class ChangeEmbeddingOp(MigrateOperation):
         needs the psycopg driver; offline it renders a DO block that decides when the script runs."""
         operations.invoke(
             cls(table_name, column_name, source=source, model=model, dtype=dtype, m=m,
-                ef_construction=ef_construction, schema=schema)
+                ef_construction=ef_construction, schema=schema, chunks=chunks)
         )  # fmt: skip
 
     def reverse(self) -> MigrateOperation:
@@ -127,6 +144,13 @@ class ChangeEmbeddingOp(MigrateOperation):
         from pgsim.columns.registry import columns_expression
         from pgsim.encoding.models import model_dimension, model_revision
 
+        if self.chunks is not None:
+            raise InvalidInput(
+                f"change_embedding of {self.qualified_table}.{self.column_name} with chunks= cannot be rendered as "
+                "SQL (offline mode, --sql): chunking is done by pgsim's Python code. Run this migration online, "
+                "or run pgsim.change_embedding(conn, ..., chunks=...) / pgsim.remove_chunks(...) yourself."
+            )
+
         if isinstance(self.source, list):
             expression: str | None = columns_expression(self.source)
         elif isinstance(self.source, str) and self.source.isidentifier():
@@ -150,7 +174,8 @@ class ChangeEmbeddingOp(MigrateOperation):
 # apply_change in SQL (the registration's columns compared as apply_change compares Definitions); a NULL
 # source, model or dtype keeps the registered one. The columns a new source reads are found by
 # register_embedding, in the table's order, as pgsim.change_embedding finds them. The new column gets the
-# old one's column grants, as pgsim.change_embedding gives them.
+# old one's column grants, as pgsim.change_embedding gives them. A chunked column is refused: its chunks are
+# made by pgsim's Python code.
 OFFLINE_CHANGE = """DO $pgsim$
 DECLARE
     target regclass := {table}::regclass;
@@ -161,11 +186,20 @@ DECLARE
     wanted_revision text;
     wanted_dtype text;
     granted record;
+    chunked boolean;
 BEGIN
     SELECT * INTO registered FROM pgsim.embedding
     WHERE table_oid = target AND column_name = {column} AND replaces IS NULL;
     IF registered.id IS NULL THEN
         RAISE EXCEPTION '%.% is not a registered embedding column.', target, {column};
+    END IF;
+    IF pg_catalog.to_regclass('pgsim.chunking') IS NOT NULL THEN
+        EXECUTE 'SELECT EXISTS (SELECT 1 FROM pgsim.chunking WHERE embedding_id OPERATOR(pg_catalog.=) $1)'
+            INTO chunked USING registered.id;
+        IF chunked THEN
+            RAISE EXCEPTION '%.% is chunked: its change runs online only, not from an offline (--sql) script.',
+                target, {column} USING HINT = 'Run the migration online, or pgsim change-embedding.';
+        END IF;
     END IF;
     wanted_source := coalesce({source}, registered.source);
     wanted_model := coalesce({model}, registered.model);
@@ -214,13 +248,20 @@ END
 $pgsim$"""
 
 
-def definition_of(registration: Any) -> Definition:
-    return Definition(registration.source, registration.model, registration.model_revision, registration.dtype)
+def definition_of(conn: Any, registration: Any) -> Definition:
+    from pgsim.columns.registry import chunk_table
+
+    found = chunk_table(conn, registration)
+    chunks = Chunks(found.tokens, found.overlap) if found is not None else None
+    return Definition(registration.source, registration.model, registration.model_revision, registration.dtype, chunks)
 
 
 def apply_change(conn: Any, operation: ChangeEmbeddingOp) -> None:
     """Bring the registration to ``operation``'s definition on a psycopg connection (see the module's text)."""
+    from dataclasses import replace
+
     from pgsim.columns.adding import read_table, source_expression
+    from pgsim.columns.chunking.tables import remove_chunks
     from pgsim.columns.model_change import change_embedding
     from pgsim.columns.registry import registration_by_id, remove_embedding, require_registration
     from pgsim.encoding.models import model_revision
@@ -232,25 +273,32 @@ def apply_change(conn: Any, operation: ChangeEmbeddingOp) -> None:
     if operation.source is not None:
         source = source_expression(conn, read_table(conn, old.table), operation.source)
     model = operation.model or old.model
-    wanted = Definition(source, model, model_revision(model), operation.dtype or old.dtype)
+    current = definition_of(conn, old)
+    chunks = current.chunks if operation.chunks is None else operation.chunks or None
+    wanted = Definition(source, model, model_revision(model), operation.dtype or old.dtype, chunks)
     row = conn.execute(
         "SELECT id FROM pgsim.embedding WHERE replaces OPERATOR(pg_catalog.=) %s::pg_catalog.int4 "
         "AND table_oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid",  # qualified: the rule in pgsim.db.catalog
         [old.id, old.table_oid],
     ).fetchone()
     pending = registration_by_id(conn, row[0]) if row else None
-    if pending is not None and definition_of(pending) == wanted:
+    if pending is not None and definition_of(conn, pending) == wanted:
         log.info("%s.%s: the change into %s is under way; the workers finish it", old.table, old.column,
                  pending.column)  # fmt: skip
         return
     if pending is not None:
         log.info("%s.%s: cancelling the change still filling %s", old.table, old.column, pending.column)
         remove_embedding(conn, old.table, pending.column)
-    if definition_of(old) == wanted:
+    if current == wanted:
         log.info("%s.%s holds that definition already", old.table, old.column)
         return
-    change_embedding(conn, old.table, old.column, source=sql.SQL(source), model=model, dtype=wanted.dtype,
-                     index=operation.index())  # fmt: skip
+    if replace(current, chunks=None) == wanted:  # only the chunks go: no vector changes
+        remove_chunks(conn, old.table, old.column)
+        return
+    new = change_embedding(conn, old.table, old.column, source=sql.SQL(source), model=model, dtype=wanted.dtype,
+                           index=operation.index(), chunks=chunks)  # fmt: skip
+    if chunks is None and current.chunks is not None:  # the change carried the chunks over: not wanted
+        remove_chunks(conn, new.table, new.column)
 
 
 @Operations.implementation_for(ChangeEmbeddingOp)

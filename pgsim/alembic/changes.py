@@ -1,8 +1,9 @@
-"""Autogenerate for a registered column whose definition the models changed (its source, model or dtype):
-``op.change_embedding(...)`` with the models' definition, reversed by another ``op.change_embedding`` back to
-the registered one. A change under way (a ``<column>_next`` still filling) counts as the column's definition,
-so autogenerate run before the workers have switched over renders nothing for it, and leaves its column and
-index alone.
+"""Autogenerate for a registered column whose definition the models changed (its source, model, dtype or
+chunks): ``op.change_embedding(...)`` with the models' definition, reversed by another ``op.change_embedding``
+back to the registered one; chunks the models no longer declare (and nothing else changed) are
+``op.remove_chunks(...)``, reversed by a change that chunks the documents again. A change under way (a
+``<column>_next`` still filling) counts as the column's definition, so autogenerate run before the workers
+have switched over renders nothing for it, and leaves its column and index alone.
 """
 
 from __future__ import annotations
@@ -10,10 +11,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from alembic.operations import MigrateOperation
 from sqlalchemy import Table
 
-from pgsim.alembic.change_ops import ChangeEmbeddingOp
+from pgsim.alembic.change_ops import ChangeEmbeddingOp, ChunksArgument
+from pgsim.alembic.chunk_ops import RemoveChunksOp
 from pgsim.alembic.index_compare import Tables, index_params
+from pgsim.columns.chunking.settings import Chunks
 from pgsim.columns.registry import columns_expression
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,11 @@ def source_argument(source: str, columns: list[str]) -> str | list[str]:
     return source
 
 
+def row_chunks(row: Any) -> Chunks | None:
+    """The chunk settings of a registration row (``chunk_tokens``/``chunk_overlap``), or None."""
+    return Chunks(int(row.chunk_tokens), int(row.chunk_overlap)) if row.chunk_tokens is not None else None
+
+
 def declared_source(spec: Any) -> str:
     """The source expression the registry would hold for ``spec``."""
     return spec.source if isinstance(spec.source, str) else columns_expression(list(spec.source))
@@ -47,12 +56,13 @@ def declared_source(spec: Any) -> str:
 
 def plan_changes(
     tables: Tables, registered: dict[ColumnKey, Any], pending: dict[int, Any], skip: set[TableKey]
-) -> dict[ColumnKey, ChangeEmbeddingOp | None]:
+) -> dict[ColumnKey, MigrateOperation | None]:
     """For each registered column the models keep (on a table in neither ``skip``): a change_embedding when
-    the models' source, model or dtype differ from the registration's (or from the change under way's);
+    the models' source, model, dtype or chunks differ from the registration's (or from the change under way's),
+    a remove_chunks when only the declared chunks went;
     None when a change under way has the models' definition already: nothing to render, and its column,
     type and index are the workers' until they switch over."""
-    planned: dict[ColumnKey, ChangeEmbeddingOp | None] = {}
+    planned: dict[ColumnKey, MigrateOperation | None] = {}
     for key, row in registered.items():
         schema, name, column = key
         spec = embedding_spec(tables.get((schema, name)), column)
@@ -61,13 +71,18 @@ def plan_changes(
         under_way = pending.get(row.id)
         current = under_way if under_way is not None else row
         wanted = (declared_source(spec), spec.model, spec.dtype)
-        if (current.source, current.model, current.dtype) == wanted:
+        chunks, declared_chunks = row_chunks(current), getattr(spec, "chunks", None)
+        same = (current.source, current.model, current.dtype) == wanted
+        if same and chunks == declared_chunks:
             if under_way is not None:
                 planned[key] = None
             continue
-        log.info("Detected changed embedding %s.%s: source %s, model %s, dtype %s -> %s, %s, %s", name, column,
-                 current.source, current.model, current.dtype, *wanted)  # fmt: skip
-        planned[key] = _change(tables[(schema, name)], key, spec, current)
+        log.info("Detected changed embedding %s.%s: source %s, model %s, dtype %s, %s -> %s, %s, %s, %s", name,
+                 column, current.source, current.model, current.dtype, chunks, *wanted, declared_chunks)  # fmt: skip
+        if same and declared_chunks is None and chunks is not None:  # only the chunks go: no re-embedding
+            planned[key] = RemoveChunksOp(name, column, tokens=chunks.tokens, overlap=chunks.overlap, schema=schema)
+        else:
+            planned[key] = _change(tables[(schema, name)], key, spec, current)
     return planned
 
 
@@ -82,15 +97,25 @@ def _change(table: Table, key: ColumnKey, spec: Any, current: Any) -> ChangeEmbe
         name, column, source=list(spec.source) if not isinstance(spec.source, str) else spec.source,
         model=spec.model, dtype=spec.dtype, m=declared.m if declared and resize else None,
         ef_construction=declared.ef_construction if declared and resize else None, schema=schema,
+        chunks=_chunks_argument(getattr(spec, "chunks", None), row_chunks(current)),
     )  # fmt: skip
     back = ChangeEmbeddingOp(
         name, column, source=source_argument(current.source, list(current.source_columns or [])),
         model=current.model, dtype=current.dtype, m=current.index_m if resize else None,
         ef_construction=current.index_ef_construction if resize else None, schema=schema, _reverse=forward,
+        chunks=_chunks_argument(row_chunks(current), getattr(spec, "chunks", None)),
     )  # fmt: skip
     back.reverting = True
     forward._reverse = back
     return forward
+
+
+def _chunks_argument(wanted: Chunks | None, other: Chunks | None) -> ChunksArgument:
+    """change_embedding's ``chunks=`` to go from ``other`` to ``wanted``: None when they agree (as registered),
+    False when the chunks go."""
+    if wanted == other:
+        return None
+    return wanted if wanted is not None else False
 
 
 def _declared_index(table: Table, column: str) -> Any:

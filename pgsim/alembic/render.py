@@ -11,6 +11,7 @@ from alembic.autogenerate.api import AutogenContext
 from alembic.operations import ops as alembic_ops
 
 from pgsim.alembic.change_ops import ChangeEmbeddingOp
+from pgsim.alembic.chunk_ops import RemoveChunksOp
 from pgsim.alembic.embedding_ops import CreateEmbeddingOp, DropEmbeddingOp
 from pgsim.alembic.ops import CreateHnswIndexOp, DropHnswIndexOp, InstallPgsimOp, KeepPgsimOp, UninstallPgsimOp
 
@@ -37,6 +38,21 @@ def _with_type_imports(render: Any) -> Any:
         return render(autogen_context, op)
 
     return render_with_imports
+
+
+class _Code(str):
+    """An argument rendered as this code, not as its repr."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+def _chunks(autogen_context: AutogenContext, chunks: Any) -> Any:
+    """``chunks=`` as code: ``pgsim.Chunks(tokens, overlap)`` (with ``import pgsim``), False, or None."""
+    if chunks is None or chunks is False:
+        return chunks
+    autogen_context.imports.add("import pgsim")
+    return _Code(f"pgsim.Chunks({int(chunks.tokens)}, {int(chunks.overlap)})")
 
 
 def _render(autogen_context: AutogenContext, name: str, *args: Any, **kwargs: Any) -> str:
@@ -76,6 +92,17 @@ def _render_change_embedding(autogen_context: AutogenContext, op: ChangeEmbeddin
     call = _render(
         autogen_context, "change_embedding", op.table_name, op.column_name, source=op.source, model=op.model,
         dtype=op.dtype, **({"m": op.m, "ef_construction": op.ef_construction} if op.m is not None else {}),
+        schema=op.schema, chunks=_chunks(autogen_context, op.chunks),
+    )  # fmt: skip
+    return [comment, call]
+
+
+@renderers.dispatch_for(RemoveChunksOp)
+def _render_remove_chunks(autogen_context: AutogenContext, op: RemoveChunksOp) -> list[str]:
+    comment = f"# the documents of {op.table_name}.{op.column_name} are no longer kept as chunks (the vectors stay)"
+    call = _render(
+        autogen_context, "remove_chunks", op.table_name, op.column_name,
+        tokens=op.chunks.tokens if op.chunks else None, overlap=op.chunks.overlap if op.chunks else None,
         schema=op.schema,
     )  # fmt: skip
     return [comment, call]
@@ -87,6 +114,7 @@ def _render_create_embedding(autogen_context: AutogenContext, op: CreateEmbeddin
         autogen_context, "create_embedding", op.table_name, op.column_name, source=op.source, model=op.model,
         dtype=op.dtype, m=op.index.m if op.index else None,
         ef_construction=op.index.ef_construction if op.index else None, schema=op.schema,
+        chunks=_chunks(autogen_context, op.chunks),
     )  # fmt: skip
 
 
@@ -95,7 +123,7 @@ def _render_drop_embedding(autogen_context: AutogenContext, op: DropEmbeddingOp)
     return _render(
         autogen_context, "drop_embedding", op.table_name, op.column_name, source=op.source, model=op.model,
         dtype=op.dtype, m=op.m, ef_construction=op.ef_construction if op.m else None, schema=op.schema,
-        drop_column=None if op.drop_column else False,
+        drop_column=None if op.drop_column else False, chunks=_chunks(autogen_context, op.chunks),
     )  # fmt: skip
 
 

@@ -118,3 +118,22 @@ def test_a_chunked_column_autogenerates_round_trips_changes_and_goes_back(
         assert chunks == (len(ROWS),)
         command.downgrade(config, "base")
         assert chunking(dsn) == []
+
+
+def test_chunks_added_to_a_column_render_a_change_whose_downgrade_drops_them(server_dsn: str, tmp_path: Path) -> None:
+    with scratch_database(server_dsn, "alembic_chunks_added") as dsn:
+        config = app_project(tmp_path, dsn, models(""), module=MODULE)
+        assert "chunks=" not in generate(config, "docs")
+        command.upgrade(config, "head")
+        write_models(tmp_path, MODULE, models("pgsim.Chunks(16)"))
+        added = generate(config, "chunked")
+        assert "op.change_embedding('docs', 'embedding'" in upgrade_of(added)
+        assert "chunks=pgsim.Chunks(16, 0))" in upgrade_of(added) and "chunks=False)" in downgrade_of(added)
+        command.upgrade(config, "head")
+        drain(dsn)  # no rows: the switch at once
+        assert chunking(dsn) == [("embedding", 16, 0, False)]
+        assert "op." not in nothing_to_generate(config)
+        command.downgrade(config, "-1")  # the chunks go, the vectors stay: nothing to re-embed
+        assert chunking(dsn) == []
+        with psycopg.connect(dsn) as conn:
+            assert conn.execute("SELECT count(*) FROM pgsim.embedding WHERE table_name = 'docs'").fetchone() == (1,)

@@ -33,14 +33,14 @@ class Doc(Base):
     __tablename__ = "docs"
     id: Mapped[int] = mapped_column(primary_key=True)
     body: Mapped[str | None]
-    embedding = embedding_column(source="body", sync="worker"{chunks})
+    embedding = embedding_column(source="body", sync="worker"{chunks}{dtype})
 """
 MODULE = "chunk_alembic_models"
 ROWS = [(1, "Simmer tomatoes with garlic and basil for an hour."), (2, "Patch the inner tube to fix a flat tyre.")]
 
 
-def models(chunks: str) -> str:
-    return MODELS.format(chunks=f", chunks={chunks}" if chunks else "")
+def models(chunks: str, dtype: str = "vector") -> str:
+    return MODELS.format(chunks=f", chunks={chunks}" if chunks else "", dtype=f", dtype={dtype!r}")
 
 
 def chunking(dsn: str) -> list[tuple[Any, ...]]:
@@ -137,3 +137,27 @@ def test_chunks_added_to_a_column_render_a_change_whose_downgrade_drops_them(ser
         assert chunking(dsn) == []
         with psycopg.connect(dsn) as conn:
             assert conn.execute("SELECT count(*) FROM pgsim.embedding WHERE table_name = 'docs'").fetchone() == (1,)
+
+
+def test_a_change_that_also_drops_the_chunks_switches_to_an_unchunked_column_and_back(
+    server_dsn: str, tmp_path: Path
+) -> None:
+    with scratch_database(server_dsn, "alembic_chunks_dtype") as dsn:
+        config = app_project(tmp_path, dsn, models("pgsim.Chunks(16, 4)"), module=MODULE)
+        generate(config, "docs")
+        command.upgrade(config, "head")
+        write_models(tmp_path, MODULE, models("", dtype="halfvec"))
+        changed = generate(config, "halfvec")
+        assert "dtype='halfvec', chunks=False)" in upgrade_of(changed)
+        assert "dtype='vector', chunks=pgsim.Chunks(16, 4))" in downgrade_of(changed)
+        command.upgrade(config, "head")
+        assert chunking(dsn) == [("embedding", 16, 4, False)]  # the change under way has no chunks
+        assert "op." not in nothing_to_generate(config)
+        drain(dsn)  # no rows: the switch at once
+        assert chunking(dsn) == []
+        with psycopg.connect(dsn) as conn:
+            registered = conn.execute("SELECT column_name, dtype FROM pgsim.embedding WHERE table_name = 'docs'")
+            assert registered.fetchall() == [("embedding", "halfvec")]
+        command.downgrade(config, "-1")
+        drain(dsn)
+        assert chunking(dsn) == [("embedding", 16, 4, False)]

@@ -16,14 +16,14 @@ import pgsim
 
 ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_API = [
-    "Between", "CorrectedHit", "DEFAULT_MODEL", "EmbeddedServer", "Encoder", "ExtensionMissing", "FusedHit", "HNSW",
-    "Calibration", "Hit", "IngestReport", "InstallError", "InstallReport", "InvalidInput", "MissingDependency",
-    "ModelNotFound", "NoIndexWarning", "PgsimError", "Plan", "ReadOnlyStandby", "Registration", "RelevantHit",
-    "SchemaMissing", "ServerError", "SyncReport", "Text", "Tuning", "Worker", "add_embedding", "backfill", "calibrate",
-    "change_embedding", "change_model", "check_vector", "connect", "corrected_search", "diverse_search",
-    "get_registration", "grant", "hybrid_search", "ingest", "install", "label_rows", "near_duplicates", "register",
-    "register_async", "relevant_search", "remove_embedding", "resolve_dsn", "revoke", "search", "set_query_bank",
-    "sync", "wait_for_sync",
+    "Between", "Calibration", "Chunks", "CorrectedHit", "DEFAULT_MODEL", "EmbeddedServer", "Encoder",
+    "ExtensionMissing", "FusedHit", "HNSW", "Hit", "IngestReport", "InstallError", "InstallReport", "InvalidInput",
+    "MissingDependency", "ModelNotFound", "NoIndexWarning", "PgsimError", "Plan", "ReadOnlyStandby", "Registration",
+    "RelevantHit", "SchemaMissing", "ServerError", "SyncReport", "Text", "Tuning", "Worker", "add_embedding",
+    "backfill", "calibrate", "change_embedding", "change_model", "check_vector", "connect", "corrected_search",
+    "diverse_search", "get_registration", "grant", "hybrid_search", "ingest", "install", "label_rows",
+    "near_duplicates", "register", "register_async", "relevant_search", "remove_chunks", "remove_embedding",
+    "resolve_dsn", "revoke", "search", "set_query_bank", "sync", "wait_for_sync",
 ]  # fmt: skip
 
 

@@ -1,15 +1,21 @@
-"""Document-level search over a chunked embedding: k distinct documents, ranked by their best chunk.
+"""Document-level search over a chunked embedding: k distinct documents, ranked by their chunks.
+
+A document's distance is one minus a soft maximum of its chunks' cosine similarities to the query,
+``TEMPERATURE * ln(mean(exp(similarity / TEMPERATURE)))`` over all its chunks (:func:`document_distance`): the
+nearest chunk counts most, and a document about the query throughout ranks above one that touches it once
+among many chunks. Each hit also names its nearest chunk.
 
 Two paths, both one statement under a pinned search_path, run with the caller's rights (row-level security on
 the documents, and on their chunks, holds):
 
 - ``hnsw``: the chunk index with pgvector's iterative scan gives the nearest ``fetch`` chunks; they are grouped
-  per document (the nearest chunk of each), joined to the documents that pass ``where``, and the k nearest
-  returned. When fewer than k documents come back and the scan gave all it was asked, ``fetch`` grows
-  (x4) and the statement runs again; when it gave less (every chunk seen, or pgvector's scan limit reached)
-  or ``fetch`` passes :data:`MAX_FETCH`, the exact path runs instead.
-- ``exact``: the documents that pass ``where``, each with its nearest chunk found over all its chunks (the
-  chunk table's primary key serves the look-up), the k nearest of them.
+  per document (the nearest chunk of each), joined to the documents that pass ``where``, and the
+  :data:`POOL` (or k, if more) documents with the nearest chunks are ranked by their distance over all their
+  chunks, the k nearest returned. When fewer than k documents come back and the scan gave all it was asked,
+  ``fetch`` grows (x4) and the statement runs again; when it gave less (every chunk seen, or pgvector's scan
+  limit reached) or ``fetch`` passes :data:`MAX_FETCH`, the exact path runs instead.
+- ``exact``: every document that passes ``where``, with its distance over all its chunks (the chunk table's
+  primary key serves the look-up), the k nearest.
 
 The k-documents contract: when at least k documents pass ``where`` and have chunks, k come back. The exact
 path is taken first when the filter is estimated to keep fewer than ``exact_below_rows`` documents or a
@@ -34,6 +40,10 @@ from pgsim.errors import InvalidInput
 from pgsim.knn.planner import Tuning
 from pgsim.knn.target import VectorColumn, check_k, target_and_params
 
+# The soft maximum's temperature, and how many documents with the nearest chunks the hnsw path ranks by it:
+# bench/long_documents.py chose both (against best chunk alone and other aggregates, on held-out queries too).
+TEMPERATURE = 0.05
+POOL = 50
 MAX_FETCH = 20_000  # chunks one hnsw round may ask for; pgvector's hnsw.max_scan_tuples is raised to match
 PREFIX = "_pgsim_"  # the columns a statement adds beside the document's
 # The fetch grows until k documents come: a far smaller share than pgsim.search's 0.5 still takes the index
@@ -49,7 +59,7 @@ class DocumentHit:
     """A document, the distance of its nearest chunk, and which chunk that is (its span in the source text)."""
 
     row: dict[str, Any]
-    distance: float
+    distance: float  # the document's: see the module's text
     chunk_no: int
     span: tuple[int, int]
     key: tuple[Any, ...] = ()  # the document's primary key, in the registration's key order
@@ -100,7 +110,10 @@ def documents_of(
     with conn.transaction() as tx, conn.cursor(row_factory=dict_row) as cur:
         pin_search_path(conn)
         params = {**params, "k": k}
-        fetch = _first_fetch(conn, registration, where, k, tuning.exact_below_rows, tuning.min_hnsw_selectivity)
+        params["pool"] = max(k, POOL)
+        fetch = _first_fetch(
+            conn, registration, where, params["pool"], tuning.exact_below_rows, tuning.min_hnsw_selectivity
+        )
         rows: list[dict[str, Any]] | None = None
         if fetch is not None:
             cur.execute(
@@ -197,10 +210,10 @@ class Statements:
         return sql.SQL(", ").join(sql.SQL(prefix + "{}").format(key) for key in self.keys)
 
     def hnsw(self) -> sql.Composed:
-        """The nearest %(fetch)s chunks by the index, the nearest chunk per document, the k nearest documents
-        that pass the filter; one row at least, with the number of candidates the scan gave. Its own names
-        start with ``_pgsim_``: a document table named ``best``, say, would otherwise take the references to
-        them inside the subquery that reads it."""
+        """The nearest %(fetch)s chunks by the index, the nearest chunk per document, the %(pool)s documents with
+        the nearest chunks that pass the filter, the k nearest of them by :func:`document_distance`; one row at
+        least, with the number of candidates the scan gave. Its own names start with ``_pgsim_``: a document
+        table named ``best``, say, would otherwise take the references to them inside the subquery that reads it."""
         doc_match = sql.SQL(" AND ").join(
             sql.SQL("{}.{} = _pgsim_best.{}").format(self.registration.table_sql, key, key) for key in self.keys
         )
@@ -211,12 +224,15 @@ class Statements:
             "_pgsim_best AS (SELECT DISTINCT ON ({keys}) * FROM _pgsim_candidates ORDER BY {keys}, distance, chunk_no) "
             "SELECT _pgsim_counted.n AS {candidates}, _pgsim_hits.* "
             "FROM (SELECT count(*) AS n FROM _pgsim_candidates) AS _pgsim_counted "
-            "LEFT JOIN LATERAL (SELECT _pgsim_doc.*, _pgsim_best.chunk_no AS {chunk_no}, "
-            "_pgsim_best.span_start AS {span_start}, _pgsim_best.span_end AS {span_end}, "
-            "_pgsim_best.distance AS {distance_name} FROM _pgsim_best JOIN LATERAL "
+            "LEFT JOIN LATERAL (SELECT _pgsim_pool.*, _pgsim_all.distance AS {distance_name} FROM ("
+            "SELECT _pgsim_doc.*, _pgsim_best.chunk_no AS {chunk_no}, "
+            "_pgsim_best.span_start AS {span_start}, _pgsim_best.span_end AS {span_end} "
+            "FROM _pgsim_best JOIN LATERAL "
             "(SELECT {columns} FROM {table} WHERE {doc_match} AND {table}.{column} IS NOT NULL AND ({condition})) "
             "AS _pgsim_doc ON true "
-            "ORDER BY _pgsim_best.distance, {best_keys} LIMIT %(k)s) AS _pgsim_hits ON true"
+            "ORDER BY _pgsim_best.distance, {best_keys} LIMIT %(pool)s) AS _pgsim_pool "
+            "CROSS JOIN LATERAL (SELECT {document_distance} AS distance FROM {chunks} AS c WHERE {pool_match}) "
+            "AS _pgsim_all ORDER BY _pgsim_all.distance, {pool_keys} LIMIT %(k)s) AS _pgsim_hits ON true"
         ).format(
             c_keys=self._names("c."),
             keys=self._names(""),
@@ -229,24 +245,24 @@ class Statements:
             doc_match=doc_match,
             column=sql.Identifier(self.registration.column),
             condition=self.condition,
+            document_distance=document_distance(self.distance),
+            pool_match=self.chunk_match("_pgsim_pool"),
+            pool_keys=self._doc_keys("_pgsim_pool"),
             **self._output_names(),
             candidates=sql.Identifier(PREFIX + "candidates"),
         )
 
     def exact(self) -> sql.Composed:
-        """Every document that passes the filter with its nearest chunk (no index orders ``+ 0``), the k nearest."""
-        chunk_match = sql.SQL(" AND ").join(
-            sql.SQL("c.{} = _pgsim_doc.{}").format(key, sql.Identifier(f"{PREFIX}key_{i}"))
-            for i, key in enumerate(self.keys)
-        )
+        """Every document that passes the filter with its nearest chunk and its :func:`document_distance` (no
+        index orders ``+ 0``), the k nearest."""
         return sql.SQL(
             "SELECT _pgsim_doc.*, _pgsim_best.chunk_no AS {chunk_no}, _pgsim_best.span_start AS {span_start}, "
             "_pgsim_best.span_end AS {span_end}, _pgsim_best.distance AS {distance_name} "
             "FROM (SELECT {columns} FROM {table} WHERE {guard} AND {table}.{column} IS NOT NULL AND ({condition})) "
             "AS _pgsim_doc "
-            "JOIN LATERAL (SELECT c.chunk_no, c.span_start, c.span_end, {distance} AS distance FROM {chunks} AS c "
-            "WHERE {chunk_match} ORDER BY ({distance}) + 0, c.chunk_no LIMIT 1) AS _pgsim_best ON true "
-            "ORDER BY _pgsim_best.distance, {doc_keys} LIMIT %(k)s"
+            "JOIN LATERAL (SELECT c.chunk_no, c.span_start, c.span_end, {document_distance} AS distance "
+            "FROM {chunks} AS c WHERE {chunk_match} ORDER BY ({distance}) + 0, c.chunk_no LIMIT 1) AS _pgsim_best "
+            "ON true ORDER BY _pgsim_best.distance, {doc_keys} LIMIT %(k)s"
         ).format(
             columns=self.columns,
             table=self.registration.table_sql,
@@ -254,12 +270,24 @@ class Statements:
             column=sql.Identifier(self.registration.column),
             condition=self.condition,
             distance=self.distance,
+            document_distance=document_distance(self.distance, window=True),
             chunks=self.chunks.table_sql,
-            chunk_match=chunk_match,
-            doc_keys=sql.SQL(", ").join(
-                sql.SQL("_pgsim_doc.{}").format(sql.Identifier(f"{PREFIX}key_{i}")) for i in range(len(self.keys))
-            ),
+            chunk_match=self.chunk_match("_pgsim_doc"),
+            doc_keys=self._doc_keys("_pgsim_doc"),
             **self._output_names(),
+        )
+
+    def chunk_match(self, documents: str) -> sql.Composed:
+        """The chunks ``c`` of the document of ``documents`` (a relation with this selection's columns)."""
+        return sql.SQL(" AND ").join(
+            sql.SQL("c.{} = {}.{}").format(key, sql.Identifier(documents), sql.Identifier(f"{PREFIX}key_{i}"))
+            for i, key in enumerate(self.keys)
+        )
+
+    def _doc_keys(self, documents: str) -> sql.Composed:
+        return sql.SQL(", ").join(
+            sql.SQL("{}.{}").format(sql.Identifier(documents), sql.Identifier(f"{PREFIX}key_{i}"))
+            for i in range(len(self.keys))
         )
 
     @staticmethod
@@ -268,6 +296,15 @@ class Statements:
             name if name != "distance" else "distance_name": sql.Identifier(PREFIX + name)
             for name in ("chunk_no", "span_start", "span_end", "distance")
         }
+
+
+def document_distance(chunk_distance: sql.Composable, *, window: bool = False) -> sql.Composed:
+    """A document's distance from its chunks' cosine distances (``chunk_distance``, an expression over its chunk
+    rows): one minus the soft maximum of their similarities (see the module's text); an aggregate, or with
+    ``window`` a window over all the rows of the statement (one document's chunks). Similarities are from -1
+    to 1, so ``exp`` stays within float8 at this temperature."""
+    mean = "pg_catalog.avg(pg_catalog.exp((1 - ({d})) / {t}))" + (" OVER ()" if window else "")
+    return sql.SQL("1 - {t} * pg_catalog.ln(" + mean + ")").format(d=chunk_distance, t=sql.Literal(TEMPERATURE))
 
 
 def _first_fetch(

@@ -171,7 +171,7 @@ def _documents(
     columns: Sequence[str] | None,
     tuning: Tuning,
 ) -> tuple[list[Hit], Plan]:
-    """A chunked column's search: k documents by their nearest chunk (pgsim.knn.documents), with its own
+    """A chunked column's search: k documents by their chunks (pgsim.knn.documents), with its own
     thresholds unless ``tuning`` gives others."""
     condition = None if where is None else filter_sql(where).condition
     try:
@@ -181,7 +181,7 @@ def _documents(
     except NotChunked:  # chunking removed since the column was cached
         raise UnknownColumn(f"{target.table}.{target.column} is no longer chunked.") from None
     hits = [Hit(row=hit.row, distance=hit.distance, chunk_no=hit.chunk_no, span=hit.span) for hit in found]
-    reason = "documents by their nearest chunk"
+    reason = "documents by their chunks"
     return hits, Plan(path, None, float("nan"), None, None, None, None, reason, 1.0 if path == "exact" else None)
 
 

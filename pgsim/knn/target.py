@@ -30,7 +30,7 @@ class VectorColumn:
     other_columns: tuple[str, ...]
     registration: Registration | None = None  # set when pgsim keeps this column in sync (pgsim.add_embedding)
     readable_columns: tuple[str, ...] = ()  # of other_columns, those the current role may SELECT: the default
-    # its documents are chunked (pgsim.chunking): searches return documents by their nearest chunk. Cached with
+    # its documents are chunked (pgsim.chunking): searches return documents by their chunks. Cached with
     # the rest for PLAN_SECONDS, so another process's add_chunks shows within that time.
     chunked: bool = False
 

@@ -1,10 +1,11 @@
 """Hybrid search on a chunked column (:mod:`pgsim.columns.chunking`): the fusion of :mod:`pgsim.quality.hybrid`
 over documents.
 
-- The vector list is :func:`pgsim.knn.documents.documents_of`'s ``candidates`` documents nearest by their
-  nearest chunk (its planner and exact fallback).
+- The vector list is :func:`pgsim.knn.documents.documents_of`'s ``candidates`` nearest documents (its
+  planner and exact fallback).
 - The text list is the ``candidates`` best full-text matches that pass the same filter, each with its nearest
-  chunk (none for a document whose vector is NULL: its chunks are an older text's).
+  chunk and its distance over all its chunks, as the vector list measures it (none for a document whose vector
+  is NULL: its chunks are an older text's).
 
 Both lists read only the columns the caller may read, with the caller's rights, and name documents by their
 primary key, so a role with column-level SELECT is served and rows keep their SQL types. The fusion is then
@@ -24,7 +25,7 @@ from psycopg.rows import dict_row
 
 from pgsim.columns.chunking.tables import caller_path_kept
 from pgsim.db.catalog import pin_search_path
-from pgsim.knn.documents import PREFIX, Statements, chunked_statements, documents_of, key_of
+from pgsim.knn.documents import PREFIX, Statements, chunked_statements, document_distance, documents_of, key_of
 from pgsim.knn.planner import Tuning
 from pgsim.knn.target import VectorColumn
 
@@ -140,10 +141,6 @@ def _text_matches(
     """The best full-text matches that pass the filter, in text rank order (those that match every word
     first when ``and_first``), with their nearest chunk; and the query's distinct word count."""
     table, tsv = statements.registration.table_sql, sql.Identifier(text_column)
-    chunk_match = sql.SQL(" AND ").join(
-        sql.SQL("c.{} = _pgsim_m.{}").format(key, sql.Identifier(f"{PREFIX}key_{i}"))
-        for i, key in enumerate(statements.keys)
-    )
     order = sql.SQL(", ").join(
         [
             sql.SQL("_pgsim_m._pgsim_every DESC, _pgsim_m._pgsim_text_score DESC"),
@@ -164,7 +161,8 @@ def _text_matches(
         "  ELSE ts_rank({table}.{tsv}, q.any_word, 1) END AS _pgsim_text_score "
         "  FROM {table}, _pgsim_q AS q WHERE {guard} AND {table}.{tsv} @@ q.any_word AND ({condition}) "
         "  ORDER BY _pgsim_every DESC, _pgsim_text_score DESC, {keys} LIMIT %(n)s) AS _pgsim_m "
-        "LEFT JOIN LATERAL (SELECT c.chunk_no, c.span_start, c.span_end, {distance} AS distance FROM {chunks} AS c "
+        "LEFT JOIN LATERAL (SELECT c.chunk_no, c.span_start, c.span_end, {document_distance} AS distance "
+        "  FROM {chunks} AS c "
         "  WHERE _pgsim_m._pgsim_embedded AND {chunk_match} ORDER BY ({distance}) + 0, c.chunk_no LIMIT 1) "
         "  AS _pgsim_best ON true "
         "ORDER BY {order}"
@@ -177,8 +175,9 @@ def _text_matches(
         condition=statements.condition,
         keys=sql.SQL(", ").join(sql.SQL("{}.{}").format(table, key) for key in statements.keys),
         distance=statements.distance,
+        document_distance=document_distance(statements.distance, window=True),
         chunks=statements.chunks.table_sql,
-        chunk_match=chunk_match,
+        chunk_match=statements.chunk_match("_pgsim_m"),
         order=order,
     )
     values = {**params, "config": config, "and_first": fusion["and_first"], "n": candidates}

@@ -1,12 +1,12 @@
 """``.nearest()`` on a chunked embedding (pgsim.chunking): the ORM query returns documents, each once, nearest
-first by their nearest chunk, as ``pgsim.knn`` does.
+first by their distance over their chunks (:func:`pgsim.knn.documents.document_distance`), as ``pgsim.knn`` does.
 
 pgsim's ``do_orm_execute`` hook (pgsim.sqlalchemy.knn) hands such a statement here. When ``.nearest()`` is its
 first ORDER BY term, its LIMIT is known and its filter can be planned (the column's table alone, conditions
 that compile to literal SQL), the statement is joined to ``pgsim.knn_documents`` under that same filter and
 ordered by its distance: the SQL function keeps the k-documents contract, with the chunk index and its exact
 fallback. Otherwise, or if that still gives fewer rows than the LIMIT, the statement is ordered by each
-document's nearest chunk computed over all its chunks (exact: every document that passes the filter, its chunks
+document's distance computed over all its chunks (exact: every document that passes the filter, its chunks
 found by the chunk table's primary key). A document without chunks yet, or without its own vector (hidden as
 stale after a change of its text), is left out on both paths.
 """
@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import ORMExecuteState
 
 from pgsim.knn.caches import TtlCache
+from pgsim.knn.documents import TEMPERATURE
 from pgsim.knn.target import MAX_K
 
 log = logging.getLogger(__name__)
@@ -103,11 +104,13 @@ def local_transaction(connection: Any) -> bool:
 
 
 def _exact(statement: Select[Any], order: list[Any], nearest: Any, documents: Any, chunks: Any) -> Select[Any]:
-    """``statement`` ordered by each document's nearest chunk where it ordered by ``nearest``."""
+    """``statement`` ordered by each document's distance over its chunks (pgsim.knn.documents.document_distance)
+    where it ordered by ``nearest``."""
     match = and_(*[chunks.c[str(key.name)] == key for key in _keys(documents)])
-    distance = (
-        select(func.min(chunks.c.embedding.op("<=>", return_type=Float)(nearest.right))).where(match).scalar_subquery()
-    )
+    similarity = literal(1.0) - chunks.c.embedding.op("<=>", return_type=Float)(nearest.right)
+    mean = func.pg_catalog.avg(func.pg_catalog.exp(similarity / literal(TEMPERATURE)), type_=Float)
+    soft = literal(1.0) - literal(TEMPERATURE) * func.pg_catalog.ln(mean, type_=Float)
+    distance = select(soft).where(match).scalar_subquery()
     return (
         statement.order_by(None)
         .order_by(*[distance if term is nearest else term for term in order])

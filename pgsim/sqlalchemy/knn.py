@@ -76,7 +76,7 @@ def filtered_knn(state: ORMExecuteState) -> Any:
     column = nearest._annotations[NEAREST]
     connection = state.session.connection(bind_arguments=state.bind_arguments)
     chunks = chunk_table_of(connection, column)
-    if chunks is not None:  # documents by their nearest chunk
+    if chunks is not None:  # documents by their chunks
         return _documents(state, connection, statement, nearest, column, chunks)
     exact = (
         statement.order_by(None)

@@ -62,8 +62,9 @@ def chunked_table(
         )
 
 
-def document_class(table: str, sync: str) -> Any:
-    """A mapped class over ``table`` (id, section, body) with its embedding of ``body`` kept by ``sync``."""
+def document_class(table: str, sync: str, chunks: Chunks | None = None) -> Any:
+    """A mapped class over ``table`` (id, section, body) with its embedding of ``body`` kept by ``sync``, declared
+    chunked by ``chunks``."""
 
     class Base(DeclarativeBase):
         pass
@@ -73,7 +74,7 @@ def document_class(table: str, sync: str) -> Any:
         id: Mapped[int] = mapped_column(primary_key=True)
         section: Mapped[str | None] = mapped_column(String, nullable=True)
         body: Mapped[str | None] = mapped_column(String, nullable=True)
-        embedding = embedding_column(source="body", sync=sync)
+        embedding = embedding_column(source="body", sync=sync, chunks=chunks)
 
     return Doc
 
@@ -121,3 +122,10 @@ def chunk_rows(conn: psycopg.Connection[Any], table: str) -> dict[int, list[tupl
         values = np.asarray(vector.to_list(), dtype=np.float32)
         found.setdefault(id_, []).append((chunk_no, start, end, bytes(digest), values))
     return found
+
+
+def document_distance(chunks: np.ndarray, query: np.ndarray) -> float:
+    """A document's distance from the cosine similarities of its chunks (rows of ``chunks``) to ``query``, by
+    numpy: one minus their soft maximum, log-mean-exp at temperature 0.05 (pgsim.knn.documents)."""
+    similarities = (chunks @ query) / np.linalg.norm(chunks, axis=1) / np.linalg.norm(query)
+    return float(1 - 0.05 * np.log(np.mean(np.exp(similarities / 0.05))))

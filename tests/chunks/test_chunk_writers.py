@@ -29,7 +29,7 @@ LONG = (
 )
 
 
-Doc = document_class("writers", "flush")
+Doc = document_class("writers", "flush", SETTINGS)
 
 
 @pytest.fixture(scope="module")

@@ -52,6 +52,8 @@ DECLARE
     fusion jsonb;
     fused_k integer := rrf_k;
     boost_rows integer;
+    chunks oid;
+    text_distance text;
     column_type text := (SELECT a.atttypid::regtype::text FROM pg_attribute a
                          WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped);
     vector_schema text := (SELECT quote_ident(n.nspname) FROM pg_extension e
@@ -104,6 +106,18 @@ BEGIN
         WHERE a.attrelid = tbl AND a.attname = tsv;
         config := coalesce(config, 'english'::regconfig);
     END IF;
+    -- a text match's distance, as the vector list measures it: on a chunked column, the document's over its
+    -- chunks (pgsim.knn_documents), NULL while its vector is (its chunks are an older text's)
+    SELECT c.chunk_table, format('CASE WHEN t.%I IS NULL THEN NULL ELSE (SELECT 1 - 0.05 * ln(avg(exp((1 - '
+               '(_pgsim_x.embedding OPERATOR(%s.<=>) $3::%s.%I)) / 0.05))) FROM %s AS _pgsim_x WHERE %s) END',
+               col, vector_schema, vector_schema, e.dtype, c.chunk_table::regclass,
+               (SELECT string_agg(format('_pgsim_x.%I = t.%I', key, key), ' AND ') FROM unnest(e.key_columns) AS key))
+    INTO chunks, text_distance
+    FROM pgsim.embedding e JOIN pgsim.chunking c ON c.embedding_id = e.id
+    WHERE e.table_oid = tbl::oid AND e.column_name = col ORDER BY e.id LIMIT 1;
+    IF chunks IS NULL THEN
+        text_distance := format('t.%I OPERATOR(%s.<=>) $3::%s', col, vector_schema, column_type);
+    END IF;
     words := (SELECT string_agg(quote_literal(w.lexeme), ' | ')::tsquery FROM unnest(to_tsvector(config, query_text)) AS w);
     every_word := (SELECT string_agg(quote_literal(w.lexeme), ' & ')::tsquery
                    FROM unnest(to_tsvector(config, query_text)) AS w);
@@ -129,7 +143,7 @@ BEGIN
         'x AS (SELECT m.row, m.distance, m.position, m.every, '
         '    row_number() OVER (PARTITION BY m.row ORDER BY m.position) AS twin, '
         '    count(*) FILTER (WHERE m.every) OVER () AS all_words FROM ('
-        '  SELECT to_jsonb(t) - $2::text AS "row", t.%1$I OPERATOR(%2$s.<=>) $3::%3$s AS distance, '
+        '  SELECT to_jsonb(t) - $2::text AS "row", %7$s AS distance, '
         '    $13 AND t.%4$I OPERATOR(pg_catalog.@@) $14 AS every, '
         '    row_number() OVER (ORDER BY $13 AND t.%4$I OPERATOR(pg_catalog.@@) $14 DESC, '
         '      CASE WHEN $13 AND t.%4$I OPERATOR(pg_catalog.@@) $14 THEN ts_rank(t.%4$I, $14, 1) '
@@ -148,7 +162,7 @@ BEGIN
         'FROM f CROSS JOIN reference '
         'WHERE $11::double precision IS NULL OR reference.distance - f.distance >= $11 '
         'ORDER BY f.score DESC, f.vector_rank NULLS LAST, f.text_rank NULLS LAST LIMIT $12',
-        col, vector_schema, column_type, tsv, tbl, coalesce(nullif(filter, ''), 'true'))
+        col, vector_schema, column_type, tsv, tbl, coalesce(nullif(filter, ''), 'true'), text_distance)
     USING tbl, col, query, candidates, filter, exact_below_rows, hnsw_ef_search, min_hnsw_selectivity, words,
           fused_k, min_score, k, fusion IS NOT NULL, every_word, (fusion -> 'gate' ->> candidates::text)::double precision,
           coalesce((fusion ->> 'weak_vector')::double precision, 1.0), boost_rows,

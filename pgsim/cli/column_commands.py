@@ -68,6 +68,15 @@ def cmd_remove_embedding(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_remove_chunks(args: argparse.Namespace) -> int:
+    from pgsim.columns.chunking.tables import remove_chunks
+
+    with open_connection(args) as conn:
+        remove_chunks(conn, args.table, args.column)
+    print(f"{args.table}.{args.column}: chunk table dropped; searches use the column's own vectors")
+    return 0
+
+
 def cmd_change_model(args: argparse.Namespace) -> int:
     from pgsim.columns.model_change import change_model
 

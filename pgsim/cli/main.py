@@ -15,6 +15,7 @@ from pgsim.cli.column_commands import (
     cmd_backfill,
     cmd_change_embedding,
     cmd_change_model,
+    cmd_remove_chunks,
     cmd_remove_embedding,
     cmd_server,
     cmd_worker,
@@ -171,6 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("column")
     remove.add_argument("--keep-column", action="store_true", help="keep the column and its vectors")
     remove.set_defaults(run=cmd_remove_embedding)
+
+    unchunk = add_command("remove-chunks", help="stop keeping a column's documents as chunks; its vectors stay")
+    unchunk.add_argument("table")
+    unchunk.add_argument("column")
+    unchunk.set_defaults(run=cmd_remove_chunks)
 
     change = add_command(
         "change-model", help="re-embed a column with another model in the background, then switch over at once"

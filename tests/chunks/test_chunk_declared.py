@@ -160,6 +160,9 @@ def test_the_command_line_declares_chunks(admin: psycopg.Connection[Any], databa
     code, out, err = run_cli(database_dsn, "change-embedding", "docs", "embedding", "--chunk-tokens", "64")
     assert code == 0, err
     assert recorded(admin, "embedding_next") == (64, 0)
+    code, out, err = run_cli(database_dsn, "remove-chunks", "docs", "embedding")
+    assert code == 0, err
+    assert recorded(admin) is None and recorded(admin, "embedding_next") == (64, 0)  # the change goes on
 
 
 def test_a_table_dropped_with_cascade_and_made_again_can_be_chunked_again(

@@ -39,7 +39,8 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Pass the embedding of the query text; a zero vector has no cosine distance to anything.';
     END IF;
-    -- a chunked embedding: k documents by their chunks (pgsim.knn_documents says how)
+    -- a chunked embedding: k documents by their chunks (pgsim.knn_documents says how), with its own thresholds
+    -- (documents, not rows: call pgsim.knn_documents to set them)
     IF EXISTS (SELECT FROM pgsim.chunking c JOIN pgsim.embedding e ON e.id = c.embedding_id
                WHERE e.table_oid = tbl::oid AND e.column_name = col) THEN
         RETURN QUERY SELECT d.row, d.distance FROM pgsim.knn_documents(tbl, col, query, k, filter) AS d;

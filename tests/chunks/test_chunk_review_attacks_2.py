@@ -203,3 +203,209 @@ def test_a_real_leftover_is_dropped_and_the_table_chunks_again(admin: psycopg.Co
             "AND contype = 'f'"
         ).fetchone()
     assert fk == (1,)
+
+
+# --- Python hybrid search on a chunked column (pgsim.quality.hybrid_documents) against SQL pgsim.hybrid_search --
+
+
+def unit(vector: np.ndarray) -> np.ndarray:
+    return (vector / np.linalg.norm(vector)).astype(np.float32)
+
+
+def sql_hybrid(conn: psycopg.Connection[Any], table: str, query: Any, text: str, k: int, **options: Any) -> list:
+    named = "".join(f", {name} => %({name})s" for name in options)
+    return conn.execute(
+        "SELECT row, score, distance, vector_rank, text_rank, relevance FROM pgsim.hybrid_search("
+        "%(table)s, 'embedding', %(q)s, %(text)s, %(k)s" + named + ")",
+        {"table": ident(table).as_string(conn), "q": query, "text": text, "k": k, **options},
+    ).fetchall()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="REVIEW: equal full-text scores are ranked by key in Python's text list (hybrid_documents._text_matches "
+    "ORDER BY ... keys) but by ctid in SQL pgsim.hybrid_search (and in Python's unchunked hybrid): text ranks, "
+    "scores and the order of documents differ between Python and SQL",
+)
+def test_python_and_sql_hybrid_rank_equal_text_matches_alike(
+    admin: psycopg.Connection[Any], roles: Roles, encoder: Encoder
+) -> None:
+    query = np.asarray(encoder.encode_query("alpha"), dtype=np.float32)
+    rng = np.random.default_rng(5)
+    noise = [unit(rng.standard_normal(query.size)) for _ in range(3)]
+    # document i's one chunk: nearer the query the smaller i (vector ranks 1, 2, 3); the same words in each
+    chunks = {i: unit(query + (0.3 * i) * noise[i - 1])[None, :] for i in (1, 2, 3)}
+    bodies = dict.fromkeys(chunks, "alpha beta gamma delta")
+    hand_chunked(admin, roles, "tie_docs", chunks, bodies=bodies, order=[3, 2, 1])  # ctid order: 3, 2, 1
+    with acting(admin, roles.app):
+        python = hybrid_search(admin, "tie_docs", "embedding", "alpha", k=3)
+        rows = sql_hybrid(admin, "tie_docs", query, "alpha", 3)
+    assert [hit.vector_rank for hit in sorted(python, key=lambda h: h.row["id"])] == [1, 2, 3]
+    sql_ranks = {row["id"]: (vector_rank, text_rank) for row, _, _, vector_rank, text_rank, _ in rows}
+    python_ranks = {hit.row["id"]: (hit.vector_rank, hit.text_rank) for hit in python}
+    assert python_ranks == sql_ranks
+    assert [hit.row["id"] for hit in python] == [row["id"] for row, *_ in rows]
+
+
+def test_python_and_sql_hybrid_agree_on_a_text_only_match_and_a_document_without_vector(
+    admin: psycopg.Connection[Any], roles: Roles, encoder: Encoder
+) -> None:
+    """PASSES (property): a document whose vector is NULL is a text match with no distance, relevance or chunk in
+    both; min_score drops it in both; documents, scores and distances agree otherwise."""
+    query = np.asarray(encoder.encode_query("kiwi"), dtype=np.float32)
+    rng = np.random.default_rng(9)
+    chunks: dict[int, Any] = {i: rng.standard_normal((1 + i % 3, query.size)).astype(np.float32) for i in range(1, 7)}
+    chunks[7] = None  # not embedded
+    bodies = {i: f"text {i} " + ("kiwi fruit" if i in (2, 7) else "other words") for i in chunks}
+    hand_chunked(admin, roles, "null_docs", chunks, bodies=bodies)
+    with acting(admin, roles.app):
+        python = hybrid_search(admin, "null_docs", "embedding", "kiwi", k=7, candidates=7)
+        rows = sql_hybrid(admin, "null_docs", query, "kiwi", 7, candidates=7)
+        python_cut = hybrid_search(admin, "null_docs", "embedding", "kiwi", k=7, candidates=7, min_score=0.0)
+        rows_cut = sql_hybrid(admin, "null_docs", query, "kiwi", 7, candidates=7, min_score=0.0)
+    assert [hit.row["id"] for hit in python] == [row["id"] for row, *_ in rows]
+    assert [hit.score for hit in python] == pytest.approx([score for _, score, *_ in rows])
+    by_id = {hit.row["id"]: hit for hit in python}
+    assert by_id[7].distance is None and by_id[7].relevance is None and by_id[7].chunk_no is None
+    for row, _, distance, _, _, _ in rows:
+        if row["id"] != 7:
+            assert distance == pytest.approx(document_distance(chunks[row["id"]], query), abs=1e-5)
+            assert by_id[row["id"]].distance == pytest.approx(distance, abs=1e-6)
+    assert [hit.row["id"] for hit in python_cut] == [row["id"] for row, *_ in rows_cut]
+    assert 7 not in [hit.row["id"] for hit in python_cut]
+
+
+# --- names with a percent sign: every statement of the document paths is executed with parameters -----------
+
+
+def literal_chunked(admin: psycopg.Connection[Any], roles: Roles, table: str, column: str, count: int) -> np.ndarray:
+    """As hand_chunked, with no statement of the test's own taking parameters (a name with % in it would be read
+    as a placeholder): ``count`` documents of two random chunks each; their vectors."""
+    d = dimension_of(admin)
+    rng = np.random.default_rng(11)
+    vectors = rng.standard_normal((count, 2, d)).astype(np.float32)
+    chunk_table = ident(f"{table}__{column}_chunks")
+    with acting(admin, roles.owner):
+        admin.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(ident(table)))
+        admin.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(chunk_table))
+        admin.execute(
+            sql.SQL(
+                "CREATE TABLE {} (id int PRIMARY KEY, body text, fts tsvector GENERATED ALWAYS AS "
+                "(to_tsvector('english', coalesce(body, ''))) STORED)"
+            ).format(ident(table))
+        )
+        add_embedding(admin, table, column, source="body", chunks=Chunks(32, 8))
+        grant(admin, "search", roles.app, tables=[table])
+
+        def text(vector: np.ndarray) -> sql.Composable:
+            return sql.SQL("{}::vector").format(sql.Literal("[" + ",".join(map(str, vector.tolist())) + "]"))
+
+        for i in range(count):
+            admin.execute(
+                sql.SQL("INSERT INTO {} (id, body, {}) VALUES ({}, {}, {})").format(
+                    ident(table), ident(column), sql.Literal(i), sql.Literal(f"document {i}"), text(vectors[i].mean(0))
+                )
+            )
+            for no in range(2):
+                admin.execute(
+                    sql.SQL(
+                        "INSERT INTO {} (id, chunk_no, span_start, span_end, digest, embedding) "
+                        "VALUES ({}, {}, 0, 10, '\\x00', {})"
+                    ).format(chunk_table, sql.Literal(i), sql.Literal(no), text(vectors[i][no]))
+                )
+    return vectors
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="REVIEW (pre-existing: unchunked pgsim.search fails alike): a column named with % (registered fine, "
+    "served by SQL pgsim.knn_documents): pgsim.knn.documents runs its sql.Composed statements with parameters, so psycopg reads the % "
+    "in the quoted chunk table name as a placeholder (emb%(q)s_chunks becomes emb$1_chunks: UndefinedTable)",
+)
+def test_python_document_search_on_a_column_named_with_a_percent_sign(
+    admin: psycopg.Connection[Any], roles: Roles
+) -> None:
+    table, column = "pct_docs", "emb%(q)s"
+    vectors = literal_chunked(admin, roles, table, column, 4)
+    query = vectors[2][1]
+    with acting(admin, roles.app):
+        knn = admin.execute(
+            sql.SQL("SELECT r.row FROM pgsim.knn_documents({}::regclass, {}, {}::vector, 2) AS r").format(
+                sql.Literal(ident(table).as_string(admin)),
+                sql.Literal(column),
+                sql.Literal("[" + ",".join(map(str, query.tolist())) + "]"),
+            )
+        ).fetchall()
+        assert knn[0][0]["id"] == 2  # SQL is fine
+        hits = search_documents(admin, table, column, query.tolist(), k=2)
+    assert hits[0].row["id"] == 2
+
+
+ODD_TABLE = "Hy\"b R'id $$ x"
+ODD_COLUMN = "Emb $1 Ed"
+ODD_KEYS = ("Ten ant", 'doc"key')
+
+
+def test_sql_hybrid_text_only_matches_on_odd_names_and_a_composite_key(
+    admin: psycopg.Connection[Any], roles: Roles, encoder: Encoder
+) -> None:
+    """PASSES (property): the new format() of pgsim.hybrid_search's text distance on a chunked column with a quoted
+    table name holding $$, a column holding $1, and a two-column key with a space and a double quote: a text-only
+    match (outside the vector list) gets its document distance over its chunks, as numpy computes it; Python's
+    hybrid gives the same documents and distances."""
+    query = np.asarray(encoder.encode_query("kiwi"), dtype=np.float32)
+    rng = np.random.default_rng(13)
+    table, keys = ident(ODD_TABLE), [ident(k) for k in ODD_KEYS]
+    with acting(admin, roles.owner):
+        admin.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(table))
+        admin.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident(f"{ODD_TABLE}__{ODD_COLUMN}_chunks")))
+        admin.execute(
+            sql.SQL(
+                "CREATE TABLE {} ({} text, {} int, body text, fts tsvector GENERATED ALWAYS AS "
+                "(to_tsvector('english', coalesce(body, ''))) STORED, PRIMARY KEY ({}, {}))"
+            ).format(table, *keys, *keys)
+        )
+        add_embedding(admin, ODD_TABLE, ODD_COLUMN, source="body", chunks=Chunks(32, 8))
+        grant(admin, "search", roles.app, tables=[ODD_TABLE])
+        (chunk_table,) = admin.execute(
+            "SELECT k.chunk_table::regclass::text FROM pgsim.chunking k JOIN pgsim.embedding e "
+            "ON e.id = k.embedding_id WHERE e.table_oid = %s::regclass",
+            [table.as_string(admin)],
+        ).fetchone()  # type: ignore[misc]
+        vectors = {}
+        for i in range(8):
+            key = (f"t'{i % 2}", i)
+            vectors[key] = rng.standard_normal((1 + i % 3, query.size)).astype(np.float32)
+            if i < 4:  # the four nearest documents: the query itself in a chunk; no word of it
+                vectors[key][0] = query
+            body = "other words" if i < 4 else "kiwi fruit" + " melon" * i  # no equal text scores
+            admin.execute(
+                sql.SQL("INSERT INTO {} ({}, {}, body, {}) VALUES (%s, %s, %s, %s)").format(
+                    table, *keys, ident(ODD_COLUMN)
+                ),
+                [*key, body, vectors[key].mean(axis=0)],
+            )
+            with admin.cursor() as cur:
+                cur.executemany(
+                    sql.SQL(
+                        "INSERT INTO {} ({}, {}, chunk_no, span_start, span_end, digest, embedding) "
+                        "VALUES (%s, %s, %s, 0, 1, '\\x00', %s)"
+                    ).format(sql.SQL(chunk_table), *keys),
+                    [(*key, no, vector) for no, vector in enumerate(vectors[key])],
+                )
+    with acting(admin, roles.app):
+        rows = admin.execute(
+            "SELECT row, distance, vector_rank, text_rank FROM pgsim.hybrid_search(%s, %s, %s, 'kiwi', 4, "
+            "candidates => 4)",
+            [table.as_string(admin), ODD_COLUMN, query],
+        ).fetchall()
+        python = hybrid_search(admin, ODD_TABLE, ODD_COLUMN, "kiwi", k=4, candidates=4)
+    text_only = [(row, distance) for row, distance, vector_rank, _ in rows if vector_rank is None]
+    assert len(text_only) == 2  # the two best kiwi documents, outside the vector list
+    for row, distance in text_only:
+        key = (row[ODD_KEYS[0]], row[ODD_KEYS[1]])
+        assert distance == pytest.approx(document_distance(vectors[key], query), abs=1e-5)
+    assert [(hit.row[ODD_KEYS[0]], hit.row[ODD_KEYS[1]]) for hit in python] == [
+        (row[ODD_KEYS[0]], row[ODD_KEYS[1]]) for row, *_ in rows
+    ]
+    assert [hit.distance for hit in python] == pytest.approx([distance for _, distance, *_ in rows], abs=1e-6)

@@ -409,3 +409,31 @@ def test_sql_hybrid_text_only_matches_on_odd_names_and_a_composite_key(
         (row[ODD_KEYS[0]], row[ODD_KEYS[1]]) for row, *_ in rows
     ]
     assert [hit.distance for hit in python] == pytest.approx([distance for _, distance, *_ in rows], abs=1e-6)
+
+
+# --- add_embedding(chunks=) ----------------------------------------------------------------------------------
+
+
+def test_add_embedding_with_chunks_concurrently_chunks_the_rows_already_there(
+    admin: psycopg.Connection[Any], roles: Roles
+) -> None:
+    """PASSES (property): concurrently=True queues every row after the transaction (add_chunks(queue=False) in
+    it): one drain embeds and chunks both documents, and the document search finds them."""
+    with acting(admin, roles.owner):
+        admin.execute("DROP TABLE IF EXISTS conc_docs CASCADE")
+        admin.execute("DROP TABLE IF EXISTS conc_docs__embedding_chunks")
+        admin.execute("CREATE TABLE conc_docs (id int PRIMARY KEY, body text)")
+        admin.execute("INSERT INTO conc_docs VALUES (1, 'Tuning PostgreSQL for writes'), (2, 'Baking sourdough')")
+        add_embedding(admin, "conc_docs", "embedding", source="body", chunks=Chunks(32, 8), concurrently=True)
+        grant(admin, "worker", roles.worker, tables=["conc_docs"])
+        grant(admin, "search", roles.app, tables=["conc_docs"])
+    sync_as_worker(admin, roles, "conc_docs")
+    with acting(admin, roles.owner):
+        chunked = admin.execute(
+            "SELECT id, count(*) FROM conc_docs__embedding_chunks GROUP BY id ORDER BY id"
+        ).fetchall()
+        embedded = admin.execute("SELECT count(*) FROM conc_docs WHERE embedding IS NOT NULL").fetchone()
+    assert chunked == [(1, 1), (2, 1)] and embedded == (2,)
+    with acting(admin, roles.app):
+        hits = search_documents(admin, "conc_docs", "embedding", "bread", k=2)
+    assert [hit.row["id"] for hit in hits] == [2, 1]

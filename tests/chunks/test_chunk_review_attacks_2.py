@@ -437,3 +437,83 @@ def test_add_embedding_with_chunks_concurrently_chunks_the_rows_already_there(
     with acting(admin, roles.app):
         hits = search_documents(admin, "conc_docs", "embedding", "bread", k=2)
     assert [hit.row["id"] for hit in hits] == [2, 1]
+
+
+# --- the hnsw path's pool of 50 and the soft maximum ------------------------------------------------------------
+
+
+def sql_documents(conn: psycopg.Connection[Any], table: str, query: np.ndarray, k: int, path: str) -> list:
+    params = (None, 0.0, 0.0) if path == "hnsw" else ("true", 1e9, 1.0)
+    return [
+        (row["id"], distance)
+        for row, distance in conn.execute(
+            "SELECT r.row, r.distance FROM pgsim.knn_documents(%s, 'embedding', %s, %s, %s, 100, %s, %s) AS r",
+            [table, query, k, *params],
+        ).fetchall()
+    ]
+
+
+def test_more_than_50_documents_tied_on_their_nearest_chunk(admin: psycopg.Connection[Any], roles: Roles) -> None:
+    """PASSES (property, and a limit to know): 60 documents all hold the query as a chunk (a tie on the nearest
+    chunk), their other chunk differs. Python and SQL agree path for path, and the exact paths give numpy's
+    order. The hnsw path ranks only the 50 tied documents with the lowest keys: document 55, the nearest by the
+    soft maximum (both its chunks are the query), is not among its hits, while the exact path puts it first."""
+    d = dimension_of(admin)
+    rng = np.random.default_rng(17)
+    query = unit(rng.standard_normal(d))
+    chunks = {}
+    for i in range(60):
+        other = unit(query + (0.2 + i / 30) * unit(rng.standard_normal(d)))
+        chunks[i] = np.stack([query, query if i == 55 else other])
+    hand_chunked(admin, roles, "tied_docs", chunks)
+    expected = sorted(chunks, key=lambda i: (round(document_distance(chunks[i], query), 6), i))[:5]
+    with acting(admin, roles.app):
+        sql_hnsw = sql_documents(admin, "tied_docs", query, 5, "hnsw")
+        sql_exact = sql_documents(admin, "tied_docs", query, 5, "exact")
+        python_hnsw = search_documents(admin, "tied_docs", "embedding", query.tolist(), k=5)
+        python_exact = search_documents(
+            admin, "tied_docs", "embedding", query.tolist(), k=5, where=sql.SQL("id >= 0"), exact_below_rows=1e9
+        )
+    assert [i for i, _ in sql_exact] == [hit.row["id"] for hit in python_exact] == expected
+    assert expected[0] == 55
+    assert [i for i, _ in sql_hnsw] == [hit.row["id"] for hit in python_hnsw]
+    assert [distance for _, distance in sql_hnsw] == pytest.approx([hit.distance for hit in python_hnsw], abs=1e-9)
+    assert 55 not in [i for i, _ in sql_hnsw]  # the pool's limit: ties on the nearest chunk are cut by key
+
+
+def test_halfvec_documents_one_chunk_and_an_opposite_chunk(admin: psycopg.Connection[Any], roles: Roles) -> None:
+    """PASSES (property): halfvec chunks; a one-chunk document's distance is its chunk's; a chunk opposite the
+    query (distance 2) weighs exp(-20) in the mean, without underflow or NaN; SQL, Python and numpy agree."""
+    d = dimension_of(admin)
+    rng = np.random.default_rng(19)
+    query = unit(rng.standard_normal(d))
+    near = unit(query + 0.5 * unit(rng.standard_normal(d)))
+    chunks = {1: near[None, :], 2: np.stack([near, -query]), 3: np.stack([-query, -query]), 4: np.stack([query] * 5)}
+    with acting(admin, roles.owner):
+        admin.execute("DROP TABLE IF EXISTS half_docs CASCADE")
+        admin.execute("DROP TABLE IF EXISTS half_docs__embedding_chunks")
+        admin.execute("CREATE TABLE half_docs (id int PRIMARY KEY, body text)")
+        add_embedding(admin, "half_docs", "embedding", source="body", dtype="halfvec", chunks=Chunks(32, 8))
+        grant(admin, "search", roles.app, tables=["half_docs"])
+        for i, vectors in chunks.items():
+            admin.execute(
+                "INSERT INTO half_docs VALUES (%s, 'x', %s::vector::halfvec)", [i, unit(vectors.mean(axis=0) + 1e-3)]
+            )
+            for no, vector in enumerate(vectors):
+                admin.execute(
+                    "INSERT INTO half_docs__embedding_chunks (id, chunk_no, span_start, span_end, digest, embedding) "
+                    "VALUES (%s, %s, 0, 1, '\\x00', %s::vector::halfvec)",
+                    [i, no, vector],
+                )
+    rounded = {i: v.astype(np.float16).astype(np.float32) for i, v in chunks.items()}
+    q16 = query.astype(np.float16).astype(np.float32)
+    expected = {i: document_distance(v, q16) for i, v in rounded.items()}
+    with acting(admin, roles.app):
+        for path in ("hnsw", "exact"):
+            found = dict(sql_documents(admin, "half_docs", query, 4, path))
+            assert found == pytest.approx(expected, abs=1e-4), path
+        python = {hit.row["id"]: hit.distance for hit in search_documents(admin, "half_docs", "embedding", query, k=4)}
+    assert python == pytest.approx(expected, abs=1e-4)
+    assert expected[3] == pytest.approx(2.0, abs=1e-3) and expected[1] == pytest.approx(
+        1 - q16 @ rounded[1][0] / np.linalg.norm(rounded[1][0]) / np.linalg.norm(q16), abs=1e-5
+    )

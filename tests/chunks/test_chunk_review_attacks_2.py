@@ -22,7 +22,6 @@ from pgsim.columns.grants import grant
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput
 from pgsim.knn.documents import search_documents
-from pgsim.knn.filtered import search
 from pgsim.psycopg import register
 from pgsim.quality.hybrid import hybrid_search
 
@@ -72,8 +71,8 @@ def hand_chunked(
         add_embedding(admin, table, column, source="body", chunks=Chunks(32, 8))
         grant(admin, "search", roles.app, tables=[table])
         (chunk_table,) = admin.execute(
-            "SELECT k.chunk_table::regclass::text FROM pgsim.chunking k JOIN pgsim.embedding e ON e.id = k.embedding_id "
-            "WHERE e.table_oid = %s::regclass",
+            "SELECT k.chunk_table::regclass::text FROM pgsim.chunking k JOIN pgsim.embedding e "
+            "ON e.id = k.embedding_id WHERE e.table_oid = %s::regclass",
             [ident(table).as_string(admin)],
         ).fetchone()  # type: ignore[misc]
         for doc in order or list(chunks_by_id):
@@ -213,10 +212,12 @@ def unit(vector: np.ndarray) -> np.ndarray:
 
 
 def sql_hybrid(conn: psycopg.Connection[Any], table: str, query: Any, text: str, k: int, **options: Any) -> list:
-    named = "".join(f", {name} => %({name})s" for name in options)
+    named = sql.SQL("").join(sql.SQL(", {} => {}").format(ident(name), sql.Placeholder(name)) for name in options)
     return conn.execute(
-        "SELECT row, score, distance, vector_rank, text_rank, relevance FROM pgsim.hybrid_search("
-        "%(table)s, 'embedding', %(q)s, %(text)s, %(k)s" + named + ")",
+        sql.SQL(
+            "SELECT row, score, distance, vector_rank, text_rank, relevance FROM pgsim.hybrid_search("
+            "%(table)s, 'embedding', %(q)s, %(text)s, %(k)s{})"
+        ).format(named),
         {"table": ident(table).as_string(conn), "q": query, "text": text, "k": k, **options},
     ).fetchall()
 
@@ -319,8 +320,9 @@ def literal_chunked(admin: psycopg.Connection[Any], roles: Roles, table: str, co
 @pytest.mark.xfail(
     strict=True,
     reason="REVIEW (pre-existing: unchunked pgsim.search fails alike): a column named with % (registered fine, "
-    "served by SQL pgsim.knn_documents): pgsim.knn.documents runs its sql.Composed statements with parameters, so psycopg reads the % "
-    "in the quoted chunk table name as a placeholder (emb%(q)s_chunks becomes emb$1_chunks: UndefinedTable)",
+    "served by SQL pgsim.knn_documents): pgsim.knn.documents runs its sql.Composed statements with parameters, "
+    "so psycopg reads the % in the quoted chunk table name as a placeholder (emb%(q)s_chunks becomes "
+    "emb$1_chunks: UndefinedTable)",
 )
 def test_python_document_search_on_a_column_named_with_a_percent_sign(
     admin: psycopg.Connection[Any], roles: Roles
@@ -536,3 +538,58 @@ def test_python_hybrid_on_a_chunked_table_named_q(
         assert sorted(row["id"] for row, *_ in rows) == [1, 2]  # SQL is fine
         python = hybrid_search(admin, "q", "embedding", "kiwi", k=2)
     assert [hit.row["id"] for hit in python] == [row["id"] for row, *_ in rows]
+
+
+@pytest.mark.parametrize("key", ["chunk_no", "digest"])
+def test_add_embedding_with_chunks_refused_leaves_nothing_behind(
+    admin: psycopg.Connection[Any], roles: Roles, key: str
+) -> None:
+    """PASSES (property): a key column named like a chunk column is refused, and the one-step registration is
+    undone whole: no column, no registration, no triggers, no chunk table."""
+    with acting(admin, roles.owner):
+        admin.execute("DROP TABLE IF EXISTS clash_docs CASCADE")
+        admin.execute(sql.SQL("CREATE TABLE clash_docs ({} int PRIMARY KEY, body text)").format(ident(key)))
+        with pytest.raises(InvalidInput, match=key):
+            add_embedding(admin, "clash_docs", "embedding", source="body", chunks=Chunks(32, 8))
+        left = admin.execute(
+            "SELECT (SELECT count(*) FROM pg_attribute WHERE attrelid = 'clash_docs'::regclass AND attname = "
+            "'embedding'), (SELECT count(*) FROM pgsim.embedding WHERE table_oid = 'clash_docs'::regclass), "
+            "(SELECT count(*) FROM pg_trigger WHERE tgrelid = 'clash_docs'::regclass AND NOT tgisinternal), "
+            "to_regclass('clash_docs__embedding_chunks')"
+        ).fetchone()
+    assert left == (0, 0, 0, None)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="REVIEW: _left_by_a_dropped_table takes a partition (or an inheritance child) of the user's own table "
+    "for a leftover: it has exactly a chunk table's columns, no foreign key, the owner's: its rows go with it",
+)
+@pytest.mark.parametrize("how", ["PARTITION OF archive FOR VALUES IN (1)", "() INHERITS (archive)"])
+def test_a_partition_of_a_users_table_named_like_the_chunk_table_is_not_dropped(
+    admin: psycopg.Connection[Any], roles: Roles, how: str
+) -> None:
+    d = dimension_of(admin)
+    partitioned = how.startswith("PARTITION")
+    with acting(admin, roles.owner):
+        admin.execute("DROP TABLE IF EXISTS part_docs, archive CASCADE")
+        drop_anything(admin, "part_docs__embedding_chunks")
+        admin.execute(
+            f"CREATE TABLE archive (id int NOT NULL, chunk_no int NOT NULL, span_start int NOT NULL, "
+            f"span_end int NOT NULL, digest bytea NOT NULL, embedding vector({d}) NOT NULL)"
+            + (" PARTITION BY LIST (id)" if partitioned else "")
+        )
+        admin.execute(f"CREATE TABLE part_docs__embedding_chunks {how}")
+        admin.execute(
+            "INSERT INTO archive VALUES (1, 0, 0, 1, '\\x00', %s)", [np.ones(d, dtype=np.float32)]
+        ) if partitioned else admin.execute(
+            "INSERT INTO part_docs__embedding_chunks VALUES (1, 0, 0, 1, '\\x00', %s)", [np.ones(d, dtype=np.float32)]
+        )
+        admin.execute("CREATE TABLE part_docs (id int PRIMARY KEY, body text)")
+        refused = False
+        try:
+            add_embedding(admin, "part_docs", "embedding", source="body", chunks=Chunks(32, 8))
+        except (InvalidInput, psycopg.Error):
+            refused = True
+        archived = admin.execute("SELECT count(*) FROM archive").fetchone()
+    assert refused and archived == (1,)

@@ -102,6 +102,7 @@ def add_embedding(
         chunks.check(window(encoder_for(model)), model)
     with conn.transaction():
         target = read_table(conn, table)
+        _check_names(target, column)
         forget_dropped(conn)
         if get_registration(conn, target.qualified, column) is not None:
             raise InvalidInput(
@@ -282,6 +283,18 @@ def source_columns_of(conn: psycopg.Connection[Any], target: TableShape, express
             f"source {expression!r} reads no column of {target.qualified}, so every row would embed alike."
         )
     return columns
+
+
+def _check_names(target: TableShape, column: str) -> None:
+    """No name a search statement holds may contain ``%``: psycopg reads it as a parameter marker in a statement
+    with parameters, and every search of the column would fail."""
+    named = [target.schema, target.name, column, *target.key_columns]
+    if any("%" in name for name in named):
+        raise InvalidInput(
+            f"pgsim cannot search {target.qualified}.{column}: a name among its schema, table, embedding column and "
+            f"primary key columns ({', '.join(repr(n) for n in named if '%' in n)}) holds '%', which psycopg reads as "
+            "a parameter marker in the search statements. Rename it."
+        )
 
 
 def _check_column(target: TableShape, column: str, dtype: str, dimension: int, model: str) -> None:

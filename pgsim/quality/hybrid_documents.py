@@ -79,7 +79,7 @@ def fused_documents(
     matches, words = _text_matches(conn, statements, params, text_column, config, fusion, candidates)
     every = sum(1 for row in matches if row[PREFIX + "every"])
     boost_rows = fusion["and_rows"]
-    if words >= fusion["long_words"] > 0:
+    if words >= fusion["long_words"]:  # as the SQL statements decide it, long_words 0 included
         boost_rows = max(boost_rows, fusion["long_rows"])
     for rank, row in enumerate(matches, 1):
         key = key_of(row)
@@ -156,10 +156,11 @@ def _text_matches(
         "SELECT _pgsim_m.*, _pgsim_best.chunk_no AS _pgsim_chunk_no, _pgsim_best.span_start AS _pgsim_span_start, "
         "_pgsim_best.span_end AS _pgsim_span_end, _pgsim_best.distance AS _pgsim_distance FROM ("
         "  SELECT {columns}, {table}.{column} IS NOT NULL AS _pgsim_embedded, "
-        "  %(and_first)s AND {table}.{tsv} @@ q.every_word AS _pgsim_every, "
-        "  CASE WHEN %(and_first)s AND {table}.{tsv} @@ q.every_word THEN ts_rank({table}.{tsv}, q.every_word, 1) "
-        "  ELSE ts_rank({table}.{tsv}, q.any_word, 1) END AS _pgsim_text_score "
-        "  FROM {table}, _pgsim_q AS q WHERE {guard} AND {table}.{tsv} @@ q.any_word AND ({condition}) "
+        "  %(and_first)s AND {table}.{tsv} @@ _pgsim_q.every_word AS _pgsim_every, "
+        "  CASE WHEN %(and_first)s AND {table}.{tsv} @@ _pgsim_q.every_word "
+        "  THEN ts_rank({table}.{tsv}, _pgsim_q.every_word, 1) "
+        "  ELSE ts_rank({table}.{tsv}, _pgsim_q.any_word, 1) END AS _pgsim_text_score "
+        "  FROM {table}, _pgsim_q WHERE {guard} AND {table}.{tsv} @@ _pgsim_q.any_word AND ({condition}) "
         "  ORDER BY _pgsim_every DESC, _pgsim_text_score DESC, {keys} LIMIT %(n)s) AS _pgsim_m "
         "LEFT JOIN LATERAL (SELECT c.chunk_no, c.span_start, c.span_end, {document_distance} AS distance "
         "  FROM {chunks} AS c "

@@ -178,6 +178,17 @@ def test_injection_shaped_identifiers_are_only_names(docs: Any) -> None:
     assert docs.execute("SELECT count(*) FROM docs").fetchone() == (4,)
 
 
+def test_a_name_with_a_percent_sign_is_refused_before_anything_changes(docs: Any) -> None:
+    """psycopg reads '%' in a statement with parameters as a marker, so no search could run on such a column."""
+    before = snapshot(docs)
+    with pytest.raises(InvalidInput, match="holds '%'"):
+        add_embedding(docs, "docs", "emb%(q)s", source="body")
+    docs.execute('CREATE TABLE "50%_off" (id int PRIMARY KEY, body text)')
+    with pytest.raises(InvalidInput, match="'50%_off'"):
+        add_embedding(docs, "50%_off", "embedding", source="body")
+    assert snapshot(docs) == before
+
+
 @pytest.mark.parametrize(("m", "ef_construction"), [(1, 64), (16, 20), (101, 300), (16, 2000)])
 def test_hnsw_parameters_are_checked(m: int, ef_construction: int) -> None:
     with pytest.raises(InvalidInput, match="HNSW"):

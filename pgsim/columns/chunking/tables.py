@@ -140,21 +140,41 @@ def add_chunks(
 
 def _left_by_a_dropped_table(conn: psycopg.Connection[Any], registration: Registration, table_oid: int) -> bool:
     """Whether the table ``table_oid`` is the chunk table of a document table dropped with ``CASCADE`` (which
-    drops the foreign key, not the chunk table): a chunk table's columns, the document table's owner, no
-    foreign key left, and not recorded for any registration. Anything else in its place is the user's."""
-    row = conn.execute(
-        "SELECT c.relowner OPERATOR(pg_catalog.=) d.relowner "
-        "AND NOT EXISTS (SELECT FROM pg_catalog.pg_constraint k WHERE k.conrelid OPERATOR(pg_catalog.=) c.oid "
-        "    AND k.contype OPERATOR(pg_catalog.=) 'f') "
-        "AND NOT EXISTS (SELECT FROM pgsim.chunking r WHERE r.chunk_table OPERATOR(pg_catalog.=) c.oid) "
-        "AND (SELECT pg_catalog.array_agg(a.attname::text ORDER BY a.attname) FROM pg_catalog.pg_attribute a "
-        "     WHERE a.attrelid OPERATOR(pg_catalog.=) c.oid AND a.attnum OPERATOR(pg_catalog.>) 0 "
-        "       AND NOT a.attisdropped AND a.attname OPERATOR(pg_catalog.=) ANY (%s::pg_catalog.name[])) "
-        "    OPERATOR(pg_catalog.=) %s::text[] "
-        "FROM pg_catalog.pg_class c, pg_catalog.pg_class d "
-        "WHERE c.oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid AND d.oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid "
-        "  AND c.relkind OPERATOR(pg_catalog.=) 'r'",
-        [list(CHUNK_COLUMNS), sorted(CHUNK_COLUMNS), table_oid, registration.table_oid],
+    drops the foreign key and the row-level security policy, not the chunk table): a plain table (no partition,
+    no inheritance) of the document table's owner, not recorded for any registration, without a foreign key or
+    a policy but with row-level security on, whose columns are the chunk columns and its primary key's (that key
+    being its other columns and ``chunk_no``), with the chunk table's HNSW index. Anything else is the user's."""
+    row = conn.execute(  # under add_chunks' pinned search_path
+        """
+        SELECT c.relowner = d.relowner AND c.relrowsecurity AND NOT c.relispartition
+          AND NOT EXISTS (SELECT FROM pg_inherits i WHERE i.inhrelid = c.oid OR i.inhparent = c.oid)
+          AND NOT EXISTS (SELECT FROM pg_constraint k WHERE k.conrelid = c.oid AND k.contype = 'f')
+          AND NOT EXISTS (SELECT FROM pg_policy p WHERE p.polrelid = c.oid)
+          AND NOT EXISTS (SELECT FROM pgsim.chunking r WHERE r.chunk_table = c.oid)
+          AND (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a
+               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                 AND a.attname <> ALL (%(chunk_columns)s::name[]))
+              = (SELECT array_agg(a.attname::text ORDER BY a.attname)
+                 FROM pg_constraint k JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = ANY (k.conkey)
+                 WHERE k.conrelid = c.oid AND k.contype = 'p' AND a.attname <> 'chunk_no')
+          AND (SELECT count(*) FROM pg_attribute a
+               WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                 AND a.attname = ANY (%(chunk_columns)s::name[])) = %(chunk_count)s
+          AND EXISTS (SELECT FROM pg_constraint k JOIN pg_attribute a ON a.attrelid = k.conrelid
+                        AND a.attnum = ANY (k.conkey)
+                      WHERE k.conrelid = c.oid AND k.contype = 'p' AND a.attname = 'chunk_no')
+          AND EXISTS (SELECT FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid JOIN pg_am m ON m.oid = i.relam
+                      WHERE x.indrelid = c.oid AND m.amname = 'hnsw' AND i.relname = %(index)s::name)
+        FROM pg_class c, pg_class d
+        WHERE c.oid = %(table)s::oid AND d.oid = %(documents)s::oid AND c.relkind = 'r'
+        """,
+        {
+            "chunk_columns": list(CHUNK_COLUMNS),
+            "chunk_count": len(CHUNK_COLUMNS),
+            "index": fitted_name(chunk_table_name(registration.table_name, registration.column), "hnsw"),
+            "table": table_oid,
+            "documents": registration.table_oid,
+        },
     ).fetchone()
     return bool(row and row[0])
 

@@ -54,6 +54,7 @@ DECLARE
     boost_rows integer;
     chunks oid;
     text_distance text;
+    tie_break text := 't.ctid';
     column_type text := (SELECT a.atttypid::regtype::text FROM pg_attribute a
                          WHERE a.attrelid = tbl AND a.attname = col AND a.attnum > 0 AND NOT a.attisdropped);
     vector_schema text := (SELECT quote_ident(n.nspname) FROM pg_extension e
@@ -111,12 +112,15 @@ BEGIN
     SELECT c.chunk_table, format('CASE WHEN t.%I IS NULL THEN NULL ELSE (SELECT 1 - 0.05 * ln(avg(exp((1 - '
                '(_pgsim_x.embedding OPERATOR(%s.<=>) $3::%s.%I)) / 0.05))) FROM %s AS _pgsim_x WHERE %s) END',
                col, vector_schema, vector_schema, e.dtype, c.chunk_table::regclass,
-               (SELECT string_agg(format('_pgsim_x.%I = t.%I', key, key), ' AND ') FROM unnest(e.key_columns) AS key))
-    INTO chunks, text_distance
+               (SELECT string_agg(format('_pgsim_x.%I = t.%I', key, key), ' AND ') FROM unnest(e.key_columns) AS key)),
+           -- equal text scores ranked by key, as Python's document fusion ranks them (it may not read ctid)
+           (SELECT string_agg(format('t.%I', key), ', ') FROM unnest(e.key_columns) AS key)
+    INTO chunks, text_distance, tie_break
     FROM pgsim.embedding e JOIN pgsim.chunking c ON c.embedding_id = e.id
     WHERE e.table_oid = tbl::oid AND e.column_name = col ORDER BY e.id LIMIT 1;
     IF chunks IS NULL THEN
         text_distance := format('t.%I OPERATOR(%s.<=>) $3::%s', col, vector_schema, column_type);
+        tie_break := 't.ctid';
     END IF;
     words := (SELECT string_agg(quote_literal(w.lexeme), ' | ')::tsquery FROM unnest(to_tsvector(config, query_text)) AS w);
     every_word := (SELECT string_agg(quote_literal(w.lexeme), ' & ')::tsquery
@@ -147,7 +151,7 @@ BEGIN
         '    $13 AND t.%4$I OPERATOR(pg_catalog.@@) $14 AS every, '
         '    row_number() OVER (ORDER BY $13 AND t.%4$I OPERATOR(pg_catalog.@@) $14 DESC, '
         '      CASE WHEN $13 AND t.%4$I OPERATOR(pg_catalog.@@) $14 THEN ts_rank(t.%4$I, $14, 1) '
-        '      ELSE ts_rank(t.%4$I, $9, 1) END DESC, t.ctid) AS position '
+        '      ELSE ts_rank(t.%4$I, $9, 1) END DESC, %8$s) AS position '
         '  FROM %5$s AS t WHERE t.%4$I OPERATOR(pg_catalog.@@) $9 AND (%6$s) '
         '  ORDER BY position LIMIT $4) AS m), '
         'reference AS (SELECT max(v.distance) AS distance, CASE WHEN $15::double precision IS NULL '
@@ -162,7 +166,7 @@ BEGIN
         'FROM f CROSS JOIN reference '
         'WHERE $11::double precision IS NULL OR reference.distance - f.distance >= $11 '
         'ORDER BY f.score DESC, f.vector_rank NULLS LAST, f.text_rank NULLS LAST LIMIT $12',
-        col, vector_schema, column_type, tsv, tbl, coalesce(nullif(filter, ''), 'true'), text_distance)
+        col, vector_schema, column_type, tsv, tbl, coalesce(nullif(filter, ''), 'true'), text_distance, tie_break)
     USING tbl, col, query, candidates, filter, exact_below_rows, hnsw_ef_search, min_hnsw_selectivity, words,
           fused_k, min_score, k, fusion IS NOT NULL, every_word, (fusion -> 'gate' ->> candidates::text)::double precision,
           coalesce((fusion ->> 'weak_vector')::double precision, 1.0), boost_rows,

@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
-from chunked_docs import document_distance, owned_database, sync_as_worker
+from chunked_docs import document_distance, engine_as, owned_database, sync_as_worker
 from fixtures.roles import Roles, acting
 from psycopg import sql
+from sqlalchemy import select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from pgsim.columns.adding import add_embedding
 from pgsim.columns.chunking.settings import Chunks
@@ -24,6 +26,7 @@ from pgsim.errors import InvalidInput
 from pgsim.knn.documents import search_documents
 from pgsim.psycopg import register
 from pgsim.quality.hybrid import hybrid_search
+from pgsim.sqlalchemy import embedding_column
 
 LEFTOVER_NOTE = "the only copy of my notes"
 
@@ -672,3 +675,66 @@ def test_hybrid_search_with_a_filter_on_a_missing_column_is_an_input_error_on_a_
         for table in ("err_plain", "err_docs"):
             with pytest.raises(InvalidInput):
                 hybrid_search(admin, table, "embedding", "kiwi", k=1, where=sql.SQL("no_such_column = 1"))
+
+
+# --- the ORM's two document paths --------------------------------------------------------------------------------
+
+
+def orm_nearest(admin: psycopg.Connection[Any], roles: Roles, database_dsn: str, limit: int | None) -> tuple:
+    """Documents of one to four chunks where the nearest chunk alone would rank them otherwise; the ids
+    .nearest() gives (with ``limit`` or none), numpy's soft-maximum order, and the order of the whole-text vectors."""
+    d = dimension_of(admin)
+    rng = np.random.default_rng(29)
+    query = unit(rng.standard_normal(d))
+    chunks = {}
+    for i in range(1, 9):
+        near = unit(query + (0.6 + 0.05 * i) * unit(rng.standard_normal(d)))  # one near chunk, nearer the lower i
+        rest = [unit(query + (0.9 - 0.1 * j) * unit(rng.standard_normal(d))) for j in range(i % 4)]
+        chunks[i] = np.stack([near, *rest])
+    hand_chunked(admin, roles, "orm_docs", chunks)  # each document's own vector: the mean of its chunks
+    expected = sorted(chunks, key=lambda i: document_distance(chunks[i], query))
+    by_nearest_chunk = sorted(chunks, key=lambda i: float(1 - (chunks[i] @ query).max()))
+    assert expected != by_nearest_chunk  # the soft maximum matters here
+    by_own_vector = sorted(chunks, key=lambda i: document_distance(chunks[i].mean(axis=0)[None, :], query))
+
+    class Base(DeclarativeBase):
+        pass
+
+    class Doc(Base):
+        __tablename__ = "orm_docs"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        body: Mapped[str | None]
+        embedding = embedding_column(source="body", sync="worker", chunks=Chunks(32, 8))
+
+    engine = engine_as(database_dsn, roles.app)
+    try:
+        with Session(engine) as session:
+            statement = select(Doc).order_by(Doc.embedding.nearest(query.tolist()))
+            if limit is not None:
+                statement = statement.limit(limit)
+            found = [doc.id for doc in session.scalars(statement)]
+    finally:
+        engine.dispose()
+    return found, expected, by_own_vector
+
+
+def test_the_orm_with_a_limit_ranks_documents_by_the_soft_maximum(
+    admin: psycopg.Connection[Any], roles: Roles, database_dsn: str
+) -> None:
+    """PASSES (property): .nearest() with a LIMIT (pgsim.knn_documents) gives numpy's soft-maximum order."""
+    found, expected, _ = orm_nearest(admin, roles, database_dsn, 5)
+    assert found == expected[:5]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="REVIEW (medium; pre-existing early return, against today's 'one definition in every path'): "
+    "sqlalchemy.knn.filtered_knn returns None (runs the statement as written) when .nearest() has no LIMIT, "
+    "before it looks for a chunk table: a chunked column's documents are then ordered by their own truncated "
+    "whole-text vector, not by their chunks as sqlalchemy.documents says (its exact ordering is never reached)",
+)
+def test_the_orm_without_a_limit_ranks_documents_by_the_soft_maximum(
+    admin: psycopg.Connection[Any], roles: Roles, database_dsn: str
+) -> None:
+    found, expected, by_own_vector = orm_nearest(admin, roles, database_dsn, None)
+    assert found == expected, f"ordered by the documents' own vectors instead: {found == by_own_vector}"

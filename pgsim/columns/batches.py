@@ -261,10 +261,9 @@ def encode_and_write(
         chunks.prepare([(row[0], row[1], row[3]) for row in present])
     with encoding:  # with two lanes, one forward pass at a time: the model's threads are the machine's cores
         started = time.perf_counter()
-        encoded = encoder.encode(to_encode)
+        # chunked: the texts and their new chunks in one call (see pgsim.columns.chunking.sync_step)
+        encoded = encoder.encode(to_encode) if chunks is None else chunks.encode(to_encode)
         report.encode_seconds += time.perf_counter() - started
-        if chunks is not None:
-            report.encode_seconds += chunks.encode()
     if cache:
         store(conn, encoder, to_encode, encoded)
         report.cached += sum(1 for text in texts if text in found)
@@ -295,7 +294,7 @@ def encode_and_write(
         ).fetchall()
     done = {entry_id for (entry_id,) in written}
     if chunks is not None:  # the rows just written, whose text is the one chunked: not one changed meanwhile
-        chunks.write(done)
+        chunks.write(done, {row[0]: vector for row, vector in zip(present, vectors, strict=True)})
     report.write_seconds += time.perf_counter() - started
     emptied = sum(1 for row, vector in zip(present, vectors, strict=True) if vector is None and row[0] in done)
     report.embedded += len(done) - emptied

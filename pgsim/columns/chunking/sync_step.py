@@ -4,7 +4,10 @@ In the batch's own transaction, around the batch's read, encode and write:
 
 1. :meth:`ChunkStep.prepare`: each row's text is cut into chunks (:func:`.splitting.split`) and each
    chunk's sha256 compared with the digests the document's chunks have now;
-2. :meth:`ChunkStep.encode`: only the chunks whose digest is new are encoded, in one call;
+2. :meth:`ChunkStep.encode`: only the chunks whose digest is new are encoded, in the same encoder call as the
+   documents' own texts (one call per batch: the encoder sorts all of them by length into its forward passes);
+   a document cut into one chunk that the model reads as it reads the whole text (:func:`whole_document`) is
+   not encoded twice: that chunk's vector is the document's own;
 3. :meth:`ChunkStep.write`: for the rows whose vector the batch wrote (their text unchanged since it was read),
    the chunks go by binary COPY into a temporary table, the unchanged ones take their vector from the
    document's current chunks, and the document's chunk set is replaced: deleted, then inserted.
@@ -16,8 +19,8 @@ batch writes the new text's; a batch that fails or a worker that dies rolls back
 from __future__ import annotations
 
 import hashlib
-import time
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg import sql
@@ -29,7 +32,10 @@ from pgsim.columns.chunking.splitting import Chunk, model_tokenizer, split
 from pgsim.columns.chunking.tables import require_same_owner
 from pgsim.columns.registry import ChunkTable, Registration
 from pgsim.db.catalog import vector_schema
-from pgsim.encoding.encoder import Encoder, Vector
+from pgsim.encoding.encoder import MAX_CHARS, Encoder, Vector
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 TEMP_TABLE = """
 CREATE TEMP TABLE IF NOT EXISTS pgsim_chunk_sync (
@@ -40,6 +46,19 @@ CREATE TEMP TABLE IF NOT EXISTS pgsim_chunk_sync (
 
 def digest(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
+
+
+def whole_document(text: str | None, chunks: list[Chunk], encoder: Encoder, tokenizer: Tokenizer) -> bool:
+    """Whether ``chunks`` is one chunk that the model reads exactly as it reads the whole ``text``: the same
+    string, or the same word pieces under the same document prefix within the model's limit (the text's
+    leading or trailing whitespace is all that differs). That chunk's vector is then the document's own."""
+    if text is None or len(chunks) != 1:
+        return False
+    if chunks[0].text == text:
+        return True
+    prefix = encoder.document_prefix
+    ids = [tokenizer.encode(prefix + each[:MAX_CHARS], add_special_tokens=True).ids for each in (text, chunks[0].text)]
+    return ids[0] == ids[1] and len(ids[0]) <= encoder.max_tokens
 
 
 class ChunkStep:
@@ -62,6 +81,7 @@ class ChunkStep:
         self.digests: dict[int, list[bytes]] = {}
         self.keys: dict[int, Any] = {}
         self.new: list[tuple[int, int]] = []  # (entry, chunk_no) of the chunks whose text the document lacks
+        self.whole: set[int] = set()  # entries whose one new chunk is read as their whole text: it takes theirs
         self.vectors: dict[tuple[int, int], Vector | None] = {}  # their vectors, once encoded
 
     def match(self, key: sql.Composable, alias: sql.Composable) -> sql.Composed:
@@ -77,10 +97,13 @@ class ChunkStep:
         require_same_owner(self.conn, self.registration, self.table)  # before any of the chunk table's code runs
         settings = Chunks(self.table.tokens, self.table.overlap)
         tokenizer = model_tokenizer(self.encoder)
+        whole: set[int] = set()
         for entry_id, key, text in rows:
             self.keys[entry_id] = key
             self.chunks[entry_id] = split(text, settings, tokenizer)
             self.digests[entry_id] = [digest(chunk.text) for chunk in self.chunks[entry_id]]
+            if whole_document(text, self.chunks[entry_id], self.encoder, tokenizer):
+                whole.add(entry_id)
         known: dict[int, set[bytes]] = {entry_id: set() for entry_id, _, _ in rows}
         if rows:
             found = self.conn.execute(
@@ -99,24 +122,31 @@ class ChunkStep:
             for chunk, chunk_digest in zip(chunks, self.digests[entry_id], strict=True)
             if chunk_digest not in known[entry_id]
         ]
+        # a new chunk that is its whole document takes the document's vector (looked up or encoded with it)
+        self.whole = {entry_id for entry_id, _ in self.new if entry_id in whole}
+        self.new = [(entry_id, chunk_no) for entry_id, chunk_no in self.new if entry_id not in whole]
         if self.cache:
             self.cached = lookup(self.conn, self.encoder, [self.chunks[e][no].text for e, no in self.new])
 
-    def encode(self) -> float:
-        """Encode the new chunks (those the cache lacks, with ``cache``) in one call; the seconds it took."""
+    def encode(self, documents: Sequence[str | None]) -> list[Vector | None]:
+        """The vectors of ``documents`` (the texts of the batch's rows that it encodes; None for those it does
+        not), encoded in one call with the new chunks (those the cache lacks, with ``cache``)."""
         texts: list[str | None] = [self.chunks[entry_id][chunk_no].text for entry_id, chunk_no in self.new]
         to_encode = missing(texts, self.cached)
-        started = time.perf_counter()
-        encoded: list[Vector | None] = [None] * len(to_encode)
-        if any(to_encode):
-            encoded = self.encoder.encode(to_encode)
+        pending = [text for text in to_encode if text is not None]
+        vectors = self.encoder.encode([*documents, *pending])
+        found = iter(vectors[len(documents) :])
+        encoded = [None if text is None else next(found) for text in to_encode]
         self.encoded = (to_encode, encoded)
         for place, vector in zip(self.new, merged(texts, encoded, self.cached), strict=True):
             self.vectors[place] = vector
-        return time.perf_counter() - started
+        return vectors[: len(documents)]
 
-    def write(self, done: set[int]) -> None:
-        """Replace the chunks of the documents of the entries ``done`` (those whose vector the batch wrote)."""
+    def write(self, done: set[int], documents: dict[int, Vector | None]) -> None:
+        """Replace the chunks of the documents of the entries ``done`` (those whose vector the batch wrote);
+        ``documents``: each entry's own vector, which its chunk takes where it is the whole text."""
+        for entry_id in self.whole:
+            self.vectors[(entry_id, 0)] = documents.get(entry_id)
         entries = sorted(entry_id for entry_id in done if entry_id in self.chunks)
         if not entries:
             return

@@ -83,7 +83,8 @@ def add_embedding(
     UPDATE of its source text until the worker re-embeds it: ``"keep"`` (searches find the row by its old
     vector) or ``"hide"`` (the vector becomes NULL in the same statement: the row is not found until then).
     ``chunks`` (:class:`Chunks`) also cuts each row's text into chunks of the model's word pieces, kept in a
-    table next to this one: searches on the column then return documents ranked by their best chunk.
+    table next to this one: searches on the column then return documents ranked by their chunks. The rows
+    there are queued for their chunks even with ``queue_existing=False`` (only the workers cut chunks).
     (``replaces`` and ``planned_index`` are for :func:`change_model`: the index is recorded, built later.)"""
     if dtype not in DTYPES:
         raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
@@ -153,7 +154,8 @@ def add_embedding(
         if replaces is not None:
             _copy_column_grants(conn, registration, replaces)
         if chunks is not None:
-            add_chunks(conn, target.qualified, column, chunks, queue=queue_existing and not concurrently)
+            # every row with text is queued for its chunks, queue_existing or not: only the workers cut chunks
+            add_chunks(conn, target.qualified, column, chunks, queue=not concurrently)
         if index is not None and adopt_index:
             index = None  # the HNSW index of that name is there already (declared by the ORM, say)
         if index is not None and not concurrently:
@@ -161,7 +163,7 @@ def add_embedding(
         if queue_existing and not concurrently:
             queue_rows(conn, registration)
     if concurrently:  # outside the transaction that locked the table for ADD COLUMN and the triggers
-        if queue_existing:  # rows written meanwhile were queued by the triggers
+        if queue_existing or chunks is not None:  # rows written meanwhile were queued by the triggers
             queue_rows(conn, registration, only_missing=chunks is None)
         if index is not None:
             build_index(conn, registration, concurrently=True)

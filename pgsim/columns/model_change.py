@@ -13,7 +13,7 @@ from psycopg import sql
 
 from pgsim.columns.adding import add_embedding, read_table, source_expression
 from pgsim.columns.chunking.settings import Chunks
-from pgsim.columns.chunking.tables import chunk_table_name, fitted_name
+from pgsim.columns.chunking.tables import chunk_table_name, fitted_name, relation_oid
 from pgsim.columns.registry import (
     Registration,
     chunk_table,
@@ -197,6 +197,7 @@ def switch_over(conn: psycopg.Connection[Any], new: Registration) -> bool:
 def _switch(
     conn: psycopg.Connection[Any], old: Registration, new: Registration, index: HNSW | None, staged_index: str | None
 ) -> None:
+    old_chunks = chunk_table(conn, old)  # its name goes to the new chunk table (it may not be the usual one)
     remove_registration(conn, old, drop_column=False)
     conn.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(new.table_sql, sql.Identifier(old.column)))
     conn.execute(
@@ -205,8 +206,8 @@ def _switch(
         )
     )
     chunks = chunk_table(conn, new)  # the old one went with the old registration: the new takes its name
-    if chunks is not None:
-        final = chunk_table_name(new.table_name, old.column)
+    final = old_chunks.name if old_chunks is not None else chunk_table_name(new.table_name, old.column)
+    if chunks is not None and relation_oid(conn, new.schema, final) is None:  # else it keeps the name it has
         conn.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(chunks.table_sql, sql.Identifier(final)))
         conn.execute(
             sql.SQL("ALTER INDEX IF EXISTS {} RENAME TO {}").format(

@@ -219,9 +219,10 @@ class Statements:
         )
         return sql.SQL(
             "WITH _pgsim_candidates AS MATERIALIZED ("
-            "SELECT {c_keys}, c.chunk_no, c.span_start, c.span_end, {distance} AS distance FROM {chunks} AS c "
+            "SELECT {c_keys}, c.chunk_no, c.span_start, c.span_end, {distance} AS _pgsim_distance FROM {chunks} AS c "
             "WHERE {guard} ORDER BY {distance} LIMIT %(fetch)s), "
-            "_pgsim_best AS (SELECT DISTINCT ON ({keys}) * FROM _pgsim_candidates ORDER BY {keys}, distance, chunk_no) "
+            "_pgsim_best AS (SELECT DISTINCT ON ({keys}) * FROM _pgsim_candidates "
+            "ORDER BY {keys}, _pgsim_distance, chunk_no) "
             "SELECT _pgsim_counted.n AS {candidates}, _pgsim_hits.* "
             "FROM (SELECT count(*) AS n FROM _pgsim_candidates) AS _pgsim_counted "
             "LEFT JOIN LATERAL (SELECT _pgsim_pool.*, _pgsim_all.distance AS {distance_name} FROM ("
@@ -230,7 +231,7 @@ class Statements:
             "FROM _pgsim_best JOIN LATERAL "
             "(SELECT {columns} FROM {table} WHERE {doc_match} AND {table}.{column} IS NOT NULL AND ({condition})) "
             "AS _pgsim_doc ON true "
-            "ORDER BY _pgsim_best.distance, {best_keys} LIMIT %(pool)s) AS _pgsim_pool "
+            "ORDER BY _pgsim_best._pgsim_distance, {best_keys} LIMIT %(pool)s) AS _pgsim_pool "
             "CROSS JOIN LATERAL (SELECT {document_distance} AS distance FROM {chunks} AS c WHERE {pool_match}) "
             "AS _pgsim_all ORDER BY _pgsim_all.distance, {pool_keys} LIMIT %(k)s) AS _pgsim_hits ON true"
         ).format(

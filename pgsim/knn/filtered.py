@@ -175,9 +175,10 @@ def _documents(
     thresholds unless ``tuning`` gives others."""
     condition = None if where is None else filter_sql(where).condition
     try:
-        found, path = documents_of(
-            conn, target, params, k, condition, columns, DOCUMENT_TUNING if tuning == DEFAULT_TUNING else tuning
-        )
+        with clear_errors():
+            found, path = documents_of(
+                conn, target, params, k, condition, columns, DOCUMENT_TUNING if tuning == DEFAULT_TUNING else tuning
+            )
     except NotChunked:  # chunking removed since the column was cached
         raise UnknownColumn(f"{target.table}.{target.column} is no longer chunked.") from None
     hits = [Hit(row=hit.row, distance=hit.distance, chunk_no=hit.chunk_no, span=hit.span) for hit in found]

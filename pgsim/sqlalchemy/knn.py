@@ -61,7 +61,7 @@ RESTORE = text(
 
 def filtered_knn(state: ORMExecuteState) -> Any:
     """``do_orm_execute`` hook: None (run as written) unless the statement orders by ``.nearest()`` with a
-    LIMIT; then the rows of the path ``pgsim.knn_plan`` picks."""
+    LIMIT; then the rows of the path ``pgsim.knn_plan`` picks. On a chunked column, documents, LIMIT or not."""
     if not state.is_select or state.is_column_load or state.is_relationship_load:
         return None
     statement = state.statement
@@ -69,15 +69,17 @@ def filtered_knn(state: ORMExecuteState) -> Any:
         return None
     order = list(statement._order_by_clauses)
     nearest = next((term for term in order if NEAREST in getattr(term, "_annotations", {})), None)
-    if nearest is None or statement._limit_clause is None and statement._fetch_clause is None:
-        return None  # no k to keep
-    # no index can order by distance + 0: the filter runs first, then the distances of the rows that pass;
-    # a row not embedded yet has no distance (and no place in the HNSW index): the scan leaves it out too
+    if nearest is None:
+        return None
     column = nearest._annotations[NEAREST]
     connection = state.session.connection(bind_arguments=state.bind_arguments)
     chunks = chunk_table_of(connection, column)
-    if chunks is not None:  # documents by their chunks
+    if chunks is not None:  # documents by their chunks, with a LIMIT or without
         return _documents(state, connection, statement, nearest, column, chunks)
+    if statement._limit_clause is None and statement._fetch_clause is None:
+        return None  # no k to keep
+    # no index can order by distance + 0: the filter runs first, then the distances of the rows that pass;
+    # a row not embedded yet has no distance (and no place in the HNSW index): the scan leaves it out too
     exact = (
         statement.order_by(None)
         .order_by(*[term + literal(0, Float) if term is nearest else term for term in order])

@@ -21,6 +21,9 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 from pgsim.columns.adding import add_embedding
 from pgsim.columns.chunking.settings import Chunks
 from pgsim.columns.grants import grant
+from pgsim.columns.model_change import change_embedding
+from pgsim.columns.registry import chunk_table, require_registration
+from pgsim.columns.worker import sync
 from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput
 from pgsim.knn.documents import search_documents
@@ -119,11 +122,6 @@ def dimension_of(admin: psycopg.Connection[Any]) -> int:
 # --- the leftover chunk table drop (pgsim.columns.chunking.tables._left_by_a_dropped_table) -----------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW: _left_by_a_dropped_table only checks that the five chunk column NAMES are there: a user's "
-    "table of that name with more columns (and rows) is dropped without a word but a log line",
-)
 @pytest.mark.parametrize(
     "columns",
     [
@@ -225,12 +223,6 @@ def sql_hybrid(conn: psycopg.Connection[Any], table: str, query: Any, text: str,
     ).fetchall()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW: equal full-text scores are ranked by key in Python's text list (hybrid_documents._text_matches "
-    "ORDER BY ... keys) but by ctid in SQL pgsim.hybrid_search (and in Python's unchunked hybrid): text ranks, "
-    "scores and the order of documents differ between Python and SQL",
-)
 def test_python_and_sql_hybrid_rank_equal_text_matches_alike(
     admin: psycopg.Connection[Any], roles: Roles, encoder: Encoder
 ) -> None:
@@ -320,30 +312,12 @@ def literal_chunked(admin: psycopg.Connection[Any], roles: Roles, table: str, co
     return vectors
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW (pre-existing: unchunked pgsim.search fails alike): a column named with % (registered fine, "
-    "served by SQL pgsim.knn_documents): pgsim.knn.documents runs its sql.Composed statements with parameters, "
-    "so psycopg reads the % in the quoted chunk table name as a placeholder (emb%(q)s_chunks becomes "
-    "emb$1_chunks: UndefinedTable)",
-)
-def test_python_document_search_on_a_column_named_with_a_percent_sign(
-    admin: psycopg.Connection[Any], roles: Roles
-) -> None:
-    table, column = "pct_docs", "emb%(q)s"
-    vectors = literal_chunked(admin, roles, table, column, 4)
-    query = vectors[2][1]
-    with acting(admin, roles.app):
-        knn = admin.execute(
-            sql.SQL("SELECT r.row FROM pgsim.knn_documents({}::regclass, {}, {}::vector, 2) AS r").format(
-                sql.Literal(ident(table).as_string(admin)),
-                sql.Literal(column),
-                sql.Literal("[" + ",".join(map(str, query.tolist())) + "]"),
-            )
-        ).fetchall()
-        assert knn[0][0]["id"] == 2  # SQL is fine
-        hits = search_documents(admin, table, column, query.tolist(), k=2)
-    assert hits[0].row["id"] == 2
+def test_a_column_named_with_a_percent_sign_is_refused_clearly(admin: psycopg.Connection[Any], roles: Roles) -> None:
+    """Was a bug (every Python search of such a column failed: psycopg reads the % in the quoted chunk table name
+    as a placeholder); now add_embedding refuses the name up front and changes nothing."""
+    with pytest.raises(InvalidInput, match="holds '%'"):
+        literal_chunked(admin, roles, "pct_docs", "emb%(q)s", 4)
+    assert admin.execute("SELECT to_regclass('\"pct_docs__emb%(q)s_chunks\"')").fetchone() == (None,)
 
 
 ODD_TABLE = "Hy\"b R'id $$ x"
@@ -524,12 +498,6 @@ def test_halfvec_documents_one_chunk_and_an_opposite_chunk(admin: psycopg.Connec
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW: hybrid_documents._text_matches reads `FROM {table}, _pgsim_q AS q`: a chunked document table "
-    'named q exposes the same name ("table name q specified more than once"); every other statement aliases '
-    "its own names with _pgsim_ (SQL pgsim.hybrid_search serves the table)",
-)
 def test_python_hybrid_on_a_chunked_table_named_q(
     admin: psycopg.Connection[Any], roles: Roles, encoder: Encoder
 ) -> None:
@@ -563,11 +531,6 @@ def test_add_embedding_with_chunks_refused_leaves_nothing_behind(
     assert left == (0, 0, 0, None)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW: _left_by_a_dropped_table takes a partition (or an inheritance child) of the user's own table "
-    "for a leftover: it has exactly a chunk table's columns, no foreign key, the owner's: its rows go with it",
-)
 @pytest.mark.parametrize("how", ["PARTITION OF archive FOR VALUES IN (1)", "() INHERITS (archive)"])
 def test_a_partition_of_a_users_table_named_like_the_chunk_table_is_not_dropped(
     admin: psycopg.Connection[Any], roles: Roles, how: str
@@ -598,12 +561,6 @@ def test_a_partition_of_a_users_table_named_like_the_chunk_table_is_not_dropped(
     assert refused and archived == (1,)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW (pre-existing naming, low): chunk_table_name joins table and column with '__', so a__b.c and "
-    "a.b__c share the chunk table name a__b__c_chunks: once one is chunked the other cannot be, and the refusal "
-    "tells the user to drop or rename the other column's live chunk table",
-)
 def test_two_registrations_whose_chunk_table_names_collide(admin: psycopg.Connection[Any], roles: Roles) -> None:
     with acting(admin, roles.owner):
         admin.execute('DROP TABLE IF EXISTS "nc__b", "nc" CASCADE')
@@ -616,7 +573,16 @@ def test_two_registrations_whose_chunk_table_names_collide(admin: psycopg.Connec
             "SELECT count(DISTINCT k.chunk_table) FROM pgsim.chunking k JOIN pgsim.embedding e "
             "ON e.id = k.embedding_id WHERE e.table_oid IN ('nc__b'::regclass, 'nc'::regclass)"
         ).fetchone()
-    assert tables == (2,)
+        assert tables == (2,)  # the second takes a name with a hash of its table and column
+        second = chunk_table(admin, require_registration(admin, "nc", "b__c"))
+        assert second is not None and second.name != "nc__b__c_chunks"
+        # a change of its chunks switches to a new chunk table, which takes that name, not the first's
+        change_embedding(admin, "nc", "b__c", chunks=Chunks(48, 8))
+        sync(admin, table="nc", allow_superuser=True)
+        switched = chunk_table(admin, require_registration(admin, "nc", "b__c"))
+        first = chunk_table(admin, require_registration(admin, "nc__b", "c"))
+    assert switched is not None and (switched.name, switched.tokens) == (second.name, 48)
+    assert first is not None and first.name == "nc__b__c_chunks"
 
 
 # --- errors: a chunked column's searches should fail as an unchunked column's do -------------------------------
@@ -644,13 +610,6 @@ def err_docs(admin: psycopg.Connection[Any], roles: Roles) -> np.ndarray:
     return query
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW (low, pre-existing in knn.filtered._documents): on a chunked column pgsim.search lets a filter "
-    "naming a missing column escape as a raw psycopg UndefinedColumn (from pgsim.estimate_rows); the unchunked "
-    "path (and hybrid_search) raise pgsim's UnknownColumn through planner.clear_errors, which the document path "
-    "skips (its model-change guard's error is not made ModelChanged either)",
-)
 @pytest.mark.parametrize("how", ["search"])
 def test_a_filter_on_a_missing_column_is_an_input_error_on_a_chunked_column(
     admin: psycopg.Connection[Any], roles: Roles, err_docs: np.ndarray, how: str
@@ -726,13 +685,6 @@ def test_the_orm_with_a_limit_ranks_documents_by_the_soft_maximum(
     assert found == expected[:5]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW (medium; pre-existing early return, against today's 'one definition in every path'): "
-    "sqlalchemy.knn.filtered_knn returns None (runs the statement as written) when .nearest() has no LIMIT, "
-    "before it looks for a chunk table: a chunked column's documents are then ordered by their own truncated "
-    "whole-text vector, not by their chunks as sqlalchemy.documents says (its exact ordering is never reached)",
-)
 def test_the_orm_without_a_limit_ranks_documents_by_the_soft_maximum(
     admin: psycopg.Connection[Any], roles: Roles, database_dsn: str
 ) -> None:
@@ -740,13 +692,6 @@ def test_the_orm_without_a_limit_ranks_documents_by_the_soft_maximum(
     assert found == expected, f"ordered by the documents' own vectors instead: {found == by_own_vector}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="REVIEW (low, pre-existing statement shape): Statements.hnsw's _pgsim_candidates CTE names its own "
-    "columns chunk_no, span_start, span_end, distance beside the key columns: a document key named distance "
-    "(not refused: it is not a chunk column) makes its ORDER BY ambiguous; SQL pgsim.knn_documents aliases its "
-    "keys _pgsim_k<n> and serves the table",
-)
 def test_python_document_search_with_a_key_named_distance(admin: psycopg.Connection[Any], roles: Roles) -> None:
     d = dimension_of(admin)
     query = unit(np.random.default_rng(31).standard_normal(d))

@@ -109,18 +109,16 @@ def add_chunks(
                 "table uses for itself; chunking needs a key with other column names."
             )
         name = chunk_table_name(registration.table_name, column)
-        taken = conn.execute(
-            "SELECT pg_catalog.to_regclass(%s)::pg_catalog.oid",
-            [sql.Identifier(registration.schema, name).as_string(conn)],
-        ).fetchone()
-        if taken and taken[0] is not None:
-            if not _left_by_a_dropped_table(conn, registration, int(taken[0])):
-                raise InvalidInput(
-                    f"{registration.schema}.{name} exists already; pgsim makes the chunk table there. Drop or "
-                    "rename it."
-                )
+        taken = relation_oid(conn, registration.schema, name)
+        if taken is not None and _left_by_a_dropped_table(conn, registration, taken):
             log.warning("dropping %s.%s, the chunk table of a dropped table of that name", registration.schema, name)
             conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(registration.schema, name)))
+        elif taken is not None and _recorded(conn, taken):  # another column's: a__b.c and a.b__c share the name
+            name = fitted_name(f"{registration.table_name}__{column}", f"{_name_hash(registration, column)}_chunks")
+        if relation_oid(conn, registration.schema, name) is not None:
+            raise InvalidInput(
+                f"{registration.schema}.{name} exists already; pgsim makes the chunk table there. Drop or rename it."
+            )
         made = ChunkTable(registration.schema, name, chunks.tokens, chunks.overlap)
         _create(conn, registration, made)
         conn.execute(
@@ -136,6 +134,23 @@ def add_chunks(
         recorded = chunk_table(conn, registration)
     assert recorded is not None
     return recorded
+
+
+def relation_oid(conn: psycopg.Connection[Any], schema: str, name: str) -> int | None:
+    row = conn.execute(
+        "SELECT pg_catalog.to_regclass(%s)::pg_catalog.oid", [sql.Identifier(schema, name).as_string(conn)]
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def _recorded(conn: psycopg.Connection[Any], table_oid: int) -> bool:
+    """Whether ``table_oid`` is the chunk table of a registration."""
+    row = conn.execute("SELECT EXISTS (SELECT FROM pgsim.chunking WHERE chunk_table = %s::oid)", [table_oid]).fetchone()
+    return bool(row and row[0])
+
+
+def _name_hash(registration: Registration, column: str) -> str:
+    return hashlib.sha256(f"{registration.table_name}.{column}".encode()).hexdigest()[:8]
 
 
 def _left_by_a_dropped_table(conn: psycopg.Connection[Any], registration: Registration, table_oid: int) -> bool:

@@ -124,36 +124,15 @@ def run_cli(dsn: str, *args: str) -> tuple[int, str, str]:
 
 
 def test_the_command_line_declares_chunks(admin: psycopg.Connection[Any], database_dsn: str) -> None:
-    code, out, err = run_cli(
-        database_dsn, "add-embedding", "docs", "embedding", "--source", "body", "--chunk-overlap", "8"
-    )
+    def add(*chunk_options: str) -> tuple[int, str, str]:
+        return run_cli(database_dsn, "add-embedding", "docs", "embedding", "--source", "body", *chunk_options)
+
+    code, out, err = add("--chunk-overlap", "8")
     assert code != 0 and "--chunk-overlap needs --chunk-tokens" in err
-    code, out, err = run_cli(
-        database_dsn,
-        "add-embedding",
-        "docs",
-        "embedding",
-        "--source",
-        "body",
-        "--chunk-tokens",
-        "32",
-        "--chunk-overlap",
-        "32",
-    )
+    code, out, err = add("--chunk-tokens", "32", "--chunk-overlap", "32")
     assert code != 0 and "less than tokens" in err
     assert pgsim.get_registration(admin, "docs", "embedding") is None
-    code, out, err = run_cli(
-        database_dsn,
-        "add-embedding",
-        "docs",
-        "embedding",
-        "--source",
-        "body",
-        "--chunk-tokens",
-        "32",
-        "--chunk-overlap",
-        "8",
-    )
+    code, out, err = add("--chunk-tokens", "32", "--chunk-overlap", "8")
     assert code == 0, err
     assert "chunks of 32 word pieces (overlap 8)" in out
     assert recorded(admin) == (32, 8)

@@ -11,17 +11,11 @@ from alembic.operations import MigrateOperation, Operations
 from psycopg import sql
 
 from pgsim.alembic.ops import CreateHnswIndexOp, check_name, check_schema, offline, table_identifier
-from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.settings import Chunks, checked_chunks
 from pgsim.db.hnsw import DEFAULT_EF_CONSTRUCTION, HNSW
 from pgsim.db.names import derived_name
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
-
-
-def check_chunks(chunks: Any) -> Chunks | None:
-    if chunks is None or isinstance(chunks, Chunks):
-        return chunks
-    raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...); got {chunks!r}.")
 
 
 @Operations.register_operation("create_embedding")
@@ -46,7 +40,7 @@ class CreateEmbeddingOp(MigrateOperation):
         self.column_name = check_name("column", column_name)
         self.source, self.model, self.dtype, self.schema = source, model, dtype, check_schema(schema)
         self.index = HNSW(m, ef_construction) if m is not None else None
-        self.chunks = check_chunks(chunks)
+        self.chunks = checked_chunks(chunks)
 
     @classmethod
     def create_embedding(
@@ -157,7 +151,7 @@ class DropEmbeddingOp(MigrateOperation):
         self.column_name = check_name("column", column_name)
         self.schema, self.source, self.model, self.dtype = check_schema(schema), source, model, dtype
         self.m, self.ef_construction, self.drop_column = m, ef_construction, drop_column
-        self.chunks = check_chunks(chunks)
+        self.chunks = checked_chunks(chunks)
 
     @classmethod
     def drop_embedding(

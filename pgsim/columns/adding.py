@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.settings import Chunks, checked_chunks
 from pgsim.columns.chunking.splitting import window
 from pgsim.columns.chunking.tables import add_chunks
 from pgsim.columns.registry import (
@@ -97,9 +97,8 @@ def add_embedding(
         raise InvalidInput(f"The embedding column name must be a non-empty string; got {column!r}.")
     # an unknown model fails here, before any change; read from the model's files, without loading it
     revision, dimension = model_revision(model), model_dimension(model)
+    chunks = checked_chunks(chunks)
     if chunks is not None:
-        if not isinstance(chunks, Chunks):
-            raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...); got {chunks!r}.")
         chunks.check(window(encoder_for(model)), model)
     with conn.transaction():
         target = read_table(conn, table)

@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 from pgsim.columns.adding import add_embedding, read_table, source_expression
-from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.settings import Chunks, checked_chunks
 from pgsim.columns.chunking.tables import chunk_table_name, fitted_name, relation_oid
 from pgsim.columns.registry import (
     Registration,
@@ -68,9 +68,7 @@ def change_embedding(
     its vectors serve searches as they are, and rows written meanwhile are embedded in the new column only,
     where they become searchable at the switch. Nothing here loads the model: its dimension and revision
     come from its files."""
-    if chunks is not None and not isinstance(chunks, Chunks):
-        raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...); got {chunks!r}.")
-    return _start_change(conn, table, column, source, model, dtype, index, chunks)
+    return _start_change(conn, table, column, source, model, dtype, index, checked_chunks(chunks))
 
 
 def change_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks: Chunks) -> Registration:
@@ -78,9 +76,7 @@ def change_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks
     yet) in the background, as :func:`change_embedding` re-embeds them: a new registration (``<column>_next``)
     with its own chunk table, filled by the workers while searches use the current chunks; the switch swaps
     both at once, and the chunk table takes the current one's name."""
-    if not isinstance(chunks, Chunks):
-        raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...); got {chunks!r}.")
-    return _start_change(conn, table, column, None, None, None, None, chunks)
+    return _start_change(conn, table, column, None, None, None, None, checked_chunks(chunks, required=True))
 
 
 def _start_change(

@@ -34,7 +34,7 @@ from sqlalchemy.orm import MappedColumn, Mapper, Session, mapped_column
 from sqlalchemy.sql.elements import quoted_name
 
 from pgsim.columns.adding import DEFAULT_HNSW
-from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.settings import Chunks, checked_chunks
 from pgsim.db.hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, HNSW
 from pgsim.db.names import derived_name
 from pgsim.encoding.models import DEFAULT_MODEL, model_dimension
@@ -77,8 +77,7 @@ def embedding_column(
     """A nullable embedding column filled from ``source`` (a column name, several, or with
     ``sync="worker"`` an SQL expression over the table's columns) by ``model``; ``chunks``
     (:class:`pgsim.Chunks`) also keeps each document's text as chunks, which searches rank documents by."""
-    if chunks is not None and not isinstance(chunks, Chunks):
-        raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...); got {chunks!r}.")
+    checked_chunks(chunks)
     if sync not in SYNC_MODES:
         raise InvalidInput(f"sync must be one of {', '.join(SYNC_MODES)}; got {sync!r}.")
     if dtype not in ("vector", "halfvec"):

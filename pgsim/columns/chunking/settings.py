@@ -40,3 +40,10 @@ class Chunks:
                 f"Chunks(tokens={self.tokens}) is longer than model {model!r} reads: at most {window} word pieces "
                 f"fit its window. Choose tokens={window} or fewer."
             )
+
+
+def checked_chunks(value: object, *, required: bool = False) -> Chunks | None:
+    """``value`` when it is a :class:`Chunks` (or None, unless ``required``), else a clear error."""
+    if isinstance(value, Chunks) or (value is None and not required):
+        return value
+    raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...); got {value!r}.")

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.chunking.settings import Chunks, checked_chunks
 from pgsim.columns.chunking.splitting import window
 from pgsim.columns.registry import (
     ChunkTable,
@@ -88,8 +88,7 @@ def add_chunks(
     """Chunk the documents of the registered embedding ``table.column``: make its chunk table and queue every
     row with text (unless ``queue`` is false), so the workers fill the chunks (the column's own vector, the
     truncated whole text, stays as it is). Only the table's owner may; in one transaction, every check first."""
-    if not isinstance(chunks, Chunks):
-        raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...); got {chunks!r}.")
+    checked_chunks(chunks, required=True)
     with conn.transaction(), caller_path_kept(conn):
         registration = require_registration(conn, table, column)  # the name as the caller's search_path reads it
         pin_search_path(conn)

@@ -101,10 +101,13 @@ def documents_of(
     where: sql.Composable | None,
     columns: Sequence[str] | None,
     tuning: Tuning = DOCUMENT_TUNING,
+    statements: Statements | None = None,
 ) -> tuple[list[DocumentHit], str]:
     """:func:`search_documents` on a column already read and a query already made parameters
-    (pgsim.knn.target), and the path it took: ``hnsw`` or ``exact``."""
-    statements = chunked_statements(conn, target, columns, where)
+    (pgsim.knn.target), and the path it took: ``hnsw`` or ``exact``. ``statements``: those of
+    :func:`chunked_statements` for the same column, selection and filter, when the caller has them."""
+    if statements is None:
+        statements = chunked_statements(conn, target, columns, where)
     registration = statements.registration
     path = "exact"
     with conn.transaction() as tx, conn.cursor(row_factory=dict_row) as cur:

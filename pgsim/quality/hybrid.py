@@ -49,6 +49,7 @@ from pgsim.knn.planner import (
 from pgsim.knn.statements import DISTANCE, PATHS, Where, check_no_nul, filter_sql, search_statement
 from pgsim.knn.target import VectorColumn, check_k, target_and_params
 from pgsim.quality.connections import psycopg_connection
+from pgsim.quality.hybrid_documents import FusedHit as FusedHit  # re-exported: what hybrid_search returns
 from pgsim.quality.hybrid_documents import fused_documents
 from pgsim.quality.relevance import check_min_score
 from pgsim.quality.relevance_calibration import Fusion, calibrated
@@ -58,19 +59,6 @@ DEFAULT_RRF_K = 60  # Cormack et al.'s constant
 TEXT_CONFIG = re.compile(r"to_tsvector\('([^']+)'::regconfig")
 SCORE, VECTOR_RANK, TEXT_RANK, CANDIDATES = "_pgsim_score", "_pgsim_vector_rank", "_pgsim_text_rank", "_pgsim_found"
 RELEVANCE = "_pgsim_relevance"
-
-
-@dataclass(frozen=True)
-class FusedHit:
-    row: dict[str, Any]
-    score: float  # the sum of the two lists' 1 / (rrf_k + rank), each weighted on a calibrated table
-    distance: float | None  # cosine distance to the query; None: a text match not embedded yet
-    vector_rank: int | None  # 1-based rank among the nearest rows; None: not among the candidates
-    text_rank: int | None  # 1-based rank among the full-text matches; None: not among them
-    relevance: float | None = None  # similarity minus the vector list's last row's (what min_score cuts)
-    # on a chunked embedding: the document's nearest chunk, its number and its character span in the source text
-    chunk_no: int | None = None
-    span: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -118,13 +106,12 @@ def hybrid_search(
         fusion = calibrated(conn, table, column).fusion_for(candidates)
         if target.chunked:
             params.update(text=query)
-            documents = fused_documents(
+            return fused_documents(
                 conn, target, params, where=None if where is None else filter_sql(where).condition, columns=columns,
                 text_column=text.name, config=text.config, fusion=_fusion_params(fusion, rrf_k), k=k,
                 candidates=candidates, min_score=min_score,
                 tuning=DOCUMENT_TUNING if tuning == DEFAULT_TUNING else tuning,
             )  # fmt: skip
-            return [FusedHit(**vars(document)) for document in documents]
         params.update(n=candidates, k=k, text=query, config=text.config, min_score=min_score)
         params.update(_fusion_params(fusion, rrf_k))
         condition = filter_sql(where)

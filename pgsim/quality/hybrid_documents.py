@@ -30,16 +30,18 @@ from pgsim.knn.planner import Tuning
 from pgsim.knn.target import VectorColumn
 
 
+# What a hybrid search returns (pgsim.quality.hybrid re-exports it), defined here, where it is made too.
 @dataclass(frozen=True)
-class FusedDocument:
+class FusedHit:
     row: dict[str, Any]
-    score: float
-    distance: float | None
-    vector_rank: int | None
-    text_rank: int | None
-    relevance: float | None
-    chunk_no: int | None
-    span: tuple[int, int] | None
+    score: float  # the sum of the two lists' 1 / (rrf_k + rank), each weighted on a calibrated table
+    distance: float | None  # cosine distance to the query; None: a text match not embedded yet
+    vector_rank: int | None  # 1-based rank among the nearest rows; None: not among the candidates
+    text_rank: int | None  # 1-based rank among the full-text matches; None: not among them
+    relevance: float | None = None  # similarity minus the vector list's last row's (what min_score cuts)
+    # on a chunked embedding: the document's nearest chunk, its number and its character span in the source text
+    chunk_no: int | None = None
+    span: tuple[int, int] | None = None
 
 
 @dataclass
@@ -67,12 +69,12 @@ def fused_documents(
     candidates: int,
     min_score: float | None,
     tuning: Tuning,
-) -> list[FusedDocument]:
+) -> list[FusedHit]:
     """The k documents with the best fused rank; ``fusion`` holds the statement parameters of
     :func:`pgsim.quality.hybrid._fusion_params` (rrf_k, and_first, gate, weak, and_rows, and_weight,
     long_words, long_rows); ``params`` the query's (pgsim.knn.target)."""
     statements = chunked_statements(conn, target, columns, where)
-    nearest, _ = documents_of(conn, target, params, candidates, where, columns, tuning)
+    nearest, _ = documents_of(conn, target, params, candidates, where, columns, tuning, statements)
     listed: dict[tuple[Any, ...], _Listed] = {}
     for rank, hit in enumerate(nearest, 1):
         listed[hit.key] = _Listed(hit.row, hit.distance, hit.chunk_no, hit.span, vector_rank=rank)
@@ -109,7 +111,7 @@ def fused_documents(
             document.text_rank, fusion["rrf_k"]
         )
         fused.append(
-            FusedDocument(
+            FusedHit(
                 document.row,
                 score,
                 document.distance,
@@ -152,14 +154,14 @@ def _text_matches(
         "(SELECT string_agg(quote_literal(w.lexeme), ' | ')::tsquery FROM unnest(to_tsvector(%(config)s::regconfig, "
         "  %(text)s)) AS w) AS any_word, "
         "(SELECT string_agg(quote_literal(w.lexeme), ' & ')::tsquery FROM unnest(to_tsvector(%(config)s::regconfig, "
-        "  %(text)s)) AS w) AS every_word) "
+        "  %(text)s)) AS w) AS every_word, length(to_tsvector(%(config)s::regconfig, %(text)s)) AS words) "
         "SELECT _pgsim_m.*, _pgsim_best.chunk_no AS _pgsim_chunk_no, _pgsim_best.span_start AS _pgsim_span_start, "
         "_pgsim_best.span_end AS _pgsim_span_end, _pgsim_best.distance AS _pgsim_distance FROM ("
         "  SELECT {columns}, {table}.{column} IS NOT NULL AS _pgsim_embedded, "
         "  %(and_first)s AND {table}.{tsv} @@ _pgsim_q.every_word AS _pgsim_every, "
         "  CASE WHEN %(and_first)s AND {table}.{tsv} @@ _pgsim_q.every_word "
         "  THEN ts_rank({table}.{tsv}, _pgsim_q.every_word, 1) "
-        "  ELSE ts_rank({table}.{tsv}, _pgsim_q.any_word, 1) END AS _pgsim_text_score "
+        "  ELSE ts_rank({table}.{tsv}, _pgsim_q.any_word, 1) END AS _pgsim_text_score, _pgsim_q.words AS _pgsim_words "
         "  FROM {table}, _pgsim_q WHERE {guard} AND {table}.{tsv} @@ _pgsim_q.any_word AND ({condition}) "
         "  ORDER BY _pgsim_every DESC, _pgsim_text_score DESC, {keys} LIMIT %(n)s) AS _pgsim_m "
         "LEFT JOIN LATERAL (SELECT c.chunk_no, c.span_start, c.span_end, {document_distance} AS distance "
@@ -185,7 +187,4 @@ def _text_matches(
     with conn.transaction(), caller_path_kept(conn), conn.cursor(row_factory=dict_row) as cur:
         pin_search_path(conn)  # the filter is read as the vector list reads it
         rows = cur.execute(statement.as_bytes(conn), values, prepare=False).fetchall()
-        counted = cur.execute(
-            "SELECT length(to_tsvector(%(config)s::regconfig, %(text)s)) AS words", values, prepare=False
-        ).fetchone()
-    return rows, int(counted["words"]) if counted else 0
+    return rows, int(rows[0][PREFIX + "words"]) if rows else 0  # without a match, no match's weight needs it

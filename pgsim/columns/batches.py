@@ -255,19 +255,23 @@ def encode_and_write(
     present = [row for row in rows if row[2]]
     gone = [row[0] for row in rows if not row[2]]
     texts = [row[3] for row in present]
-    found = lookup(conn, encoder, texts) if cache else {}
-    to_encode = missing(texts, found)
-    if chunks is not None:
+    if chunks is None:
+        found = lookup(conn, encoder, texts) if cache else {}
+        to_encode = missing(texts, found)
+    else:  # a chunked document's vector is its chunks' mean (see pgsim.columns.chunking.sync_step)
         chunks.prepare([(row[0], row[1], row[3]) for row in present])
     with encoding:  # with two lanes, one forward pass at a time: the model's threads are the machine's cores
         started = time.perf_counter()
-        # chunked: the texts and their new chunks in one call (see pgsim.columns.chunking.sync_step)
-        encoded = encoder.encode(to_encode) if chunks is None else chunks.encode(to_encode)
+        encoded = encoder.encode(to_encode) if chunks is None else chunks.encode()
         report.encode_seconds += time.perf_counter() - started
-    if cache:
-        store(conn, encoder, to_encode, encoded)
-        report.cached += sum(1 for text in texts if text in found)
-    vectors = merged(texts, encoded, found)
+    if chunks is not None:
+        vectors = encoded
+        report.cached += chunks.cache_hits
+    else:
+        if cache:
+            store(conn, encoder, to_encode, encoded)
+            report.cached += sum(1 for text in texts if text in found)
+        vectors = merged(texts, encoded, found)
     started = time.perf_counter()
     vectors_in = vector_schema(conn)
     conn.execute(sql.SQL(TEMP_TABLE).format(vector=sql.Identifier(vectors_in, "vector")))
@@ -294,7 +298,7 @@ def encode_and_write(
         ).fetchall()
     done = {entry_id for (entry_id,) in written}
     if chunks is not None:  # the rows just written, whose text is the one chunked: not one changed meanwhile
-        chunks.write(done, {row[0]: vector for row, vector in zip(present, vectors, strict=True)})
+        chunks.write(done)
     report.write_seconds += time.perf_counter() - started
     emptied = sum(1 for row, vector in zip(present, vectors, strict=True) if vector is None and row[0] in done)
     report.embedded += len(done) - emptied

@@ -7,7 +7,9 @@ column, while this connection writes the previous chunk and stages the next: the
 the database, nor the database for the model. Writing is one transaction per chunk: the rows follow by
 COPY again and the vectors by binary COPY, and one INSERT … SELECT writes rows and vectors together. Rows
 arrive with their embeddings, so the triggers queue none of them (a row whose text is empty gets NULL and
-is queued, then dropped by a worker).
+is queued, then dropped by a worker). A chunked column is not encoded here: its vector is the mean of its
+chunks, which the workers cut, encode and write with it (:mod:`pgsim.columns.chunking.sync_step`), so its
+rows arrive with NULL there and the triggers queue them.
 
 No temp table outlives the transaction that made it: behind a pooler in transaction mode (PgBouncer) the
 next transaction may run on another server connection, where a session's temp table is not.
@@ -27,7 +29,7 @@ from psycopg import sql
 
 from pgsim.columns.batches import checked_encoder
 from pgsim.columns.cache import Found, lookup, merged, missing, store
-from pgsim.columns.registry import Registration, registrations
+from pgsim.columns.registry import Registration, chunk_table, registrations
 from pgsim.db.catalog import pin_search_path, resolve_table, vector_schema
 from pgsim.db.standby import require_primary
 from pgsim.encoding.encoder import Encoder
@@ -47,6 +49,7 @@ class IngestReport:
     empty: int = 0
     truncated: int = 0
     cached: int = 0  # texts found in pgsim.embedding_cache instead of encoded (with cache=True)
+    queued: int = 0  # texts of chunked columns, left to the workers (their chunks and the column's vector)
     seconds: float = 0.0
     encode_seconds: float = 0.0
     write_seconds: float = 0.0
@@ -71,7 +74,7 @@ def ingest(
     require_primary(conn, "pgsim.ingest")
     targets = _targets(conn, table)
     register(conn)
-    encoders = [checked_encoder(target) for target in targets]
+    encoders = [None if chunk_table(conn, target) else checked_encoder(target) for target in targets]
     report = IngestReport()
     started = time.perf_counter()
     iterator = iter(rows)
@@ -79,7 +82,7 @@ def ingest(
     pending: tuple[_Staged, Future[list[_Encoded]]] | None = None
 
     def write(staged: _Staged, encoded: Future[list[_Encoded]]) -> None:
-        _write(conn, targets, encoders if cache else None, columns or [], staged, encoded, report)
+        _write(conn, targets, encoders if cache else [], columns or [], staged, encoded, report)
         report.seconds = time.perf_counter() - started
         if progress:
             progress(report)
@@ -93,12 +96,15 @@ def ingest(
                 if columns is None:
                     columns = _columns_of(chunk[0], targets)
                 staged = _stage(conn, targets, columns, chunk, report, first_row=number * chunk_size)
+                staged.encoded_here = [encoder is not None for encoder in encoders]
             except Exception:
                 if pending is not None:  # the chunks before a bad one are written, as the docs promise
                     write(*pending)
                 raise
             if cache:  # looked up while the model encodes the chunk before
-                staged.found = [lookup(conn, e, texts) for e, texts in zip(encoders, staged.texts, strict=True)]
+                staged.found = [
+                    {} if e is None else lookup(conn, e, texts) for e, texts in zip(encoders, staged.texts, strict=True)
+                ]
             following = (staged, encoding.submit(_encode, encoders, staged.to_encode))
             if pending is not None:  # written while the model encodes the chunk just staged
                 write(*pending)
@@ -114,10 +120,14 @@ class _Staged:
     rows: list[list[Any]]  # the chunk's rows' values in column order, copied again where they are written
     texts: list[list[str | None]]  # per registered column, the rows' source texts
     found: list[Found]  # per registered column, vectors from the cache (empty when it is off)
+    encoded_here: list[bool]  # per registered column, False for a chunked one (the workers fill it)
 
     @property
     def to_encode(self) -> list[list[str | None]]:
-        return [missing(texts, found) for texts, found in zip(self.texts, self.found, strict=True)]
+        return [
+            missing(texts, found) if here else [None] * len(texts)
+            for texts, found, here in zip(self.texts, self.found, self.encoded_here, strict=True)
+        ]
 
 
 @dataclass
@@ -127,10 +137,13 @@ class _Encoded:
     truncated: int
 
 
-def _encode(encoders: list[Any], texts: list[list[str | None]]) -> list[_Encoded]:
-    """In the encoding thread: one call per registered column."""
+def _encode(encoders: list[Encoder | None], texts: list[list[str | None]]) -> list[_Encoded]:
+    """In the encoding thread: one call per registered column that is encoded here (an encoder, not None)."""
     results = []
     for encoder, column_texts in zip(encoders, texts, strict=True):
+        if encoder is None:
+            results.append(_Encoded([None] * len(column_texts), 0.0, 0))
+            continue
         before = encoder.stats.truncated
         started = time.perf_counter()
         vectors = encoder.encode(column_texts)
@@ -191,7 +204,7 @@ def _stage(
         texts = [_source_texts(conn, target, len(chunk)) for target in targets]
         conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(STAGED)))
     report.write_seconds += time.perf_counter() - started
-    return _Staged(values, texts, [{} for _ in texts])
+    return _Staged(values, texts, [{} for _ in texts], [True for _ in texts])
 
 
 def _copy_rows(
@@ -215,14 +228,15 @@ def _copy_rows(
 def _write(
     conn: psycopg.Connection[Any],
     targets: list[Registration],
-    caching: list[Encoder] | None,
+    caching: list[Encoder | None],
     columns: list[str],
     staged: _Staged,
     encoded: Future[list[_Encoded]],
     report: IngestReport,
 ) -> None:
     """One transaction: the chunk's rows by COPY and its vectors by binary COPY, then both by INSERT … SELECT;
-    the vectors just encoded go into the cache too (``caching``: the encoders, when the cache is on)."""
+    the vectors just encoded go into the cache too (``caching``: the encoders, when the cache is on, else
+    empty)."""
     results = encoded.result()
     to_encode = staged.to_encode
     vectors = [merged(t, r.vectors, f) for t, r, f in zip(staged.texts, results, staged.found, strict=True)]
@@ -268,12 +282,16 @@ def _write(
                     ),
                 )
             )
-        for encoder, texts, result in zip(caching or [], to_encode, results, strict=False):
-            store(conn, encoder, texts, result.vectors)
+        for encoder, texts, result in zip(caching, to_encode, results, strict=False):
+            if encoder is not None:
+                store(conn, encoder, texts, result.vectors)
         # dropped here, not ON COMMIT: inside the caller's transaction this one is a savepoint
         conn.execute(sql.SQL("DROP TABLE {}, {}").format(sql.Identifier(STAGED), sql.Identifier(VECTORS)))
     report.write_seconds += time.perf_counter() - started
-    for result, texts, left in zip(results, staged.texts, to_encode, strict=True):
+    for result, texts, left, here in zip(results, staged.texts, to_encode, staged.encoded_here, strict=True):
+        if not here:
+            report.queued += sum(1 for text in texts if text is not None and text.strip())
+            continue
         report.encode_seconds += result.seconds
         report.truncated += result.truncated
         report.empty += sum(1 for text in texts if text is None or not text.strip())

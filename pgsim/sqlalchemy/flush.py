@@ -125,10 +125,11 @@ def encode_bulk_insert(state: ORMExecuteState) -> Any:
 def _agreed(verdicts: dict[Any, bool], mapper: Mapper[Any], key: str, spec: EmbeddingSpec, connection: Any) -> bool:
     """Whether the ORM encodes ``key`` of ``mapper``'s objects (see :mod:`pgsim.sqlalchemy.definition`): the
     database's registration agrees with ``spec``; once per column in a flush. ``connection()`` gives the
-    SQLAlchemy Connection the flush writes through."""
+    SQLAlchemy Connection the flush writes through. A chunked column is checked but never encoded here: its
+    vector is its chunks' mean, written with them by the workers (pgsim.columns.chunking.sync_step)."""
     column = mapper.columns[key]
     if column not in verdicts:
-        verdicts[column] = encodes_on_flush(connection(), column, spec)
+        verdicts[column] = encodes_on_flush(connection(), column, spec) and spec.chunks is None
     return verdicts[column]
 
 

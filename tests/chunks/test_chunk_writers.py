@@ -1,12 +1,14 @@
-"""Every way an application writes a chunked document ends with its chunks: ``pgsim.ingest``, an ORM flush that
-encodes the document's vector itself, and hand-written SQL that supplies the vector, on one table with the
-worker role keeping the chunks (a writer that supplies the document's vector does not supply its chunks)."""
+"""Every way an application writes a chunked document ends with its chunks and, as its vector, their mean:
+``pgsim.ingest`` and an ORM flush leave a chunked column to the workers (they encode nothing for it), and a
+vector that hand-written SQL supplies is replaced by the workers'; on one table with the worker role keeping
+the chunks."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import psycopg
 import pytest
 from chunked_docs import chunk_rows, chunked_table, document_class, engine_as, owned_database, sync_as_worker
@@ -47,38 +49,44 @@ def admin(database_dsn: str, roles: Roles) -> Iterator[psycopg.Connection[Any]]:
 
 
 def chunk_texts(admin: psycopg.Connection[Any], encoder: Encoder) -> dict[int, tuple[bool, bool]]:
-    """id -> (its chunks are those of its current body, its vector is there)."""
+    """id -> (its chunks are those of its current body, its vector is the normalised mean of those chunks')."""
     stored = chunk_rows(admin, "writers")
     found = {}
-    for id_, body, has_vector in admin.execute("SELECT id, body, embedding IS NOT NULL FROM writers ORDER BY id"):
+    rows = admin.execute("SELECT id, body, embedding FROM writers ORDER BY id").fetchall()
+    for id_, body, vector in rows:
         want = [(c.chunk_no, c.start, c.end, digest(c.text)) for c in split(body, SETTINGS, model_tokenizer(encoder))]
         have = [(no, start, end, d) for no, start, end, d, _ in stored.get(id_, [])]
-        found[id_] = (bool(want) and have == want, has_vector)
+        mean = np.mean([chunk_vector for *_, chunk_vector in stored.get(id_, [])] or [np.zeros(1)], axis=0)
+        is_mean = vector is not None and np.allclose(vector.to_numpy(), mean / np.linalg.norm(mean), atol=1e-5)
+        found[id_] = (bool(want) and have == want, is_mean)
     return found
 
 
-def test_ingest_orm_flush_and_sql_with_a_vector_all_end_with_chunks(
+def test_ingest_orm_flush_and_sql_with_a_vector_all_end_with_chunks_and_their_mean(
     admin: psycopg.Connection[Any], roles: Roles, database_dsn: str, encoder: Encoder
 ) -> None:
     with acting(admin, roles.app):
         report = ingest(
             admin, "writers", [{"id": 1, "section": "db", "body": LONG}, {"id": 2, "section": None, "body": "pesto"}]
         )
-        assert report.rows == 2
-        vector = admin.execute("SELECT embedding FROM writers WHERE id = 1").fetchone()[0]
-        admin.execute("INSERT INTO writers VALUES (3, 'db', %s, %s)", ["A hand-written row.\n\n" + LONG, vector])
+        assert (report.rows, report.encoded, report.queued) == (2, 0, 2)  # left to the workers
+        admin.execute(  # a writer's own vector: kept until the workers write the chunks' mean
+            "INSERT INTO writers VALUES (3, 'db', %s, %s)",
+            ["A hand-written row.\n\n" + LONG, encoder.encode(["something else entirely"])[0]],
+        )
     engine = engine_as(database_dsn, roles.app)
     try:
         with Session(engine) as session:
             session.add(Doc(id=4, section="db", body=LONG + "\n\nWritten through the ORM."))
             session.commit()
-            assert session.get(Doc, 4).embedding is not None  # the flush encoded the document's vector itself
+            assert session.get(Doc, 4).embedding is None  # the flush left it to the workers
     finally:
         engine.dispose()
-    assert chunk_rows(admin, "writers") == {}  # the writers supplied vectors, not chunks
+    assert admin.execute("SELECT count(*) FROM writers WHERE embedding IS NOT NULL").fetchone() == (1,)
+    assert chunk_rows(admin, "writers") == {}
     assert sync_as_worker(admin, roles, "writers").failed == 0
     assert chunk_texts(admin, encoder) == {i: (True, True) for i in (1, 2, 3, 4)}
-    with acting(admin, roles.app):  # a new text with the old vector: its chunks follow the new text
+    with acting(admin, roles.app):  # a new text with the old vector: its chunks and vector follow the new text
         admin.execute("UPDATE writers SET body = %s, embedding = embedding WHERE id = 2", ["pesto, with basil"])
     sync_as_worker(admin, roles, "writers")
     assert chunk_texts(admin, encoder)[2] == (True, True)

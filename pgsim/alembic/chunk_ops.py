@@ -1,5 +1,5 @@
 """``op.remove_chunks``: a chunked embedding column's documents no longer kept as chunks
-(:func:`pgsim.remove_chunks`); its vectors stay. The reverse chunks them again in the background
+(:func:`pgsim.remove_chunks`); every row is queued, and the workers embed its whole text again. The reverse chunks them again in the background
 (``op.change_embedding(..., chunks=pgsim.Chunks(tokens, overlap))``).
 
 Like ``op.change_embedding``, it does what the database needs to end up without chunks: nothing when the

@@ -99,7 +99,7 @@ def _render_change_embedding(autogen_context: AutogenContext, op: ChangeEmbeddin
 
 @renderers.dispatch_for(RemoveChunksOp)
 def _render_remove_chunks(autogen_context: AutogenContext, op: RemoveChunksOp) -> list[str]:
-    comment = f"# the documents of {op.table_name}.{op.column_name} are no longer kept as chunks (the vectors stay)"
+    comment = f"# the documents of {op.table_name}.{op.column_name} are no longer kept as chunks (re-embedded whole)"
     call = _render(
         autogen_context, "remove_chunks", op.table_name, op.column_name,
         tokens=op.chunks.tokens if op.chunks else None, overlap=op.chunks.overlap if op.chunks else None,

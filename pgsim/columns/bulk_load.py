@@ -290,6 +290,7 @@ def _write(
     report.write_seconds += time.perf_counter() - started
     for result, texts, left, here in zip(results, staged.texts, to_encode, staged.encoded_here, strict=True):
         if not here:
+            report.empty += sum(1 for text in texts if text is None or not text.strip())
             report.queued += sum(1 for text in texts if text is not None and text.strip())
             continue
         report.encode_seconds += result.seconds

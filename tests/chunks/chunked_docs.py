@@ -4,7 +4,8 @@ superuser's connection, see fixtures.roles)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,9 +18,13 @@ from sqlalchemy import String
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from pgsim.columns.adding import add_embedding
+from pgsim.columns.batches import claim_and_encode
 from pgsim.columns.chunking.settings import Chunks
 from pgsim.columns.grants import grant
+from pgsim.columns.registry import require_registration
 from pgsim.columns.worker import SyncReport, sync
+from pgsim.encoding.encoder import Encoder, Kind, Vector
+from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.psycopg import register
 from pgsim.sqlalchemy import embedding_column
 
@@ -129,3 +134,40 @@ def document_distance(chunks: np.ndarray, query: np.ndarray) -> float:
     numpy: one minus their soft maximum, log-mean-exp at temperature 0.05 (pgsim.knn.documents)."""
     similarities = (chunks @ query) / np.linalg.norm(chunks, axis=1) / np.linalg.norm(query)
     return float(1 - 0.05 * np.log(np.mean(np.exp(similarities / 0.05))))
+
+
+class CountingEncoder(Encoder):
+    """The real encoder, recording the texts of each call."""
+
+    def __init__(self) -> None:
+        super().__init__(DEFAULT_MODEL)
+        self.warn_truncation = False
+        self.calls: list[list[str | None]] = []
+
+    def encode(self, texts: Sequence[str | None], *, kind: Kind = "document", **options: Any) -> list[Vector | None]:
+        self.calls.append(list(texts))
+        return super().encode(texts, kind=kind, **options)
+
+    @property
+    def encoded(self) -> list[str]:
+        return [text for call in self.calls for text in call if text is not None]
+
+
+def one_batch(admin: psycopg.Connection[Any], roles: Roles, encoder: Encoder, *, cache: bool = False) -> Any:
+    """One batch (up to 50 rows) of table ``docs``'s queue, claimed and encoded by the worker role with ``encoder``."""
+    with acting(admin, roles.worker):
+        registration = require_registration(admin, "docs", "embedding")
+        return claim_and_encode(admin, registration, encoder, 50, retried=False, max_attempts=5,
+                                retry_delay=1.0, cache=cache, encoding=contextlib.nullcontext())  # fmt: skip
+
+
+def document_vectors(admin: psycopg.Connection[Any], column: str = "embedding") -> dict[int, Any]:
+    """id -> the vector in ``column`` of table ``docs`` (numpy, None where NULL)."""
+    rows = admin.execute(sql.SQL("SELECT id, {}::vector FROM docs").format(sql.Identifier(column))).fetchall()
+    return {doc_id: None if v is None else np.asarray(v, dtype=np.float32) for doc_id, v in rows}
+
+
+def mean_of(vectors: Sequence[Any]) -> Any:
+    """The normalised mean of ``vectors``: what a chunked document's own vector should be."""
+    mean = np.mean(np.stack(vectors).astype(np.float64), axis=0)
+    return mean / np.linalg.norm(mean)

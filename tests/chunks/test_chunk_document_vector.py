@@ -5,23 +5,28 @@ server and model, with the worker role."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import psycopg
 import pytest
-from chunked_docs import chunk_rows, chunked_table, owned_database, sync_as_worker
+from chunked_docs import (
+    CountingEncoder,
+    chunk_rows,
+    chunked_table,
+    document_vectors,
+    mean_of,
+    one_batch,
+    owned_database,
+    sync_as_worker,
+)
 from fixtures.roles import Roles, acting
 
-from pgsim.columns.batches import claim_and_encode
 from pgsim.columns.chunking.settings import Chunks
 from pgsim.columns.chunking.splitting import model_tokenizer, split
 from pgsim.columns.chunking.sync_step import document_vector
-from pgsim.columns.registry import require_registration
-from pgsim.encoding.encoder import Encoder, Kind, Vector
-from pgsim.encoding.models import DEFAULT_MODEL
+from pgsim.encoding.encoder import Encoder
 from pgsim.psycopg import register
 
 SETTINGS = Chunks(32, 8)
@@ -31,19 +36,6 @@ PARAGRAPHS = [
     "Chess engines search game trees with alpha-beta pruning. Opening books guide the first moves of a game.",
 ]
 LONG = "\n\n".join(PARAGRAPHS)
-
-
-class CountingEncoder(Encoder):
-    """The real encoder, recording the texts of each call."""
-
-    def __init__(self) -> None:
-        super().__init__(DEFAULT_MODEL)
-        self.warn_truncation = False
-        self.calls: list[list[str | None]] = []
-
-    def encode(self, texts: Sequence[str | None], *, kind: Kind = "document", **options: Any) -> list[Vector | None]:
-        self.calls.append(list(texts))
-        return super().encode(texts, kind=kind, **options)
 
 
 @pytest.fixture(scope="module")
@@ -64,23 +56,6 @@ def insert(admin: psycopg.Connection[Any], roles: Roles, rows: dict[int, str | N
     with acting(admin, roles.app):
         for doc_id, text in rows.items():
             admin.execute("INSERT INTO docs VALUES (%s, 'x', %s)", [doc_id, text])
-
-
-def one_batch(admin: psycopg.Connection[Any], roles: Roles, encoder: Encoder) -> Any:
-    with acting(admin, roles.worker):
-        registration = require_registration(admin, "docs", "embedding")
-        return claim_and_encode(admin, registration, encoder, 10, retried=False, max_attempts=5,
-                                retry_delay=1.0, cache=False, encoding=contextlib.nullcontext())  # fmt: skip
-
-
-def document_vectors(admin: psycopg.Connection[Any]) -> dict[int, Any]:
-    rows = admin.execute("SELECT id, embedding FROM docs").fetchall()
-    return {doc_id: None if v is None else np.asarray(v.to_list(), dtype=np.float32) for doc_id, v in rows}
-
-
-def mean_of(vectors: list[Any]) -> Any:
-    mean = np.mean(np.stack(vectors).astype(np.float64), axis=0)
-    return mean / np.linalg.norm(mean)
 
 
 def test_a_batch_encodes_each_new_chunk_once_and_writes_their_mean_as_the_documents_vector(

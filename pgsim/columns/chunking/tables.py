@@ -86,8 +86,8 @@ def add_chunks(
     conn: psycopg.Connection[Any], table: str, column: str, chunks: Chunks, *, queue: bool = True
 ) -> ChunkTable:
     """Chunk the documents of the registered embedding ``table.column``: make its chunk table and queue every
-    row with text (unless ``queue`` is false), so the workers fill the chunks (the column's own vector, the
-    truncated whole text, stays as it is). Only the table's owner may; in one transaction, every check first."""
+    row with text (unless ``queue`` is false), so the workers fill the chunks and write the column as their mean
+    (pgsim.columns.chunking.sync_step). Only the table's owner may; in one transaction, every check first."""
     checked_chunks(chunks, required=True)
     with conn.transaction(), caller_path_kept(conn):
         registration = require_registration(conn, table, column)  # the name as the caller's search_path reads it
@@ -194,7 +194,8 @@ def _left_by_a_dropped_table(conn: psycopg.Connection[Any], registration: Regist
 
 
 def remove_chunks(conn: psycopg.Connection[Any], table: str, column: str) -> None:
-    """Undo :func:`add_chunks`: the chunk table and its row in pgsim.chunking. The registration stays."""
+    """Undo :func:`add_chunks`: the chunk table and its row in pgsim.chunking. The registration stays, and every
+    row with text is queued: the column held its chunks' mean, and the workers write the whole text's vector."""
     with conn.transaction(), caller_path_kept(conn):
         registration = require_registration(conn, table, column)
         pin_search_path(conn)
@@ -205,6 +206,7 @@ def remove_chunks(conn: psycopg.Connection[Any], table: str, column: str) -> Non
         conn.execute("DELETE FROM pgsim.chunking WHERE embedding_id = %s", [registration.id])
         conn.execute(sql.SQL("DROP TABLE {}").format(found.table_sql))
         remake_triggers(conn, registration)
+        queue_rows(conn, registration, only_missing=False)
 
 
 def remake_triggers(conn: psycopg.Connection[Any], registration: Registration) -> None:

@@ -1,10 +1,14 @@
 """Chunks kept in sync by the queue worker, on the real server and model: insert, update (unchanged chunks keep
 their vectors and are not encoded again), delete, a document changed while its chunks encode, a worker lost
-mid-write, grants, and removal."""
+mid-write (its backend terminated, or its process killed), grants, and removal."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,6 +26,7 @@ from pgsim.columns.chunking.splitting import model_tokenizer, split
 from pgsim.columns.chunking.sync_step import digest
 from pgsim.columns.chunking.tables import add_chunks, chunk_table_name, remove_chunks
 from pgsim.columns.registry import remove_embedding, require_registration
+from pgsim.columns.worker import WORKER_APPLICATION_NAME
 from pgsim.encoding.encoder import Encoder, encoder_for
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
@@ -229,22 +234,44 @@ def wait_for(condition: Callable[[], Any], timeout: float = 60.0) -> Any:
     return found
 
 
+@contextlib.contextmanager
+def slow_chunk_writes(admin: Any, roles: Roles, seconds: float) -> Iterator[None]:
+    """Every insert into the chunk table sleeps ``seconds`` first: a worker can be lost inside one."""
+    with acting(admin, roles.owner):
+        admin.execute("CREATE FUNCTION public.slow_chunks() RETURNS trigger LANGUAGE plpgsql AS "
+                      f"$$ BEGIN PERFORM pg_catalog.pg_sleep({seconds}); RETURN NULL; END $$")  # fmt: skip
+        admin.execute(
+            "CREATE TRIGGER slow AFTER INSERT ON docs__embedding_chunks EXECUTE FUNCTION public.slow_chunks()"
+        )
+    try:
+        yield
+    finally:
+        with acting(admin, roles.owner):
+            admin.execute("DROP TRIGGER slow ON docs__embedding_chunks")
+            admin.execute("DROP FUNCTION public.slow_chunks()")
+
+
+def sleeping_backend(admin: Any, application_name: str) -> Any:
+    return admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND wait_event = 'PgSleep' "
+        "AND datname = pg_catalog.current_database()",
+        [application_name],
+    ).fetchone()
+
+
 def test_a_worker_lost_while_writing_chunks_leaves_the_old_chunk_set(
     admin: Any, roles: Roles, database_dsn: str, encoder: Encoder
 ) -> None:
     old_text = "\n\n".join(PARAGRAPHS)
     write_as_app(admin, roles, "INSERT INTO docs VALUES (1, 'db', %s)", [old_text])
     sync_as_worker(admin, roles, "docs")
-    with acting(admin, roles.owner):  # a slow insert into the chunk table: the worker dies inside it
-        admin.execute("CREATE FUNCTION public.slow_chunks() RETURNS trigger LANGUAGE plpgsql AS "
-                      "$$ BEGIN PERFORM pg_catalog.pg_sleep(30); RETURN NULL; END $$")  # fmt: skip
-        admin.execute(
-            "CREATE TRIGGER slow AFTER INSERT ON docs__embedding_chunks EXECUTE FUNCTION public.slow_chunks()"
-        )
     new_text = "A different text altogether.\n\n" + PARAGRAPHS[0]
     write_as_app(admin, roles, "UPDATE docs SET body = %s WHERE id = 1", [new_text])
     failures: list[BaseException] = []
-    with psycopg.connect(database_dsn, autocommit=True, application_name="doomed worker") as doomed:
+    with (
+        slow_chunk_writes(admin, roles, 30),
+        psycopg.connect(database_dsn, autocommit=True, application_name="doomed worker") as doomed,
+    ):
 
         def drain() -> None:
             try:
@@ -254,17 +281,45 @@ def test_a_worker_lost_while_writing_chunks_leaves_the_old_chunk_set(
 
         thread = threading.Thread(target=drain)
         thread.start()
-        pid = wait_for(lambda: admin.execute(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = 'doomed worker' AND wait_event = 'PgSleep'"
-        ).fetchone())  # fmt: skip
+        pid = wait_for(lambda: sleeping_backend(admin, "doomed worker"))
         admin.execute("SELECT pg_terminate_backend(%s)", [pid[0]])
         thread.join(timeout=60)
     assert failures and isinstance(failures[0], psycopg.OperationalError)
-    with acting(admin, roles.owner):
-        admin.execute("DROP TRIGGER slow ON docs__embedding_chunks")
-        admin.execute("DROP FUNCTION public.slow_chunks()")
     assert_chunks_of(admin, encoder, 1, old_text, vectors=False)  # rolled back: the old chunks, whole
     assert admin.execute("SELECT count(*) FROM pgsim.queue").fetchone()[0] == 1  # still queued
+    assert sync_as_worker(admin, roles, "docs").embedded == 1
+    assert_chunks_of(admin, encoder, 1, new_text)
+
+
+def test_a_worker_process_killed_mid_document_leaves_nothing_half_written(
+    admin: Any, roles: Roles, database_dsn: str, encoder: Encoder
+) -> None:
+    """``pgsim worker`` SIGKILLed while its backend writes a document's chunks: while that backend runs on and
+    after it is gone, searches see the old chunks and the old vector, whole; the row stays queued."""
+    old_text = "\n\n".join(PARAGRAPHS)
+    write_as_app(admin, roles, "INSERT INTO docs VALUES (1, 'db', %s)", [old_text])
+    sync_as_worker(admin, roles, "docs")
+    own_vector = "SELECT embedding::text FROM docs WHERE id = 1"
+    before = admin.execute(own_vector).fetchone()
+    new_text = "A different text altogether.\n\n" + PARAGRAPHS[0]
+    write_as_app(admin, roles, "UPDATE docs SET body = %s WHERE id = 1", [new_text])
+    command = [sys.executable, "-m", "pgsim.cli", "--dsn", database_dsn, "worker", "docs", "embedding",
+               "--once", "--allow-superuser"]  # fmt: skip
+    with slow_chunk_writes(admin, roles, 4):
+        worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        try:
+            wait_for(lambda: sleeping_backend(admin, WORKER_APPLICATION_NAME), timeout=120)
+            worker.send_signal(signal.SIGKILL)
+            worker.wait(timeout=30)
+        finally:
+            worker.kill()
+        assert_chunks_of(admin, encoder, 1, old_text)  # its backend still inserting: nothing of it shows
+        wait_for(lambda: not admin.execute("SELECT 1 FROM pg_stat_activity WHERE application_name = %s "
+                                           "AND datname = pg_catalog.current_database()",
+                                           [WORKER_APPLICATION_NAME]).fetchone(), timeout=60)  # fmt: skip
+    assert_chunks_of(admin, encoder, 1, old_text)
+    assert admin.execute(own_vector).fetchone() == before
+    assert admin.execute("SELECT count(*) FROM pgsim.queue").fetchone()[0] == 1
     assert sync_as_worker(admin, roles, "docs").embedded == 1
     assert_chunks_of(admin, encoder, 1, new_text)
 

@@ -1,8 +1,9 @@
-"""Attacks on the chunk mean (a chunked column's own vector is the normalised mean of its chunks' vectors,
-written by the workers with the chunks; ingest and the ORM flush leave a chunked column to them): removing
-chunks, vectors written by hand, ingest's counts, repeated paragraphs, blank texts, the cache, model and
-chunk changes, row-level security, pgvector in another schema, very long documents, two lanes. On the real
-server and model, with the worker role."""
+"""A chunked column's own vector is the normalised mean of its chunks' vectors, written by the workers with the
+chunks: each new chunk is encoded once, in one encoder call per batch, and nothing else is (not the whole
+text); a changed document's kept chunks count in its mean; ingest and the ORM flush leave a chunked column to
+the workers. Then attacks on it: removing chunks, vectors written by hand, ingest's counts, repeated
+paragraphs, blank texts, the cache, model and chunk changes, row-level security, pgvector in another schema,
+very long documents, two lanes. On the real server and model, with the worker role."""
 
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from pgsim.columns.adding import add_embedding
 from pgsim.columns.bulk_load import ingest
 from pgsim.columns.chunking.settings import Chunks
 from pgsim.columns.chunking.splitting import model_tokenizer, split
-from pgsim.columns.chunking.sync_step import digest
+from pgsim.columns.chunking.sync_step import digest, document_vector
 from pgsim.columns.chunking.tables import remove_chunks
 from pgsim.columns.grants import grant
 from pgsim.columns.model_change import change_chunks
@@ -93,6 +94,59 @@ def expected_mean(encoder: Encoder, text: str, settings: Chunks = SETTINGS) -> A
 
 def close(a: Any, b: Any) -> bool:
     return a is not None and b is not None and float(np.abs(np.asarray(a) - np.asarray(b)).max()) < TOLERANCE
+
+
+def test_a_batch_encodes_each_new_chunk_once_and_writes_their_mean_as_the_documents_vector(
+    admin: Any, roles: Roles, encoder: Encoder
+) -> None:
+    texts: dict[int, str | None] = {1: LONG, 2: "  A short note.\n", 3: None, 4: "   "}
+    insert_rows(admin, roles, texts)
+    counting = CountingEncoder()
+    report = one_batch(admin, roles, counting)
+    assert report is not None and (report.embedded, report.emptied) == (2, 2)
+    chunks = {doc_id: split(text, SETTINGS, model_tokenizer(encoder)) for doc_id, text in texts.items()}
+    assert len(chunks[1]) > 1 and len(chunks[2]) == 1 and chunks[3] == chunks[4] == []
+    (call,) = counting.calls  # one call, the chunks' texts only: no document text is encoded
+    assert call == [c.text for c in chunks[1] + chunks[2]]
+    stored, documents = chunk_rows(admin, "docs"), document_vectors(admin)
+    assert documents[3] is None and documents[4] is None and set(stored) == {1, 2}
+    for doc_id in (1, 2):
+        want = encoder.encode([c.text for c in chunks[doc_id]])
+        assert [(no, start, end) for no, start, end, _, _ in stored[doc_id]] == [
+            (c.chunk_no, c.start, c.end) for c in chunks[doc_id]
+        ]
+        for (*_, vector), expected in zip(stored[doc_id], want, strict=True):
+            assert float(np.abs(vector - expected).max()) < 2e-3  # halfvec keeps about three digits
+        assert float(np.abs(documents[doc_id] - mean_of(want)).max()) < 2e-3
+    assert float(np.linalg.norm(documents[1])) == pytest.approx(1.0, abs=2e-3)
+    assert float(documents[1] @ encoder.encode([LONG])[0]) < 0.99  # the mean, not the first window's vector
+
+
+def test_a_changed_document_encodes_only_its_new_chunks_and_its_mean_counts_the_kept_ones(
+    admin: Any, roles: Roles, encoder: Encoder
+) -> None:
+    insert_rows(admin, roles, {1: LONG})
+    sync_as_worker(admin, roles, "docs")
+    changed = "\n\n".join([*PARAGRAPHS[:2], "Rowing crews train on cold rivers at dawn, six days a week."])
+    with acting(admin, roles.app):
+        admin.execute("UPDATE docs SET body = %s WHERE id = 1", [changed])
+    counting = CountingEncoder()
+    assert one_batch(admin, roles, counting).embedded == 1
+    old = {c.text for c in split(LONG, SETTINGS, model_tokenizer(encoder))}
+    new = split(changed, SETTINGS, model_tokenizer(encoder))
+    (call,) = counting.calls
+    assert call == [c.text for c in new if c.text not in old] and len(call) < len(new)
+    want = mean_of(encoder.encode([c.text for c in new]))
+    assert float(np.abs(document_vectors(admin)[1] - want).max()) < 2e-3
+    assert [no for no, *_ in chunk_rows(admin, "docs")[1]] == list(range(len(new)))
+
+
+def test_document_vector_is_the_unit_mean_and_keeps_a_direction() -> None:
+    x, y = np.eye(3, dtype=np.float32)[:2]
+    assert document_vector([]) is None
+    assert document_vector([x]) is x
+    assert np.allclose(document_vector([x, y]), (x + y) / np.sqrt(2))
+    assert document_vector([x, -x]) is x  # no mean direction: the first chunk stands for the text
 
 
 # --- found by the review, fixed or documented ----------------------------------------------------------------

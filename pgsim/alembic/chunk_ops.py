@@ -1,6 +1,6 @@
 """``op.remove_chunks``: a chunked embedding column's documents no longer kept as chunks
-(:func:`pgsim.remove_chunks`); every row is queued, and the workers embed its whole text again. The reverse chunks them again in the background
-(``op.change_embedding(..., chunks=pgsim.Chunks(tokens, overlap))``).
+(:func:`pgsim.remove_chunks`); every row is queued, and the workers embed its whole text again. The reverse
+chunks them again in the background (``op.change_embedding(..., chunks=pgsim.Chunks(tokens, overlap))``).
 
 Like ``op.change_embedding``, it does what the database needs to end up without chunks: nothing when the
 column has none; a change still filling into another definition is cancelled; a change into the same

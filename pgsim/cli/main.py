@@ -173,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--keep-column", action="store_true", help="keep the column and its vectors")
     remove.set_defaults(run=cmd_remove_embedding)
 
-    unchunk = add_command("remove-chunks", help="stop keeping a column's documents as chunks; the workers re-embed the whole texts")
+    unchunk = add_command(
+        "remove-chunks", help="stop keeping a column's documents as chunks; the workers re-embed the whole texts"
+    )
     unchunk.add_argument("table")
     unchunk.add_argument("column")
     unchunk.set_defaults(run=cmd_remove_chunks)

@@ -287,13 +287,19 @@ def worker_command(database: str, *arguments: str) -> list[str]:
     return [sys.executable, "-m", "pgsim.cli", "--dsn", database, "worker", *arguments]
 
 
-def test_two_worker_processes_share_the_queue_without_encoding_a_row_twice(pkgs: Any, database: str) -> None:
+@pytest.mark.parametrize("route", ["one DSN", "own DSNs"])
+def test_two_worker_processes_share_the_queue_without_encoding_a_row_twice(
+    pkgs: Any, database: str, route: str, request: pytest.FixtureRequest
+) -> None:
+    """Two ``pgsim worker --once`` processes on one queue: with one DSN, and as workers on two hosts would run,
+    each with its own (the Unix socket, and TCP through PgBouncer in transaction pooling)."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    dsns = [database, database if route == "one DSN" else request.getfixturevalue("pgbouncer_dsn")]
     workers = [
         subprocess.Popen(
-            worker_command(database, "--once", "--batch-size", "8"), stdout=subprocess.PIPE, text=True, env=environment
+            worker_command(dsn, "--once", "--batch-size", "8"), stdout=subprocess.PIPE, text=True, env=environment
         )
-        for _ in range(2)
+        for dsn in dsns
     ]
     outputs = [worker.communicate(timeout=300)[0] for worker in workers]
     assert all(worker.returncode == 0 for worker in workers), outputs

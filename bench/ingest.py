@@ -15,6 +15,8 @@
    seconds at R = half the encoder's measured throughput; lag = commit -> embedding visible (polled every
    20 ms). Then R = 1.5x the throughput for a while: lag grows; the queue drains after; nothing is lost.
 3. ``--parts processes``: ``pgsim backfill --processes 1`` and ``2`` on ROWS rows queued by COPY.
+   ``--parts hosts``: ``pgsim worker --once`` processes with their own DSNs (``--worker-dsns``, as workers
+   on other hosts run), started together on ROWS queued rows: each one's share, rows embedded twice.
    ``--parts overlap``: pgsim.sync on one connection vs two, with the local server sharing the model's
    cores and pinned to a core of its own (a database elsewhere); needs a local server.
 4. HNSW build on all ~63k rows (cached embeddings): PostgreSQL's defaults, hand-tuned settings, and
@@ -253,24 +255,75 @@ def measure_processes(dsn: str, conn: psycopg.Connection[Any], packages: list[Pa
         command = [sys.executable, "-m", "pgsim.cli", "--dsn", dsn, "backfill", table, "embedding"]
         started = time.perf_counter()
         child = subprocess.Popen([*command, "--processes", str(processes)], stdout=subprocess.DEVNULL)
-        first = last = None
-        count = sql.SQL("SELECT count(embedding) FROM {}").format(sql.Identifier(*table.split(".")))
-        while child.poll() is None or last is None:
-            done = conn.execute(count).fetchone()[0]  # type: ignore[index]
-            now = time.perf_counter()
-            if done and first is None:
-                first = (now, done)
-            if done == len(packages):
-                last = now
-                break
-            time.sleep(0.05)
-        child.wait()
-        total = time.perf_counter() - started
-        assert first is not None and last is not None
-        steady = (len(packages) - first[1]) / (last - first[0])
+        total, steady = drained(conn, table, len(packages), [child], started)
         rows.append([processes, len(packages), f"{total:.1f}", f"{len(packages) / total:.1f}", f"{steady:.1f}"])
     for row in rows:
         row.append(f"{float(row[4]) / float(rows[0][4]):.2f}x")
+    return rows
+
+
+def drained(
+    conn: psycopg.Connection[Any], table: str, total_rows: int, children: list[Any], started: float
+) -> tuple[float, float]:
+    """Wait for ``children`` to embed all ``total_rows`` rows of ``table``: (seconds since ``started``, steady
+    rows/s from the first embedded row to the last)."""
+    first = last = None
+    count = sql.SQL("SELECT count(embedding) FROM {}").format(sql.Identifier(*table.split(".")))
+    while any(child.poll() is None for child in children) or last is None:
+        done = conn.execute(count).fetchone()[0]  # type: ignore[index]
+        now = time.perf_counter()
+        if done and first is None:
+            first = (now, done)
+        if done == total_rows:
+            last = now
+            break
+        if all(child.poll() is not None for child in children):
+            raise RuntimeError(f"the workers exited with {done} of {total_rows} rows embedded")
+        time.sleep(0.05)
+    for child in children:
+        child.wait()
+    assert first is not None and last is not None
+    return time.perf_counter() - started, (total_rows - first[1]) / max(last - first[0], 1e-9)
+
+
+def measure_hosts(dsns: list[str], conn: psycopg.Connection[Any], packages: list[Package]) -> list[list[object]]:
+    """`pgsim worker --once` processes, one per DSN in ``dsns`` (as workers on other hosts run, each with its
+    own), started together on rows queued by COPY; first the first DSN's alone. Each process's share of the
+    rows (from its summary line), and whether any row was embedded twice (the shares add up to more)."""
+    import subprocess
+
+    rows: list[list[object]] = []
+    for group in ([dsns[0]], dsns):
+        table = fresh_table(conn, f"hosts{len(group)}", registered=True)
+        copy_packages(conn, table, packages)
+        started = time.perf_counter()
+        children = [
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pgsim.cli",
+                    "--dsn",
+                    dsn,
+                    "worker",
+                    table,
+                    "embedding",
+                    "--once",
+                    "--batch-size",
+                    "32",
+                ],
+                stdout=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // len(group)))},
+            )  # fmt: skip
+            for dsn in group
+        ]
+        total, steady = drained(conn, table, len(packages), children, started)
+        shares = [int(child.communicate()[0].strip().splitlines()[-1].split(" rows embedded")[0]) for child in children]
+        rows.append([len(group), len(packages), " / ".join(map(str, shares)), sum(shares) - len(packages),
+                     f"{total:.1f}", f"{steady:.1f}"])  # fmt: skip
+    for row in rows:
+        row.append(f"{float(row[5]) / float(rows[0][5]):.2f}x")
     return rows
 
 
@@ -403,7 +456,12 @@ def main() -> None:
     parser.add_argument(
         "--parts",
         default="throughput,lag,builds",
-        help="comma-separated subset of throughput, lag, builds, processes, overlap",
+        help="comma-separated subset of throughput, lag, builds, processes, overlap, hosts",
+    )
+    parser.add_argument(
+        "--worker-dsns",
+        nargs="+",
+        help="for --parts hosts: one pgsim worker process per DSN (default: --dsn twice)",
     )
     args = parser.parse_args()
 
@@ -422,6 +480,10 @@ def main() -> None:
         pooled = measure_processes(dsn, conn, chosen)
         print(f"\npgsim backfill --processes P on {len(chosen)} queued rows ({os.cpu_count()} cores)\n")
         print(format_table(["processes", "rows", "seconds", "rows/s", "steady rows/s", "vs 1 process"], pooled))
+    if "hosts" in parts:
+        hosts = measure_hosts(args.worker_dsns or [dsn, dsn], conn, chosen)
+        print(f"\npgsim worker --once, one process per DSN, on {len(chosen)} queued rows ({os.cpu_count()} cores)\n")
+        print(format_table(["processes", "rows", "rows each", "twice", "seconds", "steady rows/s", "vs 1"], hosts))
     if "overlap" in parts:
         overlapped = measure_overlap(dsn, conn, chosen)
         print(f"\npgsim.sync on one connection vs two (overlap_with), {len(chosen)} rows, rows/s (mean of 3)\n")

@@ -36,6 +36,7 @@ from pgsim.db.catalog import (
     resolve_table,
     table_columns,
 )
+from pgsim.db.citus import require_not_citus_table
 from pgsim.db.hnsw import HNSW, create_hnsw_index
 from pgsim.db.names import derived_name
 from pgsim.db.standby import require_primary
@@ -102,6 +103,7 @@ def add_embedding(
         chunks.check(window(encoder_for(model)), model)
     with conn.transaction():
         target = read_table(conn, table)
+        require_not_citus_table(conn, target.oid, target.qualified)
         _check_names(target, column)
         forget_dropped(conn)
         if get_registration(conn, target.qualified, column) is not None:

@@ -53,9 +53,12 @@ def chunked_table(
     """``table`` (id int primary key, section, body), the owner's, with embedding ``embedding`` of ``body`` chunked
     by ``chunks``; the worker and the application granted what they need (the app writes rows too)."""
     with acting(admin, roles.owner):
-        # the chunk table first: a document table dropped leaves it (its registration is forgotten)
-        old_chunks = sql.Identifier(f"{table}__embedding_chunks")
-        admin.execute(sql.SQL("DROP TABLE IF EXISTS {}, {} CASCADE").format(old_chunks, sql.Identifier(table)))
+        # the chunk tables first (a change's too): a document table dropped leaves them (its registration is
+        # forgotten)
+        old_chunks = [sql.Identifier(f"{table}__embedding{part}_chunks") for part in ("", "_next")]
+        admin.execute(
+            sql.SQL("DROP TABLE IF EXISTS {}, {} CASCADE").format(sql.SQL(", ").join(old_chunks), sql.Identifier(table))
+        )
         admin.execute(
             sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, section text, body text)").format(sql.Identifier(table))
         )
@@ -65,6 +68,17 @@ def chunked_table(
         admin.execute(
             sql.SQL("GRANT INSERT, UPDATE, DELETE ON {} TO {}").format(sql.Identifier(table), sql.Identifier(roles.app))
         )
+
+
+@contextmanager
+def chunked_connection(
+    dsn: str, roles: Roles, chunks: Chunks, *, dtype: str = "vector"
+) -> Iterator[psycopg.Connection[Any]]:
+    """An autocommit superuser connection to ``dsn`` with a fresh chunked table ``docs`` (:func:`chunked_table`)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        chunked_table(conn, roles, "docs", chunks, dtype=dtype)
+        register(conn)
+        yield conn
 
 
 def document_class(table: str, sync: str, chunks: Chunks | None = None) -> Any:

@@ -16,7 +16,7 @@ import pytest
 from chunked_docs import (
     CountingEncoder,
     chunk_rows,
-    chunked_table,
+    chunked_connection,
     document_class,
     document_vectors,
     engine_as,
@@ -39,7 +39,6 @@ from pgsim.columns.grants import grant
 from pgsim.columns.model_change import change_chunks
 from pgsim.columns.worker import sync
 from pgsim.encoding.encoder import Encoder
-from pgsim.psycopg import register
 
 SETTINGS = Chunks(32, 8)
 PARAGRAPHS = [
@@ -59,22 +58,14 @@ def database_dsn(server_dsn: str, roles: Roles) -> Iterator[str]:
 
 @pytest.fixture(params=["vector", "halfvec"])
 def admin(request: pytest.FixtureRequest, database_dsn: str, roles: Roles) -> Iterator[psycopg.Connection[Any]]:
-    with psycopg.connect(database_dsn, autocommit=True) as conn:
-        for leftover in ("docs__embedding_next_chunks", "docs__embedding_chunks"):
-            conn.execute(f"DROP TABLE IF EXISTS {leftover}")
-        chunked_table(conn, roles, "docs", SETTINGS, dtype=request.param)
-        register(conn)
+    with chunked_connection(database_dsn, roles, SETTINGS, dtype=request.param) as conn:
         yield conn
 
 
 @pytest.fixture
 def plain(database_dsn: str, roles: Roles) -> Iterator[psycopg.Connection[Any]]:
     """The vector-typed table only (for the slower attacks)."""
-    with psycopg.connect(database_dsn, autocommit=True) as conn:
-        for leftover in ("docs__embedding_next_chunks", "docs__embedding_chunks"):
-            conn.execute(f"DROP TABLE IF EXISTS {leftover}")
-        chunked_table(conn, roles, "docs", SETTINGS)
-        register(conn)
+    with chunked_connection(database_dsn, roles, SETTINGS) as conn:
         yield conn
 
 

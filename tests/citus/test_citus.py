@@ -8,46 +8,29 @@ against the embedded server); without it there is nothing to run against, and th
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import psycopg
 import pytest
+from citus_cluster import CITUS_DSN, SKIP_REASON, coordinator_schema
 from psycopg import sql
 
 from pgsim.columns.adding import add_embedding
 from pgsim.columns.registry import get_registration
 from pgsim.columns.worker import sync
-from pgsim.db.schema import install
 from pgsim.errors import InvalidInput
 from pgsim.knn.filtered import search
-from pgsim.psycopg import register
 
-CITUS_DSN = os.environ.get("PGSIM_CITUS_DSN")
 if not CITUS_DSN:
-    pytest.skip("PGSIM_CITUS_DSN is not set: no Citus coordinator to test against", allow_module_level=True)
+    pytest.skip(SKIP_REASON, allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
 def coordinator() -> Iterator[psycopg.Connection[Any]]:
-    """The coordinator, pgsim installed, with a schema of this module's own (dropped at the end)."""
-    assert CITUS_DSN is not None
-    with psycopg.connect(CITUS_DSN, autocommit=True) as conn:
-        version = conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'citus'").fetchone()
-        assert version is not None, "PGSIM_CITUS_DSN reaches a database without the citus extension"
-        workers = conn.execute("SELECT count(*) FROM pg_catalog.citus_get_active_worker_nodes()").fetchone()
-        assert workers is not None and workers[0] >= 1, "the Citus coordinator has no worker nodes"
-        install(conn)
-        register(conn)
-        schema = f"pgsim_citus_{uuid.uuid4().hex[:8]}"
-        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
-        conn.execute(sql.SQL("SET search_path = {}, public").format(sql.Identifier(schema)))
-        try:
-            yield conn
-        finally:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+    with coordinator_schema("pgsim_citus") as (conn, _):
+        yield conn
 
 
 def columns_of(conn: psycopg.Connection[Any], table: str) -> list[str]:

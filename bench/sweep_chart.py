@@ -10,8 +10,16 @@ WIDTH, HEIGHT, LEFT, RIGHT, TOP, BOTTOM = 640, 360, 70, 210, 40, 50
 COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
 
 
-def line_chart(title: str, series: dict[str, list[tuple[float, float]]], *, log_y: bool = False) -> str:
-    """One line per series over x (a share from 0.001 to 1, log-scaled)."""
+def line_chart(
+    title: str,
+    series: dict[str, list[tuple[float, float]]],
+    *,
+    log_y: bool = False,
+    x_title: str = "share of rows passing the filter",
+    x_label: str = "{:.1%}",
+) -> str:
+    """One line per series over x (by default a share from 0.001 to 1), log-scaled; ``x_label`` formats its
+    ticks."""
     xs = [x for points in series.values() for x, _ in points]
     ys = [y for points in series.values() for _, y in points if not log_y or y > 0]
     low_x, high_x = math.log10(min(xs)), math.log10(max(xs))
@@ -35,7 +43,8 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], *, log_
         f'<rect x="{LEFT}" y="{TOP}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>',
     ]
     for x in sorted(set(xs)):
-        parts.append(f'<text x="{px(x):.1f}" y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{x:.1%}</text>')
+        label = x_label.format(x)
+        parts.append(f'<text x="{px(x):.1f}" y="{HEIGHT - BOTTOM + 16}" text-anchor="middle">{label}</text>')
     ticks = (
         [10.0**e for e in range(int(low_y), int(high_y) + 1)]
         if log_y
@@ -45,9 +54,7 @@ def line_chart(title: str, series: dict[str, list[tuple[float, float]]], *, log_
         label = f"{y:g}" if log_y else f"{y:.2f}"
         parts.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{py(y):.1f}" y2="{py(y):.1f}" stroke="#eee"/>')
         parts.append(f'<text x="{LEFT - 6}" y="{py(y) + 4:.1f}" text-anchor="end">{label}</text>')
-    parts.append(
-        f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 10}" text-anchor="middle">share of rows passing the filter</text>'
-    )
+    parts.append(f'<text x="{LEFT + plot_w / 2}" y="{HEIGHT - 10}" text-anchor="middle">{escape(x_title)}</text>')
     for number, (name, points) in enumerate(series.items()):
         colour = COLOURS[number % len(COLOURS)]
         path = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in sorted(points))

@@ -1,0 +1,227 @@
+"""Scale (issue 20): how size, build time, recall and speed grow with the rows, per storage type.
+
+    python bench/scale.py [--sizes 50000 100000 200000] [--storages vector halfvec] [--queries 100]
+        [--noise 0.3] [--chart DIR]
+
+Rows: the all-MiniLM-L6-v2 vectors of Debian's package synopses (bench/corpus_cache.py, about 63,600 after
+100 held out as queries), grown to each size by copies: row i is synopsis i mod B (B the base count); the
+first copy is the vector itself, every later one the vector plus Gaussian noise of norm about ``--noise``
+(each coordinate N(0, noise^2 / 384)), scaled back to unit length, so copies are near, not equal, to their
+original. Each row also has ``r``, uniform in 0..999 with a btree, for filters passing 10 % (``r < 100``)
+and 0.5 % (``r < 5``) of the rows. One table per size and storage, registered with pgsim (the vectors
+written with the rows, as pgsim.ingest would), the HNSW index built after the rows by pgsim's sized build
+(pgsim.db.hnsw.create_hnsw_index: m 16, ef_construction 64, maintenance_work_mem and parallel workers sized
+by pgsim), timed. Then the held-out synopses as queries (k = 10) through ``pgsim.search`` and through the
+query a user writes by hand with pgvector's defaults, interleaved, and with ``--calibrate`` through
+``pgsim.search`` again after ``pgsim.calibrate`` (the two filters given as its workload): recall@10 against
+the exact neighbours over the float32 vectors (numpy), rows returned, QPS on one connection and p95. Growth:
+the exponent b of a least-squares fit of log(y) = a + b log(N) over the sizes, for build time, index size and
+QPS. ``--chart DIR`` draws build time, index size and QPS against N as SVG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+from psycopg import sql
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from corpus_cache import debian_packages, embeddings  # noqa: E402
+from sweep_chart import line_chart  # noqa: E402
+
+import pgsim  # noqa: E402
+from pgsim.cli.common import format_table  # noqa: E402
+from pgsim.db.hnsw import HNSW, create_hnsw_index  # noqa: E402
+
+SCHEMA = "bench_scale"
+K = 10
+FILTERS = {"none": None, "10%": 100, "0.5%": 5}  # r < value
+Matrix = np.ndarray[Any, np.dtype[np.float32]]
+
+
+def grown(base: Matrix, rows: int, noise: float) -> Matrix:
+    """``rows`` unit vectors: copies of ``base``, the first exact, later ones with noise (see the module text)."""
+    generator = np.random.default_rng(7)
+    copies = base[np.arange(rows) % len(base)].copy()
+    noisy = np.arange(rows) >= len(base)
+    copies[noisy] += generator.normal(0.0, noise / math.sqrt(base.shape[1]), (int(noisy.sum()), base.shape[1]))
+    copies /= np.linalg.norm(copies, axis=1, keepdims=True)
+    return copies.astype(np.float32)
+
+
+def build(conn: psycopg.Connection[Any], storage: str, vectors: Matrix, r: np.ndarray[Any, Any]) -> dict[str, Any]:
+    """Table SCHEMA.<storage>_<rows>, registered, filled, indexed: its sizes and build seconds."""
+    name = f"{storage}_{len(vectors)}"
+    table = f"{SCHEMA}.{name}"
+    ident = sql.Identifier(SCHEMA, name)
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
+    if pgsim.get_registration(conn, table, "embedding") is not None:
+        pgsim.remove_embedding(conn, table, "embedding")
+    conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
+    conn.execute(
+        sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, r int, body text, embedding {}(384))").format(
+            ident, sql.SQL(storage)
+        )
+    )
+    pgsim.add_embedding(conn, table, "embedding", source="body", dtype=storage, index=None, queue_existing=False)
+    started = time.perf_counter()
+    conn.execute("DROP TABLE IF EXISTS pg_temp.scale_rows")
+    conn.execute("CREATE TEMP TABLE scale_rows (id bigint, r int, embedding vector(384))")
+    with conn.cursor() as cur, cur.copy("COPY scale_rows FROM STDIN WITH (FORMAT BINARY)") as copy:
+        copy.set_types(["int8", "int4", "vector"])
+        for i in range(len(vectors)):
+            copy.write_row((i, int(r[i]), vectors[i]))
+    conn.execute(
+        sql.SQL("INSERT INTO {} (id, r, embedding) SELECT id, r, embedding::{} FROM scale_rows").format(
+            ident, sql.SQL(storage)
+        )
+    )
+    conn.execute("DROP TABLE scale_rows")
+    conn.execute(sql.SQL("CREATE INDEX ON {} (r)").format(ident))
+    loaded = time.perf_counter() - started
+    started = time.perf_counter()
+    opclass = "halfvec_cosine_ops" if storage == "halfvec" else "vector_cosine_ops"
+    create_hnsw_index(conn, table, "embedding", f"{name}_hnsw", HNSW(m=16, ef_construction=64), opclass=opclass)
+    seconds = time.perf_counter() - started
+    conn.execute(sql.SQL("VACUUM ANALYZE {}").format(ident))
+    sizes = conn.execute(
+        "SELECT pg_table_size(%s::regclass), pg_relation_size(%s::regclass)", [table, f"{SCHEMA}.{name}_hnsw"]
+    ).fetchone()
+    assert sizes is not None
+    return {"table": table, "load s": loaded, "build s": seconds, "table bytes": sizes[0], "index bytes": sizes[1]}
+
+
+def measure(
+    conn: psycopg.Connection[Any],
+    table: str,
+    vectors: Matrix,
+    r: np.ndarray[Any, Any],
+    queries: Matrix,
+    modes: tuple[str, ...] = ("pgsim", "by hand"),
+) -> dict[tuple[str, str], tuple[float, int, float, float]]:
+    """Per (mode, filter): (recall@10 against the exact float32 neighbours, fewest rows returned, QPS, p95 ms).
+    Modes: ``pgsim.search``, and the query a user writes by hand with pgvector's defaults (``WHERE ... ORDER BY
+    embedding <=> q LIMIT 10``, ef_search 40, no iterative scan), interleaved query by query."""
+    hand = sql.SQL("SELECT id FROM {} WHERE {} ORDER BY embedding <=> %s::vector LIMIT {}")
+    found = {}
+    for label, below in FILTERS.items():
+        passing = np.arange(len(vectors)) if below is None else np.flatnonzero(r < below)
+        where = None if below is None else sql.SQL("r < {}").format(sql.Literal(below))
+        by_hand = hand.format(sql.Identifier(*table.split(".")), where or sql.SQL("true"), sql.Literal(K))
+        runs: dict[str, tuple[list[float], list[int], list[float]]] = {mode: ([], [], []) for mode in modes}
+        for number, query in enumerate(queries):
+            scores = vectors[passing] @ query
+            kth = float(np.sort(scores)[-K])
+            for mode in runs:
+                started = time.perf_counter()
+                if mode.startswith("pgsim"):
+                    ids = [hit.row["id"] for hit in pgsim.search(conn, table, "embedding", query, k=K, where=where,
+                                                                 columns=["id"])]  # fmt: skip
+                else:
+                    ids = [row[0] for row in conn.execute(by_hand, [query]).fetchall()]
+                recalls, counts, latencies = runs[mode]
+                if number:  # the first query of each filter pays for the plan and cache
+                    latencies.append(time.perf_counter() - started)
+                counts.append(len(ids))
+                near = sum(1 for i in ids if float(vectors[i] @ query) >= kth - 1e-6)  # ties count
+                recalls.append(min(near, K) / min(K, len(passing)))
+        for mode, (recalls, counts, latencies) in runs.items():
+            cuts = statistics.quantiles(latencies, n=20)
+            found[(mode, label)] = (
+                statistics.mean(recalls),
+                min(counts),
+                len(latencies) / sum(latencies),
+                cuts[18] * 1000,
+            )
+    return found
+
+
+def exponent(points: list[tuple[float, float]]) -> float:
+    """b of the least-squares fit log(y) = a + b log(x)."""
+    xs = np.log([x for x, _ in points])
+    ys = np.log([y for _, y in points])
+    return float(np.polyfit(xs, ys, 1)[0]) if len(points) > 1 else float("nan")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dsn")
+    parser.add_argument("--sizes", nargs="+", type=int, default=[50_000, 100_000, 200_000])
+    parser.add_argument("--storages", nargs="+", default=["vector", "halfvec"], choices=["vector", "halfvec"])
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--noise", type=float, default=0.3)
+    parser.add_argument("--calibrate", type=float, default=0, help="also pgsim.calibrate (this budget, s), then search")
+    parser.add_argument("--chart", type=Path, help="write the growth charts (SVG) into this directory")
+    args = parser.parse_args()
+
+    packages = [p for p in debian_packages() if p.synopsis]
+    every = embeddings([p.synopsis for p in packages])
+    base, queries = every[: -args.queries], every[-args.queries :]
+    conn = pgsim.connect(args.dsn, autocommit=True)
+    pgsim.install(conn)
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    for rows in args.sizes:
+        vectors = grown(base, rows, args.noise)
+        r = np.random.default_rng(11).integers(0, 1000, rows)
+        for storage in args.storages:
+            print(f"{storage} x {rows}: loading and building ...", file=sys.stderr, flush=True)
+            built = build(conn, storage, vectors, r)
+            print(f"  built in {built['build s']:.1f}s; searching ...", file=sys.stderr, flush=True)
+            built["search"] = measure(conn, built["table"], vectors, r, queries)
+            if args.calibrate:
+                print(f"  calibrating ({args.calibrate:.0f}s budget) ...", file=sys.stderr, flush=True)
+                started = time.perf_counter()
+                pgsim.calibrate(conn, built["table"], "embedding", seconds=args.calibrate, relevance=False,
+                                filters=[f"r < {below}" for below in FILTERS.values() if below])  # fmt: skip
+                built["calibrate s"] = time.perf_counter() - started
+                built["search"].update(measure(conn, built["table"], vectors, r, queries, ("pgsim, calibrated",)))
+            results[(storage, rows)] = built
+    sizes, table = [], []
+    for (storage, rows), built in results.items():
+        megabytes = [f"{built[name] / 2**20:.0f}" for name in ("table bytes", "index bytes")]
+        seconds = [f"{built['load s']:.1f}", f"{built['build s']:.1f}", f"{built['build s'] / rows * 1e6:.0f}",
+                   f"{built.get('calibrate s', 0):.0f}"]  # fmt: skip
+        sizes.append([storage, rows, *megabytes, *seconds])
+        for (mode, label), (recall, fewest, qps, p95) in built["search"].items():
+            ours = built["search"][("pgsim", label)][2]
+            table.append([storage, rows, label, mode, f"{recall:.3f}", fewest, f"{qps:.0f}", f"{p95:.1f}",
+                          f"{qps / ours:.2f}x"])  # fmt: skip
+    print(f"\nbase {len(base)} synopsis vectors, noise {args.noise}, {len(queries)} held-out queries, k = {K}\n")
+    print(format_table(["storage", "rows", "table MB", "index MB", "load s", "build s", "build us/row",
+                        "calibrate s"], sizes))  # fmt: skip
+    print()
+    print(format_table(["storage", "rows", "filter", "mode", "recall@10", "min rows", "QPS", "p95 ms",
+                        "QPS vs pgsim"], table))  # fmt: skip
+    growth = []
+    series: dict[str, dict[str, list[tuple[float, float]]]] = {"build s": {}, "index MB": {}, "QPS (no filter)": {}}
+    for storage in args.storages:
+        points = {
+            "build s": [(n, results[(storage, n)]["build s"]) for n in args.sizes],
+            "index MB": [(n, results[(storage, n)]["index bytes"] / 2**20) for n in args.sizes],
+            "QPS (no filter)": [(n, results[(storage, n)]["search"][("pgsim", "none")][2]) for n in args.sizes],
+        }
+        growth.append([storage, *(f"{exponent(p):.2f}" for p in points.values())])
+        for name, values in points.items():
+            series[name][storage] = values
+    print("\ngrowth: exponent b of y ~ N^b (least squares over the sizes)\n")
+    print(format_table(["storage", "build time", "index size", "QPS, no filter"], growth))
+    if args.chart:
+        args.chart.mkdir(parents=True, exist_ok=True)
+        for name, lines in series.items():
+            path = args.chart / f"scale-{name.split()[0].lower()}.svg"
+            path.write_text(line_chart(f"{name} against rows", lines, log_y=True, x_title="rows",
+                                       x_label="{:,.0f}"))  # fmt: skip
+            print(f"wrote {path}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

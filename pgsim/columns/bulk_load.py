@@ -82,7 +82,7 @@ def ingest(
     pending: tuple[_Staged, Future[list[_Encoded]]] | None = None
 
     def write(staged: _Staged, encoded: Future[list[_Encoded]]) -> None:
-        _write(conn, targets, encoders if cache else [], columns or [], staged, encoded, report)
+        _write(conn, targets, encoders, cache, columns or [], staged, encoded, report)
         report.seconds = time.perf_counter() - started
         if progress:
             progress(report)
@@ -96,7 +96,6 @@ def ingest(
                 if columns is None:
                     columns = _columns_of(chunk[0], targets)
                 staged = _stage(conn, targets, columns, chunk, report, first_row=number * chunk_size)
-                staged.encoded_here = [encoder is not None for encoder in encoders]
             except Exception:
                 if pending is not None:  # the chunks before a bad one are written, as the docs promise
                     write(*pending)
@@ -120,14 +119,10 @@ class _Staged:
     rows: list[list[Any]]  # the chunk's rows' values in column order, copied again where they are written
     texts: list[list[str | None]]  # per registered column, the rows' source texts
     found: list[Found]  # per registered column, vectors from the cache (empty when it is off)
-    encoded_here: list[bool]  # per registered column, False for a chunked one (the workers fill it)
 
     @property
     def to_encode(self) -> list[list[str | None]]:
-        return [
-            missing(texts, found) if here else [None] * len(texts)
-            for texts, found, here in zip(self.texts, self.found, self.encoded_here, strict=True)
-        ]
+        return [missing(texts, found) for texts, found in zip(self.texts, self.found, strict=True)]
 
 
 @dataclass
@@ -204,7 +199,7 @@ def _stage(
         texts = [_source_texts(conn, target, len(chunk)) for target in targets]
         conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(STAGED)))
     report.write_seconds += time.perf_counter() - started
-    return _Staged(values, texts, [{} for _ in texts], [True for _ in texts])
+    return _Staged(values, texts, [{} for _ in texts])
 
 
 def _copy_rows(
@@ -228,15 +223,16 @@ def _copy_rows(
 def _write(
     conn: psycopg.Connection[Any],
     targets: list[Registration],
-    caching: list[Encoder | None],
+    encoders: list[Encoder | None],
+    cache: bool,
     columns: list[str],
     staged: _Staged,
     encoded: Future[list[_Encoded]],
     report: IngestReport,
 ) -> None:
     """One transaction: the chunk's rows by COPY and its vectors by binary COPY, then both by INSERT … SELECT;
-    the vectors just encoded go into the cache too (``caching``: the encoders, when the cache is on, else
-    empty)."""
+    with ``cache``, the vectors just encoded go into the cache too. A column without an encoder (a chunked one)
+    gets NULL: the workers fill it."""
     results = encoded.result()
     to_encode = staged.to_encode
     vectors = [merged(t, r.vectors, f) for t, r, f in zip(staged.texts, results, staged.found, strict=True)]
@@ -282,14 +278,14 @@ def _write(
                     ),
                 )
             )
-        for encoder, texts, result in zip(caching, to_encode, results, strict=False):
-            if encoder is not None:
+        for encoder, texts, result in zip(encoders, to_encode, results, strict=True):
+            if cache and encoder is not None:
                 store(conn, encoder, texts, result.vectors)
         # dropped here, not ON COMMIT: inside the caller's transaction this one is a savepoint
         conn.execute(sql.SQL("DROP TABLE {}, {}").format(sql.Identifier(STAGED), sql.Identifier(VECTORS)))
     report.write_seconds += time.perf_counter() - started
-    for result, texts, left, here in zip(results, staged.texts, to_encode, staged.encoded_here, strict=True):
-        if not here:
+    for encoder, result, texts, left in zip(encoders, results, staged.texts, to_encode, strict=True):
+        if encoder is None:
             report.empty += sum(1 for text in texts if text is None or not text.strip())
             report.queued += sum(1 for text in texts if text is not None and text.strip())
             continue

@@ -21,6 +21,7 @@ from pgsim.columns.registry import (
     DTYPES,
     STALE,
     Registration,
+    column_type,
     columns_expression,
     forget_dropped,
     get_registration,
@@ -99,6 +100,8 @@ def add_embedding(
     # an unknown model fails here, before any change; read from the model's files, without loading it
     revision, dimension = model_revision(model), model_dimension(model)
     chunks = checked_chunks(chunks)
+    if chunks is not None and dtype == "bit":
+        raise InvalidInput("dtype='bit' does not take chunks yet: chunk a vector or halfvec column.")
     if chunks is not None:
         chunks.check(window(encoder_for(model)), model)
     with conn.transaction():
@@ -302,7 +305,7 @@ def _check_names(target: TableShape, column: str) -> None:
 
 def _check_column(target: TableShape, column: str, dtype: str, dimension: int, model: str) -> None:
     """An existing ``column`` must have the type the model gives (pgsim.register_embedding adopts it)."""
-    wanted = f"{dtype}({dimension})"
+    wanted = f"{column_type(dtype)}({dimension})"
     existing = target.columns.get(column)
     if existing is not None and existing != wanted:
         raise InvalidInput(
@@ -315,12 +318,17 @@ def _is_hnsw_index_on(conn: psycopg.Connection[Any], target: TableShape, index_n
     with pinned_path(conn):  # both names are schema-qualified: nothing needs the caller's path
         row = conn.execute(
             """
-            SELECT am.amname = 'hnsw' AND i.indnatts = 1 AND a.attname = %s::name
+            SELECT am.amname = 'hnsw' AND i.indnatts = 1 AND a.attname IS NOT DISTINCT FROM %(column)s::name
+                   OR i.indexrelid = pgsim.bit_index(i.indrelid::regclass, %(column)s::name)::regclass
             FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
-            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-            WHERE i.indexrelid = to_regclass(%s::text) AND i.indrelid = to_regclass(%s::text)
+            LEFT JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+            WHERE i.indexrelid = to_regclass(%(index)s::text) AND i.indrelid = to_regclass(%(table)s::text)
             """,
-            [column, sql.Identifier(target.schema, index_name).as_string(conn), target.identifier.as_string(conn)],
+            {
+                "column": column,
+                "index": sql.Identifier(target.schema, index_name).as_string(conn),
+                "table": target.identifier.as_string(conn),
+            },
         ).fetchone()
     return bool(row and row[0])
 

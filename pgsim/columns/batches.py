@@ -290,7 +290,7 @@ def encode_and_write(
             ).format(
                 table=registration.table_sql,
                 column=sql.Identifier(registration.column),
-                cast=sql.SQL("::{}").format(sql.Identifier(vectors_in, registration.dtype)),
+                cast=sql.SQL("::{}").format(sql.Identifier(vectors_in, registration.column_type)),
                 match=key_match(registration, sql.SQL("_pgsim_v._pgsim_key")),
                 source=registration.source_sql,
             ),

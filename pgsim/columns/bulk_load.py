@@ -273,7 +273,7 @@ def _write(
                     staged=sql.Identifier(STAGED),
                     vectors_table=sql.Identifier(VECTORS),
                     vectors=sql.SQL(", ").join(
-                        sql.SQL("{}::{}").format(name, sql.Identifier(vectors_in, t.dtype))
+                        sql.SQL("{}::{}").format(name, sql.Identifier(vectors_in, t.column_type))
                         for name, t in zip(vector_columns, targets, strict=True)
                     ),
                 )

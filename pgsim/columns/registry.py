@@ -17,7 +17,9 @@ from pgsim.db.hnsw import HNSW
 from pgsim.db.names import table_identifier
 from pgsim.errors import InvalidInput
 
-DTYPES = ("vector", "halfvec")
+# bit: a vector column whose HNSW index is binary-quantised (Hamming distance over binary_quantize(column)),
+# searched by candidates re-ranked on the full vectors
+DTYPES = ("vector", "halfvec", "bit")
 STALE = ("keep", "hide")  # what a changed row's vector does until re-embedded (Registration.stale)
 # Separator between source columns given as a list: a paragraph break, which tokenizers treat as space.
 COLUMN_SEPARATOR = "\n\n"
@@ -59,8 +61,17 @@ class Registration:
         return sql.SQL("(({})::text)").format(sql.SQL(self.source))
 
     @property
+    def column_type(self) -> str:
+        """The column's pgvector type: ``bit`` storage keeps full vectors, and only its index is binary."""
+        return column_type(self.dtype)
+
+    @property
     def opclass(self) -> str:
-        return f"{self.dtype}_cosine_ops"
+        return "bit_hamming_ops" if self.dtype == "bit" else f"{self.dtype}_cosine_ops"
+
+
+def column_type(dtype: str) -> str:
+    return "vector" if dtype == "bit" else dtype
 
 
 # A registration's table is its OID: the schema and table names come from the catalog, never from the row's

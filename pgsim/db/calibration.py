@@ -251,12 +251,10 @@ def _measure_level(
         if time.perf_counter() > deadline:
             break
         # the query as a literal, and no parameters: nothing in a name or a value is read as a placeholder
-        distance = sql.SQL("{col} OPERATOR({schema}.<=>) {q}::{type}").format(
-            col=target.column,
-            schema=schema,
-            q=sql.Literal("[" + ",".join(f"{x:.7g}" for x in query) + "]"),
-            type=sql.SQL("{}.{}").format(schema, sql.Identifier(target.type_name)),
+        typed_query = sql.SQL("{}::{}.{}").format(
+            sql.Literal("[" + ",".join(f"{x:.7g}" for x in query) + "]"), schema, sql.Identifier(target.type_name)
         )
+        distance = sql.SQL("{col} OPERATOR({schema}.<=>) {q}").format(col=target.column, schema=schema, q=typed_query)
         for condition in conditions:
             parts = {
                 "d": distance,
@@ -264,6 +262,8 @@ def _measure_level(
                 "col": target.column,
                 "cond": sql.SQL(condition),
                 "k": sql.Literal(k),
+                "schema": schema,
+                "q": typed_query,
             }
             exact = sql.SQL(
                 "SELECT ({d}) + 0 FROM {table} WHERE {col} IS NOT NULL AND ({cond}) ORDER BY 1 LIMIT {k}"
@@ -273,11 +273,7 @@ def _measure_level(
             exact_ms.append((time.perf_counter() - started) * 1000)
             if not truth:
                 continue
-            hnsw = sql.SQL(
-                "WITH r AS MATERIALIZED (SELECT {d} AS d FROM {table} WHERE ({cond}) ORDER BY {d} LIMIT {k}) "
-                "SELECT d FROM r ORDER BY d"
-            ).format(**parts)
-            recalls, ms = _walks(conn, hnsw, ef_grid, max_scan_tuples, truth[-1] + TIE, len(truth))
+            recalls, ms = _walks(conn, _walk(target, parts, k), ef_grid, max_scan_tuples, truth[-1] + TIE, len(truth))
             found[condition].append(recalls + [recalls[-1]] * (len(ef_grid) - len(recalls)))
             times.append(ms + [math.nan] * (len(ef_grid) - len(ms)))
     measured = min((len(v) for v in found.values()), default=0)
@@ -304,9 +300,35 @@ def _lower_bound(recalls: list[float]) -> float:
     return max(0.0, float(np.mean(recalls)) - BOUND_ERRORS * error)
 
 
+def _walk(target: Target, parts: dict[str, sql.Composable], k: int) -> Callable[[int], sql.Composed]:
+    """The HNSW path's statement at an ef_search, as the search runs it: on a bit index (binary-quantised
+    storage), ef_search candidates by Hamming distance re-ranked by cosine distance (pgsim.knn)."""
+    if not target.bit_index:
+        return lambda ef: sql.SQL(
+            "WITH r AS MATERIALIZED (SELECT {d} AS d FROM {table} WHERE ({cond}) ORDER BY {d} LIMIT {k}) "
+            "SELECT d FROM r ORDER BY d"
+        ).format(**parts)
+
+    def bits(value: sql.Composable) -> sql.Composed:
+        return sql.SQL("({}.binary_quantize({}))::bit({})").format(
+            parts["schema"], value, sql.Literal(target.dimension)
+        )
+
+    return lambda ef: sql.SQL(
+        "WITH r AS MATERIALIZED (SELECT {d} AS d FROM {table} WHERE ({cond}) AND {col} IS NOT NULL "
+        "ORDER BY {column_bits} OPERATOR({schema}.<~>) {query_bits} LIMIT {candidates}) "
+        "SELECT d FROM r ORDER BY d LIMIT {k}"
+    ).format(
+        column_bits=bits(parts["col"]),
+        query_bits=bits(parts["q"]),
+        candidates=sql.Literal(max(k, ef)),
+        **parts,
+    )
+
+
 def _walks(
     conn: psycopg.Connection[Any],
-    statement: sql.Composed,
+    statement_at: Callable[[int], sql.Composed],
     ef_grid: tuple[int, ...],
     max_scan_tuples: int,
     kth: float,
@@ -325,7 +347,7 @@ def _walks(
                 [str(ef), str(max_scan_tuples)],
             )
             started = time.perf_counter()
-            got = [d for (d,) in one_statement(conn, statement)]
+            got = [d for (d,) in one_statement(conn, statement_at(ef))]
             ms.append((time.perf_counter() - started) * 1000)
             raise psycopg.Rollback(tx)
         recalls.append(sum(1 for d in got if d is not None and d <= kth) / wanted)

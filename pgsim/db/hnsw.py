@@ -81,8 +81,8 @@ class BuildReport:
 
 
 def graph_bytes(rows: float, dimension: int, dtype: str, m: int) -> float:
-    """Estimated in-memory size of pgvector's HNSW graph during a build."""
-    vector_bytes = 8 + dimension * (2 if dtype == "halfvec" else 4)
+    """Estimated in-memory size of pgvector's HNSW graph during a build (``dtype`` bit: of binary vectors)."""
+    vector_bytes = 8 + (-(-dimension // 8) if dtype == "bit" else dimension * (2 if dtype == "halfvec" else 4))
     expected_levels = 1 + 1 / max(m - 1, 1)  # level 0 has 2m neighbours, each higher level m
     neighbors = 2 * m + (expected_levels - 1) * m
     return rows * (ELEMENT_OVERHEAD_BYTES + vector_bytes + neighbors * NEIGHBOR_BYTES)
@@ -95,6 +95,7 @@ def build_settings(
     m: int,
     *,
     max_memory: int = DEFAULT_MAX_BUILD_MEMORY,
+    bits: bool = False,
 ) -> BuildSettings:
     """What pgsim sets for building an HNSW index on ``table.column``: memory for the whole graph (with
     headroom, capped at ``max_memory``, never below the session's setting) and parallel workers."""
@@ -130,7 +131,7 @@ def build_settings(
             )
         ).fetchone()
         rows = counted[0] if counted else 0
-    estimate = graph_bytes(float(rows), max(int(dimension), 1), type_name, m)
+    estimate = graph_bytes(float(rows), max(int(dimension), 1), "bit" if bits else type_name, m)
     memory = max(int(current_memory), min(int(estimate * HEADROOM), max_memory))
     # On a server on this machine, the leader and its workers use every core and no more (more workers
     # than cores made bench/ingest.py's builds slower); PostgreSQL still picks fewer for a small table. A
@@ -157,13 +158,21 @@ def create_hnsw_index(
     max_memory: int = DEFAULT_MAX_BUILD_MEMORY,
 ) -> BuildReport:
     """``CREATE INDEX [CONCURRENTLY] index_name ON table USING hnsw (column opclass) WITH (m, ef_construction)``
-    under settings sized by :func:`build_settings`."""
-    if opclass not in ("vector_cosine_ops", "halfvec_cosine_ops"):
+    under settings sized by :func:`build_settings`. ``bit_hamming_ops``: the index of binary-quantised storage,
+    over ``binary_quantize(column)::bit(n)`` (what pgsim.bit_index finds and the searches order by)."""
+    if opclass not in ("vector_cosine_ops", "halfvec_cosine_ops", "bit_hamming_ops"):
         raise InvalidInput(f"Unsupported operator class {opclass!r}.")
     if concurrently and not conn.autocommit:
         raise InvalidInput("CREATE INDEX CONCURRENTLY needs an autocommit connection (psycopg: autocommit=True).")
-    settings = build_settings(conn, table, column, hnsw.m, max_memory=max_memory)
+    bits = opclass == "bit_hamming_ops"
+    settings = build_settings(conn, table, column, hnsw.m, max_memory=max_memory, bits=bits)
     schema = table.split(".")[:-1]
+    extension = vector_schema(conn)  # nothing on the session's path stands in for pgvector's objects
+    key: sql.Composable = sql.Identifier(column)
+    if bits:
+        key = sql.SQL("(({}.binary_quantize({}))::bit({}))").format(
+            sql.Identifier(extension), key, sql.Literal(dimension_of(conn, table, column))
+        )
     statement = sql.SQL(
         "CREATE INDEX {concurrently} {index} ON {table} USING hnsw ({column} {opclass}) "
         "WITH (m = {m}, ef_construction = {ef_construction})"
@@ -171,8 +180,8 @@ def create_hnsw_index(
         concurrently=sql.SQL("CONCURRENTLY" if concurrently else ""),
         index=sql.Identifier(index_name),
         table=table_identifier(table),
-        column=sql.Identifier(column),
-        opclass=sql.Identifier(vector_schema(conn), opclass),  # nothing on the session's path stands in for it
+        column=key,
+        opclass=sql.Identifier(extension, opclass),
         m=sql.Literal(hnsw.m),
         ef_construction=sql.Literal(hnsw.ef_construction),
     )

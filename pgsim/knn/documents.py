@@ -205,7 +205,7 @@ class Statements:
             ]
         )
         self.distance = sql.SQL("c.embedding OPERATOR({}.<=>) %(q)s::{}").format(
-            sql.Identifier(vectors_in), sql.Identifier(vectors_in, registration.dtype)
+            sql.Identifier(vectors_in), sql.Identifier(vectors_in, registration.column_type)
         )
         self.guard = sql.SQL("pgsim.expect_model(%(g_schema)s, %(g_table)s, %(g_column)s, %(g_model)s, %(g_revision)s)")
 

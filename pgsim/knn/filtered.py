@@ -39,6 +39,8 @@ from pgsim.knn.planner import (
     plan_params,
     run_plan,
     under_hnsw_settings,
+    walk_statement,
+    with_candidates,
 )
 from pgsim.knn.statements import DISTANCE, PATHS, QUERY_LITERAL, Where, filter_sql, search_statement
 from pgsim.knn.target import VectorColumn, check_k, target_and_params
@@ -140,12 +142,15 @@ def _search(
         statements = statement_cache.put(
             statement_key, tuple(search_statement(target, condition, columns, path).as_bytes(conn) for path in PATHS)
         )
-    exact, hnsw = statements
+    exact, hnsw, bit = statements
     chosen = plan_cache.get(plan_key)
     with clear_errors(), conn.cursor(row_factory=dict_row) as cur:
         if chosen is None:
-            chosen = plan_cache.put(plan_key, checked_plan(conn, run_plan(conn, planned, apply=False), hnsw, params))
-        rows = [] if chosen.path == "exact" else under_hnsw_settings(conn, cur, chosen, hnsw, params)
+            proposed = with_candidates(conn, run_plan(conn, planned, apply=False), target, k)
+            proposed = checked_plan(conn, proposed, walk_statement(proposed, hnsw, bit, params), params)
+            chosen = plan_cache.put(plan_key, proposed)
+        walk = walk_statement(chosen, hnsw, bit, params)
+        rows = [] if chosen.path == "exact" else under_hnsw_settings(conn, cur, chosen, walk, params)
         if chosen.path == "hnsw" and len(rows) < k:
             log.info("hnsw path gave %d of %d rows; exact scan instead", len(rows), k)
             chosen = replace(chosen, fell_back=True)
@@ -205,13 +210,14 @@ def explain(
     target, params = target_and_params(conn, table, column, query, model)
     params["k"] = k
     condition = filter_sql(where)
-    exact, hnsw = (search_statement(target, condition, None, path).as_bytes(conn) for path in PATHS)
+    exact, hnsw, bit = (search_statement(target, condition, None, path).as_bytes(conn) for path in PATHS)
     with model_change_as_input_error(), clear_errors(), conn.cursor() as cur:
         chosen = run_plan(conn, plan_params(conn, target, k, condition, tuning, recall), apply=False)
-        chosen = checked_plan(conn, chosen, hnsw, params)
+        chosen = with_candidates(conn, chosen, target, k)
+        chosen = checked_plan(conn, chosen, walk_statement(chosen, hnsw, bit, params), params)
         analyze = b"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) "
         if chosen.path == "hnsw":
-            lines = under_hnsw_settings(conn, cur, chosen, analyze + hnsw, params)
+            lines = under_hnsw_settings(conn, cur, chosen, analyze + walk_statement(chosen, hnsw, bit, params), params)
         else:
             lines = cur.execute(analyze + exact, params, prepare=False).fetchall()
     return chosen, "\n".join(QUERY_LITERAL.sub("<query vector>", str(line)) for (line,) in lines)

@@ -33,6 +33,9 @@ class Plan:
     reason: str
     expected_recall: float | None = None  # recall@k the calibration measured for this path (1 when exact)
     fell_back: bool = False
+    # binary-quantised storage (dtype 'bit'): the candidates the walk over the bit index yields, re-ranked by
+    # cosine distance on the full vectors; None on other indexes and on the exact path
+    candidates: int | None = None
 
 
 @dataclass(frozen=True)
@@ -110,18 +113,41 @@ def checked_plan(conn: psycopg.Connection[Any], chosen: Plan, hnsw: bytes, param
     with conn.cursor() as cur:
         ((explained,),) = under_hnsw_settings(conn, cur, chosen, b"EXPLAIN (FORMAT JSON) " + hnsw, params)
     ordering = set(ordering_indexes(explained))
-    if not ordering or chosen.index_name.split(".")[-1].strip('"') in ordering:
-        return chosen  # the planned index, or no index ordering at all (then the rows are exact anyway)
-    if ordering <= index_partitions(conn, chosen.index_name):
+    if chosen.index_name.split(".")[-1].strip('"') in ordering:
+        return chosen
+    if not ordering and chosen.candidates is None:
+        return chosen  # no index ordering at all: the rows are exact anyway (a bit walk's candidates are not)
+    if ordering and ordering <= index_partitions(conn, chosen.index_name):
         return chosen  # on a partitioned table: the planned index's partitions
     return replace(
         chosen,
         path="exact",
         ef_search=None,
         max_scan_tuples=None,
+        candidates=None,
         reason=f"planned for index {chosen.index_name}, but at these settings PostgreSQL would scan "
-        f"{', '.join(sorted(ordering))} instead: an exact scan keeps the recall",
+        f"{', '.join(sorted(ordering)) or 'no index'} instead: an exact scan keeps the recall",
     )
+
+
+def with_candidates(conn: psycopg.Connection[Any], chosen: Plan, target: VectorColumn, k: int) -> Plan:
+    """``chosen``, with the candidates to re-rank when its index is the bit index of binary-quantised storage
+    (``pgsim.bit_index``): as many as the walk's ``ef_search``, at least k."""
+    if chosen.path != "hnsw" or chosen.index_name is None or chosen.ef_search is None:
+        return chosen
+    row = conn.execute(  # both names printed on the caller's path, as knn_plan printed index_name
+        "SELECT pgsim.bit_index(%s::pg_catalog.regclass, %s::pg_catalog.name)",
+        [table_identifier(target.table).as_string(conn), target.column],
+    ).fetchone()
+    if row is None or row[0] != chosen.index_name:
+        return chosen
+    return replace(chosen, candidates=max(k, chosen.ef_search))
+
+
+def walk_statement(chosen: Plan, hnsw: bytes, bit: bytes, params: dict[str, Any]) -> bytes:
+    """The statement of the hnsw path for ``chosen``'s index, with its candidates in ``params``."""
+    params["candidates"] = chosen.candidates or params.get("k")
+    return bit if chosen.candidates else hnsw
 
 
 def index_partitions(conn: psycopg.Connection[Any], index_name: str) -> set[str]:

@@ -88,7 +88,7 @@ def _condition(where: Where) -> sql.Composable:
     return sql.SQL(" AND ").join(clauses) if clauses else sql.SQL("TRUE")
 
 
-PATHS = ("exact", "hnsw")
+PATHS = ("exact", "hnsw", "bit")
 
 
 def search_statement(
@@ -96,17 +96,27 @@ def search_statement(
 ) -> sql.Composed:
     """The search on one path. Exact: ordered by the distance plus zero, an expression no index can serve,
     so no setting is needed to keep the HNSW index out. HNSW: ordered by the indexed operator, and re-sorted
-    afterwards, since an iterative scan yields rows in relaxed order."""
+    afterwards, since an iterative scan yields rows in relaxed order. Bit (binary-quantised storage, dtype
+    'bit'): the walk over the Hamming index of ``binary_quantize(column)::bit(n)`` yields ``%(candidates)s``
+    rows, which are re-ranked by cosine distance on the full vectors, and the nearest ``limit`` kept."""
     query = sql.SQL("%(q)s::halfvec") if target.type_name == "halfvec" else sql.SQL("%(q)s")
-    order = sql.SQL("({} <=> {}) + 0" if path == "exact" else "{} <=> {}").format(sql.Identifier(target.column), query)
-    if path == "exact":  # a row not embedded yet has no distance: the HNSW index holds no such row, a scan skips it
-        condition = sql.SQL("{} IS NOT NULL AND ({})").format(sql.Identifier(target.column), condition)
+    column = sql.Identifier(target.column)
+    if path == "exact":
+        order: sql.Composable = sql.SQL("({} <=> {}) + 0").format(column, query)
+    elif path == "bit":
+        order = sql.SQL("(binary_quantize({col}))::bit({n}) <~> (binary_quantize({q}))::bit({n})").format(
+            col=column, q=query, n=sql.Literal(target.dimension)
+        )
+    else:
+        order = sql.SQL("{} <=> {}").format(column, query)
+    if path != "hnsw":  # a row not embedded yet has no distance: the HNSW index holds no such row, a scan skips it
+        condition = sql.SQL("{} IS NOT NULL AND ({})").format(column, condition)
     nearest = sql.SQL(
         "SELECT {selected}, {col} <=> {q} AS {distance} FROM {table} WHERE {condition} ORDER BY {order} LIMIT {limit}"
     ).format(
-        limit=sql.Placeholder(limit),
+        limit=sql.Placeholder("candidates" if path == "bit" else limit),
         selected=sql.SQL(", ").join(sql.Identifier(c) for c in (columns or target.default_columns)),
-        col=sql.Identifier(target.column),
+        col=column,
         q=query,
         distance=sql.Identifier(DISTANCE),
         table=table_identifier(target.table),
@@ -115,8 +125,8 @@ def search_statement(
     )
     if path == "exact":
         return nearest
-    return sql.SQL("WITH relaxed AS MATERIALIZED ({}) SELECT * FROM relaxed ORDER BY {}").format(
-        nearest, sql.Identifier(DISTANCE)
+    return sql.SQL("WITH relaxed AS MATERIALIZED ({}) SELECT * FROM relaxed ORDER BY {} LIMIT {}").format(
+        nearest, sql.Identifier(DISTANCE), sql.Placeholder(limit)
     )
 
 

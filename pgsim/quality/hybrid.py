@@ -45,6 +45,8 @@ from pgsim.knn.planner import (
     plan_params,
     run_plan,
     under_hnsw_settings,
+    walk_statement,
+    with_candidates,
 )
 from pgsim.knn.statements import DISTANCE, PATHS, Where, check_no_nul, filter_sql, search_statement
 from pgsim.knn.target import VectorColumn, check_k, target_and_params
@@ -115,12 +117,16 @@ def hybrid_search(
         params.update(n=candidates, k=k, text=query, config=text.config, min_score=min_score)
         params.update(_fusion_params(fusion, rrf_k))
         condition = filter_sql(where)
-        exact, hnsw = (_fused(target, text, condition, columns, path).as_bytes(conn) for path in PATHS)
-        vectors_only = search_statement(target, condition, ROW_IDENTITY, "hnsw", limit="n").as_bytes(conn)
+        exact, hnsw, bit = (_fused(target, text, condition, columns, path).as_bytes(conn) for path in PATHS)
+        vectors_only, bit_only = (
+            search_statement(target, condition, ROW_IDENTITY, path, limit="n").as_bytes(conn) for path in PATHS[1:]
+        )
         with clear_errors(), conn.cursor(row_factory=dict_row) as cur:
             chosen = run_plan(conn, plan_params(conn, target, candidates, condition, tuning), apply=False)
-            chosen = checked_plan(conn, chosen, vectors_only, params)
-            rows = [] if chosen.path == "exact" else under_hnsw_settings(conn, cur, chosen, hnsw, params)
+            chosen = with_candidates(conn, chosen, target, candidates)
+            chosen = checked_plan(conn, chosen, walk_statement(chosen, vectors_only, bit_only, params), params)
+            walk = walk_statement(chosen, hnsw, bit, params)
+            rows = [] if chosen.path == "exact" else under_hnsw_settings(conn, cur, chosen, walk, params)
             if chosen.path == "hnsw" and rows and rows[0][CANDIDATES] < candidates:
                 chosen = replace(chosen, fell_back=True)  # too few nearest rows: the exact list instead
             if chosen.path == "exact" or chosen.fell_back or not rows:

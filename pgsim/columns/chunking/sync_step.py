@@ -188,7 +188,7 @@ class ChunkStep:
                     record_keys=sql.SQL(", ").join(
                         sql.SQL("r.{}").format(sql.Identifier(n)) for n in self.registration.key_columns
                     ),
-                    vector=sql.Identifier(vectors_in, self.registration.dtype),
+                    vector=sql.Identifier(vectors_in, self.registration.column_type),
                     table=self.registration.table_sql,
                 ),
                 prepare=False,

@@ -264,7 +264,7 @@ def _create(conn: psycopg.Connection[Any], registration: Registration, made: Chu
     if len(keys) != len(registration.key_columns):
         raise InvalidInput(f"The key columns of {registration.table} are not all there any more: re-register it.")
     key_list = sql.SQL(", ").join(sql.Identifier(name) for name, _ in keys)
-    vector_type = sql.Identifier(vector_schema(conn), registration.dtype)
+    vector_type = sql.Identifier(vector_schema(conn), registration.column_type)
     conn.execute(
         sql.SQL(
             "CREATE TABLE {chunks} ({key_columns}, chunk_no integer NOT NULL, span_start integer NOT NULL, "

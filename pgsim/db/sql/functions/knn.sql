@@ -31,6 +31,8 @@ DECLARE
     vector_schema text := (SELECT quote_ident(n.nspname) FROM pg_extension e
                            JOIN pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector');
     search text;
+    exact_search text;
+    candidates text;
     explained json;
     hits pgsim.knn_hit[];
 BEGIN
@@ -50,37 +52,55 @@ BEGIN
     -- The k nearest by (tableoid, ctid) first (a partitioned table's partitions each number their rows from the
     -- start), then their rows as jsonb: to_jsonb on every candidate of a top-N sort
     -- cost more than the search itself (bench/filtered.py).
-    search := format(
+    exact_search := format(
         'SELECT array_agg((to_jsonb(t) - %L, found.distance)::pgsim.knn_hit ORDER BY found.distance) FROM ('
         'SELECT s.tableoid AS rel, s.ctid AS id, s.%I OPERATOR(%s.<=>) $1::%s AS distance FROM %s AS s '
         'WHERE (%s) AND s.%I IS NOT NULL ORDER BY s.%I OPERATOR(%s.<=>) $1::%s LIMIT $2) AS found '
         'JOIN %s AS t ON t.tableoid = found.rel AND t.ctid = found.id',
         col, col, vector_schema, column_type, tbl, coalesce(nullif(filter, ''), 'true'), col,
         col, vector_schema, column_type, tbl);
+    search := exact_search;
+    IF plan.path = 'hnsw' AND plan.index_name::regclass = pgsim.bit_index(tbl, col)::regclass THEN
+        -- binary-quantised storage: the walk yields $3 (ef_search) candidates by Hamming distance over the bit
+        -- index; they are re-ranked by cosine distance on the full vectors, and the k nearest kept
+        candidates := format(
+            'SELECT s.tableoid AS rel, s.ctid AS id, s.%1$I OPERATOR(%2$s.<=>) $1::%3$s AS distance FROM %4$s AS s '
+            'WHERE (%5$s) AND s.%1$I IS NOT NULL ORDER BY (%2$s.binary_quantize(s.%1$I))::bit(%6$s) '
+            'OPERATOR(%2$s.<~>) (%2$s.binary_quantize($1))::bit(%6$s) LIMIT $3',
+            col, vector_schema, column_type, tbl, coalesce(nullif(filter, ''), 'true'),
+            (SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = col));
+        search := format(
+            'SELECT array_agg((to_jsonb(t) - %L, found.distance)::pgsim.knn_hit ORDER BY found.distance) FROM ('
+            'SELECT c.rel, c.id, c.distance FROM (%s) AS c ORDER BY c.distance LIMIT $2) AS found '
+            'JOIN %s AS t ON t.tableoid = found.rel AND t.ctid = found.id',
+            col, candidates, tbl);
+    END IF;
     IF plan.path = 'hnsw' THEN
         -- The planner picks the index when the search runs; if it would order the rows by another HNSW
         -- index than the one planned for (pgvector's costs move with ef_search), the filter may be narrow
         -- there and the walk lose recall: scan exactly instead.
         -- FOR ... IN EXECUTE: one statement only, whatever the filter holds (EXECUTE ... INTO would run a list)
-        FOR explained IN EXECUTE 'EXPLAIN (FORMAT JSON) ' || search USING query, k LOOP
+        FOR explained IN EXECUTE 'EXPLAIN (FORMAT JSON) ' || search USING query, k, greatest(k, plan.ef_search) LOOP
         END LOOP;
         -- EXPLAIN names the index by its bare name, unquoted: compare with pg_class's (on a partitioned table,
         -- the planned index's partitions, one per partition, scan)
-        IF position('"Order By"' IN explained::text) > 0
+        -- (a bit walk's candidates ordered without the index, by a sort, are not exact either)
+        IF (position('"Order By"' IN explained::text) > 0 OR search <> exact_search)
            AND NOT EXISTS (SELECT FROM pg_class c
                            WHERE (c.oid = plan.index_name::regclass
                                   OR c.oid IN (SELECT t.relid FROM pg_partition_tree(plan.index_name::regclass) AS t))
                              AND position(('"Index Name": ' || to_json(c.relname))::text IN explained::text) > 0)
         THEN
             plan.path := 'exact';
+            search := exact_search;
             PERFORM set_config('enable_indexscan', 'off', true);
         END IF;
     END IF;
-    FOR hits IN EXECUTE search USING query, k LOOP
+    FOR hits IN EXECUTE search USING query, k, greatest(k, plan.ef_search) LOOP
     END LOOP;
     IF coalesce(array_length(hits, 1), 0) < k AND plan.path = 'hnsw' THEN
         PERFORM set_config('enable_indexscan', 'off', true);
-        FOR hits IN EXECUTE search USING query, k LOOP
+        FOR hits IN EXECUTE exact_search USING query, k LOOP
         END LOOP;
     END IF;
     PERFORM pgsim.restore_settings(settings, saved);

@@ -1,5 +1,6 @@
 -- Register target.column_name as the embedding of `source` (an SQL expression over the table's columns)
--- made by `model`: add the column as dtype(dimension), or adopt it when it has that type; record the
+-- made by `model`: add the column as dtype(dimension) (vector(dimension) for dtype 'bit', whose index alone is
+-- binary), or adopt it when it has that type; record the
 -- registration with the table's primary key and the columns the source reads (given, or found from a
 -- throwaway view's dependencies); create its triggers; queue the existing rows if asked. The HNSW index
 -- named index_name is recorded, not built (the caller sizes the build). Returns the registration id.
@@ -25,7 +26,8 @@ DECLARE
     existing_modifier integer;
     -- pgvector's type, qualified: this function's search_path does not hold the extension's schema
     wanted_type regtype := format('%I.%I', (SELECT n.nspname FROM pg_extension x JOIN pg_namespace n
-                                            ON n.oid = x.extnamespace WHERE x.extname = 'vector'), dtype)::regtype;
+                                            ON n.oid = x.extnamespace WHERE x.extname = 'vector'),
+                                            CASE dtype WHEN 'bit' THEN 'vector' ELSE dtype END)::regtype;
     wanted text := format_type(wanted_type, dimension);
     created boolean := false;
     registration integer;

@@ -1,0 +1,225 @@
+"""Binary-quantised storage (``add_embedding(..., dtype="bit")``): the column keeps full vectors, the HNSW index is
+Hamming over ``binary_quantize(column)::bit(384)``, and every search path walks it for candidates and re-ranks them
+by cosine distance on the full vectors: k rows, in true distance order, with true distances. On the real server
+and model, as a non-superuser owner with separate application and worker roles."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psycopg
+import pytest
+from fixtures.roles import Roles, acting
+from psycopg import sql
+
+from pgsim.columns.adding import add_embedding
+from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.grants import grant
+from pgsim.columns.worker import sync
+from pgsim.db.calibration import calibrate_index
+from pgsim.demo.corpus import Package
+from pgsim.errors import InvalidInput
+from pgsim.knn.filtered import explain, search_with_plan
+from pgsim.knn.planner import Tuning
+from pgsim.psycopg import register
+from pgsim.quality.hybrid import hybrid_search
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chunks"))
+from chunked_docs import owned_database  # noqa: E402
+
+COPIES = 6  # each sample package's vector and five noisy copies: 2,400 rows, enough to calibrate
+K = 10
+# a small table: its size alone, or a filter's share of it, would send every search to the exact scan
+# (and at a low ef_search: a walk of many candidates costs PostgreSQL more than sorting 2,400 rows)
+WALK = Tuning(exact_below_rows=0, min_hnsw_selectivity=0, hnsw_ef_search=40)
+
+
+@pytest.fixture(scope="module")
+def table(
+    server_dsn: str, roles: Roles, packages: list[Package], package_vectors: np.ndarray
+) -> Iterator[tuple[str, np.ndarray, list[str]]]:
+    """``items`` (id, section, body, embedding bit storage), the owner's, filled by COPY with the sample's vectors
+    and noisy copies of them (the application and the worker granted what they need); the DSN, the vectors by id
+    and the sections by id."""
+    rng = np.random.default_rng(5)
+    vectors = np.concatenate([package_vectors] * COPIES)
+    vectors[len(package_vectors) :] += rng.normal(0, 0.3 / np.sqrt(384), vectors[len(package_vectors) :].shape)
+    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
+    sections = [p.section for p in packages] * COPIES
+    with owned_database(server_dsn, roles, "bit_storage") as dsn, psycopg.connect(dsn, autocommit=True) as admin:
+        register(admin)
+        with acting(admin, roles.owner):
+            admin.execute("CREATE TABLE items (id int PRIMARY KEY, section text, body text, fts tsvector "
+                          "GENERATED ALWAYS AS (to_tsvector('english', coalesce(body, ''))) STORED)")  # fmt: skip
+            add_embedding(admin, "items", "embedding", source="body", dtype="bit", queue_existing=False)
+            copying = "COPY items (id, section, body, embedding) FROM STDIN WITH (FORMAT BINARY)"
+            with admin.cursor() as cur, cur.copy(copying) as copy:
+                copy.set_types(["int4", "text", "text", "vector"])
+                for i, vector in enumerate(vectors):
+                    copy.write_row((i, sections[i], f"{packages[i % len(packages)].text} (copy {i})", vector))
+            admin.execute("DELETE FROM pgsim.queue")  # the vectors are given: nothing for the workers to redo
+            admin.execute("ANALYZE items")
+            grant(admin, "worker", roles.worker, tables=["items"])
+            grant(admin, "search", roles.app, tables=["items"])
+            admin.execute(sql.SQL("GRANT INSERT ON items TO {}").format(sql.Identifier(roles.app)))
+        yield dsn, vectors, sections
+
+
+def nearest(vectors: np.ndarray, query: np.ndarray, keep: Any = lambda i: True) -> list[tuple[int, float]]:
+    distance = 1 - vectors @ query / np.linalg.norm(query)
+    return [(int(i), float(distance[i])) for i in np.argsort(distance, kind="stable") if keep(int(i))][:K]
+
+
+def test_the_column_keeps_full_vectors_and_only_the_index_is_binary(table: tuple[str, Any, Any]) -> None:
+    dsn = table[0]
+    with psycopg.connect(dsn) as conn:
+        column = conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                              "WHERE attrelid = 'items'::regclass AND attname = 'embedding'").fetchone()  # fmt: skip
+        index = conn.execute("SELECT pgsim.bit_index('items', 'embedding')").fetchone()
+        definition = conn.execute("SELECT pg_get_indexdef(%s::regclass)", [index[0]]).fetchone()
+        dtype = conn.execute("SELECT dtype FROM pgsim.embedding").fetchone()
+    assert column == ("vector(384)",)
+    assert index[0] == "items_embedding_hnsw"
+    assert "binary_quantize(embedding)" in definition[0] and "bit_hamming_ops" in definition[0], definition
+    assert "::bit(384)" in definition[0]
+    assert dtype == ("bit",)
+
+
+@pytest.mark.parametrize("filtered", [False, True])
+def test_search_walks_the_bit_index_and_reranks_by_true_distance(
+    table: tuple[str, np.ndarray, list[str]], roles: Roles, filtered: bool
+) -> None:
+    dsn, vectors, _ = table
+    rng = np.random.default_rng(9)
+    # half the rows (on this small table PostgreSQL sorts what a narrower filter leaves instead of walking)
+    keep = (lambda i: i % 3 != 0) if filtered else (lambda i: True)
+    where = sql.SQL("id % 3 <> 0") if filtered else None
+    found = 0
+    with psycopg.connect(dsn, autocommit=True) as conn, acting(conn, roles.app):
+        register(conn)
+        for number in range(5):
+            query = vectors[rng.integers(len(vectors))] + rng.normal(0, 0.05, 384).astype(np.float32)
+            hits, plan = search_with_plan(conn, "items", "embedding", query, k=K, where=where, tuning=WALK)
+            assert (plan.path, plan.index_name, plan.fell_back) == ("hnsw", "items_embedding_hnsw", False), plan
+            assert plan.candidates == max(K, plan.ef_search or 0) >= K
+            expected = nearest(vectors, query, keep)
+            ids = [hit.row["id"] for hit in hits]
+            assert len(ids) == K == len(set(ids))
+            assert all(keep(i) for i in ids)
+            true = 1 - vectors[ids] @ query / np.linalg.norm(query)  # distances are cosine on the full vectors
+            np.testing.assert_allclose([hit.distance for hit in hits], true, atol=1e-5)
+            assert [hit.distance for hit in hits] == sorted(hit.distance for hit in hits)
+            found += len(set(ids) & {i for i, _ in expected})
+            # the SQL path: the same rows, in the same order
+            rows = conn.execute(
+                "SELECT (r.row->>'id')::int, r.distance FROM pgsim.knn('items', 'embedding', %s, %s, %s, "
+                "exact_below_rows => 0, min_hnsw_selectivity => 0, hnsw_ef_search => 40) AS r",
+                [query, K, "id % 3 <> 0" if filtered else None],
+            ).fetchall()
+            assert [r[0] for r in rows] == ids, number
+    assert found / (5 * K) >= 0.9  # the candidates' re-rank recovers the cosine neighbours
+
+
+def test_explain_shows_the_bit_index_scanned_and_the_candidates(table: tuple[str, np.ndarray, Any]) -> None:
+    dsn, vectors, _ = table
+    with psycopg.connect(dsn) as conn:
+        register(conn)
+        plan, text = explain(conn, "items", "embedding", vectors[3], k=K, tuning=WALK)
+    assert plan.path == "hnsw" and plan.candidates is not None
+    assert "items_embedding_hnsw" in text and "binary_quantize" in text, text
+    assert f"rows={plan.candidates}.00" in text, text  # the walk's candidates, then the k re-ranked
+    assert plan.candidates == 2 * 40  # uncalibrated, a bit walk takes twice the cosine walk's ef_search
+
+
+def test_a_walk_postgres_would_not_serve_from_the_bit_index_is_exact(table: tuple[str, np.ndarray, Any]) -> None:
+    """At ef_search 1,000 on 2,400 rows PostgreSQL sorts the table by Hamming distance instead of walking the
+    index: those candidates are not the exact neighbours either, so the search scans exactly, in both paths."""
+    dsn, vectors, _ = table
+    wide = Tuning(exact_below_rows=0, min_hnsw_selectivity=0, hnsw_ef_search=500)
+    with psycopg.connect(dsn) as conn:
+        register(conn)
+        hits, plan = search_with_plan(conn, "items", "embedding", vectors[11], k=K, tuning=wide)
+        assert (plan.path, plan.candidates) == ("exact", None), plan
+        assert "no index" in plan.reason
+        assert [(hit.row["id"], round(hit.distance, 5)) for hit in hits] == [
+            (i, round(d, 5)) for i, d in nearest(vectors, vectors[11])
+        ]
+        sql_rows = conn.execute(
+            "SELECT (r.row->>'id')::int FROM pgsim.knn('items', 'embedding', %s, %s, exact_below_rows => 0, "
+            "hnsw_ef_search => 500) AS r",
+            [vectors[11], K],
+        ).fetchall()
+        assert [r[0] for r in sql_rows] == [hit.row["id"] for hit in hits]
+
+
+def test_a_selective_filter_takes_the_exact_path_on_the_full_vectors(table: tuple[str, np.ndarray, list[str]]) -> None:
+    dsn, vectors, sections = table
+    rare = min(set(sections), key=sections.count)
+    keep = lambda i: sections[i] == rare  # noqa: E731
+    with psycopg.connect(dsn) as conn:
+        register(conn)
+        hits, plan = search_with_plan(conn, "items", "embedding", vectors[0], k=K, where={"section": rare})
+    expected = nearest(vectors, vectors[0], keep)
+    assert plan.path == "exact" and plan.candidates is None
+    assert [hit.row["id"] for hit in hits] == [i for i, _ in expected][: len(hits)]
+    assert len(hits) == min(K, sections.count(rare))
+
+
+def test_the_worker_fills_new_rows_and_a_text_query_finds_them(
+    table: tuple[str, np.ndarray, Any], roles: Roles
+) -> None:
+    dsn = table[0]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        register(conn)
+        with acting(conn, roles.app):
+            conn.execute(
+                "INSERT INTO items (id, section, body) VALUES (100000, 'zz', 'A recipe for tomato soup with basil')"
+            )
+        with acting(conn, roles.worker):
+            report = sync(conn, table="items", allow_superuser=True)
+        assert report.embedded == 1, report
+        with acting(conn, roles.app):
+            hits, plan = search_with_plan(conn, "items", "embedding", "tomato soup recipe", k=K, tuning=WALK)
+            assert plan.path == "hnsw" and plan.candidates is not None
+            assert hits[0].row["id"] == 100000
+            assert len(hits) == K
+            fused = hybrid_search(conn, "items", "embedding", "tomato soup recipe", k=K, text_column="fts")
+            assert len(fused) == K and fused[0].row["id"] == 100000
+        conn.execute("DELETE FROM items WHERE id = 100000")
+
+
+def test_calibration_measures_the_reranked_walk(table: tuple[str, np.ndarray, Any], roles: Roles) -> None:
+    dsn, vectors, _ = table
+    with psycopg.connect(dsn, autocommit=True) as conn, acting(conn, roles.owner):
+        register(conn)
+        result = calibrate_index(conn, "items", "embedding", seconds=20)
+        assert result.stored, result
+        assert result.index_name == "public.items_embedding_hnsw"
+        hits, plan = search_with_plan(conn, "items", "embedding", vectors[7], k=K, tuning=WALK)
+        assert plan.path == "hnsw" and plan.expected_recall is not None and plan.expected_recall >= 0.99, plan
+        assert plan.candidates == max(K, plan.ef_search or 0)
+        assert hits[0].row["id"] == 7
+        conn.execute("DELETE FROM pgsim.calibration")
+
+
+def test_bad_storage_requests_are_refused_before_anything_changes(table: tuple[str, Any, Any], roles: Roles) -> None:
+    dsn = table[0]
+    with psycopg.connect(dsn, autocommit=True) as conn, acting(conn, roles.owner):
+        conn.execute("CREATE TABLE other (id int PRIMARY KEY, body text, half halfvec(384))")
+        try:
+            with pytest.raises(InvalidInput, match="does not take chunks"):
+                add_embedding(conn, "other", "embedding", source="body", dtype="bit", chunks=Chunks(64, 8))
+            with pytest.raises(InvalidInput, match=r"exists as halfvec\(384\).*vector\(384\)"):
+                add_embedding(conn, "other", "half", source="body", dtype="bit")
+            with pytest.raises(InvalidInput, match="dtype must be one of"):
+                add_embedding(conn, "other", "embedding", source="body", dtype="binary")
+            columns = conn.execute("SELECT count(*) FROM pg_attribute WHERE attrelid = 'other'::regclass "
+                                   "AND attnum > 0").fetchone()  # fmt: skip
+            assert columns == (3,)
+            assert conn.execute("SELECT count(*) FROM pgsim.embedding WHERE table_name = 'other'").fetchone() == (0,)
+        finally:
+            conn.execute("DROP TABLE other")

@@ -1,6 +1,6 @@
 """Scale (issue 20): how size, build time, recall and speed grow with the rows, per storage type.
 
-    python bench/scale.py [--sizes 50000 100000 200000] [--storages vector halfvec] [--queries 100]
+    python bench/scale.py [--sizes 50000 100000 200000] [--storages vector halfvec bit] [--queries 100]
         [--noise 0.3] [--chart DIR]
 
 Rows: the all-MiniLM-L6-v2 vectors of Debian's package synopses (bench/corpus_cache.py, about 63,600 after
@@ -11,12 +11,17 @@ original. Each row also has ``r``, uniform in 0..999 with a btree, for filters p
 and 0.5 % (``r < 5``) of the rows. One table per size and storage, registered with pgsim (the vectors
 written with the rows, as pgsim.ingest would), the HNSW index built after the rows by pgsim's sized build
 (pgsim.db.hnsw.create_hnsw_index: m 16, ef_construction 64, maintenance_work_mem and parallel workers sized
-by pgsim), timed. Then the held-out synopses as queries (k = 10) through ``pgsim.search`` and through the
-query a user writes by hand with pgvector's defaults, interleaved, and with ``--calibrate`` through
-``pgsim.search`` again after ``pgsim.calibrate`` (the two filters given as its workload): recall@10 against
-the exact neighbours over the float32 vectors (numpy), rows returned, QPS on one connection and p95. Growth:
+by pgsim), timed. Storage ``bit`` keeps the full vectors in a vector(384) column and builds the HNSW index
+over binary_quantize(embedding)::bit(384) (Hamming): ``pgsim.search`` re-ranks the walk's candidates on the
+full vectors, and the query by hand is pgvector's README recipe for it (the 4k nearest by Hamming distance at
+the default ef_search, re-ranked by cosine distance). Then the held-out synopses as queries (k = 10) through
+``pgsim.search`` and through the query a user writes by hand with pgvector's defaults, interleaved, and with
+``--calibrate`` through ``pgsim.search`` again after ``pgsim.calibrate`` (the two filters given as its
+workload): recall@10 against the exact neighbours over the float32 vectors (numpy), rows returned, QPS on one
+connection and p95. Growth:
 the exponent b of a least-squares fit of log(y) = a + b log(N) over the sizes, for build time, index size and
-QPS. ``--chart DIR`` draws build time, index size and QPS against N as SVG.
+QPS. Against vector: each storage's index size and QPS over the vector table's at the same size, filter and
+mode. ``--chart DIR`` draws build time, index size and QPS against N as SVG.
 """
 
 from __future__ import annotations
@@ -67,9 +72,10 @@ def build(conn: psycopg.Connection[Any], storage: str, vectors: Matrix, r: np.nd
     if pgsim.get_registration(conn, table, "embedding") is not None:
         pgsim.remove_embedding(conn, table, "embedding")
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
+    column_type = "vector" if storage == "bit" else storage  # bit: full vectors in the table, a binary index
     conn.execute(
         sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, r int, body text, embedding {}(384))").format(
-            ident, sql.SQL(storage)
+            ident, sql.SQL(column_type)
         )
     )
     pgsim.add_embedding(conn, table, "embedding", source="body", dtype=storage, index=None, queue_existing=False)
@@ -82,22 +88,25 @@ def build(conn: psycopg.Connection[Any], storage: str, vectors: Matrix, r: np.nd
             copy.write_row((i, int(r[i]), vectors[i]))
     conn.execute(
         sql.SQL("INSERT INTO {} (id, r, embedding) SELECT id, r, embedding::{} FROM scale_rows").format(
-            ident, sql.SQL(storage)
+            ident, sql.SQL(column_type)
         )
     )
     conn.execute("DROP TABLE scale_rows")
     conn.execute(sql.SQL("CREATE INDEX ON {} (r)").format(ident))
     loaded = time.perf_counter() - started
     started = time.perf_counter()
-    opclass = "halfvec_cosine_ops" if storage == "halfvec" else "vector_cosine_ops"
-    create_hnsw_index(conn, table, "embedding", f"{name}_hnsw", HNSW(m=16, ef_construction=64), opclass=opclass)
+    opclass = {"halfvec": "halfvec_cosine_ops", "bit": "bit_hamming_ops"}.get(storage, "vector_cosine_ops")
+    report = create_hnsw_index(
+        conn, table, "embedding", f"{name}_hnsw", HNSW(m=16, ef_construction=64), opclass=opclass
+    )
     seconds = time.perf_counter() - started
     conn.execute(sql.SQL("VACUUM ANALYZE {}").format(ident))
     sizes = conn.execute(
         "SELECT pg_table_size(%s::regclass), pg_relation_size(%s::regclass)", [table, f"{SCHEMA}.{name}_hnsw"]
     ).fetchone()
     assert sizes is not None
-    return {"table": table, "load s": loaded, "build s": seconds, "table bytes": sizes[0], "index bytes": sizes[1]}
+    return {"table": table, "load s": loaded, "build s": seconds, "table bytes": sizes[0], "index bytes": sizes[1],
+            "build memory MB": report.settings.maintenance_work_mem_mb}  # fmt: skip
 
 
 def measure(
@@ -107,11 +116,19 @@ def measure(
     r: np.ndarray[Any, Any],
     queries: Matrix,
     modes: tuple[str, ...] = ("pgsim", "by hand"),
+    storage: str = "vector",
 ) -> dict[tuple[str, str], tuple[float, int, float, float]]:
     """Per (mode, filter): (recall@10 against the exact float32 neighbours, fewest rows returned, QPS, p95 ms).
     Modes: ``pgsim.search``, and the query a user writes by hand with pgvector's defaults (``WHERE ... ORDER BY
-    embedding <=> q LIMIT 10``, ef_search 40, no iterative scan), interleaved query by query."""
+    embedding <=> q LIMIT 10``, ef_search 40, no iterative scan; on bit storage pgvector's re-rank recipe),
+    interleaved query by query."""
     hand = sql.SQL("SELECT id FROM {} WHERE {} ORDER BY embedding <=> %s::vector LIMIT {}")
+    if storage == "bit":
+        hand = sql.SQL(
+            "SELECT id FROM (SELECT id, embedding FROM {} WHERE {} ORDER BY binary_quantize(embedding)::bit(384) "
+            "<~> binary_quantize(%s::vector)::bit(384) LIMIT 40) AS c "  # 4 k candidates, as pgvector's README
+            "ORDER BY embedding <=> %s::vector LIMIT {}"
+        )
     found = {}
     for label, below in FILTERS.items():
         passing = np.arange(len(vectors)) if below is None else np.flatnonzero(r < below)
@@ -127,7 +144,8 @@ def measure(
                     ids = [hit.row["id"] for hit in pgsim.search(conn, table, "embedding", query, k=K, where=where,
                                                                  columns=["id"])]  # fmt: skip
                 else:
-                    ids = [row[0] for row in conn.execute(by_hand, [query]).fetchall()]
+                    arguments = [query, query] if storage == "bit" else [query]
+                    ids = [row[0] for row in conn.execute(by_hand, arguments).fetchall()]
                 recalls, counts, latencies = runs[mode]
                 if number:  # the first query of each filter pays for the plan and cache
                     latencies.append(time.perf_counter() - started)
@@ -156,7 +174,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dsn")
     parser.add_argument("--sizes", nargs="+", type=int, default=[50_000, 100_000, 200_000])
-    parser.add_argument("--storages", nargs="+", default=["vector", "halfvec"], choices=["vector", "halfvec"])
+    parser.add_argument(
+        "--storages", nargs="+", default=["vector", "halfvec", "bit"], choices=["vector", "halfvec", "bit"]
+    )
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--noise", type=float, default=0.3)
     parser.add_argument("--calibrate", type=float, default=0, help="also pgsim.calibrate (this budget, s), then search")
@@ -176,31 +196,48 @@ def main() -> None:
             print(f"{storage} x {rows}: loading and building ...", file=sys.stderr, flush=True)
             built = build(conn, storage, vectors, r)
             print(f"  built in {built['build s']:.1f}s; searching ...", file=sys.stderr, flush=True)
-            built["search"] = measure(conn, built["table"], vectors, r, queries)
+            built["search"] = measure(conn, built["table"], vectors, r, queries, storage=storage)
             if args.calibrate:
                 print(f"  calibrating ({args.calibrate:.0f}s budget) ...", file=sys.stderr, flush=True)
                 started = time.perf_counter()
                 pgsim.calibrate(conn, built["table"], "embedding", seconds=args.calibrate, relevance=False,
                                 filters=[f"r < {below}" for below in FILTERS.values() if below])  # fmt: skip
                 built["calibrate s"] = time.perf_counter() - started
-                built["search"].update(measure(conn, built["table"], vectors, r, queries, ("pgsim, calibrated",)))
+                built["search"].update(
+                    measure(conn, built["table"], vectors, r, queries, ("pgsim, calibrated",), storage=storage)
+                )
             results[(storage, rows)] = built
     sizes, table = [], []
     for (storage, rows), built in results.items():
         megabytes = [f"{built[name] / 2**20:.0f}" for name in ("table bytes", "index bytes")]
         seconds = [f"{built['load s']:.1f}", f"{built['build s']:.1f}", f"{built['build s'] / rows * 1e6:.0f}",
                    f"{built.get('calibrate s', 0):.0f}"]  # fmt: skip
-        sizes.append([storage, rows, *megabytes, *seconds])
+        sizes.append([storage, rows, *megabytes, built["build memory MB"], *seconds])
         for (mode, label), (recall, fewest, qps, p95) in built["search"].items():
             ours = built["search"][("pgsim", label)][2]
             table.append([storage, rows, label, mode, f"{recall:.3f}", fewest, f"{qps:.0f}", f"{p95:.1f}",
                           f"{qps / ours:.2f}x"])  # fmt: skip
     print(f"\nbase {len(base)} synopsis vectors, noise {args.noise}, {len(queries)} held-out queries, k = {K}\n")
-    print(format_table(["storage", "rows", "table MB", "index MB", "load s", "build s", "build us/row",
-                        "calibrate s"], sizes))  # fmt: skip
+    print(format_table(["storage", "rows", "table MB", "index MB", "build memory MB", "load s", "build s",
+                        "build us/row", "calibrate s"], sizes))  # fmt: skip
     print()
     print(format_table(["storage", "rows", "filter", "mode", "recall@10", "min rows", "QPS", "p95 ms",
                         "QPS vs pgsim"], table))  # fmt: skip
+    against = []
+    for (storage, rows), built in results.items():
+        vector = results.get(("vector", rows))
+        if storage == "vector" or vector is None:
+            continue
+        for (mode, label), (recall, _, qps, _) in built["search"].items():
+            if (mode, label) in vector["search"]:
+                against.append([storage, rows, label, mode, f"{recall:.3f}",
+                                f"{vector['search'][(mode, label)][0]:.3f}",
+                                f"{built['index bytes'] / vector['index bytes']:.2f}x",
+                                f"{qps / vector['search'][(mode, label)][2]:.2f}x"])  # fmt: skip
+    if against:
+        print("\nagainst the vector table of the same size, same filter and mode\n")
+        print(format_table(["storage", "rows", "filter", "mode", "recall@10", "vector's recall", "index size",
+                            "QPS"], against))  # fmt: skip
     growth = []
     series: dict[str, dict[str, list[tuple[float, float]]]] = {"build s": {}, "index MB": {}, "QPS (no filter)": {}}
     for storage in args.storages:

@@ -204,8 +204,11 @@ def _rewrite_table_ops(modify: alembic_ops.ModifyTableOps, changes: _Changes) ->
     }
     changed = {column for (s, n, column) in changes.planned if (s, n) == (schema, name)}
     workers = pending_columns(changes.pending, schema, name, changes.default_schema)  # changes under way
-    covered_indexes = {  # dropped with the registrations of a dropped table
-        row.index_name for row in changes.registered_on(schema, name) if (schema, name) in changes.dropped_tables
+    covered_indexes = {  # dropped with the registrations of a dropped table; a bit embedding's own (over an
+        # expression the models do not declare: create_embedding built it, drop_embedding drops it)
+        row.index_name
+        for row in changes.registered_on(schema, name)
+        if (schema, name) in changes.dropped_tables or row.dtype == "bit"
     }
     # before any drop_column: a column the old source read loses the triggers that read it first
     first: list[Any] = [
@@ -250,6 +253,8 @@ def _create_embedding(table_name: str, column: str, spec: Any, schema: str | Non
     """create_embedding for an ``embedding_column``; it builds the index under the default name itself."""
     index = _default_index(table, column)
     params = index_params(index) if index is not None else None
+    if spec.dtype == "bit":  # its index is over an expression, which the models do not declare: the spec's
+        params = spec.index
     source = spec.source if isinstance(spec.source, str) else list(spec.source)
     return CreateEmbeddingOp(
         table_name,

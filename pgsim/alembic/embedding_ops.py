@@ -121,6 +121,14 @@ class CreateEmbeddingOp(MigrateOperation):
         )
         if self.index is None or index_name is None:
             return [register]
+        if self.dtype == "bit":  # binary-quantised storage: the index is over an expression (pgsim.bit_index)
+            bits = sql.SQL("CREATE INDEX {} ON {} USING hnsw ((binary_quantize({})::bit({})) bit_hamming_ops) "
+                           "WITH (m = {}, ef_construction = {})").format(  # fmt: skip
+                sql.Identifier(index_name), table_identifier(self.table_name, self.schema),
+                sql.Identifier(self.column_name), sql.Literal(model_dimension(self.model)),
+                sql.Literal(self.index.m), sql.Literal(self.index.ef_construction),
+            )  # fmt: skip
+            return [register, bits]
         build = CreateHnswIndexOp(
             index_name, self.table_name, self.column_name, m=self.index.m,
             ef_construction=self.index.ef_construction, ops=f"{self.dtype}_cosine_ops", schema=self.schema,

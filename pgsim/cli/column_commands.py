@@ -38,7 +38,7 @@ def cmd_add_embedding(args: argparse.Namespace) -> int:
             [registration.id],
         ).fetchone()
     print(
-        f"{registration.table}.{registration.column}: {registration.dtype}({registration.dimension}) of "
+        f"{registration.table}.{registration.column}: {storage(registration.dtype, registration.dimension)} of "
         f"{registration.source} by {registration.model}; "
         + (f"index {registration.index_name}; " if registration.index_name else "no index; ")
         + (f"chunks of {chunks.tokens} word pieces (overlap {chunks.overlap}); " if chunks else "")
@@ -98,7 +98,7 @@ def cmd_change_embedding(args: argparse.Namespace) -> int:
             conn, args.table, args.column, source=source, model=args.model, dtype=args.dtype, chunks=chunks_of(args)
         )
     print(
-        f"filling {new.table}.{new.column} with {new.dtype}({new.dimension}) of {new.source} by {new.model}"
+        f"filling {new.table}.{new.column} with {storage(new.dtype, new.dimension)} of {new.source} by {new.model}"
         + (f" in chunks of {args.chunk_tokens} word pieces" if args.chunk_tokens else "")
         + "; "
         f"searches keep using {args.column} until it is full. Run pgsim backfill (or pgsim worker): it switches "
@@ -220,3 +220,8 @@ def cmd_server(args: argparse.Namespace) -> int:
         running = server.running()
         print(f"running (pid {running.pid}): {running.dsn()}" if running else f"not running ({server.data_dir})")
     return 0
+
+
+def storage(dtype: str, dimension: int) -> str:
+    """How a registration stores its vectors, for people: ``vector(384)``, or ``vector(384) with a bit index``."""
+    return f"vector({dimension}) with a bit index" if dtype == "bit" else f"{dtype}({dimension})"

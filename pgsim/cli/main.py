@@ -30,6 +30,7 @@ from pgsim.cli.inspect_commands import (
     cmd_search,
     cmd_status,
 )
+from pgsim.columns.registry import DTYPES
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import PgsimError
 
@@ -159,7 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="the column(s) holding the text, or an SQL expression over the table's columns",
     )
     add.add_argument("--model", default=DEFAULT_MODEL)
-    add.add_argument("--dtype", choices=["vector", "halfvec"], default="vector")
+    add.add_argument(
+        "--dtype", choices=DTYPES, default="vector",
+        help="vector, halfvec (half the size), or bit: vector rows with a binary index, candidates re-ranked",
+    )  # fmt: skip
     add.add_argument("--m", type=int, default=16, help="HNSW m (default 16)")
     add.add_argument("--ef-construction", type=int, default=64, help="HNSW ef_construction (default 64)")
     add.add_argument("--no-index", action="store_true", help="no HNSW index")
@@ -196,7 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     changing.add_argument("column")
     changing.add_argument("--source", nargs="+", help="the new source column(s), or an SQL expression")
     changing.add_argument("--model", help="the new model")
-    changing.add_argument("--dtype", choices=["vector", "halfvec"], help="the new vector type")
+    changing.add_argument("--dtype", choices=DTYPES, help="the new storage (vector, halfvec or bit)")
     chunk_arguments(changing)
     changing.set_defaults(run=cmd_change_embedding)
 

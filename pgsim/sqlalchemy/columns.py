@@ -35,6 +35,7 @@ from sqlalchemy.sql.elements import quoted_name
 
 from pgsim.columns.adding import DEFAULT_HNSW
 from pgsim.columns.chunking.settings import Chunks, checked_chunks
+from pgsim.columns.registry import DTYPES
 from pgsim.db.hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, HNSW
 from pgsim.db.names import derived_name
 from pgsim.encoding.models import DEFAULT_MODEL, model_dimension
@@ -80,8 +81,10 @@ def embedding_column(
     checked_chunks(chunks)
     if sync not in SYNC_MODES:
         raise InvalidInput(f"sync must be one of {', '.join(SYNC_MODES)}; got {sync!r}.")
-    if dtype not in ("vector", "halfvec"):
-        raise InvalidInput(f"dtype must be 'vector' or 'halfvec'; got {dtype!r}.")
+    if dtype not in DTYPES:
+        raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
+    if dtype == "bit" and chunks is not None:
+        raise InvalidInput("dtype='bit' does not take chunks yet: chunk a vector or halfvec column.")
     names = (source,) if isinstance(source, str) else tuple(source)
     if not names or not all(isinstance(name, str) and name for name in names):
         raise InvalidInput(f"source must name the column(s) holding the text; got {source!r}.")
@@ -100,7 +103,7 @@ def embedding_column(
                 "(it is read from the model), or name the model that makes them."
             )
     size = dimension or model_dimension(model)  # an unknown model fails here, when the class is defined
-    kind = Embedding if dtype == "vector" else HalfEmbedding
+    kind = HalfEmbedding if dtype == "halfvec" else Embedding  # bit keeps full vectors; its index is binary
     mapped = mapped_column(kind(size, model), nullable=True, info={"pgsim": spec})
     event.listen(mapped.column, "after_parent_attach", _attached)
     _install_hooks()
@@ -191,7 +194,7 @@ def register_embeddings(connection: Any, tables: Sequence[Table]) -> None:
     for table, column, spec in pending:
         name = f"{table.schema or _search_schema(raw)}.{table.name}"
         if get_registration(raw, name, column.name) is None:
-            index_name, index = _declared_hnsw(table, column)
+            index_name, index = _declared_hnsw(table, column) if spec.dtype != "bit" else (None, spec.index)
             add_embedding(raw, name, column.name, source=spec.source_sql, model=spec.model, dtype=spec.dtype,
                           index=index, index_name=index_name, queue_existing=spec.sync == "worker",
                           chunks=spec.chunks)  # fmt: skip
@@ -238,7 +241,9 @@ def _attached(column: Column[Any], table: Any) -> None:
     if not isinstance(table, Table):
         return
     spec: EmbeddingSpec = column.info["pgsim"]
-    if spec.index is not None and not any(column in index.columns.values() for index in table.indexes):
+    # a bit column's index is over an expression (binary_quantize), which pgsim.add_embedding builds itself
+    declared = spec.dtype != "bit" and any(column in index.columns.values() for index in table.indexes)
+    if spec.index is not None and spec.dtype != "bit" and not declared:
         default = hnsw_index(column, m=spec.index.m, ef_construction=spec.index.ef_construction)
         default.info[DEFAULT_INDEX] = True
     if not event.contains(table, "after_create", _after_create):

@@ -28,7 +28,9 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Float, Select, Table, and_, inspect, literal, text
+from pgvector.sqlalchemy import VECTOR
+from sqlalchemy import Float, Select, Table, and_, cast, func, inspect, literal, select, text, tuple_
+from sqlalchemy.dialects.postgresql import BIT
 from sqlalchemy.exc import CompileError, DBAPIError
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.orm.util import LoaderCriteriaOption
@@ -43,8 +45,9 @@ from pgsim.sqlalchemy.types import NEAREST
 log = logging.getLogger(__name__)
 
 PLAN = text(
-    "SELECT path, ef_search, max_scan_tuples FROM pgsim.knn_plan(CAST(:table AS regclass), :column, :k, :filter, "
-    ":exact_below_rows, :hnsw_ef_search, :min_hnsw_selectivity)"
+    "SELECT p.path, p.ef_search, p.max_scan_tuples, p.index_name = pgsim.bit_index(CAST(:table AS regclass), :column) "
+    "FROM pgsim.knn_plan(CAST(:table AS regclass), :column, :k, :filter, :exact_below_rows, :hnsw_ef_search, "
+    ":min_hnsw_selectivity) AS p"
 )
 # pgvector's defaults, for a session where its settings were never read (the library not yet loaded)
 DEFAULTS = {"iterative_scan": "off", "ef_search": "40", "max_scan_tuples": "20000"}
@@ -103,8 +106,9 @@ def filtered_knn(state: ORMExecuteState) -> Any:
     swap = {"ef_search": str(plan.ef_search), "max_scan_tuples": str(plan.max_scan_tuples), "local": local}
     saved = connection.execute(SWAP, swap).one()
     restore = {key: value or DEFAULTS[key] for key, value in zip(DEFAULTS, saved[:3], strict=True)}
+    walked = statement if plan.candidates is None else _with_candidates(statement, column, nearest, plan.candidates)
     try:
-        result = state.invoke_statement()
+        result = state.invoke_statement(statement=walked)
         criteria = _executed_criteria(result)
         frozen = result.freeze()
     except BaseException as exc:
@@ -115,7 +119,7 @@ def filtered_knn(state: ORMExecuteState) -> Any:
             _restore(connection, restore, local, quiet=True)
         raise
     _restore(connection, restore, local, quiet=False)
-    if criteria is not None and criteria != plan.criteria:
+    if criteria is not None and criteria != plan.criteria + (plan.candidates is not None):
         # a do_orm_execute hook that ran after pgsim's added conditions knn_plan did not see
         log.info("the statement run had %d conditions, %d were planned; exact scan instead", criteria, plan.criteria)
         return state.invoke_statement(statement=exact)
@@ -148,6 +152,30 @@ class _Plan:
     ef_search: int
     max_scan_tuples: int
     criteria: int  # how many WHERE conditions the compiled statement had (the ORM's own included)
+    candidates: int | None = None  # on a bit index (binary-quantised storage): the walk's, re-ranked
+
+
+def _with_candidates(statement: Select[Any], column: Any, nearest: Any, candidates: int) -> Select[Any]:
+    """Binary-quantised storage: ``statement`` kept to the ``candidates`` rows that pass its filter nearest by
+    Hamming distance over the bit index (``binary_quantize(column)::bit(n)``), which its own ORDER BY then
+    re-ranks by cosine distance on the full vectors (pgsim.knn does the same)."""
+    table = column.table._deannotate()
+    dimension = column.type.dim
+
+    def bits(value: Any) -> Any:
+        return cast(func.binary_quantize(value), BIT(dimension))
+
+    hamming = bits(column).op("<~>", return_type=Float)(bits(cast(nearest.right, VECTOR(dimension))))
+    keys = list(table.primary_key.columns)
+    walk = (
+        select(*keys)
+        .where(*statement._where_criteria)
+        .where(column.is_not(None))
+        .order_by(hamming)
+        .limit(candidates)
+        .correlate(None)  # its own scan of the table, not the outer statement's row
+    )
+    return statement.where((keys[0] if len(keys) == 1 else tuple_(*keys)).in_(walk))
 
 
 def _bound_int(clause: Any, parameters: Mapping[str, Any]) -> int | None:
@@ -274,7 +302,8 @@ def _plan(connection: Any, column: Any, k: int, statement: Select[Any], tuning: 
             reason = (str(exc.orig).strip() or type(exc.orig).__name__).splitlines()[0]
             log.warning("pgsim.knn_plan could not plan the filter %r (%s): this query scans exactly", condition, reason)
         return None
-    return _Plan(str(row[0]), row[1], row[2], criteria)
+    candidates = max(k, row[1]) if row[0] == "hnsw" and row[3] else None
+    return _Plan(str(row[0]), row[1], row[2], criteria, candidates)
 
 
 def _filter(connection: Any, column: Any, statement: Select[Any]) -> tuple[str | None, int] | None:

@@ -3,6 +3,7 @@ generated, upgrades, downgrades and upgrades again; unchanged models generate no
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -352,3 +353,25 @@ def test_hnsw_indexes_of_every_pgvector_operator_class(server_dsn: str, tmp_path
         (definition,) = query(dsn, "SELECT indexdef FROM pg_indexes WHERE indexname = 'ag_points_s_hnsw'")[0]
         assert "hnsw (s sparsevec_l2_ops) WITH (m='8', ef_construction='64')" in definition
         command.downgrade(config, "base")
+
+
+def test_a_bit_embedding_migrates_with_its_binary_index(server_dsn: str, tmp_path: Path) -> None:
+    """dtype="bit": the revision adds a vector(384) column and create_embedding builds the Hamming index over
+    binary_quantize (online, and in the offline SQL); autogenerate then finds nothing to change."""
+    with scratch_database(server_dsn, "alembic_bit") as dsn:
+        directory, config = app(tmp_path, dsn, DOC + EMBEDDING.format(options=', dtype="bit"'))
+        revision = generate(config, directory, "docs")
+        assert "dtype='bit'" in upgrade_section(revision)
+        offline = io.StringIO()
+        config.output_buffer = offline
+        command.upgrade(config, "head", sql=True)
+        assert 'USING hnsw ((binary_quantize("embedding")::bit(384)) bit_hamming_ops)' in offline.getvalue()
+        config.output_buffer = None
+        command.upgrade(config, "head")
+        assert column_type(dsn, "ag_docs", "embedding") == [("vector(384)",)]
+        assert query(dsn, "SELECT dtype, pgsim.bit_index('ag_docs', 'embedding') FROM pgsim.embedding") == [
+            ("bit", "ag_docs_embedding_hnsw")
+        ]
+        assert_nothing_to_generate(config, directory)
+        command.downgrade(config, "base")
+        assert query(dsn, "SELECT to_regclass('ag_docs')") == [(None,)]

@@ -122,6 +122,25 @@ def test_add_embedding_backfill_worker_status_remove(database: str) -> None:
     assert again.returncode == 2 and "is not a registered embedding column" in again.stderr
 
 
+def test_add_embedding_with_bit_storage_and_search_from_the_shell(database: str) -> None:
+    """--dtype bit: full vectors in the column, the binary index pgsim searches by re-ranked candidates."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE bit_notes (id int PRIMARY KEY, body text)")
+        conn.execute("INSERT INTO bit_notes VALUES (1, 'bake sourdough bread'), (2, 'configure a firewall')")
+    added = pgsim("add-embedding", "bit_notes", "embedding", "--source", "body", "--dtype", "bit", dsn=database)
+    assert added.returncode == 0, added.stderr
+    assert "public.bit_notes.embedding: vector(384) with a bit index of" in added.stdout, added.stdout
+    assert pgsim("backfill", "bit_notes", dsn=database).returncode == 0
+    found = pgsim("search", "baking bread", "--table", "bit_notes", "-k", "1", dsn=database)
+    assert found.returncode == 0, found.stderr
+    assert "sourdough" in found.stdout
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT pgsim.bit_index('bit_notes', 'embedding')").fetchone() == (
+            "bit_notes_embedding_hnsw",
+        )
+    assert pgsim("remove-embedding", "bit_notes", "embedding", dsn=database).returncode == 0
+
+
 def test_errors_are_one_line_with_what_to_do(database: str) -> None:
     bad = pgsim("search", "x", "--filter", "nosuchcolumn=1", dsn=database)
     assert bad.returncode == 2
@@ -176,3 +195,4 @@ def test_encoder_says_which_backend_runs_the_model_here(capsys: pytest.CaptureFi
     assert capsys.readouterr().out.startswith("encoder: all-MiniLM-L6-v2 on backend torch (")
     assert main(["encoder", "--model", "/no/such/model"]) == 2
     assert "Cannot load model '/no/such/model'" in capsys.readouterr().err
+

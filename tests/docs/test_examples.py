@@ -56,6 +56,7 @@ CHECKED = {
     "security",
     "long-documents",
     "long-documents-sql",
+    "bit-storage",
 }
 
 
@@ -299,6 +300,12 @@ def test_long_documents_examples_run_as_written(database: str) -> None:
     shown = next(b for b in blocks(ROOT / "docs" / "long_documents.md") if b.language == "text")
     assert printed == shown.code.strip().splitlines()  # the page shows what the example prints
     assert [(row[0], row[2]) for row in ast.literal_eval(sql_rows)] == [(1, True), (2, False)]  # the answer's chunk
+
+
+def test_bit_storage_example_runs_as_written(database: str) -> None:
+    index, found = run_python(example("bit-storage"), dict(os.environ, PGSIM_DSN=database))
+    assert index == "runbooks_embedding_hnsw"  # the binary index pgsim built
+    assert found == "[1, 2]"  # the firewall first, and only the filter's rows
 
 
 def test_encoder_example_runs_as_written() -> None:

@@ -15,10 +15,13 @@ import psycopg
 import pytest
 from fixtures.roles import Roles, acting
 from psycopg import sql
+from sqlalchemy import String, event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from pgsim.columns.adding import add_embedding
 from pgsim.columns.chunking.settings import Chunks
 from pgsim.columns.grants import grant
+from pgsim.columns.registry import remove_embedding
 from pgsim.columns.worker import sync
 from pgsim.db.calibration import calibrate_index
 from pgsim.demo.corpus import Package
@@ -27,9 +30,10 @@ from pgsim.knn.filtered import explain, search_with_plan
 from pgsim.knn.planner import Tuning
 from pgsim.psycopg import register
 from pgsim.quality.hybrid import hybrid_search
+from pgsim.sqlalchemy import embedding_column
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chunks"))
-from chunked_docs import owned_database  # noqa: E402
+from chunked_docs import engine_as, owned_database  # noqa: E402
 
 COPIES = 6  # each sample package's vector and five noisy copies: 2,400 rows, enough to calibrate
 K = 10
@@ -223,3 +227,84 @@ def test_bad_storage_requests_are_refused_before_anything_changes(table: tuple[s
             assert conn.execute("SELECT count(*) FROM pgsim.embedding WHERE table_name = 'other'").fetchone() == (0,)
         finally:
             conn.execute("DROP TABLE other")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    section: Mapped[str | None] = mapped_column(String, nullable=True)
+    body: Mapped[str | None] = mapped_column(String, nullable=True)
+    embedding = embedding_column(source="body", dtype="bit")
+
+
+def test_the_orm_walks_the_bit_index_for_the_same_rows_as_pgsim_search(
+    table: tuple[str, np.ndarray, Any], roles: Roles
+) -> None:
+    """Application code on the same table: ``.nearest()`` under a filter keeps the walk's candidates (a
+    Hamming-ordered subquery the bit index serves) and orders them by cosine distance: pgsim.search's rows."""
+    dsn, vectors, _ = table
+    engine = engine_as(dsn, roles.app)
+    statements: list[str] = []
+    event.listen(engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    try:
+        with Session(engine) as session, psycopg.connect(dsn) as conn, acting(conn, roles.app):
+            register(conn)
+            for query in (vectors[21], vectors[700]):
+                orm = session.scalars(
+                    select(Item)
+                    .where(Item.id % 3 != 0)
+                    .order_by(Item.embedding.nearest(query))
+                    .limit(K)
+                    .execution_options(pgsim_tuning=WALK)
+                ).all()
+                hits = search_with_plan(conn, "items", "embedding", query, k=K, where=sql.SQL("id % 3 <> 0"),
+                                        tuning=WALK)[0]  # fmt: skip
+                assert [item.id for item in orm] == [hit.row["id"] for hit in hits]
+        walked = [s for s in statements if "binary_quantize" in s and "<~>" in s]
+        assert len(walked) == 2, statements  # the walk ran for each query; no exact scan followed it
+        assert not any("+ %(param" in s or "+ 0" in s for s in statements if "items" in s), statements
+    finally:
+        engine.dispose()
+
+
+def test_the_orm_declares_creates_and_fills_a_bit_column(table: tuple[str, Any, Any], roles: Roles) -> None:
+    """``embedding_column(dtype="bit")``: create_all makes a vector(384) column and pgsim builds the bit index
+    (no cosine index); a flush encodes the row, which a text query then finds."""
+    dsn = table[0]
+
+    class Fresh(DeclarativeBase):
+        pass
+
+    class Note(Fresh):
+        __tablename__ = "notes"
+        id: Mapped[int] = mapped_column(primary_key=True)
+        body: Mapped[str | None] = mapped_column(String, nullable=True)
+        embedding = embedding_column(source="body", dtype="bit")
+
+    engine = engine_as(dsn, roles.owner)
+    try:
+        Fresh.metadata.create_all(engine)
+        with Session(engine) as session:
+            session.add_all([Note(id=1, body="Sourdough bread with a crisp crust"), Note(id=2, body="TCP congestion")])
+            session.commit()
+            found = session.scalars(select(Note).order_by(Note.embedding.nearest("baking bread")).limit(1)).all()
+            assert [note.id for note in found] == [1]
+        with psycopg.connect(dsn) as conn:
+            indexes = conn.execute(
+                "SELECT pg_get_indexdef(indexrelid) FROM pg_index WHERE indrelid = 'notes'::regclass "
+                "AND NOT indisprimary"
+            ).fetchall()
+            assert conn.execute("SELECT pgsim.bit_index('notes', 'embedding')").fetchone() == ("notes_embedding_hnsw",)
+            assert conn.execute("SELECT count(embedding) FROM notes").fetchone() == (2,)
+        assert len(indexes) == 1 and "bit_hamming_ops" in indexes[0][0], indexes
+        with pytest.raises(InvalidInput, match="does not take chunks"):
+            embedding_column(source="body", dtype="bit", chunks=Chunks(64, 8))
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn, acting(conn, roles.owner):
+            remove_embedding(conn, "notes", "embedding")
+            conn.execute("DROP TABLE notes")
+        engine.dispose()

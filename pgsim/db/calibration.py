@@ -273,7 +273,8 @@ def _measure_level(
             exact_ms.append((time.perf_counter() - started) * 1000)
             if not truth:
                 continue
-            recalls, ms = _walks(conn, _walk(target, parts, k), ef_grid, max_scan_tuples, truth[-1] + TIE, len(truth))
+            walk = _walk(target, parts, k)
+            recalls, ms = _walks(conn, walk, ef_grid, max_scan_tuples, truth[-1] + TIE, len(truth), target.bit_index)
             found[condition].append(recalls + [recalls[-1]] * (len(ef_grid) - len(recalls)))
             times.append(ms + [math.nan] * (len(ef_grid) - len(ms)))
     measured = min((len(v) for v in found.values()), default=0)
@@ -333,6 +334,7 @@ def _walks(
     max_scan_tuples: int,
     kth: float,
     wanted: int,
+    bits: bool = False,
 ) -> tuple[list[float], list[float]]:
     """Recall and milliseconds of the HNSW statement at each ef_search, until it finds all ``wanted`` rows
     as near as the exact ``kth`` distance; the settings last only for each walk's savepoint."""
@@ -343,8 +345,9 @@ def _walks(
             conn.execute(
                 "SELECT set_config('enable_indexscan', 'on', true), "
                 "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
-                "set_config('hnsw.ef_search', %s, true), set_config('hnsw.max_scan_tuples', %s, true)",
-                [str(ef), str(max_scan_tuples)],
+                "set_config('hnsw.ef_search', %s, true), set_config('hnsw.max_scan_tuples', %s, true), "
+                "set_config('enable_sort', %s, true)",  # a bit walk, as searches run it (pgsim.knn.planner)
+                [str(ef), str(max_scan_tuples), "off" if bits else pg_sort(conn)],
             )
             started = time.perf_counter()
             got = [d for (d,) in one_statement(conn, statement_at(ef))]
@@ -354,6 +357,11 @@ def _walks(
         if recalls[-1] >= 1.0:
             break
     return recalls, ms
+
+
+def pg_sort(conn: psycopg.Connection[Any]) -> str:
+    row = conn.execute("SELECT pg_catalog.current_setting('enable_sort')").fetchone()
+    return str(row[0]) if row else "on"
 
 
 def _store(conn: psycopg.Connection[Any], target: Target, calibration: Calibration) -> None:

@@ -61,11 +61,18 @@ class UnknownColumn(InvalidInput):
 
 
 def settings_statement(chosen: Plan) -> sql.Composed:
-    """The settings pgsim.prepare_knn applies on the hnsw path."""
+    """The settings pgsim.prepare_knn applies on the hnsw path; on a bit index's, sorting off too: a sort by
+    Hamming distance in place of the walk would give approximate candidates (on other indexes a sort by
+    cosine distance in place of the walk is exact)."""
     return sql.SQL(
         "SELECT set_config('enable_indexscan', 'on', true), set_config('hnsw.iterative_scan', 'relaxed_order', true), "
-        "set_config('hnsw.ef_search', {}, true), set_config('hnsw.max_scan_tuples', {}, true)"
-    ).format(sql.Literal(str(chosen.ef_search)), sql.Literal(str(chosen.max_scan_tuples)))
+        "set_config('hnsw.ef_search', {}, true), set_config('hnsw.max_scan_tuples', {}, true), "
+        "set_config('enable_sort', {}, true)"
+    ).format(
+        sql.Literal(str(chosen.ef_search)),
+        sql.Literal(str(chosen.max_scan_tuples)),
+        sql.SQL("'off'" if chosen.candidates else "pg_catalog.current_setting('enable_sort')"),
+    )
 
 
 def plan(
@@ -113,12 +120,10 @@ def checked_plan(conn: psycopg.Connection[Any], chosen: Plan, hnsw: bytes, param
     with conn.cursor() as cur:
         ((explained,),) = under_hnsw_settings(conn, cur, chosen, b"EXPLAIN (FORMAT JSON) " + hnsw, params)
     ordering = set(ordering_indexes(explained))
-    if chosen.index_name.split(".")[-1].strip('"') in ordering:
-        return chosen
     if not ordering and chosen.candidates is None:
         return chosen  # no index ordering at all: the rows are exact anyway (a bit walk's candidates are not)
-    if ordering and ordering <= index_partitions(conn, chosen.index_name):
-        return chosen  # on a partitioned table: the planned index's partitions
+    if ordering and ordering <= index_names(conn, chosen.index_name):
+        return chosen  # the planned index (on a partitioned table: its partitions)
     return replace(
         chosen,
         path="exact",
@@ -147,16 +152,19 @@ def with_candidates(conn: psycopg.Connection[Any], chosen: Plan, target: VectorC
 def walk_statement(chosen: Plan, hnsw: bytes, bit: bytes, params: dict[str, Any]) -> bytes:
     """The statement of the hnsw path for ``chosen``'s index, with its candidates in ``params``."""
     params["candidates"] = chosen.candidates or params.get("k")
+    params["bit_index"] = chosen.index_name
     return bit if chosen.candidates else hnsw
 
 
-def index_partitions(conn: psycopg.Connection[Any], index_name: str) -> set[str]:
-    """The bare names of a partitioned index and its partitions, as EXPLAIN names them (none for a plain table's)."""
+def index_names(conn: psycopg.Connection[Any], index_name: str) -> set[str]:
+    """The bare names of an index and, if partitioned, of its partitions, as EXPLAIN names them (unquoted)."""
     rows = conn.execute(  # the name as knn_plan gave it, on the caller's path: so every name here qualified
-        "SELECT c.relname::pg_catalog.text "
+        "SELECT c.relname::pg_catalog.text FROM pg_catalog.pg_class c "
+        "WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(%s::pg_catalog.text) "
+        "UNION SELECT c.relname::pg_catalog.text "
         "FROM pg_catalog.pg_partition_tree(pg_catalog.to_regclass(%s::pg_catalog.text)) AS t "
         "JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid",
-        [index_name],
+        [index_name, index_name],
     ).fetchall()
     return {name for (name,) in rows}
 

@@ -111,6 +111,12 @@ def search_statement(
         order = sql.SQL("{} <=> {}").format(column, query)
     if path != "hnsw":  # a row not embedded yet has no distance: the HNSW index holds no such row, a scan skips it
         condition = sql.SQL("{} IS NOT NULL AND ({})").format(column, condition)
+    if path == "bit":  # a plan cached before the bit index was dropped or replaced walks nothing: k rows short,
+        # the search scans exactly (a constant condition, evaluated once)
+        condition = sql.SQL(
+            "pgsim.bit_index(%(bit_table)s::pg_catalog.regclass, %(bit_column)s::pg_catalog.name) "
+            "OPERATOR(pg_catalog.=) %(bit_index)s::pg_catalog.text AND {}"
+        ).format(condition)
     nearest = sql.SQL(
         "SELECT {selected}, {col} <=> {q} AS {distance} FROM {table} WHERE {condition} ORDER BY {order} LIMIT {limit}"
     ).format(

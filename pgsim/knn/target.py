@@ -12,6 +12,7 @@ import psycopg
 
 from pgsim.columns.registry import Registration, chunk_table, get_registration
 from pgsim.db.catalog import resolve_table, table_columns
+from pgsim.db.names import table_identifier
 from pgsim.encoding.encoder import check_vector, encoder_for
 from pgsim.encoding.models import DEFAULT_MODEL
 from pgsim.errors import InvalidInput
@@ -117,6 +118,8 @@ def target_and_params(
     if not vector.any():
         raise InvalidInput("The query vector is all zeros: it has no direction, so no cosine distance to it exists.")
     params: dict[str, Any] = {"q": bindable(conn, vector)}
+    # what a walk of a bit index checks it still walks that index (pgsim.knn.statements)
+    params.update(bit_table=table_identifier(target.table).as_string(conn), bit_column=target.column)
     if registration is not None:
         params.update(
             g_schema=registration.schema,

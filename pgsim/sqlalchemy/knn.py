@@ -50,15 +50,20 @@ PLAN = text(
     ":min_hnsw_selectivity) AS p"
 )
 # pgvector's defaults, for a session where its settings were never read (the library not yet loaded)
-DEFAULTS = {"iterative_scan": "off", "ef_search": "40", "max_scan_tuples": "20000"}
+DEFAULTS = {"iterative_scan": "off", "ef_search": "40", "max_scan_tuples": "20000", "sort": "on"}
+# a bit walk runs with sorting off: a sort by Hamming distance in place of the index walk would re-rank
+# approximate candidates (a sort by cosine distance, on other indexes, is exact)
 SWAP = text(
     "SELECT current_setting('hnsw.iterative_scan', true), current_setting('hnsw.ef_search', true), "
-    "current_setting('hnsw.max_scan_tuples', true), set_config('hnsw.iterative_scan', 'strict_order', :local), "
-    "set_config('hnsw.ef_search', :ef_search, :local), set_config('hnsw.max_scan_tuples', :max_scan_tuples, :local)"
+    "current_setting('hnsw.max_scan_tuples', true), current_setting('enable_sort'), "
+    "set_config('hnsw.iterative_scan', 'strict_order', :local), set_config('hnsw.ef_search', :ef_search, :local), "
+    "set_config('hnsw.max_scan_tuples', :max_scan_tuples, :local), "
+    "set_config('enable_sort', CASE WHEN :bits THEN 'off' ELSE current_setting('enable_sort') END, :local)"
 )
 RESTORE = text(
     "SELECT set_config('hnsw.iterative_scan', :iterative_scan, :local), "
-    "set_config('hnsw.ef_search', :ef_search, :local), set_config('hnsw.max_scan_tuples', :max_scan_tuples, :local)"
+    "set_config('hnsw.ef_search', :ef_search, :local), set_config('hnsw.max_scan_tuples', :max_scan_tuples, :local), "
+    "set_config('enable_sort', :sort, :local)"
 )
 
 
@@ -103,9 +108,10 @@ def filtered_knn(state: ORMExecuteState) -> Any:
     if plan is None or plan.path == "exact":
         return state.invoke_statement(statement=exact)
     local = local_transaction(connection)  # else set, and set back, for the session
-    swap = {"ef_search": str(plan.ef_search), "max_scan_tuples": str(plan.max_scan_tuples), "local": local}
+    swap = {"ef_search": str(plan.ef_search), "max_scan_tuples": str(plan.max_scan_tuples), "local": local,
+            "bits": plan.candidates is not None}  # fmt: skip
     saved = connection.execute(SWAP, swap).one()
-    restore = {key: value or DEFAULTS[key] for key, value in zip(DEFAULTS, saved[:3], strict=True)}
+    restore = {key: value or DEFAULTS[key] for key, value in zip(DEFAULTS, saved[:4], strict=True)}
     walked = statement if plan.candidates is None else _with_candidates(statement, column, nearest, plan.candidates)
     try:
         result = state.invoke_statement(statement=walked)

@@ -1,8 +1,10 @@
--- The HNSW index of binary-quantised storage (dtype 'bit') on tbl.col: Hamming distance over
--- binary_quantize(col)::bit(n), valid, not partial, first by name; NULL when there is none. An expression
--- index depends on the columns and the functions it reads (pg_depend): this one must read col alone, through
--- pgvector's binary_quantize. Searches order their candidates by exactly that expression, and check with
--- EXPLAIN that PostgreSQL scans this index for it (else they take the exact path).
+-- The HNSW index of binary-quantised storage (dtype 'bit') on tbl.col: Hamming distance over exactly
+-- binary_quantize(col)::bit(n), n the column's dimension, valid, not partial, first by name; NULL when there
+-- is none. The expression is compared as PostgreSQL prints it (with pgvector's schema or without, as the
+-- caller's search_path shows it) after pg_depend has found the index reads col and pgvector's
+-- binary_quantize: an index over another expression of the column (l2_normalize(col), a shorter bit(m)) is
+-- not the one searches order by, and would hide the real one. Searches order their candidates by exactly
+-- that expression, and check with EXPLAIN that PostgreSQL scans this index for it (else they scan exactly).
 -- The name is printed as the caller's search_path shows it, as pgsim.knn_plan's index names are.
 CREATE OR REPLACE FUNCTION pgsim.bit_index(tbl regclass, col name) RETURNS text
 LANGUAGE sql STABLE
@@ -25,6 +27,10 @@ BEGIN ATOMIC
                   JOIN pg_extension x ON x.extnamespace = p.pronamespace AND x.extname = 'vector'
                   WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
                     AND d.refclassid = 'pg_proc'::regclass AND p.proname = 'binary_quantize')
+      AND pg_get_indexdef(i.indexrelid, 1, true) IN (
+          format('(binary_quantize(%I)::bit(%s))', col, a.atttypmod),
+          (SELECT format('(%s.binary_quantize(%I)::bit(%s))', quote_ident(n.nspname), col, a.atttypmod)
+           FROM pg_extension x JOIN pg_namespace n ON n.oid = x.extnamespace WHERE x.extname = 'vector'))
     ORDER BY c.relname COLLATE "C"
     LIMIT 1;
 END;

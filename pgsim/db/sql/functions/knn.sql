@@ -24,7 +24,8 @@ CREATE OR REPLACE FUNCTION pgsim.knn(
 LANGUAGE plpgsql VOLATILE SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    settings text[] := ARRAY['enable_indexscan', 'hnsw.iterative_scan', 'hnsw.ef_search', 'hnsw.max_scan_tuples'];
+    settings text[] := ARRAY['enable_indexscan', 'hnsw.iterative_scan', 'hnsw.ef_search', 'hnsw.max_scan_tuples',
+                             'enable_sort'];
     saved text[] := ARRAY(SELECT current_setting(name, true) FROM unnest(settings) AS name);
     plan pgsim.knn_plan;
     column_type text := (SELECT a.atttypid::regtype::text FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = col);
@@ -74,6 +75,8 @@ BEGIN
             'SELECT c.rel, c.id, c.distance FROM (%s) AS c ORDER BY c.distance LIMIT $2) AS found '
             'JOIN %s AS t ON t.tableoid = found.rel AND t.ctid = found.id',
             col, candidates, tbl);
+        -- a sort by Hamming distance in place of the walk would re-rank approximate candidates
+        PERFORM set_config('enable_sort', 'off', true);
     END IF;
     IF plan.path = 'hnsw' THEN
         -- The planner picks the index when the search runs; if it would order the rows by another HNSW
@@ -93,13 +96,13 @@ BEGIN
         THEN
             plan.path := 'exact';
             search := exact_search;
-            PERFORM set_config('enable_indexscan', 'off', true);
+            PERFORM set_config('enable_indexscan', 'off', true), set_config('enable_sort', saved[5], true);
         END IF;
     END IF;
     FOR hits IN EXECUTE search USING query, k, greatest(k, plan.ef_search) LOOP
     END LOOP;
     IF coalesce(array_length(hits, 1), 0) < k AND plan.path = 'hnsw' THEN
-        PERFORM set_config('enable_indexscan', 'off', true);
+        PERFORM set_config('enable_indexscan', 'off', true), set_config('enable_sort', saved[5], true);
         FOR hits IN EXECUTE exact_search USING query, k LOOP
         END LOOP;
     END IF;

@@ -1,6 +1,6 @@
 """Scale (issue 20): how size, build time, recall and speed grow with the rows, per storage type.
 
-    python bench/scale.py [--sizes 50000 100000 200000] [--storages vector halfvec bit] [--queries 100]
+    python bench/scale.py [--sizes 50000 100000 200000] [--storages vector halfvec bit tenants] [--queries 100]
         [--noise 0.3] [--chart DIR]
 
 Rows: the all-MiniLM-L6-v2 vectors of Debian's package synopses (bench/corpus_cache.py, about 63,600 after
@@ -8,7 +8,10 @@ Rows: the all-MiniLM-L6-v2 vectors of Debian's package synopses (bench/corpus_ca
 first copy is the vector itself, every later one the vector plus Gaussian noise of norm about ``--noise``
 (each coordinate N(0, noise^2 / 384)), scaled back to unit length, so copies are near, not equal, to their
 original. Each row also has ``r``, uniform in 0..999 with a btree, for filters passing 10 % (``r < 100``)
-and 0.5 % (``r < 5``) of the rows. One table per size and storage, registered with pgsim (the vectors
+and 0.5 % (``r < 5``) of the rows, and ``tenant`` (id mod 16, with a btree) for a filter on one tenant of 16
+(``tenant = 3``, 6.25 %). Storage ``tenants`` is the vector table partitioned by tenant (16 list partitions,
+each with its own HNSW index, registered on the parent): the multi-tenant pattern, where the tenant filter
+prunes the search to one partition. One table per size and storage, registered with pgsim (the vectors
 written with the rows, as pgsim.ingest would), the HNSW index built after the rows by pgsim's sized build
 (pgsim.db.hnsw.create_hnsw_index: m 16, ef_construction 64, maintenance_work_mem and parallel workers sized
 by pgsim), timed. Storage ``bit`` keeps the full vectors in a vector(384) column and builds the HNSW index
@@ -49,8 +52,20 @@ from pgsim.db.hnsw import HNSW, create_hnsw_index  # noqa: E402
 
 SCHEMA = "bench_scale"
 K = 10
-FILTERS = {"none": None, "10%": 100, "0.5%": 5}  # r < value
+FILTERS = {"none": None, "10%": "r < 100", "0.5%": "r < 5", "tenant": "tenant = 3"}
+TENANTS = 16
 Matrix = np.ndarray[Any, np.dtype[np.float32]]
+STORAGES = ["vector", "halfvec", "bit", "tenants"]
+
+
+def passing_rows(condition: str | None, r: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """The ids that pass one of FILTERS (``tenant`` is id mod TENANTS)."""
+    ids = np.arange(len(r))
+    if condition is None:
+        return ids
+    column, operator, value = condition.split()
+    values = r if column == "r" else ids % TENANTS
+    return ids[values < int(value)] if operator == "<" else ids[values == int(value)]
 
 
 def grown(base: Matrix, rows: int, noise: float) -> Matrix:
@@ -72,13 +87,22 @@ def build(conn: psycopg.Connection[Any], storage: str, vectors: Matrix, r: np.nd
     if pgsim.get_registration(conn, table, "embedding") is not None:
         pgsim.remove_embedding(conn, table, "embedding")
     conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(ident))
-    column_type = "vector" if storage == "bit" else storage  # bit: full vectors in the table, a binary index
+    column_type = "halfvec" if storage == "halfvec" else "vector"  # bit: full vectors in the table, a binary index
+    partitioned = storage == "tenants"
     conn.execute(
-        sql.SQL("CREATE TABLE {} (id bigint PRIMARY KEY, r int, body text, embedding {}(384))").format(
-            ident, sql.SQL(column_type)
-        )
+        sql.SQL(
+            "CREATE TABLE {} (id bigint, r int, tenant int, body text, embedding {}(384), PRIMARY KEY (id, tenant))"
+            + (" PARTITION BY LIST (tenant)" if partitioned else "")
+        ).format(ident, sql.SQL(column_type))
     )
-    pgsim.add_embedding(conn, table, "embedding", source="body", dtype=storage, index=None, queue_existing=False)
+    for tenant in range(TENANTS if partitioned else 0):
+        conn.execute(
+            sql.SQL("CREATE TABLE {} PARTITION OF {} FOR VALUES IN ({})").format(
+                sql.Identifier(SCHEMA, f"{name}_p{tenant}"), ident, sql.Literal(tenant)
+            )
+        )
+    dtype = "vector" if partitioned else storage
+    pgsim.add_embedding(conn, table, "embedding", source="body", dtype=dtype, index=None, queue_existing=False)
     started = time.perf_counter()
     conn.execute("DROP TABLE IF EXISTS pg_temp.scale_rows")
     conn.execute("CREATE TEMP TABLE scale_rows (id bigint, r int, embedding vector(384))")
@@ -87,22 +111,27 @@ def build(conn: psycopg.Connection[Any], storage: str, vectors: Matrix, r: np.nd
         for i in range(len(vectors)):
             copy.write_row((i, int(r[i]), vectors[i]))
     conn.execute(
-        sql.SQL("INSERT INTO {} (id, r, embedding) SELECT id, r, embedding::{} FROM scale_rows").format(
-            ident, sql.SQL(column_type)
-        )
+        sql.SQL(
+            "INSERT INTO {} (id, r, tenant, embedding) SELECT id, r, id % {}, embedding::{} FROM scale_rows"
+        ).format(ident, sql.Literal(TENANTS), sql.SQL(column_type))
     )
     conn.execute("DROP TABLE scale_rows")
     conn.execute(sql.SQL("CREATE INDEX ON {} (r)").format(ident))
+    conn.execute(sql.SQL("CREATE INDEX ON {} (tenant)").format(ident))
     loaded = time.perf_counter() - started
     started = time.perf_counter()
     opclass = {"halfvec": "halfvec_cosine_ops", "bit": "bit_hamming_ops"}.get(storage, "vector_cosine_ops")
+    # a partitioned table's index is built partition by partition, each with pgsim's sized settings
     report = create_hnsw_index(
         conn, table, "embedding", f"{name}_hnsw", HNSW(m=16, ef_construction=64), opclass=opclass
     )
     seconds = time.perf_counter() - started
     conn.execute(sql.SQL("VACUUM ANALYZE {}").format(ident))
-    sizes = conn.execute(
-        "SELECT pg_table_size(%s::regclass), pg_relation_size(%s::regclass)", [table, f"{SCHEMA}.{name}_hnsw"]
+    sizes = conn.execute(  # a partitioned table's and index's: their partitions' sums
+        "SELECT coalesce((SELECT sum(pg_table_size(relid))::bigint FROM pg_partition_tree(%(t)s)), "
+        "pg_table_size(%(t)s)), coalesce((SELECT sum(pg_relation_size(relid))::bigint "
+        "FROM pg_partition_tree(%(i)s)), pg_relation_size(%(i)s))",
+        {"t": table, "i": f"{SCHEMA}.{name}_hnsw"},
     ).fetchone()
     assert sizes is not None
     return {"table": table, "load s": loaded, "build s": seconds, "table bytes": sizes[0], "index bytes": sizes[1],
@@ -130,9 +159,9 @@ def measure(
             "ORDER BY embedding <=> %s::vector LIMIT {}"
         )
     found = {}
-    for label, below in FILTERS.items():
-        passing = np.arange(len(vectors)) if below is None else np.flatnonzero(r < below)
-        where = None if below is None else sql.SQL("r < {}").format(sql.Literal(below))
+    for label, condition in FILTERS.items():
+        passing = passing_rows(condition, r)
+        where = None if condition is None else sql.SQL(condition)
         by_hand = hand.format(sql.Identifier(*table.split(".")), where or sql.SQL("true"), sql.Literal(K))
         runs: dict[str, tuple[list[float], list[int], list[float]]] = {mode: ([], [], []) for mode in modes}
         for number, query in enumerate(queries):
@@ -174,9 +203,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dsn")
     parser.add_argument("--sizes", nargs="+", type=int, default=[50_000, 100_000, 200_000])
-    parser.add_argument(
-        "--storages", nargs="+", default=["vector", "halfvec", "bit"], choices=["vector", "halfvec", "bit"]
-    )
+    parser.add_argument("--storages", nargs="+", default=STORAGES, choices=STORAGES)
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--noise", type=float, default=0.3)
     parser.add_argument("--calibrate", type=float, default=0, help="also pgsim.calibrate (this budget, s), then search")
@@ -201,7 +228,7 @@ def main() -> None:
                 print(f"  calibrating ({args.calibrate:.0f}s budget) ...", file=sys.stderr, flush=True)
                 started = time.perf_counter()
                 pgsim.calibrate(conn, built["table"], "embedding", seconds=args.calibrate, relevance=False,
-                                filters=[f"r < {below}" for below in FILTERS.values() if below])  # fmt: skip
+                                filters=[condition for condition in FILTERS.values() if condition])  # fmt: skip
                 built["calibrate s"] = time.perf_counter() - started
                 built["search"].update(
                     measure(conn, built["table"], vectors, r, queries, ("pgsim, calibrated",), storage=storage)

@@ -195,4 +195,3 @@ def test_encoder_says_which_backend_runs_the_model_here(capsys: pytest.CaptureFi
     assert capsys.readouterr().out.startswith("encoder: all-MiniLM-L6-v2 on backend torch (")
     assert main(["encoder", "--model", "/no/such/model"]) == 2
     assert "Cannot load model '/no/such/model'" in capsys.readouterr().err
-

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import psycopg
 import pytest
+from bit_items import Item, bit_items
 from fixtures.roles import Roles, acting
 from psycopg import sql
 from sqlalchemy import String, event, select
@@ -20,7 +21,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 
 from pgsim.columns.adding import add_embedding
 from pgsim.columns.chunking.settings import Chunks
-from pgsim.columns.grants import grant
 from pgsim.columns.registry import remove_embedding
 from pgsim.columns.worker import sync
 from pgsim.db.calibration import calibrate_index
@@ -33,9 +33,8 @@ from pgsim.quality.hybrid import hybrid_search
 from pgsim.sqlalchemy import embedding_column
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chunks"))
-from chunked_docs import engine_as, owned_database  # noqa: E402
+from chunked_docs import engine_as  # noqa: E402
 
-COPIES = 6  # each sample package's vector and five noisy copies: 2,400 rows, enough to calibrate
 K = 10
 # a small table: its size alone, or a filter's share of it, would send every search to the exact scan
 # (and at a low ef_search: a walk of many candidates costs PostgreSQL more than sorting 2,400 rows)
@@ -46,31 +45,8 @@ WALK = Tuning(exact_below_rows=0, min_hnsw_selectivity=0, hnsw_ef_search=40)
 def table(
     server_dsn: str, roles: Roles, packages: list[Package], package_vectors: np.ndarray
 ) -> Iterator[tuple[str, np.ndarray, list[str]]]:
-    """``items`` (id, section, body, embedding bit storage), the owner's, filled by COPY with the sample's vectors
-    and noisy copies of them (the application and the worker granted what they need); the DSN, the vectors by id
-    and the sections by id."""
-    rng = np.random.default_rng(5)
-    vectors = np.concatenate([package_vectors] * COPIES)
-    vectors[len(package_vectors) :] += rng.normal(0, 0.3 / np.sqrt(384), vectors[len(package_vectors) :].shape)
-    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
-    sections = [p.section for p in packages] * COPIES
-    with owned_database(server_dsn, roles, "bit_storage") as dsn, psycopg.connect(dsn, autocommit=True) as admin:
-        register(admin)
-        with acting(admin, roles.owner):
-            admin.execute("CREATE TABLE items (id int PRIMARY KEY, section text, body text, fts tsvector "
-                          "GENERATED ALWAYS AS (to_tsvector('english', coalesce(body, ''))) STORED)")  # fmt: skip
-            add_embedding(admin, "items", "embedding", source="body", dtype="bit", queue_existing=False)
-            copying = "COPY items (id, section, body, embedding) FROM STDIN WITH (FORMAT BINARY)"
-            with admin.cursor() as cur, cur.copy(copying) as copy:
-                copy.set_types(["int4", "text", "text", "vector"])
-                for i, vector in enumerate(vectors):
-                    copy.write_row((i, sections[i], f"{packages[i % len(packages)].text} (copy {i})", vector))
-            admin.execute("DELETE FROM pgsim.queue")  # the vectors are given: nothing for the workers to redo
-            admin.execute("ANALYZE items")
-            grant(admin, "worker", roles.worker, tables=["items"])
-            grant(admin, "search", roles.app, tables=["items"])
-            admin.execute(sql.SQL("GRANT INSERT ON items TO {}").format(sql.Identifier(roles.app)))
-        yield dsn, vectors, sections
+    with bit_items(server_dsn, roles, packages, package_vectors, "bit_storage") as made:
+        yield made
 
 
 def nearest(vectors: np.ndarray, query: np.ndarray, keep: Any = lambda i: True) -> list[tuple[int, float]]:
@@ -228,18 +204,6 @@ def test_bad_storage_requests_are_refused_before_anything_changes(table: tuple[s
             assert conn.execute("SELECT count(*) FROM pgsim.embedding WHERE table_name = 'other'").fetchone() == (0,)
         finally:
             conn.execute("DROP TABLE other")
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "items"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    section: Mapped[str | None] = mapped_column(String, nullable=True)
-    body: Mapped[str | None] = mapped_column(String, nullable=True)
-    embedding = embedding_column(source="body", dtype="bit")
 
 
 def test_the_orm_walks_the_bit_index_for_the_same_rows_as_pgsim_search(

@@ -4,20 +4,17 @@ look like the column's bit index. On the real server and model, as a non-superus
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
 import pytest
+from bit_items import Item, bit_items
 from fixtures.roles import Roles, acting
 from psycopg import sql
-from sqlalchemy.orm import Mapped
 
 from pgsim.columns.adding import add_embedding
-from pgsim.columns.grants import grant
 from pgsim.columns.model_change import change_embedding
 from pgsim.columns.registry import remove_embedding
 from pgsim.columns.worker import sync
@@ -27,10 +24,6 @@ from pgsim.knn.filtered import explain, search_with_plan
 from pgsim.knn.planner import Tuning
 from pgsim.psycopg import register
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chunks"))
-from chunked_docs import owned_database  # noqa: E402
-
-COPIES = 6
 K = 10
 WALK = Tuning(exact_below_rows=0, min_hnsw_selectivity=0, hnsw_ef_search=40)
 EXACT = Tuning(exact_below_rows=1e12)
@@ -40,24 +33,7 @@ EXACT = Tuning(exact_below_rows=1e12)
 def table(
     server_dsn: str, roles: Roles, packages: list[Package], package_vectors: np.ndarray
 ) -> Iterator[tuple[str, np.ndarray]]:
-    rng = np.random.default_rng(5)
-    vectors = np.concatenate([package_vectors] * COPIES)
-    vectors[len(package_vectors) :] += rng.normal(0, 0.3 / np.sqrt(384), vectors[len(package_vectors) :].shape)
-    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
-    sections = [p.section for p in packages] * COPIES
-    with owned_database(server_dsn, roles, "bit_attacks") as dsn, psycopg.connect(dsn, autocommit=True) as admin:
-        register(admin)
-        with acting(admin, roles.owner):
-            admin.execute("CREATE TABLE items (id int PRIMARY KEY, section text, body text)")
-            add_embedding(admin, "items", "embedding", source="body", dtype="bit", queue_existing=False)
-            copying = "COPY items (id, section, body, embedding) FROM STDIN WITH (FORMAT BINARY)"
-            with admin.cursor() as cur, cur.copy(copying) as copy:
-                copy.set_types(["int4", "text", "text", "vector"])
-                for i, vector in enumerate(vectors):
-                    copy.write_row((i, sections[i], f"{packages[i % len(packages)].text} (copy {i})", vector))
-            admin.execute("DELETE FROM pgsim.queue")
-            admin.execute("ANALYZE items")
-            grant(admin, "search", roles.app, tables=["items"])
+    with bit_items(server_dsn, roles, packages, package_vectors, "bit_attacks") as (dsn, vectors, _):
         yield dsn, vectors
 
 
@@ -506,20 +482,8 @@ def test_orm_walk_uses_the_bit_index_where_costs_favour_a_sort(table: Any) -> No
     """The ORM's bit walk (``IN (SELECT ... ORDER BY Hamming LIMIT candidates)``) runs with sorting off: in a
     session whose costs would sort the table by Hamming distance, the statement it executes is still
     served by the bit index (explained on the same cursor, under the settings it runs with)."""
-    from sqlalchemy import Integer, String, create_engine, event, select
-    from sqlalchemy.orm import DeclarativeBase, Session, mapped_column
-
-    from pgsim.sqlalchemy import embedding_column
-
-    class SortBase(DeclarativeBase):
-        pass
-
-    class Item(SortBase):
-        __tablename__ = "items"
-        id: Mapped[int] = mapped_column(Integer, primary_key=True)
-        section: Mapped[str] = mapped_column(String)
-        body: Mapped[str] = mapped_column(String)
-        embedding = embedding_column(source="body", dtype="bit")
+    from sqlalchemy import create_engine, event, select
+    from sqlalchemy.orm import Session
 
     dsn, vectors = table
     engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn))
@@ -551,20 +515,8 @@ def test_orm_walk_uses_the_bit_index_where_costs_favour_a_sort(table: Any) -> No
 
 def test_orm_nearest_on_bit_storage_gives_true_rows_or_a_clear_error(table: Any) -> None:
     """The ORM on a table registered with dtype 'bit': k rows with true distances, in order."""
-    from sqlalchemy import Integer, String, create_engine, select
-    from sqlalchemy.orm import DeclarativeBase, Session, mapped_column
-
-    from pgsim.sqlalchemy import embedding_column
-
-    class AttackBase(DeclarativeBase):
-        pass
-
-    class Item(AttackBase):
-        __tablename__ = "items"
-        id: Mapped[int] = mapped_column(Integer, primary_key=True)
-        section: Mapped[str] = mapped_column(String)
-        body: Mapped[str] = mapped_column(String)
-        embedding = embedding_column(source="body", dtype="bit")
+    from sqlalchemy import create_engine, select
+    from sqlalchemy.orm import Session
 
     dsn, vectors = table
     engine = create_engine("postgresql+psycopg://", creator=lambda: psycopg.connect(dsn))

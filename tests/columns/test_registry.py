@@ -126,7 +126,7 @@ def test_halfvec_column(docs: Any) -> None:
         ({"source": "body); DROP TABLE docs; --"}, "not an SQL expression"),
         ({"source": "body || (SELECT 1)::text; DROP TABLE docs"}, "not an SQL expression"),
         ({"source": "'constant text'"}, "reads no column"),
-        ({"source": "body", "dtype": "bit"}, "dtype must be"),
+        ({"source": "body", "dtype": "binary"}, "dtype must be"),
     ],
 )
 def test_bad_registration_changes_nothing(docs: Any, kwargs: dict[str, Any], message: str) -> None:

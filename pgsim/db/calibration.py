@@ -346,8 +346,9 @@ def _walks(
                 "SELECT set_config('enable_indexscan', 'on', true), "
                 "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
                 "set_config('hnsw.ef_search', %s, true), set_config('hnsw.max_scan_tuples', %s, true), "
-                "set_config('enable_sort', %s, true)",  # a bit walk, as searches run it (pgsim.knn.planner)
-                [str(ef), str(max_scan_tuples), "off" if bits else pg_sort(conn)],
+                # a bit walk runs without sorting, as searches run it (pgsim.knn.planner)
+                "set_config('enable_sort', CASE WHEN %s THEN 'off' ELSE current_setting('enable_sort') END, true)",
+                [str(ef), str(max_scan_tuples), bits],
             )
             started = time.perf_counter()
             got = [d for (d,) in one_statement(conn, statement_at(ef))]
@@ -357,11 +358,6 @@ def _walks(
         if recalls[-1] >= 1.0:
             break
     return recalls, ms
-
-
-def pg_sort(conn: psycopg.Connection[Any]) -> str:
-    row = conn.execute("SELECT pg_catalog.current_setting('enable_sort')").fetchone()
-    return str(row[0]) if row else "on"
 
 
 def _store(conn: psycopg.Connection[Any], target: Target, calibration: Calibration) -> None:

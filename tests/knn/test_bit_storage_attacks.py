@@ -5,6 +5,7 @@ look like the column's bit index. On the real server and model, as a non-superus
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -49,17 +50,35 @@ def check_true(hits: Any, vectors: np.ndarray, query: np.ndarray) -> None:
     assert [hit.distance for hit in hits] == sorted(hit.distance for hit in hits)
 
 
-def copy_table(conn: psycopg.Connection[Any], name: str, columns: str = "embedding") -> None:
-    """A plain (unregistered) copy of items: id, embedding (vector(384)), other (vector(384))."""
+@contextmanager
+def copied(conn: psycopg.Connection[Any], name: str) -> Iterator[None]:
+    """For the block: a plain (unregistered) copy of items, ``name`` (id, section, embedding vector(384), other
+    vector(384) = -embedding, half halfvec(384))."""
     conn.execute(sql.SQL("CREATE TABLE {} (id int PRIMARY KEY, section text, embedding vector(384), "
                          "other vector(384), half halfvec(384))").format(sql.Identifier(name)))  # fmt: skip
-    conn.execute(
-        sql.SQL(
-            "INSERT INTO {} SELECT id, section, embedding, "
-            "ARRAY(SELECT -u FROM unnest(embedding::real[]) u)::vector(384), embedding::halfvec FROM items"
-        ).format(sql.Identifier(name))
-    )
-    conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(name)))
+    try:
+        conn.execute(
+            sql.SQL(
+                "INSERT INTO {} SELECT id, section, embedding, "
+                "ARRAY(SELECT -u FROM unnest(embedding::real[]) u)::vector(384), embedding::halfvec FROM items"
+            ).format(sql.Identifier(name))
+        )
+        conn.execute(sql.SQL("ANALYZE {}").format(sql.Identifier(name)))
+        yield
+    finally:
+        conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+
+
+def walk_knn(
+    conn: psycopg.Connection[Any], table: str, column: str, query: np.ndarray, k: int = K, where: str | None = None
+) -> list[tuple[int, float]]:
+    """pgsim.knn's (id, distance) rows under WALK's thresholds."""
+    rows = conn.execute(
+        "SELECT (r.row->>'id')::int, r.distance FROM pgsim.knn(%s, %s, %s, %s, %s, exact_below_rows => 0, "
+        "min_hnsw_selectivity => 0, hnsw_ef_search => 40) AS r",
+        [table, column, query, k, where],
+    ).fetchall()
+    return [(int(i), float(d)) for i, d in rows]
 
 
 # ---- the k-rows contract on a narrow filter forced onto the walk ----
@@ -79,11 +98,7 @@ def test_a_narrow_filter_forced_onto_the_walk_still_gives_k_true_rows(table: Any
             assert len(hits) == min(K, len(expected)), plan
             assert all(keep[where](hit.row["id"]) for hit in hits)
             check_true(hits, vectors, query)
-            rows = conn.execute(
-                "SELECT (r.row->>'id')::int, r.distance FROM pgsim.knn('items', 'embedding', %s, %s, %s, "
-                "exact_below_rows => 0, min_hnsw_selectivity => 0, hnsw_ef_search => 40) AS r",
-                [query, K, where],
-            ).fetchall()
+            rows = walk_knn(conn, "items", "embedding", query, where=where)
             assert len(rows) == len(hits)
             assert all(keep[where](r[0]) for r in rows)
 
@@ -154,8 +169,7 @@ def test_a_bit_index_of_another_column_or_partial_is_not_the_columns(table: Any,
     dsn, vectors = table
     with psycopg.connect(dsn, autocommit=True) as conn, acting(conn, roles.owner):
         register(conn)
-        copy_table(conn, "decoys")
-        try:
+        with copied(conn, "decoys"):
             conn.execute(
                 "CREATE INDEX decoys_other ON decoys USING hnsw ((binary_quantize(other)::bit(384)) bit_hamming_ops)"
             )
@@ -175,8 +189,6 @@ def test_a_bit_index_of_another_column_or_partial_is_not_the_columns(table: Any,
             )
             np.testing.assert_allclose([h.distance for h in hits], exact_nearest(vectors, query, lambda i: i < 100),
                                        atol=1e-5)  # fmt: skip
-        finally:
-            conn.execute("DROP TABLE decoys")
 
 
 @pytest.mark.parametrize(
@@ -192,30 +204,22 @@ def test_a_bit_index_over_another_expression_gives_true_rows(table: Any, roles: 
     dsn, vectors = table
     with psycopg.connect(dsn, autocommit=True) as conn, acting(conn, roles.owner):
         register(conn)
-        copy_table(conn, "shapes")
-        try:
+        with copied(conn, "shapes"):
             conn.execute(f"CREATE INDEX shapes_odd ON shapes USING hnsw (({expression}) bit_hamming_ops)")
             for where, keep in ((None, lambda i: True), (sql.SQL("id % 2 = 0"), lambda i: i % 2 == 0)):
                 query = vectors[123] + 0.01
                 hits, plan = search_with_plan(conn, "shapes", "embedding", query, k=K, where=where, tuning=WALK)
                 assert len(hits) == K
                 np.testing.assert_allclose([h.distance for h in hits], exact_nearest(vectors, query, keep), atol=1e-5)
-                rows = conn.execute(
-                    "SELECT r.distance FROM pgsim.knn('shapes', 'embedding', %s, %s, %s, exact_below_rows => 0, "
-                    "min_hnsw_selectivity => 0, hnsw_ef_search => 40) AS r",
-                    [query, K, where.as_string(conn) if where else None],
-                ).fetchall()
-                np.testing.assert_allclose([r[0] for r in rows], exact_nearest(vectors, query, keep), atol=1e-5)
-        finally:
-            conn.execute("DROP TABLE shapes")
+                rows = walk_knn(conn, "shapes", "embedding", query, where=where.as_string(conn) if where else None)
+                np.testing.assert_allclose([d for _, d in rows], exact_nearest(vectors, query, keep), atol=1e-5)
 
 
 def test_a_decoy_bit_index_does_not_mask_the_real_one(table: Any, roles: Roles) -> None:
     dsn, vectors = table
     with psycopg.connect(dsn, autocommit=True) as conn, acting(conn, roles.owner):
         register(conn)
-        copy_table(conn, "masked")
-        try:
+        with copied(conn, "masked"):
             conn.execute(
                 "CREATE INDEX masked_real ON masked USING hnsw ((binary_quantize(embedding)::bit(384)) bit_hamming_ops)"
             )
@@ -224,16 +228,13 @@ def test_a_decoy_bit_index_does_not_mask_the_real_one(table: Any, roles: Roles) 
             hits, plan = search_with_plan(conn, "masked", "embedding", vectors[4], k=K, tuning=WALK)
             np.testing.assert_allclose([h.distance for h in hits], exact_nearest(vectors, vectors[4]), atol=1e-5)
             assert (plan.path, plan.index_name) == ("hnsw", "masked_real"), plan
-        finally:
-            conn.execute("DROP TABLE masked")
 
 
 def test_a_bit_index_on_a_halfvec_column(table: Any, roles: Roles) -> None:
     dsn, vectors = table
     with psycopg.connect(dsn, autocommit=True) as conn, acting(conn, roles.owner):
         register(conn)
-        copy_table(conn, "halves")
-        try:
+        with copied(conn, "halves"):
             conn.execute(
                 "CREATE INDEX halves_bits ON halves USING hnsw ((binary_quantize(half)::bit(384)) bit_hamming_ops)"
             )
@@ -242,22 +243,15 @@ def test_a_bit_index_on_a_halfvec_column(table: Any, roles: Roles) -> None:
             exact, _ = search_with_plan(conn, "halves", "half", query, k=K, tuning=EXACT)
             assert plan.path == "hnsw" and plan.candidates is not None, plan
             assert [h.row["id"] for h in hits] == [h.row["id"] for h in exact]
-            rows = conn.execute(
-                "SELECT (r.row->>'id')::int FROM pgsim.knn('halves', 'half', %s, %s, exact_below_rows => 0, "
-                "min_hnsw_selectivity => 0, hnsw_ef_search => 40) AS r",
-                [query, K],
-            ).fetchall()
-            assert [r[0] for r in rows] == [h.row["id"] for h in exact]
-        finally:
-            conn.execute("DROP TABLE halves")
+            rows = walk_knn(conn, "halves", "half", query)
+            assert [i for i, _ in rows] == [h.row["id"] for h in exact]
 
 
 def test_a_cosine_index_and_a_bit_index_on_one_column(table: Any, roles: Roles) -> None:
     dsn, vectors = table
     with psycopg.connect(dsn, autocommit=True) as conn, acting(conn, roles.owner):
         register(conn)
-        copy_table(conn, "dual")
-        try:
+        with copied(conn, "dual"):
             conn.execute(
                 "CREATE INDEX dual_bits ON dual USING hnsw ((binary_quantize(embedding)::bit(384)) bit_hamming_ops)"
             )
@@ -266,8 +260,6 @@ def test_a_cosine_index_and_a_bit_index_on_one_column(table: Any, roles: Roles) 
             assert (plan.path, plan.index_name, plan.candidates) == ("hnsw", "dual_cos", None), plan
             assert len(hits) == K
             check_true(hits, vectors, vectors[9])
-        finally:
-            conn.execute("DROP TABLE dual")
 
 
 # ---- names ----
@@ -291,12 +283,8 @@ def test_odd_names_with_bit_storage(table: Any, roles: Roles, name: str, column:
             query = vectors[31]
             hits, plan = search_with_plan(conn, name, column, query, k=K, tuning=WALK)
             np.testing.assert_allclose([h.distance for h in hits], exact_nearest(vectors, query), atol=1e-5)
-            rows = conn.execute(
-                "SELECT r.distance FROM pgsim.knn(%s, %s, %s, %s, exact_below_rows => 0, min_hnsw_selectivity => 0, "
-                "hnsw_ef_search => 40) AS r",
-                [ident, column, query, K],
-            ).fetchall()
-            np.testing.assert_allclose([r[0] for r in rows], exact_nearest(vectors, query), atol=1e-5)
+            rows = walk_knn(conn, ident, column, query)
+            np.testing.assert_allclose([d for _, d in rows], exact_nearest(vectors, query), atol=1e-5)
         finally:
             conn.execute(f"DROP TABLE {ident}")
             conn.execute("DELETE FROM pgsim.queue")
@@ -411,33 +399,17 @@ def test_a_cached_bit_plan_after_the_bit_index_is_dropped_scans_exactly(table: A
     dsn, vectors = table
     with psycopg.connect(dsn, autocommit=True) as conn, acting(conn, roles.owner):
         register(conn)
-        copy_table(conn, "stale")
-        try:
+        with copied(conn, "stale"):
             conn.execute(
                 "CREATE INDEX stale_bits ON stale USING hnsw ((binary_quantize(embedding)::bit(384)) bit_hamming_ops)"
             )
-            rng = np.random.default_rng(1)
-            for _ in range(50):  # a query whose Hamming-nearest 80 rows, re-ranked, are not the cosine-nearest 10
-                query = rng.normal(0, 1, 384).astype(np.float32)
-                by_hamming = conn.execute(
-                    "SELECT id FROM stale ORDER BY (binary_quantize(embedding)::bit(384) <~> "
-                    "binary_quantize(%s::vector)::bit(384)) + 0, id LIMIT 80",
-                    [query],
-                ).fetchall()
-                ids = [i for (i,) in by_hamming]
-                reranked = sorted(1 - vectors[ids] @ query / np.linalg.norm(query))[:K]
-                if not np.allclose(reranked, exact_nearest(vectors, query), atol=1e-5):
-                    break
-            else:
-                raise AssertionError("no query whose Hamming candidates miss")
+            query = _missing_query(conn, "stale", vectors, 80)
             hits, plan = search_with_plan(conn, "stale", "embedding", query, k=K, tuning=WALK)
             assert (plan.path, plan.candidates) == ("hnsw", 80), plan
             conn.execute("DROP INDEX stale_bits")  # the table has no index for the walk any more
             hits, plan = search_with_plan(conn, "stale", "embedding", query, k=K, tuning=WALK)
             np.testing.assert_allclose([h.distance for h in hits], exact_nearest(vectors, query), atol=1e-5,
                                        err_msg=str(plan))  # fmt: skip
-        finally:
-            conn.execute("DROP TABLE stale")
 
 
 def _missing_query(conn: psycopg.Connection[Any], table: str, vectors: np.ndarray, candidates: int) -> np.ndarray:

@@ -46,6 +46,9 @@ MAX_CHARS = 100_000
 # Token positions per forward pass (texts x longest text, padding included): batches of similar length
 # under one budget beat fixed batch sizes on CPU for every call size (bench/encode.py tunes it).
 DEFAULT_TOKEN_BUDGET = 1536
+# max_tokens of a model without a limit (a static embedding model's is infinite): past any text's count,
+# as every text is cut to MAX_CHARS characters first.
+NO_TOKEN_LIMIT = 1 << 30
 
 Vector = npt.NDArray[np.float32]
 Kind = Literal["document", "query"]
@@ -173,7 +176,7 @@ class Encoder:
             return tokens.max_tokens
         limit = self.model.max_seq_length
         assert limit is not None, f"model {self.model_name!r} declares no maximum sequence length"
-        return int(limit)
+        return NO_TOKEN_LIMIT if limit == float("inf") else int(limit)
 
     def encode_query(self, text: str) -> Vector:
         """One query's vector. Blank text is an error: nothing can be ranked against it."""
@@ -264,8 +267,13 @@ class Encoder:
         tokens = self._tokens()
         if tokens is not None:
             return tokens.counts(texts)
+        tokenizer = self.model.tokenizer
+        if not callable(tokenizer):  # a tokenizers.Tokenizer (StaticEmbedding's): counted as the model encodes
+            with TOKENIZER_LOCK:
+                counted = tokenizer.encode_batch(texts, add_special_tokens=False)
+            return np.fromiter((len(item.ids) for item in counted), dtype=np.int64, count=len(texts))
         with TOKENIZER_LOCK:
-            encoded = self.model.tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
+            encoded = tokenizer(texts, add_special_tokens=True, truncation=False, verbose=False)
         return np.fromiter((len(ids) for ids in encoded["input_ids"]), dtype=np.int64, count=len(texts))
 
 

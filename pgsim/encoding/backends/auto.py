@@ -53,6 +53,12 @@ def build(requested: str, model: SentenceTransformer, model_name: str, revision:
     if requested == "torch-bf16":
         return TorchBackend(bfloat16_copy(model), "torch-bf16")
     if requested in ("onnx", "openvino"):
+        first = _not_a_transformer(model)
+        if first is not None:
+            raise BackendUnavailable(
+                f"The {requested} backend runs an exported copy of a model's transformer; {model_name} has none "
+                f"(its first module is {first}), and torch runs it without one: use backend 'torch' or 'auto'."
+            )
         from pgsim.encoding.backends.onnx import OnnxBackend
         from pgsim.encoding.backends.openvino import OpenVinoBackend
 
@@ -72,6 +78,13 @@ def choose(
     """``auto``: the fastest backend whose vectors keep MIN_COSINE with float32's on ``calibration``; the
     measurement (:mod:`.measure`) is remembered in the cache directory (per model revision, machine and
     versions). ``again``: measure even if a choice is remembered (``pgsim encoder --measure``)."""
+    first = _not_a_transformer(model)
+    if first is not None:  # a lookup per token (StaticEmbedding): nothing to export, nothing worth measuring
+        backend = build("torch", model, model_name, revision)
+        kind = "static embedding" if first == "StaticEmbedding" else first
+        backend.reason = f"auto: {kind} model: nothing to export"
+        log.info("encoder backend %s (%s)", backend.name, backend.reason)
+        return backend
     choices_path = cache_dir() / "backend-choices.json"
     key = _choice_key(revision)
     with _choices_lock:
@@ -211,6 +224,13 @@ def _length_sorted_batches(model: SentenceTransformer, texts: list[str], size: i
         lengths = [len(ids) for ids in model.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
     ordered = [text for _, text in sorted(zip(lengths, texts, strict=True), key=lambda pair: -pair[0])]
     return [ordered[start : start + size] for start in range(0, len(ordered), size)]
+
+
+def _not_a_transformer(model: SentenceTransformer) -> str | None:
+    """The kind of ``model``'s first module when it is not a Transformer (a StaticEmbedding, say), which the
+    exported backends cannot convert; None for a transformer model."""
+    first = type(next(iter(model))).__name__
+    return None if first == "Transformer" else first
 
 
 def _exportable(model: SentenceTransformer, backend: str) -> bool:

@@ -1,30 +1,34 @@
 """Scale (issue 20): how size, build time, recall and speed grow with the rows, per storage type.
 
     python bench/scale.py [--sizes 50000 100000 200000] [--storages vector halfvec bit tenants] [--queries 100]
-        [--noise 0.3] [--chart DIR]
+        [--noise 0.3] [--chart DIR] [--model NAME]
+    python bench/scale.py --model wordllama-l2-supercat --storages vector prefix128 prefix64 ...
 
-Rows: the all-MiniLM-L6-v2 vectors of Debian's package synopses (bench/corpus_cache.py, about 63,600 after
-100 held out as queries), grown to each size by copies: row i is synopsis i mod B (B the base count); the
-first copy is the vector itself, every later one the vector plus Gaussian noise of norm about ``--noise``
-(each coordinate N(0, noise^2 / 384)), scaled back to unit length, so copies are near, not equal, to their
-original. Each row also has ``r``, uniform in 0..999 with a btree, for filters passing 10 % (``r < 100``)
-and 0.5 % (``r < 5``) of the rows, and ``tenant`` (id mod 16, with a btree) for a filter on one tenant of 16
-(``tenant = 3``, 6.25 %). Storage ``tenants`` is the vector table partitioned by tenant (16 list partitions,
-each with its own HNSW index, registered on the parent): the multi-tenant pattern, where the tenant filter
-prunes the search to one partition. One table per size and storage, registered with pgsim (the vectors
-written with the rows, as pgsim.ingest would), the HNSW index built after the rows by pgsim's sized build
-(pgsim.db.hnsw.create_hnsw_index: m 16, ef_construction 64, maintenance_work_mem and parallel workers sized
-by pgsim), timed. Storage ``bit`` keeps the full vectors in a vector(384) column and builds the HNSW index
-over binary_quantize(embedding)::bit(384) (Hamming): ``pgsim.search`` re-ranks the walk's candidates on the
-full vectors, and the query by hand is pgvector's README recipe for it (the 4k nearest by Hamming distance at
-the default ef_search, re-ranked by cosine distance). Then the held-out synopses as queries (k = 10) through
-``pgsim.search`` and through the query a user writes by hand with pgvector's defaults, interleaved, and with
-``--calibrate`` through ``pgsim.search`` again after ``pgsim.calibrate`` (the two filters given as its
-workload): recall@10 against the exact neighbours over the float32 vectors (numpy), rows returned, QPS on one
-connection and p95. Growth:
-the exponent b of a least-squares fit of log(y) = a + b log(N) over the sizes, for build time, index size and
-QPS. Against vector: each storage's index size and QPS over the vector table's at the same size, filter and
-mode. ``--chart DIR`` draws build time, index size and QPS against N as SVG.
+Rows: the all-MiniLM-L6-v2 vectors of Debian's package synopses (bench/corpus_cache.py, about 63,600 after 100
+held out as queries), grown to each size by copies: row i is synopsis i mod B (B the base count); the first
+copy is the vector itself, every later one the vector plus Gaussian noise of norm about ``--noise`` (each
+coordinate N(0, noise^2 / 384)), scaled back to unit length, so copies are near, not equal, to their original.
+Each row also has ``r``, uniform in 0..999 with a btree, for filters passing 10 % (``r < 100``) and 0.5 %
+(``r < 5``) of the rows, and ``tenant`` (id mod 16, with a btree) for a filter on one tenant of 16 (``tenant = 3``,
+6.25 %). Storage ``tenants`` is the vector table partitioned by tenant (16 list partitions, each with its own
+HNSW index, registered on the parent): the multi-tenant pattern, where the tenant filter prunes the search to
+one partition. One table per size and storage, registered with pgsim (the vectors written with the rows, as
+pgsim.ingest would), the HNSW index built after the rows by pgsim's sized build
+(pgsim.db.hnsw.create_hnsw_index: m 16, ef_construction 64, maintenance_work_mem and parallel workers sized by
+pgsim), timed. Storage ``bit`` keeps the full vectors in a vector(384) column and builds the HNSW index over
+binary_quantize(embedding)::bit(384) (Hamming): ``pgsim.search`` re-ranks the walk's candidates on the full
+vectors, and the query by hand is pgvector's README recipe for it (the 4k nearest by Hamming distance at the
+default ef_search, re-ranked by cosine distance). Storages ``prefix128`` and ``prefix64`` (prefix storage, for
+a Matryoshka-trained ``--model`` such as wordllama-l2-supercat, whose 256-dimension vectors of the same
+synopses are then the rows) keep the full vectors and build the cosine HNSW index over the first 128 or 64
+values, subvector(embedding, 1, n)::vector(n); by hand, the same recipe as bit's over that prefix. Then the
+held-out synopses as queries (k = 10) through ``pgsim.search`` and through the query a user writes by hand
+with pgvector's defaults, interleaved, and with ``--calibrate`` through ``pgsim.search`` again after
+``pgsim.calibrate`` (the two filters given as its workload): recall@10 against the exact neighbours over the
+float32 vectors (numpy), rows returned, QPS on one connection and p95. Growth: the exponent b of
+a least-squares fit of log(y) = a + b log(N) over the sizes, for build time, index size and QPS. Against vector: each
+storage's index size and QPS over the vector table's at the same size, filter and mode. ``--chart DIR`` draws
+build time, index size and QPS against N as SVG.
 """
 
 from __future__ import annotations
@@ -49,13 +53,14 @@ from sweep_chart import line_chart  # noqa: E402
 import pgsim  # noqa: E402
 from pgsim.cli.common import format_table  # noqa: E402
 from pgsim.db.hnsw import HNSW, create_hnsw_index  # noqa: E402
+from pgsim.encoding.models import DEFAULT_MODEL  # noqa: E402
 
 SCHEMA = "bench_scale"
 K = 10
 FILTERS = {"none": None, "10%": "r < 100", "0.5%": "r < 5", "tenant": "tenant = 3"}
 TENANTS = 16
 Matrix = np.ndarray[Any, np.dtype[np.float32]]
-STORAGES = ["vector", "halfvec", "bit", "tenants"]
+STORAGES = ["vector", "halfvec", "bit", "tenants", "prefix128", "prefix64"]
 
 
 def passing_rows(condition: str | None, r: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -78,9 +83,17 @@ def grown(base: Matrix, rows: int, noise: float) -> Matrix:
     return copies.astype(np.float32)
 
 
-def build(conn: psycopg.Connection[Any], storage: str, vectors: Matrix, r: np.ndarray[Any, Any]) -> dict[str, Any]:
+def prefix_of(storage: str) -> int | None:
+    """The prefix length of storage ``prefix<n>``; None for the others."""
+    return int(storage.removeprefix("prefix")) if storage.startswith("prefix") else None
+
+
+def build(
+    conn: psycopg.Connection[Any], storage: str, vectors: Matrix, r: np.ndarray[Any, Any], model: str
+) -> dict[str, Any]:
     """Table SCHEMA.<storage>_<rows>, registered, filled, indexed: its sizes and build seconds."""
-    name = f"{storage}_{len(vectors)}"
+    name = f"{storage}_{len(vectors)}" + ("" if model == DEFAULT_MODEL else f"_{model.split('-')[0]}")
+    dimension, prefix = vectors.shape[1], prefix_of(storage)
     table = f"{SCHEMA}.{name}"
     ident = sql.Identifier(SCHEMA, name)
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
@@ -91,9 +104,9 @@ def build(conn: psycopg.Connection[Any], storage: str, vectors: Matrix, r: np.nd
     partitioned = storage == "tenants"
     conn.execute(
         sql.SQL(
-            "CREATE TABLE {} (id bigint, r int, tenant int, body text, embedding {}(384), PRIMARY KEY (id, tenant))"
+            "CREATE TABLE {} (id bigint, r int, tenant int, body text, embedding {}({}), PRIMARY KEY (id, tenant))"
             + (" PARTITION BY LIST (tenant)" if partitioned else "")
-        ).format(ident, sql.SQL(column_type))
+        ).format(ident, sql.SQL(column_type), sql.Literal(dimension))
     )
     for tenant in range(TENANTS if partitioned else 0):
         conn.execute(
@@ -101,11 +114,12 @@ def build(conn: psycopg.Connection[Any], storage: str, vectors: Matrix, r: np.nd
                 sql.Identifier(SCHEMA, f"{name}_p{tenant}"), ident, sql.Literal(tenant)
             )
         )
-    dtype = "vector" if partitioned else storage
-    pgsim.add_embedding(conn, table, "embedding", source="body", dtype=dtype, index=None, queue_existing=False)
+    dtype = "vector" if partitioned or prefix else storage
+    pgsim.add_embedding(conn, table, "embedding", source="body", model=model, dtype=dtype, index=None,
+                        queue_existing=False, prefix=prefix)  # fmt: skip
     started = time.perf_counter()
     conn.execute("DROP TABLE IF EXISTS pg_temp.scale_rows")
-    conn.execute("CREATE TEMP TABLE scale_rows (id bigint, r int, embedding vector(384))")
+    conn.execute(f"CREATE TEMP TABLE scale_rows (id bigint, r int, embedding vector({dimension}))")
     with conn.cursor() as cur, cur.copy("COPY scale_rows FROM STDIN WITH (FORMAT BINARY)") as copy:
         copy.set_types(["int8", "int4", "vector"])
         for i in range(len(vectors)):
@@ -123,7 +137,7 @@ def build(conn: psycopg.Connection[Any], storage: str, vectors: Matrix, r: np.nd
     opclass = {"halfvec": "halfvec_cosine_ops", "bit": "bit_hamming_ops"}.get(storage, "vector_cosine_ops")
     # a partitioned table's index is built partition by partition, each with pgsim's sized settings
     report = create_hnsw_index(
-        conn, table, "embedding", f"{name}_hnsw", HNSW(m=16, ef_construction=64), opclass=opclass
+        conn, table, "embedding", f"{name}_hnsw", HNSW(m=16, ef_construction=64), opclass=opclass, prefix=prefix
     )
     seconds = time.perf_counter() - started
     conn.execute(sql.SQL("VACUUM ANALYZE {}").format(ident))
@@ -152,11 +166,17 @@ def measure(
     embedding <=> q LIMIT 10``, ef_search 40, no iterative scan; on bit storage pgvector's re-rank recipe),
     interleaved query by query."""
     hand = sql.SQL("SELECT id FROM {} WHERE {} ORDER BY embedding <=> %s::vector LIMIT {}")
-    if storage == "bit":
+    dimension, prefix = vectors.shape[1], prefix_of(storage)
+    if storage == "bit" or prefix:  # 4 k candidates, as pgvector's README, re-ranked
+        order = (
+            f"binary_quantize(embedding)::bit({dimension}) <~> binary_quantize(%s::vector)::bit({dimension})"
+            if storage == "bit"
+            else f"subvector(embedding, 1, {prefix})::vector({prefix}) "
+            f"<=> subvector(%s::vector, 1, {prefix})::vector({prefix})"
+        )
         hand = sql.SQL(
-            "SELECT id FROM (SELECT id, embedding FROM {} WHERE {} ORDER BY binary_quantize(embedding)::bit(384) "
-            "<~> binary_quantize(%s::vector)::bit(384) LIMIT 40) AS c "  # 4 k candidates, as pgvector's README
-            "ORDER BY embedding <=> %s::vector LIMIT {}"
+            "SELECT id FROM (SELECT id, embedding FROM {} WHERE {} ORDER BY " + order + " LIMIT 40) AS c "  # noqa: S608
+            "ORDER BY embedding <=> %s::vector LIMIT {}"  # (order is made of this function's numbers)
         )
     found = {}
     for label, condition in FILTERS.items():
@@ -173,7 +193,7 @@ def measure(
                     ids = [hit.row["id"] for hit in pgsim.search(conn, table, "embedding", query, k=K, where=where,
                                                                  columns=["id"])]  # fmt: skip
                 else:
-                    arguments = [query, query] if storage == "bit" else [query]
+                    arguments = [query, query] if storage == "bit" or prefix else [query]
                     ids = [row[0] for row in conn.execute(by_hand, arguments).fetchall()]
                 recalls, counts, latencies = runs[mode]
                 if number:  # the first query of each filter pays for the plan and cache
@@ -208,10 +228,11 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=0.3)
     parser.add_argument("--calibrate", type=float, default=0, help="also pgsim.calibrate (this budget, s), then search")
     parser.add_argument("--chart", type=Path, help="write the growth charts (SVG) into this directory")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="the model whose vectors are the rows")
     args = parser.parse_args()
 
     packages = [p for p in debian_packages() if p.synopsis]
-    every = embeddings([p.synopsis for p in packages])
+    every = embeddings([p.synopsis for p in packages], args.model)
     base, queries = every[: -args.queries], every[-args.queries :]
     conn = pgsim.connect(args.dsn, autocommit=True)
     pgsim.install(conn)
@@ -221,7 +242,7 @@ def main() -> None:
         r = np.random.default_rng(11).integers(0, 1000, rows)
         for storage in args.storages:
             print(f"{storage} x {rows}: loading and building ...", file=sys.stderr, flush=True)
-            built = build(conn, storage, vectors, r)
+            built = build(conn, storage, vectors, r, args.model)
             print(f"  built in {built['build s']:.1f}s; searching ...", file=sys.stderr, flush=True)
             built["search"] = measure(conn, built["table"], vectors, r, queries, storage=storage)
             if args.calibrate:
@@ -244,7 +265,10 @@ def main() -> None:
             ours = built["search"][("pgsim", label)][2]
             table.append([storage, rows, label, mode, f"{recall:.3f}", fewest, f"{qps:.0f}", f"{p95:.1f}",
                           f"{qps / ours:.2f}x"])  # fmt: skip
-    print(f"\nbase {len(base)} synopsis vectors, noise {args.noise}, {len(queries)} held-out queries, k = {K}\n")
+    print(
+        f"\nmodel {args.model}: base {len(base)} synopsis vectors, noise {args.noise}, "
+        f"{len(queries)} held-out queries, k = {K}\n"
+    )
     print(format_table(["storage", "rows", "table MB", "index MB", "build memory MB", "load s", "build s",
                         "build us/row", "calibrate s"], sizes))  # fmt: skip
     print()

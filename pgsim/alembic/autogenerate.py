@@ -114,7 +114,8 @@ def _registrations(autogen_context: AutogenContext) -> tuple[Registered, dict[in
         text(
             "SELECT e.id, e.replaces, n.nspname AS table_schema, c.relname AS table_name, e.column_name, e.source, "
             "e.source_columns, e.model, e.dtype, e.index_name, e.index_m, e.index_ef_construction, "
-            "e.created_column, " + (CHUNKED if chunking else UNCHUNKED)
+            "e.created_column, (pg_catalog.to_jsonb(e) OPERATOR(pg_catalog.->>) 'prefix')::pg_catalog.int4 AS prefix, "
+            + (CHUNKED if chunking else UNCHUNKED)
         )
     ).all()
     registered = {
@@ -204,11 +205,11 @@ def _rewrite_table_ops(modify: alembic_ops.ModifyTableOps, changes: _Changes) ->
     }
     changed = {column for (s, n, column) in changes.planned if (s, n) == (schema, name)}
     workers = pending_columns(changes.pending, schema, name, changes.default_schema)  # changes under way
-    covered_indexes = {  # dropped with the registrations of a dropped table; a bit embedding's own (over an
-        # expression the models do not declare: create_embedding built it, drop_embedding drops it)
+    covered_indexes = {  # dropped with the registrations of a dropped table; a bit or prefix embedding's own
+        # (over an expression the models do not declare: create_embedding built it, drop_embedding drops it)
         row.index_name
         for row in changes.registered_on(schema, name)
-        if (schema, name) in changes.dropped_tables or row.dtype == "bit"
+        if (schema, name) in changes.dropped_tables or row.dtype == "bit" or row.prefix is not None
     }
     # before any drop_column: a column the old source read loses the triggers that read it first
     first: list[Any] = [
@@ -253,7 +254,7 @@ def _create_embedding(table_name: str, column: str, spec: Any, schema: str | Non
     """create_embedding for an ``embedding_column``; it builds the index under the default name itself."""
     index = _default_index(table, column)
     params = index_params(index) if index is not None else None
-    if spec.dtype == "bit":  # its index is over an expression, which the models do not declare: the spec's
+    if spec.indexes_an_expression:  # bit or prefix: its index is over an expression the models do not declare
         params = spec.index
     source = spec.source if isinstance(spec.source, str) else list(spec.source)
     return CreateEmbeddingOp(
@@ -266,6 +267,7 @@ def _create_embedding(table_name: str, column: str, spec: Any, schema: str | Non
         ef_construction=params.ef_construction if params else 64,
         schema=schema,
         chunks=spec.chunks,
+        prefix=spec.prefix,
     )
 
 
@@ -306,7 +308,7 @@ def _drop_embedding(row: Any, schema: str | None, *, drop_column: bool = True) -
         row.table_name, row.column_name, schema=schema,
         source=source_argument(row.source, list(row.source_columns or [])), model=row.model, dtype=row.dtype,
         m=row.index_m if row.index_name is not None else None, ef_construction=row.index_ef_construction or 64,
-        drop_column=drop_column, chunks=row_chunks(row),
+        drop_column=drop_column, chunks=row_chunks(row), prefix=row.prefix,
     )  # fmt: skip
 
 

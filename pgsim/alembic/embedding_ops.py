@@ -35,12 +35,14 @@ class CreateEmbeddingOp(MigrateOperation):
         ef_construction: int = DEFAULT_EF_CONSTRUCTION,
         schema: str | None = None,
         chunks: Chunks | None = None,
+        prefix: int | None = None,
     ) -> None:
         self.table_name = check_name("table", table_name)
         self.column_name = check_name("column", column_name)
         self.source, self.model, self.dtype, self.schema = source, model, dtype, check_schema(schema)
         self.index = HNSW(m, ef_construction) if m is not None else None
         self.chunks = checked_chunks(chunks)
+        self.prefix = prefix
 
     @classmethod
     def create_embedding(
@@ -56,26 +58,28 @@ class CreateEmbeddingOp(MigrateOperation):
         ef_construction: int = DEFAULT_EF_CONSTRUCTION,
         schema: str | None = None,
         chunks: Chunks | None = None,
+        prefix: int | None = None,
     ) -> None:
         """Register ``table_name.column_name`` as the embedding of ``source`` (a column, a list of columns, or
         an SQL expression over the table) by ``model``, as :func:`pgsim.add_embedding` does: the column
         (``dtype`` of the model's dimension, added unless it exists with that type), the registry row, the
         triggers that queue rows for the workers, and an HNSW index (``m``, ``ef_construction``; ``m=None``:
         no index), and with ``chunks`` (:class:`pgsim.Chunks`) the chunk table the documents are kept in as
-        chunks. The existing rows are queued. The model is not loaded: its dimension and revision come
+        chunks; ``prefix`` (prefix storage, for a Matryoshka-trained model): the index holds each vector's
+        first ``prefix`` values. The existing rows are queued. The model is not loaded: its dimension and revision come
         from its files. Online it needs the psycopg driver; offline it renders
         ``SELECT pgsim.register_embedding(...)`` and the ``CREATE INDEX`` (a chunked column is refused offline:
         its chunk table is made by pgsim's Python code)."""
         operations.invoke(
             cls(table_name, column_name, source=source, model=model, dtype=dtype, m=m,
-                ef_construction=ef_construction, schema=schema, chunks=chunks)
+                ef_construction=ef_construction, schema=schema, chunks=chunks, prefix=prefix)
         )  # fmt: skip
 
     def reverse(self) -> MigrateOperation:
         return DropEmbeddingOp(
             self.table_name, self.column_name, schema=self.schema, source=self.source, model=self.model,
             dtype=self.dtype, m=self.index.m if self.index else None,
-            ef_construction=self.index.ef_construction if self.index else 64, chunks=self.chunks,
+            ef_construction=self.index.ef_construction if self.index else 64, chunks=self.chunks, prefix=self.prefix,
         )  # fmt: skip
 
     @property
@@ -85,7 +89,7 @@ class CreateEmbeddingOp(MigrateOperation):
     def offline_statements(self) -> list[sql.Composed]:
         """The SQL that registers the column without asking the database anything beforehand:
         pgsim.register_embedding (with the model's dimension and revision read here), then the index."""
-        from pgsim.columns.registry import columns_expression
+        from pgsim.columns.registry import checked_prefix, columns_expression
         from pgsim.encoding.models import model_dimension, model_revision
 
         if self.chunks is not None:
@@ -101,19 +105,24 @@ class CreateEmbeddingOp(MigrateOperation):
         else:
             expression, columns = columns_expression(self.source), list(self.source)
         index_name = derived_name(self.table_name, self.column_name, suffix="hnsw") if self.index else None
+        dimension = model_dimension(self.model)
+        prefix = checked_prefix(self.prefix, self.model, dimension, self.dtype)
+        if prefix is not None and self.chunks is not None:
+            raise InvalidInput("prefix storage does not take chunks yet: chunk a vector or halfvec column.")
         register = sql.SQL(
             "SELECT pgsim.register_embedding(target => {table}::regclass, column_name => {column}, source => {source}, "
             "model => {model}, model_revision => {revision}, dimension => {dimension}, dtype => {dtype}, "
             "index_name => {index_name}, index_m => {m}, index_ef_construction => {ef_construction}, "
-            "source_columns => {columns}::name[], queue_existing => true)"
+            "source_columns => {columns}::name[], queue_existing => true, prefix => {prefix})"
         ).format(
             table=sql.Literal(table_identifier(self.table_name, self.schema).as_string(None)),
             column=sql.Literal(self.column_name),
             source=sql.Literal(expression),
             model=sql.Literal(self.model),
             revision=sql.Literal(model_revision(self.model)),
-            dimension=sql.Literal(model_dimension(self.model)),
+            dimension=sql.Literal(dimension),
             dtype=sql.Literal(self.dtype),
+            prefix=sql.Literal(prefix),
             index_name=sql.Literal(index_name),
             m=sql.Literal(self.index.m if self.index else None),
             ef_construction=sql.Literal(self.index.ef_construction if self.index else None),
@@ -129,6 +138,14 @@ class CreateEmbeddingOp(MigrateOperation):
                 sql.Literal(self.index.m), sql.Literal(self.index.ef_construction),
             )  # fmt: skip
             return [register, bits]
+        if prefix is not None:  # prefix storage: the index is over the vectors' prefix (pgsim.prefix_index)
+            head = sql.SQL("CREATE INDEX {} ON {} USING hnsw ((subvector({}, 1, {})::vector({})) vector_cosine_ops) "
+                           "WITH (m = {}, ef_construction = {})").format(  # fmt: skip
+                sql.Identifier(index_name), table_identifier(self.table_name, self.schema),
+                sql.Identifier(self.column_name), sql.Literal(prefix), sql.Literal(prefix),
+                sql.Literal(self.index.m), sql.Literal(self.index.ef_construction),
+            )  # fmt: skip
+            return [register, head]
         build = CreateHnswIndexOp(
             index_name, self.table_name, self.column_name, m=self.index.m,
             ef_construction=self.index.ef_construction, ops=f"{self.dtype}_cosine_ops", schema=self.schema,
@@ -154,12 +171,14 @@ class DropEmbeddingOp(MigrateOperation):
         ef_construction: int = DEFAULT_EF_CONSTRUCTION,
         drop_column: bool = True,
         chunks: Chunks | None = None,
+        prefix: int | None = None,
     ) -> None:
         self.table_name = check_name("table", table_name)
         self.column_name = check_name("column", column_name)
         self.schema, self.source, self.model, self.dtype = check_schema(schema), source, model, dtype
         self.m, self.ef_construction, self.drop_column = m, ef_construction, drop_column
         self.chunks = checked_chunks(chunks)
+        self.prefix = prefix
 
     @classmethod
     def drop_embedding(
@@ -176,16 +195,17 @@ class DropEmbeddingOp(MigrateOperation):
         ef_construction: int = DEFAULT_EF_CONSTRUCTION,
         drop_column: bool = True,
         chunks: Chunks | None = None,
+        prefix: int | None = None,
     ) -> None:
         """Remove the registration of ``table_name.column_name``, as :func:`pgsim.remove_embedding` does: its
         triggers, queue entries, dead letters, registry row, HNSW index and chunk table, a change of it still filling,
         and the column if pgsim added it (``drop_column=False`` keeps it). A view that depends on the column
         stops it with an error, and nothing is removed. ``source``, ``model``, ``dtype``, ``m``,
-        ``ef_construction`` and ``chunks`` say what to register again in the reverse (autogenerate's
+        ``ef_construction``, ``chunks`` and ``prefix`` say what to register again in the reverse (autogenerate's
         downgrade). Online it needs the psycopg driver; offline it renders ``SELECT pgsim.remove_embedding(...)``."""
         operations.invoke(
             cls(table_name, column_name, schema=schema, source=source, model=model, dtype=dtype, m=m,
-                ef_construction=ef_construction, drop_column=drop_column, chunks=chunks)
+                ef_construction=ef_construction, drop_column=drop_column, chunks=chunks, prefix=prefix)
         )  # fmt: skip
 
     def offline_statements(self) -> list[sql.Composed]:
@@ -204,7 +224,7 @@ class DropEmbeddingOp(MigrateOperation):
             raise InvalidInput("drop_embedding needs source= (and model=) to be reversed.")
         return CreateEmbeddingOp(
             self.table_name, self.column_name, source=self.source, model=self.model, dtype=self.dtype, m=self.m,
-            ef_construction=self.ef_construction, schema=self.schema, chunks=self.chunks,
+            ef_construction=self.ef_construction, schema=self.schema, chunks=self.chunks, prefix=self.prefix,
         )  # fmt: skip
 
 
@@ -252,7 +272,7 @@ def _create_embedding(operations: Operations, operation: CreateEmbeddingOp) -> N
     install(raw)
     add_embedding(raw, operation.qualified_table, operation.column_name, source=operation.source,
                   model=operation.model, dtype=operation.dtype, index=operation.index,
-                  chunks=operation.chunks)  # fmt: skip
+                  chunks=operation.chunks, prefix=operation.prefix)  # fmt: skip
 
 
 @Operations.implementation_for(DropEmbeddingOp)

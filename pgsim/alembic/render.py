@@ -114,7 +114,7 @@ def _render_create_embedding(autogen_context: AutogenContext, op: CreateEmbeddin
         autogen_context, "create_embedding", op.table_name, op.column_name, source=op.source, model=op.model,
         dtype=op.dtype, m=op.index.m if op.index else None,
         ef_construction=op.index.ef_construction if op.index else None, schema=op.schema,
-        chunks=_chunks(autogen_context, op.chunks),
+        chunks=_chunks(autogen_context, op.chunks), prefix=op.prefix,
     )  # fmt: skip
 
 
@@ -124,6 +124,7 @@ def _render_drop_embedding(autogen_context: AutogenContext, op: DropEmbeddingOp)
         autogen_context, "drop_embedding", op.table_name, op.column_name, source=op.source, model=op.model,
         dtype=op.dtype, m=op.m, ef_construction=op.ef_construction if op.m else None, schema=op.schema,
         drop_column=None if op.drop_column else False, chunks=_chunks(autogen_context, op.chunks),
+        prefix=op.prefix,
     )  # fmt: skip
 
 

@@ -32,13 +32,15 @@ def cmd_add_embedding(args: argparse.Namespace) -> int:
             index=index,
             concurrently=args.concurrently,
             chunks=chunks,
+            prefix=args.prefix,
         )
         queued = conn.execute(  # qualified and cast: the rule in pgsim.db.catalog
             "SELECT pg_catalog.count(*) FROM pgsim.queue WHERE embedding_id OPERATOR(pg_catalog.=) %s::pg_catalog.int4",
             [registration.id],
         ).fetchone()
     print(
-        f"{registration.table}.{registration.column}: {storage(registration.dtype, registration.dimension)} of "
+        f"{registration.table}.{registration.column}: "
+        f"{storage(registration.dtype, registration.dimension, registration.prefix)} of "
         f"{registration.source} by {registration.model}; "
         + (f"index {registration.index_name}; " if registration.index_name else "no index; ")
         + (f"chunks of {chunks.tokens} word pieces (overlap {chunks.overlap}); " if chunks else "")
@@ -98,9 +100,8 @@ def cmd_change_embedding(args: argparse.Namespace) -> int:
             conn, args.table, args.column, source=source, model=args.model, dtype=args.dtype, chunks=chunks_of(args)
         )
     print(
-        f"filling {new.table}.{new.column} with {storage(new.dtype, new.dimension)} of {new.source} by {new.model}"
-        + (f" in chunks of {args.chunk_tokens} word pieces" if args.chunk_tokens else "")
-        + "; "
+        f"filling {new.table}.{new.column} with {storage(new.dtype, new.dimension, new.prefix)} of {new.source} "
+        f"by {new.model}" + (f" in chunks of {args.chunk_tokens} word pieces" if args.chunk_tokens else "") + "; "
         f"searches keep using {args.column} until it is full. Run pgsim backfill (or pgsim worker): it switches "
         "over when done."
     )
@@ -222,6 +223,9 @@ def cmd_server(args: argparse.Namespace) -> int:
     return 0
 
 
-def storage(dtype: str, dimension: int) -> str:
-    """How a registration stores its vectors, for people: ``vector(384)``, or ``vector(384) with a bit index``."""
+def storage(dtype: str, dimension: int, prefix: int | None = None) -> str:
+    """How a registration stores its vectors, for people: ``vector(384)``, ``vector(384) with a bit index``,
+    or ``vector(256) with an index of their first 64 values``."""
+    if prefix is not None:
+        return f"vector({dimension}) with an index of their first {prefix} values"
     return f"vector({dimension}) with a bit index" if dtype == "bit" else f"{dtype}({dimension})"

@@ -164,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=DTYPES, default="vector",
         help="vector, halfvec (half the size), or bit: vector rows with a binary index, candidates re-ranked",
     )  # fmt: skip
+    add.add_argument(
+        "--prefix", type=int, metavar="N",
+        help="index each vector's first N values, candidates re-ranked (a Matryoshka-trained model's sizes)",
+    )  # fmt: skip
     add.add_argument("--m", type=int, default=16, help="HNSW m (default 16)")
     add.add_argument("--ef-construction", type=int, default=64, help="HNSW ef_construction (default 64)")
     add.add_argument("--no-index", action="store_true", help="no HNSW index")

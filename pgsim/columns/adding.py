@@ -21,6 +21,7 @@ from pgsim.columns.registry import (
     DTYPES,
     STALE,
     Registration,
+    checked_prefix,
     column_type,
     columns_expression,
     forget_dropped,
@@ -72,6 +73,7 @@ def add_embedding(
     index_name: str | None = None,
     stale: str = "keep",
     chunks: Chunks | None = None,
+    prefix: int | None = None,
 ) -> Registration:
     """Register ``table.column`` as the embedding of ``source`` under ``model``.
 
@@ -87,6 +89,8 @@ def add_embedding(
     ``chunks`` (:class:`Chunks`) also cuts each row's text into chunks of the model's word pieces, kept in a
     table next to this one: searches on the column then return documents ranked by their chunks. The rows
     there are queued for their chunks even with ``queue_existing=False`` (only the workers cut chunks).
+    ``prefix`` (prefix storage, for a model trained for it): the index holds each vector's first ``prefix``
+    values, and searches re-rank its candidates on the full vectors the column keeps.
     (``replaces`` and ``planned_index`` are for :func:`change_model`: the index is recorded, built later.)"""
     if dtype not in DTYPES:
         raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
@@ -100,8 +104,10 @@ def add_embedding(
     # an unknown model fails here, before any change; read from the model's files, without loading it
     revision, dimension = model_revision(model), model_dimension(model)
     chunks = checked_chunks(chunks)
-    if chunks is not None and dtype == "bit":
-        raise InvalidInput("dtype='bit' does not take chunks yet: chunk a vector or halfvec column.")
+    prefix = checked_prefix(prefix, model, dimension, dtype)
+    if chunks is not None and (dtype == "bit" or prefix is not None):
+        storage = "dtype='bit'" if dtype == "bit" else "prefix storage"
+        raise InvalidInput(f"{storage} does not take chunks yet: chunk a vector or halfvec column.")
     if chunks is not None:
         chunks.check(window(encoder_for(model)), model)
     with conn.transaction():
@@ -129,7 +135,7 @@ def add_embedding(
                 SELECT pgsim.register_embedding(target => %s::pg_catalog.regclass, column_name => %s, source => %s,
                     model => %s, model_revision => %s, dimension => %s, dtype => %s, index_name => %s,
                     index_m => %s, index_ef_construction => %s, source_columns => %s::pg_catalog.name[], replaces => %s,
-                    stale => %s)
+                    stale => %s, prefix => %s)
                 """,
                 [
                     target.identifier.as_string(conn),
@@ -145,6 +151,7 @@ def add_embedding(
                     list(source_columns),
                     replaces,
                     stale,
+                    prefix,
                 ],  # fmt: skip
             ).fetchone()
         except psycopg.errors.InsufficientPrivilege as exc:
@@ -343,4 +350,5 @@ def build_index(conn: psycopg.Connection[Any], registration: Registration, *, co
         registration.index,
         opclass=registration.opclass,
         concurrently=concurrently,
+        prefix=registration.prefix,
     )

@@ -138,6 +138,7 @@ def _start_change(
             planned_index=index or old.index,
             stale=old.stale,
             chunks=wanted,  # the workers fill its chunks with its vectors
+            prefix=old.prefix,  # prefix storage stays (the new model must be trained for it)
         )
         if expression != old.source:
             conn.execute("SELECT pgsim.freeze_embedding(%s)", [old.id])
@@ -170,7 +171,14 @@ def switch_over(conn: psycopg.Connection[Any], new: Registration) -> bool:
     if index and staged_index and not _valid_index_exists(conn, new.schema, staged_index):
         conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(sql.Identifier(new.schema, staged_index)))
         create_hnsw_index(
-            conn, new.table, new.column, staged_index, index, opclass=new.opclass, concurrently=conn.autocommit
+            conn,
+            new.table,
+            new.column,
+            staged_index,
+            index,
+            opclass=new.opclass,
+            concurrently=conn.autocommit,
+            prefix=new.prefix,
         )
     try:
         with conn.transaction():

@@ -15,6 +15,7 @@ from psycopg import sql
 from pgsim.db.catalog import has_schema_table
 from pgsim.db.hnsw import HNSW
 from pgsim.db.names import table_identifier
+from pgsim.encoding.models import matryoshka_dims
 from pgsim.errors import InvalidInput
 
 # bit: a vector column whose HNSW index is binary-quantised (Hamming distance over binary_quantize(column)),
@@ -46,6 +47,9 @@ class Registration:
     replaces: int | None
     table_oid: int  # what the registration follows: the names above follow renames of it
     stale: str = "keep"  # a changed row until re-embedded: "keep" its old vector, or "hide" it (NULL)
+    # prefix storage: the index holds each vector's first ``prefix`` values (a Matryoshka-trained model's),
+    # searched by candidates re-ranked on the full vectors; None: the index holds the whole vector
+    prefix: int | None = None
 
     @property
     def table(self) -> str:
@@ -74,6 +78,32 @@ def column_type(dtype: str) -> str:
     return "vector" if dtype == "bit" else dtype
 
 
+def checked_prefix(prefix: object, model: str, dimension: int, dtype: str) -> int | None:
+    """``prefix`` as prefix storage takes it: None, or a size ``model`` was trained to be cut to (its
+    declared Matryoshka dims), shorter than its vectors, on a ``vector`` column; else a clear InvalidInput."""
+    if prefix is None:
+        return None
+    if isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 1:
+        raise InvalidInput(f"prefix must be a positive whole number of dimensions; got {prefix!r}.")
+    if dtype != "vector":
+        raise InvalidInput(f"prefix storage keeps a vector column; it does not take dtype={dtype!r}.")
+    if prefix >= dimension:
+        raise InvalidInput(
+            f"prefix={prefix} is not shorter than model {model!r}'s {dimension}-dimension vectors: leave prefix out "
+            "to index the whole vector."
+        )
+    trained = matryoshka_dims(model)
+    if prefix not in trained:
+        said = (
+            f"was trained for prefixes of {', '.join(str(size) for size in trained if size < dimension)} dimensions"
+            if trained
+            else "is not trained for prefixes (it declares no matryoshka_dims), so a prefix of its vectors ranks "
+            "poorly; use a Matryoshka-trained model such as wordllama-l2-supercat"
+        )
+        raise InvalidInput(f"prefix={prefix}: model {model!r} {said}.")
+    return prefix
+
+
 # A registration's table is its OID: the schema and table names come from the catalog, never from the row's
 # stored names (which any writer of the row could set to another table's). Every operator and function is
 # pg_catalog's, named so, and every parameter cast: get_registration runs on the caller's search_path (the rule
@@ -81,7 +111,7 @@ def column_type(dtype: str) -> str:
 REGISTRY_SELECT = (
     "SELECT e.id, n.nspname, c.relname, e.column_name, e.source, e.source_columns, e.key_columns, e.model, "
     "e.model_revision, e.dimension, e.dtype, e.index_name, e.index_m, e.index_ef_construction, e.created_column, "
-    "e.replaces, e.table_oid, e.stale FROM pgsim.embedding e "
+    "e.replaces, e.table_oid, e.stale, e.prefix FROM pgsim.embedding e "
     "JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) e.table_oid "
     "JOIN pg_catalog.pg_namespace n ON n.oid OPERATOR(pg_catalog.=) c.relnamespace"
 )
@@ -89,7 +119,7 @@ REGISTRY_SELECT = (
 
 def registration_from_row(row: Sequence[Any]) -> Registration:
     (id_, schema, table, column, source, source_columns, key_columns, model, revision, dimension, dtype,
-     index_name, m, ef_construction, created_column, replaces, table_oid, stale) = row  # fmt: skip
+     index_name, m, ef_construction, created_column, replaces, table_oid, stale, prefix) = row  # fmt: skip
     return Registration(
         id=id_,
         schema=schema,
@@ -108,6 +138,7 @@ def registration_from_row(row: Sequence[Any]) -> Registration:
         replaces=replaces,
         table_oid=int(table_oid),
         stale=stale,
+        prefix=prefix,
     )
 
 

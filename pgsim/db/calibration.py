@@ -274,7 +274,7 @@ def _measure_level(
             if not truth:
                 continue
             walk = _walk(target, parts, k)
-            recalls, ms = _walks(conn, walk, ef_grid, max_scan_tuples, truth[-1] + TIE, len(truth), target.bit_index)
+            recalls, ms = _walks(conn, walk, ef_grid, max_scan_tuples, truth[-1] + TIE, len(truth), target.reranked)
             found[condition].append(recalls + [recalls[-1]] * (len(ef_grid) - len(recalls)))
             times.append(ms + [math.nan] * (len(ef_grid) - len(ms)))
     measured = min((len(v) for v in found.values()), default=0)
@@ -302,26 +302,33 @@ def _lower_bound(recalls: list[float]) -> float:
 
 
 def _walk(target: Target, parts: dict[str, sql.Composable], k: int) -> Callable[[int], sql.Composed]:
-    """The HNSW path's statement at an ef_search, as the search runs it: on a bit index (binary-quantised
-    storage), ef_search candidates by Hamming distance re-ranked by cosine distance (pgsim.knn)."""
-    if not target.bit_index:
+    """The HNSW path's statement at an ef_search, as the search runs it: on a bit or prefix index (bit or
+    prefix storage), ef_search candidates by Hamming or prefix distance re-ranked by cosine distance
+    (pgsim.knn)."""
+    if not target.reranked:
         return lambda ef: sql.SQL(
             "WITH r AS MATERIALIZED (SELECT {d} AS d FROM {table} WHERE ({cond}) ORDER BY {d} LIMIT {k}) "
             "SELECT d FROM r ORDER BY d"
         ).format(**parts)
 
-    def bits(value: sql.Composable) -> sql.Composed:
+    def compressed(value: sql.Composable) -> sql.Composed:
+        if target.prefix is not None:
+            return sql.SQL("({schema}.subvector({value}, 1, {n}))::{schema}.vector({n})").format(
+                schema=parts["schema"], value=value, n=sql.Literal(target.prefix)
+            )
         return sql.SQL("({}.binary_quantize({}))::bit({})").format(
             parts["schema"], value, sql.Literal(target.dimension)
         )
 
+    operator = sql.SQL("<=>" if target.prefix is not None else "<~>")
     return lambda ef: sql.SQL(
         "WITH r AS MATERIALIZED (SELECT {d} AS d FROM {table} WHERE ({cond}) AND {col} IS NOT NULL "
-        "ORDER BY {column_bits} OPERATOR({schema}.<~>) {query_bits} LIMIT {candidates}) "
+        "ORDER BY {column_key} OPERATOR({schema}.{operator}) {query_key} LIMIT {candidates}) "
         "SELECT d FROM r ORDER BY d LIMIT {k}"
     ).format(
-        column_bits=bits(parts["col"]),
-        query_bits=bits(parts["q"]),
+        column_key=compressed(parts["col"]),
+        query_key=compressed(parts["q"]),
+        operator=operator,
         candidates=sql.Literal(max(k, ef)),
         **parts,
     )
@@ -334,7 +341,7 @@ def _walks(
     max_scan_tuples: int,
     kth: float,
     wanted: int,
-    bits: bool = False,
+    reranked: bool = False,
 ) -> tuple[list[float], list[float]]:
     """Recall and milliseconds of the HNSW statement at each ef_search, until it finds all ``wanted`` rows
     as near as the exact ``kth`` distance; the settings last only for each walk's savepoint."""
@@ -346,9 +353,9 @@ def _walks(
                 "SELECT set_config('enable_indexscan', 'on', true), "
                 "set_config('hnsw.iterative_scan', 'relaxed_order', true), "
                 "set_config('hnsw.ef_search', %s, true), set_config('hnsw.max_scan_tuples', %s, true), "
-                # a bit walk runs without sorting, as searches run it (pgsim.knn.planner)
+                # a bit or prefix walk runs without sorting, as searches run it (pgsim.knn.planner)
                 "set_config('enable_sort', CASE WHEN %s THEN 'off' ELSE current_setting('enable_sort') END, true)",
-                [str(ef), str(max_scan_tuples), bits],
+                [str(ef), str(max_scan_tuples), reranked],
             )
             started = time.perf_counter()
             got = [d for (d,) in one_statement(conn, statement_at(ef))]

@@ -31,7 +31,9 @@ class Target:
     dimension: int
     index_oid: int | None
     index_name: str | None
-    bit_index: bool = False  # binary-quantised storage: the walk yields candidates, re-ranked on the full vectors
+    # bit or prefix storage: the walk yields candidates, re-ranked on the full vectors
+    reranked: bool = False
+    prefix: int | None = None  # prefix storage: the length of the vectors' prefix the index holds
 
 
 def table_oid(conn: psycopg.Connection[Any], table: str | int) -> int:
@@ -57,7 +59,9 @@ def calibration_target(conn: psycopg.Connection[Any], oid: int, column: str) -> 
                a.atttypmod, pg_catalog.pg_has_role(CURRENT_USER, c.relowner, 'USAGE'),
                c.relowner = r.oid OR NOT (r.rolsuper OR r.rolbypassrls),
                ({FULL_COSINE_INDEX}),
-               pgsim.bit_index(c.oid::pg_catalog.regclass, %s::pg_catalog.name)::pg_catalog.regclass::pg_catalog.oid
+               pgsim.reranked_index(c.oid::pg_catalog.regclass, %s::pg_catalog.name)
+                   ::pg_catalog.regclass::pg_catalog.oid,
+               pgsim.index_prefix(c.oid::pg_catalog.regclass, %s::pg_catalog.name)
         FROM pg_catalog.pg_class c
         JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
         JOIN pg_catalog.pg_roles r ON r.rolname = CURRENT_USER
@@ -66,12 +70,12 @@ def calibration_target(conn: psycopg.Connection[Any], oid: int, column: str) -> 
         LEFT JOIN pg_catalog.pg_type t ON t.oid = a.atttypid
         WHERE c.oid = %s::pg_catalog.oid
         """,  # noqa: S608 (FULL_COSINE_INDEX is a constant)
-        [column, column, oid],
+        [column, column, column, oid],
     ).fetchone()
     if row is None:
         raise InvalidInput(f"No table with OID {oid} here.")
-    name, kind, attnum, type_name, typmod, owns, own_code, cosine_index, bit_index = row
-    index_oid = cosine_index or bit_index  # the one pgsim.knn_plan takes
+    name, kind, attnum, type_name, typmod, owns, own_code, cosine_index, reranked_index, prefix = row
+    index_oid = cosine_index or reranked_index  # the one pgsim.knn_plan takes
     if kind not in ("r", "p", "m"):
         raise InvalidInput(f"{name} is not a table: only a table's HNSW index can be calibrated.")
     if attnum is None:
@@ -95,7 +99,8 @@ def calibration_target(conn: psycopg.Connection[Any], oid: int, column: str) -> 
         )
     index_name = conn.execute("SELECT %s::pg_catalog.oid::pg_catalog.regclass::pg_catalog.text", [index_oid]).fetchone()
     return Target(oid, sql.SQL(name), sql.Identifier(column), column, attnum, type_name, typmod, index_oid,
-                  index_name[0] if index_name else None, cosine_index is None)  # fmt: skip
+                  index_name[0] if index_name else None, cosine_index is None,
+                  prefix if cosine_index is None else None)  # fmt: skip
 
 
 # The index pgsim.knn_plan takes for a column (its valid full cosine HNSW index, first by name in bytes)

@@ -96,9 +96,11 @@ def build_settings(
     *,
     max_memory: int = DEFAULT_MAX_BUILD_MEMORY,
     bits: bool = False,
+    prefix: int | None = None,
 ) -> BuildSettings:
     """What pgsim sets for building an HNSW index on ``table.column``: memory for the whole graph (with
-    headroom, capped at ``max_memory``, never below the session's setting) and parallel workers."""
+    headroom, capped at ``max_memory``, never below the session's setting) and parallel workers. ``bits``:
+    the index holds binary vectors; ``prefix``: the vectors' first ``prefix`` values."""
     found = conn.execute(  # the name on the caller's path; the rest by OID, pinned (the rule in pgsim.db.catalog)
         "SELECT pg_catalog.to_regclass(%s::pg_catalog.text)::pg_catalog.oid", [table_identifier(table).as_string(conn)]
     ).fetchone()
@@ -131,7 +133,7 @@ def build_settings(
             )
         ).fetchone()
         rows = counted[0] if counted else 0
-    estimate = graph_bytes(float(rows), max(int(dimension), 1), "bit" if bits else type_name, m)
+    estimate = graph_bytes(float(rows), max(int(prefix or dimension), 1), "bit" if bits else type_name, m)
     memory = max(int(current_memory), min(int(estimate * HEADROOM), max_memory))
     # On a server on this machine, the leader and its workers use every core and no more (more workers
     # than cores made bench/ingest.py's builds slower); PostgreSQL still picks fewer for a small table. A
@@ -156,22 +158,31 @@ def create_hnsw_index(
     opclass: str = "vector_cosine_ops",
     concurrently: bool = False,
     max_memory: int = DEFAULT_MAX_BUILD_MEMORY,
+    prefix: int | None = None,
 ) -> BuildReport:
     """``CREATE INDEX [CONCURRENTLY] index_name ON table USING hnsw (column opclass) WITH (m, ef_construction)``
     under settings sized by :func:`build_settings`. ``bit_hamming_ops``: the index of binary-quantised storage,
-    over ``binary_quantize(column)::bit(n)`` (what pgsim.bit_index finds and the searches order by)."""
+    over ``binary_quantize(column)::bit(n)`` (what pgsim.bit_index finds and the searches order by).
+    ``prefix`` (with ``vector_cosine_ops``): the index of prefix storage, over
+    ``subvector(column, 1, prefix)::vector(prefix)`` (pgsim.prefix_index)."""
     if opclass not in ("vector_cosine_ops", "halfvec_cosine_ops", "bit_hamming_ops"):
         raise InvalidInput(f"Unsupported operator class {opclass!r}.")
+    if prefix is not None and opclass != "vector_cosine_ops":
+        raise InvalidInput(f"A prefix index is a vector_cosine_ops index, not {opclass}.")
     if concurrently and not conn.autocommit:
         raise InvalidInput("CREATE INDEX CONCURRENTLY needs an autocommit connection (psycopg: autocommit=True).")
     bits = opclass == "bit_hamming_ops"
-    settings = build_settings(conn, table, column, hnsw.m, max_memory=max_memory, bits=bits)
+    settings = build_settings(conn, table, column, hnsw.m, max_memory=max_memory, bits=bits, prefix=prefix)
     schema = table.split(".")[:-1]
     extension = vector_schema(conn)  # nothing on the session's path stands in for pgvector's objects
     key: sql.Composable = sql.Identifier(column)
     if bits:
         key = sql.SQL("(({}.binary_quantize({}))::bit({}))").format(
             sql.Identifier(extension), key, sql.Literal(dimension_of(conn, table, column))
+        )
+    elif prefix is not None:
+        key = sql.SQL("(({schema}.subvector({column}, 1, {prefix}))::{schema}.vector({prefix}))").format(
+            schema=sql.Identifier(extension), column=key, prefix=sql.Literal(prefix)
         )
     statement = sql.SQL(
         "CREATE INDEX {concurrently} {index} ON {table} USING hnsw ({column} {opclass}) "
@@ -185,7 +196,7 @@ def create_hnsw_index(
         m=sql.Literal(hnsw.m),
         ef_construction=sql.Literal(hnsw.ef_construction),
     )
-    usual = settings.rows / BUILD_ROWS_PER_SECOND * max(int(dimension_of(conn, table, column)), 1) / 384
+    usual = settings.rows / BUILD_ROWS_PER_SECOND * max(int(prefix or dimension_of(conn, table, column)), 1) / 384
     if usual > ANNOUNCE_ABOVE_SECONDS:  # a long pause says why, once: the index is built once
         say(f"building HNSW index {index_name} on {settings.rows:,.0f} rows (usually about {usual:.0f} s on 2 cores)")
     started = time.perf_counter()

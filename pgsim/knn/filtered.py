@@ -142,14 +142,14 @@ def _search(
         statements = statement_cache.put(
             statement_key, tuple(search_statement(target, condition, columns, path).as_bytes(conn) for path in PATHS)
         )
-    exact, hnsw, bit = statements
+    exact, hnsw, reranked = statements
     chosen = plan_cache.get(plan_key)
     with clear_errors(), conn.cursor(row_factory=dict_row) as cur:
         if chosen is None:
             proposed = with_candidates(conn, run_plan(conn, planned, apply=False), target, k)
-            proposed = checked_plan(conn, proposed, walk_statement(proposed, hnsw, bit, params), params)
+            proposed = checked_plan(conn, proposed, walk_statement(proposed, hnsw, reranked, params), params)
             chosen = plan_cache.put(plan_key, proposed)
-        walk = walk_statement(chosen, hnsw, bit, params)
+        walk = walk_statement(chosen, hnsw, reranked, params)
         rows = [] if chosen.path == "exact" else under_hnsw_settings(conn, cur, chosen, walk, params)
         if chosen.path == "hnsw" and len(rows) < k:
             log.info("hnsw path gave %d of %d rows; exact scan instead", len(rows), k)
@@ -160,7 +160,7 @@ def _search(
     if chosen.index_name is None:
         warnings.warn(
             f"{table}.{column} has no HNSW index for cosine distance, so every search scans the table. Create one: "
-            f"CREATE INDEX ON {table} USING hnsw ({column} {target.type_name}_cosine_ops)",
+            f"CREATE INDEX ON {table} USING hnsw ({_index_key(target)})",
             NoIndexWarning,
             stacklevel=4,
         )
@@ -210,14 +210,16 @@ def explain(
     target, params = target_and_params(conn, table, column, query, model)
     params["k"] = k
     condition = filter_sql(where)
-    exact, hnsw, bit = (search_statement(target, condition, None, path).as_bytes(conn) for path in PATHS)
+    exact, hnsw, reranked = (search_statement(target, condition, None, path).as_bytes(conn) for path in PATHS)
     with model_change_as_input_error(), clear_errors(), conn.cursor() as cur:
         chosen = run_plan(conn, plan_params(conn, target, k, condition, tuning, recall), apply=False)
         chosen = with_candidates(conn, chosen, target, k)
-        chosen = checked_plan(conn, chosen, walk_statement(chosen, hnsw, bit, params), params)
+        chosen = checked_plan(conn, chosen, walk_statement(chosen, hnsw, reranked, params), params)
         analyze = b"EXPLAIN (ANALYZE, BUFFERS, COSTS OFF) "
         if chosen.path == "hnsw":
-            lines = under_hnsw_settings(conn, cur, chosen, analyze + walk_statement(chosen, hnsw, bit, params), params)
+            lines = under_hnsw_settings(
+                conn, cur, chosen, analyze + walk_statement(chosen, hnsw, reranked, params), params
+            )
         else:
             lines = cur.execute(analyze + exact, params, prepare=False).fetchall()
     return chosen, "\n".join(QUERY_LITERAL.sub("<query vector>", str(line)) for (line,) in lines)
@@ -231,6 +233,17 @@ def check_sync(conn: Any) -> None:
             "SQL: await pgsim.register_async(conn), then SELECT ... FROM pgsim.knn(table, column, %s, k, filter) "
             "with pgsim.Text(query) as the parameter (see docs/search.md)."
         )
+
+
+def _index_key(target: VectorColumn) -> str:
+    """The key and operator class of the index the column's storage searches (bit, prefix, or the vector's)."""
+    column = target.column
+    registration = target.registration
+    if target.prefix is not None:
+        return f"(subvector({column}, 1, {target.prefix})::vector({target.prefix})) vector_cosine_ops"
+    if registration is not None and registration.dtype == "bit":
+        return f"(binary_quantize({column})::bit({target.dimension})) bit_hamming_ops"
+    return f"{column} {target.type_name}_cosine_ops"
 
 
 class NoIndexWarning(UserWarning):

@@ -33,8 +33,8 @@ class Plan:
     reason: str
     expected_recall: float | None = None  # recall@k the calibration measured for this path (1 when exact)
     fell_back: bool = False
-    # binary-quantised storage (dtype 'bit'): the candidates the walk over the bit index yields, re-ranked by
-    # cosine distance on the full vectors; None on other indexes and on the exact path
+    # bit or prefix storage: the candidates the walk over the compressed index yields, re-ranked by cosine
+    # distance on the full vectors; None on other indexes and on the exact path
     candidates: int | None = None
 
 
@@ -61,9 +61,9 @@ class UnknownColumn(InvalidInput):
 
 
 def settings_statement(chosen: Plan) -> sql.Composed:
-    """The settings pgsim.prepare_knn applies on the hnsw path; on a bit index's, sorting off too: a sort by
-    Hamming distance in place of the walk would give approximate candidates (on other indexes a sort by
-    cosine distance in place of the walk is exact)."""
+    """The settings pgsim.prepare_knn applies on the hnsw path; on a bit or prefix index's, sorting off too: a
+    sort by Hamming or prefix distance in place of the walk would give approximate candidates (on other
+    indexes a sort by cosine distance in place of the walk is exact)."""
     return sql.SQL(
         "SELECT set_config('enable_indexscan', 'on', true), set_config('hnsw.iterative_scan', 'relaxed_order', true), "
         "set_config('hnsw.ef_search', {}, true), set_config('hnsw.max_scan_tuples', {}, true), "
@@ -121,7 +121,7 @@ def checked_plan(conn: psycopg.Connection[Any], chosen: Plan, hnsw: bytes, param
         ((explained,),) = under_hnsw_settings(conn, cur, chosen, b"EXPLAIN (FORMAT JSON) " + hnsw, params)
     ordering = set(ordering_indexes(explained))
     if not ordering and chosen.candidates is None:
-        return chosen  # no index ordering at all: the rows are exact anyway (a bit walk's candidates are not)
+        return chosen  # no index ordering at all: the rows are exact anyway (a compressed walk's candidates are not)
     if ordering and ordering <= index_names(conn, chosen.index_name):
         return chosen  # the planned index (on a partitioned table: its partitions)
     return replace(
@@ -136,12 +136,12 @@ def checked_plan(conn: psycopg.Connection[Any], chosen: Plan, hnsw: bytes, param
 
 
 def with_candidates(conn: psycopg.Connection[Any], chosen: Plan, target: VectorColumn, k: int) -> Plan:
-    """``chosen``, with the candidates to re-rank when its index is the bit index of binary-quantised storage
-    (``pgsim.bit_index``): as many as the walk's ``ef_search``, at least k."""
+    """``chosen``, with the candidates to re-rank when its index is the compressed index of bit or prefix
+    storage (``pgsim.reranked_index``): as many as the walk's ``ef_search``, at least k."""
     if chosen.path != "hnsw" or chosen.index_name is None or chosen.ef_search is None:
         return chosen
     row = conn.execute(  # both names printed on the caller's path, as knn_plan printed index_name
-        "SELECT pgsim.bit_index(%s::pg_catalog.regclass, %s::pg_catalog.name)",
+        "SELECT pgsim.reranked_index(%s::pg_catalog.regclass, %s::pg_catalog.name)",
         [table_identifier(target.table).as_string(conn), target.column],
     ).fetchone()
     if row is None or row[0] != chosen.index_name:
@@ -149,11 +149,11 @@ def with_candidates(conn: psycopg.Connection[Any], chosen: Plan, target: VectorC
     return replace(chosen, candidates=max(k, chosen.ef_search))
 
 
-def walk_statement(chosen: Plan, hnsw: bytes, bit: bytes, params: dict[str, Any]) -> bytes:
+def walk_statement(chosen: Plan, hnsw: bytes, reranked: bytes, params: dict[str, Any]) -> bytes:
     """The statement of the hnsw path for ``chosen``'s index, with its candidates in ``params``."""
     params["candidates"] = chosen.candidates or params.get("k")
-    params["bit_index"] = chosen.index_name
-    return bit if chosen.candidates else hnsw
+    params["reranked_index"] = chosen.index_name
+    return reranked if chosen.candidates else hnsw
 
 
 def index_names(conn: psycopg.Connection[Any], index_name: str) -> set[str]:

@@ -88,7 +88,7 @@ def _condition(where: Where) -> sql.Composable:
     return sql.SQL(" AND ").join(clauses) if clauses else sql.SQL("TRUE")
 
 
-PATHS = ("exact", "hnsw", "bit")
+PATHS = ("exact", "hnsw", "reranked")
 
 
 def search_statement(
@@ -96,31 +96,29 @@ def search_statement(
 ) -> sql.Composed:
     """The search on one path. Exact: ordered by the distance plus zero, an expression no index can serve,
     so no setting is needed to keep the HNSW index out. HNSW: ordered by the indexed operator, and re-sorted
-    afterwards, since an iterative scan yields rows in relaxed order. Bit (binary-quantised storage, dtype
-    'bit'): the walk over the Hamming index of ``binary_quantize(column)::bit(n)`` yields ``%(candidates)s``
-    rows, which are re-ranked by cosine distance on the full vectors, and the nearest ``limit`` kept."""
+    afterwards, since an iterative scan yields rows in relaxed order. Reranked (bit or prefix storage): the
+    walk over the compressed index (:func:`compressed_order`) yields ``%(candidates)s`` rows, which are
+    re-ranked by cosine distance on the full vectors, and the nearest ``limit`` kept."""
     query = sql.SQL("%(q)s::halfvec") if target.type_name == "halfvec" else sql.SQL("%(q)s")
     column = sql.Identifier(target.column)
     if path == "exact":
         order: sql.Composable = sql.SQL("({} <=> {}) + 0").format(column, query)
-    elif path == "bit":
-        order = sql.SQL("(binary_quantize({col}))::bit({n}) <~> (binary_quantize({q}))::bit({n})").format(
-            col=column, q=query, n=sql.Literal(target.dimension)
-        )
+    elif path == "reranked":
+        order = compressed_order(target, column, query)
     else:
         order = sql.SQL("{} <=> {}").format(column, query)
     if path != "hnsw":  # a row not embedded yet has no distance: the HNSW index holds no such row, a scan skips it
         condition = sql.SQL("{} IS NOT NULL AND ({})").format(column, condition)
-    if path == "bit":  # a plan cached before the bit index was dropped or replaced walks nothing: k rows short,
+    if path == "reranked":  # a plan cached before the index was dropped or replaced walks nothing: k rows short,
         # the search scans exactly (a constant condition, evaluated once)
         condition = sql.SQL(
-            "pgsim.bit_index(%(bit_table)s::pg_catalog.regclass, %(bit_column)s::pg_catalog.name) "
-            "OPERATOR(pg_catalog.=) %(bit_index)s::pg_catalog.text AND {}"
+            "pgsim.reranked_index(%(reranked_table)s::pg_catalog.regclass, %(reranked_column)s::pg_catalog.name) "
+            "OPERATOR(pg_catalog.=) %(reranked_index)s::pg_catalog.text AND {}"
         ).format(condition)
     nearest = sql.SQL(
         "SELECT {selected}, {col} <=> {q} AS {distance} FROM {table} WHERE {condition} ORDER BY {order} LIMIT {limit}"
     ).format(
-        limit=sql.Placeholder("candidates" if path == "bit" else limit),
+        limit=sql.Placeholder("candidates" if path == "reranked" else limit),
         selected=sql.SQL(", ").join(sql.Identifier(c) for c in (columns or target.default_columns)),
         col=column,
         q=query,
@@ -133,6 +131,19 @@ def search_statement(
         return nearest
     return sql.SQL("WITH relaxed AS MATERIALIZED ({}) SELECT * FROM relaxed ORDER BY {} LIMIT {}").format(
         nearest, sql.Identifier(DISTANCE), sql.Placeholder(limit)
+    )
+
+
+def compressed_order(target: VectorColumn, column: sql.Composable, query: sql.Composable) -> sql.Composed:
+    """The distance a walk of ``target``'s compressed index orders by, as the index's expression reads:
+    cosine over the first ``prefix`` values (prefix storage), else Hamming over the binary-quantised vectors
+    (bit storage). ``column`` and ``query`` are SQL for the column and the query vector."""
+    if target.prefix is not None:
+        return sql.SQL("(subvector({col}, 1, {n}))::vector({n}) <=> (subvector({q}, 1, {n}))::vector({n})").format(
+            col=column, q=query, n=sql.Literal(target.prefix)
+        )
+    return sql.SQL("(binary_quantize({col}))::bit({n}) <~> (binary_quantize({q}))::bit({n})").format(
+        col=column, q=query, n=sql.Literal(target.dimension)
     )
 
 

@@ -36,6 +36,11 @@ class VectorColumn:
     chunked: bool = False
 
     @property
+    def prefix(self) -> int | None:
+        """Prefix storage: the length of the vectors' prefix the column's index holds; else None."""
+        return self.registration.prefix if self.registration is not None else None
+
+    @property
     def default_columns(self) -> tuple[str, ...]:
         """What a search returns when not told: the other columns the current role may read."""
         return self.readable_columns
@@ -118,8 +123,8 @@ def target_and_params(
     if not vector.any():
         raise InvalidInput("The query vector is all zeros: it has no direction, so no cosine distance to it exists.")
     params: dict[str, Any] = {"q": bindable(conn, vector)}
-    # what a walk of a bit index checks it still walks that index (pgsim.knn.statements)
-    params.update(bit_table=table_identifier(target.table).as_string(conn), bit_column=target.column)
+    # what a walk of a bit or prefix index checks it still walks that index (pgsim.knn.statements)
+    params.update(reranked_table=table_identifier(target.table).as_string(conn), reranked_column=target.column)
     if registration is not None:
         params.update(
             g_schema=registration.schema,

@@ -117,15 +117,15 @@ def hybrid_search(
         params.update(n=candidates, k=k, text=query, config=text.config, min_score=min_score)
         params.update(_fusion_params(fusion, rrf_k))
         condition = filter_sql(where)
-        exact, hnsw, bit = (_fused(target, text, condition, columns, path).as_bytes(conn) for path in PATHS)
-        vectors_only, bit_only = (
+        exact, hnsw, reranked = (_fused(target, text, condition, columns, path).as_bytes(conn) for path in PATHS)
+        vectors_only, reranked_only = (
             search_statement(target, condition, ROW_IDENTITY, path, limit="n").as_bytes(conn) for path in PATHS[1:]
         )
         with clear_errors(), conn.cursor(row_factory=dict_row) as cur:
             chosen = run_plan(conn, plan_params(conn, target, candidates, condition, tuning), apply=False)
             chosen = with_candidates(conn, chosen, target, candidates)
-            chosen = checked_plan(conn, chosen, walk_statement(chosen, vectors_only, bit_only, params), params)
-            walk = walk_statement(chosen, hnsw, bit, params)
+            chosen = checked_plan(conn, chosen, walk_statement(chosen, vectors_only, reranked_only, params), params)
+            walk = walk_statement(chosen, hnsw, reranked, params)
             rows = [] if chosen.path == "exact" else under_hnsw_settings(conn, cur, chosen, walk, params)
             if chosen.path == "hnsw" and rows and rows[0][CANDIDATES] < candidates:
                 chosen = replace(chosen, fell_back=True)  # too few nearest rows: the exact list instead

@@ -35,7 +35,7 @@ from sqlalchemy.sql.elements import quoted_name
 
 from pgsim.columns.adding import DEFAULT_HNSW
 from pgsim.columns.chunking.settings import Chunks, checked_chunks
-from pgsim.columns.registry import DTYPES
+from pgsim.columns.registry import DTYPES, checked_prefix
 from pgsim.db.hnsw import DEFAULT_EF_CONSTRUCTION, DEFAULT_M, HNSW
 from pgsim.db.names import derived_name
 from pgsim.encoding.models import DEFAULT_MODEL, model_dimension
@@ -59,6 +59,13 @@ class EmbeddingSpec:
     index: HNSW | None
     sync: str
     chunks: Chunks | None = None  # the documents are also kept as chunks (pgsim.chunking)
+    prefix: int | None = None  # prefix storage: the index holds each vector's first ``prefix`` values
+
+    @property
+    def indexes_an_expression(self) -> bool:
+        """Bit or prefix storage: the index is over an expression of the column (binary_quantize, subvector),
+        which the models do not declare and pgsim.add_embedding builds itself."""
+        return self.dtype == "bit" or self.prefix is not None
 
     @property
     def source_sql(self) -> Any:
@@ -74,17 +81,20 @@ def embedding_column(
     sync: str = "flush",
     dimension: int | None = None,
     chunks: Chunks | None = None,
+    prefix: int | None = None,
 ) -> MappedColumn[Any]:
     """A nullable embedding column filled from ``source`` (a column name, several, or with
     ``sync="worker"`` an SQL expression over the table's columns) by ``model``; ``chunks``
-    (:class:`pgsim.Chunks`) also keeps each document's text as chunks, which searches rank documents by."""
+    (:class:`pgsim.Chunks`) also keeps each document's text as chunks, which searches rank documents by;
+    ``prefix`` (prefix storage, for a Matryoshka-trained model) indexes each vector's first ``prefix`` values."""
     checked_chunks(chunks)
     if sync not in SYNC_MODES:
         raise InvalidInput(f"sync must be one of {', '.join(SYNC_MODES)}; got {sync!r}.")
     if dtype not in DTYPES:
         raise InvalidInput(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}.")
-    if dtype == "bit" and chunks is not None:
-        raise InvalidInput("dtype='bit' does not take chunks yet: chunk a vector or halfvec column.")
+    if (dtype == "bit" or prefix is not None) and chunks is not None:
+        storage = "dtype='bit'" if dtype == "bit" else "prefix storage"
+        raise InvalidInput(f"{storage} does not take chunks yet: chunk a vector or halfvec column.")
     names = (source,) if isinstance(source, str) else tuple(source)
     if not names or not all(isinstance(name, str) and name for name in names):
         raise InvalidInput(f"source must name the column(s) holding the text; got {source!r}.")
@@ -94,7 +104,6 @@ def embedding_column(
             f"source {names[0]!r} is an SQL expression, which only the database can evaluate: use sync='worker', "
             "or name the columns that hold the text."
         )
-    spec = EmbeddingSpec(names[0] if expression else names, model, dtype, index, sync, chunks)
     if dimension is not None:
         known = _local_model_dimension(model)
         if known is not None and known != dimension:
@@ -103,6 +112,8 @@ def embedding_column(
                 "(it is read from the model), or name the model that makes them."
             )
     size = dimension or model_dimension(model)  # an unknown model fails here, when the class is defined
+    prefix = checked_prefix(prefix, model, size, dtype)
+    spec = EmbeddingSpec(names[0] if expression else names, model, dtype, index, sync, chunks, prefix)
     kind = HalfEmbedding if dtype == "halfvec" else Embedding  # bit keeps full vectors; its index is binary
     mapped = mapped_column(kind(size, model), nullable=True, info={"pgsim": spec})
     event.listen(mapped.column, "after_parent_attach", _attached)
@@ -194,10 +205,10 @@ def register_embeddings(connection: Any, tables: Sequence[Table]) -> None:
     for table, column, spec in pending:
         name = f"{table.schema or _search_schema(raw)}.{table.name}"
         if get_registration(raw, name, column.name) is None:
-            index_name, index = _declared_hnsw(table, column) if spec.dtype != "bit" else (None, spec.index)
+            index_name, index = (None, spec.index) if spec.indexes_an_expression else _declared_hnsw(table, column)
             add_embedding(raw, name, column.name, source=spec.source_sql, model=spec.model, dtype=spec.dtype,
                           index=index, index_name=index_name, queue_existing=spec.sync == "worker",
-                          chunks=spec.chunks)  # fmt: skip
+                          chunks=spec.chunks, prefix=spec.prefix)  # fmt: skip
 
 
 def _declared_hnsw(table: Table, column: Column[Any]) -> tuple[str | None, HNSW | None]:
@@ -241,9 +252,9 @@ def _attached(column: Column[Any], table: Any) -> None:
     if not isinstance(table, Table):
         return
     spec: EmbeddingSpec = column.info["pgsim"]
-    # a bit column's index is over an expression (binary_quantize), which pgsim.add_embedding builds itself
-    declared = spec.dtype != "bit" and any(column in index.columns.values() for index in table.indexes)
-    if spec.index is not None and spec.dtype != "bit" and not declared:
+    expression = spec.indexes_an_expression  # its index is pgsim.add_embedding's to build
+    declared = not expression and any(column in index.columns.values() for index in table.indexes)
+    if spec.index is not None and not expression and not declared:
         default = hnsw_index(column, m=spec.index.m, ef_construction=spec.index.ef_construction)
         default.info[DEFAULT_INDEX] = True
     if not event.contains(table, "after_create", _after_create):

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgvector.sqlalchemy import VECTOR
-from sqlalchemy import Float, Select, Table, and_, cast, func, inspect, literal, select, text, tuple_
+from sqlalchemy import Float, Select, Table, and_, cast, func, inspect, literal, literal_column, select, text, tuple_
 from sqlalchemy.dialects.postgresql import BIT
 from sqlalchemy.exc import CompileError, DBAPIError
 from sqlalchemy.orm import ORMExecuteState
@@ -45,20 +45,22 @@ from pgsim.sqlalchemy.types import NEAREST
 log = logging.getLogger(__name__)
 
 PLAN = text(
-    "SELECT p.path, p.ef_search, p.max_scan_tuples, p.index_name = pgsim.bit_index(CAST(:table AS regclass), :column) "
+    "SELECT p.path, p.ef_search, p.max_scan_tuples, "
+    "p.index_name = pgsim.reranked_index(CAST(:table AS regclass), :column), "
+    "pgsim.index_prefix(CAST(:table AS regclass), :column) "
     "FROM pgsim.knn_plan(CAST(:table AS regclass), :column, :k, :filter, :exact_below_rows, :hnsw_ef_search, "
     ":min_hnsw_selectivity) AS p"
 )
 # pgvector's defaults, for a session where its settings were never read (the library not yet loaded)
 DEFAULTS = {"iterative_scan": "off", "ef_search": "40", "max_scan_tuples": "20000", "sort": "on"}
-# a bit walk runs with sorting off: a sort by Hamming distance in place of the index walk would re-rank
-# approximate candidates (a sort by cosine distance, on other indexes, is exact)
+# a bit or prefix walk runs with sorting off: a sort by Hamming or prefix distance in place of the index walk
+# would re-rank approximate candidates (a sort by cosine distance, on other indexes, is exact)
 SWAP = text(
     "SELECT current_setting('hnsw.iterative_scan', true), current_setting('hnsw.ef_search', true), "
     "current_setting('hnsw.max_scan_tuples', true), current_setting('enable_sort'), "
     "set_config('hnsw.iterative_scan', 'strict_order', :local), set_config('hnsw.ef_search', :ef_search, :local), "
     "set_config('hnsw.max_scan_tuples', :max_scan_tuples, :local), "
-    "set_config('enable_sort', CASE WHEN :bits THEN 'off' ELSE current_setting('enable_sort') END, :local)"
+    "set_config('enable_sort', CASE WHEN :reranked THEN 'off' ELSE current_setting('enable_sort') END, :local)"
 )
 RESTORE = text(
     "SELECT set_config('hnsw.iterative_scan', :iterative_scan, :local), "
@@ -109,10 +111,10 @@ def filtered_knn(state: ORMExecuteState) -> Any:
         return state.invoke_statement(statement=exact)
     local = local_transaction(connection)  # else set, and set back, for the session
     swap = {"ef_search": str(plan.ef_search), "max_scan_tuples": str(plan.max_scan_tuples), "local": local,
-            "bits": plan.candidates is not None}  # fmt: skip
+            "reranked": plan.candidates is not None}  # fmt: skip
     saved = connection.execute(SWAP, swap).one()
     restore = {key: value or DEFAULTS[key] for key, value in zip(DEFAULTS, saved[:4], strict=True)}
-    walked = statement if plan.candidates is None else _with_candidates(statement, column, nearest, plan.candidates)
+    walked = statement if plan.candidates is None else _with_candidates(statement, column, nearest, plan)
     try:
         result = state.invoke_statement(statement=walked)
         criteria = _executed_criteria(result)
@@ -158,27 +160,37 @@ class _Plan:
     ef_search: int
     max_scan_tuples: int
     criteria: int  # how many WHERE conditions the compiled statement had (the ORM's own included)
-    candidates: int | None = None  # on a bit index (binary-quantised storage): the walk's, re-ranked
+    candidates: int | None = None  # on a bit or prefix index (bit or prefix storage): the walk's, re-ranked
+    prefix: int | None = None  # prefix storage: the length of the vectors' prefix the index holds
 
 
-def _with_candidates(statement: Select[Any], column: Any, nearest: Any, candidates: int) -> Select[Any]:
-    """Binary-quantised storage: ``statement`` kept to the ``candidates`` rows that pass its filter nearest by
-    Hamming distance over the bit index (``binary_quantize(column)::bit(n)``), which its own ORDER BY then
-    re-ranks by cosine distance on the full vectors (pgsim.knn does the same)."""
+def _with_candidates(statement: Select[Any], column: Any, nearest: Any, plan: _Plan) -> Select[Any]:
+    """Bit or prefix storage: ``statement`` kept to the ``plan.candidates`` rows that pass its filter nearest
+    by the compressed index's distance (Hamming over ``binary_quantize(column)::bit(n)``, or cosine over
+    ``subvector(column, 1, prefix)::vector(prefix)``), which its own ORDER BY then re-ranks by cosine
+    distance on the full vectors (pgsim.knn does the same)."""
     table = column.table._deannotate()
-    dimension = column.type.dim
+    dimension, prefix = column.type.dim, plan.prefix
+    query = cast(nearest.right, VECTOR(dimension))
+    if prefix is None:
 
-    def bits(value: Any) -> Any:
-        return cast(func.binary_quantize(value), BIT(dimension))
+        def bits(value: Any) -> Any:
+            return cast(func.binary_quantize(value), BIT(dimension))
 
-    hamming = bits(column).op("<~>", return_type=Float)(bits(cast(nearest.right, VECTOR(dimension))))
+        distance = bits(column).op("<~>", return_type=Float)(bits(query))
+    else:
+
+        def head(value: Any) -> Any:  # constants, as the index's expression has them (prefix is an int)
+            return cast(func.subvector(value, literal_column("1"), literal_column(str(int(prefix)))), VECTOR(prefix))
+
+        distance = head(column).op("<=>", return_type=Float)(head(query))
     keys = list(table.primary_key.columns)
     walk = (
         select(*keys)
         .where(*statement._where_criteria)
         .where(column.is_not(None))
-        .order_by(hamming)
-        .limit(candidates)
+        .order_by(distance)
+        .limit(plan.candidates)
         .correlate(None)  # its own scan of the table, not the outer statement's row
     )
     return statement.where((keys[0] if len(keys) == 1 else tuple_(*keys)).in_(walk))
@@ -309,7 +321,7 @@ def _plan(connection: Any, column: Any, k: int, statement: Select[Any], tuning: 
             log.warning("pgsim.knn_plan could not plan the filter %r (%s): this query scans exactly", condition, reason)
         return None
     candidates = max(k, row[1]) if row[0] == "hnsw" and row[3] else None
-    return _Plan(str(row[0]), row[1], row[2], criteria, candidates)
+    return _Plan(str(row[0]), row[1], row[2], criteria, candidates, row[4] if candidates is not None else None)
 
 
 def _filter(connection: Any, column: Any, statement: Select[Any]) -> tuple[str | None, int] | None:

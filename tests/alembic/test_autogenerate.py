@@ -375,3 +375,28 @@ def test_a_bit_embedding_migrates_with_its_binary_index(server_dsn: str, tmp_pat
         assert_nothing_to_generate(config, directory)
         command.downgrade(config, "base")
         assert query(dsn, "SELECT to_regclass('ag_docs')") == [(None,)]
+
+
+def test_a_prefix_embedding_migrates_with_its_prefix_index(server_dsn: str, tmp_path: Path) -> None:
+    """prefix=64 with a Matryoshka-trained model: the revision adds a vector(256) column and create_embedding
+    builds the cosine index over its first 64 values (online, and in the offline SQL); autogenerate then finds
+    nothing to change, and the downgrade removes it."""
+    with scratch_database(server_dsn, "alembic_prefix") as dsn:
+        options = ', model="wordllama-l2-supercat", prefix=64'
+        directory, config = app(tmp_path, dsn, DOC + EMBEDDING.format(options=options))
+        revision = generate(config, directory, "docs")
+        assert "prefix=64" in upgrade_section(revision) and "model='wordllama-l2-supercat'" in revision
+        offline = io.StringIO()
+        config.output_buffer = offline
+        command.upgrade(config, "head", sql=True)
+        assert 'USING hnsw ((subvector("embedding", 1, 64)::vector(64)) vector_cosine_ops)' in offline.getvalue()
+        assert "prefix => 64" in offline.getvalue()
+        config.output_buffer = None
+        command.upgrade(config, "head")
+        assert column_type(dsn, "ag_docs", "embedding") == [("vector(256)",)]
+        assert query(dsn, "SELECT prefix, pgsim.prefix_index('ag_docs', 'embedding') FROM pgsim.embedding") == [
+            (64, "ag_docs_embedding_hnsw")
+        ]
+        assert_nothing_to_generate(config, directory)
+        command.downgrade(config, "base")
+        assert query(dsn, "SELECT to_regclass('ag_docs')") == [(None,)]

@@ -141,6 +141,29 @@ def test_add_embedding_with_bit_storage_and_search_from_the_shell(database: str)
     assert pgsim("remove-embedding", "bit_notes", "embedding", dsn=database).returncode == 0
 
 
+def test_add_embedding_with_prefix_storage_and_search_from_the_shell(database: str) -> None:
+    """--prefix 64 with a Matryoshka-trained model: full vectors in the column, an index of their first 64
+    values; a prefix the model was not trained for is one line that says which it was."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE prefix_notes (id int PRIMARY KEY, body text)")
+        conn.execute("INSERT INTO prefix_notes VALUES (1, 'bake sourdough bread'), (2, 'configure a firewall')")
+    command = ("add-embedding", "prefix_notes", "embedding", "--source", "body", "--model", "wordllama-l2-supercat")
+    refused = pgsim(*command, "--prefix", "100", dsn=database)
+    assert refused.returncode == 2 and "was trained for prefixes of 64, 128 dimensions" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    added = pgsim(*command, "--prefix", "64", dsn=database)
+    assert added.returncode == 0, added.stderr
+    assert "vector(256) with an index of their first 64 values of" in added.stdout, added.stdout
+    assert pgsim("backfill", "prefix_notes", dsn=database).returncode == 0
+    found = pgsim("search", "baking bread", "--table", "prefix_notes", "-k", "1", dsn=database)
+    assert found.returncode == 0 and "sourdough" in found.stdout, found.stderr
+    with psycopg.connect(database) as conn:
+        assert conn.execute("SELECT pgsim.prefix_index('prefix_notes', 'embedding')").fetchone() == (
+            "prefix_notes_embedding_hnsw",
+        )
+    assert pgsim("remove-embedding", "prefix_notes", "embedding", dsn=database).returncode == 0
+
+
 def test_errors_are_one_line_with_what_to_do(database: str) -> None:
     bad = pgsim("search", "x", "--filter", "nosuchcolumn=1", dsn=database)
     assert bad.returncode == 2

@@ -34,6 +34,7 @@ DECLARE
     search text;
     exact_search text;
     candidates text;
+    prefix integer;
     explained json;
     hits pgsim.knn_hit[];
 BEGIN
@@ -61,21 +62,27 @@ BEGIN
         col, col, vector_schema, column_type, tbl, coalesce(nullif(filter, ''), 'true'), col,
         col, vector_schema, column_type, tbl);
     search := exact_search;
-    IF plan.path = 'hnsw' AND plan.index_name::regclass = pgsim.bit_index(tbl, col)::regclass THEN
-        -- binary-quantised storage: the walk yields $3 (ef_search) candidates by Hamming distance over the bit
-        -- index; they are re-ranked by cosine distance on the full vectors, and the k nearest kept
+    IF plan.path = 'hnsw' AND plan.index_name::regclass = pgsim.reranked_index(tbl, col)::regclass THEN
+        -- binary-quantised or prefix storage: the walk yields $3 (ef_search) candidates by Hamming distance
+        -- over the bit index, or by cosine distance over the prefix index; they are re-ranked by cosine
+        -- distance on the full vectors, and the k nearest kept
+        prefix := pgsim.index_prefix(tbl, col);
         candidates := format(
             'SELECT s.tableoid AS rel, s.ctid AS id, s.%1$I OPERATOR(%2$s.<=>) $1::%3$s AS distance FROM %4$s AS s '
-            'WHERE (%5$s) AND s.%1$I IS NOT NULL ORDER BY (%2$s.binary_quantize(s.%1$I))::bit(%6$s) '
-            'OPERATOR(%2$s.<~>) (%2$s.binary_quantize($1))::bit(%6$s) LIMIT $3',
+            'WHERE (%5$s) AND s.%1$I IS NOT NULL ORDER BY %6$s LIMIT $3',
             col, vector_schema, column_type, tbl, coalesce(nullif(filter, ''), 'true'),
-            (SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = col));
+            CASE WHEN prefix IS NULL THEN format(
+                     '(%1$s.binary_quantize(s.%2$I))::bit(%3$s) OPERATOR(%1$s.<~>) (%1$s.binary_quantize($1))::bit(%3$s)',
+                     vector_schema, col, (SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = col))
+                 ELSE format(
+                     '(%1$s.subvector(s.%2$I, 1, %3$s))::%1$s.vector(%3$s) OPERATOR(%1$s.<=>) '
+                     '(%1$s.subvector($1, 1, %3$s))::%1$s.vector(%3$s)', vector_schema, col, prefix) END);
         search := format(
             'SELECT array_agg((to_jsonb(t) - %L, found.distance)::pgsim.knn_hit ORDER BY found.distance) FROM ('
             'SELECT c.rel, c.id, c.distance FROM (%s) AS c ORDER BY c.distance LIMIT $2) AS found '
             'JOIN %s AS t ON t.tableoid = found.rel AND t.ctid = found.id',
             col, candidates, tbl);
-        -- a sort by Hamming distance in place of the walk would re-rank approximate candidates
+        -- a sort by Hamming or prefix distance in place of the walk would re-rank approximate candidates
         PERFORM set_config('enable_sort', 'off', true);
     END IF;
     IF plan.path = 'hnsw' THEN
@@ -87,7 +94,7 @@ BEGIN
         END LOOP;
         -- EXPLAIN names the index by its bare name, unquoted: compare with pg_class's (on a partitioned table,
         -- the planned index's partitions, one per partition, scan)
-        -- (a bit walk's candidates ordered without the index, by a sort, are not exact either)
+        -- (a bit or prefix walk's candidates ordered without the index, by a sort, are not exact either)
         IF (position('"Order By"' IN explained::text) > 0 OR search <> exact_search)
            AND NOT EXISTS (SELECT FROM pg_class c
                            WHERE (c.oid = plan.index_name::regclass

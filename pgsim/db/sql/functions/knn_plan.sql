@@ -39,7 +39,7 @@ DECLARE
     visits double precision;
     total_rows double precision;
     calibrated record;
-    bits boolean := false;
+    reranked boolean := false;
     vector_schema text := (SELECT pg_catalog.quote_ident(n.nspname) FROM pg_catalog.pg_extension e
                            JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace WHERE e.extname = 'vector');
 BEGIN
@@ -71,8 +71,8 @@ BEGIN
     WHERE i.indrelid = tbl::pg_catalog.oid AND am.amname = 'hnsw'::pg_catalog.name AND i.indkey[0] = attnum
       AND i.indisvalid AND oc.opcname LIKE '%cosine%'::pg_catalog.text;
     IF full_name IS NULL AND partial_names IS NULL THEN
-        full_name := pgsim.bit_index(tbl, col);  -- binary-quantised storage: candidates re-ranked exactly
-        bits := full_name IS NOT NULL;
+        full_name := pgsim.reranked_index(tbl, col);  -- bit or prefix storage: candidates re-ranked exactly
+        reranked := full_name IS NOT NULL;
     END IF;
     result.index_name := full_name;
     IF partial_names IS NOT NULL THEN
@@ -161,10 +161,10 @@ BEGIN
         visits := k::double precision / result.selectivity;
         result.path := 'hnsw';
         result.expected_recall := NULL;  -- not measured
-        -- on a bit index the walk's ef_search candidates are re-ranked: at the same ef_search they recall less
-        -- than a cosine index's walk, and twice as many about as much (bench/scale.py)
+        -- on a bit or prefix index the walk's ef_search candidates are re-ranked: at the same ef_search they
+        -- recall less than a full cosine index's walk, and twice as many about as much (bench/scale.py)
         result.ef_search := least(greatest(pgsim.index_ef_search(result.index_name::regclass, hnsw_ef_search)
-                                           * CASE WHEN bits THEN 2 ELSE 1 END, 2 * k), 1000);
+                                           * CASE WHEN reranked THEN 2 ELSE 1 END, 2 * k), 1000);
         result.max_scan_tuples := least(greatest(20000, pg_catalog.ceil(visits * 20::double precision)), 2000000000)::integer;
         result.reason := pg_catalog.format('the filter keeps %s%% of the rows %s indexes: iterative HNSW scan',
                                 pg_catalog.round((result.selectivity * 100::double precision)::numeric, 2), result.index_name);

@@ -1,7 +1,8 @@
 -- Register target.column_name as the embedding of `source` (an SQL expression over the table's columns)
 -- made by `model`: add the column as dtype(dimension) (vector(dimension) for dtype 'bit', whose index alone is
--- binary), or adopt it when it has that type; record the
--- registration with the table's primary key and the columns the source reads (given, or found from a
+-- binary), or adopt it when it has that type; record the registration (with `prefix`, for prefix storage,
+-- the length of the vectors' prefix its index holds) with the table's primary key and the columns the
+-- source reads (given, or found from a
 -- throwaway view's dependencies); create its triggers; queue the existing rows if asked. The HNSW index
 -- named index_name is recorded, not built (the caller sizes the build). Returns the registration id.
 -- It forgets the registrations of dropped tables first (pgsim.forget_dropped), so that a migration rendered
@@ -14,7 +15,8 @@ CREATE OR REPLACE FUNCTION pgsim.register_embedding(
     target regclass, column_name name, source text, model text, model_revision text, dimension integer,
     dtype text DEFAULT 'vector', index_name name DEFAULT NULL, index_m integer DEFAULT NULL,
     index_ef_construction integer DEFAULT NULL, source_columns name[] DEFAULT NULL,
-    queue_existing boolean DEFAULT false, replaces integer DEFAULT NULL, stale text DEFAULT 'keep'
+    queue_existing boolean DEFAULT false, replaces integer DEFAULT NULL, stale text DEFAULT 'keep',
+    prefix integer DEFAULT NULL
 ) RETURNS integer
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
 AS $$
@@ -75,9 +77,10 @@ BEGIN
     END IF;
     INSERT INTO pgsim.embedding (table_oid, table_schema, table_name, column_name, source, source_columns,
         key_columns, model, model_revision, dimension, dtype, index_name, index_m, index_ef_construction,
-        created_column, replaces, stale)
+        created_column, replaces, stale, prefix)
     VALUES (target, table_schema, table_name, column_name, source, source_columns, key_columns, model,
-        model_revision, dimension, dtype, index_name, index_m, index_ef_construction, created, replaces, stale)
+        model_revision, dimension, dtype, index_name, index_m, index_ef_construction, created, replaces, stale,
+        prefix)
     RETURNING id INTO registration;
     PERFORM pgsim.create_triggers(registration);
     IF queue_existing THEN

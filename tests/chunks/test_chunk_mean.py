@@ -515,8 +515,13 @@ def test_a_long_document_edited_at_its_end_encodes_only_its_last_chunks(
     plain: psycopg.Connection[Any], roles: Roles, encoder: Encoder
 ) -> None:
     admin = plain
-    sentences = [f"Sentence number {i} talks about topic {i % 17} and item {i * 7 % 101}." for i in range(2000)]
-    text = " ".join(sentences)  # past MAX_CHARS (100,000), distinct sentences
+    # past MAX_CHARS (100,000), distinct sentences, in long words: about 14,000 word pieces where sentences of
+    # short words took 23,000 for as many characters, and the chunks to encode with them
+    sentences = [
+        f"Sentence {i} concerns internationalization, telecommunications, responsibilities and understanding."
+        for i in range(1100)
+    ]
+    text = " ".join(sentences)
     assert len(text) > 100_000
     insert_rows(admin, roles, {1: text})
     first = sync_as_worker(admin, roles, "docs")

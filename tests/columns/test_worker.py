@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import psycopg
 import pytest
 from fixtures.database import installed_without_registrations, packages_table
+from fixtures.forks import PGSIM_CLI, ForkServer
 
 from pgsim.columns.adding import add_embedding
 from pgsim.columns.batches import SyncReport
@@ -30,6 +31,19 @@ from pgsim.psycopg import register
 
 SOURCE = "concat_ws(E'\\n\\n', synopsis, nullif(description, ''))"  # = Package.text
 ROWS = 120
+# Two fork servers, one per ``pgsim worker`` process that runs at the same time as the other: each child
+# starts as ``python -m pgsim.cli`` does but without seconds of CPU importing torch (:mod:`fixtures.forks`),
+# imported once per server for the module's tests instead of once per worker process.
+WORKER_FORKS = tuple(
+    ForkServer(("torch", "sentence_transformers", "tqdm", "psycopg", "pgsim", "pgsim.cli.main")) for _ in range(2)
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _stop_forks() -> Iterator[None]:
+    yield
+    for forks in WORKER_FORKS:
+        forks.stop()
 
 
 @pytest.fixture
@@ -287,6 +301,14 @@ def worker_command(database: str, *arguments: str) -> list[str]:
     return [sys.executable, "-m", "pgsim.cli", "--dsn", database, "worker", *arguments]
 
 
+def forked_children(forks: ForkServer) -> list[int]:
+    """The pids of the processes ``forks``'s server is running now (Linux's /proc); none before it started."""
+    if forks.process is None:
+        return []
+    tasks = Path(f"/proc/{forks.process.pid}/task")
+    return [int(pid) for task in tasks.iterdir() for pid in (task / "children").read_text().split()]
+
+
 @pytest.mark.parametrize("route", ["one DSN", "own DSNs"])
 def test_two_worker_processes_share_the_queue_without_encoding_a_row_twice(
     pkgs: Any, database: str, route: str, request: pytest.FixtureRequest
@@ -295,14 +317,19 @@ def test_two_worker_processes_share_the_queue_without_encoding_a_row_twice(
     each with its own (the Unix socket, and TCP through PgBouncer in transaction pooling)."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
     dsns = [database, database if route == "one DSN" else request.getfixturevalue("pgbouncer_dsn")]
-    workers = [
-        subprocess.Popen(
-            worker_command(dsn, "--once", "--batch-size", "8"), stdout=subprocess.PIPE, text=True, env=environment
-        )
-        for dsn in dsns
-    ]
-    outputs = [worker.communicate(timeout=300)[0] for worker in workers]
-    assert all(worker.returncode == 0 for worker in workers), outputs
+    done: dict[int, tuple[int, str, str]] = {}
+
+    def run_worker(number: int, dsn: str) -> None:  # a process of its own, forked from a preloaded one
+        argv = worker_command(dsn, "--once", "--batch-size", "8")[3:]  # what follows `python -m pgsim.cli`
+        done[number] = WORKER_FORKS[number].run(PGSIM_CLI, environment, timeout=300, argv=argv)
+
+    workers = [threading.Thread(target=run_worker, args=(number, dsn)) for number, dsn in enumerate(dsns)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    outputs = [done[number][1] for number in range(len(dsns))]
+    assert len(done) == 2 and all(status == 0 for status, _, _ in done.values()), done
     embedded = [int(output.strip().splitlines()[-1].split(" rows embedded")[0]) for output in outputs]
     assert sum(embedded) == ROWS, outputs  # each queued row encoded by exactly one worker
     assert queued(pkgs) == 0 and all(vector is not None for vector in stored(pkgs).values())
@@ -311,19 +338,22 @@ def test_two_worker_processes_share_the_queue_without_encoding_a_row_twice(
 def test_a_worker_killed_mid_batch_loses_nothing(
     pkgs: Any, database: str, packages: list[Package], package_vectors: Any
 ) -> None:
-    worker = subprocess.Popen(
-        worker_command(database, "--batch-size", "40"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
+    forks, ended = WORKER_FORKS[0], []
+    argv = worker_command(database, "--batch-size", "40")[3:]  # what follows `python -m pgsim.cli`
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    worker = threading.Thread(target=lambda: ended.append(forks.run(PGSIM_CLI, environment, timeout=300, argv=argv)))
+    worker.start()  # a `pgsim worker` process of its own, forked from a preloaded one
     try:
         wait_for(lambda: encoding_backend(pkgs, WORKER_APPLICATION_NAME) is not None, timeout=120)
         done_before_kill = ROWS - queued(pkgs)
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(timeout=30)
+        (child,) = forked_children(forks)
+        os.kill(child, signal.SIGKILL)
+        worker.join(timeout=30)
     finally:
-        worker.kill()
+        for child in forked_children(forks):
+            os.kill(child, signal.SIGKILL)
+        worker.join(timeout=30)
+    assert ended and ended[0][0] == -signal.SIGKILL  # the worker process died of the SIGKILL
     wait_for(lambda: encoding_backend(pkgs, WORKER_APPLICATION_NAME) is None)  # the server saw it go
     assert queued(pkgs) == ROWS - done_before_kill  # the batch in flight is still queued
     assert sum(vector is not None for vector in stored(pkgs).values()) == done_before_kill

@@ -113,8 +113,8 @@ def search_statement(
         # the search scans exactly (a constant condition, evaluated once)
         condition = sql.SQL(
             "pgsim.reranked_index(%(reranked_table)s::pg_catalog.regclass, %(reranked_column)s::pg_catalog.name) "
-            "OPERATOR(pg_catalog.=) %(reranked_index)s::pg_catalog.text AND {}"
-        ).format(condition)
+            "OPERATOR(pg_catalog.=) %(reranked_index)s::pg_catalog.text AND {}{}"
+        ).format(walkable_query(target, query), condition)
     nearest = sql.SQL(
         "SELECT {selected}, {col} <=> {q} AS {distance} FROM {table} WHERE {condition} ORDER BY {order} LIMIT {limit}"
     ).format(
@@ -132,6 +132,14 @@ def search_statement(
     return sql.SQL("WITH relaxed AS MATERIALIZED ({}) SELECT * FROM relaxed ORDER BY {} LIMIT {}").format(
         nearest, sql.Identifier(DISTANCE), sql.Placeholder(limit)
     )
+
+
+def walkable_query(target: VectorColumn, query: sql.Composable) -> sql.Composable:
+    """On prefix storage, a condition that the query's prefix has a direction: a query whose first values are
+    all zero has no cosine distance to any row's prefix, so its walk walks nothing and the exact scan follows."""
+    if target.prefix is None:
+        return sql.SQL("")
+    return sql.SQL("vector_norm(subvector({}, 1, {})) > 0 AND ").format(query, sql.Literal(target.prefix))
 
 
 def compressed_order(target: VectorColumn, column: sql.Composable, query: sql.Composable) -> sql.Composed:

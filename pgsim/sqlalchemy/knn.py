@@ -29,12 +29,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgvector.sqlalchemy import VECTOR
-from sqlalchemy import Float, Select, Table, and_, cast, func, inspect, literal, literal_column, select, text, tuple_
+from sqlalchemy import (
+    Float,
+    Select,
+    Table,
+    and_,
+    cast,
+    func,
+    inspect,
+    literal,
+    literal_column,
+    select,
+    text,
+    true,
+    tuple_,
+)
 from sqlalchemy.dialects.postgresql import BIT
 from sqlalchemy.exc import CompileError, DBAPIError
 from sqlalchemy.orm import ORMExecuteState
 from sqlalchemy.orm.util import LoaderCriteriaOption
-from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.elements import BindParameter, ColumnElement
 from sqlalchemy.sql.util import find_tables
 
 from pgsim.errors import InvalidInput
@@ -172,6 +186,7 @@ def _with_candidates(statement: Select[Any], column: Any, nearest: Any, plan: _P
     table = column.table._deannotate()
     dimension, prefix = column.type.dim, plan.prefix
     query = cast(nearest.right, VECTOR(dimension))
+    walkable: ColumnElement[bool] = true()
     if prefix is None:
 
         def bits(value: Any) -> Any:
@@ -184,11 +199,13 @@ def _with_candidates(statement: Select[Any], column: Any, nearest: Any, plan: _P
             return cast(func.subvector(value, literal_column("1"), literal_column(str(int(prefix)))), VECTOR(prefix))
 
         distance = head(column).op("<=>", return_type=Float)(head(query))
+        # a query whose prefix is all zero has no prefix distance: the walk yields nothing, the exact scan follows
+        walkable = func.vector_norm(head(query)) > 0
     keys = list(table.primary_key.columns)
     walk = (
         select(*keys)
         .where(*statement._where_criteria)
-        .where(column.is_not(None))
+        .where(column.is_not(None), walkable)
         .order_by(distance)
         .limit(plan.candidates)
         .correlate(None)  # its own scan of the table, not the outer statement's row

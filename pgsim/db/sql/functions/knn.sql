@@ -69,14 +69,17 @@ BEGIN
         prefix := pgsim.index_prefix(tbl, col);
         candidates := format(
             'SELECT s.tableoid AS rel, s.ctid AS id, s.%1$I OPERATOR(%2$s.<=>) $1::%3$s AS distance FROM %4$s AS s '
-            'WHERE (%5$s) AND s.%1$I IS NOT NULL ORDER BY %6$s LIMIT $3',
+            'WHERE (%5$s) AND s.%1$I IS NOT NULL %7$s ORDER BY %6$s LIMIT $3',
             col, vector_schema, column_type, tbl, coalesce(nullif(filter, ''), 'true'),
             CASE WHEN prefix IS NULL THEN format(
                      '(%1$s.binary_quantize(s.%2$I))::bit(%3$s) OPERATOR(%1$s.<~>) (%1$s.binary_quantize($1))::bit(%3$s)',
                      vector_schema, col, (SELECT a.atttypmod FROM pg_attribute a WHERE a.attrelid = tbl AND a.attname = col))
                  ELSE format(
                      '(%1$s.subvector(s.%2$I, 1, %3$s))::%1$s.vector(%3$s) OPERATOR(%1$s.<=>) '
-                     '(%1$s.subvector($1, 1, %3$s))::%1$s.vector(%3$s)', vector_schema, col, prefix) END);
+                     '(%1$s.subvector($1, 1, %3$s))::%1$s.vector(%3$s)', vector_schema, col, prefix) END,
+            -- a query whose prefix is all zero has no prefix distance: the walk yields nothing, the exact scan follows
+            CASE WHEN prefix IS NOT NULL THEN format('AND %1$s.vector_norm(%1$s.subvector($1, 1, %2$s)) > 0',
+                                                     vector_schema, prefix) ELSE '' END);
         search := format(
             'SELECT array_agg((to_jsonb(t) - %L, found.distance)::pgsim.knn_hit ORDER BY found.distance) FROM ('
             'SELECT c.rel, c.id, c.distance FROM (%s) AS c ORDER BY c.distance LIMIT $2) AS found '

@@ -70,8 +70,10 @@ BEGIN
     JOIN pg_catalog.pg_opclass oc ON oc.oid = i.indclass[0]
     WHERE i.indrelid = tbl::pg_catalog.oid AND am.amname = 'hnsw'::pg_catalog.name AND i.indkey[0] = attnum
       AND i.indisvalid AND oc.opcname LIKE '%cosine%'::pg_catalog.text;
-    IF full_name IS NULL AND partial_names IS NULL THEN
-        full_name := pgsim.reranked_index(tbl, col);  -- bit or prefix storage: candidates re-ranked exactly
+    IF full_name IS NULL THEN
+        -- bit or prefix storage: candidates re-ranked exactly (a partial cosine index, if the planner takes it
+        -- for this filter below, is walked instead)
+        full_name := pgsim.reranked_index(tbl, col);
         reranked := full_name IS NOT NULL;
     END IF;
     result.index_name := full_name;
@@ -100,6 +102,7 @@ BEGIN
         FOREACH candidate IN ARRAY partial_names LOOP
             IF position(('"Index Name": ' || pg_catalog.to_json(pg_catalog.split_part(candidate, '.', -1))::text) IN plan::text) > 0 THEN
                 result.index_name := candidate;
+                reranked := false;
                 SELECT pg_catalog.pg_get_expr(i.indpred, i.indrelid) INTO predicate FROM pg_catalog.pg_index i
                 WHERE i.indexrelid = candidate::pg_catalog.regclass::pg_catalog.oid;
                 EXIT;
@@ -162,9 +165,11 @@ BEGIN
         result.path := 'hnsw';
         result.expected_recall := NULL;  -- not measured
         -- on a bit or prefix index the walk's ef_search candidates are re-ranked: at the same ef_search they
-        -- recall less than a full cosine index's walk, and twice as many about as much (bench/scale.py)
+        -- recall less than a full cosine index's walk, and twice as many about as much (bench/scale.py); for a
+        -- large k, four candidates per row kept (two recalled about three in four, tests/knn)
         result.ef_search := least(greatest(pgsim.index_ef_search(result.index_name::regclass, hnsw_ef_search)
-                                           * CASE WHEN reranked THEN 2 ELSE 1 END, 2 * k), 1000);
+                                           * CASE WHEN reranked THEN 2 ELSE 1 END,
+                                           CASE WHEN reranked THEN 4 ELSE 2 END * k), 1000);
         result.max_scan_tuples := least(greatest(20000, pg_catalog.ceil(visits * 20::double precision)), 2000000000)::integer;
         result.reason := pg_catalog.format('the filter keeps %s%% of the rows %s indexes: iterative HNSW scan',
                                 pg_catalog.round((result.selectivity * 100::double precision)::numeric, 2), result.index_name);

@@ -16,67 +16,32 @@ import numpy as np
 import psycopg
 import pytest
 from fixtures.roles import Roles, acting
+from prefix_items import MODEL, PREFIX, Item, prefix_items
 from psycopg import sql
-from sqlalchemy import String, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from pgsim.columns.adding import add_embedding
-from pgsim.columns.grants import grant
 from pgsim.columns.model_change import change_embedding, change_model
 from pgsim.demo.corpus import Package
-from pgsim.encoding.encoder import Encoder
 from pgsim.errors import InvalidInput
 from pgsim.knn.caches import forget_plans
 from pgsim.knn.filtered import search_with_plan
 from pgsim.knn.planner import Tuning
 from pgsim.psycopg import register
-from pgsim.sqlalchemy import embedding_column
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "chunks"))
-from chunked_docs import engine_as, owned_database  # noqa: E402
+from chunked_docs import engine_as  # noqa: E402
 
-MODEL = "wordllama-l2-supercat"
-PREFIX = 64
 K = 10
-COPIES = 6
 WALK = Tuning(exact_below_rows=0, min_hnsw_selectivity=0, hnsw_ef_search=40)
 EXACT = Tuning(exact_below_rows=1e12)
 
 
 @pytest.fixture(scope="module")
 def table(server_dsn: str, roles: Roles, packages: list[Package]) -> Iterator[tuple[str, np.ndarray]]:
-    """As tests/knn/test_prefix_storage.py's: ``items`` with 2,400 rows and a 64-value prefix index."""
-    encoded = np.asarray(Encoder(MODEL).encode([p.text for p in packages]), dtype=np.float32)
-    rng = np.random.default_rng(5)
-    vectors = np.concatenate([encoded] * COPIES)
-    vectors[len(encoded) :] += rng.normal(0, 0.3 / np.sqrt(256), vectors[len(encoded) :].shape)
-    vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
-    with owned_database(server_dsn, roles, "prefix_attacks") as dsn, psycopg.connect(dsn, autocommit=True) as admin:
-        register(admin)
-        with acting(admin, roles.owner):
-            admin.execute("CREATE TABLE items (id int PRIMARY KEY, section text, body text)")
-            add_embedding(admin, "items", "embedding", source="body", model=MODEL, prefix=PREFIX, queue_existing=False)
-            with admin.cursor() as cur, cur.copy("COPY items (id, section, body, embedding) FROM STDIN") as copy:
-                for i, vector in enumerate(vectors):
-                    package = packages[i % len(packages)]
-                    copy.write_row((i, package.section, f"{package.text} (copy {i})", vector))
-            admin.execute("DELETE FROM pgsim.queue")
-            admin.execute("ANALYZE items")
-            grant(admin, "worker", roles.worker, tables=["items"])
-            grant(admin, "search", roles.app, tables=["items"])
-        yield dsn, vectors
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class Item(Base):
-    __tablename__ = "items"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    section: Mapped[str | None] = mapped_column(String, nullable=True)
-    body: Mapped[str | None] = mapped_column(String, nullable=True)
-    embedding = embedding_column(source="body", model=MODEL, prefix=PREFIX)
+    with prefix_items(server_dsn, roles, packages, "prefix_attacks") as made:
+        yield made
 
 
 def exact_nearest(vectors: np.ndarray, query: np.ndarray, keep: Any = lambda i: True, k: int = K) -> list[float]:

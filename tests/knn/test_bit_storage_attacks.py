@@ -14,6 +14,7 @@ import pytest
 from bit_items import Item, bit_items
 from fixtures.roles import Roles, acting
 from psycopg import sql
+from sql_walk import walk_knn
 
 from pgsim.columns.adding import add_embedding
 from pgsim.columns.model_change import change_embedding
@@ -67,18 +68,6 @@ def copied(conn: psycopg.Connection[Any], name: str) -> Iterator[None]:
         yield
     finally:
         conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
-
-
-def walk_knn(
-    conn: psycopg.Connection[Any], table: str, column: str, query: np.ndarray, k: int = K, where: str | None = None
-) -> list[tuple[int, float]]:
-    """pgsim.knn's (id, distance) rows under WALK's thresholds."""
-    rows = conn.execute(
-        "SELECT (r.row->>'id')::int, r.distance FROM pgsim.knn(%s, %s, %s, %s, %s, exact_below_rows => 0, "
-        "min_hnsw_selectivity => 0, hnsw_ef_search => 40) AS r",
-        [table, column, query, k, where],
-    ).fetchall()
-    return [(int(i), float(d)) for i, d in rows]
 
 
 # ---- the k-rows contract on a narrow filter forced onto the walk ----

@@ -18,6 +18,7 @@ import pytest
 from fixtures.roles import Roles, acting
 from prefix_items import MODEL, PREFIX, Item, prefix_items
 from psycopg import sql
+from sql_walk import walk_knn
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -70,17 +71,6 @@ def check_rows(
     if expected:
         found = sum(1 for d in true if d <= expected[-1] + 1e-6)
         assert found / len(expected) >= recall, (found, len(expected))
-
-
-def walk_knn(
-    conn: psycopg.Connection[Any], table: str, column: str, query: np.ndarray, k: int = K, where: str | None = None
-) -> list[tuple[int, float]]:
-    rows = conn.execute(
-        "SELECT (r.row->>'id')::int, r.distance FROM pgsim.knn(%s, %s, %s, %s, %s, exact_below_rows => 0, "
-        "min_hnsw_selectivity => 0, hnsw_ef_search => 40) AS r",
-        [table, column, query, k, where],
-    ).fetchall()
-    return [(int(i), float(d)) for i, d in rows]
 
 
 def orm_rows(dsn: str, role: str, query: np.ndarray, limit: int = K, offset: int = 0, where: Any = None) -> list:

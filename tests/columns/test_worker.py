@@ -30,7 +30,7 @@ from pgsim.errors import InvalidInput
 from pgsim.psycopg import register
 
 SOURCE = "concat_ws(E'\\n\\n', synopsis, nullif(description, ''))"  # = Package.text
-ROWS = 120
+ROWS = 60  # enough for several batches on two lanes; each test encodes them
 # Two fork servers, one per ``pgsim worker`` process that runs at the same time as the other: each child
 # starts as ``python -m pgsim.cli`` does but without seconds of CPU importing torch (:mod:`fixtures.forks`),
 # imported once per server for the module's tests instead of once per worker process.
@@ -101,7 +101,7 @@ def test_sync_embeds_every_queued_row_with_the_encoders_vector(
     pkgs: Any, packages: list[Package], package_vectors: Any
 ) -> None:
     assert queued(pkgs) == ROWS
-    report = sync(pkgs, batch_size=50)
+    report = sync(pkgs, batch_size=25)
     assert (report.embedded, report.failed, report.stale, report.batches) == (ROWS, 0, 0, 3)
     assert report.encode_seconds > report.write_seconds > 0
     assert queued(pkgs) == 0
@@ -289,10 +289,10 @@ def test_backfill_resumes_after_an_interrupt_and_encodes_each_row_once(
         if report.batches == 2:
             stop.set()
 
-    first_run = backfill(pkgs, "pkgs", batch_size=30, progress=interrupt_after_two_batches, stop=stop)
-    assert first_run.embedded == 60 and queued(pkgs) == ROWS - 60
-    second_run = backfill(pkgs, "pkgs", "embedding", batch_size=30)
-    assert second_run.embedded == ROWS - 60 and queued(pkgs) == 0
+    first_run = backfill(pkgs, "pkgs", batch_size=15, progress=interrupt_after_two_batches, stop=stop)
+    assert first_run.embedded == 30 and queued(pkgs) == ROWS - 30
+    second_run = backfill(pkgs, "pkgs", "embedding", batch_size=15)
+    assert second_run.embedded == ROWS - 30 and queued(pkgs) == 0
     assert worker_encoder.stats.encoded - encoded_before == ROWS  # interrupted work was not redone
     assert_matches_encoder(pkgs, packages[:ROWS], package_vectors[:ROWS])
 
@@ -339,7 +339,7 @@ def test_a_worker_killed_mid_batch_loses_nothing(
     pkgs: Any, database: str, packages: list[Package], package_vectors: Any
 ) -> None:
     forks, ended = WORKER_FORKS[0], []
-    argv = worker_command(database, "--batch-size", "40")[3:]  # what follows `python -m pgsim.cli`
+    argv = worker_command(database, "--batch-size", "20")[3:]  # what follows `python -m pgsim.cli`
     environment = {**os.environ, "HF_HUB_OFFLINE": "1"}
     worker = threading.Thread(target=lambda: ended.append(forks.run(PGSIM_CLI, environment, timeout=300, argv=argv)))
     worker.start()  # a `pgsim worker` process of its own, forked from a preloaded one

@@ -167,14 +167,14 @@ def test_load_on_the_fastest_candidates_only_does_not_decide(
     first_runs: tuple[Path, str, str], cache: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Load that falls on some candidates' passes only, as when a first run overlaps other work that comes and
-    goes: two spinning processes per core run only while the quiet winner (and those tied with it) are timed.
+    goes: a spinning process per core runs only while the quiet winner (and those tied with it) are timed.
     A wall-clock measurement picks a float32 backend here, as the issue's first run did (torch 49, torch-bf16
     19, onnx 42, openvino 23 texts/s in one run; onnx in another); the corrected one keeps the quiet choice,
     the first run's, which timed the same texts with no load of this test's."""
     model, revision = load_model(MODEL), model_revision(MODEL)
     quiet_rates = remembered(first_runs[0])["rates"]
     loaded_passes: list[str] = []
-    with spinners(2 * (os.cpu_count() or 1)) as workers:
+    with spinners(os.cpu_count() or 1) as workers:
 
         def pause(pausing: bool) -> None:
             for worker in workers:

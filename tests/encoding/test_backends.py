@@ -59,9 +59,9 @@ def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixtu
 def float32_reference(
     packages: list[Package], tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[list[str], str, list[Any], int]:
-    """40 texts, one past the 256-token limit, float32's vectors for them and how many it counted as cut:
+    """20 texts, one past the 256-token limit, float32's vectors for them and how many it counted as cut:
     what every backend is compared with, encoded once for all of them."""
-    texts = [p.text for p in packages[:40]]
+    texts = [p.text for p in packages[:20]]
     long_text = " ".join(p.text for p in packages[:60])  # thousands of words: past the 256-token limit
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("PGSIM_CACHE_DIR", str(tmp_path_factory.mktemp("float32")))

@@ -211,6 +211,8 @@ def _rewrite_table_ops(modify: alembic_ops.ModifyTableOps, changes: _Changes) ->
         for row in changes.registered_on(schema, name)
         if (schema, name) in changes.dropped_tables or row.dtype == "bit" or row.prefix is not None
     }
+    # the index of a column whose change is planned: the change builds (a prefix change: swaps) its own
+    changed_indexes = {row.index_name for row in changes.registered_on(schema, name) if row.column_name in changed}
     # before any drop_column: a column the old source read loses the triggers that read it first
     first: list[Any] = [
         change for (s, n, _), change in changes.planned.items() if (s, n) == (schema, name) and change is not None
@@ -229,11 +231,14 @@ def _rewrite_table_ops(modify: alembic_ops.ModifyTableOps, changes: _Changes) ->
         elif isinstance(op, alembic_ops.AlterColumnOp) and op.column_name in changed and op.modify_type is not None:
             op.modify_type = None  # the switch-over gives the column its new type
             result.append(op if op.has_changes() else None)
+        elif isinstance(op, alembic_ops.CreateIndexOp) and op.index_name in changed_indexes:
+            result.append(None)
         elif isinstance(op, alembic_ops.CreateIndexOp):
             result.append(_create_hnsw(op, changes.tables, new_embeddings, changes.new_tables))
         elif isinstance(op, alembic_ops.DropIndexOp):
             dropped = dropped_embeddings | workers  # drop_embedding drops theirs; a switch renames its own
-            result.append(None if op.index_name in covered_indexes else _drop_hnsw(op, dropped))
+            skip = op.index_name in covered_indexes | changed_indexes
+            result.append(None if skip else _drop_hnsw(op, dropped))
         else:
             result.append(op)
     kept = [op for op in result if op is not None]

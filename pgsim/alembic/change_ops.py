@@ -1,5 +1,5 @@
-"""``op.change_embedding``: a registered column re-embedded under another source, model, dtype or chunk
-settings, without downtime (:func:`pgsim.change_embedding`): a column ``<column>_next`` filled by the workers
+"""``op.change_embedding``: a registered column re-embedded under another source, model, dtype, chunk or
+prefix settings, without downtime (:func:`pgsim.change_embedding`): a column ``<column>_next`` filled by the workers
 while searches keep the old one, then switched over atomically by the drain that fills it.
 
 The operation says what the column should be made of; what it does depends on what the database holds
@@ -13,6 +13,8 @@ from its files); offline (``--sql``) the same steps are one DO block over pgsim'
 decides when the script runs. A change of chunks (``chunks=pgsim.Chunks(...)``, or ``chunks=False``: no
 chunks) runs online only: offline it is refused, as chunking is made by pgsim's Python code.
 ``op.remove_chunks`` (:mod:`pgsim.alembic.chunk_ops`) is ``change_embedding(..., chunks=False)`` alone.
+A change of ``prefix`` alone (prefix storage: how many of each vector's values the index holds) re-embeds
+nothing: the index is built again and swapped in, online and offline.
 """
 
 from __future__ import annotations
@@ -36,22 +38,31 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Definition:
-    """What a registered column is made of: its source expression, model (name and revision) and dtype."""
+    """What a registered column is made of: its source expression, model (name and revision), dtype, chunks
+    and prefix (what its index holds)."""
 
     source: str
     model: str
     model_revision: str
     dtype: str
     chunks: Chunks | None = None
+    prefix: int | None = None
 
 
 ChunksArgument = Chunks | Literal[False] | None  # None: as registered; False: no chunks
+PrefixArgument = int | Literal[False] | None  # None: as registered; False: the index holds the whole vector
 
 
 def check_chunks(chunks: Any) -> ChunksArgument:
     if chunks is None or chunks is False or isinstance(chunks, Chunks):
         return chunks
     raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...) or False (no chunks); got {chunks!r}.")
+
+
+def check_prefix(prefix: Any) -> PrefixArgument:
+    if prefix is None or prefix is False or (isinstance(prefix, int) and not isinstance(prefix, bool) and prefix > 0):
+        return prefix
+    raise InvalidInput(f"prefix must be a positive number of dimensions, or False (the whole vector); got {prefix!r}.")
 
 
 @Operations.register_operation("change_embedding")
@@ -70,6 +81,7 @@ class ChangeEmbeddingOp(MigrateOperation):
         ef_construction: int | None = None,
         schema: str | None = None,
         chunks: ChunksArgument = None,
+        prefix: PrefixArgument = None,
         _reverse: MigrateOperation | None = None,
     ) -> None:
         self.table_name = check_name("table", table_name)
@@ -82,6 +94,7 @@ class ChangeEmbeddingOp(MigrateOperation):
         self.model, self.dtype, self.m, self.ef_construction = model, dtype, m, ef_construction
         self.schema = check_schema(schema)
         self.chunks = check_chunks(chunks)
+        self.prefix = check_prefix(prefix)
         self._reverse = _reverse
         self.reverting = False  # the downgrade of a generated change (its comment says so)
 
@@ -99,11 +112,13 @@ class ChangeEmbeddingOp(MigrateOperation):
         ef_construction: int | None = None,
         schema: str | None = None,
         chunks: ChunksArgument = None,
+        prefix: PrefixArgument = None,
     ) -> None:
         """Re-embed the registered column ``table_name.column_name`` as the embedding of ``source`` (a column,
         a list of columns, or an SQL expression) by ``model`` as ``dtype``; each left out stays as registered,
         and ``m``/``ef_construction`` size the new column's HNSW index (default: the old one's); ``chunks``
-        (:class:`pgsim.Chunks`) re-chunks the documents (``False``: no chunks; left out: as registered). As
+        (:class:`pgsim.Chunks`) re-chunks the documents (``False``: no chunks; left out: as registered);
+        ``prefix`` sets prefix storage (``False``: the index holds the whole vectors). As
         :func:`pgsim.change_embedding` does: a column ``<column>_next`` is registered and every row queued;
         searches keep the old column until pgsim's worker has filled the new one and switches over (drops
         the old column, gives the new one its name). A change of source stops the old column's triggers at
@@ -112,11 +127,12 @@ class ChangeEmbeddingOp(MigrateOperation):
         It does what the database needs to end up with that definition: nothing when the column has it
         already or a change into it is under way; a change into another definition still filling is
         cancelled first (the downgrade of a change the workers have not finished just cancels it). Going
-        back after the switch is another re-embedding of every row. The model is not loaded. Online it
+        back after the switch is another re-embedding of every row. A change of ``prefix`` alone re-embeds
+        nothing: the index is built again beside the old one and swapped in. The model is not loaded. Online it
         needs the psycopg driver; offline it renders a DO block that decides when the script runs."""
         operations.invoke(
             cls(table_name, column_name, source=source, model=model, dtype=dtype, m=m,
-                ef_construction=ef_construction, schema=schema, chunks=chunks)
+                ef_construction=ef_construction, schema=schema, chunks=chunks, prefix=prefix)
         )  # fmt: skip
 
     def reverse(self) -> MigrateOperation:
@@ -141,7 +157,7 @@ class ChangeEmbeddingOp(MigrateOperation):
 
     def offline_statement(self) -> sql.Composed:
         """The DO block that makes the same decisions and changes as :func:`apply_change`, in SQL."""
-        from pgsim.columns.registry import columns_expression
+        from pgsim.columns.registry import checked_prefix, columns_expression
         from pgsim.encoding.models import model_dimension, model_revision
 
         if self.chunks is not None:
@@ -157,6 +173,13 @@ class ChangeEmbeddingOp(MigrateOperation):
             expression = sql.Identifier(self.source).as_string(None)
         else:
             expression = self.source
+        if self.prefix:  # the sizes the model was trained for: known here, from its files, not in SQL
+            if not self.model:
+                raise InvalidInput(
+                    f"change_embedding of {self.qualified_table}.{self.column_name} with prefix={self.prefix} as SQL "
+                    "(offline mode, --sql) needs model= (the column's model, whose trained prefix sizes it checks)."
+                )
+            checked_prefix(self.prefix, self.model, model_dimension(self.model), self.dtype or "vector")
         return sql.SQL(OFFLINE_CHANGE).format(
             table=sql.Literal(table_identifier(self.table_name, self.schema).as_string(None)),
             column=sql.Literal(self.column_name),
@@ -168,6 +191,11 @@ class ChangeEmbeddingOp(MigrateOperation):
             dtype=sql.Literal(self.dtype),
             m=sql.Literal(self.m),
             ef_construction=sql.Literal(self.ef_construction or DEFAULT_EF_CONSTRUCTION if self.m else None),
+            prefix_given=sql.Literal(self.prefix is not None),
+            prefix=sql.Literal(self.prefix or None),
+            staged_names=sql.Literal(
+                [derived_name(self.table_name, self.column_name, suffix=f"hnsw_prefix{n or ''}") for n in range(5)]
+            ),
         )
 
 
@@ -175,7 +203,9 @@ class ChangeEmbeddingOp(MigrateOperation):
 # source, model or dtype keeps the registered one. The columns a new source reads are found by
 # register_embedding, in the table's order, as pgsim.change_embedding finds them. The new column gets the
 # old one's column grants, as pgsim.change_embedding gives them. A chunked column is refused: its chunks are
-# made by pgsim's Python code.
+# made by pgsim's Python code. A change of prefix alone builds the index again under a staging name (the first
+# of {staged_names} that is free, or an index of this table's that is not its registered one) and swaps it in,
+# as pgsim.columns.prefix_change does (without CONCURRENTLY: the script runs in a transaction).
 OFFLINE_CHANGE = """DO $pgsim$
 DECLARE
     target regclass := {table}::regclass;
@@ -185,8 +215,15 @@ DECLARE
     wanted_model text;
     wanted_revision text;
     wanted_dtype text;
+    wanted_prefix integer;
     granted record;
     chunked boolean;
+    table_schema name;
+    extension_schema name;
+    key text;
+    staged name;
+    candidate name;
+    holder record;
 BEGIN
     SELECT * INTO registered FROM pgsim.embedding
     WHERE table_oid = target AND column_name = {column} AND replaces IS NULL;
@@ -205,10 +242,16 @@ BEGIN
     wanted_model := coalesce({model}, registered.model);
     wanted_revision := coalesce({revision}, registered.model_revision);
     wanted_dtype := coalesce({dtype}, registered.dtype);
+    wanted_prefix := CASE WHEN {prefix_given} THEN {prefix}::integer ELSE registered.prefix END;
+    IF wanted_prefix IS NOT NULL AND (wanted_dtype <> 'vector'
+                                      OR wanted_prefix >= coalesce({dimension}, registered.dimension)) THEN
+        RAISE EXCEPTION 'prefix=% needs a vector column of more than % dimensions (%.% would be % of %).',
+            wanted_prefix, wanted_prefix, target, {column}, wanted_dtype, coalesce({dimension}, registered.dimension);
+    END IF;
     SELECT * INTO changing FROM pgsim.embedding WHERE replaces = registered.id AND table_oid = target;
     IF changing.id IS NOT NULL THEN
-        IF (changing.source, changing.model, changing.model_revision, changing.dtype)
-           = (wanted_source, wanted_model, wanted_revision, wanted_dtype) THEN
+        IF ROW(changing.source, changing.model, changing.model_revision, changing.dtype, changing.prefix)
+           IS NOT DISTINCT FROM ROW(wanted_source, wanted_model, wanted_revision, wanted_dtype, wanted_prefix) THEN
             RETURN;  -- under way: the workers finish it
         END IF;
         PERFORM pgsim.unregister_embedding(changing.id, true);  -- cancelled, as pgsim.remove_embedding does
@@ -220,6 +263,45 @@ BEGIN
     END IF;
     IF (registered.source, registered.model, registered.model_revision, registered.dtype)
        = (wanted_source, wanted_model, wanted_revision, wanted_dtype) THEN
+        IF registered.prefix IS NOT DISTINCT FROM wanted_prefix THEN
+            RETURN;
+        END IF;
+        IF registered.index_name IS NOT NULL AND registered.index_m IS NOT NULL THEN  -- the vectors stay
+            SELECT n.nspname INTO table_schema FROM pg_catalog.pg_class c
+            JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = target;
+            SELECT n.nspname INTO extension_schema FROM pg_catalog.pg_extension x
+            JOIN pg_catalog.pg_namespace n ON n.oid = x.extnamespace WHERE x.extname = 'vector';
+            FOREACH candidate IN ARRAY {staged_names}::name[] LOOP
+                CONTINUE WHEN candidate = registered.index_name;
+                SELECT c.relkind, i.indrelid INTO holder FROM pg_catalog.pg_class c
+                LEFT JOIN pg_catalog.pg_index i ON i.indexrelid = c.oid
+                WHERE c.relnamespace = pg_catalog.to_regnamespace(table_schema) AND c.relname = candidate;
+                IF NOT FOUND THEN
+                    staged := candidate;
+                ELSIF holder.relkind = 'i' AND holder.indrelid = target THEN  -- left by an interrupted change
+                    EXECUTE pg_catalog.format('DROP INDEX %I.%I', table_schema, candidate);
+                    staged := candidate;
+                END IF;
+                EXIT WHEN staged IS NOT NULL;
+            END LOOP;
+            IF staged IS NULL THEN
+                RAISE EXCEPTION 'No free name for the new index of %.%: other objects hold %.', target, {column},
+                    {staged_names}::name[] USING HINT = 'Rename them first.';
+            END IF;
+            key := CASE WHEN wanted_prefix IS NULL THEN pg_catalog.quote_ident({column})
+                   ELSE pg_catalog.format('((%I.subvector(%I, 1, %s))::%I.vector(%s))', extension_schema,
+                                          {column}, wanted_prefix, extension_schema, wanted_prefix) END;
+            EXECUTE pg_catalog.format(
+                'CREATE INDEX %I ON %s USING hnsw (%s %I.vector_cosine_ops) WITH (m = %s, ef_construction = %s)',
+                staged, target, key, extension_schema, coalesce({m}, registered.index_m),
+                coalesce({ef_construction}, registered.index_ef_construction));
+            EXECUTE pg_catalog.format('DROP INDEX IF EXISTS %I.%I', table_schema, registered.index_name);
+            EXECUTE pg_catalog.format('ALTER INDEX %I.%I RENAME TO %I', table_schema, staged, registered.index_name);
+            UPDATE pgsim.embedding SET index_m = coalesce({m}, index_m),
+                index_ef_construction = coalesce({ef_construction}, index_ef_construction)
+            WHERE id = registered.id;
+        END IF;
+        UPDATE pgsim.embedding SET prefix = wanted_prefix WHERE id = registered.id;
         RETURN;
     END IF;
     IF EXISTS (SELECT 1 FROM pg_catalog.pg_attribute WHERE attrelid = target AND attname = {next_column}
@@ -233,7 +315,7 @@ BEGIN
         index_m => coalesce({m}, registered.index_m),
         index_ef_construction => coalesce({ef_construction}, registered.index_ef_construction),
         source_columns => CASE WHEN {source}::text IS NULL THEN registered.source_columns END,
-        queue_existing => true, replaces => registered.id, stale => registered.stale);
+        queue_existing => true, replaces => registered.id, stale => registered.stale, prefix => wanted_prefix);
     FOR granted IN SELECT a.privilege_type, a.grantee FROM pg_catalog.pg_attribute c
                    CROSS JOIN LATERAL pg_catalog.aclexplode(c.attacl) AS a
                    WHERE c.attrelid = target AND c.attname = registered.column_name
@@ -253,7 +335,14 @@ def definition_of(conn: Any, registration: Any) -> Definition:
 
     found = chunk_table(conn, registration)
     chunks = Chunks(found.tokens, found.overlap) if found is not None else None
-    return Definition(registration.source, registration.model, registration.model_revision, registration.dtype, chunks)
+    return Definition(
+        registration.source,
+        registration.model,
+        registration.model_revision,
+        registration.dtype,
+        chunks,
+        registration.prefix,
+    )
 
 
 def apply_change(conn: Any, operation: ChangeEmbeddingOp) -> None:
@@ -263,6 +352,7 @@ def apply_change(conn: Any, operation: ChangeEmbeddingOp) -> None:
     from pgsim.columns.adding import read_table, source_expression
     from pgsim.columns.chunking.tables import remove_chunks
     from pgsim.columns.model_change import change_embedding
+    from pgsim.columns.prefix_change import change_prefix
     from pgsim.columns.registry import registration_by_id, remove_embedding, require_registration
     from pgsim.encoding.models import model_revision
 
@@ -275,7 +365,8 @@ def apply_change(conn: Any, operation: ChangeEmbeddingOp) -> None:
     model = operation.model or old.model
     current = definition_of(conn, old)
     chunks = current.chunks if operation.chunks is None else operation.chunks or None
-    wanted = Definition(source, model, model_revision(model), operation.dtype or old.dtype, chunks)
+    prefix = current.prefix if operation.prefix is None else operation.prefix or None
+    wanted = Definition(source, model, model_revision(model), operation.dtype or old.dtype, chunks, prefix)
     row = conn.execute(
         "SELECT id FROM pgsim.embedding WHERE replaces OPERATOR(pg_catalog.=) %s::pg_catalog.int4 "
         "AND table_oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid",  # qualified: the rule in pgsim.db.catalog
@@ -295,8 +386,11 @@ def apply_change(conn: Any, operation: ChangeEmbeddingOp) -> None:
     if replace(current, chunks=None) == wanted:  # only the chunks go: no vector changes
         remove_chunks(conn, old.table, old.column)
         return
+    if replace(current, prefix=prefix) == wanted:  # only the prefix changes: the index is built again
+        change_prefix(conn, old.table, old.column, prefix, index=operation.index())
+        return
     new = change_embedding(conn, old.table, old.column, source=sql.SQL(source), model=model, dtype=wanted.dtype,
-                           index=operation.index(), chunks=chunks)  # fmt: skip
+                           index=operation.index(), chunks=chunks, prefix=prefix or False)  # fmt: skip
     if chunks is None and current.chunks is not None:  # the change carried the chunks over: not wanted
         remove_chunks(conn, new.table, new.column)
 

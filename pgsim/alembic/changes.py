@@ -1,6 +1,7 @@
-"""Autogenerate for a registered column whose definition the models changed (its source, model, dtype or
-chunks): ``op.change_embedding(...)`` with the models' definition, reversed by another ``op.change_embedding``
-back to the registered one; chunks the models no longer declare (and nothing else changed) are
+"""Autogenerate for a registered column whose definition the models changed (its source, model, dtype, chunks
+or prefix): ``op.change_embedding(...)`` with the models' definition, reversed by another ``op.change_embedding``
+back to the registered one (a change of prefix alone names only the prefix: the index is built again, nothing
+is re-embedded); chunks the models no longer declare (and nothing else changed) are
 ``op.remove_chunks(...)``, reversed by a change that chunks the documents again. A change under way (a
 ``<column>_next`` still filling) counts as the column's definition, so autogenerate run before the workers
 have switched over renders nothing for it, and leaves its column and index alone.
@@ -14,7 +15,7 @@ from typing import Any
 from alembic.operations import MigrateOperation
 from sqlalchemy import Table
 
-from pgsim.alembic.change_ops import ChangeEmbeddingOp, ChunksArgument
+from pgsim.alembic.change_ops import ChangeEmbeddingOp, ChunksArgument, PrefixArgument
 from pgsim.alembic.chunk_ops import RemoveChunksOp
 from pgsim.alembic.index_compare import Tables, index_params
 from pgsim.columns.chunking.settings import Chunks
@@ -72,38 +73,56 @@ def plan_changes(
         current = under_way if under_way is not None else row
         wanted = (declared_source(spec), spec.model, spec.dtype)
         chunks, declared_chunks = row_chunks(current), getattr(spec, "chunks", None)
+        prefix, declared_prefix = current.prefix, getattr(spec, "prefix", None)
         same = (current.source, current.model, current.dtype) == wanted
-        if same and chunks == declared_chunks:
+        if same and chunks == declared_chunks and prefix == declared_prefix:
             if under_way is not None:
                 planned[key] = None
             continue
-        log.info("Detected changed embedding %s.%s: source %s, model %s, dtype %s, %s -> %s, %s, %s, %s", name,
-                 column, current.source, current.model, current.dtype, chunks, *wanted, declared_chunks)  # fmt: skip
-        if same and declared_chunks is None and chunks is not None:  # only the chunks go: no re-embedding
+        log.info("Detected changed embedding %s.%s: source %s, model %s, dtype %s, %s, prefix %s -> %s, %s, %s, %s, "
+                 "prefix %s", name, column, current.source, current.model, current.dtype, chunks, prefix, *wanted,
+                 declared_chunks, declared_prefix)  # fmt: skip
+        if same and declared_chunks is None and chunks is not None and prefix == declared_prefix:
             planned[key] = RemoveChunksOp(name, column, tokens=chunks.tokens, overlap=chunks.overlap, schema=schema)
-        else:
-            planned[key] = _change(tables[(schema, name)], key, spec, current)
+        else:  # only the prefix: the index alone is built again
+            only_prefix = same and chunks == declared_chunks
+            planned[key] = _change(tables[(schema, name)], key, spec, current, only_prefix=only_prefix)
     return planned
 
 
-def _change(table: Table, key: ColumnKey, spec: Any, current: Any) -> ChangeEmbeddingOp:
+def _change(table: Table, key: ColumnKey, spec: Any, current: Any, *, only_prefix: bool) -> ChangeEmbeddingOp:
     """The change into ``spec``, linked with its reverse (back to ``current``); the index is sized only when
-    the models' differs from the registered one."""
+    the models' differs from the registered one. ``only_prefix``: the ops name the prefix alone."""
     schema, name, column = key
     declared = _declared_index(table, column)
     registered_index = (current.index_m, current.index_ef_construction)
     resize = declared is not None and (declared.m, declared.ef_construction) != registered_index
+    prefixes = (
+        _prefix_argument(getattr(spec, "prefix", None), current.prefix),
+        _prefix_argument(current.prefix, getattr(spec, "prefix", None)),
+    )
+    if only_prefix:
+        sized = declared is not None and resize
+        forward = ChangeEmbeddingOp(name, column, prefix=prefixes[0], schema=schema, model=spec.model,
+                                    m=declared.m if sized else None,
+                                    ef_construction=declared.ef_construction if sized else None)  # fmt: skip
+        back = ChangeEmbeddingOp(name, column, prefix=prefixes[1], schema=schema, model=current.model, _reverse=forward,
+                                 m=current.index_m if resize else None,
+                                 ef_construction=current.index_ef_construction if resize else None)  # fmt: skip
+        back.reverting = True
+        forward._reverse = back
+        return forward
     forward = ChangeEmbeddingOp(
         name, column, source=list(spec.source) if not isinstance(spec.source, str) else spec.source,
         model=spec.model, dtype=spec.dtype, m=declared.m if declared and resize else None,
         ef_construction=declared.ef_construction if declared and resize else None, schema=schema,
-        chunks=_chunks_argument(getattr(spec, "chunks", None), row_chunks(current)),
+        chunks=_chunks_argument(getattr(spec, "chunks", None), row_chunks(current)), prefix=prefixes[0],
     )  # fmt: skip
     back = ChangeEmbeddingOp(
         name, column, source=source_argument(current.source, list(current.source_columns or [])),
         model=current.model, dtype=current.dtype, m=current.index_m if resize else None,
         ef_construction=current.index_ef_construction if resize else None, schema=schema, _reverse=forward,
-        chunks=_chunks_argument(row_chunks(current), getattr(spec, "chunks", None)),
+        chunks=_chunks_argument(row_chunks(current), getattr(spec, "chunks", None)), prefix=prefixes[1],
     )  # fmt: skip
     back.reverting = True
     forward._reverse = back
@@ -113,6 +132,14 @@ def _change(table: Table, key: ColumnKey, spec: Any, current: Any) -> ChangeEmbe
 def _chunks_argument(wanted: Chunks | None, other: Chunks | None) -> ChunksArgument:
     """change_embedding's ``chunks=`` to go from ``other`` to ``wanted``: None when they agree (as registered),
     False when the chunks go."""
+    if wanted == other:
+        return None
+    return wanted if wanted is not None else False
+
+
+def _prefix_argument(wanted: int | None, other: int | None) -> PrefixArgument:
+    """change_embedding's ``prefix=`` to go from ``other`` to ``wanted``: None when they agree (as registered),
+    False when the index is to hold the whole vectors."""
     if wanted == other:
         return None
     return wanted if wanted is not None else False

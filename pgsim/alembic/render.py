@@ -79,7 +79,10 @@ def _render_keep_pgsim(autogen_context: AutogenContext, op: KeepPgsimOp) -> list
 
 @renderers.dispatch_for(ChangeEmbeddingOp)
 def _render_change_embedding(autogen_context: AutogenContext, op: ChangeEmbeddingOp) -> list[str]:
-    if op.reverting:
+    if op.prefix is not None and (op.source, op.dtype, op.chunks) == (None, None, None):  # the model: for its sizes
+        held = f"the first {op.prefix} values of each vector" if op.prefix else "the whole vectors"
+        comment = f"# the index of {op.table_name}.{op.column_name} is built again over {held}; nothing is re-embedded"
+    elif op.reverting:
         comment = (
             f"# back to the previous definition: every row of {op.table_name} is embedded again (a change "
             "the workers have not finished is cancelled instead)"
@@ -92,7 +95,7 @@ def _render_change_embedding(autogen_context: AutogenContext, op: ChangeEmbeddin
     call = _render(
         autogen_context, "change_embedding", op.table_name, op.column_name, source=op.source, model=op.model,
         dtype=op.dtype, **({"m": op.m, "ef_construction": op.ef_construction} if op.m is not None else {}),
-        schema=op.schema, chunks=_chunks(autogen_context, op.chunks),
+        schema=op.schema, chunks=_chunks(autogen_context, op.chunks), prefix=op.prefix,
     )  # fmt: skip
     return [comment, call]
 

@@ -96,9 +96,12 @@ def cmd_change_embedding(args: argparse.Namespace) -> int:
 
     source: Any = None if args.source is None else args.source if len(args.source) > 1 else args.source[0]
     with open_connection(args) as conn:
-        new = change_embedding(
-            conn, args.table, args.column, source=source, model=args.model, dtype=args.dtype, chunks=chunks_of(args)
-        )
+        new = change_embedding(conn, args.table, args.column, source=source, model=args.model, dtype=args.dtype,
+                               chunks=chunks_of(args), prefix=args.prefix)  # fmt: skip
+    if new.column == args.column:  # the prefix alone: the index was built again, the vectors stayed
+        held = f"the first {new.prefix} of each vector's {new.dimension} values" if new.prefix else "the whole vectors"
+        print(f"the index of {new.table}.{new.column} now holds {held}; nothing was re-embedded")
+        return 0
     print(
         f"filling {new.table}.{new.column} with {storage(new.dtype, new.dimension, new.prefix)} of {new.source} "
         f"by {new.model}" + (f" in chunks of {args.chunk_tokens} word pieces" if args.chunk_tokens else "") + "; "

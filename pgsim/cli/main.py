@@ -51,6 +51,11 @@ def _positive(value: str) -> int:
     return number
 
 
+def prefix_argument(value: str) -> int | bool:
+    """``--prefix`` of change-embedding: a number of values, or ``none`` (False: the whole vectors)."""
+    return False if value.lower() == "none" else _positive(value)
+
+
 def _connection_options(parser: argparse.ArgumentParser, default: Any, verbose_default: Any) -> None:
     parser.add_argument(
         "--dsn", default=default, help="PostgreSQL connection string (default: $PGSIM_DSN, else the embedded server)"
@@ -205,6 +210,10 @@ def build_parser() -> argparse.ArgumentParser:
     changing.add_argument("--source", nargs="+", help="the new source column(s), or an SQL expression")
     changing.add_argument("--model", help="the new model")
     changing.add_argument("--dtype", choices=DTYPES, help="the new storage (vector, halfvec or bit)")
+    changing.add_argument(
+        "--prefix", type=prefix_argument, metavar="N|none",
+        help="index each vector's first N values (none: the whole vectors); alone, only the index is rebuilt",
+    )  # fmt: skip
     chunk_arguments(changing)
     changing.set_defaults(run=cmd_change_embedding)
 

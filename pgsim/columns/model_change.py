@@ -1,12 +1,13 @@
 """Changing what a registered column is made of (its source, model or dtype) without downtime: a second
-column filled in the background while searches use the old one, then an atomic switch.
+column filled in the background while searches use the old one, then an atomic switch. A change of prefix
+storage alone keeps the vectors and rebuilds the index only (:mod:`pgsim.columns.prefix_change`).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -14,6 +15,7 @@ from psycopg import sql
 from pgsim.columns.adding import add_embedding, read_table, source_expression
 from pgsim.columns.chunking.settings import Chunks, checked_chunks
 from pgsim.columns.chunking.tables import chunk_table_name, fitted_name, relation_oid
+from pgsim.columns.prefix_change import change_prefix, refuse_during_a_change
 from pgsim.columns.registry import (
     Registration,
     chunk_table,
@@ -54,10 +56,12 @@ def change_embedding(
     dtype: str | None = None,
     index: HNSW | None = None,
     chunks: Chunks | None = None,
+    prefix: int | Literal[False] | None = None,
 ) -> Registration:
-    """Start re-embedding ``table.column`` under a new definition: another ``source``, ``model``, ``dtype``
-    or ``chunks`` (each left out stays as registered; a chunked column's chunks are made again for the new
-    definition). A new column (``<column>_next``) is registered for it and
+    """Start re-embedding ``table.column`` under a new definition: another ``source``, ``model``, ``dtype``,
+    ``chunks`` or ``prefix`` (each left out stays as registered; a chunked column's chunks are made again for
+    the new definition; ``prefix=False``: the index holds the whole vectors). A new column (``<column>_next``)
+    is registered for it and
     every row with text is queued, those that have vectors too. Searches keep using the old column meanwhile.
     When the workers have filled the new column, :func:`switch_over` (run by every drain) builds its index
     and, in one transaction, drops the old column and gives the new one its name. Returns the new
@@ -67,8 +71,20 @@ def change_embedding(
     the old column's triggers go at once (so a column only the old source read can be dropped right after),
     its vectors serve searches as they are, and rows written meanwhile are embedded in the new column only,
     where they become searchable at the switch. Nothing here loads the model: its dimension and revision
-    come from its files."""
-    return _start_change(conn, table, column, source, model, dtype, index, checked_chunks(chunks))
+    come from its files.
+
+    A change of ``prefix`` alone re-embeds nothing: the vectors stay, the index is built again now beside the
+    old one and swapped in (:func:`~pgsim.columns.prefix_change.change_prefix`), and the column's own
+    registration is returned."""
+    if (
+        prefix is not None
+        and prefix is not False
+        and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 1)
+    ):
+        raise InvalidInput(
+            f"prefix must be a positive number of dimensions, or False (the whole vector); got {prefix!r}."
+        )
+    return _start_change(conn, table, column, source, model, dtype, index, checked_chunks(chunks), prefix)
 
 
 def change_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks: Chunks) -> Registration:
@@ -76,7 +92,7 @@ def change_chunks(conn: psycopg.Connection[Any], table: str, column: str, chunks
     yet) in the background, as :func:`change_embedding` re-embeds them: a new registration (``<column>_next``)
     with its own chunk table, filled by the workers while searches use the current chunks; the switch swaps
     both at once, and the chunk table takes the current one's name."""
-    return _start_change(conn, table, column, None, None, None, None, checked_chunks(chunks, required=True))
+    return _start_change(conn, table, column, None, None, None, None, checked_chunks(chunks, required=True), None)
 
 
 def _start_change(
@@ -88,31 +104,24 @@ def _start_change(
     dtype: str | None,
     index: HNSW | None,
     chunks: Chunks | None,
+    prefix: int | Literal[False] | None,
 ) -> Registration:
     """:func:`change_embedding`, and :func:`change_chunks` when ``chunks`` is given: the new registration is
     chunked with ``chunks``, else as the current one is (its chunks are carried over: re-made by the workers)."""
     require_primary(conn, "pgsim.change_embedding")
     old = require_registration(conn, table, column)
-    if old.replaces is not None:
-        raise InvalidInput(f"{old.table}.{old.column} is itself the target of a change still being filled.")
+    refuse_during_a_change(conn, old)
     current = chunk_table(conn, old)
     now = Chunks(current.tokens, current.overlap) if current is not None else None
     wanted = chunks if chunks is not None else now
-    under_way = conn.execute(
-        "SELECT column_name FROM pgsim.embedding WHERE replaces OPERATOR(pg_catalog.=) %s::pg_catalog.int4 "
-        "AND table_oid OPERATOR(pg_catalog.=) %s::pg_catalog.oid",
-        [old.id, old.table_oid],
-    ).fetchone()  # on the caller's search_path: qualified and cast (the rule in pgsim.db.catalog)
-    if under_way:
-        raise InvalidInput(
-            f"A change of {old.table}.{old.column} is under way (into column {under_way[0]}); let the workers "
-            f"finish it, or cancel it: pgsim remove-embedding {old.table} {under_way[0]}"
-        )
     shape = read_table(conn, old.table)
     expression = old.source if source is None else source_expression(conn, shape, source)
     new_model = model or old.model
     same_model = new_model == old.model and model_revision(new_model) == old.model_revision
+    new_prefix = old.prefix if prefix is None else prefix or None
     if expression == old.source and same_model and (dtype or old.dtype) == old.dtype and wanted == now:
+        if new_prefix != old.prefix:  # the vectors stay: only the index is built again
+            return change_prefix(conn, old.table, old.column, new_prefix, index=index)
         chunked = f", chunked by {now.tokens}/{now.overlap} word pieces" if now else ""
         raise InvalidInput(
             f"{old.table}.{old.column} already holds embeddings of {expression} by {new_model!r} as {old.dtype}"
@@ -125,6 +134,12 @@ def _start_change(
             "trusted to be the new definition's. Drop it, then change the embedding again."
         )
     with conn.transaction():
+        locked = conn.execute(  # a prefix change swapping its index meanwhile waits, or is waited for
+            "SELECT prefix FROM pgsim.embedding WHERE id OPERATOR(pg_catalog.=) %s::pg_catalog.int4 FOR UPDATE",
+            [old.id],
+        ).fetchone()
+        if locked is None or locked[0] != old.prefix:
+            raise InvalidInput(f"{old.table}.{old.column} changed meanwhile (its prefix); nothing changed.")
         new = add_embedding(
             conn,
             old.table,
@@ -138,7 +153,7 @@ def _start_change(
             planned_index=index or old.index,
             stale=old.stale,
             chunks=wanted,  # the workers fill its chunks with its vectors
-            prefix=old.prefix,  # prefix storage stays (the new model must be trained for it)
+            prefix=new_prefix,  # prefix storage stays unless changed (the new model must be trained for it)
         )
         if expression != old.source:
             conn.execute("SELECT pgsim.freeze_embedding(%s)", [old.id])

@@ -172,6 +172,9 @@ def create_hnsw_index(
         raise InvalidInput(f"A prefix index is a vector_cosine_ops index, not {opclass}.")
     if concurrently and not conn.autocommit:
         raise InvalidInput("CREATE INDEX CONCURRENTLY needs an autocommit connection (psycopg: autocommit=True).")
+    if concurrently and _partitioned(conn, table):  # PostgreSQL builds a partitioned table's indexes at once only
+        log.info("%s is partitioned: building %s without CONCURRENTLY (writes wait for it)", table, index_name)
+        concurrently = False
     bits = opclass == "bit_hamming_ops"
     settings = build_settings(conn, table, column, hnsw.m, max_memory=max_memory, bits=bits, prefix=prefix)
     schema = table.split(".")[:-1]
@@ -223,6 +226,16 @@ def dimension_of(conn: psycopg.Connection[Any], table: str, column: str) -> int:
         [table_identifier(table).as_string(conn), column],
     ).fetchone()
     return int(row[0]) if row else 384
+
+
+def _partitioned(conn: psycopg.Connection[Any], table: str) -> bool:
+    # on the caller's path, as CREATE INDEX resolves the name: every operator and function qualified
+    row = conn.execute(
+        "SELECT c.relkind OPERATOR(pg_catalog.=) 'p' FROM pg_catalog.pg_class c "
+        "WHERE c.oid OPERATOR(pg_catalog.=) pg_catalog.to_regclass(%s::pg_catalog.text)",
+        [table_identifier(table).as_string(conn)],
+    ).fetchone()
+    return bool(row and row[0])
 
 
 def _build(conn: psycopg.Connection[Any], statement: sql.Composed, settings: BuildSettings, concurrently: bool) -> None:

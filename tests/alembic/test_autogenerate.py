@@ -398,5 +398,40 @@ def test_a_prefix_embedding_migrates_with_its_prefix_index(server_dsn: str, tmp_
             (64, "ag_docs_embedding_hnsw")
         ]
         assert_nothing_to_generate(config, directory)
+        check_prefix_changes(tmp_path, dsn, directory, config)
         command.downgrade(config, "base")
         assert query(dsn, "SELECT to_regclass('ag_docs')") == [(None,)]
+
+
+def check_prefix_changes(tmp_path: Path, dsn: str, directory: Path, config: Any) -> None:
+    """The models' prefix changed (128, then none, then 64): autogenerate renders a change_embedding of the
+    prefix alone, reversed by one back; upgrading rebuilds the index under its name and nothing is queued;
+    downgrading puts the old prefix back."""
+    held = (
+        "SELECT prefix, pgsim.prefix_index('ag_docs', 'embedding'), (SELECT count(*) FROM pgsim.queue) "
+        "FROM pgsim.embedding"
+    )
+    model = "model='wordllama-l2-supercat', "
+    steps = ((", prefix=128", model + "prefix=128", 128), ("", model + "prefix=False", None),
+             (", prefix=64", model + "prefix=64", 64))  # fmt: skip
+    for declared, rendered, expected in steps:
+        models(tmp_path, DOC + EMBEDDING.format(options=', model="wordllama-l2-supercat"' + declared))
+        revision = generate(config, directory, f"prefix {expected}")
+        upgrade, downgrade = upgrade_section(revision), revision.split("def downgrade()")[1]
+        assert f"op.change_embedding('ag_docs', 'embedding', {rendered})" in upgrade, upgrade
+        assert "nothing is re-embedded" in upgrade and "source=" not in upgrade, upgrade
+        back = model + {128: "prefix=64", None: "prefix=128", 64: "prefix=False"}[expected]
+        assert f"op.change_embedding('ag_docs', 'embedding', {back})" in downgrade, downgrade
+        command.upgrade(config, "head")
+        index = "ag_docs_embedding_hnsw" if expected else None
+        assert query(dsn, held) == [(expected, index, 0)]
+        assert query(
+            dsn, "SELECT count(*) FROM pg_indexes WHERE tablename = 'ag_docs' AND indexname LIKE '%hnsw%'"
+        ) == [(1,)]
+        assert_nothing_to_generate(config, directory)
+    command.downgrade(config, "-1")
+    assert query(dsn, held) == [(None, None, 0)]
+    command.downgrade(config, "-1")
+    assert query(dsn, held) == [(128, "ag_docs_embedding_hnsw", 0)]
+    command.downgrade(config, "-1")
+    assert query(dsn, held) == [(64, "ag_docs_embedding_hnsw", 0)]

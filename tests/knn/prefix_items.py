@@ -74,3 +74,17 @@ class Item(Base):
     section: Mapped[str | None] = mapped_column(String, nullable=True)
     body: Mapped[str | None] = mapped_column(String, nullable=True)
     embedding = embedding_column(source="body", model=MODEL, prefix=PREFIX)
+
+
+def create_parts(conn: psycopg.Connection) -> None:
+    """``parts`` (id, body), partitioned by id range into parts_a (below 1200) and parts_b."""
+    conn.execute("CREATE TABLE parts (id int, body text, PRIMARY KEY (id)) PARTITION BY RANGE (id)")
+    conn.execute("CREATE TABLE parts_a PARTITION OF parts FOR VALUES FROM (0) TO (1200)")
+    conn.execute("CREATE TABLE parts_b PARTITION OF parts FOR VALUES FROM (1200) TO (100000)")
+
+
+def copy_items_into_parts(conn: psycopg.Connection) -> None:
+    """Every row of ``items`` with its vector into the registered ``parts``, queueing nothing."""
+    conn.execute("ALTER TABLE parts DISABLE TRIGGER USER")
+    conn.execute("INSERT INTO parts (id, body, embedding) SELECT id, body, embedding FROM items")
+    conn.execute("ALTER TABLE parts ENABLE TRIGGER USER")

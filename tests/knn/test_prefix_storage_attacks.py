@@ -16,7 +16,7 @@ import numpy as np
 import psycopg
 import pytest
 from fixtures.roles import Roles, acting
-from prefix_items import MODEL, PREFIX, Item, prefix_items
+from prefix_items import MODEL, PREFIX, Item, copy_items_into_parts, create_parts, prefix_items
 from psycopg import sql
 from sql_walk import walk_knn
 from sqlalchemy import select
@@ -338,18 +338,14 @@ def test_prefix_storage_on_a_partitioned_table(table: Any, roles: Roles) -> None
     dsn, vectors = table
     with psycopg.connect(dsn, autocommit=True) as conn, acting(conn, roles.owner):
         register(conn)
-        conn.execute("CREATE TABLE parts (id int, body text, PRIMARY KEY (id)) PARTITION BY RANGE (id)")
-        conn.execute("CREATE TABLE parts_a PARTITION OF parts FOR VALUES FROM (0) TO (1200)")
-        conn.execute("CREATE TABLE parts_b PARTITION OF parts FOR VALUES FROM (1200) TO (100000)")
+        create_parts(conn)
         try:
             try:
                 add_embedding(conn, "parts", "embedding", source="body", model=MODEL, prefix=PREFIX,
                               queue_existing=False)  # fmt: skip
             except InvalidInput:
                 return  # refused clearly: fine
-            conn.execute("ALTER TABLE parts DISABLE TRIGGER USER")
-            conn.execute("INSERT INTO parts (id, body, embedding) SELECT id, body, embedding FROM items")
-            conn.execute("ALTER TABLE parts ENABLE TRIGGER USER")
+            copy_items_into_parts(conn)
             conn.execute("ANALYZE parts")
             forget_plans()
             query = vectors[900] + 0.01

@@ -18,7 +18,9 @@ pgsim.ingest would), the HNSW index built after the rows by pgsim's sized build
 pgsim), timed. Storage ``bit`` keeps the full vectors in a vector(384) column and builds the HNSW index over
 binary_quantize(embedding)::bit(384) (Hamming): ``pgsim.search`` re-ranks the walk's candidates on the full
 vectors, and the query by hand is pgvector's README recipe for it (the 4k nearest by Hamming distance at the
-default ef_search, re-ranked by cosine distance). Storages ``prefix128`` and ``prefix64`` (prefix storage, for
+default ef_search, re-ranked by cosine distance); ``bit8`` and ``bit4`` are bit storage with a sparser graph
+(HNSW m 8 and 4 instead of 16), for how far the binary index shrinks when its neighbour lists do.
+Storages ``prefix128`` and ``prefix64`` (prefix storage, for
 a Matryoshka-trained ``--model`` such as wordllama-l2-supercat, whose 256-dimension vectors of the same
 synopses are then the rows) keep the full vectors and build the cosine HNSW index over the first 128 or 64
 values, subvector(embedding, 1, n)::vector(n); by hand, the same recipe as bit's over that prefix. Then the
@@ -60,7 +62,7 @@ K = 10
 FILTERS = {"none": None, "10%": "r < 100", "0.5%": "r < 5", "tenant": "tenant = 3"}
 TENANTS = 16
 Matrix = np.ndarray[Any, np.dtype[np.float32]]
-STORAGES = ["vector", "halfvec", "bit", "tenants", "prefix128", "prefix64"]
+STORAGES = ["vector", "halfvec", "bit", "tenants", "prefix128", "prefix64", "bit8", "bit4"]
 
 
 def passing_rows(condition: str | None, r: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
@@ -81,6 +83,16 @@ def grown(base: Matrix, rows: int, noise: float) -> Matrix:
     copies[noisy] += generator.normal(0.0, noise / math.sqrt(base.shape[1]), (int(noisy.sum()), base.shape[1]))
     copies /= np.linalg.norm(copies, axis=1, keepdims=True)
     return copies.astype(np.float32)
+
+
+def graph_m(storage: str) -> int:
+    """HNSW m of a storage: ``bit8`` and ``bit4`` are bit storage with a sparser graph (m 8, 4), else 16."""
+    return int(storage.removeprefix("bit")) if storage.startswith("bit") and storage != "bit" else 16
+
+
+def kind_of(storage: str) -> str:
+    """``bit`` for every bit storage, else the storage."""
+    return "bit" if storage.startswith("bit") else storage
 
 
 def prefix_of(storage: str) -> int | None:
@@ -114,7 +126,7 @@ def build(
                 sql.Identifier(SCHEMA, f"{name}_p{tenant}"), ident, sql.Literal(tenant)
             )
         )
-    dtype = "vector" if partitioned or prefix else storage
+    dtype = "vector" if partitioned or prefix else kind_of(storage)
     pgsim.add_embedding(conn, table, "embedding", source="body", model=model, dtype=dtype, index=None,
                         queue_existing=False, prefix=prefix)  # fmt: skip
     started = time.perf_counter()
@@ -134,10 +146,16 @@ def build(
     conn.execute(sql.SQL("CREATE INDEX ON {} (tenant)").format(ident))
     loaded = time.perf_counter() - started
     started = time.perf_counter()
-    opclass = {"halfvec": "halfvec_cosine_ops", "bit": "bit_hamming_ops"}.get(storage, "vector_cosine_ops")
+    opclass = {"halfvec": "halfvec_cosine_ops", "bit": "bit_hamming_ops"}.get(kind_of(storage), "vector_cosine_ops")
     # a partitioned table's index is built partition by partition, each with pgsim's sized settings
     report = create_hnsw_index(
-        conn, table, "embedding", f"{name}_hnsw", HNSW(m=16, ef_construction=64), opclass=opclass, prefix=prefix
+        conn,
+        table,
+        "embedding",
+        f"{name}_hnsw",
+        HNSW(m=graph_m(storage), ef_construction=64),
+        opclass=opclass,
+        prefix=prefix,
     )
     seconds = time.perf_counter() - started
     conn.execute(sql.SQL("VACUUM ANALYZE {}").format(ident))
@@ -167,10 +185,10 @@ def measure(
     interleaved query by query."""
     hand = sql.SQL("SELECT id FROM {} WHERE {} ORDER BY embedding <=> %s::vector LIMIT {}")
     dimension, prefix = vectors.shape[1], prefix_of(storage)
-    if storage == "bit" or prefix:  # 4 k candidates, as pgvector's README, re-ranked
+    if kind_of(storage) == "bit" or prefix:  # 4 k candidates, as pgvector's README, re-ranked
         order = (
             f"binary_quantize(embedding)::bit({dimension}) <~> binary_quantize(%s::vector)::bit({dimension})"
-            if storage == "bit"
+            if kind_of(storage) == "bit"
             else f"subvector(embedding, 1, {prefix})::vector({prefix}) "
             f"<=> subvector(%s::vector, 1, {prefix})::vector({prefix})"
         )
@@ -193,7 +211,7 @@ def measure(
                     ids = [hit.row["id"] for hit in pgsim.search(conn, table, "embedding", query, k=K, where=where,
                                                                  columns=["id"])]  # fmt: skip
                 else:
-                    arguments = [query, query] if storage == "bit" or prefix else [query]
+                    arguments = [query, query] if kind_of(storage) == "bit" or prefix else [query]
                     ids = [row[0] for row in conn.execute(by_hand, arguments).fetchall()]
                 recalls, counts, latencies = runs[mode]
                 if number:  # the first query of each filter pays for the plan and cache

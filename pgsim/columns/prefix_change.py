@@ -73,25 +73,19 @@ def change_prefix(
                 _swap(conn, old, staged, wanted, sized)
                 break
             except psycopg.errors.LockNotAvailable:
-                if attempt < SWAP_TRIES and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-                    time.sleep(min(attempt, 5))  # let the queries that queued behind the try run
-                    continue
-                left = staged is not None and not _drop_quietly(conn, old, staged)
-                raise InvalidInput(
-                    f"The index of {old.table}.{old.column} could not be swapped: queries kept the table locked "
-                    f"through {attempt} tries of {SWAP_LOCK_TIMEOUT} (or the session's lock_timeout). Its index and "
-                    "prefix are as they were; run the change again when the table is less busy"
-                    + (
-                        f" (it replaces the new index {staged}, left behind: the table was still locked)."
-                        if left
-                        else "."
-                    )
-                ) from None
-    except InvalidInput:
-        raise
-    except BaseException:
-        if staged is not None:  # the old index serves on; the new one is not left behind if it can be dropped
-            _drop_quietly(conn, old, staged)
+                if attempt == SWAP_TRIES or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                    raise
+                time.sleep(min(attempt, 5))  # let the queries that queued behind the try run
+    except BaseException as exc:
+        # the old index serves on; the new one is not left behind where it can be dropped now
+        left = staged is not None and not _drop_quietly(conn, old, staged)
+        if isinstance(exc, psycopg.errors.LockNotAvailable):
+            raise InvalidInput(
+                f"The index of {old.table}.{old.column} could not be swapped: queries kept the table locked "
+                f"through {attempt} tries of {SWAP_LOCK_TIMEOUT} (or the session's lock_timeout). Its index and "
+                "prefix are as they were; run the change again when the table is less busy"
+                + (f" (it replaces the new index {staged}, left behind: the table was still locked)." if left else ".")
+            ) from None
         raise
     new = registration_by_id(conn, old.id)
     assert new is not None

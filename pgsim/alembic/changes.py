@@ -84,7 +84,7 @@ def plan_changes(
                  declared_chunks, declared_prefix)  # fmt: skip
         if same and declared_chunks is None and chunks is not None and prefix == declared_prefix:
             planned[key] = RemoveChunksOp(name, column, tokens=chunks.tokens, overlap=chunks.overlap, schema=schema)
-        else:  # only the prefix: the index alone is built again
+        else:  # a change of the prefix alone builds the index again and re-embeds nothing
             only_prefix = same and chunks == declared_chunks
             planned[key] = _change(tables[(schema, name)], key, spec, current, only_prefix=only_prefix)
     return planned
@@ -97,36 +97,30 @@ def _change(table: Table, key: ColumnKey, spec: Any, current: Any, *, only_prefi
     declared = _declared_index(table, column)
     registered_index = (current.index_m, current.index_ef_construction)
     resize = declared is not None and (declared.m, declared.ef_construction) != registered_index
-    prefixes = (
-        _prefix_argument(getattr(spec, "prefix", None), current.prefix),
-        _prefix_argument(current.prefix, getattr(spec, "prefix", None)),
-    )
-    if only_prefix:
-        sized = declared is not None and resize
-        forward = ChangeEmbeddingOp(name, column, prefix=prefixes[0], schema=schema, model=spec.model,
-                                    m=declared.m if sized else None,
-                                    ef_construction=declared.ef_construction if sized else None)  # fmt: skip
-        back = ChangeEmbeddingOp(name, column, prefix=prefixes[1], schema=schema, model=current.model, _reverse=forward,
-                                 m=current.index_m if resize else None,
-                                 ef_construction=current.index_ef_construction if resize else None)  # fmt: skip
-        back.reverting = True
-        forward._reverse = back
-        return forward
-    forward = ChangeEmbeddingOp(
-        name, column, source=list(spec.source) if not isinstance(spec.source, str) else spec.source,
-        model=spec.model, dtype=spec.dtype, m=declared.m if declared and resize else None,
-        ef_construction=declared.ef_construction if declared and resize else None, schema=schema,
-        chunks=_chunks_argument(getattr(spec, "chunks", None), row_chunks(current)), prefix=prefixes[0],
-    )  # fmt: skip
-    back = ChangeEmbeddingOp(
-        name, column, source=source_argument(current.source, list(current.source_columns or [])),
-        model=current.model, dtype=current.dtype, m=current.index_m if resize else None,
-        ef_construction=current.index_ef_construction if resize else None, schema=schema, _reverse=forward,
-        chunks=_chunks_argument(row_chunks(current), getattr(spec, "chunks", None)), prefix=prefixes[1],
-    )  # fmt: skip
-    back.reverting = True
-    forward._reverse = back
-    return forward
+    sized = declared is not None and resize
+    forward: dict[str, Any] = {
+        "model": spec.model, "schema": schema, "m": declared.m if sized else None,
+        "ef_construction": declared.ef_construction if sized else None,
+        "prefix": _prefix_argument(getattr(spec, "prefix", None), current.prefix),
+    }  # fmt: skip
+    back: dict[str, Any] = {
+        "model": current.model, "schema": schema, "m": current.index_m if resize else None,
+        "ef_construction": current.index_ef_construction if resize else None,
+        "prefix": _prefix_argument(current.prefix, getattr(spec, "prefix", None)),
+    }  # fmt: skip
+    if not only_prefix:  # else the ops name the prefix alone (and the model, whose trained sizes offline checks)
+        forward.update(
+            source=list(spec.source) if not isinstance(spec.source, str) else spec.source,
+            dtype=spec.dtype,
+            chunks=_chunks_argument(getattr(spec, "chunks", None), row_chunks(current)),
+        )
+        back.update(source=source_argument(current.source, list(current.source_columns or [])), dtype=current.dtype,
+                    chunks=_chunks_argument(row_chunks(current), getattr(spec, "chunks", None)))  # fmt: skip
+    forward_op = ChangeEmbeddingOp(name, column, **forward)
+    back_op = ChangeEmbeddingOp(name, column, _reverse=forward_op, **back)
+    back_op.reverting = True
+    forward_op._reverse = back_op
+    return forward_op
 
 
 def _chunks_argument(wanted: Chunks | None, other: Chunks | None) -> ChunksArgument:

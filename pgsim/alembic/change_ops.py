@@ -29,6 +29,7 @@ from psycopg import sql
 from pgsim.alembic.change_sql import OFFLINE_CHANGE
 from pgsim.alembic.ops import check_name, check_schema, offline, table_identifier
 from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.prefix_change import PrefixArgument, checked_prefix_argument, staging_names
 from pgsim.columns.registry import DTYPES
 from pgsim.db.hnsw import DEFAULT_EF_CONSTRUCTION, HNSW
 from pgsim.db.names import derived_name
@@ -51,19 +52,12 @@ class Definition:
 
 
 ChunksArgument = Chunks | Literal[False] | None  # None: as registered; False: no chunks
-PrefixArgument = int | Literal[False] | None  # None: as registered; False: the index holds the whole vector
 
 
 def check_chunks(chunks: Any) -> ChunksArgument:
     if chunks is None or chunks is False or isinstance(chunks, Chunks):
         return chunks
     raise InvalidInput(f"chunks must be pgsim.Chunks(tokens=..., overlap=...) or False (no chunks); got {chunks!r}.")
-
-
-def check_prefix(prefix: Any) -> PrefixArgument:
-    if prefix is None or prefix is False or (isinstance(prefix, int) and not isinstance(prefix, bool) and prefix > 0):
-        return prefix
-    raise InvalidInput(f"prefix must be a positive number of dimensions, or False (the whole vector); got {prefix!r}.")
 
 
 @Operations.register_operation("change_embedding")
@@ -95,7 +89,7 @@ class ChangeEmbeddingOp(MigrateOperation):
         self.model, self.dtype, self.m, self.ef_construction = model, dtype, m, ef_construction
         self.schema = check_schema(schema)
         self.chunks = check_chunks(chunks)
-        self.prefix = check_prefix(prefix)
+        self.prefix = checked_prefix_argument(prefix)
         self._reverse = _reverse
         self.reverting = False  # the downgrade of a generated change (its comment says so)
 
@@ -194,9 +188,7 @@ class ChangeEmbeddingOp(MigrateOperation):
             ef_construction=sql.Literal(self.ef_construction or DEFAULT_EF_CONSTRUCTION if self.m else None),
             prefix_given=sql.Literal(self.prefix is not None),
             prefix=sql.Literal(self.prefix or None),
-            staged_names=sql.Literal(
-                [derived_name(self.table_name, self.column_name, suffix=f"hnsw_prefix{n or ''}") for n in range(5)]
-            ),
+            staged_names=sql.Literal(staging_names(self.table_name, self.column_name)),
         )
 
 

@@ -15,10 +15,11 @@ from typing import Any
 from alembic.operations import MigrateOperation
 from sqlalchemy import Table
 
-from pgsim.alembic.change_ops import ChangeEmbeddingOp, ChunksArgument, PrefixArgument
+from pgsim.alembic.change_ops import ChangeEmbeddingOp, ChunksArgument
 from pgsim.alembic.chunk_ops import RemoveChunksOp
 from pgsim.alembic.index_compare import Tables, index_params
 from pgsim.columns.chunking.settings import Chunks
+from pgsim.columns.prefix_change import PrefixArgument
 from pgsim.columns.registry import columns_expression
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from psycopg import sql
 from pgsim.columns.adding import add_embedding, read_table, source_expression
 from pgsim.columns.chunking.settings import Chunks, checked_chunks
 from pgsim.columns.chunking.tables import chunk_table_name, fitted_name, relation_oid
-from pgsim.columns.prefix_change import change_prefix, refuse_during_a_change
+from pgsim.columns.prefix_change import change_prefix, checked_prefix_argument, refuse_during_a_change
 from pgsim.columns.registry import (
     Registration,
     chunk_table,
@@ -76,14 +76,7 @@ def change_embedding(
     A change of ``prefix`` alone re-embeds nothing: the vectors stay, the index is built again now beside the
     old one and swapped in (:func:`~pgsim.columns.prefix_change.change_prefix`), and the column's own
     registration is returned."""
-    if (
-        prefix is not None
-        and prefix is not False
-        and (isinstance(prefix, bool) or not isinstance(prefix, int) or prefix < 1)
-    ):
-        raise InvalidInput(
-            f"prefix must be a positive number of dimensions, or False (the whole vector); got {prefix!r}."
-        )
+    checked_prefix_argument(prefix)
     return _start_change(conn, table, column, source, model, dtype, index, checked_chunks(chunks), prefix)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Any
+from typing import Any, Literal
 
 import psycopg
 from psycopg import sql
@@ -32,6 +32,20 @@ from pgsim.errors import InvalidInput
 SWAP_LOCK_TIMEOUT = "2s"
 SWAP_TRIES = 10
 STAGING_NAMES = 5  # candidate names for the new index, for when an object of another table has the first
+
+PrefixArgument = int | Literal[False] | None  # None: as registered; False: the index holds the whole vector
+
+
+def checked_prefix_argument(prefix: Any) -> PrefixArgument:
+    """``prefix=`` of a change as given (None, False or a positive whole number); else a clear InvalidInput."""
+    if prefix is None or prefix is False or (isinstance(prefix, int) and not isinstance(prefix, bool) and prefix > 0):
+        return prefix
+    raise InvalidInput(f"prefix must be a positive number of dimensions, or False (the whole vector); got {prefix!r}.")
+
+
+def staging_names(table_name: str, column: str) -> list[str]:
+    """The names a new prefix index may be built under, in the order they are tried."""
+    return [derived_name(table_name, column, suffix=f"hnsw_prefix{number or ''}") for number in range(STAGING_NAMES)]
 
 
 def change_prefix(
@@ -121,8 +135,8 @@ def _swap(
 def _staging_name(conn: psycopg.Connection[Any], old: Registration) -> str:
     """A name for the new index in the table's schema: free, or held by an index of this table that is not its
     registered one (left by an interrupted change: dropped here). Never another table's object."""
-    for number in range(STAGING_NAMES):
-        name = derived_name(old.table_name, old.column, suffix=f"hnsw_prefix{number or ''}")
+    names = staging_names(old.table_name, old.column)
+    for name in names:
         if name == old.index_name:
             continue
         with pinned_path(conn):
@@ -138,7 +152,7 @@ def _staging_name(conn: psycopg.Connection[Any], old: Registration) -> str:
             return name
     raise InvalidInput(
         f"No free name for the new index of {old.table}.{old.column}: other objects hold "
-        f"{derived_name(old.table_name, old.column, suffix='hnsw_prefix')} and its variants. Rename them first."
+        f"{', '.join(names)}. Rename them first."
     )
 
 
